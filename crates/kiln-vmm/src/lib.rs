@@ -1,0 +1,1 @@
+//! The Vmm seam and its QEMU backend.
