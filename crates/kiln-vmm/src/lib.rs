@@ -1,1 +1,5 @@
 //! The Vmm seam and its QEMU backend.
+
+pub mod accel;
+pub mod assets;
+pub mod tsc;

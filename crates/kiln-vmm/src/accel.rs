@@ -1,0 +1,1 @@
+//! Accelerator probe.
