@@ -1,5 +1,150 @@
-//! The Vmm seam and its QEMU backend.
+//! The `Vmm` seam and its QEMU backend.
+//!
+//! A [`VmSpec`] describes one microVM; a [`Vmm`] boots it or restores a [`Snapshot`] into a
+//! new one; a [`MicroVm`] is driven through QMP and the guest agent, snapshotted, and
+//! terminated. The QEMU backend lives in [`qemu`]; another VMM would implement the same traits.
 
 pub mod accel;
 pub mod assets;
+mod error;
+pub mod home;
+pub mod host;
+pub mod qemu;
+pub mod snapshot;
+pub mod spec;
 pub mod tsc;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_agent::client::AgentClient;
+
+pub use error::VmmError;
+pub use snapshot::Snapshot;
+pub use spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
+
+/// A virtual machine monitor: boots VMs and restores snapshots into new ones.
+pub trait Vmm: Send + Sync {
+    /// The VM handle this backend returns.
+    type Vm: MicroVm;
+
+    /// Boots `spec` and returns once the guest agent answers.
+    fn boot(
+        &self,
+        spec: VmSpec,
+        opts: BootOptions,
+    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+
+    /// Restores `snapshot` into a new VM with its own disk overlays and forwards, sets the
+    /// guest's clock, feeds it entropy, and returns once the agent answers.
+    fn restore(
+        &self,
+        snapshot: &Snapshot,
+        target: RestoreTarget,
+    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+}
+
+/// A running microVM.
+pub trait MicroVm: Send {
+    /// The guest agent.
+    fn agent(&self) -> &AgentClient;
+    /// When each start-up step finished, measured from the start of boot or restore.
+    fn timeline(&self) -> &Timeline;
+    /// Pauses the vCPUs.
+    fn pause(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Continues paused vCPUs.
+    fn resume(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Whether the VM runs, is paused, or has exited.
+    fn status(&mut self) -> impl Future<Output = VmStatus> + Send;
+    /// Adds a host→guest TCP forward while the VM runs.
+    fn add_forward(
+        &self,
+        forward: PortForward,
+    ) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Syncs the guest, pauses it and saves memory, devices and disks into `dest`; the VM is
+    /// consumed (it must never run again, its memory file now belongs to the snapshot).
+    fn snapshot(self, dest: &Path) -> impl Future<Output = Result<Snapshot, VmmError>> + Send;
+    /// Stops the VM (guest power-off, then QMP quit, then signals) and removes its runtime
+    /// directory.
+    fn terminate(self) -> impl Future<Output = Result<(), VmmError>> + Send;
+}
+
+/// Options for a cold boot.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// How long to wait for the guest agent.
+    pub agent_timeout: Duration,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            agent_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Where and how a snapshot is restored.
+#[derive(Debug, Clone)]
+pub struct RestoreTarget {
+    /// The new VM's runtime directory (holds its disk overlays too).
+    pub dir: PathBuf,
+    /// Its host port forwards.
+    pub forwards: Vec<PortForward>,
+    /// Deny guest egress.
+    pub restrict_egress: bool,
+    /// How long to wait for the guest agent after `cont`.
+    pub agent_timeout: Duration,
+}
+
+impl RestoreTarget {
+    /// A target in `dir` with no forwards.
+    pub fn new(dir: impl Into<PathBuf>) -> RestoreTarget {
+        RestoreTarget {
+            dir: dir.into(),
+            forwards: Vec::new(),
+            restrict_egress: false,
+            agent_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What a VM is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStatus {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are stopped.
+    Paused,
+    /// QEMU has exited (with this status).
+    Exited(String),
+    /// Another QEMU run state.
+    Other(String),
+}
+
+/// Named instants since the start of a boot or restore.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline(Vec<(&'static str, Duration)>);
+
+impl Timeline {
+    /// Records that `step` finished now.
+    pub fn mark(&mut self, step: &'static str, since: Instant) {
+        self.0.push((step, since.elapsed()));
+    }
+    /// When `step` finished, if it did.
+    pub fn get(&self, step: &str) -> Option<Duration> {
+        self.0.iter().find(|(s, _)| *s == step).map(|(_, d)| *d)
+    }
+    /// All steps in order.
+    pub fn steps(&self) -> &[(&'static str, Duration)] {
+        &self.0
+    }
+}
+
+/// A free TCP port on the host's loopback (the OS picks it; QEMU binds it moments later).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

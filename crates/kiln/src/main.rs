@@ -1,1 +1,64 @@
-fn main() {}
+//! `kiln`: the command-line interface.
+
+mod demo;
+mod doctor;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// kiln runs each user's code in a microVM restored from a snapshot of the running app.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    /// Data directory (guest kernels, base images, snapshots, VMs).
+    #[arg(long, global = true, env = "KILN_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Readable text for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this host can run microVMs, fetching the guest kernel if needed.
+    ///
+    /// Exits 0 only when VMs can run; otherwise says what to install.
+    Doctor,
+    /// Boot a microVM, snapshot it while a process runs, and restore it twice.
+    Demo,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let home = cli.home.unwrap_or_else(kiln_vmm::home::kiln_home);
+    let result = match cli.command {
+        Command::Doctor => doctor::run(&home, cli.output),
+        Command::Demo => demo::run(&home, cli.output),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

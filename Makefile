@@ -1,0 +1,55 @@
+# kiln — two commands on a fresh Debian 12 machine:
+#   make demo   boot a microVM, snapshot it, restore it twice (installs what it needs)
+#   make test   run the whole test suite, real VMs included (installs what it needs)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-gnu
+INIT_BIN := target/$(TARGET)/release/kiln-init
+APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs dpkg apt
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Tests cache the guest kernel and base images here, away from the user's own data dir.
+TEST_HOME ?= $(CURDIR)/target/kiln-test-home
+
+export KILN_INIT_BIN := $(CURDIR)/$(INIT_BIN)
+
+.PHONY: all deps build init demo test bench lint clean
+
+all: build
+
+## deps: install the host packages kiln needs (QEMU, qemu-img, mke2fs) when missing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@# apt-get download (guest kernel, busybox) needs package lists.
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || $(SUDO) apt-get update -q
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+
+## init: the guest's PID 1, a static binary.
+init:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TARGET) -p kiln-agent --bin kiln-init
+
+build: deps init
+	$(CARGO) build --release --workspace --bins
+
+demo: build
+	./target/release/kiln doctor
+	./target/release/kiln demo
+
+test: deps init
+	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
+	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
+	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace
+
+bench: build
+	$(CARGO) bench -p kiln-vmm --bench restore
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

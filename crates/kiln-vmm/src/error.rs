@@ -1,0 +1,109 @@
+//! The errors a VM operation can end in. Each says what failed, on what, and what to do.
+
+use std::path::{Path, PathBuf};
+
+use crate::qemu::qmp::QmpError;
+
+/// Errors from booting, driving, snapshotting and restoring VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// QEMU cannot be found or run.
+    #[error("QEMU is not usable: {0}")]
+    QemuMissing(String),
+    /// A file the VM needs is missing.
+    #[error("{what} not found at {path}: {hint}")]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    /// A filesystem operation failed.
+    #[error("{doing} {path} failed: {source}")]
+    Io {
+        doing: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU could not be started.
+    #[error("cannot start QEMU ({qemu}): {source}")]
+    Spawn {
+        qemu: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM spec cannot work.
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    /// QEMU exited while kiln was waiting for it.
+    #[error("QEMU exited while {doing} ({status}).\nQEMU said:\n{qemu_log}\nguest console (last lines):\n{console}")]
+    QemuDied {
+        doing: String,
+        status: String,
+        qemu_log: String,
+        console: String,
+    },
+    /// The guest agent did not answer.
+    #[error("the guest agent did not answer within {timeout:?} while {doing}: {source}\nguest console (last lines):\n{console}")]
+    AgentUnresponsive {
+        doing: String,
+        timeout: std::time::Duration,
+        #[source]
+        source: kiln_agent::client::AgentError,
+        console: String,
+    },
+    /// A request to the guest agent failed.
+    #[error("guest agent: {doing}: {source}")]
+    Agent {
+        doing: String,
+        #[source]
+        source: kiln_agent::client::AgentError,
+    },
+    /// A QMP command failed.
+    #[error("QEMU control (QMP) failed while {doing}: {source}")]
+    Qmp {
+        doing: String,
+        #[source]
+        source: QmpError,
+    },
+    /// A snapshot directory cannot be used.
+    #[error("snapshot {dir} cannot be restored: {reason}")]
+    BadSnapshot { dir: PathBuf, reason: String },
+    /// Migration (snapshot or restore stream) failed.
+    #[error("{doing} failed: migration status '{status}'{detail}")]
+    Migration {
+        doing: String,
+        status: String,
+        detail: String,
+    },
+    /// A helper program (qemu-img, cp, ...) failed.
+    #[error("{program} failed: {detail}")]
+    Tool { program: String, detail: String },
+}
+
+impl VmmError {
+    /// Shorthand for an [`VmmError::Io`].
+    pub fn io(doing: &str, path: &Path, source: std::io::Error) -> VmmError {
+        VmmError::Io {
+            doing: doing.to_string(),
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// Shorthand for a [`VmmError::Qmp`].
+    pub fn qmp(doing: &str) -> impl FnOnce(QmpError) -> VmmError + '_ {
+        move |source| VmmError::Qmp {
+            doing: doing.to_string(),
+            source,
+        }
+    }
+
+    /// Shorthand for a [`VmmError::Agent`].
+    pub fn agent(doing: &str) -> impl FnOnce(kiln_agent::client::AgentError) -> VmmError + '_ {
+        move |source| VmmError::Agent {
+            doing: doing.to_string(),
+            source,
+        }
+    }
+}

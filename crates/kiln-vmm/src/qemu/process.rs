@@ -1,0 +1,208 @@
+//! The QEMU process: finding the binary, starting it in its own session, watching it, ending it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::VmmError;
+
+/// The QEMU binary kiln runs and its version.
+#[derive(Debug, Clone)]
+pub struct QemuBinary {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Version as QEMU prints it, e.g. `7.2.22`.
+    pub version: String,
+}
+
+impl QemuBinary {
+    /// Finds QEMU: `KILN_QEMU`, else `qemu-system-x86_64` on `PATH`. Cached per process.
+    pub fn find() -> Result<QemuBinary, VmmError> {
+        static FOUND: OnceLock<Result<QemuBinary, String>> = OnceLock::new();
+        FOUND
+            .get_or_init(|| Self::locate().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(VmmError::QemuMissing)
+    }
+
+    fn locate() -> Result<QemuBinary, String> {
+        let path = match std::env::var_os("KILN_QEMU") {
+            Some(p) => PathBuf::from(p),
+            None => which("qemu-system-x86_64").ok_or_else(|| {
+                "qemu-system-x86_64 is not on PATH: install it with \
+                 `apt-get install qemu-system-x86` (or set KILN_QEMU)"
+                    .to_string()
+            })?,
+        };
+        let out = std::process::Command::new(&path)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                format!(
+                    "cannot run QEMU at {}: {e}; install qemu-system-x86 or fix KILN_QEMU",
+                    path.display()
+                )
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .ok_or_else(|| format!("{} --version printed no version: {text}", path.display()))?
+            .to_string();
+        Ok(QemuBinary { path, version })
+    }
+}
+
+/// Looks a program up on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// A running (or exited) QEMU process.
+#[derive(Debug)]
+pub struct QemuProcess {
+    pid: Pid,
+    /// Present when this process started QEMU; absent after re-attaching by pid.
+    child: Option<tokio::process::Child>,
+    log: PathBuf,
+}
+
+impl QemuProcess {
+    /// Starts QEMU in a session of its own so it outlives the caller, logging to `log`.
+    pub fn spawn(qemu: &QemuBinary, args: Vec<OsString>, log: &Path) -> Result<Self, VmmError> {
+        let log_file = std::fs::File::create(log).map_err(|e| VmmError::io("creating", log, e))?;
+        let err_file = log_file
+            .try_clone()
+            .map_err(|e| VmmError::io("opening", log, e))?;
+        let mut cmd = tokio::process::Command::new(&qemu.path);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file)
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| VmmError::Spawn {
+            qemu: qemu.path.clone(),
+            source: e,
+        })?;
+        let pid = child.id().ok_or_else(|| VmmError::Spawn {
+            qemu: qemu.path.clone(),
+            source: std::io::Error::other("QEMU exited at once"),
+        })?;
+        Ok(QemuProcess {
+            pid: Pid::from_raw(pid as i32),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// Re-attaches to a QEMU started earlier (by a previous daemon) from its pid file.
+    pub fn attach(pid_file: &Path, log: &Path) -> Result<Self, VmmError> {
+        let text =
+            std::fs::read_to_string(pid_file).map_err(|e| VmmError::io("reading", pid_file, e))?;
+        let pid: i32 = text.trim().parse().map_err(|_| VmmError::Io {
+            doing: "parsing".into(),
+            path: pid_file.to_owned(),
+            source: std::io::Error::other(format!("not a pid: {text:?}")),
+        })?;
+        let p = QemuProcess {
+            pid: Pid::from_raw(pid),
+            child: None,
+            log: log.to_owned(),
+        };
+        Ok(p)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Whether the process still runs (reaping it if it is our child and has exited).
+    pub fn is_alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => kill(self.pid, None).is_ok() && !is_zombie(self.pid),
+        }
+    }
+
+    /// The exit status once it has exited, as text.
+    pub fn exit_status(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        child.try_wait().ok().flatten().map(|s| s.to_string())
+    }
+
+    /// Waits for the process to exit, at most `timeout`. Returns whether it exited.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(child) = &mut self.child {
+            return tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_ok();
+        }
+        while tokio::time::Instant::now() < deadline {
+            if !self.is_alive() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        !self.is_alive()
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(self.pid, sig);
+    }
+
+    /// Ends the process: SIGTERM, then SIGKILL after `grace`.
+    pub async fn kill(&mut self, grace: Duration) {
+        if !self.is_alive() {
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        if !self.wait_exit(grace).await {
+            self.signal(Signal::SIGKILL);
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// The last lines QEMU printed (for error messages).
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 12)
+    }
+}
+
+fn is_zombie(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(true)
+}
+
+/// The last `lines` lines of a text file, or an empty string.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

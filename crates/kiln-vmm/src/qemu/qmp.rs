@@ -1,0 +1,249 @@
+//! A small async client for QEMU's machine protocol (QMP) over a unix socket.
+//!
+//! QMP is line-delimited JSON: a greeting, `qmp_capabilities`, then commands whose replies
+//! carry the `id` we sent, interleaved with events. One reader task routes replies to their
+//! callers, so commands may be issued from several tasks at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+
+/// Errors from a QMP session.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// QMP socket {path} did not accept a connection within {timeout:?}: {source}
+    #[error("QMP socket {path} did not accept a connection within {timeout:?}: {source}")]
+    Connect {
+        path: PathBuf,
+        timeout: Duration,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QMP connection failed while {doing}
+    #[error("QMP connection failed while {doing}: {source}")]
+    Io {
+        doing: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU closed the QMP connection (the VM process has probably exited)
+    #[error("QEMU closed the QMP connection (the VM process has probably exited)")]
+    Closed,
+    /// QEMU answered {command} with an error
+    #[error("QEMU refused '{command}': {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    /// A command got no answer in time
+    #[error("QEMU did not answer '{command}' within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+    /// QEMU sent something that is not QMP
+    #[error("QEMU sent an unexpected QMP message: {0}")]
+    Protocol(String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+/// A connected QMP session.
+pub struct Qmp {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<Value>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// How long one QMP command may take by default.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Qmp {
+    /// Connects to `path`, retrying while QEMU creates the socket, and negotiates capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(QmpError::Connect {
+                        path: path.to_owned(),
+                        timeout,
+                        source: e,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .map_err(|_| QmpError::Timeout {
+                command: "greeting".into(),
+                timeout,
+            })?
+            .map_err(|source| QmpError::Io {
+                doing: "reading the greeting".into(),
+                source,
+            })?
+            .ok_or(QmpError::Closed)?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(QmpError::Protocol(greeting));
+        }
+        let pending: Pending = Arc::default();
+        let (events, _) = broadcast::channel(64);
+        let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone()));
+        let qmp = Qmp {
+            writer: tokio::sync::Mutex::new(write),
+            pending,
+            next_id: AtomicU64::new(1),
+            events,
+            reader,
+        };
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Subscribes to QMP events (`{"event": ..., "data": ...}`) from now on.
+    pub fn events(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Runs a command with the default timeout and returns its `return` value.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, DEFAULT_COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// Runs a command and waits at most `timeout` for its answer.
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let mut line = msg.to_string();
+        line.push('\n');
+        let written = {
+            let mut w = self.writer.lock().await;
+            w.write_all(line.as_bytes()).await
+        };
+        if let Err(source) = written {
+            lock(&self.pending).remove(&id);
+            return Err(QmpError::Io {
+                doing: format!("sending '{command}'"),
+                source,
+            });
+        }
+        let reply = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(QmpError::Timeout {
+                    command: command.into(),
+                    timeout,
+                })
+            }
+        };
+        reply.map_err(|e| match e {
+            QmpError::Command { class, desc, .. } => QmpError::Command {
+                command: command.into(),
+                class,
+                desc,
+            },
+            other => other,
+        })
+    }
+
+    /// Runs an HMP command line; HMP reports failures as text in a successful reply.
+    pub async fn human(&self, command_line: &str) -> Result<String, QmpError> {
+        let out = self
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": command_line })),
+            )
+            .await?;
+        let text = out.as_str().unwrap_or_default().trim().to_string();
+        if text.is_empty() {
+            Ok(text)
+        } else {
+            Err(QmpError::Command {
+                command: command_line.into(),
+                class: "HmpError".into(),
+                desc: text,
+            })
+        }
+    }
+
+    /// The VM's run state as QEMU names it (`running`, `paused`, `inmigrate`, ...).
+    pub async fn status(&self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", None).await?;
+        Ok(v["status"].as_str().unwrap_or("unknown").to_string())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn read_loop(
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    pending: Pending,
+    events: broadcast::Sender<Value>,
+) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(%line, "ignoring a QMP line that is not JSON");
+            continue;
+        };
+        if msg.get("event").is_some() {
+            let _ = events.send(msg);
+            continue;
+        }
+        let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
+        let Some(tx) = lock(&pending).remove(&id) else {
+            continue;
+        };
+        let result = if let Some(err) = msg.get("error") {
+            Err(QmpError::Command {
+                command: String::new(),
+                class: err["class"].as_str().unwrap_or("GenericError").into(),
+                desc: err["desc"].as_str().unwrap_or("").into(),
+            })
+        } else {
+            Ok(msg.get("return").cloned().unwrap_or(Value::Null))
+        };
+        let _ = tx.send(result);
+    }
+    // Dropping the senders wakes every waiter with `Closed`.
+    lock(&pending).clear();
+}

@@ -1,0 +1,305 @@
+//! Snapshot directories: device state, guest memory and disks of a paused VM, with a
+//! versioned manifest that says what can restore them.
+//!
+//! Layout: `state.bin` (QEMU device state, migrated with `x-ignore-shared`), `mem.img`
+//! (the guest RAM file, sparse), `disk<N>.<fmt>` (the VM's disks), `manifest.json`.
+//! A snapshot is immutable once written: restores map `mem.img` privately and put a qcow2
+//! overlay on each disk.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use kiln_api::Accel;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::DiskFormat;
+use crate::VmmError;
+
+/// Version of the snapshot layout and manifest; bump on incompatible change.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Name of the manifest file.
+pub const MANIFEST: &str = "manifest.json";
+/// Name of the device-state file.
+pub const STATE: &str = "state.bin";
+/// Name of the memory file.
+pub const MEMORY: &str = "mem.img";
+
+/// What a snapshot holds and what restoring it requires.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    /// Layout version ([`SNAPSHOT_FORMAT`]).
+    pub format: u32,
+    /// Seconds since the Unix epoch when the snapshot was taken.
+    pub created_unix: u64,
+    /// QEMU version that wrote the device state; restores need the same one.
+    pub qemu_version: String,
+    /// Accelerator the VM ran under.
+    pub accel: Accel,
+    /// CPU model.
+    pub cpu: String,
+    /// Machine signature (machine options and device layout).
+    pub machine: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// TSC frequency the guest was booted with.
+    pub tsc_khz: u64,
+    /// Guest kernel the memory image was booted from.
+    pub kernel: FileRef,
+    /// Initramfs the guest was booted from.
+    pub initramfs: FileRef,
+    /// Extra kernel command-line words the guest was booted with.
+    pub cmdline_extra: Vec<String>,
+    /// Whether the VM had a network device.
+    pub network: bool,
+    /// The device state.
+    pub state: FileInfo,
+    /// The memory file.
+    pub memory: FileInfo,
+    /// The disks in guest order.
+    pub disks: Vec<SnapshotDisk>,
+}
+
+/// A file outside the snapshot that it depends on, with its digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// BLAKE3 of the contents.
+    pub blake3: String,
+}
+
+/// A file inside the snapshot directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// Apparent size in bytes.
+    pub size: u64,
+    /// Bytes actually allocated on disk (sparse files are smaller).
+    pub allocated: u64,
+    /// BLAKE3 of the contents.
+    pub blake3: String,
+}
+
+/// One disk of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    /// The image file.
+    #[serde(flatten)]
+    pub info: FileInfo,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// A snapshot directory whose manifest has been read and checked.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: SnapshotManifest,
+}
+
+impl Snapshot {
+    /// Opens a snapshot and checks that it is whole and that this host can restore it.
+    ///
+    /// The check reads only small files (manifest, device state); the memory file is
+    /// checked by size, so opening costs the same whatever the guest's memory size.
+    pub fn open(dir: &Path, qemu_version: &str) -> Result<Snapshot, VmmError> {
+        let bad = |reason: String| VmmError::BadSnapshot {
+            dir: dir.to_owned(),
+            reason,
+        };
+        let manifest_path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+            bad(format!(
+                "cannot read {MANIFEST} ({e}); the snapshot is incomplete, take it again"
+            ))
+        })?;
+        let manifest: SnapshotManifest = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("{MANIFEST} is not a kiln manifest: {e}")))?;
+        if manifest.format != SNAPSHOT_FORMAT {
+            return Err(bad(format!(
+                "it has layout version {}, this kiln reads version {SNAPSHOT_FORMAT}; rebuild it",
+                manifest.format
+            )));
+        }
+        if manifest.qemu_version != qemu_version {
+            return Err(bad(format!(
+                "it was taken with QEMU {}, this host runs QEMU {qemu_version}; device state does \
+                 not cross QEMU versions, so rebuild the image on this host",
+                manifest.qemu_version
+            )));
+        }
+        let state = &manifest.state;
+        let state_path = dir.join(&state.file);
+        let bytes = std::fs::read(&state_path).map_err(|e| {
+            bad(format!(
+                "device state {} is missing ({e}); take the snapshot again",
+                state.file
+            ))
+        })?;
+        if blake3::hash(&bytes).to_hex().as_str() != state.blake3 {
+            return Err(bad(format!(
+                "device state {} does not match its checksum (corrupt or modified); take the snapshot again",
+                state.file
+            )));
+        }
+        for info in std::iter::once(&manifest.memory).chain(manifest.disks.iter().map(|d| &d.info))
+        {
+            let meta = std::fs::metadata(dir.join(&info.file)).map_err(|e| {
+                bad(format!(
+                    "{} is missing ({e}); take the snapshot again",
+                    info.file
+                ))
+            })?;
+            if meta.len() != info.size {
+                return Err(bad(format!(
+                    "{} is {} bytes, the manifest says {}; take the snapshot again",
+                    info.file,
+                    meta.len(),
+                    info.size
+                )));
+            }
+        }
+        for (what, r) in [
+            ("kernel", &manifest.kernel),
+            ("initramfs", &manifest.initramfs),
+        ] {
+            let digest = digest_file_cached(&r.path).map_err(|e| {
+                bad(format!(
+                    "the {what} it was booted from, {}, is gone ({e}); restore needs the exact \
+                     same {what}: rebuild the snapshot",
+                    r.path.display()
+                ))
+            })?;
+            if digest != r.blake3 {
+                return Err(bad(format!(
+                    "the {what} at {} changed since the snapshot was taken (another kernel \
+                     version?); rebuild the snapshot",
+                    r.path.display()
+                )));
+            }
+        }
+        Ok(Snapshot {
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+
+    /// Path of the memory file.
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.memory.file)
+    }
+
+    /// Path of the device state.
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.state.file)
+    }
+
+    /// Re-hashes every file (slow for big memory files); for `verify`-style checks.
+    pub fn verify_contents(&self) -> Result<(), VmmError> {
+        for info in std::iter::once(&self.manifest.memory)
+            .chain(self.manifest.disks.iter().map(|d| &d.info))
+        {
+            let path = self.dir.join(&info.file);
+            let digest = digest_file(&path).map_err(|e| VmmError::io("hashing", &path, e))?;
+            if digest != info.blake3 {
+                return Err(VmmError::BadSnapshot {
+                    dir: self.dir.clone(),
+                    reason: format!("{} does not match its checksum", info.file),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Size, allocation and digest of a file.
+pub fn file_info(dir: &Path, file: &str) -> Result<FileInfo, VmmError> {
+    let path = dir.join(file);
+    let meta = std::fs::metadata(&path).map_err(|e| VmmError::io("reading", &path, e))?;
+    let blake3 = digest_file(&path).map_err(|e| VmmError::io("hashing", &path, e))?;
+    Ok(FileInfo {
+        file: file.to_string(),
+        size: meta.len(),
+        allocated: meta.blocks() * 512,
+        blake3,
+    })
+}
+
+/// BLAKE3 of a file's contents, read in large blocks.
+pub fn digest_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// [`digest_file`], remembered per (path, size, mtime) for the life of the process: kernels and
+/// initramfs images are checked on every restore and rarely change.
+pub fn digest_file_cached(path: &Path) -> std::io::Result<String> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Key = (PathBuf, u64, i64, i64);
+    static CACHE: Mutex<Option<HashMap<Key, String>>> = Mutex::new(None);
+    let meta = std::fs::metadata(path)?;
+    let key = (path.to_owned(), meta.len(), meta.mtime(), meta.mtime_nsec());
+    if let Some(d) = CACHE
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().and_then(|m| m.get(&key).cloned()))
+    {
+        return Ok(d);
+    }
+    let d = digest_file(path)?;
+    if let Ok(mut c) = CACHE.lock() {
+        c.get_or_insert_with(HashMap::new).insert(key, d.clone());
+    }
+    Ok(d)
+}
+
+/// Moves a file, copying (sparsely) when source and target are on different filesystems.
+pub fn move_file(from: &Path, to: &Path) -> Result<(), VmmError> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let out = std::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg(from)
+                .arg(to)
+                .output()
+                .map_err(|e| VmmError::io("copying", from, e))?;
+            if !out.status.success() {
+                return Err(VmmError::Tool {
+                    program: "cp".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            std::fs::remove_file(from).map_err(|e| VmmError::io("removing", from, e))
+        }
+        Err(e) => Err(VmmError::io("moving", from, e)),
+    }
+}
+
+/// Where a disk of index `i` is stored inside a snapshot.
+pub fn disk_file_name(i: usize, format: DiskFormat) -> String {
+    format!("disk{i}.{}", format.as_str())
+}
+
+/// Marks a snapshot file read-only, so nothing writes to it by mistake.
+pub fn make_read_only(path: &Path) -> Result<(), VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| VmmError::io("making read-only", path, e))
+}

@@ -1,0 +1,115 @@
+//! The typed description of one VM, from which a backend derives its command line.
+
+use std::path::PathBuf;
+
+use kiln_api::Accel;
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to start (or restore into) one microVM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Runtime directory of this VM: sockets, pid file, console and QEMU logs live here.
+    pub dir: PathBuf,
+    /// Number of virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Guest kernel (`vmlinuz`).
+    pub kernel: PathBuf,
+    /// Initramfs holding `kiln-init` and the kernel modules.
+    pub initramfs: PathBuf,
+    /// Extra kernel command-line words, appended after kiln's own.
+    pub cmdline_extra: Vec<String>,
+    /// Block devices, in guest order (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<DiskSpec>,
+    /// User-mode networking, or `None` for no network device at all.
+    pub network: Option<NetSpec>,
+    /// Guest RAM backed by this file instead of anonymous memory.
+    pub memory_file: Option<MemoryFile>,
+    /// Accelerator to run under.
+    pub accel: Accel,
+    /// Host TSC frequency in kHz, passed to the guest as `tsc_early_khz` (needed under TCG).
+    pub tsc_khz: u64,
+}
+
+/// One virtio block device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Image file.
+    pub path: PathBuf,
+    /// Image format.
+    pub format: DiskFormat,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// Disk image formats kiln uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A plain image (ext4 straight on the device).
+    Raw,
+    /// A qcow2 image, typically an overlay on a read-only raw base.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name QEMU and `qemu-img` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// User-mode (slirp) networking: guest 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// TCP forwards from the host's loopback into the guest.
+    pub forwards: Vec<PortForward>,
+    /// Deny all egress from the guest; forwards keep working.
+    pub restrict_egress: bool,
+}
+
+/// A TCP forward `127.0.0.1:host_port` → guest `guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Port on the host's loopback.
+    pub host_port: u16,
+    /// Port inside the guest.
+    pub guest_port: u16,
+}
+
+/// A file that backs guest RAM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryFile {
+    /// The file; created sparse by QEMU when missing.
+    pub path: PathBuf,
+    /// `true`: writes go to the file (a VM that will be snapshotted). `false`: a private
+    /// copy-on-write mapping (a VM restored from a snapshot's memory, which stays untouched).
+    pub shared: bool,
+}
+
+impl VmSpec {
+    /// The QMP socket inside the runtime directory.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    /// The agent's virtio-serial socket inside the runtime directory.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// The guest serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// QEMU's own stdout and stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    /// QEMU's pid file.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+}

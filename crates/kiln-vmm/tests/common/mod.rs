@@ -1,0 +1,65 @@
+//! Shared set-up for the VM tests: a host with kiln's guest assets and the busybox base.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kiln_agent::client::{AgentClient, ExecRequest};
+use kiln_vmm::host::Host;
+use kiln_vmm::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
+
+/// The data directory the tests share: `KILN_HOME` (the Makefile points it into `target/`),
+/// else `target/kiln-test-home`, so kernels and base images are fetched once.
+pub fn test_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-test-home"))
+}
+
+/// The prepared host and the busybox base disk, made once per test binary.
+pub fn host() -> &'static (Host, PathBuf) {
+    static HOST: OnceLock<(Host, PathBuf)> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let home = test_home();
+        let host = Host::prepare(&home).expect("host can run VMs (run `make test`)");
+        let base = kiln_image::base::busybox::ensure(&home).expect("busybox base image");
+        (host, base.disk)
+    })
+}
+
+/// A scratch directory in /tmp (short paths: unix sockets live in it).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("kiln-t").tempdir_in("/tmp").expect("scratch dir")
+}
+
+/// A spec for a busybox VM in `dir/vm` with its own overlay disk; `snapshottable` backs its
+/// memory with a shared file so it can be snapshotted.
+pub fn busybox_spec(dir: &Path, snapshottable: bool) -> VmSpec {
+    let (host, base) = host();
+    let disk = dir.join("disk.qcow2");
+    kiln_vmm::qemu::create_overlay(base, DiskFormat::Raw, &disk).expect("overlay");
+    let mut spec = host.vm_spec(dir.join("vm"));
+    spec.disks.push(DiskSpec { path: disk, format: DiskFormat::Qcow2, read_only: false });
+    spec.network = Some(NetSpec::default());
+    if snapshottable {
+        spec.memory_file = Some(MemoryFile { path: dir.join("mem.img"), shared: true });
+    }
+    spec
+}
+
+/// Runs `sh -c script` in the guest and returns (stdout, exit code).
+pub async fn sh(agent: &AgentClient, script: &str) -> (String, Option<i32>) {
+    let out = agent
+        .run(ExecRequest::new(vec!["sh".into(), "-c".into(), script.into()]))
+        .await
+        .expect("exec through the agent");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), out.code)
+}
+
+/// Whether a process with this pid still exists (and is not a zombie).
+pub fn process_exists(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
