@@ -1,1 +1,115 @@
-fn main() {}
+//! Cold boot versus snapshot restore, measured in the same run on the same host.
+//!
+//! Reproduce: `make bench` (or `cargo bench -p kiln-vmm --bench restore`);
+//! `KILN_BENCH_RUNS=N` sets the number of runs (default 5).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{busybox_spec, host, scratch, sh};
+use kiln_vmm::{BootOptions, MicroVm, RestoreTarget, Vmm};
+
+fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = v[v.len() / 2];
+    let max = v[v.len() - 1];
+    println!("{name:<38} median {median:>9.1} {unit:<3} max {max:>9.1} {unit:<3} (n={})", v.len());
+    median
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Proportional set size of a process in MiB.
+fn pss_mib(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let runs: usize = std::env::var("KILN_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let (h, _) = host();
+    println!(
+        "kiln boot/restore benchmark: QEMU {}, accel {}, guest kernel {}, {} runs, busybox base, 256 MiB guests",
+        h.vmm.qemu().version,
+        h.accel.accel,
+        h.assets.kernel.version,
+        runs
+    );
+    let dir = scratch();
+    let (mut cold, mut snap_pause, mut snap_total) = (vec![], vec![], vec![]);
+    let mut snapshot = None;
+    for i in 0..runs {
+        let d = dir.path().join(format!("cold{i}"));
+        std::fs::create_dir_all(&d).expect("dir");
+        let vm = h.vmm.boot(busybox_spec(&d, true), BootOptions::default()).await.expect("boot");
+        cold.push(ms(vm.timeline().get("agent").expect("agent step")));
+        sh(vm.agent(), "httpd -p 8080 -h /tmp").await;
+        let t = Instant::now();
+        let snap = vm.snapshot(&d.join("snap")).await.expect("snapshot");
+        snap_total.push(ms(t.elapsed()));
+        snap_pause.push(snap.manifest.state.size as f64 / 1024.0);
+        snapshot.get_or_insert(snap);
+    }
+    let snap = snapshot.expect("at least one run");
+    let (mut qmp, mut running, mut agent, mut ready, mut pss) = (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let vm = h
+            .vmm
+            .restore(&snap, RestoreTarget::new(dir.path().join(format!("r{i}"))))
+            .await
+            .expect("restore");
+        let tl = vm.timeline();
+        qmp.push(ms(tl.get("qmp").unwrap_or_default()));
+        running.push(ms(tl.get("running").unwrap_or_default()));
+        agent.push(ms(tl.get("agent").unwrap_or_default()));
+        ready.push(ms(tl.get("refreshed").unwrap_or_default()));
+        sh(vm.agent(), "true").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pss.push(pss_mib(vm.pid()));
+        vm.terminate().await.expect("terminate");
+    }
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let snap = snap.clone();
+        let target = RestoreTarget::new(dir.path().join(format!("c{i}")));
+        set.spawn(async move { host().0.vmm.restore(&snap, target).await });
+    }
+    let mut vms = Vec::new();
+    while let Some(r) = set.join_next().await {
+        vms.push(r.expect("task").expect("concurrent restore"));
+    }
+    let five = ms(t.elapsed());
+    let five_pss: f64 = vms.iter().map(|v| pss_mib(v.pid())).sum::<f64>() / 5.0;
+    for vm in vms {
+        vm.terminate().await.expect("terminate");
+    }
+
+    println!();
+    let cold_median = stats("cold boot → agent ready", "ms", cold);
+    stats("snapshot (sync, pause, save, hash)", "ms", snap_total);
+    stats("  device state size", "KiB", snap_pause);
+    println!(
+        "  memory file {:.0} MiB apparent, {:.0} MiB allocated",
+        snap.manifest.memory.size as f64 / 1048576.0,
+        snap.manifest.memory.allocated as f64 / 1048576.0
+    );
+    stats("restore → QMP up", "ms", qmp);
+    stats("restore → vCPUs running", "ms", running);
+    stats("restore → agent answers", "ms", agent);
+    let restore_median = stats("restore → ready (clock+entropy set)", "ms", ready);
+    stats("Pss per restored VM", "MiB", pss);
+    println!("5 concurrent restores → all ready        {five:>9.1} ms, Pss {five_pss:.1} MiB each");
+    println!("cold boot / restore                       {:>9.1}×", cold_median / restore_median);
+    println!("\nreproduce: make bench   (KILN_BENCH_RUNS={runs} cargo bench -p kiln-vmm --bench restore)");
+}
