@@ -1,0 +1,554 @@
+//! The framed, versioned protocol spoken between the host and the guest agent.
+//!
+//! A frame is `b"KILN"`, a big-endian `u32` payload length, then the payload: the
+//! JSON encoding of one [`HostMessage`] (host → guest) or [`GuestMessage`]
+//! (guest → host). Binary fields travel as base64 strings.
+//!
+//! The decoder resynchronises on the magic: the host may vanish mid-frame and a new
+//! host connect after a VM restore, so whatever precedes the next `KILN` is skipped.
+//! A false magic inside a JSON payload cannot pass for a header: JSON text holds no
+//! byte below 0x20, so its "length" would be at least 0x2020_2020, far above
+//! [`MAX_PAYLOAD`], and the decoder moves on.
+
+use serde::{Deserialize, Serialize};
+
+/// The four bytes that open every frame.
+pub const MAGIC: [u8; 4] = *b"KILN";
+/// Size of a frame header: magic plus length.
+pub const HEADER_LEN: usize = 8;
+/// Largest payload a frame may carry.
+pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
+/// Version of this protocol; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest chunk of process output carried by one [`GuestBody::Output`] frame.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
+/// Largest file content one frame can carry once base64-encoded, with room for the JSON around it.
+pub const MAX_FILE_BYTES: usize = MAX_PAYLOAD / 4 * 3 - 64 * 1024;
+/// PATH given to an exec whose environment names none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A message from the host to the guest: a request and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMessage {
+    /// Chosen by the host; every reply and event for this request carries it.
+    pub id: u64,
+    /// What the host asks for.
+    pub body: HostBody,
+}
+
+/// The requests the host can make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostBody {
+    /// Opens a session; answered by [`GuestBody::HelloOk`] or an error.
+    Hello {
+        /// The protocol version the host speaks.
+        version: u32,
+        /// Free-form name of the host software, for the guest's log.
+        #[serde(default)]
+        client: String,
+    },
+    /// Liveness check; answered by [`GuestBody::Pong`].
+    Ping,
+    /// Runs a process; answered by `ExecStarted`, `Output`… then `Exited`.
+    Exec(ExecSpec),
+    /// Sends a signal to the process group of a running exec; answered by `Ok`.
+    Signal {
+        /// The id of the `Exec` request.
+        exec_id: u64,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Writes a file atomically (temp file + rename), creating parent directories.
+    WriteFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// The content.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        /// Permission bits.
+        mode: u32,
+        /// Owner, unchanged when absent.
+        #[serde(default)]
+        uid: Option<u32>,
+        /// Group, unchanged when absent.
+        #[serde(default)]
+        gid: Option<u32>,
+    },
+    /// Reads a file; answered by [`GuestBody::FileData`], or an error when it exceeds `max_bytes`.
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// Largest content accepted.
+        max_bytes: u64,
+    },
+    /// Sets CLOCK_REALTIME.
+    SetClock {
+        /// Nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+    },
+    /// Mixes host entropy into the kernel RNG, credits it, and reseeds the CRNG.
+    AddEntropy {
+        /// Random bytes from the host.
+        #[serde(with = "b64")]
+        bytes: Vec<u8>,
+    },
+    /// Flushes file systems, optionally dropping the page cache.
+    Sync {
+        /// Also write 3 to /proc/sys/vm/drop_caches.
+        drop_caches: bool,
+    },
+    /// Syncs then powers the VM off; answered by `Ok` before it happens.
+    PowerOff,
+}
+
+/// How to run a process in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Program and arguments; the program is looked up in the exec's PATH.
+    pub argv: Vec<String>,
+    /// The whole environment as `KEY=VALUE`; [`DEFAULT_PATH`] is added when PATH is absent.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory, `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User to run as, the agent's when absent.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group to run as, the agent's when absent.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Bytes written to stdin, which is then closed; stdin is /dev/null when absent.
+    #[serde(default, with = "b64_opt")]
+    pub stdin: Option<Vec<u8>>,
+    /// Kill the process group with SIGKILL after this long.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A message from the guest to the host: a reply or event for request `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMessage {
+    /// The id of the request this answers; 0 when the request could not be read.
+    pub id: u64,
+    /// The reply or event.
+    pub body: GuestBody,
+}
+
+/// The replies and events the guest sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestBody {
+    /// Handshake accepted.
+    HelloOk {
+        /// The protocol version the guest speaks.
+        version: u32,
+        /// Version of kiln-init.
+        agent_version: String,
+        /// The guest kernel's release.
+        kernel: String,
+        /// Milliseconds since the guest kernel booted.
+        uptime_ms: u64,
+    },
+    /// Answer to `Ping`.
+    Pong,
+    /// The request succeeded.
+    Ok,
+    /// The request failed.
+    Error {
+        /// What failed, on what, and why.
+        message: String,
+    },
+    /// The exec's process was spawned.
+    ExecStarted {
+        /// Its pid (also its process group id).
+        pid: u32,
+    },
+    /// A chunk of the exec's output, at most [`MAX_OUTPUT_CHUNK`] bytes.
+    Output {
+        /// Which stream it came from.
+        stream: OutputStream,
+        /// The bytes.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The exec finished and its output streams reached their end.
+    Exited {
+        /// Exit code when it exited normally.
+        code: Option<i32>,
+        /// Signal number when a signal killed it.
+        signal: Option<i32>,
+        /// Whether the agent killed it because its timeout expired.
+        timed_out: bool,
+    },
+    /// Content of a file.
+    FileData {
+        /// The bytes.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+}
+
+/// Which output stream of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Failures to encode or decode a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// frame payload of {0} bytes exceeds the limit of 16 MiB
+    #[error("frame payload of {0} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
+    Oversized(usize),
+    /// frame payload is not a valid message
+    #[error("frame payload is not a valid message: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// message could not be encoded
+    #[error("message could not be encoded: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// Encodes one message as a complete frame (header and payload).
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::with_capacity(256);
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut frame, message).map_err(FrameError::Encode)?;
+    let len = frame.len() - HEADER_LEN;
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::Oversized(len));
+    }
+    // The length fits in u32: it is at most MAX_PAYLOAD.
+    frame[4..8].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(frame)
+}
+
+/// Parses a frame payload into a message.
+pub fn decode_payload<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(FrameError::Malformed)
+}
+
+/// The `id` of a payload that failed to parse as a message, when one can be found.
+pub fn payload_id(payload: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    value.get("id")?.as_u64()
+}
+
+/// Splits a byte stream into frame payloads, skipping garbage between frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    skipped: u64,
+}
+
+impl FrameDecoder {
+    /// A decoder with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the transport.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Forgets buffered bytes; call it when the transport reads EOF.
+    pub fn reset(&mut self) {
+        self.buf.clear();
+        self.start = 0;
+    }
+
+    /// Total bytes skipped while looking for a frame.
+    pub fn skipped_bytes(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The next complete payload, an error for a frame that cannot be accepted, or
+    /// `None` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Result<Vec<u8>, FrameError>> {
+        loop {
+            let pending = &self.buf[self.start..];
+            match find_magic(pending) {
+                Some(0) => {}
+                Some(offset) => {
+                    self.skip(offset);
+                    continue;
+                }
+                None => {
+                    // Keep a tail that may be the start of a magic split across reads.
+                    let keep = magic_prefix_len(pending);
+                    self.skip(pending.len() - keep);
+                    return None;
+                }
+            }
+            let pending = &self.buf[self.start..];
+            if pending.len() < HEADER_LEN {
+                return None;
+            }
+            let len = u32::from_be_bytes([pending[4], pending[5], pending[6], pending[7]]) as usize;
+            if len > MAX_PAYLOAD {
+                // Skip only the magic: the real next frame may start inside this "header".
+                self.skip(MAGIC.len());
+                return Some(Err(FrameError::Oversized(len)));
+            }
+            if pending.len() < HEADER_LEN + len {
+                return None;
+            }
+            let payload = pending[HEADER_LEN..HEADER_LEN + len].to_vec();
+            self.start += HEADER_LEN + len;
+            return Some(Ok(payload));
+        }
+    }
+
+    fn skip(&mut self, n: usize) {
+        self.start += n;
+        self.skipped += n as u64;
+        if self.start == self.buf.len() {
+            self.reset();
+        }
+    }
+}
+
+fn find_magic(data: &[u8]) -> Option<usize> {
+    data.windows(MAGIC.len()).position(|w| w == MAGIC)
+}
+
+/// Length of the longest suffix of `data` that is a proper prefix of the magic.
+fn magic_prefix_len(data: &[u8]) -> usize {
+    (1..MAGIC.len())
+        .rev()
+        .find(|&n| data.len() >= n && data[data.len() - n..] == MAGIC[..n])
+        .unwrap_or(0)
+}
+
+/// Serde adapter: `Vec<u8>` as a base64 string.
+mod b64 {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde adapter: `Option<Vec<u8>>` as an optional base64 string.
+mod b64_opt {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match data {
+            Some(bytes) => s.serialize_some(&STANDARD.encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        text.map(|t| STANDARD.decode(t.as_bytes()))
+            .transpose()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec_message() -> HostMessage {
+        HostMessage {
+            id: 7,
+            body: HostBody::Exec(ExecSpec {
+                argv: vec!["sh".into(), "-c".into(), "cat".into()],
+                env: vec!["A=1".into()],
+                cwd: Some("/tmp".into()),
+                uid: Some(1000),
+                gid: None,
+                stdin: Some(vec![0, 1, 2, 255]),
+                timeout_ms: Some(500),
+            }),
+        }
+    }
+
+    fn decode_all(decoder: &mut FrameDecoder) -> Vec<Result<Vec<u8>, FrameError>> {
+        std::iter::from_fn(|| decoder.next_frame()).collect()
+    }
+
+    #[test]
+    fn host_message_when_encoded_and_decoded_then_equal() {
+        let message = exec_message();
+        let frame = encode_frame(&message).expect("encode");
+        let mut decoder = FrameDecoder::new();
+
+        decoder.push(&frame);
+        let payload = decoder.next_frame().expect("frame").expect("valid frame");
+
+        assert_eq!(
+            decode_payload::<HostMessage>(&payload).expect("decode"),
+            message
+        );
+    }
+
+    #[test]
+    fn guest_output_when_encoded_then_data_is_base64_text() {
+        let message = GuestMessage {
+            id: 3,
+            body: GuestBody::Output {
+                stream: OutputStream::Stderr,
+                data: b"hi".to_vec(),
+            },
+        };
+
+        let frame = encode_frame(&message).expect("encode");
+
+        let json = std::str::from_utf8(&frame[HEADER_LEN..]).expect("utf8");
+        assert_eq!(
+            json,
+            r#"{"id":3,"body":{"type":"output","stream":"stderr","data":"aGk="}}"#
+        );
+    }
+
+    #[test]
+    fn frame_when_split_byte_by_byte_then_decoded_once_complete() {
+        let message = exec_message();
+        let frame = encode_frame(&message).expect("encode");
+        let mut decoder = FrameDecoder::new();
+
+        let mut results = Vec::new();
+        for byte in &frame {
+            decoder.push(std::slice::from_ref(byte));
+            results.extend(decode_all(&mut decoder));
+        }
+
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].as_ref().expect("valid"), &frame[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn garbage_before_frame_when_decoded_then_skipped() {
+        let frame = encode_frame(&HostMessage {
+            id: 1,
+            body: HostBody::Ping,
+        })
+        .expect("encode");
+        let mut decoder = FrameDecoder::new();
+        let garbage = b"\x00\xffKIL half a frame{\"id\":KI";
+
+        decoder.push(garbage);
+        decoder.push(&frame);
+        let frames = decode_all(&mut decoder);
+
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].as_ref().expect("valid"), &frame[HEADER_LEN..]);
+        assert_eq!(decoder.skipped_bytes(), garbage.len() as u64);
+    }
+
+    #[test]
+    fn truncated_frame_when_followed_by_new_frame_then_new_frame_decoded() {
+        let first = encode_frame(&exec_message()).expect("encode");
+        let second = encode_frame(&HostMessage {
+            id: 2,
+            body: HostBody::Ping,
+        })
+        .expect("encode");
+        let mut decoder = FrameDecoder::new();
+
+        // The payload of the cut frame holds the magic only inside JSON text.
+        decoder.push(&first[..HEADER_LEN]);
+        decoder.reset();
+        decoder.push(&first[HEADER_LEN..HEADER_LEN + 20]);
+        decoder.push(b"\"KILN\"xxxx");
+        decoder.push(&second);
+        let frames = decode_all(&mut decoder);
+
+        let valid: Vec<_> = frames.into_iter().filter_map(Result::ok).collect();
+        assert_eq!(valid, vec![second[HEADER_LEN..].to_vec()]);
+    }
+
+    #[test]
+    fn oversized_length_when_decoded_then_error_and_next_frame_still_decoded() {
+        let good = encode_frame(&HostMessage {
+            id: 9,
+            body: HostBody::Ping,
+        })
+        .expect("encode");
+        let mut decoder = FrameDecoder::new();
+        let mut bad = MAGIC.to_vec();
+        bad.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_be_bytes());
+
+        decoder.push(&bad);
+        decoder.push(&good);
+        let frames = decode_all(&mut decoder);
+
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(frames[0], Err(FrameError::Oversized(n)) if n == MAX_PAYLOAD + 1));
+        assert_eq!(frames[1].as_ref().expect("valid"), &good[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn malformed_json_when_parsed_then_error_with_recoverable_id() {
+        let payload = br#"{"id":42,"body":{"type":"no_such_request"}}"#;
+
+        let result = decode_payload::<HostMessage>(payload);
+
+        assert!(matches!(result, Err(FrameError::Malformed(_))));
+        assert_eq!(payload_id(payload), Some(42));
+    }
+
+    #[test]
+    fn invalid_json_when_parsed_then_error_without_id() {
+        let payload = b"{not json";
+
+        let result = decode_payload::<HostMessage>(payload);
+
+        assert!(matches!(result, Err(FrameError::Malformed(_))));
+        assert_eq!(payload_id(payload), None);
+    }
+
+    #[test]
+    fn message_larger_than_limit_when_encoded_then_oversized_error() {
+        let message = HostMessage {
+            id: 1,
+            body: HostBody::AddEntropy {
+                bytes: vec![0; MAX_PAYLOAD],
+            },
+        };
+
+        let result = encode_frame(&message);
+
+        assert!(matches!(result, Err(FrameError::Oversized(_))));
+    }
+
+    #[test]
+    fn exec_without_optional_fields_when_parsed_then_defaults() {
+        let payload = br#"{"id":5,"body":{"type":"exec","argv":["true"]}}"#;
+
+        let message = decode_payload::<HostMessage>(payload).expect("decode");
+
+        assert_eq!(
+            message.body,
+            HostBody::Exec(ExecSpec {
+                argv: vec!["true".into()],
+                ..ExecSpec::default()
+            })
+        );
+    }
+}
