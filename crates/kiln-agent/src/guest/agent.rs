@@ -1,0 +1,358 @@
+//! The agent server: reads host requests from a byte transport and answers on it.
+//!
+//! The calling thread is the reader: it decodes frames and dispatches. Anything that can
+//! take a while (execs, files, sync) runs on its own thread; every reply goes through one
+//! [`ReplySink`], a writer behind a mutex, whose blocking writes are the backpressure.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use super::{exec, ops};
+use crate::proto::{
+    decode_payload, encode_frame, payload_id, FrameDecoder, FrameError, GuestBody, GuestMessage,
+    HostBody, HostMessage, PROTOCOL_VERSION,
+};
+
+/// What the agent may do beyond serving requests that are harmless on a development host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Allow SetClock, AddEntropy, Sync with drop_caches and PowerOff (only in the guest).
+    pub guest_ops: bool,
+}
+
+/// What the reader does when the transport reads end-of-file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EofPolicy {
+    /// The connection is over: return from `serve`.
+    Return,
+    /// No host is connected yet (a virtio-serial port): wait this long and read again.
+    Retry(Duration),
+}
+
+/// The agent: configuration and the execs it runs, shared by every connection.
+#[derive(Clone)]
+pub struct Agent {
+    config: AgentConfig,
+    execs: Arc<ExecRegistry>,
+    next_session: Arc<AtomicU64>,
+}
+
+impl Agent {
+    /// An agent; its first exec starts the process-wide reaper.
+    pub fn new(config: AgentConfig) -> Agent {
+        Agent {
+            config,
+            execs: Arc::new(ExecRegistry::default()),
+            next_session: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Serves requests read from `reader`, replying on `writer`, until EOF (per `on_eof`)
+    /// or a read error that `on_eof` does not retry.
+    pub fn serve<R: Read, W: Write + Send + 'static>(
+        &self,
+        mut reader: R,
+        writer: W,
+        on_eof: EofPolicy,
+    ) -> io::Result<()> {
+        let session = Session {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            sink: ReplySink::new(writer),
+        };
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read_errors = 0u64;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    decoder.reset();
+                    match on_eof {
+                        EofPolicy::Return => return Ok(()),
+                        EofPolicy::Retry(pause) => std::thread::sleep(pause),
+                    }
+                }
+                Ok(n) => {
+                    decoder.push(&buf[..n]);
+                    while let Some(frame) = decoder.next_frame() {
+                        self.handle_frame(&session, frame);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => match on_eof {
+                    EofPolicy::Return => return Err(e),
+                    EofPolicy::Retry(pause) => {
+                        if read_errors.is_power_of_two() {
+                            crate::console!("read from the agent port failed ({e}); retrying");
+                        }
+                        read_errors += 1;
+                        decoder.reset();
+                        std::thread::sleep(pause);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Sends `signal` to the process group of every running exec.
+    pub fn signal_all(&self, signal: Signal) {
+        for pgid in self.execs.all_pgids() {
+            let _ = killpg(Pid::from_raw(pgid), signal);
+        }
+    }
+
+    fn handle_frame(&self, session: &Session, frame: Result<Vec<u8>, FrameError>) {
+        let payload = match frame {
+            Ok(payload) => payload,
+            Err(e) => return session.sink.error(0, format!("bad frame: {e}")),
+        };
+        match decode_payload::<HostMessage>(&payload) {
+            Ok(message) => self.dispatch(session, message),
+            Err(e) => session.sink.error(
+                payload_id(&payload).unwrap_or(0),
+                format!("malformed request: {e}"),
+            ),
+        }
+    }
+
+    fn dispatch(&self, session: &Session, message: HostMessage) {
+        let id = message.id;
+        let sink = &session.sink;
+        match message.body {
+            HostBody::Hello { version, client } => {
+                if version != PROTOCOL_VERSION {
+                    return sink.error(
+                        id,
+                        format!(
+                            "unsupported protocol version {version}: this agent speaks version {PROTOCOL_VERSION}"
+                        ),
+                    );
+                }
+                crate::console!("host connected ({client})");
+                sink.reply(
+                    id,
+                    GuestBody::HelloOk {
+                        version: PROTOCOL_VERSION,
+                        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                        kernel: ops::kernel_release(),
+                        uptime_ms: super::uptime_ms(),
+                    },
+                );
+            }
+            HostBody::Ping => sink.reply(id, GuestBody::Pong),
+            HostBody::Exec(spec) => {
+                let job = exec::ExecJob {
+                    id,
+                    session: session.id,
+                    spec,
+                    sink: sink.clone(),
+                    registry: self.execs.clone(),
+                };
+                self.in_background(sink, id, "exec", move || exec::run(job));
+            }
+            HostBody::Signal { exec_id, signal } => {
+                let result = Signal::try_from(signal)
+                    .map_err(|e| format!("invalid signal {signal}: {e}"))
+                    .and_then(|sig| {
+                        let pgid = self
+                            .execs
+                            .find(session.id, exec_id)
+                            .ok_or_else(|| format!("no running exec with id {exec_id}"))?;
+                        killpg(Pid::from_raw(pgid), sig)
+                            .map_err(|e| format!("cannot signal process group {pgid}: {e}"))
+                    });
+                sink.result(id, result.map(|()| GuestBody::Ok));
+            }
+            HostBody::WriteFile {
+                path,
+                data,
+                mode,
+                uid,
+                gid,
+            } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "write_file", move || {
+                    let result = ops::write_file(&path, &data, mode, uid, gid);
+                    reply.result(id, result.map(|()| GuestBody::Ok));
+                });
+            }
+            HostBody::ReadFile { path, max_bytes } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "read_file", move || {
+                    let result = ops::read_file(&path, max_bytes);
+                    reply.result(id, result.map(|data| GuestBody::FileData { data }));
+                });
+            }
+            HostBody::Sync { drop_caches } => {
+                if drop_caches && !self.config.guest_ops {
+                    return sink.error(id, guest_only("sync with drop_caches"));
+                }
+                let reply = sink.clone();
+                self.in_background(sink, id, "sync", move || {
+                    reply.result(id, ops::sync(drop_caches).map(|()| GuestBody::Ok));
+                });
+            }
+            HostBody::SetClock { unix_nanos } => {
+                if !self.config.guest_ops {
+                    return sink.error(id, guest_only("set_clock"));
+                }
+                sink.result(id, ops::set_clock(unix_nanos).map(|()| GuestBody::Ok));
+            }
+            HostBody::AddEntropy { bytes } => {
+                if !self.config.guest_ops {
+                    return sink.error(id, guest_only("add_entropy"));
+                }
+                sink.result(id, ops::add_entropy(&bytes).map(|()| GuestBody::Ok));
+            }
+            HostBody::PowerOff => {
+                if !self.config.guest_ops {
+                    return sink.error(id, guest_only("power_off"));
+                }
+                crate::console!("power off requested by the host");
+                sink.reply(id, GuestBody::Ok);
+                let failure = ops::power_off();
+                crate::console!("{failure}");
+            }
+        }
+    }
+
+    fn in_background(
+        &self,
+        sink: &ReplySink,
+        id: u64,
+        what: &str,
+        work: impl FnOnce() + Send + 'static,
+    ) {
+        let spawned = std::thread::Builder::new()
+            .name(format!("{what}-{id}"))
+            .spawn(work);
+        if let Err(e) = spawned {
+            sink.error(id, format!("cannot start a thread for {what}: {e}"));
+        }
+    }
+}
+
+fn guest_only(what: &str) -> String {
+    format!("{what} is only allowed when kiln-init runs as the guest's PID 1")
+}
+
+struct Session {
+    id: u64,
+    sink: ReplySink,
+}
+
+/// The writing half of a connection, shared by every thread that replies on it.
+#[derive(Clone)]
+pub struct ReplySink {
+    writer: Arc<Mutex<Box<dyn Write + Send>>>,
+}
+
+impl ReplySink {
+    /// Wraps a transport's writing half.
+    pub fn new(writer: impl Write + Send + 'static) -> ReplySink {
+        ReplySink {
+            writer: Arc::new(Mutex::new(Box::new(writer))),
+        }
+    }
+
+    /// Sends one frame; blocks while the transport is full.
+    pub fn send(&self, id: u64, body: GuestBody) -> io::Result<()> {
+        let frame = encode_frame(&GuestMessage { id, body })
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut writer = self.lock();
+        write_all_patiently(&mut **writer, &frame)?;
+        writer.flush()
+    }
+
+    /// Sends a reply, ignoring a transport that went away (the host will resend or is gone).
+    pub fn reply(&self, id: u64, body: GuestBody) {
+        let _ = self.send(id, body);
+    }
+
+    /// Sends an `Error` reply.
+    pub fn error(&self, id: u64, message: String) {
+        self.reply(id, GuestBody::Error { message });
+    }
+
+    /// Sends `Ok(body)` as is and `Err(message)` as an `Error` reply.
+    pub fn result(&self, id: u64, result: Result<GuestBody, String>) {
+        match result {
+            Ok(body) => self.reply(id, body),
+            Err(message) => self.error(id, message),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn Write + Send>> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Like `write_all`, but rides out EAGAIN for a few seconds: a virtio port whose host
+/// is away may report it.
+fn write_all_patiently(writer: &mut dyn Write, mut data: &[u8]) -> io::Result<()> {
+    let mut would_block = 0;
+    while !data.is_empty() {
+        match writer.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && would_block < 500 => {
+                would_block += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The running execs, for `Signal` requests and for signals PID 1 forwards.
+#[derive(Default)]
+pub struct ExecRegistry {
+    running: Mutex<HashMap<u64, RunningExec>>,
+    next_serial: AtomicU64,
+}
+
+struct RunningExec {
+    session: u64,
+    id: u64,
+    pgid: i32,
+}
+
+impl ExecRegistry {
+    /// Records a running exec; returns the key to remove it with.
+    pub fn insert(&self, session: u64, id: u64, pgid: i32) -> u64 {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .insert(serial, RunningExec { session, id, pgid });
+        serial
+    }
+
+    /// Forgets a finished exec.
+    pub fn remove(&self, serial: u64) {
+        self.lock().remove(&serial);
+    }
+
+    /// The process group of the newest running exec with this id in this session.
+    pub fn find(&self, session: u64, id: u64) -> Option<i32> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.session == session && e.id == id)
+            .max_by_key(|(serial, _)| **serial)
+            .map(|(_, e)| e.pgid)
+    }
+
+    /// The process groups of all running execs.
+    pub fn all_pgids(&self) -> Vec<i32> {
+        self.lock().values().map(|e| e.pgid).collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, RunningExec>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

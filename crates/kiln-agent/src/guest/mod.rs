@@ -1,0 +1,26 @@
+//! The guest side: the agent server and the pieces of kiln-init, the guest's PID 1.
+
+pub mod agent;
+//pub mod boot;
+pub mod children;
+pub mod exec;
+//pub mod net;
+pub mod ops;
+//pub mod port;
+
+/// Writes one `kiln-init:`-prefixed line to the console (stderr is the console in the guest).
+#[macro_export]
+macro_rules! console {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("kiln-init: {}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
+/// Milliseconds since the kernel booted (CLOCK_BOOTTIME), 0 if unreadable.
+pub fn uptime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
