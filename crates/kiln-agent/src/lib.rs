@@ -1,8 +1,10 @@
 //! Host-guest agent: the framed protocol, the async host client, and the guest side
 //! (the agent server and kiln-init, the guest's PID 1).
 
-//pub mod client;
+pub mod client;
 pub mod guest;
 pub mod proto;
 
-//pub use client::{AgentClient, AgentError, ExecEvent, ExecOutput, ExecRequest, ExecStream, HelloInfo};
+pub use client::{
+    AgentClient, AgentError, ExecEvent, ExecOutput, ExecRequest, ExecStream, ExitStatus, HelloInfo,
+};

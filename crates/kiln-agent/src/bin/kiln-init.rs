@@ -1,1 +1,69 @@
-fn main() {}
+//! kiln-init: the guest's PID 1. It boots the guest (mounts, modules, root switch,
+//! network), then serves the agent protocol on the virtio-serial port.
+//! `kiln-init --serve-unix PATH` serves the agent on a unix socket instead, for development.
+
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use kiln_agent::console;
+use kiln_agent::guest::agent::{Agent, AgentConfig, EofPolicy};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match (args.get(1).map(String::as_str), args.get(2)) {
+        (Some("--serve-unix"), Some(path)) => {
+            if let Err(message) = serve_unix(Path::new(path)) {
+                console!("{message}");
+                std::process::exit(1);
+            }
+        }
+        _ if std::process::id() == 1 => kiln_agent::guest::boot::run_as_pid1(),
+        _ => {
+            eprintln!("usage: kiln-init (as PID 1) | kiln-init --serve-unix PATH");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Serves each connection on `path` in its own thread; the agent outlives connections.
+fn serve_unix(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(format!(
+                "cannot remove stale socket {}: {e}",
+                path.display()
+            ))
+        }
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let agent = Agent::new(AgentConfig { guest_ops: false });
+    console!("agent ready on {}", path.display());
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                console!("accept on {} failed: {e}", path.display());
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || {
+                let writer = match stream.try_clone() {
+                    Ok(writer) => writer,
+                    Err(e) => return console!("cannot duplicate the connection: {e}"),
+                };
+                if let Err(e) = agent.serve(stream, writer, EofPolicy::Return) {
+                    console!("connection ended: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            console!("cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}

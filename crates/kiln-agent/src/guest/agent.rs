@@ -44,8 +44,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent; its first exec starts the process-wide reaper.
+    /// An agent; starts the process-wide reaper if it is not running yet.
     pub fn new(config: AgentConfig) -> Agent {
+        super::children::ChildTable::global();
         Agent {
             config,
             execs: Arc::new(ExecRegistry::default()),

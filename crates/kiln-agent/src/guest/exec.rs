@@ -126,11 +126,9 @@ pub fn run(job: ExecJob) {
     exited.store(true, Ordering::SeqCst);
 
     // Each pump holds a sender; the channel disconnects once all of them finished.
-    loop {
-        match recv_until(&done_rx, deadline.filter(|_| !timed_out)) {
-            Err(RecvTimeoutError::Timeout) => kill_at_deadline(&mut timed_out),
-            _ => break,
-        }
+    while let Err(RecvTimeoutError::Timeout) = recv_until(&done_rx, deadline.filter(|_| !timed_out))
+    {
+        kill_at_deadline(&mut timed_out);
     }
 
     registry.remove(serial);

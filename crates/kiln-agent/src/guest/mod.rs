@@ -1,12 +1,12 @@
 //! The guest side: the agent server and the pieces of kiln-init, the guest's PID 1.
 
 pub mod agent;
-//pub mod boot;
+pub mod boot;
 pub mod children;
 pub mod exec;
-//pub mod net;
+pub mod net;
 pub mod ops;
-//pub mod port;
+pub mod port;
 
 /// Writes one `kiln-init:`-prefixed line to the console (stderr is the console in the guest).
 #[macro_export]

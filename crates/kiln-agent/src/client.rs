@@ -1,0 +1,666 @@
+//! The async host client of the guest agent.
+//!
+//! One connection carries many concurrent requests: each gets a fresh id, and a
+//! background reader task routes every reply to its caller by that id. When the
+//! connection drops, every pending caller gets [`AgentError::ConnectionClosed`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::{
+    decode_payload, encode_frame, ExecSpec, FrameDecoder, GuestBody, GuestMessage, HostBody,
+    HostMessage, OutputStream, MAX_FILE_BYTES, PROTOCOL_VERSION,
+};
+
+/// Default limit for one request-reply exchange.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the handshake re-sends Hello while the guest has not opened its port.
+const HELLO_INTERVAL: Duration = Duration::from_millis(500);
+/// How often connecting retries while the socket does not accept yet.
+const CONNECT_INTERVAL: Duration = Duration::from_millis(20);
+/// Extra time a `run` with a guest-side timeout waits for the guest to report.
+const RUN_GRACE: Duration = Duration::from_secs(30);
+
+/// Failures talking to the guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent socket did not accept a connection in time.
+    #[error("could not connect to the agent socket {path} within {timeout:?}: {last_error}")]
+    ConnectTimeout {
+        /// The socket path.
+        path: PathBuf,
+        /// How long connecting was tried.
+        timeout: Duration,
+        /// The last connect error.
+        last_error: std::io::Error,
+    },
+    /// The guest did not answer Hello in time.
+    #[error("no handshake from the guest agent on {path} within {timeout:?} (did kiln-init start? see the console log)")]
+    HandshakeTimeout {
+        /// The socket path.
+        path: PathBuf,
+        /// How long the handshake was tried.
+        timeout: Duration,
+    },
+    /// The guest speaks another protocol version, or refused the handshake.
+    #[error("agent handshake failed: {0}")]
+    Handshake(String),
+    /// The connection ended (for instance the VM exited) before the reply came.
+    #[error("the connection to the guest agent closed (did the VM exit?)")]
+    ConnectionClosed,
+    /// The guest did not reply in time.
+    #[error("{operation} timed out after {timeout:?} waiting for the guest agent")]
+    Timeout {
+        /// The operation that timed out.
+        operation: &'static str,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The guest agent reported a failure.
+    #[error("the guest agent reported: {0}")]
+    Guest(String),
+    /// The guest sent something this client does not expect.
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+    /// Writing to the socket failed.
+    #[error("I/O error on the agent connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the guest said about itself in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloInfo {
+    /// Protocol version.
+    pub version: u32,
+    /// Version of kiln-init.
+    pub agent_version: String,
+    /// Guest kernel release.
+    pub kernel: String,
+    /// Guest uptime when it answered.
+    pub uptime: Duration,
+}
+
+/// A process to run in the guest; build it with [`ExecRequest::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    spec: ExecSpec,
+}
+
+impl ExecRequest {
+    /// Runs `argv` (program looked up in PATH) as the agent's user, in `/`, with no stdin.
+    pub fn new<I, S>(argv: I) -> ExecRequest
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            spec: ExecSpec {
+                argv: argv.into_iter().map(Into::into).collect(),
+                ..ExecSpec::default()
+            },
+        }
+    }
+
+    /// Adds `KEY=VALUE` to the (otherwise empty) environment.
+    pub fn env(mut self, key: &str, value: &str) -> ExecRequest {
+        self.spec.env.push(format!("{key}={value}"));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, dir: &str) -> ExecRequest {
+        self.spec.cwd = Some(dir.to_string());
+        self
+    }
+
+    /// Writes `data` to the process's stdin, then closes it.
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> ExecRequest {
+        self.spec.stdin = Some(data.into());
+        self
+    }
+
+    /// Kills the process group after `limit` (reported as `timed_out`).
+    pub fn timeout(mut self, limit: Duration) -> ExecRequest {
+        self.spec.timeout_ms = Some(limit.as_millis().try_into().unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Runs as this user and group.
+    pub fn user(mut self, uid: u32, gid: u32) -> ExecRequest {
+        self.spec.uid = Some(uid);
+        self.spec.gid = Some(gid);
+        self
+    }
+}
+
+/// One event of a running exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The process started with this pid.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// A chunk of stdout.
+    Stdout(Vec<u8>),
+    /// A chunk of stderr.
+    Stderr(Vec<u8>),
+    /// The process ended and its output is complete; the last event.
+    Exited(ExitStatus),
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// Whether the guest killed it because its timeout expired.
+    pub timed_out: bool,
+}
+
+/// Everything an exec produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// All of stdout.
+    pub stdout: Vec<u8>,
+    /// All of stderr.
+    pub stderr: Vec<u8>,
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// Whether the guest killed it because its timeout expired.
+    pub timed_out: bool,
+}
+
+/// The events of one exec, in order.
+pub struct ExecStream {
+    id: u64,
+    events: mpsc::UnboundedReceiver<GuestBody>,
+    finished: bool,
+    _route: RouteGuard,
+}
+
+impl ExecStream {
+    /// The exec's id, for [`AgentClient::signal`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after `Exited`. Waits as long as the process runs.
+    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>, AgentError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let body = self
+            .events
+            .recv()
+            .await
+            .ok_or(AgentError::ConnectionClosed)?;
+        let event = match body {
+            GuestBody::ExecStarted { pid } => ExecEvent::Started { pid },
+            GuestBody::Output {
+                stream: OutputStream::Stdout,
+                data,
+            } => ExecEvent::Stdout(data),
+            GuestBody::Output {
+                stream: OutputStream::Stderr,
+                data,
+            } => ExecEvent::Stderr(data),
+            GuestBody::Exited {
+                code,
+                signal,
+                timed_out,
+            } => {
+                self.finished = true;
+                ExecEvent::Exited(ExitStatus {
+                    code,
+                    signal,
+                    timed_out,
+                })
+            }
+            GuestBody::Error { message } => {
+                self.finished = true;
+                return Err(AgentError::Guest(message));
+            }
+            other => {
+                self.finished = true;
+                return Err(unexpected("exec", &other));
+            }
+        };
+        Ok(Some(event))
+    }
+
+    /// Collects the remaining events into an [`ExecOutput`].
+    pub async fn collect(mut self) -> Result<ExecOutput, AgentError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(event) = self.next_event().await? {
+            match event {
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Stdout(data) => stdout.extend_from_slice(&data),
+                ExecEvent::Stderr(data) => stderr.extend_from_slice(&data),
+                ExecEvent::Exited(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        code: status.code,
+                        signal: status.signal,
+                        timed_out: status.timed_out,
+                    })
+                }
+            }
+        }
+        Err(AgentError::Protocol("exec ended without an exit".into()))
+    }
+}
+
+enum Route {
+    Reply(oneshot::Sender<GuestBody>),
+    Stream(mpsc::UnboundedSender<GuestBody>),
+}
+
+#[derive(Default)]
+struct Routes {
+    closed: bool,
+    waiting: HashMap<u64, Route>,
+}
+
+struct Shared {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    routes: Mutex<Routes>,
+    next_id: AtomicU64,
+    path: PathBuf,
+}
+
+impl Shared {
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a route for a new id; fails when the connection already closed.
+    fn register(self: &Arc<Self>, route: Route) -> Result<RouteGuard, AgentError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut routes = self.routes();
+        if routes.closed {
+            return Err(AgentError::ConnectionClosed);
+        }
+        routes.waiting.insert(id, route);
+        Ok(RouteGuard {
+            id,
+            shared: Arc::downgrade(self),
+        })
+    }
+
+    async fn send(&self, id: u64, body: HostBody) -> Result<(), AgentError> {
+        let frame = encode_frame(&HostMessage { id, body })
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let mut writer = self.writer.lock().await;
+        writer.write_all(&frame).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                AgentError::ConnectionClosed
+            }
+            _ => AgentError::Io(e),
+        })
+    }
+
+    fn deliver(&self, message: GuestMessage) {
+        let mut routes = self.routes();
+        let ends_stream = matches!(
+            message.body,
+            GuestBody::Exited { .. } | GuestBody::Error { .. }
+        );
+        match routes.waiting.get(&message.id) {
+            Some(Route::Stream(tx)) => {
+                let gone = tx.send(message.body).is_err();
+                if gone || ends_stream {
+                    routes.waiting.remove(&message.id);
+                }
+            }
+            Some(Route::Reply(_)) => {
+                if let Some(Route::Reply(tx)) = routes.waiting.remove(&message.id) {
+                    let _ = tx.send(message.body);
+                }
+            }
+            // A late reply for a caller that gave up, or a frame from before a restore.
+            None => tracing::debug!(id = message.id, "agent frame for no waiting request"),
+        }
+    }
+
+    fn close(&self) {
+        let mut routes = self.routes();
+        routes.closed = true;
+        // Dropping the senders wakes every waiter with "closed".
+        routes.waiting.clear();
+    }
+}
+
+/// Removes a request's route when its caller stops waiting.
+struct RouteGuard {
+    id: u64,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.routes().waiting.remove(&self.id);
+        }
+    }
+}
+
+/// A connection to one guest agent; clones share it.
+#[derive(Clone)]
+pub struct AgentClient {
+    shared: Arc<Shared>,
+    hello: HelloInfo,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    /// Connects to the agent's socket (retrying while it does not exist yet) and
+    /// performs the handshake, all within `timeout`.
+    pub async fn connect(socket_path: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let stream = connect_until(socket_path, timeout, deadline).await?;
+        let (mut reader, writer) = stream.into_split();
+        let shared = Arc::new(Shared {
+            writer: tokio::sync::Mutex::new(writer),
+            routes: Mutex::new(Routes::default()),
+            next_id: AtomicU64::new(first_id()),
+            path: socket_path.to_path_buf(),
+        });
+
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new();
+            let mut buf = vec![0u8; 128 * 1024];
+            loop {
+                let n = match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let Some(shared) = weak.upgrade() else { return };
+                decoder.push(&buf[..n]);
+                while let Some(frame) = decoder.next_frame() {
+                    match frame.and_then(|p| decode_payload::<GuestMessage>(&p)) {
+                        Ok(message) => shared.deliver(message),
+                        Err(e) => tracing::warn!("ignoring a bad frame from the agent: {e}"),
+                    }
+                }
+            }
+            if let Some(shared) = weak.upgrade() {
+                shared.close();
+            }
+        });
+
+        let hello = handshake(&shared, deadline, timeout).await?;
+        Ok(AgentClient {
+            shared,
+            hello,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    /// A client on the same connection whose requests wait at most `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> AgentClient {
+        AgentClient {
+            timeout,
+            ..self.clone()
+        }
+    }
+
+    /// What the guest reported in the handshake.
+    pub fn hello_info(&self) -> &HelloInfo {
+        &self.hello
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket_path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Measures a round trip to the agent.
+    pub async fn ping(&self) -> Result<Duration, AgentError> {
+        let start = Instant::now();
+        match self.request("ping", HostBody::Ping).await? {
+            GuestBody::Pong => Ok(start.elapsed()),
+            other => Err(unexpected("ping", &other)),
+        }
+    }
+
+    /// Starts a process; its events arrive on the returned stream.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecStream, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let guard = self.shared.register(Route::Stream(tx))?;
+        let id = guard.id;
+        self.shared.send(id, HostBody::Exec(request.spec)).await?;
+        Ok(ExecStream {
+            id,
+            events: rx,
+            finished: false,
+            _route: guard,
+        })
+    }
+
+    /// Runs a process to completion and collects its output. With a timeout on the
+    /// request, waits that long plus a grace period for the guest's report; without
+    /// one, waits as long as the process runs.
+    pub async fn run(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
+        let limit = request
+            .spec
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms).saturating_add(RUN_GRACE));
+        let stream = self.exec(request).await?;
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, stream.collect())
+                .await
+                .map_err(|_| AgentError::Timeout {
+                    operation: "run",
+                    timeout: limit,
+                })?,
+            None => stream.collect().await,
+        }
+    }
+
+    /// Sends `signal` to the process group of the exec with id `exec_id`.
+    pub async fn signal(&self, exec_id: u64, signal: i32) -> Result<(), AgentError> {
+        let body = HostBody::Signal { exec_id, signal };
+        self.expect_ok("signal", body).await
+    }
+
+    /// Writes a file atomically in the guest, creating parent directories.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), AgentError> {
+        if data.len() > MAX_FILE_BYTES {
+            return Err(AgentError::Protocol(format!(
+                "{path}: {} bytes do not fit in one frame (limit {MAX_FILE_BYTES})",
+                data.len()
+            )));
+        }
+        let body = HostBody::WriteFile {
+            path: path.to_string(),
+            data: data.to_vec(),
+            mode,
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        self.expect_ok("write_file", body).await
+    }
+
+    /// Reads a whole file from the guest; fails when it is larger than `max_bytes`.
+    pub async fn read_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, AgentError> {
+        let body = HostBody::ReadFile {
+            path: path.to_string(),
+            max_bytes,
+        };
+        match self.request("read_file", body).await? {
+            GuestBody::FileData { data } => Ok(data),
+            other => Err(unexpected("read_file", &other)),
+        }
+    }
+
+    /// Sets the guest's CLOCK_REALTIME.
+    pub async fn set_clock(&self, now: SystemTime) -> Result<(), AgentError> {
+        let nanos = now
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| AgentError::Protocol("clock before 1970".into()))?
+            .as_nanos();
+        let unix_nanos =
+            u64::try_from(nanos).map_err(|_| AgentError::Protocol("clock beyond 2554".into()))?;
+        self.expect_ok("set_clock", HostBody::SetClock { unix_nanos })
+            .await
+    }
+
+    /// Credits host entropy to the guest's RNG and reseeds its CRNG.
+    pub async fn add_entropy(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        let body = HostBody::AddEntropy {
+            bytes: bytes.to_vec(),
+        };
+        self.expect_ok("add_entropy", body).await
+    }
+
+    /// Flushes the guest's file systems, and drops its page cache when asked.
+    pub async fn sync(&self, drop_caches: bool) -> Result<(), AgentError> {
+        self.expect_ok("sync", HostBody::Sync { drop_caches }).await
+    }
+
+    /// Asks the guest to sync and power off; returns once it acknowledged.
+    pub async fn power_off(&self) -> Result<(), AgentError> {
+        self.expect_ok("power_off", HostBody::PowerOff).await
+    }
+
+    async fn expect_ok(&self, operation: &'static str, body: HostBody) -> Result<(), AgentError> {
+        match self.request(operation, body).await? {
+            GuestBody::Ok => Ok(()),
+            other => Err(unexpected(operation, &other)),
+        }
+    }
+
+    /// Sends one request and waits for its single reply; `Error` replies become errors.
+    async fn request(
+        &self,
+        operation: &'static str,
+        body: HostBody,
+    ) -> Result<GuestBody, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let guard = self.shared.register(Route::Reply(tx))?;
+        let exchange = async {
+            self.shared.send(guard.id, body).await?;
+            rx.await.map_err(|_| AgentError::ConnectionClosed)
+        };
+        let reply = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| AgentError::Timeout {
+                operation,
+                timeout: self.timeout,
+            })??;
+        match reply {
+            GuestBody::Error { message } => Err(AgentError::Guest(message)),
+            other => Ok(other),
+        }
+    }
+}
+
+async fn connect_until(
+    path: &Path,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<UnixStream, AgentError> {
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(last_error) => {
+                if Instant::now() + CONNECT_INTERVAL >= deadline {
+                    return Err(AgentError::ConnectTimeout {
+                        path: path.to_path_buf(),
+                        timeout,
+                        last_error,
+                    });
+                }
+                tokio::time::sleep(CONNECT_INTERVAL).await;
+            }
+        }
+    }
+}
+
+/// Sends Hello every [`HELLO_INTERVAL`] until the guest answers or `deadline` passes:
+/// a booting guest opens its port late.
+async fn handshake(
+    shared: &Arc<Shared>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<HelloInfo, AgentError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let guard = shared.register(Route::Stream(tx))?;
+    let hello = HostBody::Hello {
+        version: PROTOCOL_VERSION,
+        client: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
+    };
+    loop {
+        shared.send(guard.id, hello.clone()).await?;
+        let wait_until = (Instant::now() + HELLO_INTERVAL).min(deadline);
+        let reply = tokio::time::timeout_at(wait_until.into(), rx.recv()).await;
+        match reply {
+            Ok(Some(GuestBody::HelloOk {
+                version,
+                agent_version,
+                kernel,
+                uptime_ms,
+            })) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(AgentError::Handshake(format!(
+                        "the guest speaks protocol version {version}, this host {PROTOCOL_VERSION}"
+                    )));
+                }
+                return Ok(HelloInfo {
+                    version,
+                    agent_version,
+                    kernel,
+                    uptime: Duration::from_millis(uptime_ms),
+                });
+            }
+            Ok(Some(GuestBody::Error { message })) => return Err(AgentError::Handshake(message)),
+            Ok(Some(other)) => return Err(unexpected("hello", &other)),
+            Ok(None) => return Err(AgentError::ConnectionClosed),
+            Err(_) if Instant::now() >= deadline => {
+                return Err(AgentError::HandshakeTimeout {
+                    path: shared.path.clone(),
+                    timeout,
+                })
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A starting id unlikely to match one a previous host used: after a restore, frames
+/// for that host's requests may still arrive and must not be taken for replies.
+fn first_id() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Keep well below u64::MAX (and exactly representable in JSON doubles, for other hosts).
+    ((nanos ^ u64::from(std::process::id()).rotate_left(32)) & ((1 << 52) - 1)) | 1
+}
+
+fn unexpected(operation: &str, body: &GuestBody) -> AgentError {
+    AgentError::Protocol(format!("unexpected reply to {operation}: {body:?}"))
+}
