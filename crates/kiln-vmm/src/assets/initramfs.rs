@@ -128,16 +128,7 @@ pub fn find_kiln_init() -> Result<PathBuf, AssetError> {
     }
     let exe = std::env::current_exe()
         .map_err(|e| AssetError::io("locate", Path::new("current executable"), e))?;
-    let mut candidates = Vec::new();
-    if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("kiln-init"));
-    }
-    if let Some(target) = exe
-        .ancestors()
-        .find(|a| a.file_name().is_some_and(|n| n == "target"))
-    {
-        candidates.extend(STATIC_BUILDS.iter().map(|rel| target.join(rel)));
-    }
+    let candidates = kiln_init_candidates(&exe);
     let mut first_rejection = None;
     for candidate in candidates.iter().filter(|c| c.is_file()) {
         match check_static_elf(candidate) {
@@ -157,6 +148,21 @@ pub fn find_kiln_init() -> Result<PathBuf, AssetError> {
                 .join(", "),
         }),
     )
+}
+
+/// Where kiln-init may lie for a program at `exe`, in order of preference.
+fn kiln_init_candidates(exe: &Path) -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join("kiln-init"));
+    }
+    if let Some(target) = exe
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "target"))
+    {
+        candidates.extend(STATIC_BUILDS.iter().map(|rel| target.join(rel)));
+    }
+    candidates
 }
 
 /// Checks that `path` is an x86-64 ELF executable without a `PT_INTERP` program header.
@@ -269,6 +275,57 @@ mod tests {
         assert!(first.path.starts_with(&dir));
         let bytes = fs::read(&first.path).expect("read");
         assert_eq!(cpio::parse(&bytes).expect("parse").len(), 9);
+    }
+
+    #[test]
+    fn candidates_when_run_from_test_deps_then_include_static_builds() {
+        let exe = Path::new("/w/target/debug/deps/kiln_vmm-0123");
+
+        let candidates = kiln_init_candidates(exe);
+
+        assert_eq!(
+            candidates,
+            [
+                PathBuf::from("/w/target/debug/deps/kiln-init"),
+                PathBuf::from("/w/target/x86_64-unknown-linux-gnu/release/kiln-init"),
+                PathBuf::from("/w/target/x86_64-unknown-linux-gnu/debug/kiln-init"),
+            ]
+        );
+    }
+
+    /// A minimal x86-64 ELF header with one program header of type `p_type`.
+    fn elf_with_segment(p_type: u32) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        (elf[4], elf[5]) = (2, 1);
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+        elf[64..68].copy_from_slice(&p_type.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn static_check_when_only_load_segments_then_accepted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("static");
+        fs::write(&path, elf_with_segment(1)).expect("write");
+
+        let checked = check_static_elf(&path);
+
+        assert!(checked.is_ok(), "{checked:?}");
+    }
+
+    #[test]
+    fn static_check_when_interp_segment_then_rejected() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("dynamic");
+        fs::write(&path, elf_with_segment(3)).expect("write");
+
+        let err = check_static_elf(&path).expect_err("dynamic");
+
+        assert!(err.to_string().contains("PT_INTERP"), "{err}");
     }
 
     #[test]
