@@ -281,6 +281,8 @@ struct Shared {
     routes: Mutex<Routes>,
     next_id: AtomicU64,
     path: PathBuf,
+    /// Dropped with the last client, which stops the reader task.
+    _stop: oneshot::Sender<()>,
 }
 
 impl Shared {
@@ -298,7 +300,7 @@ impl Shared {
         routes.waiting.insert(id, route);
         Ok(RouteGuard {
             id,
-            shared: Arc::downgrade(self),
+            shared: self.clone(),
         })
     }
 
@@ -345,17 +347,15 @@ impl Shared {
     }
 }
 
-/// Removes a request's route when its caller stops waiting.
+/// Removes a request's route when its caller stops waiting; keeps the connection open meanwhile.
 struct RouteGuard {
     id: u64,
-    shared: std::sync::Weak<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.routes().waiting.remove(&self.id);
-        }
+        self.shared.routes().waiting.remove(&self.id);
     }
 }
 
@@ -375,11 +375,13 @@ impl AgentClient {
         let deadline = start + timeout;
         let stream = connect_until(socket_path, timeout, deadline).await?;
         let (mut reader, writer) = stream.into_split();
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(writer),
             routes: Mutex::new(Routes::default()),
             next_id: AtomicU64::new(first_id()),
             path: socket_path.to_path_buf(),
+            _stop: stop_tx,
         });
 
         let weak = Arc::downgrade(&shared);
@@ -387,7 +389,12 @@ impl AgentClient {
             let mut decoder = FrameDecoder::new();
             let mut buf = vec![0u8; 128 * 1024];
             loop {
-                let n = match reader.read(&mut buf).await {
+                let read = tokio::select! {
+                    read = reader.read(&mut buf) => read,
+                    // Every client is gone: nobody waits for replies any more.
+                    _ = &mut stop_rx => return,
+                };
+                let n = match read {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };

@@ -367,7 +367,7 @@ async fn server_killed_when_exec_pending_then_caller_gets_connection_closed() {
     let mut server = Server::start();
     let client = server.client().await;
     let mut stream = client
-        .exec(ExecRequest::new(["sleep", "30"]))
+        .exec(ExecRequest::new(["sleep", "3"]))
         .await
         .expect("exec");
     let _ = stream.next_event().await.expect("started");
@@ -405,4 +405,16 @@ async fn connect_when_peer_never_answers_then_handshake_timeout() {
         "{:?}",
         result.err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_dropped_when_exec_stream_kept_then_stream_still_completes() {
+    let server = Server::start();
+    let client = server.client().await;
+    let stream = client.exec(sh("sleep 0.2; echo late")).await.expect("exec");
+
+    drop(client);
+    let output = stream.collect().await.expect("collect");
+
+    assert_eq!(output.stdout, b"late\n");
 }
