@@ -15,7 +15,10 @@ fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let median = v[v.len() / 2];
     let max = v[v.len() - 1];
-    println!("{name:<38} median {median:>9.1} {unit:<3} max {max:>9.1} {unit:<3} (n={})", v.len());
+    println!(
+        "{name:<38} median {median:>9.1} {unit:<3} max {max:>9.1} {unit:<3} (n={})",
+        v.len()
+    );
     median
 }
 
@@ -36,7 +39,10 @@ fn pss_mib(pid: u32) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let runs: usize = std::env::var("KILN_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("KILN_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let (h, _) = host();
     println!(
         "kiln boot/restore benchmark: QEMU {}, accel {}, guest kernel {}, {} runs, busybox base, 256 MiB guests",
@@ -51,7 +57,11 @@ async fn main() {
     for i in 0..runs {
         let d = dir.path().join(format!("cold{i}"));
         std::fs::create_dir_all(&d).expect("dir");
-        let vm = h.vmm.boot(busybox_spec(&d, true), BootOptions::default()).await.expect("boot");
+        let vm = h
+            .vmm
+            .boot(busybox_spec(&d, true), BootOptions::default())
+            .await
+            .expect("boot");
         cold.push(ms(vm.timeline().get("agent").expect("agent step")));
         sh(vm.agent(), "httpd -p 8080 -h /tmp").await;
         let t = Instant::now();
@@ -61,7 +71,8 @@ async fn main() {
         snapshot.get_or_insert(snap);
     }
     let snap = snapshot.expect("at least one run");
-    let (mut qmp, mut running, mut agent, mut ready, mut pss) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut qmp, mut running, mut agent, mut ready, mut pss) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let vm = h
             .vmm
@@ -110,6 +121,9 @@ async fn main() {
     let restore_median = stats("restore → ready (clock+entropy set)", "ms", ready);
     stats("Pss per restored VM", "MiB", pss);
     println!("5 concurrent restores → all ready        {five:>9.1} ms, Pss {five_pss:.1} MiB each");
-    println!("cold boot / restore                       {:>9.1}×", cold_median / restore_median);
+    println!(
+        "cold boot / restore                       {:>9.1}×",
+        cold_median / restore_median
+    );
     println!("\nreproduce: make bench   (KILN_BENCH_RUNS={runs} cargo bench -p kiln-vmm --bench restore)");
 }

@@ -76,6 +76,15 @@ pub enum VmmError {
         status: String,
         detail: String,
     },
+    /// The guest kernel or initramfs cannot be prepared.
+    #[error(transparent)]
+    Assets(#[from] crate::assets::AssetError),
+    /// The accelerator cannot be chosen.
+    #[error(transparent)]
+    Accel(#[from] crate::accel::AccelError),
+    /// The host TSC frequency is unknown.
+    #[error(transparent)]
+    Tsc(#[from] crate::tsc::TscError),
     /// A helper program (qemu-img, cp, ...) failed.
     #[error("{program} failed: {detail}")]
     Tool { program: String, detail: String },

@@ -12,21 +12,32 @@ use kiln_vmm::{BootOptions, MicroVm, VmStatus, Vmm, VmmError};
 async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu_death() {
     let dir = scratch();
     let spec = busybox_spec(dir.path(), false);
-    let vm = host().0.vmm.boot(spec, BootOptions::default()).await.expect("boot");
+    let vm = host()
+        .0
+        .vmm
+        .boot(spec, BootOptions::default())
+        .await
+        .expect("boot");
 
     let (hello, code) = sh(vm.agent(), "echo hello from $(uname -s); exit 3").await;
     let (big, _) = sh(vm.agent(), "head -c 8000000 /dev/zero | tr '\\0' x").await;
     let waiter = {
         let agent = vm.agent().clone();
         tokio::spawn(async move {
-            sh(&agent, "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo released").await
+            sh(
+                &agent,
+                "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo released",
+            )
+            .await
         })
     };
     sh(vm.agent(), "sleep 0.3; touch /tmp/go").await;
     let (released, _) = waiter.await.expect("waiter task");
     let timed_out = vm
         .agent()
-        .run(ExecRequest::new(vec!["sleep".into(), "30".into()]).timeout(Duration::from_millis(500)))
+        .run(
+            ExecRequest::new(["sleep", "30"]).timeout(Duration::from_millis(500)),
+        )
         .await
         .expect("exec with timeout");
 
@@ -40,8 +51,11 @@ async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu
     // QEMU dying mid-run: status says so, agent calls fail instead of hanging.
     let pid = vm.pid();
     let mut vm = vm;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
-        .expect("kill QEMU");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill QEMU");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let status = vm.status().await;
     let ping = vm.agent().ping().await;
@@ -60,11 +74,19 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
 
     let mut no_disk = busybox_spec(dir.path(), false);
     no_disk.disks[0].path = dir.path().join("nope.qcow2");
-    let missing = vmm.boot(no_disk, BootOptions::default()).await.err().expect("missing disk fails");
+    let missing = vmm
+        .boot(no_disk, BootOptions::default())
+        .await
+        .err()
+        .expect("missing disk fails");
 
     let mut huge = busybox_spec(&dir.path().join("huge"), false);
     huge.memory_mib = 1 << 20; // 1 TiB: more than the host can back
-    let died = vmm.boot(huge, BootOptions::default()).await.err().expect("absurd memory fails");
+    let died = vmm
+        .boot(huge, BootOptions::default())
+        .await
+        .err()
+        .expect("absurd memory fails");
 
     let garbage = dir.path().join("garbage.raw");
     std::fs::write(&garbage, vec![0xa5u8; 4 << 20]).expect("garbage disk");
@@ -72,12 +94,26 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
     not_ext4.disks[0].path = garbage;
     not_ext4.disks[0].format = kiln_vmm::DiskFormat::Raw;
     let unbootable = vmm
-        .boot(not_ext4, BootOptions { agent_timeout: Duration::from_secs(120) })
+        .boot(
+            not_ext4,
+            BootOptions {
+                agent_timeout: Duration::from_secs(120),
+            },
+        )
         .await
         .err()
         .expect("a disk that is not ext4 fails");
 
-    assert!(matches!(&missing, VmmError::Missing { what: "disk image", .. }), "{missing}");
+    assert!(
+        matches!(
+            &missing,
+            VmmError::Missing {
+                what: "disk image",
+                ..
+            }
+        ),
+        "{missing}"
+    );
     assert!(missing.to_string().contains("nope.qcow2"));
     assert!(matches!(&died, VmmError::QemuDied { .. }), "{died}");
     assert!(died.to_string().to_lowercase().contains("memory"), "{died}");

@@ -18,11 +18,11 @@ const APP_PORT: u16 = 8080;
 
 /// Starts a counter that lives only in guest memory (a shell variable, mirrored to tmpfs) and a
 /// web server that reports it.
-const APP: &str = "mkdir -p /www/cgi-bin; \
-printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\ncat /tmp/counter\\n' > /www/cgi-bin/n; \
-chmod +x /www/cgi-bin/n; \
-(n=0; while :; do n=$((n+1)); echo $n > /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 & \
-httpd -p 8080 -h /www";
+const APP: &str = r#"mkdir -p /www/cgi-bin
+printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\ncat /tmp/counter\n' > /www/cgi-bin/n
+chmod +x /www/cgi-bin/n
+(n=0; while :; do n=$((n+1)); echo $n > /tmp/counter; sleep 0.2; done) >/dev/null 2>&1 &
+httpd -p 8080 -h /www"#;
 
 pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -72,11 +72,11 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     say(output, format!("1. cold boot to agent-ready: {}", ms(cold)));
 
     // 2. Run commands through the agent.
-    let uname = run(vm.agent(), &["uname", "-sr"]).await?;
+    let uname = guest(vm.agent(), &["uname", "-sr"]).await?;
     say(output, format!("2. exec `uname -sr` in the guest: {}", uname.trim()));
-    run(vm.agent(), &["sh", "-c", APP]).await?;
+    guest(vm.agent(), &["sh", "-c", APP]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = run(vm.agent(), &["cat", "/tmp/counter"]).await?;
+    let before = guest(vm.agent(), &["cat", "/tmp/counter"]).await?;
     say(output, format!("   started a counter in guest memory and a web server; counter = {}", before.trim()));
 
     // 3. Snapshot while the counter runs.
@@ -113,16 +113,16 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let mut report = Vec::new();
     for (name, port, vm) in &clones {
         let ready = vm.timeline().get("refreshed").unwrap_or_default();
-        let counter = run(vm.agent(), &["cat", "/tmp/counter"]).await?;
-        run(vm.agent(), &["sh", "-c", &format!("echo {name} > /tmp/whoami")]).await?;
-        let guest_time: f64 = run(vm.agent(), &["date", "+%s"]).await?.trim().parse().unwrap_or(0.0);
+        let counter = guest(vm.agent(), &["cat", "/tmp/counter"]).await?;
+        guest(vm.agent(), &["sh", "-c", &format!("echo {name} > /tmp/whoami")]).await?;
+        let guest_time: f64 = guest(vm.agent(), &["date", "+%s"]).await?.trim().parse().unwrap_or(0.0);
         let host_time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64();
-        let random = run(vm.agent(), &["sh", "-c", "head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]).await?;
+        let random = guest(vm.agent(), &["sh", "-c", "head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]).await?;
         let http = http_get(*port, "/cgi-bin/n").await.unwrap_or_else(|e| format!("({e})"));
         say(
             output,
             format!(
-                "4. {name}: restore to agent-ready {} | counter {} (snapshot had {}) | clock off by {:.1} s | urandom {} | http://127.0.0.1:{port}/ says {}",
+                "4. {name}: restore to agent-ready {} | counter {} (snapshot had {}) | clock off by {:.0} s (1 s resolution) | urandom {} | http://127.0.0.1:{port}/ says {}",
                 ms(ready),
                 counter.trim(),
                 before.trim(),
@@ -136,8 +136,8 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
             "random": random.trim(), "http": http.trim(),
         }));
     }
-    let whoami_a = run(clones[0].2.agent(), &["cat", "/tmp/whoami"]).await?;
-    let whoami_b = run(clones[1].2.agent(), &["cat", "/tmp/whoami"]).await?;
+    let whoami_a = guest(clones[0].2.agent(), &["cat", "/tmp/whoami"]).await?;
+    let whoami_b = guest(clones[1].2.agent(), &["cat", "/tmp/whoami"]).await?;
     say(output, format!("5. each clone kept its own writes: a says '{}', b says '{}'", whoami_a.trim(), whoami_b.trim()));
     if whoami_a == whoami_b {
         bail!("the two clones share state: both say {whoami_a}");
@@ -168,8 +168,8 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs a command in the guest and returns its stdout, failing on a non-zero exit.
-async fn run(agent: &AgentClient, argv: &[&str]) -> anyhow::Result<String> {
-    let out = agent.run(ExecRequest::new(argv.iter().map(|s| s.to_string()).collect())).await?;
+async fn guest(agent: &AgentClient, argv: &[&str]) -> anyhow::Result<String> {
+    let out = agent.run(ExecRequest::new(argv.iter().copied())).await?;
     if out.code != Some(0) {
         bail!(
             "`{}` failed in the guest ({:?}): {}",

@@ -50,8 +50,9 @@ impl QemuVmm {
     async fn start(&self, spec: VmSpec, incoming: bool, t0: Instant) -> Result<QemuVm, VmmError> {
         let args = cmdline::args(&spec, incoming);
         let mut process = QemuProcess::spawn(&self.qemu, args, &spec.qemu_log())?;
+        let qmp_socket = spec.qmp_socket();
         let qmp = tokio::select! {
-            r = Qmp::connect(&spec.qmp_socket(), QMP_TIMEOUT) => r.map_err(VmmError::qmp("connecting")),
+            r = Qmp::connect(&qmp_socket, QMP_TIMEOUT) => r.map_err(VmmError::qmp("connecting")),
             e = watch_exit(&mut process, &spec, "starting") => Err(e),
         };
         let qmp = match qmp {

@@ -14,7 +14,9 @@ use kiln_vmm::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
 pub fn test_home() -> PathBuf {
     std::env::var_os("KILN_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-test-home"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-test-home")
+        })
 }
 
 /// The prepared host and the busybox base disk, made once per test binary.
@@ -30,7 +32,10 @@ pub fn host() -> &'static (Host, PathBuf) {
 
 /// A scratch directory in /tmp (short paths: unix sockets live in it).
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("kiln-t").tempdir_in("/tmp").expect("scratch dir")
+    tempfile::Builder::new()
+        .prefix("kiln-t")
+        .tempdir_in("/tmp")
+        .expect("scratch dir")
 }
 
 /// A spec for a busybox VM in `dir/vm` with its own overlay disk; `snapshottable` backs its
@@ -40,10 +45,17 @@ pub fn busybox_spec(dir: &Path, snapshottable: bool) -> VmSpec {
     let disk = dir.join("disk.qcow2");
     kiln_vmm::qemu::create_overlay(base, DiskFormat::Raw, &disk).expect("overlay");
     let mut spec = host.vm_spec(dir.join("vm"));
-    spec.disks.push(DiskSpec { path: disk, format: DiskFormat::Qcow2, read_only: false });
+    spec.disks.push(DiskSpec {
+        path: disk,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    });
     spec.network = Some(NetSpec::default());
     if snapshottable {
-        spec.memory_file = Some(MemoryFile { path: dir.join("mem.img"), shared: true });
+        spec.memory_file = Some(MemoryFile {
+            path: dir.join("mem.img"),
+            shared: true,
+        });
     }
     spec
 }
@@ -51,7 +63,7 @@ pub fn busybox_spec(dir: &Path, snapshottable: bool) -> VmSpec {
 /// Runs `sh -c script` in the guest and returns (stdout, exit code).
 pub async fn sh(agent: &AgentClient, script: &str) -> (String, Option<i32>) {
     let out = agent
-        .run(ExecRequest::new(vec!["sh".into(), "-c".into(), script.into()]))
+        .run(ExecRequest::new(["sh", "-c", script]))
         .await
         .expect("exec through the agent");
     (String::from_utf8_lossy(&out.stdout).into_owned(), out.code)
@@ -60,6 +72,9 @@ pub async fn sh(agent: &AgentClient, script: &str) -> (String, Option<i32>) {
 /// Whether a process with this pid still exists (and is not a zombie).
 pub fn process_exists(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
