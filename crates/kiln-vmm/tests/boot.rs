@@ -35,9 +35,7 @@ async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu
     let (released, _) = waiter.await.expect("waiter task");
     let timed_out = vm
         .agent()
-        .run(
-            ExecRequest::new(["sleep", "30"]).timeout(Duration::from_millis(500)),
-        )
+        .run(ExecRequest::new(["sleep", "30"]).timeout(Duration::from_millis(500)))
         .await
         .expect("exec with timeout");
 

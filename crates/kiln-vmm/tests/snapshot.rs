@@ -125,12 +125,8 @@ async fn restore_when_snapshot_is_incomplete_or_foreign_then_clear_error_and_not
     .expect("chmod");
     std::fs::write(&manifest, text.replace(qemu.as_str(), "1.0.0")).expect("rewrite manifest");
 
-    let missing_state = Snapshot::open(&incomplete, qemu)
-        .err()
-        .expect("incomplete snapshot");
-    let other_qemu = Snapshot::open(&foreign, qemu)
-        .err()
-        .expect("foreign snapshot");
+    let missing_state = Snapshot::open(&incomplete, qemu).expect_err("incomplete snapshot");
+    let other_qemu = Snapshot::open(&foreign, qemu).expect_err("foreign snapshot");
     let whole = Snapshot::open(&snap.dir, qemu).expect("the original still opens");
     let clone = vmm
         .restore(&whole, RestoreTarget::new(dir.path().join("c")))

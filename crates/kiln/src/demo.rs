@@ -8,7 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use kiln_agent::client::{AgentClient, ExecRequest};
 use kiln_vmm::host::Host;
-use kiln_vmm::{BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, PortForward, RestoreTarget, Vmm};
+use kiln_vmm::{
+    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, PortForward, RestoreTarget,
+    Vmm,
+};
 use serde_json::json;
 
 use crate::Output;
@@ -42,7 +45,8 @@ fn ms(d: Duration) -> String {
 async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let host = Host::prepare(home).context("preparing this host (try `kiln doctor`)")?;
-    let base = kiln_image::base::busybox::ensure(home).context("building the busybox base image")?;
+    let base =
+        kiln_image::base::busybox::ensure(home).context("building the busybox base image")?;
     say(
         output,
         format!(
@@ -64,20 +68,39 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     let disk = work.join("disk.qcow2");
     kiln_vmm::qemu::create_overlay(&base.disk, DiskFormat::Raw, &disk)?;
     let mut spec = host.vm_spec(work.join("vm-source"));
-    spec.disks.push(DiskSpec { path: disk, format: DiskFormat::Qcow2, read_only: false });
-    spec.memory_file = Some(MemoryFile { path: work.join("mem.img"), shared: true });
-    spec.network = Some(NetSpec { forwards: vec![], restrict_egress: true });
+    spec.disks.push(DiskSpec {
+        path: disk,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    });
+    spec.memory_file = Some(MemoryFile {
+        path: work.join("mem.img"),
+        shared: true,
+    });
+    spec.network = Some(NetSpec {
+        forwards: vec![],
+        restrict_egress: true,
+    });
     let vm = host.vmm.boot(spec, BootOptions::default()).await?;
     let cold = vm.timeline().get("agent").unwrap_or_default();
     say(output, format!("1. cold boot to agent-ready: {}", ms(cold)));
 
     // 2. Run commands through the agent.
     let uname = guest(vm.agent(), &["uname", "-sr"]).await?;
-    say(output, format!("2. exec `uname -sr` in the guest: {}", uname.trim()));
+    say(
+        output,
+        format!("2. exec `uname -sr` in the guest: {}", uname.trim()),
+    );
     guest(vm.agent(), &["sh", "-c", APP]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = guest(vm.agent(), &["cat", "/tmp/counter"]).await?;
-    say(output, format!("   started a counter in guest memory and a web server; counter = {}", before.trim()));
+    say(
+        output,
+        format!(
+            "   started a counter in guest memory and a web server; counter = {}",
+            before.trim()
+        ),
+    );
 
     // 3. Snapshot while the counter runs.
     let snap_dir = work.join("snapshot");
@@ -102,23 +125,49 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     for name in ["clone-a", "clone-b"] {
         let port = kiln_vmm::free_port()?;
         let mut target = RestoreTarget::new(work.join(name));
-        target.forwards.push(PortForward { host_port: port, guest_port: APP_PORT });
+        target.forwards.push(PortForward {
+            host_port: port,
+            guest_port: APP_PORT,
+        });
         targets.push((name, port, target));
     }
     let (a, b) = tokio::join!(
         host.vmm.restore(&snap, targets[0].2.clone()),
         host.vmm.restore(&snap, targets[1].2.clone())
     );
-    let clones = [(targets[0].0, targets[0].1, a?), (targets[1].0, targets[1].1, b?)];
+    let clones = [
+        (targets[0].0, targets[0].1, a?),
+        (targets[1].0, targets[1].1, b?),
+    ];
     let mut report = Vec::new();
     for (name, port, vm) in &clones {
         let ready = vm.timeline().get("refreshed").unwrap_or_default();
         let counter = guest(vm.agent(), &["cat", "/tmp/counter"]).await?;
-        guest(vm.agent(), &["sh", "-c", &format!("echo {name} > /tmp/whoami")]).await?;
-        let guest_time: f64 = guest(vm.agent(), &["date", "+%s"]).await?.trim().parse().unwrap_or(0.0);
-        let host_time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64();
-        let random = guest(vm.agent(), &["sh", "-c", "head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'"]).await?;
-        let http = http_get(*port, "/cgi-bin/n").await.unwrap_or_else(|e| format!("({e})"));
+        guest(
+            vm.agent(),
+            &["sh", "-c", &format!("echo {name} > /tmp/whoami")],
+        )
+        .await?;
+        let guest_time: f64 = guest(vm.agent(), &["date", "+%s"])
+            .await?
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
+        let host_time = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_secs_f64();
+        let random = guest(
+            vm.agent(),
+            &[
+                "sh",
+                "-c",
+                "head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+            ],
+        )
+        .await?;
+        let http = http_get(*port, "/cgi-bin/n")
+            .await
+            .unwrap_or_else(|e| format!("({e})"));
         say(
             output,
             format!(
@@ -138,21 +187,40 @@ async fn demo(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     }
     let whoami_a = guest(clones[0].2.agent(), &["cat", "/tmp/whoami"]).await?;
     let whoami_b = guest(clones[1].2.agent(), &["cat", "/tmp/whoami"]).await?;
-    say(output, format!("5. each clone kept its own writes: a says '{}', b says '{}'", whoami_a.trim(), whoami_b.trim()));
+    say(
+        output,
+        format!(
+            "5. each clone kept its own writes: a says '{}', b says '{}'",
+            whoami_a.trim(),
+            whoami_b.trim()
+        ),
+    );
     if whoami_a == whoami_b {
         bail!("the two clones share state: both say {whoami_a}");
     }
     for (_, _, vm) in clones {
         vm.terminate().await?;
     }
-    say(output, format!("6. both clones terminated; snapshot kept at {}", snap_dir.display()));
+    say(
+        output,
+        format!(
+            "6. both clones terminated; snapshot kept at {}",
+            snap_dir.display()
+        ),
+    );
     say(
         output,
         format!(
             "   cold boot {} vs restore {} → {:.0}× faster",
             ms(cold),
-            ms(Duration::from_millis(report[0]["restore_to_agent_ms"].as_u64().unwrap_or(1))),
-            cold.as_secs_f64() * 1000.0 / report[0]["restore_to_agent_ms"].as_f64().unwrap_or(1.0).max(1.0)
+            ms(Duration::from_millis(
+                report[0]["restore_to_agent_ms"].as_u64().unwrap_or(1)
+            )),
+            cold.as_secs_f64() * 1000.0
+                / report[0]["restore_to_agent_ms"]
+                    .as_f64()
+                    .unwrap_or(1.0)
+                    .max(1.0)
         ),
     );
     if output == Output::Json {
@@ -186,11 +254,17 @@ async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
     };
-    let text = tokio::time::timeout(Duration::from_secs(10), fut).await.context("HTTP timed out")??;
-    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(text))
+    let text = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("HTTP timed out")??;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(text))
 }

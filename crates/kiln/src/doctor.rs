@@ -29,11 +29,23 @@ fn check<T>(
 ) -> (Check, Option<T>) {
     match result {
         Ok(v) => (
-            Check { name, ok: true, required, detail: detail(&v), fix: None },
+            Check {
+                name,
+                ok: true,
+                required,
+                detail: detail(&v),
+                fix: None,
+            },
             Some(v),
         ),
         Err(e) => (
-            Check { name, ok: false, required, detail: e, fix: Some(fix.to_string()) },
+            Check {
+                name,
+                ok: false,
+                required,
+                detail: e,
+                fix: Some(fix.to_string()),
+            },
             None,
         ),
     }
@@ -49,7 +61,11 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         "apt-get install qemu-system-x86",
     );
     checks.push(c);
-    for (tool, pkg) in [("qemu-img", "qemu-utils"), ("mke2fs", "e2fsprogs"), ("dpkg-deb", "dpkg")] {
+    for (tool, pkg) in [
+        ("qemu-img", "qemu-utils"),
+        ("mke2fs", "e2fsprogs"),
+        ("dpkg-deb", "dpkg"),
+    ] {
         let (c, _) = check(
             tool,
             true,
@@ -66,7 +82,11 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         required: false,
         detail: format!(
             "{}{}",
-            if probe.usable { "usable: " } else { "not used: " },
+            if probe.usable {
+                "usable: "
+            } else {
+                "not used: "
+            },
             probe.reason
         ),
         fix: None,
@@ -133,7 +153,13 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         Output::Table => {
             let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
             for c in &checks {
-                let mark = if c.ok { "ok  " } else if c.required { "FAIL" } else { "warn" };
+                let mark = if c.ok {
+                    "ok  "
+                } else if c.required {
+                    "FAIL"
+                } else {
+                    "warn"
+                };
                 println!("{mark}  {:<width$}  {}", c.name, c.detail);
                 if let Some(fix) = &c.fix {
                     println!("      {:<width$}  → {fix}", "");
@@ -147,5 +173,9 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if can_run { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if can_run {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

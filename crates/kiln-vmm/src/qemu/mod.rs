@@ -58,6 +58,7 @@ impl QemuVmm {
         let qmp = match qmp {
             Ok(q) => q,
             Err(e) => {
+                let e = prefer_death(&mut process, &spec, "starting", e).await;
                 process.kill(Duration::from_secs(1)).await;
                 remove_dir(&spec.dir);
                 return Err(e);
@@ -191,7 +192,7 @@ impl QemuVm {
         let socket = self.spec.agent_socket();
         let spec = &self.spec;
         let process = &mut self.process;
-        tokio::select! {
+        let result = tokio::select! {
             r = AgentClient::connect(&socket, timeout) => r.map_err(|source| VmmError::AgentUnresponsive {
                 doing: doing.to_string(),
                 timeout,
@@ -199,6 +200,10 @@ impl QemuVm {
                 console: process::tail(&spec.console_log(), 15),
             }),
             e = watch_exit(process, spec, doing) => Err(e),
+        };
+        match result {
+            Ok(a) => Ok(a),
+            Err(e) => Err(prefer_death(process, spec, doing, e).await),
         }
     }
 
@@ -562,6 +567,22 @@ async fn watch_exit(process: &mut QemuProcess, spec: &VmSpec, doing: &str) -> Vm
         qemu_log: process.log_tail(),
         console: process::tail(&spec.console_log(), 15),
     }
+}
+
+/// A lost connection is usually QEMU dying: when the process exits right after `err`, report
+/// the death (with QEMU's own words) instead of the symptom.
+async fn prefer_death(
+    process: &mut QemuProcess,
+    spec: &VmSpec,
+    doing: &str,
+    err: VmmError,
+) -> VmmError {
+    if matches!(err, VmmError::QemuDied { .. })
+        || !process.wait_exit(Duration::from_millis(500)).await
+    {
+        return err;
+    }
+    watch_exit(process, spec, doing).await
 }
 
 /// Checks what a spec refers to before QEMU is started, so errors name the missing thing.

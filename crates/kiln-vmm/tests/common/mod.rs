@@ -42,6 +42,7 @@ pub fn scratch() -> tempfile::TempDir {
 /// memory with a shared file so it can be snapshotted.
 pub fn busybox_spec(dir: &Path, snapshottable: bool) -> VmSpec {
     let (host, base) = host();
+    std::fs::create_dir_all(dir).expect("VM scratch dir");
     let disk = dir.join("disk.qcow2");
     kiln_vmm::qemu::create_overlay(base, DiskFormat::Raw, &disk).expect("overlay");
     let mut spec = host.vm_spec(dir.join("vm"));
