@@ -102,6 +102,27 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
         .err()
         .expect("a disk that is not ext4 fails");
 
+    let mut no_kernel = busybox_spec(&dir.path().join("k"), false);
+    no_kernel.kernel = dir.path().join("vmlinuz-gone");
+    let kernel_missing = vmm
+        .boot(no_kernel, BootOptions::default())
+        .await
+        .err()
+        .expect("missing kernel fails");
+
+    let mut deaf = busybox_spec(&dir.path().join("deaf"), false);
+    deaf.cmdline_extra.push("kiln.port=nonexistent".into());
+    let silent = vmm
+        .boot(
+            deaf,
+            BootOptions {
+                agent_timeout: Duration::from_secs(8),
+            },
+        )
+        .await
+        .err()
+        .expect("an agent on no port never answers");
+
     assert!(
         matches!(
             &missing,
@@ -119,4 +140,29 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
     assert!(!dir.path().join("vm").exists());
     assert!(!dir.path().join("huge/vm").exists());
     assert!(!dir.path().join("g/vm").exists());
+    assert!(
+        matches!(
+            &kernel_missing,
+            VmmError::Missing {
+                what: "guest kernel",
+                ..
+            }
+        ),
+        "{kernel_missing}"
+    );
+    assert!(
+        kernel_missing.to_string().contains("kiln doctor"),
+        "{kernel_missing}"
+    );
+    assert!(
+        matches!(&silent, VmmError::AgentUnresponsive { .. }),
+        "{silent}"
+    );
+    assert!(
+        silent
+            .to_string()
+            .contains("still waiting for virtio-serial port"),
+        "{silent}"
+    );
+    assert!(!dir.path().join("deaf/vm").exists());
 }

@@ -125,6 +125,19 @@ async fn restore_when_snapshot_is_incomplete_or_foreign_then_clear_error_and_not
     .expect("chmod");
     std::fs::write(&manifest, text.replace(qemu.as_str(), "1.0.0")).expect("rewrite manifest");
 
+    let other_kernel = copy("other-kernel");
+    let manifest = other_kernel.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::set_permissions(
+        &manifest,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut value: serde_json::Value = serde_json::from_str(&text).expect("manifest json");
+    value["kernel"]["blake3"] = "0".repeat(64).into();
+    std::fs::write(&manifest, value.to_string()).expect("rewrite manifest");
+
+    let kernel_changed = Snapshot::open(&other_kernel, qemu).expect_err("another kernel");
     let missing_state = Snapshot::open(&incomplete, qemu).expect_err("incomplete snapshot");
     let other_qemu = Snapshot::open(&foreign, qemu).expect_err("foreign snapshot");
     let whole = Snapshot::open(&snap.dir, qemu).expect("the original still opens");
@@ -143,6 +156,10 @@ async fn restore_when_snapshot_is_incomplete_or_foreign_then_clear_error_and_not
     assert!(
         other_qemu.to_string().contains("QEMU 1.0.0"),
         "{other_qemu}"
+    );
+    assert!(
+        kernel_changed.to_string().contains("kernel"),
+        "{kernel_changed}"
     );
     assert_eq!(alive.trim(), "alive");
 }
