@@ -6,8 +6,6 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 INIT_BIN := target/$(TARGET)/release/kiln-init
-APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs dpkg apt
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Tests cache the guest kernel and base images here, away from the user's own data dir.
 TEST_HOME ?= $(CURDIR)/target/kiln-test-home
 
@@ -19,14 +17,7 @@ all: build
 
 ## deps: install the host packages kiln needs (QEMU, qemu-img, mke2fs) when missing.
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "==> installing:$$missing"; \
-	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
-	fi
-	@# apt-get download (guest kernel, busybox) needs package lists.
-	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || $(SUDO) apt-get update -q
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+	@./scripts/install-deps.sh
 
 ## init: the guest's PID 1, a static binary.
 init:
