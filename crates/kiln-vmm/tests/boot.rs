@@ -6,7 +6,21 @@ use std::time::Duration;
 
 use common::{busybox_spec, host, process_exists, scratch, sh};
 use kiln_agent::client::ExecRequest;
-use kiln_vmm::{BootOptions, MicroVm, VmStatus, Vmm, VmmError};
+use kiln_vmm::{BootOptions, MicroVm, PortForward, VmStatus, Vmm, VmmError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET / on the host's loopback port; the whole response as text.
+async fn http_get(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("response");
+    String::from_utf8_lossy(&buf).into_owned()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu_death() {
@@ -46,9 +60,32 @@ async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu
     assert_eq!(released.trim(), "released");
     assert!(timed_out.timed_out);
 
+    // A forward added at run time reaches a server in the guest; pause and continue.
+    sh(
+        vm.agent(),
+        "mkdir -p /www && echo served > /www/index.html && httpd -p 8080 -h /www",
+    )
+    .await;
+    let port = kiln_vmm::free_port().expect("free port");
+    vm.add_forward(PortForward {
+        host_port: port,
+        guest_port: 8080,
+    })
+    .await
+    .expect("hostfwd_add");
+    let page = http_get(port).await;
+    let mut vm = vm;
+    vm.pause().await.expect("pause");
+    let paused = vm.status().await;
+    vm.resume().await.expect("continue");
+    let resumed = vm.status().await;
+
+    assert!(page.ends_with("served\n"), "{page}");
+    assert_eq!(paused, VmStatus::Paused);
+    assert_eq!(resumed, VmStatus::Running);
+
     // QEMU dying mid-run: status says so, agent calls fail instead of hanging.
     let pid = vm.pid();
-    let mut vm = vm;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
