@@ -62,6 +62,14 @@ pub trait MicroVm: Send {
         &self,
         forward: PortForward,
     ) -> impl Future<Output = Result<(), VmmError>> + Send;
+    /// Freezes disk `index` as it is now and continues writing to a new qcow2 overlay at
+    /// `new_top` (a live external snapshot). The frozen file becomes a read-only layer.
+    /// Sync the guest first, or the layer misses data still in its page cache.
+    fn freeze_disk_layer(
+        &mut self,
+        index: usize,
+        new_top: &Path,
+    ) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Syncs the guest, pauses it and saves memory, devices and disks into `dest`; the VM is
     /// consumed (it must never run again, its memory file now belongs to the snapshot).
     fn snapshot(self, dest: &Path) -> impl Future<Output = Result<Snapshot, VmmError>> + Send;

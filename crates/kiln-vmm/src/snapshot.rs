@@ -200,6 +200,44 @@ impl Snapshot {
         self.dir.join(&self.manifest.state.file)
     }
 
+    /// Rewrites every qcow2 disk that has a backing chain as a standalone image, so the
+    /// snapshot no longer depends on the layers it was built from (same contents), and
+    /// updates the manifest.
+    pub fn flatten_disks(&mut self) -> Result<(), VmmError> {
+        for i in 0..self.manifest.disks.len() {
+            let disk = &self.manifest.disks[i];
+            if disk.format != DiskFormat::Qcow2 {
+                continue;
+            }
+            let path = self.dir.join(&disk.info.file);
+            let flat = self.dir.join(format!("{}.flat", disk.info.file));
+            let out = std::process::Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&path)
+                .arg(&flat)
+                .output()
+                .map_err(|e| VmmError::io("running qemu-img convert on", &path, e))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&flat);
+                return Err(VmmError::Tool {
+                    program: "qemu-img convert".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            std::fs::rename(&flat, &path).map_err(|e| VmmError::io("replacing", &path, e))?;
+            make_read_only(&path)?;
+            let file = disk.info.file.clone();
+            self.manifest.disks[i].info = file_info(&self.dir, &file)?;
+        }
+        let manifest_path = self.dir.join(MANIFEST);
+        let text = serde_json::to_vec_pretty(&self.manifest)
+            .map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
+        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        std::fs::write(&tmp, text).map_err(|e| VmmError::io("writing", &tmp, e))?;
+        make_read_only(&tmp)?;
+        std::fs::rename(&tmp, &manifest_path).map_err(|e| VmmError::io("replacing", &manifest_path, e))
+    }
+
     /// Re-hashes every file (slow for big memory files); for `verify`-style checks.
     pub fn verify_contents(&self) -> Result<(), VmmError> {
         for info in std::iter::once(&self.manifest.memory)

@@ -104,6 +104,10 @@ impl VmSpec {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// The app's stdout and stderr, written by the guest through the `applog` port.
+    pub fn app_log(&self) -> PathBuf {
+        self.dir.join("app.log")
+    }
     /// QEMU's own stdout and stderr.
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")

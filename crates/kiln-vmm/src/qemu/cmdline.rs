@@ -92,6 +92,12 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
         ),
     );
     a.pair("-device", "virtserialport,chardev=agent0,name=agent");
+    // The app's stdout and stderr: a port the guest writes, a file on the host.
+    a.pair(
+        "-chardev",
+        format!("file,id=applog0,path={}", opt_path(&spec.app_log())),
+    );
+    a.pair("-device", "virtserialport,chardev=applog0,name=applog");
     a.pair("-device", "virtio-rng-device");
     a.pair("-serial", format!("file:{}", spec.console_log().display()));
     a.pair(
@@ -109,7 +115,7 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
 /// must recreate exactly these devices in this order.
 pub fn machine_signature(spec: &VmSpec) -> String {
     format!(
-        "{MACHINE} cpu={} mem={}M smp={} disks={} net={} serial=agent rng=1",
+        "{MACHINE} cpu={} mem={}M smp={} disks={} net={} serial=agent,applog rng=1",
         cpu_model(spec.accel),
         spec.memory_mib,
         spec.vcpus,

@@ -366,6 +366,29 @@ impl MicroVm for QemuVm {
         }
     }
 
+    async fn freeze_disk_layer(&mut self, index: usize, new_top: &Path) -> Result<(), VmmError> {
+        if index >= self.spec.disks.len() {
+            return Err(VmmError::InvalidSpec(format!(
+                "the VM has {} disks, there is no disk {index}",
+                self.spec.disks.len()
+            )));
+        }
+        let file = new_top.to_str().ok_or_else(|| {
+            VmmError::InvalidSpec(format!("path {} is not UTF-8", new_top.display()))
+        })?;
+        self.qmp
+            .execute(
+                "blockdev-snapshot-sync",
+                Some(json!({ "device": format!("d{index}"), "snapshot-file": file, "format": "qcow2" })),
+            )
+            .await
+            .map_err(VmmError::qmp("freezing a disk layer"))?;
+        let disk = &mut self.spec.disks[index];
+        disk.path = new_top.to_owned();
+        disk.format = DiskFormat::Qcow2;
+        Ok(())
+    }
+
     async fn add_forward(&self, f: PortForward) -> Result<(), VmmError> {
         if self.spec.network.is_none() {
             return Err(VmmError::InvalidSpec(
