@@ -1,7 +1,10 @@
-//! Base images, root filesystems and disk tools.
+//! Build contexts, Dockerfiles, base images, root filesystems and disk tools.
 //!
-//! [`disk`] turns a directory into an ext4 image without mounting anything; [`base`] builds
-//! the managed base images (today the tiny busybox base) under `<home>/bases/`.
+//! [`context`] unpacks an uploaded zip into a build context (hostile input: bounded and
+//! confined), honouring [`dockerignore`]; [`dockerfile`] parses the Dockerfile; [`disk`]
+//! turns a directory into an ext4 image without mounting anything; [`base`] builds the
+//! managed base images (Debian 12 and the tiny busybox base) under `<home>/bases/`.
 
 pub mod base;
 pub mod disk;
+pub mod dockerignore;
