@@ -6,5 +6,6 @@
 //! managed base images (Debian 12 and the tiny busybox base) under `<home>/bases/`.
 
 pub mod base;
+pub mod context;
 pub mod disk;
 pub mod dockerignore;
