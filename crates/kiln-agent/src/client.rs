@@ -19,9 +19,14 @@ use crate::proto::{
     decode_payload, encode_frame, ExecSpec, FrameDecoder, GuestBody, GuestMessage, HostBody,
     HostMessage, OutputStream, MAX_FILE_BYTES, PROTOCOL_VERSION,
 };
+pub use crate::proto::{AppSpec, CopySpec, HttpFailureKind, HttpRequestSpec};
 
 /// Default limit for one request-reply exchange.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default limit for copies and archive extractions, which move whole trees.
+pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Extra time a request with a guest-side limit (probe, HTTP, stop) waits for the reply.
+const REPLY_GRACE: Duration = Duration::from_secs(10);
 /// How often the handshake re-sends Hello while the guest has not opened its port.
 const HELLO_INTERVAL: Duration = Duration::from_millis(500);
 /// How often connecting retries while the socket does not accept yet.
@@ -67,12 +72,87 @@ pub enum AgentError {
     /// The guest agent reported a failure.
     #[error("the guest agent reported: {0}")]
     Guest(String),
+    /// An HTTP request inside the guest got no response (see `kind` to decide on a retry).
+    #[error("{message}")]
+    Http {
+        /// Refused (nothing listens yet), timed out, closed, or malformed.
+        kind: HttpFailureKind,
+        /// What failed, on what, and why.
+        message: String,
+    },
     /// The guest sent something this client does not expect.
     #[error("agent protocol error: {0}")]
     Protocol(String),
     /// Writing to the socket failed.
     #[error("I/O error on the agent connection: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// The kind of HTTP failure, when this error is one.
+    pub fn http_failure(&self) -> Option<HttpFailureKind> {
+        match self {
+            AgentError::Http { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// What a copy or an archive extraction wrote in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Files, directories and links written.
+    pub entries: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// A user resolved in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+}
+
+/// How the supervised app is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppState {
+    /// Whether it runs.
+    pub running: bool,
+    /// Its pid, `None` when no app was ever started.
+    pub pid: Option<u32>,
+    /// Exit code once it exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number once a signal killed it.
+    pub signal: Option<i32>,
+}
+
+/// An HTTP response from an app in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers in the order received.
+    pub headers: Vec<(String, String)>,
+    /// Body, at most 1 MiB.
+    pub body: Vec<u8>,
+    /// Whether the body was longer than 1 MiB and cut off.
+    pub truncated: bool,
+}
+
+impl HttpResponse {
+    /// The last value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// What the guest said about itself in the handshake.
@@ -364,7 +444,8 @@ impl Drop for RouteGuard {
 pub struct AgentClient {
     shared: Arc<Shared>,
     hello: HelloInfo,
-    timeout: Duration,
+    /// Set by `with_timeout`; else each operation uses its default.
+    timeout: Option<Duration>,
 }
 
 impl AgentClient {
@@ -416,14 +497,15 @@ impl AgentClient {
         Ok(AgentClient {
             shared,
             hello,
-            timeout: DEFAULT_REQUEST_TIMEOUT,
+            timeout: None,
         })
     }
 
-    /// A client on the same connection whose requests wait at most `timeout`.
+    /// A client on the same connection whose requests wait at most `timeout`
+    /// (requests with a guest-side limit wait for that limit plus a grace period).
     pub fn with_timeout(&self, timeout: Duration) -> AgentClient {
         AgentClient {
-            timeout,
+            timeout: Some(timeout),
             ..self.clone()
         }
     }
@@ -553,6 +635,140 @@ impl AgentClient {
         self.expect_ok("power_off", HostBody::PowerOff).await
     }
 
+    /// Mounts `source` on `target` in the guest (creating the directory) with mount(8)
+    /// options such as `ro`.
+    pub async fn mount(
+        &self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        options: &[&str],
+    ) -> Result<(), AgentError> {
+        let body = HostBody::Mount {
+            source: source.to_string(),
+            target: target.to_string(),
+            fstype: fstype.to_string(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+        };
+        self.expect_ok("mount", body).await
+    }
+
+    /// Unmounts `target` in the guest.
+    pub async fn unmount(&self, target: &str) -> Result<(), AgentError> {
+        let body = HostBody::Unmount {
+            target: target.to_string(),
+        };
+        self.expect_ok("unmount", body).await
+    }
+
+    /// Copies inside the guest with Docker `COPY` semantics. Waits up to
+    /// [`DEFAULT_TRANSFER_TIMEOUT`] unless the client has its own timeout.
+    pub async fn copy(&self, spec: CopySpec) -> Result<CopyStats, AgentError> {
+        let limit = self.timeout.unwrap_or(DEFAULT_TRANSFER_TIMEOUT);
+        let reply = self.request_within("copy", HostBody::Copy(spec), limit);
+        copy_stats("copy", reply.await?)
+    }
+
+    /// Unpacks a tar (plain, gzip, bzip2, xz) in the guest into `dest`, owned by `owner`
+    /// (uid, gid) when given, else as recorded in the archive. Waits up to
+    /// [`DEFAULT_TRANSFER_TIMEOUT`] unless the client has its own timeout.
+    pub async fn extract_archive(
+        &self,
+        src: &str,
+        dest: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<CopyStats, AgentError> {
+        let body = HostBody::ExtractArchive {
+            src: src.to_string(),
+            dest: dest.to_string(),
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        let limit = self.timeout.unwrap_or(DEFAULT_TRANSFER_TIMEOUT);
+        let reply = self.request_within("extract_archive", body, limit);
+        copy_stats("extract_archive", reply.await?)
+    }
+
+    /// Resolves a Docker `USER` spec (`name[:group]` or `uid[:gid]`) in the guest.
+    pub async fn lookup_user(&self, spec: &str) -> Result<UserInfo, AgentError> {
+        let body = HostBody::LookupUser {
+            spec: spec.to_string(),
+        };
+        match self.request("lookup_user", body).await? {
+            GuestBody::User { uid, gid, home } => Ok(UserInfo { uid, gid, home }),
+            other => Err(unexpected("lookup_user", &other)),
+        }
+    }
+
+    /// Starts the app under the agent's supervision; returns its pid.
+    pub async fn start_app(&self, spec: AppSpec) -> Result<u32, AgentError> {
+        match self.request("start_app", HostBody::StartApp(spec)).await? {
+            GuestBody::AppStarted { pid } => Ok(pid),
+            other => Err(unexpected("start_app", &other)),
+        }
+    }
+
+    /// How the app is doing.
+    pub async fn app_status(&self) -> Result<AppState, AgentError> {
+        let reply = self.request("app_status", HostBody::AppStatus).await?;
+        app_state("app_status", reply)
+    }
+
+    /// Sends `signal` (SIGTERM when `None`) to the app's process group, SIGKILL after
+    /// `grace`; returns the app's final state.
+    pub async fn stop_app(
+        &self,
+        signal: Option<i32>,
+        grace: Duration,
+    ) -> Result<AppState, AgentError> {
+        let body = HostBody::StopApp {
+            signal,
+            grace_ms: Some(millis(grace)),
+        };
+        // The guest waits out the grace, then up to 5 s after SIGKILL.
+        let limit = grace.saturating_add(REPLY_GRACE);
+        let reply = self.request_within("stop_app", body, limit).await?;
+        app_state("stop_app", reply)
+    }
+
+    /// Whether something in the guest accepts TCP connections on 127.0.0.1:`port`.
+    pub async fn probe_tcp(&self, port: u16, timeout: Duration) -> Result<bool, AgentError> {
+        let body = HostBody::ProbeTcp {
+            port,
+            timeout_ms: millis(timeout),
+        };
+        let limit = timeout.saturating_add(REPLY_GRACE);
+        match self.request_within("probe_tcp", body, limit).await? {
+            GuestBody::TcpProbe { open } => Ok(open),
+            other => Err(unexpected("probe_tcp", &other)),
+        }
+    }
+
+    /// Makes an HTTP/1.1 request to 127.0.0.1:`spec.port` inside the guest. A request
+    /// that got no response fails with [`AgentError::Http`], whose kind tells "nothing
+    /// listens yet" ([`HttpFailureKind::Refused`]) from a timeout or a broken exchange.
+    pub async fn http_request(&self, spec: HttpRequestSpec) -> Result<HttpResponse, AgentError> {
+        let limit = Duration::from_millis(spec.timeout_ms).saturating_add(REPLY_GRACE);
+        match self
+            .request_within("http_request", HostBody::HttpRequest(spec), limit)
+            .await?
+        {
+            GuestBody::HttpResponse {
+                status,
+                headers,
+                body,
+                truncated,
+            } => Ok(HttpResponse {
+                status,
+                headers,
+                body,
+                truncated,
+            }),
+            GuestBody::HttpFailed { kind, message } => Err(AgentError::Http { kind, message }),
+            other => Err(unexpected("http_request", &other)),
+        }
+    }
+
     async fn expect_ok(&self, operation: &'static str, body: HostBody) -> Result<(), AgentError> {
         match self.request(operation, body).await? {
             GuestBody::Ok => Ok(()),
@@ -560,11 +776,23 @@ impl AgentClient {
         }
     }
 
-    /// Sends one request and waits for its single reply; `Error` replies become errors.
+    /// Sends one request and waits for its single reply within the client's timeout.
     async fn request(
         &self,
         operation: &'static str,
         body: HostBody,
+    ) -> Result<GuestBody, AgentError> {
+        let limit = self.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        self.request_within(operation, body, limit).await
+    }
+
+    /// Sends one request and waits up to `limit` for its single reply; `Error` replies
+    /// become errors.
+    async fn request_within(
+        &self,
+        operation: &'static str,
+        body: HostBody,
+        limit: Duration,
     ) -> Result<GuestBody, AgentError> {
         let (tx, rx) = oneshot::channel();
         let guard = self.shared.register(Route::Reply(tx))?;
@@ -572,12 +800,13 @@ impl AgentClient {
             self.shared.send(guard.id, body).await?;
             rx.await.map_err(|_| AgentError::ConnectionClosed)
         };
-        let reply = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| AgentError::Timeout {
-                operation,
-                timeout: self.timeout,
-            })??;
+        let reply =
+            tokio::time::timeout(limit, exchange)
+                .await
+                .map_err(|_| AgentError::Timeout {
+                    operation,
+                    timeout: limit,
+                })??;
         match reply {
             GuestBody::Error { message } => Err(AgentError::Guest(message)),
             other => Ok(other),
@@ -666,6 +895,34 @@ fn first_id() -> u64 {
         .unwrap_or(0);
     // Keep well below u64::MAX (and exactly representable in JSON doubles, for other hosts).
     ((nanos ^ u64::from(std::process::id()).rotate_left(32)) & ((1 << 52) - 1)) | 1
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+fn copy_stats(operation: &str, reply: GuestBody) -> Result<CopyStats, AgentError> {
+    match reply {
+        GuestBody::Copied { entries, bytes } => Ok(CopyStats { entries, bytes }),
+        other => Err(unexpected(operation, &other)),
+    }
+}
+
+fn app_state(operation: &str, reply: GuestBody) -> Result<AppState, AgentError> {
+    match reply {
+        GuestBody::AppState {
+            running,
+            pid,
+            exit_code,
+            signal,
+        } => Ok(AppState {
+            running,
+            pid,
+            exit_code,
+            signal,
+        }),
+        other => Err(unexpected(operation, &other)),
+    }
 }
 
 fn unexpected(operation: &str, body: &GuestBody) -> AgentError {

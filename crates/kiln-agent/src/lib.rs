@@ -6,5 +6,7 @@ pub mod guest;
 pub mod proto;
 
 pub use client::{
-    AgentClient, AgentError, ExecEvent, ExecOutput, ExecRequest, ExecStream, ExitStatus, HelloInfo,
+    AgentClient, AgentError, AppSpec, AppState, CopySpec, CopyStats, ExecEvent, ExecOutput,
+    ExecRequest, ExecStream, ExitStatus, HelloInfo, HttpFailureKind, HttpRequestSpec, HttpResponse,
+    UserInfo,
 };

@@ -24,6 +24,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 /// Largest file content one frame can carry once base64-encoded, with room for the JSON around it.
 pub const MAX_FILE_BYTES: usize = MAX_PAYLOAD / 4 * 3 - 64 * 1024;
+/// Largest HTTP response body [`HostBody::HttpRequest`] returns; the rest is cut off.
+pub const MAX_HTTP_BODY: usize = 1024 * 1024;
 /// PATH given to an exec whose environment names none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -100,6 +102,139 @@ pub enum HostBody {
     },
     /// Syncs then powers the VM off; answered by `Ok` before it happens.
     PowerOff,
+    /// Mounts a file system, creating the target directory; answered by `Ok`.
+    Mount {
+        /// Device, directory (for `bind`) or a name for virtual file systems.
+        source: String,
+        /// Absolute mount point.
+        target: String,
+        /// File system type (`ext4`, `tmpfs`, …; ignored for `bind`).
+        fstype: String,
+        /// Options as for mount(8): flags (`ro`, `bind`, `noexec`, …) and `key=value` data.
+        #[serde(default)]
+        options: Vec<String>,
+    },
+    /// Unmounts a file system; answered by `Ok`.
+    Unmount {
+        /// The mount point.
+        target: String,
+    },
+    /// Copies files inside the guest with Docker `COPY` semantics; answered by `Copied`.
+    Copy(CopySpec),
+    /// Unpacks a local tar (plain, gzip, bzip2 or xz) like Docker `ADD`; answered by `Copied`.
+    ExtractArchive {
+        /// Absolute path of the archive in the guest.
+        src: String,
+        /// Absolute directory to unpack into, created when missing.
+        dest: String,
+        /// Owner of every entry; the archive's owners when absent.
+        #[serde(default)]
+        uid: Option<u32>,
+        /// Group of every entry; the archive's groups when absent.
+        #[serde(default)]
+        gid: Option<u32>,
+    },
+    /// Resolves `name[:group]` or `uid[:gid]` with the guest's /etc/passwd and /etc/group;
+    /// answered by `User`.
+    LookupUser {
+        /// The user spec, as in Docker's `USER`.
+        spec: String,
+    },
+    /// Starts the app, supervised by the agent; answered by `AppStarted`.
+    StartApp(AppSpec),
+    /// Asks how the app is doing; answered by `AppState`.
+    AppStatus,
+    /// Signals the app's process group, then kills it after a grace period; answered by
+    /// `AppState` once it exited.
+    StopApp {
+        /// Signal sent first, SIGTERM when absent.
+        #[serde(default)]
+        signal: Option<i32>,
+        /// Time allowed between that signal and SIGKILL, 10 s when absent.
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
+    /// Tries a TCP connection to 127.0.0.1:`port` in the guest; answered by `TcpProbe`.
+    ProbeTcp {
+        /// The port.
+        port: u16,
+        /// Connect timeout.
+        timeout_ms: u64,
+    },
+    /// Makes an HTTP/1.1 request to 127.0.0.1 in the guest; answered by `HttpResponse`,
+    /// or by `HttpFailed` when no response could be had.
+    HttpRequest(HttpRequestSpec),
+}
+
+/// What [`HostBody::Copy`] copies, and how.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySpec {
+    /// Absolute source; a file, a directory (its contents are copied), or a pattern
+    /// with `*`, `?` or `[…]` in its last component.
+    pub src: String,
+    /// Absolute destination; a directory when it ends in `/` or already is one.
+    pub dest: String,
+    /// Owner of everything copied, root when absent.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group of everything copied, root when absent.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Permission bits for everything copied (`--chmod`); the source's when absent.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// The app the agent supervises.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    /// Program and arguments; the program is looked up in the app's PATH.
+    pub argv: Vec<String>,
+    /// The whole environment as `KEY=VALUE`; [`DEFAULT_PATH`] is added when PATH is absent.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory, `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User to run as, the agent's when absent.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group to run as, the agent's when absent.
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
+/// An HTTP request to an app listening on the guest's loopback.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequestSpec {
+    /// Method, such as `GET` or `POST`.
+    pub method: String,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// Request target, starting with `/`.
+    pub path: String,
+    /// Extra headers; `Host`, `Content-Length` and `Connection` are set by the agent.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Request body.
+    #[serde(default, with = "b64")]
+    pub body: Vec<u8>,
+    /// Limit for the whole exchange.
+    pub timeout_ms: u64,
+}
+
+/// Why an HTTP request got no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpFailureKind {
+    /// Nothing listens on the port (yet): the connection was refused.
+    Refused,
+    /// The connection or the response did not complete in time.
+    TimedOut,
+    /// The connection was reset or closed before a complete response.
+    Closed,
+    /// The peer answered something that is not HTTP/1.x.
+    Malformed,
 }
 
 /// How to run a process in the guest.
@@ -187,6 +322,62 @@ pub enum GuestBody {
         /// The bytes.
         #[serde(with = "b64")]
         data: Vec<u8>,
+    },
+    /// A copy or an archive extraction finished.
+    Copied {
+        /// Files, directories and links written.
+        entries: u64,
+        /// Bytes of file content written.
+        bytes: u64,
+    },
+    /// A resolved user.
+    User {
+        /// User id.
+        uid: u32,
+        /// Group id.
+        gid: u32,
+        /// Home directory (`/` when the user has no passwd entry).
+        home: String,
+    },
+    /// The app was spawned.
+    AppStarted {
+        /// Its pid (also its process group id).
+        pid: u32,
+    },
+    /// How the app is doing.
+    AppState {
+        /// Whether it is running.
+        running: bool,
+        /// Its pid, absent when no app was ever started.
+        pid: Option<u32>,
+        /// Exit code once it exited normally.
+        exit_code: Option<i32>,
+        /// Signal number once a signal killed it.
+        signal: Option<i32>,
+    },
+    /// Result of a TCP probe.
+    TcpProbe {
+        /// Whether the connection was accepted.
+        open: bool,
+    },
+    /// An HTTP response.
+    HttpResponse {
+        /// Status code.
+        status: u16,
+        /// Headers in the order received.
+        headers: Vec<(String, String)>,
+        /// Body, decoded from chunked encoding, at most [`MAX_HTTP_BODY`] bytes.
+        #[serde(with = "b64")]
+        body: Vec<u8>,
+        /// Whether the body was longer than [`MAX_HTTP_BODY`] and cut off.
+        truncated: bool,
+    },
+    /// An HTTP request got no response.
+    HttpFailed {
+        /// What went wrong, for the host to decide on a retry.
+        kind: HttpFailureKind,
+        /// What failed, on what, and why.
+        message: String,
     },
 }
 

@@ -13,7 +13,8 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{exec, ops};
+use super::app::{AppPhase, AppSupervisor};
+use super::{archive, copy, exec, http, mounts, ops, users};
 use crate::proto::{
     decode_payload, encode_frame, payload_id, FrameDecoder, FrameError, GuestBody, GuestMessage,
     HostBody, HostMessage, PROTOCOL_VERSION,
@@ -40,6 +41,7 @@ pub enum EofPolicy {
 pub struct Agent {
     config: AgentConfig,
     execs: Arc<ExecRegistry>,
+    app: Arc<AppSupervisor>,
     next_session: Arc<AtomicU64>,
 }
 
@@ -50,6 +52,7 @@ impl Agent {
         Agent {
             config,
             execs: Arc::new(ExecRegistry::default()),
+            app: Arc::new(AppSupervisor::default()),
             next_session: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -100,9 +103,10 @@ impl Agent {
         }
     }
 
-    /// Sends `signal` to the process group of every running exec.
+    /// Sends `signal` to the process group of every running exec and of the app.
     pub fn signal_all(&self, signal: Signal) {
-        for pgid in self.execs.all_pgids() {
+        let app = self.app.running_pgid();
+        for pgid in self.execs.all_pgids().into_iter().chain(app) {
             let _ = killpg(Pid::from_raw(pgid), signal);
         }
     }
@@ -219,6 +223,92 @@ impl Agent {
                 let failure = ops::power_off();
                 crate::console!("{failure}");
             }
+            HostBody::Mount {
+                source,
+                target,
+                fstype,
+                options,
+            } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "mount", move || {
+                    let result = mounts::mount_fs(&source, &target, &fstype, &options);
+                    reply.result(id, result.map(|()| GuestBody::Ok));
+                });
+            }
+            HostBody::Unmount { target } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "unmount", move || {
+                    reply.result(id, mounts::unmount(&target).map(|()| GuestBody::Ok));
+                });
+            }
+            HostBody::Copy(spec) => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "copy", move || {
+                    reply.result(id, copy::copy(&spec).map(copied));
+                });
+            }
+            HostBody::ExtractArchive {
+                src,
+                dest,
+                uid,
+                gid,
+            } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "extract", move || {
+                    let result = archive::extract(&src, &dest, uid, gid);
+                    reply.result(id, result.map(copied));
+                });
+            }
+            HostBody::LookupUser { spec } => {
+                let result = users::lookup_user(&spec).map(|user| GuestBody::User {
+                    uid: user.uid,
+                    gid: user.gid,
+                    home: user.home,
+                });
+                sink.result(id, result);
+            }
+            HostBody::StartApp(spec) => {
+                let result = self.app.start(spec);
+                sink.result(id, result.map(|pid| GuestBody::AppStarted { pid }));
+            }
+            HostBody::AppStatus => sink.reply(id, app_state(self.app.phase())),
+            HostBody::StopApp { signal, grace_ms } => {
+                let signal = match signal.map(Signal::try_from).transpose() {
+                    Ok(signal) => signal.unwrap_or(Signal::SIGTERM),
+                    Err(e) => return sink.error(id, format!("invalid signal {signal:?}: {e}")),
+                };
+                let grace = Duration::from_millis(grace_ms.unwrap_or(DEFAULT_STOP_GRACE_MS));
+                let app = self.app.clone();
+                let reply = sink.clone();
+                self.in_background(sink, id, "stop_app", move || {
+                    reply.result(id, app.stop(signal, grace).map(app_state));
+                });
+            }
+            HostBody::ProbeTcp { port, timeout_ms } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "probe_tcp", move || {
+                    let open = http::probe_tcp(port, Duration::from_millis(timeout_ms));
+                    reply.reply(id, GuestBody::TcpProbe { open });
+                });
+            }
+            HostBody::HttpRequest(spec) => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "http", move || {
+                    let body = match http::request(&spec) {
+                        Ok(response) => GuestBody::HttpResponse {
+                            status: response.status,
+                            headers: response.headers,
+                            body: response.body,
+                            truncated: response.truncated,
+                        },
+                        Err(http::HttpError::Failed { kind, message }) => {
+                            GuestBody::HttpFailed { kind, message }
+                        }
+                        Err(http::HttpError::Invalid(message)) => GuestBody::Error { message },
+                    };
+                    reply.reply(id, body);
+                });
+            }
         }
     }
 
@@ -235,6 +325,30 @@ impl Agent {
         if let Err(e) = spawned {
             sink.error(id, format!("cannot start a thread for {what}: {e}"));
         }
+    }
+}
+
+/// Grace period between StopApp's signal and SIGKILL when the host names none.
+const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+
+fn copied(stats: copy::CopyStats) -> GuestBody {
+    GuestBody::Copied {
+        entries: stats.entries,
+        bytes: stats.bytes,
+    }
+}
+
+fn app_state(phase: AppPhase) -> GuestBody {
+    let (running, pid, exit_code, signal) = match phase {
+        AppPhase::NeverStarted => (false, None, None, None),
+        AppPhase::Running { pid } => (true, Some(pid), None, None),
+        AppPhase::Exited { pid, exit } => (false, Some(pid), exit.code, exit.signal),
+    };
+    GuestBody::AppState {
+        running,
+        pid,
+        exit_code,
+        signal,
     }
 }
 

@@ -149,7 +149,7 @@ fn recv_until<T>(rx: &mpsc::Receiver<T>, deadline: Option<Instant>) -> Result<T,
     }
 }
 
-fn build_command(spec: &ExecSpec) -> Result<Command, String> {
+pub(crate) fn build_command(spec: &ExecSpec) -> Result<Command, String> {
     let (program, args) = spec
         .argv
         .split_first()

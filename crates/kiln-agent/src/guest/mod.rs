@@ -1,12 +1,19 @@
 //! The guest side: the agent server and the pieces of kiln-init, the guest's PID 1.
 
 pub mod agent;
+pub mod app;
+pub mod archive;
 pub mod boot;
 pub mod children;
+pub mod copy;
 pub mod exec;
+pub mod http;
+pub mod meta;
+pub mod mounts;
 pub mod net;
 pub mod ops;
 pub mod port;
+pub mod users;
 
 /// Writes one `kiln-init:`-prefixed line to the console (stderr is the console in the guest).
 #[macro_export]
