@@ -1,7 +1,32 @@
-//! Wire shapes of the AWS `lambda-microvms` API (model 2025-09-09) as kiln speaks them.
+//! Wire vocabulary of the AWS `lambda-microvms` API (model 2025-09-09, rest-json) as
+//! kiln speaks it, plus the [`Accel`] vocabulary every kiln crate shares.
 //!
-//! The image and MicroVM operations land here with the image issue; until then this crate
-//! holds only the vocabulary every other crate shares.
+//! - [`shapes`]: serde structs of every input body, output and nested shape.
+//! - [`params`]: URI labels (`…Params`) and query strings (`…Query`).
+//! - [`validate`]: the model's constraints, AWS-worded; [`validate::parse_body`].
+//! - [`error`]: [`ApiError`], one variant per modeled exception.
+//! - [`operation`]: [`Operation`], its method, path, status, and routing.
+//! - [`request`]: [`Request`], a routed, parsed and validated call.
+//! - [`arn`]: kiln's ARNs and name-or-ARN identifiers.
+//! - [`pagination`]: opaque `nextToken`s.
+
+pub mod arn;
+pub mod error;
+pub mod operation;
+pub mod pagination;
+pub mod params;
+pub mod request;
+pub mod shapes;
+pub mod timestamp;
+pub mod uri;
+pub mod validate;
+
+pub use arn::{image_identifier, ArnContext, ImageArn, ImageRef};
+pub use error::ApiError;
+pub use operation::Operation;
+pub use request::Request;
+pub use timestamp::Timestamp;
+pub use validate::Validate;
 
 use serde::{Deserialize, Serialize};
 
