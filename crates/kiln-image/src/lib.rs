@@ -8,4 +8,5 @@
 pub mod base;
 pub mod context;
 pub mod disk;
+pub mod dockerfile;
 pub mod dockerignore;

@@ -1,0 +1,478 @@
+//! Each instruction's arguments, checked and split into an [`InstructionKind`].
+
+use std::time::Duration;
+
+use super::parser::{flags, json_array, words, Logical};
+use super::{ArgDecl, Command, CopySpec, Healthcheck, InstructionKind, ParseError};
+
+/// An exposed port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Port {
+    /// The port number.
+    pub number: u16,
+    /// `true` for `/udp`, `false` for TCP (the default).
+    pub udp: bool,
+}
+
+impl Port {
+    /// Parses `8080`, `8080/tcp` or `53/udp` (after expansion).
+    pub fn parse(word: &str) -> Result<Self, String> {
+        let (number, protocol) = word.split_once('/').unwrap_or((word, "tcp"));
+        let udp = match protocol.to_ascii_lowercase().as_str() {
+            "tcp" => false,
+            "udp" => true,
+            other => {
+                return Err(format!(
+                    "port {word:?}: protocol {other:?} is not tcp or udp"
+                ))
+            }
+        };
+        match number.parse::<u16>() {
+            Ok(number) if number > 0 => Ok(Self { number, udp }),
+            _ => Err(format!(
+                "port {word:?} is not a number from 1 to 65535 (ranges are not supported)"
+            )),
+        }
+    }
+}
+
+/// Parses one logical line into what it says.
+pub(crate) fn parse_instruction(
+    logical: &Logical,
+    escape: char,
+) -> Result<InstructionKind, ParseError> {
+    let line = logical.line;
+    let err = |message: String| ParseError::new(line, message);
+    let keyword = logical.keyword.to_ascii_uppercase();
+    let rest = logical.rest.as_str();
+    let needs_args = |what: &str| {
+        if rest.is_empty() {
+            Err(err(format!("{keyword} needs {what}")))
+        } else {
+            Ok(())
+        }
+    };
+    match keyword.as_str() {
+        "FROM" => {
+            let (found, rest) = flags(rest);
+            allow_flags(&keyword, &found, &["platform"], line)?;
+            let parts = words(rest, escape);
+            match parts.as_slice() {
+                [image] => Ok(InstructionKind::From {
+                    image: image.clone(),
+                    alias: None,
+                }),
+                [image, as_kw, alias] if as_kw.eq_ignore_ascii_case("as") => {
+                    Ok(InstructionKind::From {
+                        image: image.clone(),
+                        alias: Some(alias.clone()),
+                    })
+                }
+                _ => Err(err("FROM takes `image [AS name]`".into())),
+            }
+        }
+        "RUN" => {
+            let (found, rest) = flags(rest);
+            if let Some((name, _)) = found.first() {
+                return Err(err(format!(
+                    "RUN --{name} is not supported: drop the flag (kiln runs every RUN \
+                     in the build VM with its network)"
+                )));
+            }
+            if rest.is_empty() {
+                return Err(err("RUN needs a command".into()));
+            }
+            Ok(InstructionKind::Run(command(rest)))
+        }
+        "COPY" | "ADD" => {
+            let spec = copy_spec(&keyword, rest, escape, line)?;
+            if keyword == "COPY" {
+                return Ok(InstructionKind::Copy(spec));
+            }
+            if let Some(url) = spec.sources.iter().find(|s| is_url(s)) {
+                return Err(err(format!(
+                    "ADD from URLs is not supported: download in a RUN step ({url})"
+                )));
+            }
+            Ok(InstructionKind::Add(spec))
+        }
+        "ENV" => {
+            needs_args("a name and a value")?;
+            Ok(InstructionKind::Env(pairs(&keyword, rest, escape, line)?))
+        }
+        "LABEL" => {
+            needs_args("key=value pairs")?;
+            Ok(InstructionKind::Label(pairs(&keyword, rest, escape, line)?))
+        }
+        "ARG" => {
+            needs_args("a name")?;
+            let decls = words(rest, escape)
+                .into_iter()
+                .map(|word| {
+                    let (name, default) = match word.split_once('=') {
+                        Some((name, default)) => (name.to_string(), Some(default.to_string())),
+                        None => (word, None),
+                    };
+                    check_name(&keyword, &name, line)?;
+                    Ok(ArgDecl { name, default })
+                })
+                .collect::<Result<_, ParseError>>()?;
+            Ok(InstructionKind::Arg(decls))
+        }
+        "WORKDIR" => {
+            needs_args("a directory")?;
+            Ok(InstructionKind::Workdir(rest.to_string()))
+        }
+        "USER" => {
+            let parts = words(rest, escape);
+            let [spec] = parts.as_slice() else {
+                return Err(err("USER takes one `user[:group]`".into()));
+            };
+            let (user, group) = match spec.split_once(':') {
+                Some((user, group)) => (user.to_string(), Some(group.to_string())),
+                None => (spec.clone(), None),
+            };
+            if user.is_empty() || group.as_ref().is_some_and(String::is_empty) {
+                return Err(err(format!(
+                    "USER {spec:?}: user and group must not be empty"
+                )));
+            }
+            Ok(InstructionKind::User { user, group })
+        }
+        "EXPOSE" => {
+            needs_args("a port")?;
+            let ports = words(rest, escape);
+            for port in ports.iter().filter(|p| !p.contains('$')) {
+                Port::parse(port).map_err(&err)?;
+            }
+            Ok(InstructionKind::Expose(ports))
+        }
+        "CMD" => {
+            needs_args("a command")?;
+            Ok(InstructionKind::Cmd(command(rest)))
+        }
+        "ENTRYPOINT" => {
+            needs_args("a command")?;
+            Ok(InstructionKind::Entrypoint(command(rest)))
+        }
+        "HEALTHCHECK" => healthcheck(rest, line).map(InstructionKind::Healthcheck),
+        "SHELL" => match json_array(rest) {
+            Some(shell) if !shell.is_empty() => Ok(InstructionKind::Shell(shell)),
+            _ => Err(err(
+                "SHELL takes a JSON array, e.g. SHELL [\"/bin/bash\", \"-c\"]".into(),
+            )),
+        },
+        "STOPSIGNAL" => {
+            let parts = words(rest, escape);
+            let [signal] = parts.as_slice() else {
+                return Err(err("STOPSIGNAL takes one signal, e.g. SIGTERM or 15".into()));
+            };
+            if !signal.contains('$') && !is_signal(signal) {
+                return Err(err(format!(
+                    "STOPSIGNAL {signal:?} is not a signal name (SIGTERM, TERM) or number (1-64)"
+                )));
+            }
+            Ok(InstructionKind::StopSignal(signal.clone()))
+        }
+        "VOLUME" => {
+            needs_args("a path")?;
+            Ok(InstructionKind::Volume(
+                json_array(rest).unwrap_or_else(|| words(rest, escape)),
+            ))
+        }
+        "MAINTAINER" => {
+            needs_args("a name")?;
+            Ok(InstructionKind::Maintainer(rest.to_string()))
+        }
+        "ONBUILD" => Err(err(
+            "ONBUILD is not supported: put the instructions in this Dockerfile".into(),
+        )),
+        _ => Err(err(format!(
+            "unknown instruction `{}`: check the spelling (FROM, RUN, COPY, ADD, ENV, ARG, \
+             WORKDIR, USER, EXPOSE, CMD, ENTRYPOINT, LABEL, HEALTHCHECK, SHELL, STOPSIGNAL, \
+             VOLUME)",
+            logical.keyword
+        ))),
+    }
+}
+
+/// Exec form when the arguments are a JSON array of strings, else shell form.
+fn command(rest: &str) -> Command {
+    match json_array(rest) {
+        Some(argv) => Command::Exec(argv),
+        None => Command::Shell(rest.to_string()),
+    }
+}
+
+/// Fails on any flag not in `allowed`.
+fn allow_flags(
+    keyword: &str,
+    found: &[(String, Option<String>)],
+    allowed: &[&str],
+    line: usize,
+) -> Result<(), ParseError> {
+    match found
+        .iter()
+        .find(|(name, _)| !allowed.contains(&name.as_str()))
+    {
+        Some((name, _)) => Err(ParseError::new(
+            line,
+            format!("{keyword} --{name} is not supported: remove the flag"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn copy_spec(keyword: &str, rest: &str, escape: char, line: usize) -> Result<CopySpec, ParseError> {
+    let (found, rest) = flags(rest);
+    if found.iter().any(|(name, _)| name == "from") {
+        return Err(ParseError::new(
+            line,
+            format!("{keyword} --from: multi-stage builds are not supported yet"),
+        ));
+    }
+    allow_flags(keyword, &found, &["chown", "chmod", "link"], line)?;
+    let value = |flag: &str| -> Result<Option<String>, ParseError> {
+        match found.iter().find(|(name, _)| name == flag) {
+            Some((_, Some(value))) if !value.is_empty() => Ok(Some(value.clone())),
+            Some(_) => Err(ParseError::new(
+                line,
+                format!("{keyword} --{flag} needs a value, e.g. --{flag}=…"),
+            )),
+            None => Ok(None),
+        }
+    };
+    let chown = value("chown")?;
+    let chmod = value("chmod")?;
+    if let Some(mode) = chmod.as_ref().filter(|m| !m.contains('$')) {
+        if mode.is_empty() || u32::from_str_radix(mode, 8).map_or(true, |m| m > 0o7777) {
+            return Err(ParseError::new(
+                line,
+                format!("{keyword} --chmod={mode}: give an octal mode like 755"),
+            ));
+        }
+    }
+    let mut paths = json_array(rest).unwrap_or_else(|| words(rest, escape));
+    if paths.len() < 2 {
+        return Err(ParseError::new(
+            line,
+            format!("{keyword} needs at least one source and a destination"),
+        ));
+    }
+    let dest = paths.pop().unwrap_or_default();
+    Ok(CopySpec {
+        sources: paths,
+        dest,
+        chown,
+        chmod,
+    })
+}
+
+fn is_url(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    ["http://", "https://", "git@", "git://"]
+        .iter()
+        .any(|scheme| lower.starts_with(scheme))
+}
+
+/// `k=v k2="v 2"` pairs, or the legacy `k rest of line` form.
+fn pairs(
+    keyword: &str,
+    rest: &str,
+    escape: char,
+    line: usize,
+) -> Result<Vec<(String, String)>, ParseError> {
+    let parts = words(rest, escape);
+    let first_has_eq = parts.first().is_some_and(|w| w.contains('='));
+    if !first_has_eq {
+        let (name, value) = rest.split_once(char::is_whitespace).ok_or_else(|| {
+            ParseError::new(
+                line,
+                format!("{keyword} {rest}: give a value (`{keyword} name=value`)"),
+            )
+        })?;
+        check_name(keyword, name, line)?;
+        return Ok(vec![(name.to_string(), value.trim_start().to_string())]);
+    }
+    parts
+        .into_iter()
+        .map(|word| {
+            let (name, value) = word.split_once('=').ok_or_else(|| {
+                ParseError::new(
+                    line,
+                    format!("{keyword}: `{word}` has no `=`: write name=value"),
+                )
+            })?;
+            if keyword == "ENV" {
+                check_name(keyword, name, line)?;
+            } else if name.is_empty() {
+                return Err(ParseError::new(line, format!("{keyword}: a key is empty")));
+            }
+            Ok((name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+fn check_name(keyword: &str, name: &str, line: usize) -> Result<(), ParseError> {
+    let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ParseError::new(
+            line,
+            format!("{keyword}: {name:?} is not a valid variable name (letters, digits, _)"),
+        ))
+    }
+}
+
+fn is_signal(signal: &str) -> bool {
+    if let Ok(number) = signal.parse::<u32>() {
+        return (1..=64).contains(&number);
+    }
+    let name = signal.strip_prefix("SIG").unwrap_or(signal);
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '+' || c == '-')
+}
+
+fn healthcheck(rest: &str, line: usize) -> Result<Healthcheck, ParseError> {
+    let err = |message: String| ParseError::new(line, message);
+    if rest.eq_ignore_ascii_case("none") {
+        return Ok(Healthcheck::None);
+    }
+    let (found, rest) = flags(rest);
+    allow_flags(
+        "HEALTHCHECK",
+        &found,
+        &[
+            "interval",
+            "timeout",
+            "start-period",
+            "start-interval",
+            "retries",
+        ],
+        line,
+    )?;
+    let (cmd_kw, test) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if !cmd_kw.eq_ignore_ascii_case("cmd") || test.trim().is_empty() {
+        return Err(err(
+            "HEALTHCHECK takes NONE or `[--interval=… --timeout=… --start-period=… \
+             --retries=…] CMD command`"
+                .into(),
+        ));
+    }
+    let mut interval = Duration::from_secs(30);
+    let mut timeout = Duration::from_secs(30);
+    let mut start_period = Duration::ZERO;
+    let mut retries = 3;
+    for (name, value) in &found {
+        let value = value.as_deref().unwrap_or_default();
+        let duration = || {
+            parse_duration(value).ok_or_else(|| {
+                err(format!(
+                    "HEALTHCHECK --{name}={value}: give a duration like 30s, 1m30s or 500ms"
+                ))
+            })
+        };
+        match name.as_str() {
+            "interval" => interval = duration()?,
+            "timeout" => timeout = duration()?,
+            "start-period" => start_period = duration()?,
+            "start-interval" => {
+                duration()?;
+            }
+            _ => {
+                retries = value.parse().map_err(|_| {
+                    err(format!(
+                        "HEALTHCHECK --retries={value}: give a whole number"
+                    ))
+                })?
+            }
+        }
+    }
+    Ok(Healthcheck::Check {
+        test: command(test.trim()),
+        interval,
+        timeout,
+        start_period,
+        retries,
+    })
+}
+
+/// Go's `time.ParseDuration` for non-negative values: `1m30s`, `1.5h`, `500ms`, `0`.
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_duration_when_go_syntax_then_seconds() {
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(parse_duration("5d"), None);
+    }
+
+    #[test]
+    fn port_parse_when_protocols_then_tcp_default_and_udp() {
+        assert_eq!(
+            Port::parse("8080"),
+            Ok(Port {
+                number: 8080,
+                udp: false
+            })
+        );
+        assert_eq!(
+            Port::parse("8080/tcp"),
+            Ok(Port {
+                number: 8080,
+                udp: false
+            })
+        );
+        assert_eq!(
+            Port::parse("53/udp"),
+            Ok(Port {
+                number: 53,
+                udp: true
+            })
+        );
+        assert!(Port::parse("70000").is_err());
+        assert!(Port::parse("80/sctp").is_err());
+    }
+}
