@@ -2,7 +2,8 @@
 //! Guest-only operations (clock, entropy, power) are not exercised here.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -12,7 +13,10 @@ use kiln_agent::proto::{
     decode_payload, encode_frame, FrameDecoder, GuestBody, GuestMessage, HostBody, HostMessage,
     MAGIC, PROTOCOL_VERSION,
 };
-use kiln_agent::{AgentClient, AgentError, ExecEvent, ExecRequest};
+use kiln_agent::{
+    AgentClient, AgentError, AppSpec, CopySpec, ExecEvent, ExecRequest, HttpFailureKind,
+    HttpRequestSpec,
+};
 
 const CONNECT: Duration = Duration::from_secs(10);
 
@@ -30,6 +34,7 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_kiln-init"))
             .arg("--serve-unix")
             .arg(&socket)
+            .env("KILN_INIT_APP_LOG", dir.path().join("app.log"))
             .spawn()
             .expect("spawn kiln-init");
         Server { child, socket, dir }
@@ -417,4 +422,581 @@ async fn client_dropped_when_exec_stream_kept_then_stream_still_completes() {
     let output = stream.collect().await.expect("collect");
 
     assert_eq!(output.stdout, b"late\n");
+}
+
+// ---- Copy ----
+
+fn copy_spec(src: &str, dest: &str) -> CopySpec {
+    CopySpec {
+        src: src.into(),
+        dest: dest.into(),
+        ..CopySpec::default()
+    }
+}
+
+fn write_with_mode(path: &str, data: &[u8], mode: u32) {
+    if let Some(parent) = Path::new(path).parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(path, data).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_file_to_dir_with_slash_then_lands_by_name_with_mode_and_owner() {
+    let server = Server::start();
+    let client = server.client().await;
+    let src = server.path("ctx/run.sh");
+    write_with_mode(&src, b"#!/bin/sh\n", 0o750);
+    let dest = format!("{}/", server.path("out/bin"));
+
+    let stats = client
+        .copy(CopySpec {
+            uid: Some(1234),
+            gid: Some(5678),
+            ..copy_spec(&src, &dest)
+        })
+        .await
+        .expect("copy");
+
+    let copied = server.path("out/bin/run.sh");
+    let meta = std::fs::metadata(&copied).expect("stat");
+    assert_eq!(std::fs::read(&copied).expect("read"), b"#!/bin/sh\n");
+    assert_eq!(meta.mode() & 0o7777, 0o750);
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+    assert_eq!(stats.entries, 1);
+    assert_eq!(stats.bytes, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_file_to_new_name_then_renamed() {
+    let server = Server::start();
+    let client = server.client().await;
+    let src = server.path("ctx/a.txt");
+    write_with_mode(&src, b"a", 0o644);
+
+    client
+        .copy(copy_spec(&src, &server.path("out/b.txt")))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(server.path("out/b.txt")).expect("read"), b"a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_directory_then_contents_copied_and_symlinks_kept() {
+    let server = Server::start();
+    let client = server.client().await;
+    write_with_mode(&server.path("ctx/app/main.py"), b"print(1)\n", 0o644);
+    write_with_mode(&server.path("ctx/app/lib/util.py"), b"x = 1\n", 0o600);
+    std::os::unix::fs::symlink("/etc/passwd", server.path("ctx/app/passwd")).expect("symlink");
+
+    client
+        .copy(CopySpec {
+            uid: Some(1000),
+            gid: Some(1000),
+            ..copy_spec(&server.path("ctx/app"), &server.path("out/srv"))
+        })
+        .await
+        .expect("copy");
+
+    let link = server.path("out/srv/passwd");
+    let link_meta = std::fs::symlink_metadata(&link).expect("lstat");
+    assert!(link_meta.file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_link(&link).expect("readlink"),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(link_meta.uid(), 1000);
+    assert!(!Path::new(&server.path("out/srv/app")).exists());
+    assert_eq!(
+        std::fs::read(server.path("out/srv/main.py")).expect("read"),
+        b"print(1)\n"
+    );
+    let util = std::fs::metadata(server.path("out/srv/lib/util.py")).expect("stat");
+    assert_eq!(util.mode() & 0o7777, 0o600);
+    assert_eq!((util.uid(), util.gid()), (1000, 1000));
+    let lib = std::fs::metadata(server.path("out/srv/lib")).expect("stat");
+    assert_eq!(lib.uid(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_glob_then_only_matches_copied() {
+    let server = Server::start();
+    let client = server.client().await;
+    for name in ["a.py", "b.py", "c.txt", "d1.py"] {
+        write_with_mode(&server.path(&format!("ctx/{name}")), name.as_bytes(), 0o644);
+    }
+    let dest = format!("{}/", server.path("out"));
+
+    client
+        .copy(copy_spec(&server.path("ctx/?.py"), &dest))
+        .await
+        .expect("copy");
+
+    let mut names: Vec<String> = std::fs::read_dir(server.path("out"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.py", "b.py"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_glob_matches_nothing_then_error_names_pattern() {
+    let server = Server::start();
+    let client = server.client().await;
+    std::fs::create_dir_all(server.path("ctx")).expect("mkdir");
+
+    let result = client
+        .copy(copy_spec(&server.path("ctx/*.rb"), &server.path("out/")))
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("*.rb"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_mode_given_then_it_overrides_the_source_mode() {
+    let server = Server::start();
+    let client = server.client().await;
+    write_with_mode(&server.path("ctx/tool"), b"x", 0o600);
+
+    client
+        .copy(CopySpec {
+            mode: Some(0o755),
+            ..copy_spec(&server.path("ctx/tool"), &server.path("out/tool"))
+        })
+        .await
+        .expect("copy");
+
+    let mode = std::fs::metadata(server.path("out/tool"))
+        .expect("stat")
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+}
+
+// ---- ExtractArchive ----
+
+/// A tar entry header whose name is written raw, so it may be anything.
+fn raw_header(name: &str, kind: tar::EntryType, size: u64, link: &str) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1_700_000_000);
+    header.set_cksum();
+    header
+}
+
+fn tar_of(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, data, link) in entries {
+        let header = raw_header(name, *kind, data.len() as u64, link);
+        builder.append(&header, *data).expect("append");
+    }
+    builder.into_inner().expect("finish")
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_tar_gz_then_tree_unpacked_with_links() {
+    let server = Server::start();
+    let client = server.client().await;
+    let archive = gzip(&tar_of(&[
+        ("./", tar::EntryType::Directory, b"", ""),
+        ("./bin/", tar::EntryType::Directory, b"", ""),
+        ("./bin/tool", tar::EntryType::Regular, b"#!/bin/sh\n", ""),
+        ("./bin/alias", tar::EntryType::Symlink, b"", "tool"),
+        ("./bin/hard", tar::EntryType::Link, b"", "bin/tool"),
+    ]));
+    std::fs::write(server.path("tool.tar.gz"), archive).expect("write");
+
+    let stats = client
+        .extract_archive(
+            &server.path("tool.tar.gz"),
+            &server.path("opt"),
+            Some((7, 8)),
+        )
+        .await
+        .expect("extract");
+
+    let tool = std::fs::metadata(server.path("opt/bin/tool")).expect("stat");
+    assert_eq!((tool.uid(), tool.gid()), (7, 8));
+    assert_eq!(tool.nlink(), 2);
+    assert_eq!(
+        std::fs::read(server.path("opt/bin/alias")).expect("read through link"),
+        b"#!/bin/sh\n"
+    );
+    assert_eq!(stats.entries, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_entry_climbs_out_then_refused_and_nothing_written_outside() {
+    let server = Server::start();
+    let client = server.client().await;
+    let archive = tar_of(&[("../escaped", tar::EntryType::Regular, b"x", "")]);
+    std::fs::write(server.path("evil.tar"), archive).expect("write");
+
+    let result = client
+        .extract_archive(&server.path("evil.tar"), &server.path("dest"), None)
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("../escaped"), "{message}");
+    assert!(!Path::new(&server.path("escaped")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_entry_goes_through_symlink_pointing_outside_then_refused() {
+    let server = Server::start();
+    let client = server.client().await;
+    let outside = server.path("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    let archive = tar_of(&[
+        ("sneaky", tar::EntryType::Symlink, b"", outside.as_str()),
+        ("sneaky/pwned", tar::EntryType::Regular, b"x", ""),
+    ]);
+    std::fs::write(server.path("evil.tar"), archive).expect("write");
+
+    let result = client
+        .extract_archive(&server.path("evil.tar"), &server.path("dest"), None)
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("sneaky/pwned"), "{message}");
+    assert!(!Path::new(&outside).join("pwned").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_device_node_then_refused() {
+    let server = Server::start();
+    let client = server.client().await;
+    let archive = tar_of(&[("dev/sda", tar::EntryType::Block, b"", "")]);
+    std::fs::write(server.path("dev.tar"), archive).expect("write");
+
+    let result = client
+        .extract_archive(&server.path("dev.tar"), &server.path("dest"), None)
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("device node"), "{message}");
+}
+
+// ---- LookupUser, Mount ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_user_when_root_then_zero_ids() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let user = client.lookup_user("root").await.expect("lookup");
+
+    assert_eq!((user.uid, user.gid), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_user_when_unknown_name_then_error_names_it() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let result = client.lookup_user("no-such-user-kiln").await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("no-such-user-kiln"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_when_source_missing_then_error_says_so() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let result = client
+        .mount(
+            "/dev/kiln-no-such-disk",
+            &server.path("mnt"),
+            "ext4",
+            &["ro"],
+        )
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("/dev/kiln-no-such-disk does not exist"),
+        "{message}"
+    );
+}
+
+// ---- App supervision ----
+
+fn app(script: &str) -> AppSpec {
+    AppSpec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..AppSpec::default()
+    }
+}
+
+/// Waits until the app log holds `needle`; returns the log.
+async fn wait_for_log(server: &Server, needle: &str) -> String {
+    let path = server.path("app.log");
+    for _ in 0..200 {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    panic!("{needle:?} never appeared in the app log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_when_started_then_output_in_log_and_second_start_refused() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let pid = client
+        .start_app(app("echo hel''lo; echo oo''ps >&2; exec sleep 30"))
+        .await
+        .expect("start");
+    let log = wait_for_log(&server, "oops").await;
+    let status = client.app_status().await.expect("status");
+    let second = client.start_app(app("true")).await;
+
+    assert!(
+        log.starts_with(&format!("[kiln] app started: pid {pid} sh -c ")),
+        "{log}"
+    );
+    assert!(log.contains("\nhello\n"), "{log}");
+    assert!(status.running);
+    assert_eq!(status.pid, Some(pid));
+    assert!(matches!(second, Err(AgentError::Guest(_))), "{second:?}");
+    let _ = client.stop_app(None, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_app_when_running_then_sigterm_ends_it_and_log_says_so() {
+    let server = Server::start();
+    let client = server.client().await;
+    client.start_app(app("exec sleep 30")).await.expect("start");
+
+    let state = client
+        .stop_app(None, Duration::from_secs(5))
+        .await
+        .expect("stop");
+
+    assert!(!state.running);
+    assert_eq!(state.signal, Some(libc::SIGTERM));
+    wait_for_log(&server, "[kiln] app exited: signal 15\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_app_when_sigterm_ignored_then_killed_after_grace() {
+    let server = Server::start();
+    let client = server.client().await;
+    client
+        .start_app(app(
+            "trap '' TERM; echo ar''med; while :; do sleep 0.1; done",
+        ))
+        .await
+        .expect("start");
+    wait_for_log(&server, "armed").await;
+
+    let state = client
+        .stop_app(Some(libc::SIGTERM), Duration::from_millis(300))
+        .await
+        .expect("stop");
+
+    assert!(!state.running);
+    assert_eq!(state.signal, Some(libc::SIGKILL));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_when_it_exits_then_status_reports_code_and_restart_allowed() {
+    let server = Server::start();
+    let client = server.client().await;
+    client.start_app(app("exit 7")).await.expect("start");
+    wait_for_log(&server, "[kiln] app exited: code 7").await;
+
+    let status = client.app_status().await.expect("status");
+    let restarted = client.start_app(app("exec sleep 30")).await;
+
+    assert!(!status.running);
+    assert_eq!(status.exit_code, Some(7));
+    assert!(restarted.is_ok(), "{restarted:?}");
+    let _ = client.stop_app(None, Duration::from_secs(1)).await;
+}
+
+// ---- ProbeTcp, HttpRequest ----
+
+/// A port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_tcp_when_listening_then_open_else_closed() {
+    let server = Server::start();
+    let client = server.client().await;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+
+    let open = client
+        .probe_tcp(port, Duration::from_secs(2))
+        .await
+        .expect("probe");
+    drop(listener);
+    let closed = client
+        .probe_tcp(port, Duration::from_secs(2))
+        .await
+        .expect("probe");
+
+    assert!(open);
+    assert!(!closed);
+}
+
+/// Serves one connection: reads the request head and its Content-Length body, answers
+/// `response` raw, closes. The thread returns the request it read.
+fn one_shot_http(response: &'static [u8]) -> (u16, std::thread::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let request = read_request(&mut stream);
+        stream.write_all(response).expect("respond");
+        request
+    });
+    (port, thread)
+}
+
+fn read_request(stream: &mut TcpStream) -> String {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).expect("read request");
+        data.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length || n == 0 {
+                return text;
+            }
+        }
+        if n == 0 {
+            return text;
+        }
+    }
+}
+
+fn hook(port: u16, body: &[u8]) -> HttpRequestSpec {
+    HttpRequestSpec {
+        method: "POST".into(),
+        port,
+        path: "/aws/lambda-microvms/runtime/v1/ready".into(),
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: body.to_vec(),
+        timeout_ms: 5000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_content_length_response_then_status_headers_body_and_request_sent() {
+    let server = Server::start();
+    let client = server.client().await;
+    let (port, peer) =
+        one_shot_http(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Hook: ready\r\n\r\nhello");
+
+    let response = client
+        .http_request(hook(port, b"{}"))
+        .await
+        .expect("request");
+    let request = peer.join().expect("server thread");
+
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("x-hook"), Some("ready"));
+    assert_eq!(response.body, b"hello");
+    assert!(request.starts_with("POST /aws/lambda-microvms/runtime/v1/ready HTTP/1.1\r\n"));
+    assert!(request.contains("Content-Length: 2\r\n"), "{request}");
+    assert!(request.contains("Connection: close\r\n"), "{request}");
+    assert!(request.ends_with("\r\n\r\n{}"), "{request}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_chunked_response_then_body_decoded() {
+    let server = Server::start();
+    let client = server.client().await;
+    let (port, _peer) = one_shot_http(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nnot r\r\n6\r\neady!\n\r\n0\r\nTrailer: x\r\n\r\n",
+    );
+
+    let response = client.http_request(hook(port, b"")).await.expect("request");
+
+    assert_eq!(response.status, 503);
+    assert_eq!(response.body, b"not ready!\n");
+    assert!(!response.truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_body_ends_at_close_then_read_to_the_end() {
+    let server = Server::start();
+    let client = server.client().await;
+    let (port, _peer) = one_shot_http(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nuntil close");
+
+    let response = client.http_request(hook(port, b"")).await.expect("request");
+
+    assert_eq!(response.body, b"until close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_nothing_listens_then_refused_kind() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let result = client.http_request(hook(free_port(), b"")).await;
+
+    assert!(
+        matches!(
+            result,
+            Err(AgentError::Http {
+                kind: HttpFailureKind::Refused,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_peer_never_answers_then_timed_out_kind() {
+    let server = Server::start();
+    let client = server.client().await;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+
+    let result = client
+        .http_request(HttpRequestSpec {
+            timeout_ms: 300,
+            ..hook(port, b"")
+        })
+        .await;
+
+    assert_eq!(
+        result.err().and_then(|e| e.http_failure()),
+        Some(HttpFailureKind::TimedOut)
+    );
+    drop(listener);
 }
