@@ -788,3 +788,247 @@ impl Validate for UntagResourceQuery {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn create_body(overrides: serde_json::Value) -> Vec<u8> {
+        let mut body = json!({
+            "baseImageArn": "arn:aws:lambda:local:aws:microvm-image:al2023",
+            "buildRoleArn": "arn:aws:iam::000000000000:role/build",
+            "codeArtifact": {"uri": "s3://bucket/app.zip"},
+            "name": "web"
+        });
+        if let (Some(b), Some(o)) = (body.as_object_mut(), overrides.as_object()) {
+            for (k, v) in o {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::to_vec(&body).unwrap()
+    }
+
+    fn create_error(overrides: serde_json::Value) -> String {
+        parse_body::<CreateMicrovmImageRequest>(&create_body(overrides))
+            .unwrap_err()
+            .message()
+            .to_string()
+    }
+
+    fn one(path: &str, constraint: &str) -> String {
+        format!("1 validation error detected: Value at '{path}' failed to satisfy constraint: {constraint}")
+    }
+
+    #[test]
+    fn every_model_pattern_compiles() {
+        for p in [
+            &NON_BLANK,
+            &IMAGE_NAME,
+            &LOG_GROUP,
+            &LOG_STREAM,
+            &ROLE_ARN,
+            &KMS_KEY,
+            &TAG_TEXT,
+            &TAGGABLE_RESOURCE,
+        ] {
+            p.matches("");
+        }
+    }
+
+    #[test]
+    fn valid_create_body_parses() {
+        let req: CreateMicrovmImageRequest = parse_body(&create_body(json!({}))).unwrap();
+        assert_eq!(req.name, "web");
+    }
+
+    #[test]
+    fn name_pattern_violation_is_worded_like_aws() {
+        assert_eq!(
+            create_error(json!({"name": "web server"})),
+            one(
+                "name",
+                "Member must satisfy regular expression pattern: [a-zA-Z0-9-_]+"
+            )
+        );
+    }
+
+    #[test]
+    fn pattern_must_match_whole_string() {
+        assert!(create_error(json!({"name": "ok!"})).contains("regular expression pattern"));
+    }
+
+    #[test]
+    fn too_long_name_reports_max_length() {
+        assert_eq!(
+            create_error(json!({"name": "a".repeat(65)})),
+            one("name", "Member must have length less than or equal to 64")
+        );
+    }
+
+    #[test]
+    fn short_role_reports_min_length_and_pattern() {
+        assert_eq!(
+            create_error(json!({"buildRoleArn": "arn:x"})),
+            "2 validation errors detected: \
+             Value at 'buildRoleArn' failed to satisfy constraint: Member must have length greater than or equal to 20; \
+             Value at 'buildRoleArn' failed to satisfy constraint: Member must satisfy regular expression pattern: \
+             arn:aws[a-z\\-]*:iam::[0-9]{12}:role/?[a-zA-Z_0-9+=,.@\\-_/]+"
+        );
+    }
+
+    #[test]
+    fn missing_required_member_is_not_null() {
+        let err = parse_body::<CreateMicrovmImageRequest>(br#"{"name":"web"}"#).unwrap_err();
+        assert_eq!(err.error_type(), "ValidationException");
+        assert!(
+            err.message().contains("Member must not be null"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn nested_integer_range_names_the_path() {
+        assert_eq!(
+            create_error(json!({"hooks": {"microvmHooks": {"runTimeoutInSeconds": 61}}})),
+            one(
+                "hooks.microvmHooks.runTimeoutInSeconds",
+                "Member must have value less than or equal to 60"
+            )
+        );
+    }
+
+    #[test]
+    fn list_size_is_checked() {
+        assert_eq!(
+            create_error(json!({"egressNetworkConnectors": ["a", "b"]})),
+            one(
+                "egressNetworkConnectors",
+                "Member must have length less than or equal to 1"
+            )
+        );
+    }
+
+    #[test]
+    fn map_size_and_entries_are_checked() {
+        let env: serde_json::Map<String, serde_json::Value> =
+            (0..101).map(|i| (format!("K{i}"), json!("v"))).collect();
+        assert_eq!(
+            create_error(json!({"environmentVariables": env})),
+            one(
+                "environmentVariables",
+                "Member must have length less than or equal to 100"
+            )
+        );
+        assert_eq!(
+            create_error(json!({"tags": {"": "x"}})),
+            one("tags", "Map keys must satisfy constraint: [Member must have length greater than or equal to 1]")
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_names_the_set() {
+        let msg = create_error(json!({"cpuConfigurations": [{"architecture": "RISCV"}]}));
+        assert_eq!(
+            msg,
+            one(
+                "cpuConfigurations.1.member.architecture",
+                "Member must satisfy enum value set: [ARM_64, X86_64]"
+            )
+        );
+    }
+
+    #[test]
+    fn union_with_no_member_is_rejected() {
+        assert_eq!(
+            create_error(json!({"codeArtifact": {}})),
+            one("codeArtifact", "Member must have exactly one member set")
+        );
+    }
+
+    #[test]
+    fn run_microvm_ranges_are_checked() {
+        let err = parse_body::<RunMicrovmRequest>(
+            br#"{"imageIdentifier":"web","maximumDurationInSeconds":0,
+                 "idlePolicy":{"maxIdleDurationSeconds":59,"suspendedDurationSeconds":0,"autoResumeEnabled":false}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "2 validation errors detected: \
+             Value at 'idlePolicy.maxIdleDurationSeconds' failed to satisfy constraint: Member must have value greater than or equal to 60; \
+             Value at 'maximumDurationInSeconds' failed to satisfy constraint: Member must have value greater than or equal to 1"
+        );
+    }
+
+    #[test]
+    fn auth_token_needs_a_port() {
+        let err = parse_body::<CreateMicrovmAuthTokenRequest>(
+            br#"{"expirationInMinutes":5,"allowedPorts":[]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message(),
+            one(
+                "allowedPorts",
+                "Member must have length greater than or equal to 1"
+            )
+        );
+        let err = parse_body::<CreateMicrovmAuthTokenRequest>(
+            br#"{"expirationInMinutes":5,"allowedPorts":[{"port":70000}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message(),
+            one(
+                "allowedPorts.1.member.port",
+                "Member must have value less than or equal to 65535"
+            )
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_a_validation_error() {
+        let err = parse_body::<RunMicrovmRequest>(b"{not json").unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("Could not parse request body into json"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn empty_body_means_empty_object() {
+        let err = parse_body::<RunMicrovmRequest>(b"").unwrap_err();
+        assert_eq!(err.message(), one("imageIdentifier", NOT_NULL));
+    }
+
+    #[test]
+    fn tag_value_pattern_is_checked() {
+        let err = parse_body::<TagResourceRequest>(br#"{"Tags":{"k":"bad*value"}}"#).unwrap_err();
+        assert!(
+            err.message().contains("Map value must satisfy constraint"),
+            "{}",
+            err.message()
+        );
+        let ok = parse_body::<TagResourceRequest>("{\"Tags\":{\"équipe\":\"café 1\"}}".as_bytes());
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn kms_key_forms_are_accepted() {
+        for key in [
+            "alias/kiln",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws:kms:us-east-1:123456789012:key/abc",
+        ] {
+            assert!(parse_body::<CreateMicrovmImageRequest>(&create_body(
+                json!({"kmsKeyIdentifier": key})
+            ))
+            .is_ok());
+        }
+        assert!(create_error(json!({"kmsKeyIdentifier": "not a key"})).contains("kmsKeyIdentifier"));
+    }
+}

@@ -134,7 +134,7 @@ pub struct ImageVersionConfig {
 
 /// Body of `CreateMicrovmImage` (model `CreateMicrovmImageRequest`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "ImageRequestWire")]
 pub struct CreateMicrovmImageRequest {
     /// What the first version is built from.
     #[serde(flatten)]
@@ -147,6 +147,83 @@ pub struct CreateMicrovmImageRequest {
     /// Idempotency token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
+}
+
+/// The members of Create/UpdateMicrovmImage bodies, read flat. serde's `flatten` would
+/// lose the member path of a bad value, which validation messages need.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageRequestWire {
+    base_image_arn: String,
+    base_image_version: Option<String>,
+    build_role_arn: String,
+    description: Option<String>,
+    code_artifact: CodeArtifact,
+    logging: Option<Logging>,
+    egress_network_connectors: Option<Vec<String>>,
+    cpu_configurations: Option<Vec<CpuConfiguration>>,
+    resources: Option<Vec<Resources>>,
+    additional_os_capabilities: Option<Vec<Capability>>,
+    hooks: Option<Hooks>,
+    environment_variables: Option<EnvironmentVariables>,
+    kms_key_identifier: Option<String>,
+    name: Option<String>,
+    tags: Option<Tags>,
+    client_token: Option<String>,
+}
+
+impl ImageRequestWire {
+    fn split(
+        self,
+    ) -> (
+        ImageVersionConfig,
+        Option<String>,
+        Option<Tags>,
+        Option<String>,
+    ) {
+        let config = ImageVersionConfig {
+            base_image_arn: self.base_image_arn,
+            base_image_version: self.base_image_version,
+            build_role_arn: self.build_role_arn,
+            description: self.description,
+            code_artifact: self.code_artifact,
+            logging: self.logging,
+            egress_network_connectors: self.egress_network_connectors,
+            cpu_configurations: self.cpu_configurations,
+            resources: self.resources,
+            additional_os_capabilities: self.additional_os_capabilities,
+            hooks: self.hooks,
+            environment_variables: self.environment_variables,
+            kms_key_identifier: self.kms_key_identifier,
+        };
+        (config, self.name, self.tags, self.client_token)
+    }
+}
+
+impl TryFrom<ImageRequestWire> for CreateMicrovmImageRequest {
+    type Error = String;
+    fn try_from(wire: ImageRequestWire) -> Result<Self, String> {
+        let (config, name, tags, client_token) = wire.split();
+        // Worded as serde words it, so `parse_body` reports `name` as null.
+        let name = name.ok_or_else(|| "missing field `name`".to_string())?;
+        Ok(CreateMicrovmImageRequest {
+            config,
+            name,
+            tags,
+            client_token,
+        })
+    }
+}
+
+impl From<ImageRequestWire> for UpdateMicrovmImageRequest {
+    fn from(wire: ImageRequestWire) -> Self {
+        // `name` and `tags` are not members of this input; AWS ignores them too.
+        let (config, _, _, client_token) = wire.split();
+        UpdateMicrovmImageRequest {
+            config,
+            client_token,
+        }
+    }
 }
 
 /// The members every image description starts with (model `MicrovmImageSummary`).
@@ -192,7 +269,7 @@ pub struct CreateMicrovmImageResponse {
 /// Body of `UpdateMicrovmImage` (model `UpdateMicrovmImageRequest`); the image is the
 /// `imageIdentifier` URI label ([`crate::params::ImageParams`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", from = "ImageRequestWire")]
 pub struct UpdateMicrovmImageRequest {
     /// What the new version is built from.
     #[serde(flatten)]

@@ -82,3 +82,6 @@ pub use common::*;
 pub use image::*;
 pub use microvm::*;
 pub use tags::*;
+
+#[cfg(test)]
+mod tests;
