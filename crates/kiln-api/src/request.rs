@@ -9,9 +9,9 @@ use crate::validate::{parse_body, Validate};
 use crate::ApiError;
 
 /// One validated call of each operation. `params` are URI labels, `query` the query
-/// string, `body` the JSON body; an operation without one has no such field.
+/// string, `body` the JSON body; an operation without one has no such field. Each
+/// variant is the operation of the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(missing_docs)] // Each variant is the operation of the same name.
 pub enum Request {
     CreateMicrovmAuthToken {
         params: MicrovmParams,
