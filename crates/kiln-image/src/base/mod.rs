@@ -5,6 +5,7 @@
 //! into place, so parallel callers never see half a base and the second one reuses the first's.
 
 pub mod busybox;
+pub mod debian;
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,17 @@ pub enum BaseError {
         package: String,
         /// What apt-get said.
         detail: String,
+    },
+    /// The host's apt sources name no mirror for the suite.
+    #[error(
+        "no apt source for Debian {suite} main in {apt_dir}/sources.list or sources.list.d/: \
+         add one (e.g. `deb http://YOUR-MIRROR/debian {suite} main`)"
+    )]
+    NoMirror {
+        /// The suite looked for.
+        suite: &'static str,
+        /// The apt configuration directory read.
+        apt_dir: PathBuf,
     },
     /// A tool ran but failed.
     #[error("`{command}` failed: {detail}")]
