@@ -692,6 +692,78 @@ async fn extract_when_device_node_then_refused() {
     assert!(message.contains("device node"), "{message}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_bzip2_or_xz_then_unpacked() {
+    let server = Server::start();
+    let client = server.client().await;
+    let plain = tar_of(&[("hello.txt", tar::EntryType::Regular, b"hi\n", "")]);
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(&plain).expect("bzip2");
+    std::fs::write(server.path("a.tar.bz2"), bz.finish().expect("bzip2")).expect("write");
+    let mut xz = Vec::new();
+    lzma_rs::xz_compress(&mut plain.as_slice(), &mut xz).expect("xz");
+    std::fs::write(server.path("a.tar.xz"), xz).expect("write");
+
+    client
+        .extract_archive(&server.path("a.tar.bz2"), &server.path("bz"), None)
+        .await
+        .expect("extract bzip2");
+    client
+        .extract_archive(&server.path("a.tar.xz"), &server.path("xz"), None)
+        .await
+        .expect("extract xz");
+
+    assert_eq!(
+        std::fs::read(server.path("bz/hello.txt")).expect("read"),
+        b"hi\n"
+    );
+    assert_eq!(
+        std::fs::read(server.path("xz/hello.txt")).expect("read"),
+        b"hi\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extract_when_dest_has_symlinked_dir_inside_then_entries_follow_it() {
+    let server = Server::start();
+    let client = server.client().await;
+    std::fs::create_dir_all(server.path("root/usr/bin")).expect("mkdir");
+    std::os::unix::fs::symlink("usr/bin", server.path("root/bin")).expect("symlink");
+    let archive = tar_of(&[
+        ("bin/", tar::EntryType::Directory, b"", ""),
+        ("bin/tool", tar::EntryType::Regular, b"x", ""),
+    ]);
+    std::fs::write(server.path("t.tar"), archive).expect("write");
+
+    client
+        .extract_archive(&server.path("t.tar"), &server.path("root"), None)
+        .await
+        .expect("extract");
+
+    assert!(std::fs::symlink_metadata(server.path("root/bin"))
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read(server.path("root/usr/bin/tool")).expect("read"),
+        b"x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_when_dest_inside_source_then_refused() {
+    let server = Server::start();
+    let client = server.client().await;
+    write_with_mode(&server.path("tree/a"), b"a", 0o644);
+
+    let result = client
+        .copy(copy_spec(&server.path("tree"), &server.path("tree/sub/")))
+        .await;
+
+    let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("inside the source"), "{message}");
+}
+
 // ---- LookupUser, Mount ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,6 +829,19 @@ async fn wait_for_log(server: &Server, needle: &str) -> String {
     }
     let log = std::fs::read_to_string(&path).unwrap_or_default();
     panic!("{needle:?} never appeared in the app log:\n{log}");
+}
+
+/// Polls AppStatus until the app no longer runs (10 s at most); returns the last status.
+async fn wait_until_stopped(client: &AgentClient) -> kiln_agent::AppState {
+    let mut status = client.app_status().await.expect("status");
+    for _ in 0..200 {
+        if !status.running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = client.app_status().await.expect("status");
+    }
+    status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -825,13 +910,14 @@ async fn app_when_it_exits_then_status_reports_code_and_restart_allowed() {
     let server = Server::start();
     let client = server.client().await;
     client.start_app(app("exit 7")).await.expect("start");
-    wait_for_log(&server, "[kiln] app exited: code 7").await;
 
-    let status = client.app_status().await.expect("status");
+    let status = wait_until_stopped(&client).await;
+    let log = std::fs::read_to_string(server.path("app.log")).unwrap_or_default();
     let restarted = client.start_app(app("exec sleep 30")).await;
 
     assert!(!status.running);
     assert_eq!(status.exit_code, Some(7));
+    assert!(log.ends_with("[kiln] app exited: code 7\n"), "{log}");
     assert!(restarted.is_ok(), "{restarted:?}");
     let _ = client.stop_app(None, Duration::from_secs(1)).await;
 }
@@ -867,13 +953,16 @@ async fn probe_tcp_when_listening_then_open_else_closed() {
 
 /// Serves one connection: reads the request head and its Content-Length body, answers
 /// `response` raw, closes. The thread returns the request it read.
-fn one_shot_http(response: &'static [u8]) -> (u16, std::thread::JoinHandle<String>) {
+fn one_shot_http(
+    response: impl AsRef<[u8]> + Send + 'static,
+) -> (u16, std::thread::JoinHandle<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let thread = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().expect("accept");
         let request = read_request(&mut stream);
-        stream.write_all(response).expect("respond");
+        // The client may hang up early (a truncated body): that is not this thread's failure.
+        let _ = stream.write_all(response.as_ref());
         request
     });
     (port, thread)
@@ -959,6 +1048,21 @@ async fn http_when_body_ends_at_close_then_read_to_the_end() {
     let response = client.http_request(hook(port, b"")).await.expect("request");
 
     assert_eq!(response.body, b"until close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_when_body_over_1_mib_then_cut_and_marked_truncated() {
+    let server = Server::start();
+    let client = server.client().await;
+    let size = 3 << 20;
+    let mut response = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n").into_bytes();
+    response.resize(response.len() + size, b'z');
+    let (port, _peer) = one_shot_http(response);
+
+    let response = client.http_request(hook(port, b"")).await.expect("request");
+
+    assert_eq!(response.body.len(), kiln_agent::proto::MAX_HTTP_BODY);
+    assert!(response.truncated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -94,17 +95,28 @@ impl AppSupervisor {
             .stdin(Stdio::null())
             .stdout(output(&log)?)
             .stderr(output(&log)?);
+        let announce = StartLine::new(&spec.argv);
+        // SAFETY: the closure runs in the forked child between fork and exec, where only
+        // async-signal-safe calls are allowed: StartLine::write calls getpid and write(2)
+        // on buffers allocated before the fork, and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                announce.write();
+                Ok(())
+            });
+        }
         let program = spec.argv.first().cloned().unwrap_or_default();
-        let (child, exits) = ChildTable::global()
-            .spawn(&mut command)
-            .map_err(|e| format!("cannot start the app {program:?}: {e}"))?;
+        let (child, exits) = match ChildTable::global().spawn(&mut command) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                let message = format!("cannot start the app {program:?}: {e}");
+                write_line(&log, &message);
+                return Err(message);
+            }
+        };
         let pid = child.id();
         // The reaper, not `child`, collects the exit.
         drop(child);
-        write_line(
-            &log,
-            &format!("app started: pid {pid} {}", spec.argv.join(" ")),
-        );
         *phase = AppPhase::Running { pid };
         drop(phase);
 
@@ -241,6 +253,61 @@ fn open_log() -> Result<File, String> {
         .create(true)
         .open(path)
         .map_err(|e| format!("cannot open the app log {}: {e}", path.display()))
+}
+
+/// The `[kiln] app started: pid N argv…` line, written by the app's own process just
+/// before exec, so that it precedes anything the app writes.
+struct StartLine {
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+}
+
+impl StartLine {
+    fn new(argv: &[String]) -> StartLine {
+        StartLine {
+            prefix: b"[kiln] app started: pid ".to_vec(),
+            suffix: format!(" {}\n", argv.join(" ")).into_bytes(),
+        }
+    }
+
+    /// Writes the line to stdout (the app log). Async-signal-safe: no allocation.
+    fn write(&self) {
+        // SAFETY: getpid has no preconditions and cannot fail.
+        let pid = unsafe { libc::getpid() };
+        let mut digits = [0u8; 10];
+        let pid = decimal(pid.unsigned_abs(), &mut digits);
+        for part in [&self.prefix[..], pid, &self.suffix[..]] {
+            write_raw(libc::STDOUT_FILENO, part);
+        }
+    }
+}
+
+/// `n` in decimal, in the tail of `out`.
+fn decimal(mut n: u32, out: &mut [u8; 10]) -> &[u8] {
+    let mut start = out.len();
+    loop {
+        start -= 1;
+        out[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || start == 0 {
+            return &out[start..];
+        }
+    }
+}
+
+/// write(2) until done, retrying on EINTR, giving up on any other error.
+fn write_raw(fd: libc::c_int, mut data: &[u8]) {
+    while !data.is_empty() {
+        // SAFETY: `data` is a valid, initialised buffer of `data.len()` bytes for the call.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n > 0 {
+            data = &data[(n as usize).min(data.len())..];
+        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        } else {
+            return;
+        }
+    }
 }
 
 /// Writes one `[kiln] …` line; a log that cannot take it must not stop the app.
