@@ -35,6 +35,10 @@ const MAX_LINK_TARGET: u64 = 4096;
 /// Most symbolic links followed while resolving one link (as Linux's `MAXSYMLINKS`).
 const MAX_LINK_HOPS: u32 = 40;
 
+/// Most path bytes looked up while checking all links of one zip: bounds the work a
+/// zip of many long, chained links can cause.
+const LINK_CHECK_BUDGET: u64 = 64 << 20;
+
 /// Unix file-type bits of a zip entry's mode.
 const S_IFMT: u32 = 0o170_000;
 const S_IFREG: u32 = 0o100_000;
@@ -200,7 +204,7 @@ pub enum ContextError {
         parent: String,
     },
     /// No `Dockerfile` at the root.
-    #[error("the build context has no `Dockerfile` at its root (the name is case-sensitive); at the root: {}", list_root(.root, *.more))]
+    #[error("the build context has no `Dockerfile` at its root (the name is case-sensitive; zip the directory's contents, not the directory); at the root: {}", list_root(.root, *.more))]
     NoDockerfile {
         /// Names at the root (up to 20).
         root: Vec<String>,
@@ -603,6 +607,7 @@ fn check_links(kept: &[&Entry]) -> Result<(), ContextError> {
             _ => None,
         })
         .collect();
+    let mut budget = LINK_CHECK_BUDGET;
     for entry in kept {
         let Kind::Link { target } = &entry.kind else {
             continue;
@@ -617,11 +622,16 @@ fn check_links(kept: &[&Entry]) -> Result<(), ContextError> {
         }
         let mut at: Vec<&str> = entry.path.split('/').collect();
         at.pop();
-        let mut hops = 0;
-        match resolve(at, target, &links, &mut hops) {
+        let mut walk = Walk { hops: 0, budget };
+        let resolved = resolve(at, target, &links, &mut walk);
+        budget = walk.budget;
+        match resolved {
             Ok(_) => {}
             Err(LinkProblem::Escapes) => return Err(escapes("leads outside the build context")),
             Err(LinkProblem::Loops) => return Err(escapes("loops or nests too deeply")),
+            Err(LinkProblem::TooComplex) => {
+                return Err(escapes("makes the links of this zip too costly to check"))
+            }
         }
     }
     Ok(())
@@ -630,6 +640,13 @@ fn check_links(kept: &[&Entry]) -> Result<(), ContextError> {
 enum LinkProblem {
     Escapes,
     Loops,
+    TooComplex,
+}
+
+/// Links followed for the current link, and lookup bytes left for the whole zip.
+struct Walk {
+    hops: u32,
+    budget: u64,
 }
 
 /// Where `target`, followed from directory `at`, ends up (as the kernel resolves it,
@@ -638,7 +655,7 @@ fn resolve<'a>(
     mut at: Vec<&'a str>,
     target: &'a str,
     links: &HashMap<&'a str, &'a str>,
-    hops: &mut u32,
+    walk: &mut Walk,
 ) -> Result<Vec<&'a str>, LinkProblem> {
     if target.starts_with('/') {
         return Err(LinkProblem::Escapes);
@@ -651,13 +668,18 @@ fn resolve<'a>(
             }
             name => {
                 at.push(name);
-                if let Some(next) = links.get(at.join("/").as_str()) {
-                    *hops += 1;
-                    if *hops > MAX_LINK_HOPS {
+                let key = at.join("/");
+                walk.budget = walk
+                    .budget
+                    .checked_sub(key.len() as u64)
+                    .ok_or(LinkProblem::TooComplex)?;
+                if let Some(next) = links.get(key.as_str()) {
+                    walk.hops += 1;
+                    if walk.hops > MAX_LINK_HOPS {
                         return Err(LinkProblem::Loops);
                     }
                     at.pop();
-                    at = resolve(at, next, links, hops)?;
+                    at = resolve(at, next, links, walk)?;
                 }
             }
         }
@@ -1098,6 +1120,24 @@ mod tests {
             matches!(&err, ContextError::LinkEscapes { name, .. } if name == "esc"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn extract_when_links_loop_then_rejected() {
+        let (work, dest) = scratch();
+        let zip = craft(
+            work.path(),
+            &[
+                DOCKERFILE_ITEM,
+                Item::Link("a", "b"),
+                Item::Link("b", "a/x"),
+            ],
+        );
+
+        let err = extract(&zip, &dest).expect_err("loop");
+
+        assert!(err.to_string().contains("loops"), "{err}");
+        assert!(left_nothing(&dest));
     }
 
     #[test]
