@@ -669,20 +669,21 @@ impl AgentClient {
         copy_stats("copy", reply.await?)
     }
 
-    /// Unpacks a tar (plain, gzip, bzip2, xz) in the guest into `dest`, owned by `owner`
-    /// (uid, gid) when given, else as recorded in the archive. Waits up to
+    /// Unpacks a tar (plain, gzip, bzip2, xz) in the guest into `dest`, owned by `uid`
+    /// and `gid` when given, else as recorded in the archive. Waits up to
     /// [`DEFAULT_TRANSFER_TIMEOUT`] unless the client has its own timeout.
     pub async fn extract_archive(
         &self,
         src: &str,
         dest: &str,
-        owner: Option<(u32, u32)>,
+        uid: Option<u32>,
+        gid: Option<u32>,
     ) -> Result<CopyStats, AgentError> {
         let body = HostBody::ExtractArchive {
             src: src.to_string(),
             dest: dest.to_string(),
-            uid: owner.map(|o| o.0),
-            gid: owner.map(|o| o.1),
+            uid,
+            gid,
         };
         let limit = self.timeout.unwrap_or(DEFAULT_TRANSFER_TIMEOUT);
         let reply = self.request_within("extract_archive", body, limit);
