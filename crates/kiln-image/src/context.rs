@@ -13,7 +13,6 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use zip::read::ZipFile;
 use zip::result::ZipError;
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
@@ -424,7 +423,7 @@ fn check_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> Result<Vec<Entr
     let mut kinds: HashMap<String, bool> = HashMap::new();
     for index in 0..archive.len() {
         let stored_name = archive.name_for_index(index).unwrap_or("?").to_string();
-        let mut file = archive
+        let file = archive
             .by_index_raw(index)
             .map_err(|source| ContextError::Entry {
                 name: stored_name,
@@ -447,12 +446,6 @@ fn check_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> Result<Vec<Entr
             },
             _ => return Err(ContextError::SpecialFile { name, mode }),
         };
-        let kind = match kind {
-            Kind::Link { .. } => Kind::Link {
-                target: read_link_target(&mut file, &name)?,
-            },
-            other => other,
-        };
         if kinds.insert(path.clone(), kind == Kind::Dir).is_some() {
             return Err(ContextError::Duplicate { name });
         }
@@ -462,6 +455,11 @@ fn check_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> Result<Vec<Entr
             path,
             kind,
         });
+    }
+    for entry in entries.iter_mut() {
+        if let Kind::Link { target } = &mut entry.kind {
+            *target = read_link_target(archive, entry.index, &entry.name)?;
+        }
     }
     for entry in &entries {
         let mut parent = entry.path.as_str();
@@ -478,29 +476,26 @@ fn check_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> Result<Vec<Entr
     Ok(entries)
 }
 
-/// A stored link's target (links are stored, not compressed, by every zipper that writes them).
-fn read_link_target<R: Read>(
-    file: &mut ZipFile<'_, R>,
+/// A link's target: the entry's content, decompressed, at most [`MAX_LINK_TARGET`] bytes.
+fn read_link_target<R: Read + Seek>(
+    archive: &mut ZipArchive<R>,
+    index: usize,
     name: &str,
 ) -> Result<String, ContextError> {
+    let read_err = |source| ContextError::Entry {
+        name: name.into(),
+        source,
+    };
+    let file = archive.by_index(index).map_err(read_err)?;
     let mut raw = Vec::new();
-    let stored = file.compression() == CompressionMethod::Stored;
-    if stored {
-        file.take(MAX_LINK_TARGET + 1)
-            .read_to_end(&mut raw)
-            .map_err(|e| ContextError::Entry {
-                name: name.into(),
-                source: ZipError::Io(e),
-            })?;
-    }
+    file.take(MAX_LINK_TARGET + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| read_err(ZipError::Io(e)))?;
     let bad = |reason| ContextError::LinkEscapes {
         name: name.into(),
         target: String::from_utf8_lossy(&raw).into_owned(),
         reason,
     };
-    if !stored {
-        return Err(bad("is stored compressed (links must be stored)"));
-    }
     if raw.len() as u64 > MAX_LINK_TARGET {
         return Err(bad("is too long"));
     }
