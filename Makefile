@@ -11,13 +11,22 @@ TEST_HOME ?= $(CURDIR)/target/kiln-test-home
 
 export KILN_INIT_BIN := $(CURDIR)/$(INIT_BIN)
 
-.PHONY: all deps build init demo test bench lint clean
+PYENV := target/pyenv
+
+.PHONY: all deps build init pyenv demo test bench lint clean
 
 all: build
 
 ## deps: install the host packages kiln needs (QEMU, qemu-img, mke2fs) when missing.
 deps:
 	@./scripts/install-deps.sh
+
+## pyenv: the AWS CLI and boto3 (and so botocore's lambda-microvms model) for the tests.
+pyenv: $(PYENV)/.done
+$(PYENV)/.done:
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install -q --disable-pip-version-check 'botocore>=1.44.8' 'boto3>=1.42' awscli
+	touch $@
 
 ## init: the guest's PID 1, a static binary.
 init:
@@ -30,7 +39,7 @@ demo: build
 	./target/release/kiln doctor
 	./target/release/kiln demo
 
-test: deps init
+test: deps init pyenv
 	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
 	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
 	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace

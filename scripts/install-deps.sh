@@ -51,4 +51,9 @@ if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
   echo "==> apt-get update (package lists for apt-get download)"
   $SUDO apt-get update -q
 fi
+# The tests drive kiln with the AWS CLI and boto3 from a virtualenv.
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  echo "==> installing python3-venv"
+  $SUDO apt-get install -y -q --no-install-recommends python3 python3-venv
+fi
 command -v cargo >/dev/null || { echo "error: cargo not found: install Rust (rustup) first" >&2; exit 1; }

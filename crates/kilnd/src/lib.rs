@@ -1,2 +1,97 @@
-//! The kiln daemon. It owns the API server, the metadata store, the MicroVM supervisor and
-//! the endpoint proxy; they arrive with the image and MicroVM issues and build on `kiln-vmm`.
+//! The kiln daemon. It owns the API server, the metadata store and the image builds; the
+//! MicroVM supervisor and the endpoint proxy come next.
+
+pub mod api;
+pub mod builds;
+pub mod config;
+pub mod images;
+pub mod managed;
+pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use kiln_api::ArnContext;
+
+use crate::builds::Builds;
+use crate::config::Config;
+use crate::images::Images;
+use crate::store::Store;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let home = config.home();
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("creating the data directory {}", home.display()))?;
+    let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    let host = {
+        let home = home.clone();
+        tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
+            .await
+            .context("preparing the host")?
+            .context("this host cannot run microVMs (run `kiln doctor` for details)")?
+    };
+    tracing::info!(accel = %host.accel.accel, qemu = %host.vmm.qemu().version, kernel = %host.assets.kernel.version, "host ready");
+    let config = Arc::new(config);
+    let builds = Builds::new(Arc::new(host), store.clone(), config.clone());
+    resume_builds(&store, &builds)?;
+    let images = Arc::new(Images {
+        store,
+        builds,
+        ctx: ArnContext {
+            region: config.region.clone(),
+            account: config.account.clone(),
+        },
+        home: home.clone(),
+    });
+    let app = api::router(api::Api { images });
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} (is another kilnd running? pick --api-listen)",
+                config.api_listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    println!("kilnd: API on http://{addr} (data in {})", home.display());
+    println!("kilnd: try `aws lambda-microvms list-managed-microvm-images --endpoint-url http://{addr} --no-sign-request`");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("serving the API")?;
+    Ok(())
+}
+
+/// Builds that were pending or running when kilnd stopped start again from scratch.
+fn resume_builds(store: &Store, builds: &Builds) -> anyhow::Result<()> {
+    for v in store.versions_in_states(&["PENDING", "IN_PROGRESS"])? {
+        let spec = serde_json::from_value(v.spec.clone())
+            .with_context(|| format!("reading the spec of {} version {}", v.image, v.version))?;
+        tracing::info!(image = %v.image, version = v.version, "restarting an interrupted build");
+        builds.spawn(v.image.clone(), v.version, spec, v.version == 1);
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

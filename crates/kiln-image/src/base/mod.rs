@@ -34,6 +34,9 @@ pub struct BaseImage {
 /// Failures while building a base image.
 #[derive(Debug, thiserror::Error)]
 pub enum BaseError {
+    /// A Dockerfile names a base kiln does not have.
+    #[error("FROM {0}: kiln has no such base image; use FROM kiln/busybox or FROM kiln/debian:12 (images from registries are not supported yet)")]
+    UnknownBase(String),
     /// A required host tool is not installed.
     #[error("`{tool}` is not installed: install {install}")]
     ToolMissing {
@@ -279,5 +282,20 @@ mod tests {
         let name = version_dir_name("1:1.35.0-4+deb12u1+b1");
 
         assert_eq!(name, "1_1.35.0-4+deb12u1+b1");
+    }
+}
+
+/// The managed base a Dockerfile's FROM names, built on first use.
+pub fn resolve(
+    home: &Path,
+    from: &str,
+    extra_ca_bundle: Option<&Path>,
+) -> Result<BaseImage, BaseError> {
+    match from {
+        "kiln/busybox" | "kiln/busybox:latest" => busybox::ensure(home),
+        "kiln/debian" | "kiln/debian:12" | "kiln/debian:bookworm" => {
+            debian::ensure(home, extra_ca_bundle)
+        }
+        other => Err(BaseError::UnknownBase(other.to_string())),
     }
 }

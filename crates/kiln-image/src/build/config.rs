@@ -1,0 +1,33 @@
+//! What a build leaves besides the snapshot: how the app was started and how to reach it.
+
+use serde::{Deserialize, Serialize};
+
+/// The image's runtime configuration, stored beside its snapshot as `image.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageConfig {
+    /// The app's argv (ENTRYPOINT and CMD combined as Docker does).
+    pub app_argv: Vec<String>,
+    /// Environment the app runs with (ENV and the API's environment variables).
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub workdir: String,
+    /// User the app runs as.
+    pub uid: u32,
+    /// Group the app runs as.
+    pub gid: u32,
+    /// Ports from EXPOSE.
+    pub exposed_ports: Vec<u16>,
+    /// The port clients reach by default (8080, else the first EXPOSEd port).
+    pub app_port: u16,
+    /// The port of the app's lifecycle-hooks listener.
+    pub hooks_port: u16,
+    /// The signal that stops the app (STOPSIGNAL), as a name.
+    pub stop_signal: String,
+    /// LABELs.
+    pub labels: Vec<(String, String)>,
+    /// How readiness was established before the snapshot.
+    pub readiness: String,
+    /// The base image the build started from (`name version`).
+    pub base: String,
+}

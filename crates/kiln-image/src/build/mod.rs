@@ -1,0 +1,770 @@
+//! Builds an image: runs a Dockerfile inside a build VM, then boots the result, starts the
+//! app, waits until it is ready, and snapshots the running VM.
+//!
+//! Two VMs, on purpose. The *build VM* has the build context attached as a second disk,
+//! reaches the network, and may carry extra CA certificates (in tmpfs only). Each step that
+//! changes the filesystem ends in a cached qcow2 layer. The *app VM* then boots fresh from
+//! the final layer with one disk and a shared memory file: nothing of the build (context
+//! disk, certificates, build tools' page cache) ends up in the image's memory, and the
+//! memory file is small because the VM only ever ran the app.
+
+pub mod cache;
+pub mod config;
+pub mod log;
+mod plan;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_agent::client::{AgentClient, AppSpec, CopySpec, ExecEvent, ExecRequest, HttpRequestSpec};
+use kiln_vmm::host::Host;
+use kiln_vmm::{
+    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot, Vmm,
+};
+
+use crate::context::BuildContext;
+use cache::LayerCache;
+pub use config::ImageConfig;
+pub use log::BuildLog;
+use plan::{AppCommand, Plan, PlannedStep, StepAction};
+
+/// Where, in the build VM, the context disk is mounted.
+const CONTEXT_MOUNT: &str = "/run/kiln/context";
+/// Where, in the build VM, the CA bundle for build steps is written (tmpfs, never in a layer).
+const CA_BUNDLE: &str = "/run/kiln/ca-bundle.crt";
+/// The path prefix of the AWS lifecycle hooks.
+pub const HOOKS_PATH: &str = "/aws/lambda-microvms/runtime/v1";
+
+/// Everything one build needs.
+#[derive(Debug, Clone)]
+pub struct BuildSpec {
+    /// The build context (extracted zip).
+    pub context: BuildContext,
+    /// Environment variables from the API, applied to RUN steps and the app.
+    pub env: Vec<(String, String)>,
+    /// Lifecycle hooks of the image.
+    pub hooks: HookSpec,
+    /// Guest memory of the app VM (and so of every VM launched from the image), MiB.
+    pub memory_mib: u64,
+    /// Guest memory of the build VM, MiB.
+    pub build_memory_mib: u64,
+    /// The layer cache directory.
+    pub cache_dir: PathBuf,
+    /// Scratch space, removed when the build ends.
+    pub work_dir: PathBuf,
+    /// Where the image version's files go (`snapshot/`, `image.json`).
+    pub output_dir: PathBuf,
+    /// Extra CA certificates (PEM) trusted by build steps only.
+    pub extra_ca: Option<PathBuf>,
+    /// How long the app may take to become ready.
+    pub ready_timeout: Duration,
+    /// How long one RUN step may take.
+    pub step_timeout: Duration,
+}
+
+/// The image's lifecycle hooks as far as the build is concerned.
+#[derive(Debug, Clone, Default)]
+pub struct HookSpec {
+    /// Port of the hooks listener in the guest.
+    pub port: u16,
+    /// `ready` hook enabled, with its timeout.
+    pub ready: Option<Duration>,
+    /// `validate` hook enabled, with its timeout.
+    pub validate: Option<Duration>,
+}
+
+/// A finished image version.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The snapshot of the running app.
+    pub snapshot: Snapshot,
+    /// How the app runs.
+    pub config: ImageConfig,
+    /// Bytes of the build context (the "code install" size).
+    pub code_bytes: u64,
+}
+
+/// Why a build failed. The message names the step and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile cannot be used.
+    #[error("Dockerfile line {line}: {message}")]
+    Dockerfile { line: usize, message: String },
+    /// The base image cannot be prepared.
+    #[error("base image: {0}")]
+    Base(String),
+    /// A step failed.
+    #[error("step {step}/{total} (Dockerfile line {line}: {text}) failed: {cause}")]
+    Step {
+        step: usize,
+        total: usize,
+        line: usize,
+        text: String,
+        cause: String,
+    },
+    /// The app never became ready.
+    #[error("the app did not become ready: {0}")]
+    NotReady(String),
+    /// The validate hook failed.
+    #[error("the validate hook failed: {0}")]
+    Validate(String),
+    /// A VM operation failed.
+    #[error("{doing}: {source}")]
+    Vm {
+        doing: String,
+        #[source]
+        source: kiln_vmm::VmmError,
+    },
+    /// A host-side file operation failed.
+    #[error("{doing} {path}: {source}")]
+    Io {
+        doing: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn vm_err(doing: &str) -> impl FnOnce(kiln_vmm::VmmError) -> BuildError + '_ {
+    move |source| BuildError::Vm {
+        doing: doing.to_string(),
+        source,
+    }
+}
+
+fn io_err<'a>(doing: &'a str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildError + 'a {
+    move |source| BuildError::Io {
+        doing: doing.to_string(),
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Runs the whole build. The work directory is removed afterwards, whatever happens.
+pub async fn build(
+    host: &Host,
+    spec: &BuildSpec,
+    log: &BuildLog,
+) -> Result<BuiltImage, BuildError> {
+    std::fs::create_dir_all(&spec.work_dir).map_err(io_err("creating", &spec.work_dir))?;
+    let result = build_in(host, spec, log).await;
+    let _ = std::fs::remove_dir_all(&spec.work_dir);
+    match &result {
+        Ok(b) => log.line(format!(
+            "image ready: memory snapshot {} MiB on disk, disk {} MiB, device state {} KiB",
+            b.snapshot.manifest.memory.allocated >> 20,
+            b.snapshot
+                .manifest
+                .disks
+                .iter()
+                .map(|d| d.info.allocated)
+                .sum::<u64>()
+                >> 20,
+            b.snapshot.manifest.state.size >> 10
+        )),
+        Err(e) => log.line(format!("BUILD FAILED: {e}")),
+    }
+    result
+}
+
+async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<BuiltImage, BuildError> {
+    let started = Instant::now();
+    let plan = Plan::make(
+        &host.home,
+        &spec.context,
+        &spec.env,
+        spec.extra_ca.as_deref(),
+    )?;
+    log.line(format!(
+        "building from {} {} ({} steps, {} change the filesystem)",
+        plan.base.name,
+        plan.base.version,
+        plan.steps.len(),
+        plan.steps.iter().filter(|s| s.key.is_some()).count()
+    ));
+    let cache = LayerCache::open(&spec.cache_dir)
+        .map_err(io_err("opening the layer cache", &spec.cache_dir))?;
+    let final_layer = run_build_vm(host, spec, &plan, &cache, log).await?;
+    log.line(format!(
+        "filesystem built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let mut config = plan.image_config(spec)?;
+    let snapshot = capture_app(host, spec, &plan, &mut config, &final_layer, log).await?;
+    if let Some(timeout) = spec.hooks.validate {
+        validate(host, spec, &snapshot, timeout, log).await?;
+    }
+    let config_path = spec.output_dir.join("image.json");
+    let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
+    std::fs::write(&config_path, text).map_err(io_err("writing", &config_path))?;
+    Ok(BuiltImage {
+        snapshot,
+        config,
+        code_bytes: spec.context.bytes,
+    })
+}
+
+/// The disk the final filesystem lives in: a cached layer or the base itself.
+#[derive(Debug, Clone)]
+struct Layer {
+    path: PathBuf,
+    format: DiskFormat,
+}
+
+/// Runs the uncached steps in a build VM; returns the final layer.
+async fn run_build_vm(
+    host: &Host,
+    spec: &BuildSpec,
+    plan: &Plan,
+    cache: &LayerCache,
+    log: &BuildLog,
+) -> Result<Layer, BuildError> {
+    let total = plan.steps.len();
+    let fs_steps: Vec<&PlannedStep> = plan.steps.iter().filter(|s| s.key.is_some()).collect();
+    let cached = fs_steps
+        .iter()
+        .take_while(|s| s.key.as_deref().is_some_and(|k| cache.is_done(k)))
+        .count();
+    let base_layer = Layer {
+        path: plan.base.disk.clone(),
+        format: DiskFormat::Raw,
+    };
+    let layer_of = |s: &PlannedStep| Layer {
+        path: cache.layer(s.key.as_deref().unwrap_or_default()),
+        format: DiskFormat::Qcow2,
+    };
+    let below = if cached == 0 {
+        base_layer.clone()
+    } else {
+        layer_of(fs_steps[cached - 1])
+    };
+    // Steps up to the first uncached filesystem step are logged as cached.
+    let first_run = fs_steps.get(cached).map(|s| s.index).unwrap_or(total);
+    for s in plan.steps.iter().take_while(|s| s.index < first_run) {
+        log.step(s.index + 1, total, s.line, &s.text);
+        if s.key.is_some() {
+            log.line("    cached");
+        }
+    }
+    if cached == fs_steps.len() {
+        // Everything that touches the disk is cached; metadata steps need no VM.
+        for s in plan.steps.iter().filter(|s| s.index >= first_run) {
+            log.step(s.index + 1, total, s.line, &s.text);
+        }
+        return Ok(below);
+    }
+
+    // The build VM: root = a new layer on the last cached one, context disk read-only.
+    let context_disk = spec.work_dir.join("context.ext4");
+    let size = (spec.context.bytes * 2).max(16 << 20) + (16 << 20);
+    crate::disk::mkfs_ext4_from_dir(&spec.context.dir, &context_disk, size, "kiln-ctx")
+        .map_err(|e| BuildError::Base(format!("cannot make the context disk: {e}")))?;
+    let first_key = fs_steps[cached].key.clone().unwrap_or_default();
+    let top = cache.layer(&first_key);
+    cache.discard(&first_key);
+    kiln_vmm::qemu::create_overlay(&below.path, below.format, &top)
+        .map_err(vm_err("creating a layer"))?;
+    let mut vm_spec = host.vm_spec(spec.work_dir.join("build-vm"));
+    vm_spec.memory_mib = spec.build_memory_mib;
+    vm_spec.disks = vec![
+        DiskSpec {
+            path: top.clone(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        },
+        DiskSpec {
+            path: context_disk,
+            format: DiskFormat::Raw,
+            read_only: true,
+        },
+    ];
+    vm_spec.network = Some(NetSpec::default());
+    log.line("booting the build VM");
+    let vm = match host.vmm.boot(vm_spec, BootOptions::default()).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            cache.discard(&first_key);
+            return Err(vm_err("booting the build VM")(e));
+        }
+    };
+    let mut vm = vm;
+    let result = run_steps(&mut vm, spec, plan, cache, cached, log).await;
+    let active = result.as_ref().err().map(|(key, _)| key.clone());
+    if let Err(e) = vm.terminate().await {
+        tracing::warn!(error = %e, "terminating the build VM");
+    }
+    match result {
+        Ok(()) => {
+            let last = fs_steps
+                .last()
+                .and_then(|s| s.key.clone())
+                .unwrap_or_default();
+            cache
+                .mark_done(&last)
+                .map_err(io_err("marking a layer done", &cache.layer(&last)))?;
+            Ok(layer_of(fs_steps[fs_steps.len() - 1]))
+        }
+        Err((_, e)) => {
+            if let Some(key) = active {
+                cache.discard(&key);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Runs every step from the first uncached filesystem step on. On error, returns the key of
+/// the layer that was being written (to be discarded) with the error.
+async fn run_steps(
+    vm: &mut kiln_vmm::qemu::QemuVm,
+    spec: &BuildSpec,
+    plan: &Plan,
+    cache: &LayerCache,
+    cached: usize,
+    log: &BuildLog,
+) -> Result<(), (String, BuildError)> {
+    let total = plan.steps.len();
+    let fs_keys: Vec<String> = plan.steps.iter().filter_map(|s| s.key.clone()).collect();
+    let mut active = fs_keys[cached].clone();
+    let agent = vm.agent().clone();
+    let fail = |key: &str, e: BuildError| (key.to_string(), e);
+    agent
+        .mount("/dev/vdb", CONTEXT_MOUNT, "ext4", &["ro"])
+        .await
+        .map_err(|e| {
+            fail(
+                &active,
+                BuildError::Base(format!("cannot mount the build context: {e}")),
+            )
+        })?;
+    let ca_env = install_ca(&agent, spec)
+        .await
+        .map_err(|e| fail(&active, e))?;
+    let mut fs_index = 0usize;
+    for step in &plan.steps {
+        if step.key.is_some() {
+            fs_index += 1;
+        }
+        if fs_index <= cached {
+            continue;
+        }
+        log.step(step.index + 1, total, step.line, &step.text);
+        let t = Instant::now();
+        let step_err = |cause: String| BuildError::Step {
+            step: step.index + 1,
+            total,
+            line: step.line,
+            text: step.text.clone(),
+            cause,
+        };
+        execute(&agent, spec, step, &ca_env, log)
+            .await
+            .map_err(|cause| fail(&active, step_err(cause)))?;
+        if step.key.is_some() {
+            log.line(format!("    done in {:.1} s", t.elapsed().as_secs_f64()));
+            if fs_index < fs_keys.len() {
+                // Freeze this step's layer and continue on the next one.
+                agent
+                    .sync(false)
+                    .await
+                    .map_err(|e| fail(&active, step_err(format!("sync: {e}"))))?;
+                let next = fs_keys[fs_index].clone();
+                cache.discard(&next);
+                vm.freeze_disk_layer(0, &cache.layer(&next))
+                    .await
+                    .map_err(|e| fail(&active, step_err(format!("freezing the layer: {e}"))))?;
+                cache
+                    .mark_done(&active)
+                    .map_err(|e| fail(&next, step_err(format!("marking the layer done: {e}"))))?;
+                active = next;
+            }
+        }
+    }
+    agent
+        .sync(false)
+        .await
+        .map_err(|e| fail(&active, BuildError::Base(format!("final sync failed: {e}"))))?;
+    Ok(())
+}
+
+/// Writes the build's CA bundle into tmpfs and returns the environment that points tools at it.
+async fn install_ca(
+    agent: &AgentClient,
+    spec: &BuildSpec,
+) -> Result<Vec<(String, String)>, BuildError> {
+    let Some(extra) = &spec.extra_ca else {
+        return Ok(Vec::new());
+    };
+    let extra_pem = std::fs::read(extra).map_err(io_err("reading extra CA certificates", extra))?;
+    let mut bundle = agent
+        .read_file("/etc/ssl/certs/ca-certificates.crt", 8 << 20)
+        .await
+        .unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(&extra_pem);
+    agent
+        .write_file(CA_BUNDLE, &bundle, 0o644, None)
+        .await
+        .map_err(|e| {
+            BuildError::Base(format!("cannot install the build's CA certificates: {e}"))
+        })?;
+    Ok([
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), CA_BUNDLE.to_string()))
+    .collect())
+}
+
+/// Executes one step in the build VM.
+async fn execute(
+    agent: &AgentClient,
+    spec: &BuildSpec,
+    step: &PlannedStep,
+    ca_env: &[(String, String)],
+    log: &BuildLog,
+) -> Result<(), String> {
+    match &step.action {
+        StepAction::Metadata => Ok(()),
+        StepAction::Mkdir(dir) => {
+            let out = agent
+                .run(ExecRequest::new(["mkdir", "-p", dir.as_str()]))
+                .await
+                .map_err(|e| e.to_string())?;
+            match out.code {
+                Some(0) => Ok(()),
+                _ => Err(format!(
+                    "mkdir -p {dir}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            }
+        }
+        StepAction::Run { argv } => {
+            let (uid, gid, home) = lookup(agent, &step.state.user).await?;
+            let mut req = ExecRequest::new(argv.iter().map(String::as_str))
+                .cwd(&step.state.workdir)
+                .user(uid, gid)
+                .timeout(spec.step_timeout);
+            let mut env = step.state.run_env();
+            if !env.iter().any(|(k, _)| k == "HOME") {
+                env.push(("HOME".into(), home));
+            }
+            env.extend(ca_env.iter().cloned());
+            for (k, v) in &env {
+                req = req.env(k, v);
+            }
+            let mut stream = agent.exec(req).await.map_err(|e| e.to_string())?;
+            loop {
+                match stream.next_event().await.map_err(|e| e.to_string())? {
+                    Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => log.output(&b),
+                    Some(ExecEvent::Started { .. }) => {}
+                    Some(ExecEvent::Exited(status)) => {
+                        return match (status.code, status.signal, status.timed_out) {
+                            (_, _, true) => Err(format!("timed out after {:?}", spec.step_timeout)),
+                            (Some(0), _, _) => Ok(()),
+                            (Some(code), _, _) => {
+                                Err(format!("the command exited with code {code}"))
+                            }
+                            (None, Some(sig), _) => {
+                                Err(format!("the command was killed by signal {sig}"))
+                            }
+                            (None, None, _) => Err("the command ended without a status".into()),
+                        };
+                    }
+                    None => return Err("the agent closed the command's stream".into()),
+                }
+            }
+        }
+        StepAction::Copy {
+            sources,
+            dest,
+            chown,
+            chmod,
+            unpack,
+        } => {
+            let (uid, gid) = match chown {
+                Some(c) => {
+                    let (u, g, _) = lookup(agent, c).await?;
+                    (Some(u), Some(g))
+                }
+                None => (None, None),
+            };
+            for src in sources {
+                let guest_src = format!("{CONTEXT_MOUNT}/{}", src.trim_start_matches('/'));
+                if *unpack && plan::is_archive(src) {
+                    agent
+                        .extract_archive(&guest_src, dest, uid, gid)
+                        .await
+                        .map_err(|e| format!("unpacking {src} into {dest}: {e}"))?;
+                } else {
+                    agent
+                        .copy(CopySpec {
+                            src: guest_src.clone(),
+                            dest: dest.clone(),
+                            uid,
+                            gid,
+                            mode: *chmod,
+                        })
+                        .await
+                        .map_err(|e| format!("copying {src} to {dest}: {e}"))?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolves a USER spec in the guest; `root` and empty need no lookup.
+async fn lookup(agent: &AgentClient, user: &str) -> Result<(u32, u32, String), String> {
+    if user.is_empty() || user == "root" || user == "0" {
+        return Ok((0, 0, "/root".into()));
+    }
+    let u = agent
+        .lookup_user(user)
+        .await
+        .map_err(|e| format!("user {user}: {e}"))?;
+    Ok((u.uid, u.gid, u.home))
+}
+
+/// Boots the final filesystem in a fresh VM with a shared memory file, starts the app, waits
+/// until it is ready and snapshots it.
+async fn capture_app(
+    host: &Host,
+    spec: &BuildSpec,
+    plan: &Plan,
+    config: &mut ImageConfig,
+    layer: &Layer,
+    log: &BuildLog,
+) -> Result<Snapshot, BuildError> {
+    let top = spec.work_dir.join("app-disk.qcow2");
+    let _ = std::fs::remove_file(&top);
+    kiln_vmm::qemu::create_overlay(&layer.path, layer.format, &top)
+        .map_err(vm_err("creating the app disk"))?;
+    let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
+    vm_spec.memory_mib = spec.memory_mib;
+    vm_spec.disks = vec![DiskSpec {
+        path: top,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    }];
+    vm_spec.network = Some(NetSpec::default());
+    vm_spec.memory_file = Some(MemoryFile {
+        path: spec.work_dir.join("mem.img"),
+        shared: true,
+    });
+    log.line("booting the app VM from the built filesystem");
+    let vm = host
+        .vmm
+        .boot(vm_spec, BootOptions::default())
+        .await
+        .map_err(vm_err("booting the app VM"))?;
+    let app_log = vm.spec().app_log();
+    config.readiness = readiness_method(spec, plan, config);
+    let ready = match lookup(vm.agent(), &plan.last.user).await {
+        Ok((uid, gid, _)) => {
+            config.uid = uid;
+            config.gid = gid;
+            start_and_wait(vm.agent(), spec, plan, config, log).await
+        }
+        Err(e) => Err(BuildError::NotReady(format!(
+            "cannot run the app as USER {}: {e}",
+            plan.last.user
+        ))),
+    };
+    if let Err(e) = ready {
+        log.line("app log (last lines):");
+        log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
+        let _ = vm.terminate().await;
+        return Err(e);
+    }
+    let dest = spec.output_dir.join("snapshot");
+    let t = Instant::now();
+    let mut snapshot = vm
+        .snapshot(&dest)
+        .await
+        .map_err(vm_err("snapshotting the app VM"))?;
+    snapshot
+        .flatten_disks()
+        .map_err(vm_err("flattening the image disk"))?;
+    log.line(format!(
+        "snapshot taken in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    ));
+    Ok(snapshot)
+}
+
+async fn start_and_wait(
+    agent: &AgentClient,
+    spec: &BuildSpec,
+    plan: &Plan,
+    config: &ImageConfig,
+    log: &BuildLog,
+) -> Result<(), BuildError> {
+    log.line(format!(
+        "starting the app: {}",
+        shell_words(&config.app_argv)
+    ));
+    agent
+        .start_app(AppSpec {
+            argv: config.app_argv.clone(),
+            env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: Some(config.workdir.clone()),
+            uid: Some(config.uid),
+            gid: Some(config.gid),
+        })
+        .await
+        .map_err(|e| {
+            BuildError::NotReady(format!(
+                "cannot start {}: {e}",
+                shell_words(&config.app_argv)
+            ))
+        })?;
+    let deadline = Instant::now() + spec.hooks.ready.unwrap_or(spec.ready_timeout);
+    let how = &config.readiness;
+    log.line(format!("waiting until ready ({how})"));
+    let t = Instant::now();
+    loop {
+        let status = agent
+            .app_status()
+            .await
+            .map_err(|e| BuildError::NotReady(e.to_string()))?;
+        if !status.running {
+            return Err(BuildError::NotReady(format!(
+                "the app exited ({}) before it was ready; see its log",
+                match (status.exit_code, status.signal) {
+                    (Some(c), _) => format!("code {c}"),
+                    (None, Some(s)) => format!("signal {s}"),
+                    _ => "no status".into(),
+                }
+            )));
+        }
+        if probe(agent, spec, plan, config).await {
+            log.line(format!("ready after {:.1} s", t.elapsed().as_secs_f64()));
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BuildError::NotReady(format!(
+                "not ready after {:.0} s ({how})",
+                t.elapsed().as_secs_f64()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn readiness_method(spec: &BuildSpec, plan: &Plan, config: &ImageConfig) -> String {
+    if spec.hooks.ready.is_some() {
+        format!(
+            "POST {HOOKS_PATH}/ready on port {} until 200",
+            spec.hooks.port
+        )
+    } else if let Some(hc) = &plan.healthcheck {
+        format!("HEALTHCHECK {}", shell_words(hc))
+    } else {
+        format!("TCP port {} accepting connections", config.app_port)
+    }
+}
+
+async fn probe(agent: &AgentClient, spec: &BuildSpec, plan: &Plan, config: &ImageConfig) -> bool {
+    if spec.hooks.ready.is_some() {
+        return matches!(
+            agent.http_request(hook_request(spec.hooks.port, "ready", Duration::from_secs(5))).await,
+            Ok(r) if r.status == 200
+        );
+    }
+    if let Some(hc) = &plan.healthcheck {
+        let mut req = ExecRequest::new(hc.iter().map(String::as_str))
+            .cwd(&config.workdir)
+            .user(config.uid, config.gid)
+            .timeout(Duration::from_secs(10));
+        for (k, v) in &config.env {
+            req = req.env(k, v);
+        }
+        return matches!(agent.run(req).await, Ok(out) if out.code == Some(0));
+    }
+    matches!(
+        agent
+            .probe_tcp(config.app_port, Duration::from_secs(1))
+            .await,
+        Ok(true)
+    )
+}
+
+/// Restores a test VM from the new snapshot and calls its `validate` hook.
+async fn validate(
+    host: &Host,
+    spec: &BuildSpec,
+    snapshot: &Snapshot,
+    timeout: Duration,
+    log: &BuildLog,
+) -> Result<(), BuildError> {
+    log.line("restoring a test VM to call the validate hook");
+    let vm = host
+        .vmm
+        .restore(
+            snapshot,
+            RestoreTarget::new(spec.work_dir.join("validate-vm")),
+        )
+        .await
+        .map_err(vm_err("restoring the validation VM"))?;
+    let result = vm
+        .agent()
+        .http_request(hook_request(spec.hooks.port, "validate", timeout))
+        .await;
+    let _ = vm.terminate().await;
+    match result {
+        Ok(r) if r.status == 200 => {
+            log.line("validate hook answered 200");
+            Ok(())
+        }
+        Ok(r) => Err(BuildError::Validate(format!(
+            "it answered {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body).trim()
+        ))),
+        Err(e) => Err(BuildError::Validate(e.to_string())),
+    }
+}
+
+/// A POST to one of the AWS lifecycle hooks on the guest's hooks port.
+pub fn hook_request(port: u16, hook: &str, timeout: Duration) -> HttpRequestSpec {
+    HttpRequestSpec {
+        method: "POST".into(),
+        port,
+        path: format!("{HOOKS_PATH}/{hook}"),
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: b"{}".to_vec(),
+        timeout_ms: timeout.as_millis() as u64,
+    }
+}
+
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl AppCommand {
+    /// The argv for a shell-form command under `shell`.
+    pub fn argv(&self, shell: &[String]) -> Vec<String> {
+        match self {
+            AppCommand::Exec(v) => v.clone(),
+            AppCommand::Shell(s) => shell.iter().cloned().chain([s.clone()]).collect(),
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! From a parsed Dockerfile to a plan: each step with the build state it sees (env, args,
+//! workdir, user, shell), what it does, and — for steps that change the filesystem — its
+//! layer cache key. Computed on the host before any VM starts, so bad input fails fast.
+
+use std::path::Path;
+
+use super::cache::{hash_tree, KeyChain};
+use super::{BuildError, BuildSpec, ImageConfig};
+use crate::base::BaseImage;
+use crate::context::BuildContext;
+use crate::dockerfile::{self, Command, Healthcheck, InstructionKind, Port};
+
+/// PATH when the Dockerfile sets none (Docker's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The build state a step sees.
+#[derive(Debug, Clone)]
+pub struct StepState {
+    /// ENV so far, in order of first definition.
+    pub env: Vec<(String, String)>,
+    /// ARG values so far.
+    pub args: Vec<(String, String)>,
+    /// Environment variables from the API (override ENV).
+    pub api_env: Vec<(String, String)>,
+    /// WORKDIR.
+    pub workdir: String,
+    /// USER as written (`name[:group]`), empty for root.
+    pub user: String,
+    /// SHELL.
+    pub shell: Vec<String>,
+}
+
+impl StepState {
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.env
+            .iter()
+            .chain(self.args.iter())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn set(list: &mut Vec<(String, String)>, k: &str, v: String) {
+        match list.iter_mut().find(|(name, _)| name == k) {
+            Some(slot) => slot.1 = v,
+            None => list.push((k.to_string(), v)),
+        }
+    }
+
+    /// The environment of the app and of HEALTHCHECK: PATH, ENV, the API's variables.
+    pub fn app_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+        for (k, v) in self.env.iter().chain(self.api_env.iter()) {
+            Self::set(&mut env, k, v.clone());
+        }
+        env
+    }
+
+    /// The environment of a RUN step: as the app's, plus ARG values.
+    pub fn run_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+        for (k, v) in self
+            .args
+            .iter()
+            .chain(self.env.iter())
+            .chain(self.api_env.iter())
+        {
+            Self::set(&mut env, k, v.clone());
+        }
+        env
+    }
+
+    fn key_material(&self) -> String {
+        format!(
+            "{:?}|{:?}|{:?}|{}|{}|{:?}",
+            self.env, self.args, self.api_env, self.workdir, self.user, self.shell
+        )
+    }
+}
+
+/// A command as the Dockerfile wrote it.
+#[derive(Debug, Clone)]
+pub enum AppCommand {
+    /// Exec form.
+    Exec(Vec<String>),
+    /// Shell form, run through SHELL.
+    Shell(String),
+}
+
+/// What a step does in the build VM.
+#[derive(Debug, Clone)]
+pub enum StepAction {
+    /// Nothing on disk (ENV, ARG, USER, EXPOSE, CMD, ...).
+    Metadata,
+    /// `mkdir -p` (WORKDIR).
+    Mkdir(String),
+    /// Run a command.
+    Run {
+        /// The argv.
+        argv: Vec<String>,
+    },
+    /// COPY or ADD from the build context.
+    Copy {
+        /// Source paths relative to the context root.
+        sources: Vec<String>,
+        /// Absolute destination in the guest.
+        dest: String,
+        /// `--chown` spec.
+        chown: Option<String>,
+        /// `--chmod` mode.
+        chmod: Option<u32>,
+        /// ADD: unpack local archives.
+        unpack: bool,
+    },
+}
+
+/// One step of the plan.
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    /// 0-based position among all steps (FROM included).
+    pub index: usize,
+    /// Dockerfile line.
+    pub line: usize,
+    /// The instruction as written.
+    pub text: String,
+    /// Layer cache key, for steps that change the filesystem.
+    pub key: Option<String>,
+    /// What it does.
+    pub action: StepAction,
+    /// The state it runs in.
+    pub state: StepState,
+}
+
+/// The whole build, planned.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The base image (FROM).
+    pub base: BaseImage,
+    /// Every instruction.
+    pub steps: Vec<PlannedStep>,
+    /// The HEALTHCHECK command, if any.
+    pub healthcheck: Option<Vec<String>>,
+    /// State after the last step.
+    pub last: StepState,
+    entrypoint: Option<AppCommand>,
+    cmd: Option<AppCommand>,
+    exposed: Vec<u16>,
+    labels: Vec<(String, String)>,
+    stop_signal: String,
+}
+
+fn err(line: usize, message: impl Into<String>) -> BuildError {
+    BuildError::Dockerfile {
+        line,
+        message: message.into(),
+    }
+}
+
+/// Whether an ADD source is a local archive to unpack.
+pub fn is_archive(src: &str) -> bool {
+    let s = src.to_ascii_lowercase();
+    [
+        ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz",
+    ]
+    .iter()
+    .any(|ext| s.ends_with(ext))
+}
+
+fn join(dir: &str, path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else if dir.ends_with('/') {
+        format!("{dir}{path}")
+    } else {
+        format!("{dir}/{path}")
+    }
+}
+
+fn to_app(c: &Command) -> AppCommand {
+    match c {
+        Command::Exec(v) => AppCommand::Exec(v.clone()),
+        Command::Shell(s) => AppCommand::Shell(s.clone()),
+    }
+}
+
+impl Plan {
+    /// Parses the Dockerfile, resolves the base, and plans every step.
+    pub fn make(
+        home: &Path,
+        context: &BuildContext,
+        api_env: &[(String, String)],
+        extra_ca: Option<&Path>,
+    ) -> Result<Plan, BuildError> {
+        let file = dockerfile::parse(&context.dockerfile).map_err(|e| err(e.line, e.message))?;
+        let escape = file.escape;
+        let mut instructions = file.instructions.into_iter();
+        let from = instructions.next().ok_or_else(|| {
+            err(
+                1,
+                "the Dockerfile is empty: start it with FROM kiln/busybox or FROM kiln/debian:12",
+            )
+        })?;
+        let InstructionKind::From { image, .. } = &from.kind else {
+            return Err(err(from.line, "the first instruction must be FROM"));
+        };
+        let base = crate::base::resolve(home, image, extra_ca)
+            .map_err(|e| BuildError::Base(e.to_string()))?;
+        let mut state = StepState {
+            env: Vec::new(),
+            args: Vec::new(),
+            api_env: api_env.to_vec(),
+            workdir: "/".into(),
+            user: String::new(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+        };
+        let mut keys = KeyChain::new(&format!(
+            "{} {} {}",
+            base.name,
+            base.version,
+            base.disk.display()
+        ));
+        let mut plan = Plan {
+            steps: vec![PlannedStep {
+                index: 0,
+                line: from.line,
+                text: from.text.clone(),
+                key: None,
+                action: StepAction::Metadata,
+                state: state.clone(),
+            }],
+            base,
+            healthcheck: None,
+            last: state.clone(),
+            entrypoint: None,
+            cmd: None,
+            exposed: Vec::new(),
+            labels: Vec::new(),
+            stop_signal: "SIGTERM".into(),
+        };
+        for (i, ins) in instructions.enumerate() {
+            let line = ins.line;
+            let x = |s: &str, st: &StepState| {
+                dockerfile::expand(s, &|n| st.lookup(n), escape).map_err(|e| err(line, e.message))
+            };
+            let action = match &ins.kind {
+                InstructionKind::From { .. } => {
+                    return Err(err(
+                        line,
+                        "a second FROM: multi-stage builds are not supported yet",
+                    ))
+                }
+                InstructionKind::Run(c) => StepAction::Run {
+                    argv: to_app(c).argv(&state.shell),
+                },
+                InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
+                    let unpack = matches!(ins.kind, InstructionKind::Add(_));
+                    let mut sources = Vec::new();
+                    for s in &spec.sources {
+                        let s = x(s, &state)?;
+                        let rel = s
+                            .trim_start_matches("./")
+                            .trim_start_matches('/')
+                            .to_string();
+                        let host = context.dir.join(&rel);
+                        let globbed = rel.contains(['*', '?', '[']);
+                        if !globbed && std::fs::symlink_metadata(&host).is_err() {
+                            return Err(err(line, format!("COPY source {s} is not in the build context (or is excluded by .dockerignore)")));
+                        }
+                        let hashed = if globbed {
+                            host.parent()
+                                .map(Path::to_path_buf)
+                                .unwrap_or_else(|| context.dir.clone())
+                        } else {
+                            host
+                        };
+                        let digest = hash_tree(&hashed).map_err(|e| {
+                            err(line, format!("reading {s} in the build context: {e}"))
+                        })?;
+                        keys.feed(digest.as_bytes());
+                        sources.push(if rel.is_empty() { ".".into() } else { rel });
+                    }
+                    let dest = join(&state.workdir, &x(&spec.dest, &state)?);
+                    let chmod =
+                        match &spec.chmod {
+                            Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| {
+                                err(line, format!("--chmod={m} is not an octal mode"))
+                            })?),
+                            None => None,
+                        };
+                    let chown = spec.chown.as_ref().map(|c| x(c, &state)).transpose()?;
+                    StepAction::Copy {
+                        sources,
+                        dest,
+                        chown,
+                        chmod,
+                        unpack,
+                    }
+                }
+                InstructionKind::Env(pairs) => {
+                    for (k, v) in pairs {
+                        let v = x(v, &state)?;
+                        StepState::set(&mut state.env, k, v);
+                    }
+                    StepAction::Metadata
+                }
+                InstructionKind::Arg(decls) => {
+                    for d in decls {
+                        let v = match &d.default {
+                            Some(v) => x(v, &state)?,
+                            None => String::new(),
+                        };
+                        StepState::set(&mut state.args, &d.name, v);
+                    }
+                    StepAction::Metadata
+                }
+                InstructionKind::Workdir(dir) => {
+                    state.workdir = join(&state.workdir, &x(dir, &state)?);
+                    StepAction::Mkdir(state.workdir.clone())
+                }
+                InstructionKind::User { user, group } => {
+                    let user = x(user, &state)?;
+                    state.user = match group {
+                        Some(g) => format!("{user}:{}", x(g, &state)?),
+                        None => user,
+                    };
+                    StepAction::Metadata
+                }
+                InstructionKind::Expose(ports) => {
+                    for p in ports {
+                        let p = Port::parse(&x(p, &state)?).map_err(|e| err(line, e))?;
+                        if !p.udp && !plan.exposed.contains(&p.number) {
+                            plan.exposed.push(p.number);
+                        }
+                    }
+                    StepAction::Metadata
+                }
+                InstructionKind::Cmd(c) => {
+                    plan.cmd = Some(to_app(c));
+                    StepAction::Metadata
+                }
+                InstructionKind::Entrypoint(c) => {
+                    plan.entrypoint = Some(to_app(c));
+                    // Docker: a new ENTRYPOINT resets an inherited CMD; within one file, CMD after it stays.
+                    StepAction::Metadata
+                }
+                InstructionKind::Label(pairs) => {
+                    for (k, v) in pairs {
+                        let v = x(v, &state)?;
+                        StepState::set(&mut plan.labels, k, v);
+                    }
+                    StepAction::Metadata
+                }
+                InstructionKind::Healthcheck(h) => {
+                    plan.healthcheck = match h {
+                        Healthcheck::None => None,
+                        Healthcheck::Check { test, .. } => Some(match test {
+                            Command::Exec(v) => v.clone(),
+                            Command::Shell(s) => {
+                                state.shell.iter().cloned().chain([s.clone()]).collect()
+                            }
+                        }),
+                    };
+                    StepAction::Metadata
+                }
+                InstructionKind::Shell(sh) => {
+                    state.shell = sh.clone();
+                    StepAction::Metadata
+                }
+                InstructionKind::StopSignal(sig) => {
+                    plan.stop_signal = x(sig, &state)?;
+                    StepAction::Metadata
+                }
+                InstructionKind::Volume(_) | InstructionKind::Maintainer(_) => StepAction::Metadata,
+            };
+            keys.feed(ins.text.as_bytes());
+            keys.feed(state.key_material().as_bytes());
+            let key = (!matches!(action, StepAction::Metadata)).then(|| keys.key());
+            plan.steps.push(PlannedStep {
+                index: i + 1,
+                line,
+                text: ins.text.clone(),
+                key,
+                action,
+                state: state.clone(),
+            });
+        }
+        plan.last = state;
+        Ok(plan)
+    }
+
+    /// How the app runs, from ENTRYPOINT/CMD and the final state (uid/gid resolved later).
+    pub fn image_config(&self, spec: &BuildSpec) -> Result<ImageConfig, BuildError> {
+        let shell = &self.last.shell;
+        let argv = match (&self.entrypoint, &self.cmd) {
+            (Some(AppCommand::Shell(s)), _) => AppCommand::Shell(s.clone()).argv(shell),
+            (Some(AppCommand::Exec(e)), Some(c)) => {
+                e.iter().cloned().chain(c.argv(shell)).collect()
+            }
+            (Some(e), None) => e.argv(shell),
+            (None, Some(c)) => c.argv(shell),
+            (None, None) => {
+                return Err(err(
+                    self.steps.last().map(|s| s.line).unwrap_or(1),
+                    "no CMD or ENTRYPOINT: kiln needs a command that starts the app",
+                ))
+            }
+        };
+        let app_port = if self.exposed.is_empty() || self.exposed.contains(&8080) {
+            8080
+        } else {
+            self.exposed[0]
+        };
+        Ok(ImageConfig {
+            app_argv: argv,
+            env: self.last.app_env(),
+            workdir: self.last.workdir.clone(),
+            uid: 0,
+            gid: 0,
+            exposed_ports: self.exposed.clone(),
+            app_port,
+            hooks_port: spec.hooks.port,
+            stop_signal: self.stop_signal.clone(),
+            labels: self.labels.clone(),
+            readiness: String::new(),
+            base: format!("{} {}", self.base.name, self.base.version),
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! The HTTP API: the AWS `lambda-microvms` operations (rest-json) and kiln's own `/kiln/v1`.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use kiln_api::{ApiError, Operation, Request};
+
+use crate::images::Images;
+
+/// Shared state of the API handlers.
+#[derive(Clone)]
+pub struct Api {
+    /// The image operations.
+    pub images: Arc<Images>,
+}
+
+/// The whole API as one router.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route(
+            "/kiln/v1/images/{name}/versions/{version}/build-log",
+            get(build_log),
+        )
+        .route("/kiln/v1/health", get(|| async { "ok\n" }))
+        .fallback(aws)
+        .with_state(api)
+}
+
+/// Renders an [`ApiError`] the way AWS's rest-json protocol does, so SDKs raise the
+/// modeled exception.
+pub fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, e.body().to_string()).into_response();
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(e.error_type()) {
+        h.insert("x-amzn-errortype", v);
+    }
+    for (name, value) in e.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    resp
+}
+
+fn json_response(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let text = if status == StatusCode::NO_CONTENT {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let mut resp = (status, text).into_response();
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Every AWS operation: route by method and path, parse and validate, dispatch.
+async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path();
+    let Some((op, labels)) = Operation::route(method.as_str(), path) else {
+        let e = ApiError::not_found("operation", &format!("{method} {path}"));
+        tracing::debug!(%method, %path, "no such operation");
+        return error_response(&e);
+    };
+    let query = uri
+        .query()
+        .map(kiln_api::uri::parse_query)
+        .unwrap_or_default();
+    let result = match Request::parse(op, &labels, &query, &body) {
+        Ok(request) => api.images.handle(request).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(value) => {
+            tracing::info!(operation = op.name(), "ok");
+            json_response(op.success_status(), value)
+        }
+        Err(e) => {
+            tracing::info!(
+                operation = op.name(),
+                error = e.error_type(),
+                message = e.message(),
+                "refused"
+            );
+            error_response(&e)
+        }
+    }
+}
+
+/// Query of the build-log endpoint.
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    /// Keep the response open and stream new lines until the build ends.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /kiln/v1/images/{name}/versions/{version}/build-log[?follow=true]`: the build log,
+/// streamed while the build runs.
+async fn build_log(
+    State(api): State<Api>,
+    UrlPath((name, version)): UrlPath<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let (path, images) = match api.images.build_log_path(&name, &version) {
+        Ok(p) => (p, api.images.clone()),
+        Err(e) => return error_response(&e),
+    };
+    let state = (path, 0u64, false, images, name, version, q.follow);
+    let stream = futures_util::stream::unfold(
+        state,
+        |(path, offset, done, images, name, version, follow)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let chunk = read_from(&path, offset).await;
+                if !chunk.is_empty() {
+                    let next = offset + chunk.len() as u64;
+                    return Some((
+                        Ok::<_, std::io::Error>(Bytes::from(chunk)),
+                        (path, next, false, images, name, version, follow),
+                    ));
+                }
+                if !follow || images.build_finished(&name, &version) {
+                    // One last read: the build may have written its final lines just now.
+                    let tail = read_from(&path, offset).await;
+                    let next = offset + tail.len() as u64;
+                    return (!tail.is_empty()).then(|| {
+                        (
+                            Ok(Bytes::from(tail)),
+                            (path, next, true, images, name, version, follow),
+                        )
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(1 << 20).read_to_end(&mut buf).await;
+    buf
+}

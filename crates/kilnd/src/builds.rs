@@ -1,0 +1,243 @@
+//! Image builds: one task per image version, run one at a time (TCG builds saturate the
+//! host's cores), with every state change recorded in the store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_api::shapes::common::CodeArtifact;
+use kiln_api::shapes::image::{ImageVersionConfig, MicrovmImageState};
+use kiln_image::build::{BuildLog, BuildSpec, HookSpec};
+use kiln_vmm::host::Host;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::{managed, now};
+
+/// Starts and tracks image builds.
+#[derive(Clone)]
+pub struct Builds {
+    host: Arc<Host>,
+    store: Arc<Store>,
+    config: Arc<Config>,
+    slots: Arc<Semaphore>,
+}
+
+/// Where an image version's files live.
+pub fn version_dir(home: &Path, image: &str, version: i64) -> PathBuf {
+    home.join("images").join(image).join(version.to_string())
+}
+
+impl Builds {
+    /// A build runner.
+    pub fn new(host: Arc<Host>, store: Arc<Store>, config: Arc<Config>) -> Builds {
+        Builds {
+            host,
+            store,
+            config,
+            slots: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// Builds `image` version `version` in the background. `first` says whether this is the
+    /// image's first version (CREATING) or an update (UPDATING).
+    pub fn spawn(&self, image: String, version: i64, spec: ImageVersionConfig, first: bool) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = this.slots.clone().acquire_owned().await else {
+                return;
+            };
+            this.run(&image, version, &spec, first).await;
+        });
+    }
+
+    async fn run(&self, image: &str, version: i64, spec: &ImageVersionConfig, first: bool) {
+        let home = self.host.home.clone();
+        let dir = version_dir(&home, image, version);
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = match std::fs::create_dir_all(&dir)
+            .and_then(|()| BuildLog::create(&dir.join("build.log")))
+        {
+            Ok(log) => log,
+            Err(e) => {
+                self.finish(
+                    image,
+                    version,
+                    first,
+                    Err(format!("cannot create {}: {e}", dir.display())),
+                );
+                return;
+            }
+        };
+        let _ =
+            self.store
+                .set_version_state(image, version, "IN_PROGRESS", "IN_PROGRESS", None, now());
+        log.line(format!("build of {image} version {version} started"));
+        let result = self.build(image, version, spec, &dir, &log).await;
+        self.finish(image, version, first, result);
+    }
+
+    async fn build(
+        &self,
+        image: &str,
+        version: i64,
+        spec: &ImageVersionConfig,
+        dir: &Path,
+        log: &BuildLog,
+    ) -> Result<(), String> {
+        let zip = self.artifact_path(&spec.code_artifact)?;
+        let work = self
+            .host
+            .home
+            .join("work")
+            .join(format!("{image}-{version}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)
+            .map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let context = {
+            let zip_path = zip.clone();
+            let dest = work.join("context");
+            tokio::task::spawn_blocking(move || {
+                kiln_image::context::extract_zip(
+                    &zip_path,
+                    &dest,
+                    &kiln_image::context::ContextLimits::default(),
+                )
+            })
+            .await
+            .map_err(|e| format!("extracting the code artifact: {e}"))?
+            .map_err(|e| format!("code artifact {}: {e}", zip.display()))?
+        };
+        log.line(format!(
+            "code artifact {}: {} files, {} KiB",
+            zip.display(),
+            context.files,
+            context.bytes / 1024
+        ));
+        managed::check_base(&spec.base_image_arn, &context.dockerfile)?;
+        let hooks = spec.hooks.clone().unwrap_or_default();
+        let image_hooks = hooks.microvm_image_hooks.clone().unwrap_or_default();
+        let enabled = |s: &Option<kiln_api::shapes::common::HookState>| {
+            matches!(s, Some(kiln_api::shapes::common::HookState::Enabled))
+        };
+        let secs = |t: Option<i32>, d: u64| {
+            std::time::Duration::from_secs(t.map(|t| t as u64).unwrap_or(d))
+        };
+        let memory = spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.first())
+            .map(|r| r.minimum_memory_in_mib as u64)
+            .unwrap_or(self.config.default_memory_mib)
+            .max(128);
+        let build_spec = BuildSpec {
+            context,
+            env: spec
+                .environment_variables
+                .clone()
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default(),
+            hooks: HookSpec {
+                port: hooks.port.map(|p| p as u16).unwrap_or(8080),
+                ready: enabled(&image_hooks.ready)
+                    .then(|| secs(image_hooks.ready_timeout_in_seconds, 300)),
+                validate: enabled(&image_hooks.validate)
+                    .then(|| secs(image_hooks.validate_timeout_in_seconds, 60)),
+            },
+            memory_mib: memory,
+            build_memory_mib: self.config.build_memory_mib,
+            cache_dir: self.host.home.join("cache").join("layers"),
+            work_dir: work.join("build"),
+            output_dir: dir.to_owned(),
+            extra_ca: self.config.build_ca.clone(),
+            ready_timeout: self.config.ready_timeout(),
+            step_timeout: self.config.step_timeout(),
+        };
+        let built = kiln_image::build::build(&self.host, &build_spec, log).await;
+        let _ = std::fs::remove_dir_all(&work);
+        let built = built.map_err(|e| e.to_string())?;
+        let m = &built.snapshot.manifest;
+        self.store
+            .set_version_snapshot(
+                image,
+                version,
+                &built.snapshot.dir.display().to_string(),
+                m.memory.allocated as i64,
+                m.disks.iter().map(|d| d.info.allocated).sum::<u64>() as i64,
+                built.code_bytes as i64,
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Resolves a code artifact to a local zip file.
+    fn artifact_path(&self, artifact: &CodeArtifact) -> Result<PathBuf, String> {
+        let uri = match artifact {
+            CodeArtifact::Uri(uri) => uri,
+            #[allow(unreachable_patterns)]
+            _ => return Err("codeArtifact must set uri".into()),
+        };
+        let Some(path) = uri.strip_prefix("file://") else {
+            return Err(format!(
+                "codeArtifact uri {uri} is not supported yet: use file:///absolute/path/app.zip"
+            ));
+        };
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!(
+                "codeArtifact uri {uri}: the path must be absolute (file:///…)"
+            ));
+        }
+        let real = path
+            .canonicalize()
+            .map_err(|e| format!("codeArtifact {}: {e}", path.display()))?;
+        if !self.config.artifact_roots.is_empty()
+            && !self
+                .config
+                .artifact_roots
+                .iter()
+                .any(|r| r.canonicalize().is_ok_and(|r| real.starts_with(r)))
+        {
+            return Err(format!(
+                "codeArtifact {} is outside the directories kilnd allows (--artifact-root)",
+                path.display()
+            ));
+        }
+        Ok(real)
+    }
+
+    fn finish(&self, image: &str, version: i64, first: bool, result: Result<(), String>) {
+        let t = now();
+        let (version_state, image_state, reason) = match &result {
+            Ok(()) => (
+                "SUCCESSFUL",
+                if first {
+                    MicrovmImageState::Created
+                } else {
+                    MicrovmImageState::Updated
+                },
+                None,
+            ),
+            Err(e) => (
+                "FAILED",
+                if first {
+                    MicrovmImageState::CreateFailed
+                } else {
+                    MicrovmImageState::UpdateFailed
+                },
+                Some(e.as_str()),
+            ),
+        };
+        if let Err(e) = self
+            .store
+            .set_version_state(image, version, version_state, version_state, reason, t)
+            .and_then(|()| self.store.set_image_state(image, image_state.as_str(), t))
+        {
+            tracing::error!(%image, version, error = %e, "cannot record the end of a build");
+        }
+        match result {
+            Ok(()) => tracing::info!(%image, version, "build succeeded"),
+            Err(e) => tracing::warn!(%image, version, reason = %e, "build failed"),
+        }
+    }
+}

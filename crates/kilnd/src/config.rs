@@ -1,0 +1,62 @@
+//! kilnd's configuration: flags, with defaults that keep everything on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// kilnd: the kiln daemon (API server, image builder, MicroVM supervisor).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kilnd", version, about)]
+pub struct Config {
+    /// Data directory (images, VMs, the metadata database).
+    #[arg(long, env = "KILN_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Address of the AWS-compatible API (and kiln's own /kiln/v1 endpoints).
+    #[arg(long, default_value = "127.0.0.1:7171", value_name = "ADDR")]
+    pub api_listen: SocketAddr,
+    /// Address of the MicroVM endpoint proxy (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:7443", value_name = "ADDR")]
+    pub endpoint_listen: SocketAddr,
+    /// Extra CA certificates (PEM) that build steps trust, e.g. a TLS-intercepting proxy's.
+    /// They live in the build VM's tmpfs only and are never written into an image.
+    #[arg(long, value_name = "PEM")]
+    pub build_ca: Option<PathBuf>,
+    /// Restrict `file://` code artifacts to paths under these directories (repeatable).
+    #[arg(long = "artifact-root", value_name = "DIR")]
+    pub artifact_roots: Vec<PathBuf>,
+    /// Memory of build VMs, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub build_memory_mib: u64,
+    /// Default memory of app VMs when an image does not ask for more, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub default_memory_mib: u64,
+    /// How long an app may take to become ready during a build, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout_secs: u64,
+    /// How long one RUN step may take, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub step_timeout_secs: u64,
+    /// AWS region name used in ARNs.
+    #[arg(long, default_value = "local")]
+    pub region: String,
+    /// AWS account id used in ARNs.
+    #[arg(long, default_value = "000000000000")]
+    pub account: String,
+}
+
+impl Config {
+    /// The data directory.
+    pub fn home(&self) -> PathBuf {
+        self.home.clone().unwrap_or_else(kiln_vmm::home::kiln_home)
+    }
+    /// [`Config::ready_timeout_secs`] as a duration.
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.ready_timeout_secs)
+    }
+    /// [`Config::step_timeout_secs`] as a duration.
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_secs(self.step_timeout_secs)
+    }
+}

@@ -1,0 +1,537 @@
+//! The image operations of the API: validation beyond the model, state transitions,
+//! idempotency, and the store ⇄ wire-shape mapping.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_api::pagination::paginate;
+use kiln_api::shapes::common::CodeArtifact;
+use kiln_api::shapes::common::{Architecture, Chipset, Tags};
+use kiln_api::shapes::image::*;
+use kiln_api::{ApiError, ArnContext, ImageRef, Request, Timestamp};
+use serde_json::{json, Value};
+
+use crate::builds::{version_dir, Builds};
+use crate::managed;
+use crate::now;
+use crate::store::{ImageRow, Store, StoreError, VersionRow};
+
+/// Image operations over the store and the build runner.
+pub struct Images {
+    /// The metadata store.
+    pub store: Arc<Store>,
+    /// The build runner.
+    pub builds: Builds,
+    /// ARN region and account.
+    pub ctx: ArnContext,
+    /// The data directory.
+    pub home: PathBuf,
+}
+
+fn internal(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failure");
+    ApiError::internal(format!("kilnd's metadata store failed: {e}"))
+}
+
+fn ts(secs: f64) -> Timestamp {
+    Timestamp::from_millis((secs * 1000.0) as i64)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn not_implemented(op: &str) -> ApiError {
+    ApiError::validation(format!(
+        "{op} is not available in this version of kiln yet (MicroVMs arrive with the next release)"
+    ))
+}
+
+impl Images {
+    /// Executes one validated request.
+    pub async fn handle(&self, request: Request) -> Result<Value, ApiError> {
+        match request {
+            Request::CreateMicrovmImage { body } => self.create(*body),
+            Request::UpdateMicrovmImage { params, body } => {
+                self.update(&params.image_identifier, *body)
+            }
+            Request::GetMicrovmImage { params } => {
+                let image = self.image(&params.image_identifier)?;
+                to_value(&GetMicrovmImageOutput {
+                    image: self.summary(&image)?,
+                    tags: tags_of(&image),
+                    updated_at: image.updated_at.map(ts),
+                })
+            }
+            Request::ListMicrovmImages { query } => {
+                let rows = self
+                    .store
+                    .images(None, query.name_filter.as_deref(), usize::MAX >> 1)
+                    .map_err(internal)?;
+                let items = rows
+                    .iter()
+                    .map(|r| self.summary(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (items, next_token) = paginate(
+                    &items,
+                    |i| i.name.as_str(),
+                    query.page.max_results,
+                    query.page.next_token.as_deref(),
+                )?;
+                to_value(&ListMicrovmImagesResponse { next_token, items })
+            }
+            Request::DeleteMicrovmImage { params } => self.delete(&params.image_identifier),
+            Request::GetMicrovmImageVersion { params } => {
+                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                to_value(&self.version_summary(&image, &v)?)
+            }
+            Request::ListMicrovmImageVersions { params, query } => {
+                let image = self.image(&params.image_identifier)?;
+                let rows = self
+                    .store
+                    .versions(&image.name, 0, usize::MAX >> 1)
+                    .map_err(internal)?;
+                let items = rows
+                    .iter()
+                    .map(|v| self.version_summary(&image, v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Page keys are zero-padded so they sort like the numbers.
+                let keyed: Vec<(String, MicrovmImageVersionSummary)> = items
+                    .into_iter()
+                    .map(|s| {
+                        (
+                            format!("{:020}", s.image_version.parse::<u64>().unwrap_or(0)),
+                            s,
+                        )
+                    })
+                    .collect();
+                let (page, next_token) = paginate(
+                    &keyed,
+                    |(k, _)| k.as_str(),
+                    query.max_results,
+                    query.next_token.as_deref(),
+                )?;
+                to_value(&ListMicrovmImageVersionsOutput {
+                    next_token,
+                    items: page.into_iter().map(|(_, s)| s).collect(),
+                })
+            }
+            Request::UpdateMicrovmImageVersion { params, body } => {
+                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                self.store
+                    .set_version_status(&image.name, v.version, body.status.as_str(), now())
+                    .map_err(internal)?;
+                let (image, v) = self.version(&image.name, &v.version.to_string())?;
+                to_value(&self.version_summary(&image, &v)?)
+            }
+            Request::DeleteMicrovmImageVersion { params } => {
+                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                if matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS") {
+                    return Err(ApiError::conflict(
+                        "MicrovmImageVersion",
+                        &format!("{}:{}", image.name, v.version),
+                        "the version is still building; wait for the build to end, then delete it",
+                    ));
+                }
+                self.store
+                    .delete_version(&image.name, v.version)
+                    .map_err(internal)?;
+                let _ = std::fs::remove_dir_all(version_dir(&self.home, &image.name, v.version));
+                to_value(&DeleteMicrovmImageVersionOutput {
+                    image_identifier: params.image_identifier,
+                    image_version: v.version.to_string(),
+                    state: MicrovmImageVersionState::Deleted,
+                })
+            }
+            Request::GetMicrovmImageBuild { params } => {
+                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                if params.build_id != v.build_id {
+                    return Err(ApiError::not_found("MicrovmImageBuild", &params.build_id));
+                }
+                to_value(&GetMicrovmImageBuildOutput {
+                    build: self.build_summary(&image, &v)?,
+                    snapshot_build: (v.memory_bytes.is_some()).then_some(SnapshotBuild {
+                        memory_snapshot_size_in_bytes: v.memory_bytes,
+                        code_install_size_in_bytes: v.code_bytes,
+                        disk_snapshot_size_in_bytes: v.disk_bytes,
+                    }),
+                })
+            }
+            Request::ListMicrovmImageBuilds { params, query } => {
+                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let mut items = vec![self.build_summary(&image, &v)?];
+                if query
+                    .architecture
+                    .is_some_and(|a| a != Architecture::X86_64)
+                    || query.chipset.is_some_and(|c| c != Chipset::Intel)
+                {
+                    items.clear();
+                }
+                to_value(&ListMicrovmImageBuildsOutput {
+                    next_token: None,
+                    items,
+                })
+            }
+            Request::ListManagedMicrovmImages { query } => {
+                let items = managed::summaries(&self.ctx);
+                let (items, next_token) = paginate(
+                    &items,
+                    |i| i.image_arn.as_str(),
+                    query.max_results,
+                    query.next_token.as_deref(),
+                )?;
+                to_value(&ListManagedMicrovmImagesOutput { next_token, items })
+            }
+            Request::ListManagedMicrovmImageVersions { params, query } => {
+                let name = kiln_api::image_identifier(&params.image_identifier)?;
+                let m = managed::MANAGED
+                    .iter()
+                    .find(|m| m.name == name.name())
+                    .ok_or_else(|| {
+                        ApiError::not_found("ManagedMicrovmImage", &params.image_identifier)
+                    })?;
+                let items = managed::versions(&self.ctx, m);
+                let (items, next_token) = paginate(
+                    &items,
+                    |i| i.image_version.as_str(),
+                    query.max_results,
+                    query.next_token.as_deref(),
+                )?;
+                to_value(&ListManagedMicrovmImageVersionsOutput { next_token, items })
+            }
+            Request::TagResource { params, body } => {
+                let image = self.image_for_arn(&params.resource)?;
+                let mut tags = tags_of(&image).unwrap_or_default();
+                tags.extend(body.tags);
+                self.store
+                    .set_tags(&image.name, &json!(tags))
+                    .map_err(internal)?;
+                Ok(Value::Null)
+            }
+            Request::UntagResource { params, query } => {
+                let image = self.image_for_arn(&params.resource)?;
+                let mut tags = tags_of(&image).unwrap_or_default();
+                for k in &query.tag_keys {
+                    tags.remove(k);
+                }
+                self.store
+                    .set_tags(&image.name, &json!(tags))
+                    .map_err(internal)?;
+                Ok(Value::Null)
+            }
+            Request::ListTags { params } => {
+                let image = self.image_for_arn(&params.resource)?;
+                Ok(json!({ "Tags": tags_of(&image).unwrap_or_default() }))
+            }
+            other => Err(not_implemented(other.operation().name())),
+        }
+    }
+
+    fn create(&self, req: CreateMicrovmImageRequest) -> Result<Value, ApiError> {
+        if let Some(saved) = self.replay("CreateMicrovmImage", req.client_token.as_deref(), &req)? {
+            return Ok(saved);
+        }
+        self.check_config(&req.config)?;
+        let t = now();
+        let build_id = new_id();
+        let image = ImageRow {
+            name: req.name.clone(),
+            state: MicrovmImageState::Creating.as_str().into(),
+            created_at: t,
+            updated_at: None,
+            tags: json!(req.tags.clone().unwrap_or_default()),
+        };
+        let version = VersionRow {
+            image: req.name.clone(),
+            version: 1,
+            state: "PENDING".into(),
+            status: "ACTIVE".into(),
+            state_reason: None,
+            spec: to_value(&req.config)?,
+            created_at: t,
+            updated_at: None,
+            build_id,
+            build_state: "PENDING".into(),
+            snapshot_dir: None,
+            memory_bytes: None,
+            disk_bytes: None,
+            code_bytes: None,
+        };
+        if !self
+            .store
+            .create_image(&image, &version)
+            .map_err(internal)?
+        {
+            return Err(ApiError::conflict(
+                "MicrovmImage",
+                &req.name,
+                format!("an image named {} already exists; use UpdateMicrovmImage to build a new version", req.name),
+            ));
+        }
+        self.builds
+            .spawn(req.name.clone(), 1, req.config.clone(), true);
+        let out = to_value(&CreateMicrovmImageResponse {
+            image: self.summary(&image)?,
+            config: req.config.clone(),
+            tags: req.tags.clone(),
+            updated_at: None,
+            image_version: "1".into(),
+        })?;
+        self.remember(
+            "CreateMicrovmImage",
+            req.client_token.as_deref(),
+            &req,
+            &out,
+        )?;
+        Ok(out)
+    }
+
+    fn update(&self, identifier: &str, req: UpdateMicrovmImageRequest) -> Result<Value, ApiError> {
+        let op = format!("UpdateMicrovmImage:{identifier}");
+        if let Some(saved) = self.replay(&op, req.client_token.as_deref(), &req)? {
+            return Ok(saved);
+        }
+        let image = self.image(identifier)?;
+        if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
+            return Err(ApiError::conflict(
+                "MicrovmImage",
+                &image.name,
+                format!(
+                    "image {} is {}: wait for its build to end",
+                    image.name, image.state
+                ),
+            ));
+        }
+        self.check_config(&req.config)?;
+        let t = now();
+        let row = VersionRow {
+            image: image.name.clone(),
+            version: 0,
+            state: "PENDING".into(),
+            status: "ACTIVE".into(),
+            state_reason: None,
+            spec: to_value(&req.config)?,
+            created_at: t,
+            updated_at: None,
+            build_id: new_id(),
+            build_state: "PENDING".into(),
+            snapshot_dir: None,
+            memory_bytes: None,
+            disk_bytes: None,
+            code_bytes: None,
+        };
+        let v = self
+            .store
+            .add_version(&image.name, MicrovmImageState::Updating.as_str(), row)
+            .map_err(internal)?;
+        self.builds
+            .spawn(image.name.clone(), v.version, req.config.clone(), false);
+        let image = self.image(&image.name)?;
+        let out = to_value(&UpdateMicrovmImageResponse {
+            image: self.summary(&image)?,
+            config: req.config.clone(),
+            updated_at: ts(t),
+            image_version: v.version.to_string(),
+        })?;
+        self.remember(&op, req.client_token.as_deref(), &req, &out)?;
+        Ok(out)
+    }
+
+    fn delete(&self, identifier: &str) -> Result<Value, ApiError> {
+        let image = self.image(identifier)?;
+        if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
+            return Err(ApiError::conflict(
+                "MicrovmImage",
+                &image.name,
+                format!(
+                    "image {} is {}: wait for its build to end, then delete it",
+                    image.name, image.state
+                ),
+            ));
+        }
+        self.store.delete_image(&image.name).map_err(internal)?;
+        let _ = std::fs::remove_dir_all(self.home.join("images").join(&image.name));
+        to_value(&DeleteMicrovmImageOutput {
+            image_identifier: identifier.to_string(),
+            state: MicrovmImageState::Deleted,
+        })
+    }
+
+    /// Checks what the model cannot: a known base, a code artifact kiln can fetch.
+    fn check_config(&self, c: &ImageVersionConfig) -> Result<(), ApiError> {
+        managed::validate_base(&c.base_image_arn)?;
+        let CodeArtifact::Uri(uri) = &c.code_artifact;
+        match uri.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') => {
+                if !std::path::Path::new(path).is_file() {
+                    return Err(ApiError::validation(format!(
+                        "codeArtifact.uri {uri}: no such file on the kiln host"
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(ApiError::validation(format!(
+                "codeArtifact.uri {uri} is not supported yet: use file:///absolute/path/app.zip"
+            ))),
+        }
+    }
+
+    fn image(&self, identifier: &str) -> Result<ImageRow, ApiError> {
+        let r = kiln_api::image_identifier(identifier)?;
+        if let ImageRef::Arn(a) = &r {
+            if !a.is_local_to(&self.ctx) {
+                return Err(ApiError::not_found("MicrovmImage", identifier));
+            }
+        }
+        self.store
+            .image(r.name())
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found("MicrovmImage", identifier))
+    }
+
+    fn image_for_arn(&self, arn: &str) -> Result<ImageRow, ApiError> {
+        self.image(arn)
+    }
+
+    fn version(&self, identifier: &str, version: &str) -> Result<(ImageRow, VersionRow), ApiError> {
+        let image = self.image(identifier)?;
+        let number: i64 = version.parse().map_err(|_| {
+            ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.name))
+        })?;
+        let v = self
+            .store
+            .version(&image.name, number)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.name))
+            })?;
+        Ok((image, v))
+    }
+
+    fn summary(&self, image: &ImageRow) -> Result<MicrovmImageSummary, ApiError> {
+        let active = self
+            .store
+            .latest_version(&image.name, "SUCCESSFUL", Some("ACTIVE"))
+            .map_err(internal)?;
+        let failed = self
+            .store
+            .latest_version(&image.name, "FAILED", None)
+            .map_err(internal)?;
+        Ok(MicrovmImageSummary {
+            image_arn: self.ctx.image_arn(&image.name),
+            name: image.name.clone(),
+            state: image.state.parse().unwrap_or(MicrovmImageState::Creating),
+            latest_active_image_version: active.map(|v| v.to_string()),
+            latest_failed_image_version: failed.map(|v| v.to_string()),
+            created_at: ts(image.created_at),
+        })
+    }
+
+    fn version_summary(
+        &self,
+        image: &ImageRow,
+        v: &VersionRow,
+    ) -> Result<MicrovmImageVersionSummary, ApiError> {
+        let config: ImageVersionConfig = serde_json::from_value(v.spec.clone())
+            .map_err(|e| ApiError::internal(format!("stored version spec is unreadable: {e}")))?;
+        Ok(MicrovmImageVersionSummary {
+            config,
+            image_arn: self.ctx.image_arn(&image.name),
+            image_version: v.version.to_string(),
+            state: v.state.parse().unwrap_or(MicrovmImageVersionState::Pending),
+            status: v
+                .status
+                .parse()
+                .unwrap_or(MicrovmImageVersionStatus::Active),
+            created_at: ts(v.created_at),
+            updated_at: v.updated_at.map(ts),
+            state_reason: v.state_reason.clone(),
+            tags: tags_of(image),
+        })
+    }
+
+    fn build_summary(
+        &self,
+        image: &ImageRow,
+        v: &VersionRow,
+    ) -> Result<MicrovmImageBuildSummary, ApiError> {
+        Ok(MicrovmImageBuildSummary {
+            image_arn: self.ctx.image_arn(&image.name),
+            image_version: v.version.to_string(),
+            build_id: v.build_id.clone(),
+            build_state: v.build_state.parse().unwrap_or(BuildState::Pending),
+            architecture: Architecture::X86_64,
+            chipset: Chipset::Intel,
+            chipset_generation: "qemu".into(),
+            state_reason: v.state_reason.clone(),
+            created_at: ts(v.created_at),
+        })
+    }
+
+    /// The stored answer to an earlier call with the same idempotency token, if any.
+    fn replay<T: serde::Serialize>(
+        &self,
+        op: &str,
+        token: Option<&str>,
+        req: &T,
+    ) -> Result<Option<Value>, ApiError> {
+        let Some(token) = token else { return Ok(None) };
+        let hash = request_hash(req)?;
+        match self.store.client_token(token, op).map_err(internal)? {
+            Some((h, response)) if h == hash => Ok(serde_json::from_str(&response).ok()),
+            Some(_) => Err(ApiError::conflict(
+                "ClientToken",
+                token,
+                "this clientToken was already used with different parameters; use a new token",
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn remember<T: serde::Serialize>(
+        &self,
+        op: &str,
+        token: Option<&str>,
+        req: &T,
+        out: &Value,
+    ) -> Result<(), ApiError> {
+        if let Some(token) = token {
+            self.store
+                .put_client_token(token, op, &request_hash(req)?, &out.to_string(), now())
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// The build log of a version (for `/kiln/v1`).
+    pub fn build_log_path(&self, image: &str, version: &str) -> Result<PathBuf, ApiError> {
+        let (image, v) = self.version(image, version)?;
+        Ok(version_dir(&self.home, &image.name, v.version).join("build.log"))
+    }
+
+    /// Whether a version's build has ended (or the version is gone).
+    pub fn build_finished(&self, image: &str, version: &str) -> bool {
+        match self.version(image, version) {
+            Ok((_, v)) => !matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS"),
+            Err(_) => true,
+        }
+    }
+}
+
+fn tags_of(image: &ImageRow) -> Option<Tags> {
+    serde_json::from_value::<Tags>(image.tags.clone())
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+fn request_hash<T: serde::Serialize>(req: &T) -> Result<String, ApiError> {
+    let text = serde_json::to_string(req).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(blake3::hash(text.as_bytes()).to_hex().to_string())
+}
+
+/// A random 16-byte hex id.
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,608 @@
+//! The metadata store: SQLite in WAL mode, with numbered schema migrations.
+//!
+//! One connection behind a mutex: kilnd's writes are few and short, and SQLite serialises
+//! writers anyway. Calls are synchronous and quick; callers on the async runtime hold the
+//! lock only for the duration of one statement batch.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: images, their versions (one build each), and idempotency tokens.
+    "CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL,
+        tags TEXT NOT NULL DEFAULT '{}',
+        next_version INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE image_versions (
+        image TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT NOT NULL,
+        state_reason TEXT,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL,
+        build_id TEXT NOT NULL,
+        build_state TEXT NOT NULL,
+        snapshot_dir TEXT,
+        memory_bytes INTEGER,
+        disk_bytes INTEGER,
+        code_bytes INTEGER,
+        PRIMARY KEY (image, version)
+    );
+    CREATE TABLE client_tokens (
+        token TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (token, operation)
+    );",
+];
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("metadata store ({path}): {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A JSON column could not be read.
+    #[error("metadata store holds unreadable JSON in {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The metadata store.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+/// One image row.
+#[derive(Debug, Clone)]
+pub struct ImageRow {
+    /// Its name (unique).
+    pub name: String,
+    /// `MicrovmImageState` as stored.
+    pub state: String,
+    /// Creation time, epoch seconds.
+    pub created_at: f64,
+    /// Last update, epoch seconds.
+    pub updated_at: Option<f64>,
+    /// Tags as a JSON object.
+    pub tags: serde_json::Value,
+}
+
+/// One image version row (one build).
+#[derive(Debug, Clone)]
+pub struct VersionRow {
+    /// Image name.
+    pub image: String,
+    /// Version number.
+    pub version: i64,
+    /// `MicrovmImageVersionState`.
+    pub state: String,
+    /// `ACTIVE` or `INACTIVE`.
+    pub status: String,
+    /// Why it failed, if it did.
+    pub state_reason: Option<String>,
+    /// The request that defines this version (JSON).
+    pub spec: serde_json::Value,
+    /// Creation time.
+    pub created_at: f64,
+    /// Last update.
+    pub updated_at: Option<f64>,
+    /// The build's id.
+    pub build_id: String,
+    /// `BuildState`.
+    pub build_state: String,
+    /// Snapshot directory once built.
+    pub snapshot_dir: Option<String>,
+    /// Memory snapshot bytes on disk.
+    pub memory_bytes: Option<i64>,
+    /// Disk snapshot bytes on disk.
+    pub disk_bytes: Option<i64>,
+    /// Build context bytes.
+    pub code_bytes: Option<i64>,
+}
+
+impl Store {
+    /// Opens (creating) the database at `path` and runs pending migrations.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let p = path.display().to_string();
+        let err = |source| StoreError::Sqlite {
+            path: p.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(err)?;
+        let store = Store {
+            conn: Mutex::new(conn),
+            path: p,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let done: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err())?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+            let tx = conn.transaction().map_err(self.err())?;
+            tx.execute_batch(sql).map_err(self.err())?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+                .map_err(self.err())?;
+            tx.commit().map_err(self.err())?;
+            tracing::info!(migration = i + 1, "applied schema migration");
+        }
+        Ok(())
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        self.lock()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
+    /// Inserts an image and its first version in one transaction; false if the name exists.
+    pub fn create_image(&self, image: &ImageRow, version: &VersionRow) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO images (name, state, created_at, updated_at, tags, next_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 2)",
+                params![image.name, image.state, image.created_at, image.updated_at, image.tags.to_string()],
+            )
+            .map_err(self.err())?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        insert_version(&tx, version).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(true)
+    }
+
+    /// Allocates the next version number of `image` and inserts it; sets the image's state.
+    pub fn add_version(
+        &self,
+        image: &str,
+        image_state: &str,
+        mut version: VersionRow,
+    ) -> Result<VersionRow, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        let next: i64 = tx
+            .query_row(
+                "SELECT next_version FROM images WHERE name = ?1",
+                [image],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        version.version = next;
+        tx.execute(
+            "UPDATE images SET next_version = ?2, state = ?3, updated_at = ?4 WHERE name = ?1",
+            params![image, next + 1, image_state, version.created_at],
+        )
+        .map_err(self.err())?;
+        insert_version(&tx, &version).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(version)
+    }
+
+    /// One image by name.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRow>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT name, state, created_at, updated_at, tags FROM images WHERE name = ?1",
+                [name],
+                image_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Images ordered by name, after `after`, at most `limit`.
+    pub fn images(
+        &self,
+        after: Option<&str>,
+        name_filter: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ImageRow>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, state, created_at, updated_at, tags FROM images
+                 WHERE name > ?1 AND (?2 IS NULL OR instr(name, ?2) > 0)
+                 ORDER BY name LIMIT ?3",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(
+                params![after.unwrap_or(""), name_filter, limit as i64],
+                image_row,
+            )
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Sets an image's state.
+    pub fn set_image_state(&self, name: &str, state: &str, now: f64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE images SET state = ?2, updated_at = ?3 WHERE name = ?1",
+                params![name, state, now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Replaces an image's tags.
+    pub fn set_tags(&self, name: &str, tags: &serde_json::Value) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE images SET tags = ?2 WHERE name = ?1",
+                params![name, tags.to_string()],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Deletes an image and its versions.
+    pub fn delete_image(&self, name: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM images WHERE name = ?1", [name])
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// One version.
+    pub fn version(&self, image: &str, version: i64) -> Result<Option<VersionRow>, StoreError> {
+        let conn = self.lock();
+        let row = conn
+            .query_row(
+                &format!("SELECT {VERSION_COLUMNS} FROM image_versions WHERE image = ?1 AND version = ?2"),
+                params![image, version],
+                version_row,
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(row)
+    }
+
+    /// Versions of an image, ascending, after version `after`, at most `limit`.
+    pub fn versions(
+        &self,
+        image: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {VERSION_COLUMNS} FROM image_versions WHERE image = ?1 AND version > ?2
+                 ORDER BY version LIMIT ?3"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![image, after, limit as i64], version_row)
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Versions in a given state across all images (for reconciliation at start).
+    pub fn versions_in_states(&self, states: &[&str]) -> Result<Vec<VersionRow>, StoreError> {
+        let conn = self.lock();
+        let list = states
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {VERSION_COLUMNS} FROM image_versions WHERE state IN ({list}) ORDER BY image, version"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map([], version_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Records a version's build progress.
+    pub fn set_version_state(
+        &self,
+        image: &str,
+        version: i64,
+        state: &str,
+        build_state: &str,
+        reason: Option<&str>,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE image_versions SET state = ?3, build_state = ?4, state_reason = ?5, updated_at = ?6
+                 WHERE image = ?1 AND version = ?2",
+                params![image, version, state, build_state, reason, now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Records a finished build's snapshot and sizes.
+    pub fn set_version_snapshot(
+        &self,
+        image: &str,
+        version: i64,
+        dir: &str,
+        memory_bytes: i64,
+        disk_bytes: i64,
+        code_bytes: i64,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE image_versions SET snapshot_dir = ?3, memory_bytes = ?4, disk_bytes = ?5, code_bytes = ?6
+                 WHERE image = ?1 AND version = ?2",
+                params![image, version, dir, memory_bytes, disk_bytes, code_bytes],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Sets a version's ACTIVE/INACTIVE status.
+    pub fn set_version_status(
+        &self,
+        image: &str,
+        version: i64,
+        status: &str,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE image_versions SET status = ?3, updated_at = ?4 WHERE image = ?1 AND version = ?2",
+                params![image, version, status, now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Deletes one version.
+    pub fn delete_version(&self, image: &str, version: i64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM image_versions WHERE image = ?1 AND version = ?2",
+                params![image, version],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// The highest version in `state` (and, if given, `status`).
+    pub fn latest_version(
+        &self,
+        image: &str,
+        state: &str,
+        status: Option<&str>,
+    ) -> Result<Option<i64>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT MAX(version) FROM image_versions WHERE image = ?1 AND state = ?2
+                 AND (?3 IS NULL OR status = ?3)",
+                params![image, state, status],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// The response stored for an idempotency token, with the hash of the request it answered.
+    pub fn client_token(
+        &self,
+        token: &str,
+        operation: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT request_hash, response FROM client_tokens WHERE token = ?1 AND operation = ?2",
+                params![token, operation],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Remembers the response to an idempotent request.
+    pub fn put_client_token(
+        &self,
+        token: &str,
+        operation: &str,
+        request_hash: &str,
+        response: &str,
+        now: f64,
+    ) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT OR REPLACE INTO client_tokens (token, operation, request_hash, response, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token, operation, request_hash, response, now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+}
+
+const VERSION_COLUMNS: &str =
+    "image, version, state, status, state_reason, spec, created_at, updated_at,
+    build_id, build_state, snapshot_dir, memory_bytes, disk_bytes, code_bytes";
+
+fn insert_version(tx: &rusqlite::Transaction<'_>, v: &VersionRow) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO image_versions (image, version, state, status, state_reason, spec, created_at,
+            updated_at, build_id, build_state, snapshot_dir, memory_bytes, disk_bytes, code_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            v.image,
+            v.version,
+            v.state,
+            v.status,
+            v.state_reason,
+            v.spec.to_string(),
+            v.created_at,
+            v.updated_at,
+            v.build_id,
+            v.build_state,
+            v.snapshot_dir,
+            v.memory_bytes,
+            v.disk_bytes,
+            v.code_bytes
+        ],
+    )
+}
+
+fn json_column(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.get(0)?,
+        state: r.get(1)?,
+        created_at: r.get(2)?,
+        updated_at: r.get(3)?,
+        tags: json_column(r.get(4)?),
+    })
+}
+
+fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    Ok(VersionRow {
+        image: r.get(0)?,
+        version: r.get(1)?,
+        state: r.get(2)?,
+        status: r.get(3)?,
+        state_reason: r.get(4)?,
+        spec: json_column(r.get(5)?),
+        created_at: r.get(6)?,
+        updated_at: r.get(7)?,
+        build_id: r.get(8)?,
+        build_state: r.get(9)?,
+        snapshot_dir: r.get(10)?,
+        memory_bytes: r.get(11)?,
+        disk_bytes: r.get(12)?,
+        code_bytes: r.get(13)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(image: &str) -> VersionRow {
+        VersionRow {
+            image: image.into(),
+            version: 1,
+            state: "PENDING".into(),
+            status: "ACTIVE".into(),
+            state_reason: None,
+            spec: serde_json::json!({"codeArtifact": {"uri": "file:///a.zip"}}),
+            created_at: 1.0,
+            updated_at: None,
+            build_id: "b1".into(),
+            build_state: "PENDING".into(),
+            snapshot_dir: None,
+            memory_bytes: None,
+            disk_bytes: None,
+            code_bytes: None,
+        }
+    }
+
+    fn image(name: &str) -> ImageRow {
+        ImageRow {
+            name: name.into(),
+            state: "CREATING".into(),
+            created_at: 1.0,
+            updated_at: None,
+            tags: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn open_when_reopened_then_migrations_run_once_and_data_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("kiln.db");
+        let store = Store::open(&db).expect("open");
+        store
+            .create_image(&image("app"), &version("app"))
+            .expect("create");
+        drop(store);
+
+        let again = Store::open(&db).expect("reopen");
+
+        assert_eq!(again.schema_version().expect("version"), MIGRATIONS.len());
+        assert_eq!(
+            again.image("app").expect("get").expect("row").state,
+            "CREATING"
+        );
+    }
+
+    #[test]
+    fn add_version_when_called_twice_then_numbers_increase() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        store
+            .create_image(&image("app"), &version("app"))
+            .expect("create");
+
+        let v2 = store
+            .add_version("app", "UPDATING", version("app"))
+            .expect("v2");
+        let v3 = store
+            .add_version("app", "UPDATING", version("app"))
+            .expect("v3");
+
+        assert_eq!((v2.version, v3.version), (2, 3));
+        assert_eq!(store.versions("app", 0, 10).expect("list").len(), 3);
+    }
+
+    #[test]
+    fn create_image_when_name_taken_then_false() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        store
+            .create_image(&image("app"), &version("app"))
+            .expect("create");
+
+        let again = store
+            .create_image(&image("app"), &version("app"))
+            .expect("create again");
+
+        assert!(!again);
+    }
+}
