@@ -36,8 +36,7 @@ build: deps init
 	$(CARGO) build --release --workspace --bins
 
 demo: build
-	./target/release/kiln doctor
-	./target/release/kiln demo
+	./scripts/demo.sh
 
 test: deps init pyenv
 	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
