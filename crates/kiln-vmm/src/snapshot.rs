@@ -235,7 +235,8 @@ impl Snapshot {
         let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
         std::fs::write(&tmp, text).map_err(|e| VmmError::io("writing", &tmp, e))?;
         make_read_only(&tmp)?;
-        std::fs::rename(&tmp, &manifest_path).map_err(|e| VmmError::io("replacing", &manifest_path, e))
+        std::fs::rename(&tmp, &manifest_path)
+            .map_err(|e| VmmError::io("replacing", &manifest_path, e))
     }
 
     /// Re-hashes every file (slow for big memory files); for `verify`-style checks.
@@ -327,6 +328,23 @@ pub fn move_file(from: &Path, to: &Path) -> Result<(), VmmError> {
             std::fs::remove_file(from).map_err(|e| VmmError::io("removing", from, e))
         }
         Err(e) => Err(VmmError::io("moving", from, e)),
+    }
+}
+
+/// Turns runs of zero bytes in a file into holes (`fallocate --dig-holes`): guest pages that
+/// were touched but hold zeros then cost no disk and no page cache. Best effort: a file
+/// system without hole punching keeps the file as it is.
+pub fn dig_holes(path: &Path) {
+    match std::process::Command::new("fallocate")
+        .arg("--dig-holes")
+        .arg(path)
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            tracing::debug!(path = %path.display(), stderr = %String::from_utf8_lossy(&out.stderr), "fallocate --dig-holes failed")
+        }
+        Err(e) => tracing::debug!(path = %path.display(), error = %e, "fallocate not available"),
     }
 }
 

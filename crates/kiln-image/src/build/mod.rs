@@ -585,6 +585,8 @@ async fn capture_app(
         let _ = vm.terminate().await;
         return Err(e);
     }
+    log.line("app output so far:");
+    log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
     let dest = spec.output_dir.join("snapshot");
     let t = Instant::now();
     let mut snapshot = vm

@@ -515,7 +515,9 @@ impl QemuVm {
         if !self.process.wait_exit(Duration::from_secs(5)).await {
             self.process.kill(Duration::from_secs(1)).await;
         }
-        snapshot::move_file(mem, &staging.join(snapshot::MEMORY))?;
+        let mem_file = staging.join(snapshot::MEMORY);
+        snapshot::move_file(mem, &mem_file)?;
+        snapshot::dig_holes(&mem_file);
         let mut disks = Vec::new();
         for (i, d) in self.spec.disks.iter().enumerate() {
             let name = snapshot::disk_file_name(i, d.format);

@@ -1,0 +1,199 @@
+//! A real kilnd for the tests: its own data directory (sharing the test home's guest kernel
+//! and base images), its own port, driven with the AWS CLI and boto3 from `target/pyenv`.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared test home with kernels and bases (see the Makefile's TEST_HOME).
+pub fn shared_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/kiln-test-home"))
+}
+
+/// A running kilnd.
+pub struct Daemon {
+    child: Child,
+    /// Its data directory (deleted on drop).
+    pub home: tempfile::TempDir,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Daemon {
+    /// Starts kilnd with `extra` flags and waits until it listens.
+    pub fn start(extra: &[&str]) -> Daemon {
+        let home = tempfile::Builder::new()
+            .prefix("kilnd-t")
+            .tempdir_in("/tmp")
+            .expect("home");
+        let shared = shared_home();
+        // Guest kernel, initramfs and base images are shared; everything else is fresh.
+        for dir in ["kernels", "bases", "host"] {
+            std::fs::create_dir_all(shared.join(dir)).expect("shared dir");
+            std::os::unix::fs::symlink(shared.join(dir), home.path().join(dir)).expect("symlink");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::File::create(home.path().join("kilnd.log")).expect("log file"),
+            ))
+            .spawn()
+            .expect("start kilnd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("kilnd exited before listening (see its kilnd.log)")
+                .expect("read kilnd stdout");
+            if let Some(rest) = line.strip_prefix("kilnd: API on ") {
+                break rest.split_whitespace().next().expect("url").to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, home, url }
+    }
+
+    /// Runs `aws lambda-microvms <args>` against this daemon: (exit code, stdout JSON or
+    /// Null, stderr).
+    pub fn aws(&self, args: &[&str]) -> (i32, Value, String) {
+        let out = Command::new(workspace().join("target/pyenv/bin/aws"))
+            .arg("lambda-microvms")
+            .args(args)
+            .args([
+                "--endpoint-url",
+                &self.url,
+                "--no-sign-request",
+                "--region",
+                "us-east-1",
+                "--output",
+                "json",
+            ])
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .output()
+            .expect("run the AWS CLI (make pyenv)");
+        let stdout = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `aws … create-microvm-image` from a zip on the busybox base.
+    pub fn create_image(&self, name: &str, zip: &Path) -> (i32, Value, String) {
+        self.aws(&[
+            "create-microvm-image",
+            "--name",
+            name,
+            "--base-image-arn",
+            "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "--build-role-arn",
+            "arn:aws:iam::000000000000:role/kiln-build",
+            "--code-artifact",
+            &format!("uri=file://{}", zip.display()),
+            "--resources",
+            "minimumMemoryInMiB=256",
+        ])
+    }
+
+    /// Waits until a version's build ends; returns the version description.
+    pub fn wait_version(&self, name: &str, version: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (code, v, err) = self.aws(&[
+                "get-microvm-image-version",
+                "--image-identifier",
+                name,
+                "--image-version",
+                version,
+            ]);
+            assert_eq!(code, 0, "get-microvm-image-version: {err}");
+            if !matches!(v["state"].as_str(), Some("PENDING" | "IN_PROGRESS")) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "build of {name} {version} did not end: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// GET on kilnd's own API; the body.
+    pub fn get(&self, path: &str) -> String {
+        http_get(&self.url, path)
+    }
+
+    /// Whether a QEMU process still runs with this daemon's home in its command line.
+    pub fn qemu_running(&self) -> bool {
+        let needle = self.home.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c);
+                        c.split('\0')
+                            .next()
+                            .is_some_and(|argv0| argv0.contains("qemu"))
+                            && c.contains(&needle)
+                    })
+                    .unwrap_or(false)
+            })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET; the body.
+pub fn http_get(base: &str, path: &str) -> String {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(text)
+}
+
+/// Writes a zip of `(name, contents, mode)` entries.
+pub fn make_zip(path: &Path, entries: &[(&str, &[u8], u32)]) {
+    let f = std::fs::File::create(path).expect("zip file");
+    let mut z = zip::ZipWriter::new(f);
+    for (name, data, mode) in entries {
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        z.start_file(*name, opts).expect("zip entry");
+        z.write_all(data).expect("zip data");
+    }
+    z.finish().expect("zip finish");
+}

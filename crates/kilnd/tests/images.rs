@@ -1,0 +1,252 @@
+//! Images end to end: the AWS CLI against a real kilnd, real builds on the busybox base.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{make_zip, Daemon};
+use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+
+/// A Dockerfile that uses most instructions.
+const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
+FROM kiln/busybox
+ARG VERSION=7
+ENV GREETING=hello \
+    WHO="the world"
+LABEL org.example.name="tiny app" org.example.version=$VERSION
+SHELL ["/bin/sh", "-c"]
+WORKDIR /app
+COPY www/ ./www/
+COPY --chown=nobody:nogroup server.sh /app/
+ADD assets.tar.gz /app/www/
+RUN echo "built $VERSION for $WHO" > /app/www/version.txt \
+ && chmod 755 /app/server.sh \
+ && chown -R nobody /app/www
+RUN ["/bin/sh", "-c", "test -f /app/www/asset.txt && echo layered"]
+USER nobody
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=1s --timeout=2s CMD wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1
+ENTRYPOINT ["/app/server.sh"]
+CMD ["8080"]
+"#;
+
+const SERVER: &str = "#!/bin/sh\necho \"app says $GREETING to $WHO as $(id -un)\"\nexec httpd -f -p \"$1\" -h /app/www\n";
+
+fn app_zip(dir: &Path) -> std::path::PathBuf {
+    let assets = dir.join("assets");
+    std::fs::create_dir_all(&assets).expect("assets dir");
+    std::fs::write(assets.join("asset.txt"), "from a tarball\n").expect("asset");
+    let tar = dir.join("assets.tar.gz");
+    let status = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&assets)
+        .arg("asset.txt")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let tarball = std::fs::read(&tar).expect("read tar");
+    let zip = dir.join("app.zip");
+    make_zip(
+        &zip,
+        &[
+            ("Dockerfile", DOCKERFILE.as_bytes(), 0o644),
+            (".dockerignore", b"secret.txt\n", 0o644),
+            ("secret.txt", b"do not ship me\n", 0o644),
+            ("server.sh", SERVER.as_bytes(), 0o755),
+            ("www/index.html", b"<h1>kiln</h1>\n", 0o644),
+            ("assets.tar.gz", &tarball, 0o644),
+        ],
+    );
+    zip
+}
+
+#[test]
+fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_restore() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = app_zip(scratch.path());
+
+    let (code, created, err) = kilnd.create_image("tiny", &zip);
+    let version = kilnd.wait_version("tiny", "1");
+    let (_, image, _) = kilnd.aws(&["get-microvm-image", "--image-identifier", "tiny"]);
+    let (_, builds, _) = kilnd.aws(&[
+        "list-microvm-image-builds",
+        "--image-identifier",
+        "tiny",
+        "--image-version",
+        "1",
+    ]);
+    let build_id = builds["items"][0]["buildId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_, build, _) = kilnd.aws(&[
+        "get-microvm-image-build",
+        "--image-identifier",
+        "tiny",
+        "--image-version",
+        "1",
+        "--build-id",
+        &build_id,
+    ]);
+    let log = kilnd.get("/kiln/v1/images/tiny/versions/1/build-log");
+    let answers = restore_and_fetch(&kilnd.home.path().join("images/tiny/1/snapshot"));
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(created["state"], "CREATING");
+    assert_eq!(version["state"], "SUCCESSFUL", "{version}\n{log}");
+    assert_eq!(image["state"], "CREATED");
+    assert_eq!(image["latestActiveImageVersion"], "1");
+    assert!(
+        build["snapshotBuild"]["memorySnapshotSizeInBytes"]
+            .as_i64()
+            .unwrap_or(0)
+            > 0,
+        "{build}"
+    );
+    assert!(
+        build["snapshotBuild"]["diskSnapshotSizeInBytes"]
+            .as_i64()
+            .unwrap_or(0)
+            > 0,
+        "{build}"
+    );
+    assert!(
+        log.contains("==> step 10/17 (Dockerfile line 12): RUN echo"),
+        "{log}"
+    );
+    assert!(log.contains("layered"), "{log}");
+    assert!(log.contains("HEALTHCHECK"), "{log}");
+    assert_eq!(answers.version, "built 7 for the world\n");
+    assert_eq!(answers.asset, "from a tarball\n");
+    assert!(
+        answers
+            .app_log
+            .contains("app says hello to the world as nobody"),
+        "{}",
+        answers.app_log
+    );
+    assert_eq!(answers.secret_exists, "no\n");
+
+    // A new version from the same code reuses every cached layer; versions switch off.
+    let (code, updated, err) = kilnd.aws(&[
+        "update-microvm-image",
+        "--image-identifier",
+        "tiny",
+        "--base-image-arn",
+        "arn:aws:lambda:local:aws:microvm-image:busybox",
+        "--build-role-arn",
+        "arn:aws:iam::000000000000:role/kiln-build",
+        "--code-artifact",
+        &format!("uri=file://{}", zip.display()),
+        "--resources",
+        "minimumMemoryInMiB=256",
+    ]);
+    let v2 = kilnd.wait_version("tiny", "2");
+    let log2 = kilnd.get("/kiln/v1/images/tiny/versions/2/build-log");
+    let (_, _, _) = kilnd.aws(&[
+        "update-microvm-image-version",
+        "--image-identifier",
+        "tiny",
+        "--image-version",
+        "2",
+        "--status",
+        "INACTIVE",
+    ]);
+    let (_, image2, _) = kilnd.aws(&["get-microvm-image", "--image-identifier", "tiny"]);
+    let (_, versions, _) =
+        kilnd.aws(&["list-microvm-image-versions", "--image-identifier", "tiny"]);
+    let (deleted, _, _) = kilnd.aws(&[
+        "delete-microvm-image-version",
+        "--image-identifier",
+        "tiny",
+        "--image-version",
+        "1",
+    ]);
+    let (gone, _, gone_err) = kilnd.aws(&[
+        "get-microvm-image-version",
+        "--image-identifier",
+        "tiny",
+        "--image-version",
+        "1",
+    ]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(updated["imageVersion"], "2");
+    assert_eq!(v2["state"], "SUCCESSFUL", "{v2}\n{log2}");
+    assert_eq!(log2.matches("    cached").count(), 6, "{log2}");
+    assert!(!log2.contains("booting the build VM"), "{log2}");
+    assert_eq!(image2["state"], "UPDATED");
+    assert_eq!(image2["latestActiveImageVersion"], "1");
+    assert_eq!(versions["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(versions["items"][1]["status"], "INACTIVE");
+    assert_eq!(deleted, 0);
+    assert_ne!(gone, 0);
+    assert!(gone_err.contains("ResourceNotFoundException"), "{gone_err}");
+    assert!(!kilnd.qemu_running());
+}
+
+struct Answers {
+    version: String,
+    asset: String,
+    app_log: String,
+    secret_exists: String,
+}
+
+/// Restores a VM from an image's snapshot and asks its app (over a port forward) and its
+/// guest (over the agent) what the build left.
+fn restore_and_fetch(snapshot_dir: &Path) -> Answers {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let home = common::shared_home();
+        let host = tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
+            .await
+            .expect("join")
+            .expect("host");
+        let snap = Snapshot::open(snapshot_dir, &host.vmm.qemu().version).expect("open snapshot");
+        let vm_dir = tempfile::Builder::new()
+            .prefix("kiln-r")
+            .tempdir_in("/tmp")
+            .expect("vm dir");
+        let port = kiln_vmm::free_port().expect("port");
+        let mut target = RestoreTarget::new(vm_dir.path().join("vm"));
+        target.forwards.push(PortForward {
+            host_port: port,
+            guest_port: 8080,
+        });
+        let vm = host.vmm.restore(&snap, target).await.expect("restore");
+        let base = format!("http://127.0.0.1:{port}");
+        let (version, asset) = tokio::task::spawn_blocking(move || {
+            (
+                common::http_get(&base, "/version.txt"),
+                common::http_get(&base, "/asset.txt"),
+            )
+        })
+        .await
+        .expect("join");
+        let out = vm
+            .agent()
+            .run(kiln_agent::client::ExecRequest::new([
+                "sh",
+                "-c",
+                "test -e /app/secret.txt && echo yes || echo no",
+            ]))
+            .await
+            .expect("exec");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let app_log = std::fs::read_to_string(vm.spec().app_log()).unwrap_or_default();
+        let snap_log =
+            std::fs::read_to_string(snapshot_dir.join("../build.log")).unwrap_or_default();
+        vm.terminate().await.expect("terminate");
+        Answers {
+            version,
+            asset,
+            app_log: app_log + &snap_log,
+            secret_exists: String::from_utf8_lossy(&out.stdout).into_owned(),
+        }
+    })
+}
