@@ -85,7 +85,6 @@ impl Builds {
         dir: &Path,
         log: &BuildLog,
     ) -> Result<(), String> {
-        let zip = self.artifact_path(&spec.code_artifact)?;
         let work = self
             .host
             .home
@@ -94,6 +93,22 @@ impl Builds {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)
             .map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let result = self.build_in(image, version, spec, dir, &work, log).await;
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn build_in(
+        &self,
+        image: &str,
+        version: i64,
+        spec: &ImageVersionConfig,
+        dir: &Path,
+        work: &Path,
+        log: &BuildLog,
+    ) -> Result<(), String> {
+        let zip = self.artifact_path(&spec.code_artifact)?;
         let context = {
             let zip_path = zip.clone();
             let dest = work.join("context");
@@ -153,9 +168,9 @@ impl Builds {
             ready_timeout: self.config.ready_timeout(),
             step_timeout: self.config.step_timeout(),
         };
-        let built = kiln_image::build::build(&self.host, &build_spec, log).await;
-        let _ = std::fs::remove_dir_all(&work);
-        let built = built.map_err(|e| e.to_string())?;
+        let built = kiln_image::build::build(&self.host, &build_spec, log)
+            .await
+            .map_err(|e| e.to_string())?;
         let m = &built.snapshot.manifest;
         self.store
             .set_version_snapshot(
