@@ -122,20 +122,28 @@ aws list-managed-microvm-images --query 'items[].[imageArn]' | sed 's/^/      /'
 # --------------------------------------------------------------- 3. code artifact
 
 section "Packaging $(basename "$APP_DIR") as a code artifact"
-ZIP=$RUN_DIR/$IMAGE.zip
-python3 - "$APP_DIR" "$ZIP" <<'PY'
-import os, sys, zipfile
-src, dest = sys.argv[1], sys.argv[2]
-tmp = dest + ".tmp"
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", ".git", ".venv"))
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            z.write(path, os.path.relpath(path, src))
-            print("      " + os.path.relpath(path, src))
-os.replace(tmp, dest)
+# Named after its contents: earlier versions keep pointing at the artifact they were built from.
+ZIP=$(python3 - "$APP_DIR" "$RUN_DIR" "$IMAGE" <<'PY'
+import hashlib, os, sys, zipfile
+src, out_dir, image = sys.argv[1:4]
+files = []
+for dirpath, dirnames, filenames in os.walk(src):
+    dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", ".git", ".venv"))
+    files += sorted(os.path.join(dirpath, f) for f in filenames)
+digest = hashlib.sha256()
+for path in files:
+    rel = os.path.relpath(path, src)
+    with open(path, "rb") as f:
+        digest.update(rel.encode() + b"\0" + f.read() + b"\0")
+dest = os.path.join(out_dir, f"{image}-{digest.hexdigest()[:12]}.zip")
+with zipfile.ZipFile(dest + ".tmp", "w", zipfile.ZIP_DEFLATED) as z:
+    for path in files:
+        z.write(path, os.path.relpath(path, src))
+        print("      " + os.path.relpath(path, src), file=sys.stderr)
+os.replace(dest + ".tmp", dest)
+print(dest)
 PY
+)
 say "$ZIP ($(du -k "$ZIP" | cut -f1) KiB)"
 
 # --------------------------------------------------------------------- 4. build
