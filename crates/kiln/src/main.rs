@@ -2,6 +2,7 @@
 
 mod demo;
 mod doctor;
+mod logs;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,20 @@ enum Command {
     Doctor,
     /// Boot a microVM, snapshot it while a process runs, and restore it twice.
     Demo,
+    /// Print an image version's build log (`--follow` streams it until the build ends).
+    Logs {
+        /// The image's name.
+        image: String,
+        /// The version (default: the newest).
+        #[arg(long)]
+        version: Option<String>,
+        /// Keep streaming until the build ends.
+        #[arg(long, short)]
+        follow: bool,
+        /// kilnd's API address.
+        #[arg(long, env = "KILN_ENDPOINT", default_value = "http://127.0.0.1:7171")]
+        endpoint: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +68,12 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Doctor => doctor::run(&home, cli.output),
         Command::Demo => demo::run(&home, cli.output),
+        Command::Logs {
+            image,
+            version,
+            follow,
+            endpoint,
+        } => logs::run(&endpoint, &image, version.as_deref(), follow),
     };
     match result {
         Ok(code) => code,

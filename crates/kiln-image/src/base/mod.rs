@@ -273,18 +273,6 @@ pub(crate) fn version_dir_name(version: &str) -> String {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_dir_name_when_epoch_then_colon_replaced() {
-        let name = version_dir_name("1:1.35.0-4+deb12u1+b1");
-
-        assert_eq!(name, "1_1.35.0-4+deb12u1+b1");
-    }
-}
-
 /// The managed base a Dockerfile's FROM names, built on first use.
 pub fn resolve(
     home: &Path,
@@ -297,5 +285,17 @@ pub fn resolve(
             debian::ensure(home, extra_ca_bundle)
         }
         other => Err(BaseError::UnknownBase(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_dir_name_when_epoch_then_colon_replaced() {
+        let name = version_dir_name("1:1.35.0-4+deb12u1+b1");
+
+        assert_eq!(name, "1_1.35.0-4+deb12u1+b1");
     }
 }

@@ -113,7 +113,7 @@ pub enum BuildError {
     Vm {
         doing: String,
         #[source]
-        source: kiln_vmm::VmmError,
+        source: Box<kiln_vmm::VmmError>,
     },
     /// A host-side file operation failed.
     #[error("{doing} {path}: {source}")]
@@ -128,7 +128,7 @@ pub enum BuildError {
 fn vm_err(doing: &str) -> impl FnOnce(kiln_vmm::VmmError) -> BuildError + '_ {
     move |source| BuildError::Vm {
         doing: doing.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
