@@ -45,6 +45,7 @@ test: deps init pyenv
 
 bench: build
 	$(CARGO) bench -p kiln-vmm --bench restore
+	$(CARGO) bench -p kiln-image --bench build
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -233,7 +233,6 @@ impl Images {
         }
         self.check_config(&req.config)?;
         let t = now();
-        let build_id = new_id();
         let image = ImageRow {
             name: req.name.clone(),
             state: MicrovmImageState::Creating.as_str().into(),
@@ -241,22 +240,7 @@ impl Images {
             updated_at: None,
             tags: json!(req.tags.clone().unwrap_or_default()),
         };
-        let version = VersionRow {
-            image: req.name.clone(),
-            version: 1,
-            state: "PENDING".into(),
-            status: "ACTIVE".into(),
-            state_reason: None,
-            spec: to_value(&req.config)?,
-            created_at: t,
-            updated_at: None,
-            build_id,
-            build_state: "PENDING".into(),
-            snapshot_dir: None,
-            memory_bytes: None,
-            disk_bytes: None,
-            code_bytes: None,
-        };
+        let version = pending_version(&req.name, 1, &req.config, t)?;
         if !self
             .store
             .create_image(&image, &version)
@@ -304,22 +288,7 @@ impl Images {
         }
         self.check_config(&req.config)?;
         let t = now();
-        let row = VersionRow {
-            image: image.name.clone(),
-            version: 0,
-            state: "PENDING".into(),
-            status: "ACTIVE".into(),
-            state_reason: None,
-            spec: to_value(&req.config)?,
-            created_at: t,
-            updated_at: None,
-            build_id: new_id(),
-            build_state: "PENDING".into(),
-            snapshot_dir: None,
-            memory_bytes: None,
-            disk_bytes: None,
-            code_bytes: None,
-        };
+        let row = pending_version(&image.name, 0, &req.config, t)?;
         let v = self
             .store
             .add_version(&image.name, MicrovmImageState::Updating.as_str(), row)
@@ -516,6 +485,31 @@ impl Images {
             Err(_) => true,
         }
     }
+}
+
+/// A new version waiting to build; `version` 0 lets the store pick the next number.
+fn pending_version(
+    image: &str,
+    version: i64,
+    config: &ImageVersionConfig,
+    now: f64,
+) -> Result<VersionRow, ApiError> {
+    Ok(VersionRow {
+        image: image.to_string(),
+        version,
+        state: MicrovmImageVersionState::Pending.as_str().into(),
+        status: MicrovmImageVersionStatus::Active.as_str().into(),
+        state_reason: None,
+        spec: to_value(config)?,
+        created_at: now,
+        updated_at: None,
+        build_id: new_id(),
+        build_state: BuildState::Pending.as_str().into(),
+        snapshot_dir: None,
+        memory_bytes: None,
+        disk_bytes: None,
+        code_bytes: None,
+    })
 }
 
 fn tags_of(image: &ImageRow) -> Option<Tags> {

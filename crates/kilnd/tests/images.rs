@@ -3,10 +3,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::{make_zip, Daemon};
-use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
 
 /// A Dockerfile that uses most instructions.
 const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
@@ -94,7 +92,10 @@ fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_re
         &build_id,
     ]);
     let log = kilnd.get("/kiln/v1/images/tiny/versions/1/build-log");
-    let answers = restore_and_fetch(&kilnd.home.path().join("images/tiny/1/snapshot"));
+    let vm = common::Restored::start(&kilnd.home.path().join("images/tiny/1/snapshot"));
+    let (page_version, page_asset) = (vm.get("/version.txt"), vm.get("/asset.txt"));
+    let secret = vm.sh("test -e /app/secret.txt && echo yes || echo no");
+    drop(vm);
 
     assert_eq!(code, 0, "{err}");
     assert_eq!(created["state"], "CREATING");
@@ -121,16 +122,13 @@ fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_re
     );
     assert!(log.contains("layered"), "{log}");
     assert!(log.contains("HEALTHCHECK"), "{log}");
-    assert_eq!(answers.version, "built 7 for the world\n");
-    assert_eq!(answers.asset, "from a tarball\n");
+    assert_eq!(page_version, "built 7 for the world\n");
+    assert_eq!(page_asset, "from a tarball\n");
     assert!(
-        answers
-            .app_log
-            .contains("app says hello to the world as nobody"),
-        "{}",
-        answers.app_log
+        log.contains("app says hello to the world as nobody"),
+        "{log}"
     );
-    assert_eq!(answers.secret_exists, "no\n");
+    assert_eq!(secret, "no\n");
 
     // A new version from the same code reuses every cached layer; versions switch off.
     let (code, updated, err) = kilnd.aws(&[
@@ -199,65 +197,4 @@ fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_re
     assert_ne!(gone, 0);
     assert!(gone_err.contains("ResourceNotFoundException"), "{gone_err}");
     assert!(!kilnd.qemu_running());
-}
-
-struct Answers {
-    version: String,
-    asset: String,
-    app_log: String,
-    secret_exists: String,
-}
-
-/// Restores a VM from an image's snapshot and asks its app (over a port forward) and its
-/// guest (over the agent) what the build left.
-fn restore_and_fetch(snapshot_dir: &Path) -> Answers {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let home = common::shared_home();
-        let host = tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
-            .await
-            .expect("join")
-            .expect("host");
-        let snap = Snapshot::open(snapshot_dir, &host.vmm.qemu().version).expect("open snapshot");
-        let vm_dir = tempfile::Builder::new()
-            .prefix("kiln-r")
-            .tempdir_in("/tmp")
-            .expect("vm dir");
-        let port = kiln_vmm::free_port().expect("port");
-        let mut target = RestoreTarget::new(vm_dir.path().join("vm"));
-        target.forwards.push(PortForward {
-            host_port: port,
-            guest_port: 8080,
-        });
-        let vm = host.vmm.restore(&snap, target).await.expect("restore");
-        let base = format!("http://127.0.0.1:{port}");
-        let (version, asset) = tokio::task::spawn_blocking(move || {
-            (
-                common::http_get(&base, "/version.txt"),
-                common::http_get(&base, "/asset.txt"),
-            )
-        })
-        .await
-        .expect("join");
-        let out = vm
-            .agent()
-            .run(kiln_agent::client::ExecRequest::new([
-                "sh",
-                "-c",
-                "test -e /app/secret.txt && echo yes || echo no",
-            ]))
-            .await
-            .expect("exec");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let app_log = std::fs::read_to_string(vm.spec().app_log()).unwrap_or_default();
-        let snap_log =
-            std::fs::read_to_string(snapshot_dir.join("../build.log")).unwrap_or_default();
-        vm.terminate().await.expect("terminate");
-        Answers {
-            version,
-            asset,
-            app_log: app_log + &snap_log,
-            secret_exists: String::from_utf8_lossy(&out.stdout).into_owned(),
-        }
-    })
 }

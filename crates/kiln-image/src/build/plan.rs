@@ -204,8 +204,10 @@ impl Plan {
         };
         let base = crate::base::resolve(home, image, extra_ca)
             .map_err(|e| BuildError::Base(e.to_string()))?;
+        // Like a Docker base image's config, the state starts with PATH set, so that
+        // `ENV PATH=/opt/bin:$PATH` extends it.
         let mut state = StepState {
-            env: Vec::new(),
+            env: vec![("PATH".to_string(), DEFAULT_PATH.to_string())],
             args: Vec::new(),
             api_env: api_env.to_vec(),
             workdir: "/".into(),
@@ -423,5 +425,55 @@ impl Plan {
             readiness: String::new(),
             base: format!("{} {}", self.base.name, self.base.version),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> StepState {
+        StepState {
+            env: vec![
+                ("PATH".into(), DEFAULT_PATH.into()),
+                ("A".into(), "1".into()),
+            ],
+            args: vec![("V".into(), "7".into())],
+            api_env: vec![("A".into(), "api".into())],
+            workdir: "/app".into(),
+            user: String::new(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+        }
+    }
+
+    #[test]
+    fn lookup_when_path_is_extended_then_the_default_is_kept() {
+        let st = state();
+
+        let path =
+            crate::dockerfile::expand("/opt/bin:$PATH", &|n| st.lookup(n), '\\').expect("expand");
+
+        assert_eq!(path, format!("/opt/bin:{DEFAULT_PATH}"));
+    }
+
+    #[test]
+    fn run_env_when_api_sets_a_name_then_api_wins_and_args_are_visible() {
+        let env = state().run_env();
+
+        assert!(env.contains(&("A".into(), "api".into())));
+        assert!(env.contains(&("V".into(), "7".into())));
+        assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+    }
+
+    #[test]
+    fn join_when_relative_then_under_workdir() {
+        assert_eq!(join("/app", "www/"), "/app/www/");
+        assert_eq!(join("/", "x"), "/x");
+        assert_eq!(join("/app", "/etc"), "/etc");
+    }
+
+    #[test]
+    fn is_archive_when_tarball_then_true_else_false() {
+        assert!(is_archive("a.tar.gz") && is_archive("b.TGZ") && !is_archive("c.zip"));
     }
 }

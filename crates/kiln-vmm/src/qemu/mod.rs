@@ -212,13 +212,7 @@ impl QemuVm {
         snap: &Snapshot,
         target: &RestoreTarget,
     ) -> Result<(), VmmError> {
-        self.qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
-            )
-            .await
-            .map_err(VmmError::qmp("enabling x-ignore-shared"))?;
+        self.ignore_shared_memory().await?;
         let uri = format!("exec:cat {}", shell_quote(&snap.state_path())?);
         self.qmp
             .execute("migrate-incoming", Some(json!({ "uri": uri })))
@@ -263,6 +257,18 @@ impl QemuVm {
         self.timeline.mark("refreshed", self.t0);
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Migration leaves guest RAM out of the stream: it lives in the shared memory file.
+    async fn ignore_shared_memory(&self) -> Result<(), VmmError> {
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+            )
+            .await
+            .map(drop)
+            .map_err(VmmError::qmp("enabling x-ignore-shared"))
     }
 
     async fn wait_while_status(
@@ -465,13 +471,7 @@ impl QemuVm {
             .execute("stop", None)
             .await
             .map_err(VmmError::qmp("pausing"))?;
-        self.qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
-            )
-            .await
-            .map_err(VmmError::qmp("enabling x-ignore-shared"))?;
+        self.ignore_shared_memory().await?;
         let state_path = staging.join(snapshot::STATE);
         let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
         self.qmp

@@ -113,9 +113,14 @@ impl Daemon {
         ])
     }
 
-    /// Waits until a version's build ends; returns the version description.
+    /// Waits (up to 5 minutes) until a version's build ends; returns its description.
     pub fn wait_version(&self, name: &str, version: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(300);
+        self.wait_version_for(name, version, Duration::from_secs(300))
+    }
+
+    /// Waits up to `limit` until a version's build ends; returns its description.
+    pub fn wait_version_for(&self, name: &str, version: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
         loop {
             let (code, v, err) = self.aws(&[
                 "get-microvm-image-version",
@@ -196,4 +201,74 @@ pub fn make_zip(path: &Path, entries: &[(&str, &[u8], u32)]) {
         z.write_all(data).expect("zip data");
     }
     z.finish().expect("zip finish");
+}
+
+/// A VM restored from an image version's snapshot, its port 8080 forwarded to the host.
+pub struct Restored {
+    rt: tokio::runtime::Runtime,
+    vm: Option<kiln_vmm::qemu::QemuVm>,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Restored {
+    /// Restores `snapshot_dir` into a new VM.
+    pub fn start(snapshot_dir: &Path) -> Restored {
+        use kiln_vmm::Vmm;
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-r")
+            .tempdir_in("/tmp")
+            .expect("vm dir");
+        let port = kiln_vmm::free_port().expect("port");
+        let vm = rt.block_on(async {
+            let home = shared_home();
+            let host = tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
+                .await
+                .expect("join")
+                .expect("host");
+            let snap = kiln_vmm::Snapshot::open(snapshot_dir, &host.vmm.qemu().version)
+                .expect("open snapshot");
+            let mut target = kiln_vmm::RestoreTarget::new(dir.path().join("vm"));
+            target.forwards.push(kiln_vmm::PortForward {
+                host_port: port,
+                guest_port: 8080,
+            });
+            host.vmm.restore(&snap, target).await.expect("restore")
+        });
+        Restored {
+            rt,
+            vm: Some(vm),
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// GET `path` from the app; the body.
+    pub fn get(&self, path: &str) -> String {
+        http_get(&self.base, path)
+    }
+
+    /// Runs `sh -c script` in the guest; its stdout.
+    pub fn sh(&self, script: &str) -> String {
+        use kiln_vmm::MicroVm;
+        let vm = self.vm.as_ref().expect("vm");
+        let out = self
+            .rt
+            .block_on(
+                vm.agent()
+                    .run(kiln_agent::client::ExecRequest::new(["sh", "-c", script])),
+            )
+            .expect("exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        use kiln_vmm::MicroVm;
+        if let Some(vm) = self.vm.take() {
+            let _ = self.rt.block_on(vm.terminate());
+        }
+    }
 }
