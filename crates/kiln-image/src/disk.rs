@@ -4,6 +4,9 @@ use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kiln_vmm::assets::tool::{run, ToolError};
+use kiln_vmm::assets::{io_err, IoError};
+
 /// ext4 block size kiln uses for every image.
 const BLOCK_SIZE: u64 = 4096;
 
@@ -13,9 +16,9 @@ const MAX_LABEL: usize = 16;
 /// Failures while making a disk image.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    /// `mke2fs` is not installed.
-    #[error("`mke2fs` is not installed: install e2fsprogs (apt-get install e2fsprogs)")]
-    Mke2fsMissing,
+    /// `mke2fs` is not installed or cannot start.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     /// The source is not a directory.
     #[error("cannot make a disk from {path}: it is not a directory")]
     NotADirectory {
@@ -77,25 +80,8 @@ pub enum DiskError {
         detail: String,
     },
     /// A filesystem operation failed.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
-    let path = path.to_path_buf();
-    move |source| DiskError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Makes `out_file` a sparse ext4 image of `size_bytes` holding the tree under `src_dir`,
@@ -157,23 +143,18 @@ pub fn mkfs_ext4_from_dir(
 }
 
 fn run_mke2fs(src: &Path, out: &Path, size_bytes: u64, label: &str) -> Result<(), DiskError> {
-    let output = Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-b", "4096", "-d"])
-        .arg(src)
-        .arg("-L")
-        .arg(label)
-        .args(["-E", "root_owner=0:0", "-F"])
-        .arg(out)
-        .arg(format!("{}k", size_bytes / 1024))
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DiskError::Mke2fsMissing,
-            _ => DiskError::Io {
-                action: "run mke2fs for",
-                path: out.into(),
-                source: e,
-            },
-        })?;
+    let output = run(
+        "mke2fs",
+        "e2fsprogs (apt-get install e2fsprogs)",
+        Command::new("mke2fs")
+            .args(["-q", "-t", "ext4", "-b", "4096", "-d"])
+            .arg(src)
+            .arg("-L")
+            .arg(label)
+            .args(["-E", "root_owner=0:0", "-F"])
+            .arg(out)
+            .arg(format!("{}k", size_bytes / 1024)),
+    )?;
     if output.status.success() {
         return Ok(());
     }
@@ -216,20 +197,21 @@ fn estimate_usage(dir: &Path) -> Result<u64, DiskError> {
     Ok(total)
 }
 
+/// Runs a debugfs request against an image and returns its output (for tests).
+#[cfg(test)]
+pub(crate) fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs) runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Runs a debugfs request against an image and returns its output.
-    fn debugfs(image: &Path, request: &str) -> String {
-        let out = Command::new("debugfs")
-            .arg("-R")
-            .arg(request)
-            .arg(image)
-            .output()
-            .expect("debugfs (e2fsprogs) runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
 
     #[test]
     fn image_when_made_from_dir_then_holds_files_and_links() {

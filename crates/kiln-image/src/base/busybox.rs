@@ -5,13 +5,14 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use kiln_vmm::assets::deb;
+use kiln_vmm::assets::store::io_err;
+use kiln_vmm::assets::tool::run_ok;
+use serde::Serialize;
 
-use super::{apt_download, deb_extract, io_err, lock_dir, run_ok, staging_in, version_dir_name};
+use super::{ensure_base, version_dir_name, BaseBuild, BaseKind};
 use super::{BaseError, BaseImage};
-use crate::disk::mkfs_ext4_from_dir;
 
 /// The base's name.
 pub const NAME: &str = "busybox";
@@ -22,11 +23,11 @@ pub const PACKAGE: &str = "busybox-static";
 /// Size of the base disk.
 pub const DISK_SIZE: u64 = 256 << 20;
 
-/// The ext4 label of the base disk.
-const LABEL: &str = "kiln-busybox";
-
-const MANIFEST: &str = "manifest.json";
-const DISK: &str = "disk.ext4";
+const KIND: BaseKind = BaseKind {
+    name: NAME,
+    disk_size: DISK_SIZE,
+    label: "kiln-busybox",
+};
 
 /// Directories every rootfs gets, with their modes.
 const DIRS: [(&str, u32); 12] = [
@@ -44,137 +45,41 @@ const DIRS: [(&str, u32); 12] = [
     ("home", 0o755),
 ];
 
-/// What `manifest.json` records.
-#[derive(Debug, Serialize, Deserialize)]
-struct Manifest {
-    name: String,
-    version: String,
-    package: String,
-    disk: String,
-    size_bytes: u64,
+/// What `manifest.json` records besides what every base's does.
+#[derive(Debug, Serialize)]
+struct Details {
+    package: &'static str,
     applets: usize,
-    built_unix: u64,
 }
 
 /// Ensures the busybox base exists under `home`; offline once built.
 pub fn ensure(home: &Path) -> Result<BaseImage, BaseError> {
-    ensure_with(home, false)
+    ensure_base(home, &KIND, false, build)
 }
 
 /// Asks apt for the current `busybox-static` and builds a base from it if it is new.
 pub fn refresh(home: &Path) -> Result<BaseImage, BaseError> {
-    ensure_with(home, true)
+    ensure_base(home, &KIND, true, build)
 }
 
-fn ensure_with(home: &Path, refresh: bool) -> Result<BaseImage, BaseError> {
-    let dir = home.join("bases").join(NAME);
-    if !refresh {
-        if let Some(found) = newest(&dir)? {
-            return Ok(found);
-        }
-    }
-    let _lock = lock_dir(&dir)?;
-    if !refresh {
-        if let Some(found) = newest(&dir)? {
-            return Ok(found);
-        }
-    }
-    build(&dir)
-}
-
-/// The most recently built base in `dir`.
-fn newest(dir: &Path) -> Result<Option<BaseImage>, BaseError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    let mut best: Option<(u64, BaseImage)> = None;
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let Some(manifest) = read_manifest(&entry.path())? else {
-            continue;
-        };
-        if best
-            .as_ref()
-            .is_none_or(|(when, _)| manifest.built_unix >= *when)
-        {
-            best = Some((manifest.built_unix, image_of(&entry.path(), manifest)));
-        }
-    }
-    Ok(best.map(|(_, image)| image))
-}
-
-fn read_manifest(dir: &Path) -> Result<Option<Manifest>, BaseError> {
-    let path = dir.join(MANIFEST);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("read", &path)(e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| BaseError::Manifest { path, source })
-}
-
-fn image_of(dir: &Path, m: Manifest) -> BaseImage {
-    BaseImage {
-        name: m.name,
-        version: m.version,
-        disk: dir.join(m.disk),
-        size_bytes: m.size_bytes,
-    }
-}
-
-/// Downloads busybox-static, stages the rootfs, makes the disk and publishes the base.
-fn build(dir: &Path) -> Result<BaseImage, BaseError> {
-    let staging = staging_in(dir)?;
-    let work = staging.path();
-    let (deb, version) = apt_download(PACKAGE, work)?;
-    let dest = dir.join(version_dir_name(&version));
-    if let Some(existing) = read_manifest(&dest)? {
-        return Ok(image_of(&dest, existing));
+/// Downloads busybox-static, stages the rootfs and publishes the base.
+fn build(base: BaseBuild) -> Result<BaseImage, BaseError> {
+    let work = base.work();
+    let package = deb::download(PACKAGE, work)?;
+    let version = package.version;
+    if let Some(existing) = base.existing(&version)? {
+        return Ok(existing);
     }
     let unpacked = work.join("pkg");
-    deb_extract(&deb, &unpacked)?;
+    deb::extract(&package.path, &unpacked)?;
     let rootfs = work.join("rootfs");
     let applets = stage_rootfs(&unpacked.join("bin/busybox"), &rootfs, &version)?;
-    let out = work.join("out");
-    fs::create_dir(&out).map_err(io_err("create directory", &out))?;
-    let disk = out.join(DISK);
-    mkfs_ext4_from_dir(&rootfs, &disk, DISK_SIZE, LABEL)?;
-    fs::set_permissions(&disk, fs::Permissions::from_mode(0o444))
-        .map_err(io_err("chmod", &disk))?;
-    let manifest = Manifest {
-        name: NAME.into(),
-        version: version.clone(),
-        package: PACKAGE.into(),
-        disk: DISK.into(),
-        size_bytes: DISK_SIZE,
+    tracing::info!(%version, applets, "busybox rootfs staged");
+    let details = Details {
+        package: PACKAGE,
         applets,
-        built_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
     };
-    let manifest_path = out.join(MANIFEST);
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| BaseError::Manifest {
-        path: manifest_path.clone(),
-        source,
-    })?;
-    fs::write(&manifest_path, json).map_err(io_err("write", &manifest_path))?;
-    sync(&disk)?;
-    fs::rename(&out, &dest).map_err(io_err("rename into place", &dest))?;
-    sync(dir)?;
-    tracing::info!(version = %version, applets, "busybox base built");
-    Ok(image_of(&dest, manifest))
-}
-
-fn sync(path: &Path) -> Result<(), BaseError> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("sync", path))
+    base.publish(&version, &rootfs, details)
 }
 
 /// Builds the rootfs tree in `rootfs` from a static busybox; returns the applet count.
@@ -258,16 +163,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
-
-    fn debugfs(image: &Path, request: &str) -> String {
-        let out = Command::new("debugfs")
-            .arg("-R")
-            .arg(request)
-            .arg(image)
-            .output()
-            .expect("debugfs (e2fsprogs) runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::disk::debugfs;
 
     #[test]
     fn ensure_when_built_then_disk_has_applet_links_and_etc() {

@@ -7,13 +7,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use kiln_vmm::assets::store::io_err;
+use kiln_vmm::assets::tool::{run_ok, ToolError};
+use serde::Serialize;
 
-use super::{io_err, lock_dir, run_ok, staging_in, version_dir_name};
+use super::{ensure_base, BaseBuild, BaseKind};
 use super::{BaseError, BaseImage};
-use crate::disk::mkfs_ext4_from_dir;
 
 /// The base's name.
 pub const NAME: &str = "debian-12";
@@ -30,27 +31,21 @@ pub const DISK_SIZE: u64 = 4 << 30;
 /// Where the host's apt sources are read from.
 pub const HOST_APT_DIR: &str = "/etc/apt";
 
-/// The ext4 label of the base disk.
-const LABEL: &str = "kiln-debian-12";
+const KIND: BaseKind = BaseKind {
+    name: NAME,
+    disk_size: DISK_SIZE,
+    label: "kiln-debian-12",
+};
 
-const MANIFEST: &str = "manifest.json";
-const DISK: &str = "disk.ext4";
-
-/// How to get debootstrap, for [`BaseError::ToolMissing`].
+/// How to get debootstrap, for [`ToolError::Missing`].
 const INSTALL_DEBOOTSTRAP: &str = "debootstrap (apt-get install debootstrap)";
 
-/// What `manifest.json` records.
-#[derive(Debug, Serialize, Deserialize)]
-struct Manifest {
-    name: String,
-    version: String,
-    suite: String,
+/// What `manifest.json` records besides what every base's does.
+#[derive(Debug, Serialize)]
+struct Details {
+    suite: &'static str,
     mirror: String,
-    disk: String,
-    size_bytes: u64,
     rootfs_bytes: u64,
-    build_seconds: f64,
-    built_unix: u64,
 }
 
 /// Ensures the Debian 12 base exists under `home`, building it (about 40 s and the
@@ -59,87 +54,19 @@ struct Manifest {
 /// `extra_ca_bundle` (PEM) is trusted by debootstrap's downloads, for an https mirror
 /// behind a TLS-intercepting proxy; it is not baked into the base.
 pub fn ensure(home: &Path, extra_ca_bundle: Option<&Path>) -> Result<BaseImage, BaseError> {
-    ensure_with(home, extra_ca_bundle, false)
+    ensure_base(home, &KIND, false, |base| build(base, extra_ca_bundle))
 }
 
 /// Builds a fresh Debian 12 base (today's packages) even if one exists.
 pub fn refresh(home: &Path, extra_ca_bundle: Option<&Path>) -> Result<BaseImage, BaseError> {
-    ensure_with(home, extra_ca_bundle, true)
+    ensure_base(home, &KIND, true, |base| build(base, extra_ca_bundle))
 }
 
-fn ensure_with(
-    home: &Path,
-    extra_ca_bundle: Option<&Path>,
-    refresh: bool,
-) -> Result<BaseImage, BaseError> {
-    let dir = home.join("bases").join(NAME);
-    if !refresh {
-        if let Some(found) = newest(&dir)? {
-            return Ok(found);
-        }
-    }
-    let _lock = lock_dir(&dir)?;
-    if !refresh {
-        if let Some(found) = newest(&dir)? {
-            return Ok(found);
-        }
-    }
-    build(&dir, extra_ca_bundle)
-}
-
-/// The most recently built base in `dir`.
-fn newest(dir: &Path) -> Result<Option<BaseImage>, BaseError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    let mut best: Option<(u64, BaseImage)> = None;
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let Some(manifest) = read_manifest(&entry.path())? else {
-            continue;
-        };
-        if best
-            .as_ref()
-            .is_none_or(|(when, _)| manifest.built_unix >= *when)
-        {
-            best = Some((manifest.built_unix, image_of(&entry.path(), manifest)));
-        }
-    }
-    Ok(best.map(|(_, image)| image))
-}
-
-fn read_manifest(dir: &Path) -> Result<Option<Manifest>, BaseError> {
-    let path = dir.join(MANIFEST);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("read", &path)(e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| BaseError::Manifest { path, source })
-}
-
-fn image_of(dir: &Path, m: Manifest) -> BaseImage {
-    BaseImage {
-        name: m.name,
-        version: m.version,
-        disk: dir.join(m.disk),
-        size_bytes: m.size_bytes,
-    }
-}
-
-/// Bootstraps, tidies, makes the disk and publishes the base.
-fn build(dir: &Path, extra_ca_bundle: Option<&Path>) -> Result<BaseImage, BaseError> {
-    let started = Instant::now();
+/// Bootstraps, tidies and publishes the base.
+fn build(base: BaseBuild, extra_ca_bundle: Option<&Path>) -> Result<BaseImage, BaseError> {
     let mirror = host_mirror(Path::new(HOST_APT_DIR))?;
     let security = host_uri(Path::new(HOST_APT_DIR), &format!("{SUITE}-security"))?;
-    let staging = staging_in(dir)?;
-    let work = staging.path();
+    let work = base.work();
     let rootfs = work.join("rootfs");
     tracing::info!(%mirror, "bootstrapping Debian {SUITE} (about 40 s)");
     debootstrap(&rootfs, &mirror, work, extra_ca_bundle)?;
@@ -148,51 +75,16 @@ fn build(dir: &Path, extra_ca_bundle: Option<&Path>) -> Result<BaseImage, BaseEr
     let point_release = fs::read_to_string(rootfs.join("etc/debian_version"))
         .map_err(io_err("read", &rootfs.join("etc/debian_version")))?;
     let version = format!("{}-{}", point_release.trim(), today());
-    let dest = dir.join(version_dir_name(&version));
-    if let Some(existing) = read_manifest(&dest)? {
-        return Ok(image_of(&dest, existing));
+    if let Some(existing) = base.existing(&version)? {
+        return Ok(existing);
     }
-    let out = work.join("out");
-    fs::create_dir(&out).map_err(io_err("create directory", &out))?;
-    let disk = out.join(DISK);
-    mkfs_ext4_from_dir(&rootfs, &disk, DISK_SIZE, LABEL)?;
-    fs::set_permissions(&disk, fs::Permissions::from_mode(0o444))
-        .map_err(io_err("chmod", &disk))?;
-    let manifest = Manifest {
-        name: NAME.into(),
-        version: version.clone(),
-        suite: SUITE.into(),
+    tracing::info!(%version, rootfs_mib = rootfs_bytes >> 20, "Debian rootfs staged");
+    let details = Details {
+        suite: SUITE,
         mirror,
-        disk: DISK.into(),
-        size_bytes: DISK_SIZE,
         rootfs_bytes,
-        build_seconds: started.elapsed().as_secs_f64(),
-        built_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
     };
-    let manifest_path = out.join(MANIFEST);
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| BaseError::Manifest {
-        path: manifest_path.clone(),
-        source,
-    })?;
-    fs::write(&manifest_path, json).map_err(io_err("write", &manifest_path))?;
-    sync(&disk)?;
-    fs::rename(&out, &dest).map_err(io_err("rename into place", &dest))?;
-    sync(dir)?;
-    tracing::info!(
-        %version,
-        rootfs_mib = rootfs_bytes >> 20,
-        seconds = manifest.build_seconds,
-        "Debian base built"
-    );
-    Ok(image_of(&dest, manifest))
-}
-
-fn sync(path: &Path) -> Result<(), BaseError> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("sync", path))
+    base.publish(&version, &rootfs, details)
 }
 
 /// Runs debootstrap into `rootfs`; with a CA bundle, its wget trusts that bundle.
@@ -216,18 +108,19 @@ fn debootstrap(
     }
     match run_ok("debootstrap", INSTALL_DEBOOTSTRAP, &mut cmd) {
         Ok(_) => Ok(()),
-        Err(BaseError::ToolFailed { command, detail }) => {
+        Err(ToolError::Failed { command, detail }) => {
             // debootstrap's own log says which package or download failed.
             let log =
                 fs::read_to_string(rootfs.join("debootstrap/debootstrap.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            Err(BaseError::ToolFailed {
+            Err(ToolError::Failed {
                 command,
                 detail: format!("{detail}\n{}", tail.join("\n")).trim().to_string(),
-            })
+            }
+            .into())
         }
-        Err(other) => Err(other),
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -276,7 +169,7 @@ fn tidy_rootfs(rootfs: &Path, mirror: &str, security: Option<&str>) -> Result<()
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &path)(e)),
+            Err(e) => return Err(io_err("remove", &path)(e).into()),
         }
         fs::write(&path, content).map_err(io_err("write", &path))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
@@ -361,7 +254,7 @@ fn host_uri(apt_dir: &Path, suite: &str) -> Result<Option<String>, BaseError> {
         let text = match fs::read_to_string(&file) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err("read", &file)(e)),
+            Err(e) => return Err(io_err("read", &file)(e).into()),
         };
         let found = if file.extension().is_some_and(|ext| ext == "sources") {
             deb822_uri(&text, suite)
@@ -449,6 +342,7 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
+    use crate::disk::debugfs;
 
     /// The data directory the tests share (as kiln-vmm's tests): `KILN_HOME`, else
     /// `target/kiln-test-home`, so the base is built once and reused by later runs.
@@ -464,16 +358,6 @@ mod tests {
     fn base() -> &'static BaseImage {
         static BASE: OnceLock<BaseImage> = OnceLock::new();
         BASE.get_or_init(|| ensure(&test_home(), None).expect("Debian base (needs debootstrap)"))
-    }
-
-    fn debugfs(image: &Path, request: &str) -> String {
-        let out = Command::new("debugfs")
-            .arg("-R")
-            .arg(request)
-            .arg(image)
-            .output()
-            .expect("debugfs (e2fsprogs) runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn apt_dir(files: &[(&str, &str)]) -> tempfile::TempDir {

@@ -7,16 +7,19 @@
 pub mod busybox;
 pub mod debian;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::{Flock, FlockArg};
+use kiln_vmm::assets::store::{find_or_build, io_err, sync_path, Staging, StoreError};
+use kiln_vmm::assets::{DebError, ToolError};
+use serde::{Deserialize, Serialize};
 
-use crate::disk::DiskError;
+use crate::disk::{mkfs_ext4_from_dir, DiskError};
 
-/// Prefix of staging directories; anything carrying it is unfinished work.
-const STAGING_PREFIX: &str = ".tmp-";
+const MANIFEST: &str = "manifest.json";
+const DISK: &str = "disk.ext4";
 
 /// A built base image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,39 +40,12 @@ pub enum BaseError {
     /// A Dockerfile names a base kiln does not have.
     #[error("FROM {0}: kiln has no such base image; use FROM kiln/busybox or FROM kiln/debian:12 (images from registries are not supported yet)")]
     UnknownBase(String),
-    /// A required host tool is not installed.
-    #[error("`{tool}` is not installed: install {install}")]
-    ToolMissing {
-        /// The tool.
-        tool: &'static str,
-        /// What to install.
-        install: &'static str,
-    },
-    /// A host tool could not be started.
-    #[error("cannot run `{tool}`")]
-    ToolSpawn {
-        /// The tool.
-        tool: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// apt does not know the package.
-    #[error("apt knows no package `{package}`: run `apt-get update` (as root)")]
-    PackageUnknown {
-        /// The package.
-        package: String,
-    },
-    /// `apt-get download` failed.
-    #[error(
-        "downloading package `{package}` failed: {detail} (check the network and apt sources)"
-    )]
-    DownloadFailed {
-        /// The package.
-        package: String,
-        /// What apt-get said.
-        detail: String,
-    },
+    /// A host tool is missing, cannot start or failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// Downloading or unpacking a Debian package failed.
+    #[error(transparent)]
+    Deb(#[from] DebError),
     /// The host's apt sources name no mirror for the suite.
     #[error(
         "no apt source for Debian {suite} main in {apt_dir}/sources.list or sources.list.d/: \
@@ -80,14 +56,6 @@ pub enum BaseError {
         suite: &'static str,
         /// The apt configuration directory read.
         apt_dir: PathBuf,
-    },
-    /// A tool ran but failed.
-    #[error("`{command}` failed: {detail}")]
-    ToolFailed {
-        /// The command line, shortened.
-        command: String,
-        /// What it said.
-        detail: String,
     },
     /// Making the disk failed.
     #[error("cannot make the base disk")]
@@ -101,162 +69,176 @@ pub enum BaseError {
         #[source]
         source: serde_json::Error,
     },
-    /// Locking the base directory failed.
-    #[error("cannot lock {path}")]
-    Lock {
-        /// The lock file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: nix::Error,
-    },
-    /// A filesystem operation failed.
-    #[error("cannot {action} {path} (check that the kiln data directory is writable)")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A filesystem operation, or locking or publishing in the data directory, failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-pub(crate) fn io_err(
-    action: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> BaseError {
-    let path = path.to_path_buf();
-    move |source| BaseError::Io {
-        action,
-        path,
-        source,
-    }
+/// What sets one base apart from another on disk.
+pub(crate) struct BaseKind {
+    /// The base's name and directory under `<home>/bases/`.
+    pub name: &'static str,
+    /// Size of the sparse disk.
+    pub disk_size: u64,
+    /// The disk's ext4 label.
+    pub label: &'static str,
 }
 
-/// Blocks until the exclusive lock `<dir>/.lock` is held; clears staging leftovers of
-/// crashed builders (every builder holds this lock while staging).
-pub(crate) fn lock_dir(dir: &Path) -> Result<Flock<File>, BaseError> {
-    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    let path = dir.join(".lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err("open lock file", &path))?;
-    let lock =
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, source)| BaseError::Lock {
-            path: path.clone(),
-            source,
-        })?;
-    for entry in fs::read_dir(dir).map_err(io_err("list", dir))?.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(STAGING_PREFIX)
+/// What `manifest.json` records: the fields every base has, then the base's own.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest<D> {
+    name: String,
+    version: String,
+    disk: String,
+    size_bytes: u64,
+    /// Absent in bases built before it was recorded.
+    #[serde(default)]
+    build_seconds: f64,
+    built_unix: u64,
+    #[serde(flatten)]
+    details: D,
+}
+
+/// A manifest read back, with the base's own fields left as they are.
+type AnyManifest = Manifest<serde_json::Map<String, serde_json::Value>>;
+
+/// Returns the newest base of `kind` under `home`; else, holding the base's lock, builds
+/// one with `build` (which ends in [`BaseBuild::publish`]). `refresh` always builds.
+pub(crate) fn ensure_base(
+    home: &Path,
+    kind: &'static BaseKind,
+    refresh: bool,
+    build: impl FnOnce(BaseBuild) -> Result<BaseImage, BaseError>,
+) -> Result<BaseImage, BaseError> {
+    let dir = home.join("bases").join(kind.name);
+    find_or_build(
+        &dir,
+        refresh,
+        || newest(&dir),
+        || build(BaseBuild::start(&dir, kind)?),
+    )
+}
+
+/// The most recently built base in `dir`.
+fn newest(dir: &Path) -> Result<Option<BaseImage>, BaseError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("list", dir)(e).into()),
+    };
+    let mut best: Option<(u64, BaseImage)> = None;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let Some(manifest) = read_manifest(&entry.path())? else {
+            continue;
+        };
+        if best
+            .as_ref()
+            .is_none_or(|(when, _)| manifest.built_unix >= *when)
         {
-            if let Err(e) = fs::remove_dir_all(entry.path()) {
-                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale staging");
-            }
+            best = Some((manifest.built_unix, image_of(&entry.path(), manifest)));
         }
     }
-    Ok(lock)
+    Ok(best.map(|(_, image)| image))
 }
 
-/// A staging directory in `dir`, removed on drop unless renamed away.
-pub(crate) fn staging_in(dir: &Path) -> Result<tempfile::TempDir, BaseError> {
-    tempfile::Builder::new()
-        .prefix(STAGING_PREFIX)
-        .tempdir_in(dir)
-        .map_err(io_err("create staging directory in", dir))
+fn read_manifest(dir: &Path) -> Result<Option<AnyManifest>, BaseError> {
+    let path = dir.join(MANIFEST);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("read", &path)(e).into()),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| BaseError::Manifest { path, source })
 }
 
-/// Runs a tool; "not installed" becomes [`BaseError::ToolMissing`].
-pub(crate) fn run(
-    tool: &'static str,
-    install: &'static str,
-    cmd: &mut Command,
-) -> Result<Output, BaseError> {
-    cmd.output().map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => BaseError::ToolMissing { tool, install },
-        _ => BaseError::ToolSpawn {
-            tool: tool.into(),
-            source,
-        },
-    })
-}
-
-/// Like [`run`], and a non-zero exit becomes [`BaseError::ToolFailed`].
-pub(crate) fn run_ok(
-    tool: &'static str,
-    install: &'static str,
-    cmd: &mut Command,
-) -> Result<Output, BaseError> {
-    let out = run(tool, install, cmd)?;
-    if !out.status.success() {
-        return Err(BaseError::ToolFailed {
-            command: format!("{cmd:?}"),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+fn image_of<D>(dir: &Path, m: Manifest<D>) -> BaseImage {
+    BaseImage {
+        name: m.name,
+        version: m.version,
+        disk: dir.join(m.disk),
+        size_bytes: m.size_bytes,
     }
-    Ok(out)
 }
 
-/// Downloads `package` into `dir` with `apt-get download`; returns the `.deb` and its version.
-pub(crate) fn apt_download(package: &str, dir: &Path) -> Result<(PathBuf, String), BaseError> {
-    tracing::info!(package, "downloading with apt-get");
-    let out = run(
-        "apt-get",
-        "apt (kiln fetches Debian packages by name)",
-        Command::new("apt-get")
-            .args(["download", "-q", package])
-            .current_dir(dir),
-    )?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if stderr.contains("Unable to locate package") || stderr.contains("has no candidate") {
-            return Err(BaseError::PackageUnknown {
-                package: package.into(),
-            });
-        }
-        return Err(BaseError::DownloadFailed {
-            package: package.into(),
-            detail: stderr,
-        });
-    }
-    let prefix = format!("{package}_");
-    let deb = fs::read_dir(dir)
-        .map_err(io_err("list", dir))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+/// A base being built under its directory's lock: a scratch directory for its inputs
+/// and the rootfs, and a staging directory that becomes `<dir>/<version>` when published.
+pub(crate) struct BaseBuild {
+    dir: PathBuf,
+    kind: &'static BaseKind,
+    work: Staging,
+    out: Staging,
+    started: Instant,
+}
+
+impl BaseBuild {
+    fn start(dir: &Path, kind: &'static BaseKind) -> Result<BaseBuild, BaseError> {
+        Ok(BaseBuild {
+            dir: dir.to_path_buf(),
+            kind,
+            work: Staging::dir_in(dir)?,
+            out: Staging::dir_in(dir)?,
+            started: Instant::now(),
         })
-        .ok_or_else(|| BaseError::DownloadFailed {
-            package: package.into(),
-            detail: format!("apt-get left no {prefix}*.deb in {}", dir.display()),
-        })?;
-    let version = run_ok(
-        "dpkg-deb",
-        "dpkg",
-        Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"),
-    )?;
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
-    Ok((deb, version))
-}
+    }
 
-/// Unpacks a `.deb`'s files into `dest`.
-pub(crate) fn deb_extract(deb: &Path, dest: &Path) -> Result<(), BaseError> {
-    run_ok(
-        "dpkg-deb",
-        "dpkg",
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest),
-    )?;
-    Ok(())
+    /// The scratch directory, removed when the build ends.
+    pub(crate) fn work(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// The base already published as `version`, if any (apt had nothing newer, or an
+    /// earlier refresh built it).
+    pub(crate) fn existing(&self, version: &str) -> Result<Option<BaseImage>, BaseError> {
+        let dest = self.dir.join(version_dir_name(version));
+        Ok(read_manifest(&dest)?.map(|m| image_of(&dest, m)))
+    }
+
+    /// Makes the read-only disk from `rootfs`, writes the manifest with the base's own
+    /// `details`, and renames the result to `<dir>/<version>`.
+    pub(crate) fn publish(
+        self,
+        version: &str,
+        rootfs: &Path,
+        details: impl Serialize,
+    ) -> Result<BaseImage, BaseError> {
+        let out = self.out.path();
+        let disk = out.join(DISK);
+        mkfs_ext4_from_dir(rootfs, &disk, self.kind.disk_size, self.kind.label)?;
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("chmod", &disk))?;
+        let manifest = Manifest {
+            name: self.kind.name.into(),
+            version: version.into(),
+            disk: DISK.into(),
+            size_bytes: self.kind.disk_size,
+            build_seconds: self.started.elapsed().as_secs_f64(),
+            built_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            details,
+        };
+        let manifest_path = out.join(MANIFEST);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|source| BaseError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        fs::write(&manifest_path, json).map_err(io_err("write", &manifest_path))?;
+        sync_path(&disk)?;
+        let dest = self.dir.join(version_dir_name(version));
+        self.out.publish(&dest)?;
+        tracing::info!(
+            base = self.kind.name,
+            version,
+            seconds = manifest.build_seconds,
+            "base built"
+        );
+        Ok(image_of(&dest, manifest))
+    }
 }
 
 /// A Debian version as a directory name: the epoch colon (and anything odd) becomes `_`.

@@ -1,12 +1,48 @@
 //! Debian packages fetched by name with `apt-get download` and unpacked with `dpkg-deb`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use super::AssetError;
+use super::io::{io_err, IoError};
+use super::tool::{run, stderr_of, ToolError};
+
+/// Failures while downloading or reading a Debian package.
+#[derive(Debug, thiserror::Error)]
+pub enum DebError {
+    /// apt does not know the package.
+    #[error("apt knows no package `{package}`: run `apt-get update` (as root) and check the name")]
+    PackageUnknown {
+        /// The package name.
+        package: String,
+    },
+    /// `apt-get download` failed.
+    #[error(
+        "downloading package `{package}` failed: {detail} (check the network and apt sources)"
+    )]
+    DownloadFailed {
+        /// The package name.
+        package: String,
+        /// What apt-get said.
+        detail: String,
+    },
+    /// `dpkg-deb` could not read a package.
+    #[error("cannot read package {deb}: {detail} (the download may be corrupt; retry)")]
+    BadPackage {
+        /// The `.deb` file.
+        deb: PathBuf,
+        /// What dpkg-deb said.
+        detail: String,
+    },
+    /// `apt-get` or `dpkg-deb` is missing or cannot start.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// The download directory cannot be listed.
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
 
 /// A downloaded `.deb` file.
-pub(crate) struct DebFile {
+pub struct DebFile {
     /// Where it lies.
     pub path: PathBuf,
     /// Its `Package` field.
@@ -15,56 +51,39 @@ pub(crate) struct DebFile {
     pub version: String,
 }
 
-/// Runs a tool, mapping "not installed" and non-zero exits to clear errors.
-pub(crate) fn run(
-    tool: &'static str,
-    install: &'static str,
-    cmd: &mut Command,
-) -> Result<Output, AssetError> {
-    let out = cmd.output().map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => AssetError::ToolMissing { tool, install },
-        _ => AssetError::ToolSpawn { tool, source },
-    })?;
-    Ok(out)
-}
-
 /// Downloads `package` into `dir` with `apt-get download`.
-pub(crate) fn download(package: &str, dir: &Path) -> Result<DebFile, AssetError> {
+pub fn download(package: &str, dir: &Path) -> Result<DebFile, DebError> {
     tracing::info!(package, "downloading with apt-get");
     let out = run(
         "apt-get",
         "apt (kiln fetches Debian packages by name)",
         Command::new("apt-get")
-            .arg("download")
-            .arg("-q")
-            .arg(package)
+            .args(["download", "-q", package])
             .current_dir(dir),
     )?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
+        let stderr = stderr_of(&out);
         if stderr.contains("Unable to locate package") || stderr.contains("has no candidate") {
-            return Err(AssetError::PackageUnknown {
+            return Err(DebError::PackageUnknown {
                 package: package.to_string(),
             });
         }
-        return Err(AssetError::DownloadFailed {
+        return Err(DebError::DownloadFailed {
             package: package.to_string(),
-            detail: stderr.trim().to_string(),
+            detail: stderr,
         });
     }
     let prefix = format!("{package}_");
     let path = std::fs::read_dir(dir)
-        .map_err(|source| AssetError::io("list", dir, source))?
+        .map_err(io_err("list", dir))?
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            let name = p
-                .file_name()
+            p.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            name.starts_with(&prefix) && name.ends_with(".deb")
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
         })
-        .ok_or_else(|| AssetError::DownloadFailed {
+        .ok_or_else(|| DebError::DownloadFailed {
             package: package.to_string(),
             detail: format!(
                 "apt-get reported success but left no {prefix}*.deb in {}",
@@ -81,39 +100,31 @@ pub(crate) fn download(package: &str, dir: &Path) -> Result<DebFile, AssetError>
 }
 
 /// Reads one control field of a `.deb` (empty when absent).
-pub(crate) fn field(deb: &Path, name: &str) -> Result<String, AssetError> {
-    let out = run(
-        "dpkg-deb",
-        "dpkg",
-        Command::new("dpkg-deb").arg("-f").arg(deb).arg(name),
-    )?;
-    if !out.status.success() {
-        return Err(AssetError::BadPackage {
-            deb: deb.to_path_buf(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+pub fn field(deb: &Path, name: &str) -> Result<String, DebError> {
+    let out = dpkg_deb(deb, Command::new("dpkg-deb").arg("-f").arg(deb).arg(name))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Unpacks the files of a `.deb` into `dest`.
-pub(crate) fn extract(deb: &Path, dest: &Path) -> Result<(), AssetError> {
-    let out = run(
-        "dpkg-deb",
-        "dpkg",
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest),
-    )?;
-    if !out.status.success() {
-        return Err(AssetError::BadPackage {
-            deb: deb.to_path_buf(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+pub fn extract(deb: &Path, dest: &Path) -> Result<(), DebError> {
+    dpkg_deb(deb, Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest))?;
     Ok(())
 }
 
+/// Runs `dpkg-deb` on `deb`; a failure means the package is unreadable.
+fn dpkg_deb(deb: &Path, cmd: &mut Command) -> Result<std::process::Output, DebError> {
+    let out = run("dpkg-deb", "dpkg", cmd)?;
+    if !out.status.success() {
+        return Err(DebError::BadPackage {
+            deb: deb.to_path_buf(),
+            detail: stderr_of(&out),
+        });
+    }
+    Ok(out)
+}
+
 /// Package names in a `Depends` field: the first alternative of each, without versions.
-pub(crate) fn depends_names(depends: &str) -> Vec<String> {
+pub fn depends_names(depends: &str) -> Vec<String> {
     depends
         .split(',')
         .filter_map(|dep| dep.split('|').next())

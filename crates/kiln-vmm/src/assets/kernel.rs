@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::store::{DirLock, Staging};
-use super::{deb, io_err, AssetError};
+use super::store::{find_or_build, Staging};
+use super::{deb, io_err, AssetError, ToolError};
 
 /// The Debian metapackage that tracks the current cloud kernel.
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -140,40 +140,32 @@ pub fn ensure_kernel_from(
 ) -> Result<KernelAssets, AssetError> {
     let kernels = home.join("kernels");
     match source {
-        KernelSource::Package(name) => {
-            if !refresh {
-                if let Some(found) = find_installed(&kernels, &source.key())? {
-                    return Ok(found);
-                }
-            }
-            let _lock = DirLock::acquire(&kernels)?;
-            if !refresh {
-                if let Some(found) = find_installed(&kernels, &source.key())? {
-                    return Ok(found);
-                }
-            }
-            install_package(&kernels, name, &source.key())
-        }
+        KernelSource::Package(name) => find_or_build(
+            &kernels,
+            refresh,
+            || find_installed(&kernels, &source.key()),
+            || install_package(&kernels, name, &source.key()),
+        ),
         KernelSource::Local { vmlinuz, modules } => {
             let version = local_version(modules)?;
             let digest = file_blake3(vmlinuz)?;
-            if let Some(found) = installed_version(&kernels, &version, &digest)? {
-                return Ok(found);
-            }
-            let _lock = DirLock::acquire(&kernels)?;
-            if let Some(found) = installed_version(&kernels, &version, &digest)? {
-                return Ok(found);
-            }
-            let parts = KernelParts {
-                vmlinuz: vmlinuz.clone(),
-                config: vmlinuz.with_file_name(format!("config-{version}")),
-                modules: modules.clone(),
-                version,
-                package: "local".into(),
-                package_version: digest[..16].to_string(),
-                source_name: modules.display().to_string(),
-            };
-            install(&kernels, &parts, &source.key())
+            find_or_build(
+                &kernels,
+                false,
+                || installed_version(&kernels, &version, &digest),
+                || {
+                    let parts = KernelParts {
+                        vmlinuz: vmlinuz.clone(),
+                        config: vmlinuz.with_file_name(format!("config-{version}")),
+                        modules: modules.clone(),
+                        version: version.clone(),
+                        package: "local".into(),
+                        package_version: digest[..16].to_string(),
+                        source_name: modules.display().to_string(),
+                    };
+                    install(&kernels, &parts, &source.key())
+                },
+            )
         }
     }
 }
@@ -403,7 +395,7 @@ fn decompress(packed: &Path, tool: &'static str, dest: &Path) -> Result<(), Asse
                 path: packed.into(),
                 tool,
             },
-            _ => AssetError::ToolSpawn { tool, source: e },
+            _ => ToolError::Spawn { tool, source: e }.into(),
         })?;
     if !out.status.success() {
         return Err(AssetError::NotAKernel {
@@ -414,7 +406,8 @@ fn decompress(packed: &Path, tool: &'static str, dest: &Path) -> Result<(), Asse
             ),
         });
     }
-    fs::write(dest, out.stdout).map_err(io_err("write", dest))
+    fs::write(dest, out.stdout).map_err(io_err("write", dest))?;
+    Ok(())
 }
 
 /// The version of a local module tree: its directory name.

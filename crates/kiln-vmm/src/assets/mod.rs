@@ -6,19 +6,24 @@
 //! initramfs-<digest16>.cpio}`. Everything is fetched once and then used offline.
 
 mod cpio;
-mod deb;
+pub mod deb;
 mod initramfs;
+mod io;
 mod kernel;
-pub(crate) mod store;
+pub mod store;
+pub mod tool;
 
 use std::path::{Path, PathBuf};
 
+pub use deb::DebError;
 pub use initramfs::{ensure_initramfs, find_kiln_init, Initramfs};
+pub use io::{io_err, IoError};
 pub use kernel::{
     ensure_kernel, ensure_kernel_from, refresh_kernel, KernelAssets, KernelSource,
     DEFAULT_KERNEL_PACKAGE, KERNEL_MODULES,
 };
 pub use store::StoreError;
+pub use tool::ToolError;
 
 /// Everything a VM needs besides its disk: kernel, modules and initramfs.
 #[derive(Debug, Clone)]
@@ -40,24 +45,10 @@ pub fn ensure_guest_assets(home: &Path) -> Result<GuestAssets, AssetError> {
 /// Failures while fetching or building guest assets.
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
-    /// A required host tool is not installed.
-    #[error("`{tool}` is not installed: install {install}")]
-    ToolMissing {
-        /// The tool's name.
-        tool: &'static str,
-        /// What to install.
-        install: &'static str,
-    },
-    /// A host tool could not be started.
-    #[error("cannot run `{tool}`")]
-    ToolSpawn {
-        /// The tool's name.
-        tool: &'static str,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// apt does not know the package.
+    /// A host tool is missing or cannot start.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// apt does not know the kernel package.
     #[error(
         "apt knows no package `{package}`: run `apt-get update` (as root) and check the name \
          (KILN_KERNEL_PACKAGE picks the kernel package)"
@@ -66,24 +57,9 @@ pub enum AssetError {
         /// The package name.
         package: String,
     },
-    /// `apt-get download` failed.
-    #[error(
-        "downloading package `{package}` failed: {detail} (check the network and apt sources)"
-    )]
-    DownloadFailed {
-        /// The package name.
-        package: String,
-        /// What apt-get said.
-        detail: String,
-    },
-    /// `dpkg-deb` could not read a package.
-    #[error("cannot read package {deb}: {detail} (the download may be corrupt; retry)")]
-    BadPackage {
-        /// The `.deb` file.
-        deb: PathBuf,
-        /// What dpkg-deb said.
-        detail: String,
-    },
+    /// Downloading or unpacking a package failed.
+    #[error(transparent)]
+    Deb(DebError),
     /// The package (or what it depends on) holds no usable kernel.
     #[error("package `{package}` holds no usable kernel: {detail}")]
     NotAKernel {
@@ -161,16 +137,8 @@ pub enum AssetError {
         source: serde_json::Error,
     },
     /// A filesystem operation failed.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// Locking or publishing into the data directory failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -179,23 +147,16 @@ pub enum AssetError {
 impl AssetError {
     /// An [`AssetError::Io`] for `action` on `path`.
     pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> AssetError {
-        AssetError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+        AssetError::Io(io_err(action, path)(source))
     }
 }
 
-/// Maps an IO error on `path` to an [`AssetError::Io`].
-pub(crate) fn io_err(
-    action: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> AssetError {
-    let path = path.to_path_buf();
-    move |source| AssetError::Io {
-        action,
-        path,
-        source,
+impl From<DebError> for AssetError {
+    fn from(e: DebError) -> AssetError {
+        match e {
+            // The only package guest assets fetch is the kernel: say which variable names it.
+            DebError::PackageUnknown { package } => AssetError::PackageUnknown { package },
+            other => AssetError::Deb(other),
+        }
     }
 }

@@ -39,10 +39,7 @@ pub enum StoreError {
 }
 
 /// Wraps an IO error with the action and path it concerns.
-pub(crate) fn io_err(
-    action: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> StoreError {
+pub fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_path_buf();
     move |source| StoreError::Io {
         action,
@@ -52,7 +49,7 @@ pub(crate) fn io_err(
 }
 
 /// An exclusive lock on `<dir>/.lock`, released on drop.
-pub(crate) struct DirLock {
+pub struct DirLock {
     _lock: Flock<File>,
 }
 
@@ -61,7 +58,7 @@ impl DirLock {
     ///
     /// Staging leftovers of a crashed writer are removed: every writer holds this lock
     /// while it stages, so none can be in progress now.
-    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, StoreError> {
+    pub fn acquire(dir: &Path) -> Result<DirLock, StoreError> {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let path = dir.join(".lock");
         let file = OpenOptions::new()
@@ -78,6 +75,29 @@ impl DirLock {
         remove_stale_staging(dir);
         Ok(DirLock { _lock: lock })
     }
+}
+
+/// Returns what `find` sees in `dir`; else takes `dir`'s lock, looks again (a writer that
+/// held the lock first may have finished the same work) and runs `build`, which stages
+/// and publishes under the lock. `refresh` skips the looking and always builds.
+pub fn find_or_build<T, E: From<StoreError>>(
+    dir: &Path,
+    refresh: bool,
+    mut find: impl FnMut() -> Result<Option<T>, E>,
+    build: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    if !refresh {
+        if let Some(found) = find()? {
+            return Ok(found);
+        }
+    }
+    let _lock = DirLock::acquire(dir)?;
+    if !refresh {
+        if let Some(found) = find()? {
+            return Ok(found);
+        }
+    }
+    build()
 }
 
 fn remove_stale_staging(dir: &Path) {
@@ -105,14 +125,14 @@ fn remove_stale_staging(dir: &Path) {
 }
 
 /// A unique path beside the final result; removed on drop unless published.
-pub(crate) struct Staging {
+pub struct Staging {
     path: PathBuf,
     published: bool,
 }
 
 impl Staging {
     /// A fresh staging path in `dir` (nothing is created yet).
-    pub(crate) fn path_in(dir: &Path) -> Staging {
+    pub fn path_in(dir: &Path) -> Staging {
         let mut bytes = [0u8; 8];
         // A clash is harmless (creation fails loudly), so a weak fallback is fine.
         if getrandom::fill(&mut bytes).is_err() {
@@ -126,19 +146,19 @@ impl Staging {
     }
 
     /// A fresh staging directory in `dir`.
-    pub(crate) fn dir_in(dir: &Path) -> Result<Staging, StoreError> {
+    pub fn dir_in(dir: &Path) -> Result<Staging, StoreError> {
         let staging = Staging::path_in(dir);
         fs::create_dir(&staging.path).map_err(io_err("create directory", &staging.path))?;
         Ok(staging)
     }
 
     /// The staging path.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Renames the staged file or directory to `dest` atomically.
-    pub(crate) fn publish(mut self, dest: &Path) -> Result<(), StoreError> {
+    pub fn publish(mut self, dest: &Path) -> Result<(), StoreError> {
         sync_path(&self.path)?;
         fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
         self.published = true;
@@ -163,13 +183,13 @@ impl Drop for Staging {
 }
 
 /// fsyncs a file or directory so a rename never publishes data still in flight.
-fn sync_path(path: &Path) -> Result<(), StoreError> {
+pub fn sync_path(path: &Path) -> Result<(), StoreError> {
     let file = File::open(path).map_err(io_err("open", path))?;
     file.sync_all().map_err(io_err("sync", path))
 }
 
 /// Writes `bytes` to `dest` atomically (staging file + rename) in `dest`'s directory.
-pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let staging = Staging::path_in(dir);
@@ -220,5 +240,24 @@ mod tests {
         write_atomic(&dest, b"two").expect("write two");
 
         assert_eq!(fs::read(&dest).expect("read"), b"two");
+    }
+
+    #[test]
+    fn find_or_build_when_found_after_lock_then_build_skipped() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let mut looks = 0;
+
+        let found = find_or_build::<_, StoreError>(
+            home.path(),
+            false,
+            || {
+                looks += 1;
+                Ok((looks == 2).then_some("finished by the lock holder"))
+            },
+            || Ok("built again"),
+        )
+        .expect("found");
+
+        assert_eq!(found, "finished by the lock holder");
     }
 }
