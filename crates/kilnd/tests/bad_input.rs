@@ -83,6 +83,15 @@ fn build_when_input_is_bad_then_version_fails_with_a_reason_and_nothing_leaks() 
             "nothere",
         ),
         (
+            "disk-fills",
+            dockerfile(
+                p,
+                "k",
+                "FROM kiln/busybox\nRUN dd if=/dev/zero of=/fill bs=1M count=400\nCMD [\"true\"]\n",
+            ),
+            "exited with code 1",
+        ),
+        (
             "not-utf8",
             zip_of(
                 p,
@@ -124,6 +133,9 @@ fn build_when_input_is_bad_then_version_fails_with_a_reason_and_nothing_leaks() 
         .unwrap_or_default()
         .contains("step 2/3"));
     assert!(log.contains("before"), "{log}");
+    assert!(kilnd
+        .get("/kiln/v1/images/disk-fills/versions/1/build-log")
+        .contains("No space left on device"));
     assert_eq!(images["items"].as_array().map(Vec::len), Some(cases.len()));
     assert!(images["items"]
         .as_array()

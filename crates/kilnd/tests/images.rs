@@ -198,3 +198,44 @@ fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_re
     assert!(gone_err.contains("ResourceNotFoundException"), "{gone_err}");
     assert!(!kilnd.qemu_running());
 }
+
+/// A hooks listener in busybox: answers every request on port 9000 with 200.
+const HOOKED_APP: &str = "#!/bin/sh\n(while true; do printf 'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' | nc -l -p 9000 >/dev/null; done) &\nexec httpd -f -p 8080 -h /\n";
+
+#[test]
+fn create_when_ready_and_validate_hooks_are_enabled_then_both_are_called() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("hooked.zip");
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", HOOKED_APP.as_bytes(), 0o755),
+        ],
+    );
+
+    let (code, _, err) = kilnd.aws(&[
+        "create-microvm-image", "--name", "hooked",
+        "--base-image-arn", "arn:aws:lambda:local:aws:microvm-image:busybox",
+        "--build-role-arn", "arn:aws:iam::000000000000:role/kiln-build",
+        "--code-artifact", &format!("uri=file://{}", zip.display()),
+        "--resources", "minimumMemoryInMiB=256",
+        "--hooks", "port=9000,microvmImageHooks={ready=ENABLED,readyTimeoutInSeconds=60,validate=ENABLED,validateTimeoutInSeconds=30}",
+    ]);
+    let version = kilnd.wait_version("hooked", "1");
+    let log = kilnd.get("/kiln/v1/images/hooked/versions/1/build-log");
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(version["state"], "SUCCESSFUL", "{version}\n{log}");
+    assert_eq!(version["hooks"]["port"], 9000);
+    assert!(
+        log.contains("POST /aws/lambda-microvms/runtime/v1/ready on port 9000"),
+        "{log}"
+    );
+    assert!(log.contains("validate hook answered 200"), "{log}");
+}
