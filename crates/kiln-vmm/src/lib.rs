@@ -59,7 +59,7 @@ pub trait MicroVm: Send {
     fn status(&mut self) -> impl Future<Output = VmStatus> + Send;
     /// Adds a host→guest TCP forward while the VM runs.
     fn add_forward(
-        &self,
+        &mut self,
         forward: PortForward,
     ) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Freezes disk `index` as it is now and continues writing to a new qcow2 overlay at

@@ -26,7 +26,7 @@ async fn http_get(port: u16) -> String {
 async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu_death() {
     let dir = scratch();
     let spec = busybox_spec(dir.path(), false);
-    let vm = host()
+    let mut vm = host()
         .0
         .vmm
         .boot(spec, BootOptions::default())
@@ -74,7 +74,6 @@ async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu
     .await
     .expect("hostfwd_add");
     let page = http_get(port).await;
-    let mut vm = vm;
     vm.pause().await.expect("pause");
     let paused = vm.status().await;
     vm.resume().await.expect("continue");
@@ -153,7 +152,7 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
         .boot(
             deaf,
             BootOptions {
-                agent_timeout: Duration::from_secs(8),
+                agent_timeout: Duration::from_secs(20),
             },
         )
         .await
@@ -202,4 +201,29 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
         "{silent}"
     );
     assert!(!dir.path().join("deaf/vm").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_when_the_handle_is_gone_then_the_running_vm_is_reachable_again() {
+    let dir = scratch();
+    let vmm = &host().0.vmm;
+    let vm = vmm
+        .boot(busybox_spec(dir.path(), false), BootOptions::default())
+        .await
+        .expect("boot");
+    sh(vm.agent(), "echo kept > /tmp/state").await;
+    let pid = vm.pid();
+    // What a daemon crash does: the handle disappears, QEMU keeps running.
+    drop(vm);
+
+    let again = vmm.attach(&dir.path().join("vm")).await.expect("attach");
+    let (state, _) = sh(again.agent(), "cat /tmp/state").await;
+    let same_pid = again.pid();
+    again.terminate().await.expect("terminate");
+    let gone = vmm.attach(&dir.path().join("vm")).await;
+
+    assert_eq!(state, "kept\n");
+    assert_eq!(same_pid, pid);
+    assert!(!process_exists(pid));
+    assert!(gone.is_err());
 }

@@ -49,6 +49,10 @@ impl QemuVmm {
     /// the runtime directory if anything fails.
     async fn start(&self, spec: VmSpec, incoming: bool, t0: Instant) -> Result<QemuVm, VmmError> {
         let args = cmdline::args(&spec, incoming);
+        if let Err(e) = write_spec(&spec) {
+            remove_dir(&spec.dir);
+            return Err(e);
+        }
         let mut process = QemuProcess::spawn(&self.qemu, args, &spec.qemu_log())?;
         let qmp_socket = spec.qmp_socket();
         let qmp = tokio::select! {
@@ -74,6 +78,47 @@ impl QemuVmm {
             timeline,
             t0,
         })
+    }
+}
+
+impl QemuVmm {
+    /// Re-attaches to a VM that a previous process started in `dir` (kilnd restarted):
+    /// checks that its QEMU still runs, reconnects QMP and the guest agent.
+    pub async fn attach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+        let t0 = Instant::now();
+        let spec_path = dir.join(SPEC_FILE);
+        let text = std::fs::read(&spec_path).map_err(|e| VmmError::io("reading", &spec_path, e))?;
+        let spec: VmSpec = serde_json::from_slice(&text).map_err(|e| {
+            VmmError::InvalidSpec(format!("{} is unreadable: {e}", spec_path.display()))
+        })?;
+        let mut process = QemuProcess::attach(&spec.pid_file(), &spec.qemu_log())?;
+        if !process.is_alive() || !process.runs_in(dir) {
+            return Err(VmmError::QemuDied {
+                doing: "re-attaching".into(),
+                status: "not running".into(),
+                qemu_log: process.log_tail(),
+                console: process::tail(&spec.console_log(), 15),
+            });
+        }
+        let qmp = Qmp::connect(&spec.qmp_socket(), Duration::from_secs(5))
+            .await
+            .map_err(VmmError::qmp("reconnecting"))?;
+        let mut timeline = Timeline::default();
+        timeline.mark("qmp", t0);
+        let mut vm = QemuVm {
+            spec,
+            process,
+            qmp,
+            agent: None,
+            timeline,
+            t0,
+        };
+        let agent = vm
+            .connect_agent(Duration::from_secs(10), "re-attaching")
+            .await?;
+        vm.agent = Some(agent);
+        vm.timeline.mark("agent", t0);
+        Ok(vm)
     }
 }
 
@@ -395,7 +440,7 @@ impl MicroVm for QemuVm {
         Ok(())
     }
 
-    async fn add_forward(&self, f: PortForward) -> Result<(), VmmError> {
+    async fn add_forward(&mut self, f: PortForward) -> Result<(), VmmError> {
         if self.spec.network.is_none() {
             return Err(VmmError::InvalidSpec(
                 "this VM has no network device, so it cannot forward ports".into(),
@@ -407,8 +452,11 @@ impl MicroVm for QemuVm {
                 f.host_port, f.guest_port
             ))
             .await
-            .map(drop)
-            .map_err(VmmError::qmp("adding a port forward"))
+            .map_err(VmmError::qmp("adding a port forward"))?;
+        if let Some(net) = &mut self.spec.network {
+            net.forwards.push(f);
+        }
+        write_spec(&self.spec)
     }
 
     async fn snapshot(mut self, dest: &Path) -> Result<Snapshot, VmmError> {
@@ -608,6 +656,17 @@ async fn prefer_death(
         return err;
     }
     watch_exit(process, spec, doing).await
+}
+
+/// The VM's spec, kept in its runtime directory so a restarted daemon can re-attach.
+const SPEC_FILE: &str = "spec.json";
+
+fn write_spec(spec: &VmSpec) -> Result<(), VmmError> {
+    let path = spec.dir.join(SPEC_FILE);
+    let tmp = spec.dir.join(format!("{SPEC_FILE}.tmp"));
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| VmmError::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| VmmError::io("writing", &path, e))
 }
 
 /// Checks what a spec refers to before QEMU is started, so errors name the missing thing.

@@ -130,6 +130,15 @@ impl QemuProcess {
         Ok(p)
     }
 
+    /// Whether the process is a QEMU whose command line names `dir` (guards against a pid
+    /// reused by another program after a reboot or a long downtime).
+    pub fn runs_in(&self, dir: &Path) -> bool {
+        let needle = dir.to_string_lossy().into_owned();
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+            .unwrap_or(false)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
