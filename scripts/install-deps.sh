@@ -16,6 +16,7 @@ declare -A NEEDS=(
   [mke2fs]=e2fsprogs
   [dpkg-deb]=dpkg
   [apt-get]=apt
+  [pkg-config]=pkg-config
 )
 
 missing() {
@@ -50,6 +51,11 @@ fi
 if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
   echo "==> apt-get update (package lists for apt-get download)"
   $SUDO apt-get update -q
+fi
+# kilnd's endpoint tokens (josekit) link OpenSSL: building needs its headers.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "==> installing libssl-dev"
+  $SUDO apt-get install -y -q --no-install-recommends libssl-dev
 fi
 # The tests drive kiln with the AWS CLI and boto3 from a virtualenv.
 if ! python3 -m venv --help >/dev/null 2>&1; then

@@ -7,6 +7,8 @@ pub mod config;
 pub mod images;
 pub mod managed;
 pub mod store;
+pub mod tls;
+pub mod tokens;
 
 use std::sync::Arc;
 
