@@ -41,7 +41,7 @@ demo: build
 test: deps init pyenv
 	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
 	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
-	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace
+	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace --no-fail-fast
 
 bench: build
 	$(CARGO) bench -p kiln-vmm --bench restore

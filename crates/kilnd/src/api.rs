@@ -11,12 +11,15 @@ use axum::Router;
 use kiln_api::{ApiError, Operation, Request};
 
 use crate::images::Images;
+use crate::microvms::Microvms;
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
 pub struct Api {
     /// The image operations.
     pub images: Arc<Images>,
+    /// The MicroVM operations.
+    pub microvms: Arc<Microvms>,
 }
 
 /// The whole API as one router.
@@ -75,7 +78,7 @@ async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> R
         .map(kiln_api::uri::parse_query)
         .unwrap_or_default();
     let result = match Request::parse(op, &labels, &query, &body) {
-        Ok(request) => api.images.handle(request).await,
+        Ok(request) => dispatch(&api, request).await,
         Err(e) => Err(e),
     };
     match result {
@@ -92,6 +95,21 @@ async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> R
             );
             error_response(&e)
         }
+    }
+}
+
+/// Sends each request to the part of kilnd that owns it.
+async fn dispatch(api: &Api, request: Request) -> Result<serde_json::Value, ApiError> {
+    match request {
+        Request::RunMicrovm { .. }
+        | Request::GetMicrovm { .. }
+        | Request::ListMicrovms { .. }
+        | Request::TerminateMicrovm { .. }
+        | Request::SuspendMicrovm { .. }
+        | Request::ResumeMicrovm { .. }
+        | Request::CreateMicrovmAuthToken { .. }
+        | Request::CreateMicrovmShellAuthToken { .. } => api.microvms.handle(request).await,
+        other => api.images.handle(other).await,
     }
 }
 

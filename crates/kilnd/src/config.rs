@@ -38,6 +38,15 @@ pub struct Config {
     /// How long one RUN step may take, seconds.
     #[arg(long, default_value_t = 3600)]
     pub step_timeout_secs: u64,
+    /// DNS domain of MicroVM endpoints: `<microvm-id>.<domain>`.
+    #[arg(long, default_value = "kiln.localhost")]
+    pub endpoint_domain: String,
+    /// Most MicroVMs running (or being launched) at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_microvms: usize,
+    /// Most guest memory, MiB, all MicroVMs together (default: 75% of the host's memory).
+    #[arg(long)]
+    pub max_memory_mib: Option<u64>,
     /// AWS region name used in ARNs.
     #[arg(long, default_value = "local")]
     pub region: String,
@@ -54,6 +63,21 @@ impl Config {
     /// [`Config::ready_timeout_secs`] as a duration.
     pub fn ready_timeout(&self) -> Duration {
         Duration::from_secs(self.ready_timeout_secs)
+    }
+    /// The memory budget for MicroVMs, MiB.
+    pub fn memory_budget_mib(&self) -> u64 {
+        self.max_memory_mib.unwrap_or_else(|| {
+            let total_kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find(|l| l.starts_with("MemTotal:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+                .unwrap_or(4 << 20);
+            total_kib / 1024 * 3 / 4
+        })
     }
     /// [`Config::step_timeout_secs`] as a duration.
     pub fn step_timeout(&self) -> Duration {

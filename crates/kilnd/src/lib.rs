@@ -6,6 +6,7 @@ pub mod builds;
 pub mod config;
 pub mod images;
 pub mod managed;
+pub mod microvms;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -18,6 +19,7 @@ use kiln_api::ArnContext;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::images::Images;
+use crate::microvms::Microvms;
 use crate::store::Store;
 
 /// Seconds since the Unix epoch.
@@ -43,18 +45,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(accel = %host.accel.accel, qemu = %host.vmm.qemu().version, kernel = %host.assets.kernel.version, "host ready");
     let config = Arc::new(config);
-    let builds = Builds::new(Arc::new(host), store.clone(), config.clone());
+    let host = Arc::new(host);
+    let ctx = ArnContext {
+        region: config.region.clone(),
+        account: config.account.clone(),
+    };
+    let builds = Builds::new(host.clone(), store.clone(), config.clone());
     resume_builds(&store, &builds)?;
+    let microvms = Arc::new(Microvms::new(
+        host,
+        store.clone(),
+        config.clone(),
+        ctx.clone(),
+        config.endpoint_listen.port(),
+    ));
+    microvms.reconcile().await.context("reconciling MicroVMs with what runs")?;
+    tokio::spawn(microvms.clone().reap());
     let images = Arc::new(Images {
         store,
         builds,
-        ctx: ArnContext {
-            region: config.region.clone(),
-            account: config.account.clone(),
-        },
+        ctx,
         home: home.clone(),
     });
-    let app = api::router(api::Api { images });
+    let app = api::router(api::Api { images, microvms });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .with_context(|| {

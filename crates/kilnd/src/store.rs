@@ -45,6 +45,23 @@ const MIGRATIONS: &[&str] = &[
         created_at REAL NOT NULL,
         PRIMARY KEY (token, operation)
     );",
+    // 2: MicroVMs.
+    "CREATE TABLE microvms (
+        id TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        state_reason TEXT,
+        request TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        terminated_at REAL,
+        max_duration INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        kernel TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        forwards TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX microvms_by_image ON microvms (image, version);",
 ];
 
 /// Errors from the store.
@@ -454,6 +471,123 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![token, operation, request_hash, response, now],
             )
+            .map(drop)
+            .map_err(self.err())
+    }
+}
+
+/// One MicroVM row.
+#[derive(Debug, Clone)]
+pub struct MicrovmRow {
+    /// Its id (also its endpoint's first DNS label).
+    pub id: String,
+    /// Image name.
+    pub image: String,
+    /// Image version it was launched from.
+    pub version: i64,
+    /// `MicrovmState`.
+    pub state: String,
+    /// Why it is in that state, when that needs saying.
+    pub state_reason: Option<String>,
+    /// The RunMicrovm request (JSON).
+    pub request: serde_json::Value,
+    /// Launch time.
+    pub started_at: f64,
+    /// Termination time.
+    pub terminated_at: Option<f64>,
+    /// Maximum life in seconds.
+    pub max_duration: i64,
+    /// Guest memory.
+    pub memory_mib: i64,
+    /// Guest kernel version it runs.
+    pub kernel: String,
+    /// Its directory under the data directory.
+    pub dir: String,
+    /// Guest port → host port forwards (JSON object).
+    pub forwards: serde_json::Value,
+}
+
+const MICROVM_COLUMNS: &str = "id, image, version, state, state_reason, request, started_at, terminated_at,
+    max_duration, memory_mib, kernel, dir, forwards";
+
+fn microvm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
+    Ok(MicrovmRow {
+        id: r.get(0)?,
+        image: r.get(1)?,
+        version: r.get(2)?,
+        state: r.get(3)?,
+        state_reason: r.get(4)?,
+        request: json_column(r.get(5)?),
+        started_at: r.get(6)?,
+        terminated_at: r.get(7)?,
+        max_duration: r.get(8)?,
+        memory_mib: r.get(9)?,
+        kernel: r.get(10)?,
+        dir: r.get(11)?,
+        forwards: json_column(r.get(12)?),
+    })
+}
+
+impl Store {
+    /// Records a new MicroVM.
+    pub fn insert_microvm(&self, m: &MicrovmRow) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                params![
+                    m.id, m.image, m.version, m.state, m.state_reason, m.request.to_string(), m.started_at,
+                    m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string()
+                ],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// One MicroVM.
+    pub fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>, StoreError> {
+        self.lock()
+            .query_row(&format!("SELECT {MICROVM_COLUMNS} FROM microvms WHERE id = ?1"), [id], microvm_row)
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// MicroVMs ordered by id, optionally of one image (and version), or in given states.
+    pub fn microvms(
+        &self,
+        image: Option<&str>,
+        version: Option<i64>,
+        states: Option<&[&str]>,
+    ) -> Result<Vec<MicrovmRow>, StoreError> {
+        let conn = self.lock();
+        let state_filter = states
+            .map(|s| format!("AND state IN ({})", s.iter().map(|x| format!("'{x}'")).collect::<Vec<_>>().join(",")))
+            .unwrap_or_default();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {MICROVM_COLUMNS} FROM microvms WHERE (?1 IS NULL OR image = ?1)
+                 AND (?2 IS NULL OR version = ?2) {state_filter} ORDER BY id"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map(params![image, version], microvm_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Sets a MicroVM's state (and reason; `terminated_at` when it ends).
+    pub fn set_microvm_state(&self, id: &str, state: &str, reason: Option<&str>, terminated_at: Option<f64>) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE microvms SET state = ?2, state_reason = COALESCE(?3, state_reason),
+                 terminated_at = COALESCE(?4, terminated_at) WHERE id = ?1",
+                params![id, state, reason, terminated_at],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Replaces a MicroVM's forwards.
+    pub fn set_microvm_forwards(&self, id: &str, forwards: &serde_json::Value) -> Result<(), StoreError> {
+        self.lock()
+            .execute("UPDATE microvms SET forwards = ?2 WHERE id = ?1", params![id, forwards.to_string()])
             .map(drop)
             .map_err(self.err())
     }

@@ -29,45 +29,67 @@ pub struct Daemon {
     pub home: tempfile::TempDir,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// The endpoint proxy's port.
+    pub endpoint_port: u16,
+    extra: Vec<String>,
+}
+
+fn spawn(home: &Path, api: &str, endpoint_port: u16, extra: &[String]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--home")
+        .arg(home)
+        .args(["--api-listen", api, "--build-memory-mib", "256"])
+        .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(home.join("kilnd.log"))
+                .expect("log file"),
+        ))
+        .spawn()
+        .expect("start kilnd");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("kilnd exited before listening (see its kilnd.log)")
+            .expect("read kilnd stdout");
+        if let Some(rest) = line.strip_prefix("kilnd: API on ") {
+            break rest.split_whitespace().next().expect("url").to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
 }
 
 impl Daemon {
     /// Starts kilnd with `extra` flags and waits until it listens.
     pub fn start(extra: &[&str]) -> Daemon {
-        let home = tempfile::Builder::new()
-            .prefix("kilnd-t")
-            .tempdir_in("/tmp")
-            .expect("home");
+        let home = tempfile::Builder::new().prefix("kilnd-t").tempdir_in("/tmp").expect("home");
         let shared = shared_home();
         // Guest kernel, initramfs and base images are shared; everything else is fresh.
         for dir in ["kernels", "bases", "host"] {
             std::fs::create_dir_all(shared.join(dir)).expect("shared dir");
             std::os::unix::fs::symlink(shared.join(dir), home.path().join(dir)).expect("symlink");
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--home")
-            .arg(home.path())
-            .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(home.path().join("kilnd.log")).expect("log file"),
-            ))
-            .spawn()
-            .expect("start kilnd");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("kilnd exited before listening (see its kilnd.log)")
-                .expect("read kilnd stdout");
-            if let Some(rest) = line.strip_prefix("kilnd: API on ") {
-                break rest.split_whitespace().next().expect("url").to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Daemon { child, home, url }
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let endpoint_port = kiln_vmm::free_port().expect("port");
+        let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra);
+        Daemon { child, home, url, endpoint_port, extra }
+    }
+
+    /// `kill -9` kilnd, then starts it again on the same data directory and ports.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let api = self.url.trim_start_matches("http://").to_string();
+        let (child, url) = spawn(self.home.path(), &api, self.endpoint_port, &self.extra);
+        self.child = child;
+        self.url = url;
     }
 
     /// Runs `aws lambda-microvms <args>` against this daemon: (exit code, stdout JSON or
@@ -139,6 +161,20 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// GET `path` from a MicroVM's app on guest port 8080, through the VM's host forward.
+    pub fn app_get(&self, microvm_id: &str, path: &str) -> String {
+        let spec = self.home.path().join("microvms").join(microvm_id).join("vm/spec.json");
+        let spec: Value = serde_json::from_slice(&std::fs::read(&spec).expect("spec.json")).expect("spec json");
+        let port = spec["network"]["forwards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["guest_port"] == 8080)
+            .and_then(|f| f["host_port"].as_u64())
+            .expect("a forward to 8080");
+        http_get(&format!("http://127.0.0.1:{port}"), path)
     }
 
     /// GET on kilnd's own API; the body.

@@ -1,0 +1,442 @@
+//! The MicroVM supervisor: launches (restores) VMs from image versions, admission control,
+//! the state machine, maximum duration, termination, and re-attaching after a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use kiln_api::pagination::paginate;
+use kiln_api::shapes::microvm::*;
+use kiln_api::{ApiError, ArnContext, Request, Timestamp};
+use kiln_image::build::ImageConfig;
+use kiln_vmm::host::Host;
+use kiln_vmm::qemu::QemuVm;
+use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::builds::version_dir;
+use crate::config::Config;
+use crate::now;
+use crate::store::{MicrovmRow, Store, StoreError};
+
+/// Default and largest `maximumDurationInSeconds`: 8 hours.
+pub const MAX_DURATION_SECS: i64 = 8 * 3600;
+
+/// A running VM and its forwards.
+struct Live {
+    vm: QemuVm,
+    /// Guest port → host port on 127.0.0.1.
+    forwards: BTreeMap<u16, u16>,
+}
+
+/// What is admitted now: VM count and memory.
+#[derive(Debug, Default)]
+struct Capacity {
+    vms: usize,
+    memory_mib: u64,
+}
+
+/// The MicroVM supervisor.
+pub struct Microvms {
+    host: Arc<Host>,
+    store: Arc<Store>,
+    config: Arc<Config>,
+    ctx: ArnContext,
+    endpoint_port: u16,
+    live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
+    capacity: StdMutex<Capacity>,
+}
+
+fn internal(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "store failure");
+    ApiError::internal(format!("kilnd's metadata store failed: {e}"))
+}
+
+fn ts(secs: f64) -> Timestamp {
+    Timestamp::from_millis((secs * 1000.0) as i64)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn new_microvm_id() -> String {
+    let mut b = [0u8; 9];
+    let _ = getrandom::fill(&mut b);
+    format!("mvm-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+}
+
+impl Microvms {
+    /// A supervisor; call [`Microvms::reconcile`] before serving.
+    pub fn new(host: Arc<Host>, store: Arc<Store>, config: Arc<Config>, ctx: ArnContext, endpoint_port: u16) -> Microvms {
+        Microvms {
+            host,
+            store,
+            config,
+            ctx,
+            endpoint_port,
+            live: Mutex::new(HashMap::new()),
+            capacity: StdMutex::new(Capacity::default()),
+        }
+    }
+
+    fn dir_of(&self, id: &str) -> PathBuf {
+        self.host.home.join("microvms").join(id)
+    }
+
+    /// The HTTPS endpoint of a MicroVM.
+    pub fn endpoint(&self, id: &str) -> String {
+        match self.endpoint_port {
+            443 => format!("https://{id}.{}", self.config.endpoint_domain),
+            p => format!("https://{id}.{}:{p}", self.config.endpoint_domain),
+        }
+    }
+
+    fn reserve(&self, memory_mib: u64) -> Result<(), ApiError> {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.config.memory_budget_mib();
+        if c.vms + 1 > self.config.max_microvms || c.memory_mib + memory_mib > budget {
+            return Err(ApiError::InsufficientCapacity {
+                message: format!(
+                    "this kiln host is full: {} MicroVMs using {} of {} MiB; a {} MiB MicroVM does not fit \
+                     (at most {} MicroVMs); terminate some or try later",
+                    c.vms, c.memory_mib, budget, memory_mib, self.config.max_microvms
+                ),
+            });
+        }
+        c.vms += 1;
+        c.memory_mib += memory_mib;
+        Ok(())
+    }
+
+    fn release(&self, memory_mib: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.vms = c.vms.saturating_sub(1);
+        c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
+    }
+
+    /// Executes a MicroVM request.
+    pub async fn handle(&self, request: Request) -> Result<Value, ApiError> {
+        match request {
+            Request::RunMicrovm { body } => self.run(*body).await,
+            Request::GetMicrovm { params } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                let row = self.row(&id)?;
+                to_value(&self.describe(&row))
+            }
+            Request::ListMicrovms { query } => {
+                let (image, version) = match &query.image_identifier {
+                    Some(i) => (Some(kiln_api::image_identifier(i)?.name().to_string()), query.image_version.as_deref().and_then(|v| v.parse::<i64>().ok())),
+                    None => (None, None),
+                };
+                let rows = self.store.microvms(image.as_deref(), version, None).map_err(internal)?;
+                let items: Vec<MicrovmItem> = rows
+                    .iter()
+                    .map(|r| MicrovmItem {
+                        microvm_id: r.id.clone(),
+                        state: r.state.parse().unwrap_or(MicrovmState::Pending),
+                        image_arn: self.ctx.image_arn(&r.image),
+                        image_version: r.version.to_string(),
+                        started_at: ts(r.started_at),
+                    })
+                    .collect();
+                let (items, next_token) = paginate(&items, |i| i.microvm_id.as_str(), query.page.max_results, query.page.next_token.as_deref())?;
+                to_value(&ListMicrovmsResponse { next_token, items })
+            }
+            Request::TerminateMicrovm { params } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                self.row(&id)?;
+                self.terminate(&id, "terminated by request").await?;
+                to_value(&TerminateMicrovmResponse {})
+            }
+            other => Err(ApiError::validation(format!(
+                "{} is not available in this version of kiln yet",
+                other.operation().name()
+            ))),
+        }
+    }
+
+    fn row(&self, id: &str) -> Result<MicrovmRow, ApiError> {
+        self.store
+            .microvm(id)
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found("Microvm", id))
+    }
+
+    fn describe(&self, r: &MicrovmRow) -> MicrovmDescription {
+        let req: Option<RunMicrovmRequest> = serde_json::from_value(r.request.clone()).ok();
+        MicrovmDescription {
+            microvm_id: r.id.clone(),
+            state: r.state.parse().unwrap_or(MicrovmState::Pending),
+            endpoint: self.endpoint(&r.id),
+            image_arn: self.ctx.image_arn(&r.image),
+            image_version: r.version.to_string(),
+            execution_role_arn: req.as_ref().and_then(|q| q.execution_role_arn.clone()),
+            idle_policy: req.as_ref().and_then(|q| q.idle_policy),
+            maximum_duration_in_seconds: r.max_duration as i32,
+            started_at: ts(r.started_at),
+            terminated_at: r.terminated_at.map(ts),
+            state_reason: r.state_reason.clone(),
+            kms_key_identifier: req.as_ref().and_then(|q| q.kms_key_identifier.clone()),
+            ingress_network_connectors: req.as_ref().and_then(|q| q.ingress_network_connectors.clone()),
+            egress_network_connectors: req.as_ref().and_then(|q| q.egress_network_connectors.clone()),
+        }
+    }
+
+    /// RunMicrovm: restores the image version into a new VM and returns once it runs.
+    async fn run(&self, req: RunMicrovmRequest) -> Result<Value, ApiError> {
+        let image = kiln_api::image_identifier(&req.image_identifier)?;
+        let name = image.name().to_string();
+        if self.store.image(&name).map_err(internal)?.is_none() {
+            return Err(ApiError::not_found("MicrovmImage", &req.image_identifier));
+        }
+        let version = match &req.image_version {
+            Some(v) => v
+                .parse::<i64>()
+                .map_err(|_| ApiError::not_found("MicrovmImageVersion", &format!("{name}:{v}")))?,
+            None => self
+                .store
+                .latest_version(&name, "SUCCESSFUL", Some("ACTIVE"))
+                .map_err(internal)?
+                .ok_or_else(|| ApiError::validation(format!("image {name} has no ACTIVE version that built successfully")))?,
+        };
+        let v = self
+            .store
+            .version(&name, version)
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}")))?;
+        if v.state != "SUCCESSFUL" || v.status != "ACTIVE" {
+            return Err(ApiError::validation(format!(
+                "image {name} version {version} is {} and {}: only SUCCESSFUL, ACTIVE versions can run",
+                v.state, v.status
+            )));
+        }
+        let max_duration = req.maximum_duration_in_seconds.map(i64::from).unwrap_or(MAX_DURATION_SECS);
+        if !(1..=MAX_DURATION_SECS).contains(&max_duration) {
+            return Err(ApiError::validation(format!(
+                "maximumDurationInSeconds must be between 1 and {MAX_DURATION_SECS}"
+            )));
+        }
+        let vdir = version_dir(&self.host.home, &name, version);
+        let config: ImageConfig = std::fs::read(vdir.join("image.json"))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .ok_or_else(|| ApiError::internal(format!("image {name} version {version} has no readable image.json")))?;
+        let snap = Snapshot::open(&vdir.join("snapshot"), &self.host.vmm.qemu().version)
+            .map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
+        let memory = snap.manifest.memory_mib;
+        self.reserve(memory)?;
+        let id = new_microvm_id();
+        let dir = self.dir_of(&id);
+        let row = MicrovmRow {
+            id: id.clone(),
+            image: name.clone(),
+            version,
+            state: MicrovmState::Pending.as_str().into(),
+            state_reason: None,
+            request: to_value(&req)?,
+            started_at: now(),
+            terminated_at: None,
+            max_duration,
+            memory_mib: memory as i64,
+            kernel: self.host.assets.kernel.version.clone(),
+            dir: dir.display().to_string(),
+            forwards: json!({}),
+        };
+        if let Err(e) = self.store.insert_microvm(&row) {
+            self.release(memory);
+            return Err(internal(e));
+        }
+        match self.launch(&id, &dir, &snap, &config, &req).await {
+            Ok(live) => {
+                let forwards = json!(live.forwards);
+                self.store.set_microvm_forwards(&id, &forwards).map_err(internal)?;
+                self.store
+                    .set_microvm_state(&id, MicrovmState::Running.as_str(), None, None)
+                    .map_err(internal)?;
+                self.live.lock().await.insert(id.clone(), Arc::new(Mutex::new(live)));
+                tracing::info!(microvm = %id, image = %name, version, "launched");
+                to_value(&self.describe(&self.row(&id)?))
+            }
+            Err(e) => {
+                self.release(memory);
+                let _ = std::fs::remove_dir_all(&dir);
+                let reason = format!("launch failed: {e}");
+                let _ = self.store.set_microvm_state(&id, MicrovmState::Terminated.as_str(), Some(&reason), Some(now()));
+                tracing::warn!(microvm = %id, error = %e, "launch failed");
+                Err(ApiError::internal(format!("MicroVM {id} could not start: {e}")))
+            }
+        }
+    }
+
+    async fn launch(
+        &self,
+        id: &str,
+        dir: &Path,
+        snap: &Snapshot,
+        config: &ImageConfig,
+        req: &RunMicrovmRequest,
+    ) -> Result<Live, kiln_vmm::VmmError> {
+        std::fs::create_dir_all(dir).map_err(|e| kiln_vmm::VmmError::io("creating", dir, e))?;
+        let mut forwards = BTreeMap::new();
+        for port in [8080u16, config.app_port] {
+            if let std::collections::btree_map::Entry::Vacant(slot) = forwards.entry(port) {
+                slot.insert(kiln_vmm::free_port().map_err(|e| kiln_vmm::VmmError::io("finding a free port for", dir, e))?);
+            }
+        }
+        let mut target = RestoreTarget::new(dir.join("vm"));
+        target.forwards = forwards
+            .iter()
+            .map(|(g, h)| PortForward { host_port: *h, guest_port: *g })
+            .collect();
+        target.restrict_egress = req.egress_network_connectors.as_ref().is_none_or(|c| c.is_empty());
+        let vm = self.host.vmm.restore(snap, target).await?;
+        tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
+        Ok(Live { vm, forwards })
+    }
+
+    /// Terminates a MicroVM (idempotent) and frees everything it held.
+    pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        let row = self.row(id)?;
+        if row.state == MicrovmState::Terminated.as_str() {
+            return Ok(());
+        }
+        self.store
+            .set_microvm_state(id, MicrovmState::Terminating.as_str(), None, None)
+            .map_err(internal)?;
+        let live = self.live.lock().await.remove(id);
+        if let Some(live) = live {
+            let live = Arc::try_unwrap(live).map(Mutex::into_inner);
+            match live {
+                Ok(live) => {
+                    if let Err(e) = live.vm.terminate().await {
+                        tracing::warn!(microvm = %id, error = %e, "terminating");
+                    }
+                }
+                Err(shared) => {
+                    // Someone still holds it (a proxied request): stop QEMU through the lock.
+                    let mut l = shared.lock().await;
+                    let _ = l.vm.pause().await;
+                    kill_dir(&self.dir_of(id));
+                    l.forwards.clear();
+                }
+            }
+            self.release(row.memory_mib as u64);
+        }
+        let _ = std::fs::remove_dir_all(self.dir_of(id));
+        self.store
+            .set_microvm_state(id, MicrovmState::Terminated.as_str(), Some(reason), Some(now()))
+            .map_err(internal)?;
+        tracing::info!(microvm = %id, %reason, "terminated");
+        Ok(())
+    }
+
+    /// The host address reaching `port` in a running MicroVM, adding a forward on first use.
+    pub async fn upstream(&self, id: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
+        let live = self.live.lock().await.get(id).cloned();
+        let Some(live) = live else {
+            return match self.store.microvm(id) {
+                Ok(Some(r)) => Err(UpstreamError::NotRunning(r.state)),
+                Ok(None) => Err(UpstreamError::Unknown),
+                Err(e) => Err(UpstreamError::Unavailable(e.to_string())),
+            };
+        };
+        let mut l = live.lock().await;
+        if let Some(h) = l.forwards.get(&port) {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], *h)));
+        }
+        let host_port = kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        l.vm
+            .add_forward(PortForward { host_port, guest_port: port })
+            .await
+            .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        l.forwards.insert(port, host_port);
+        let _ = self.store.set_microvm_forwards(id, &json!(l.forwards));
+        Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
+    }
+
+    /// Brings the store and reality together after a (re)start: running VMs are re-attached,
+    /// half-done launches and dead VMs are cleaned up, orphan directories removed.
+    pub async fn reconcile(&self) -> Result<(), StoreError> {
+        let open = self.store.microvms(None, None, Some(&["PENDING", "RUNNING", "TERMINATING", "SUSPENDING", "SUSPENDED"]))?;
+        for r in &open {
+            let dir = self.dir_of(&r.id);
+            let attached = if r.state == "RUNNING" { self.host.vmm.attach(&dir.join("vm")).await.ok() } else { None };
+            match attached {
+                Some(vm) => {
+                    let forwards: BTreeMap<u16, u16> = serde_json::from_value(r.forwards.clone()).unwrap_or_default();
+                    {
+                        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+                        c.vms += 1;
+                        c.memory_mib += r.memory_mib as u64;
+                    }
+                    self.live.lock().await.insert(r.id.clone(), Arc::new(Mutex::new(Live { vm, forwards })));
+                    tracing::info!(microvm = %r.id, "re-attached after restart");
+                }
+                None => {
+                    kill_dir(&dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let reason = if r.state == "RUNNING" {
+                        "its VM stopped while kilnd was not running"
+                    } else {
+                        "kilnd restarted while it was starting or stopping"
+                    };
+                    self.store.set_microvm_state(&r.id, "TERMINATED", Some(reason), Some(now()))?;
+                    tracing::warn!(microvm = %r.id, %reason, "terminated during reconciliation");
+                }
+            }
+        }
+        // Directories no open MicroVM owns: a crash between mkdir and the store's insert.
+        let known: std::collections::HashSet<String> = open.iter().map(|r| r.id.clone()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.host.home.join("microvms")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    kill_dir(&e.path());
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Terminates MicroVMs past their maximum duration; runs every second.
+    pub async fn reap(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Ok(rows) = self.store.microvms(None, None, Some(&["RUNNING", "SUSPENDED"])) else {
+                continue;
+            };
+            let t = now();
+            for r in rows {
+                if r.started_at + r.max_duration as f64 <= t {
+                    let _ = self.terminate(&r.id, "maximum duration reached").await;
+                }
+            }
+        }
+    }
+}
+
+/// Why the proxy cannot reach a MicroVM.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No such MicroVM.
+    Unknown,
+    /// It exists but does not run.
+    NotRunning(String),
+    /// It runs but cannot be reached.
+    Unavailable(String),
+}
+
+/// Kills the QEMU whose pid file is in `dir/vm` (if it is really that VM's QEMU).
+fn kill_dir(dir: &Path) {
+    let vm = dir.join("vm");
+    if let Ok(p) = kiln_vmm::qemu::process::QemuProcess::attach(&vm.join("qemu.pid"), &vm.join("qemu.log")) {
+        if p.runs_in(&vm) {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

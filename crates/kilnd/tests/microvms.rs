@@ -1,0 +1,100 @@
+//! MicroVMs end to end: launch from an image, state per VM, terminate, admission control,
+//! and a kilnd killed with SIGKILL that comes back to find its VMs.
+
+mod common;
+
+use common::{make_zip, Daemon};
+
+/// A counter that lives in guest memory (tmpfs), served over HTTP by busybox.
+const COUNTER_APP: &str = "#!/bin/sh
+mkdir -p /www/cgi-bin
+echo 100 > /tmp/count
+cat > /www/cgi-bin/count <<'CGI'
+#!/bin/sh
+n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
+CGI
+chmod +x /www/cgi-bin/count
+exec httpd -f -p 8080 -h /www
+";
+
+fn counter_image(kilnd: &Daemon, dir: &std::path::Path) {
+    let zip = dir.join("counter.zip");
+    make_zip(
+        &zip,
+        &[
+            ("Dockerfile", b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n", 0o644),
+            ("app.sh", COUNTER_APP.as_bytes(), 0o755),
+        ],
+    );
+    let (code, _, err) = kilnd.create_image("counter", &zip);
+    assert_eq!(code, 0, "{err}");
+    let v = kilnd.wait_version("counter", "1");
+    assert_eq!(v["state"], "SUCCESSFUL", "{v}");
+}
+
+fn run(kilnd: &Daemon) -> serde_json::Value {
+    let (code, out, err) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+#[test]
+fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everything() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+
+    let a = run(&kilnd);
+    let b = run(&kilnd);
+    let (id_a, id_b) = (a["microvmId"].as_str().unwrap_or_default(), b["microvmId"].as_str().unwrap_or_default());
+    let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
+    let (_, listed, _) = kilnd.aws(&["list-microvms", "--image-identifier", "counter"]);
+    let first_a = kilnd.app_get(id_a, "/cgi-bin/count");
+    let second_a = kilnd.app_get(id_a, "/cgi-bin/count");
+    let first_b = kilnd.app_get(id_b, "/cgi-bin/count");
+    let (t1, _, _) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_a]);
+    let (t2, _, _) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_a]);
+    let (_, gone, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
+    let (_, missing, missing_err) = kilnd.aws(&["get-microvm", "--microvm-identifier", "mvm-nope"]);
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_b]);
+
+    assert_eq!(a["state"], "RUNNING", "{a}");
+    assert_eq!(a["imageVersion"], "1");
+    assert!(a["endpoint"].as_str().unwrap_or_default().starts_with(&format!("https://{id_a}.kiln.localhost:")), "{a}");
+    assert_eq!(a["maximumDurationInSeconds"], 28800);
+    assert_ne!(id_a, id_b);
+    assert_eq!(got["state"], "RUNNING");
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!((first_a.trim(), second_a.trim(), first_b.trim()), ("101", "102", "101"));
+    assert_eq!((t1, t2), (0, 0));
+    assert_eq!(gone["state"], "TERMINATED");
+    assert!(gone["terminatedAt"].is_number(), "{gone}");
+    assert!(missing.is_null() && missing_err.contains("ResourceNotFoundException"), "{missing_err}");
+    assert!(!kilnd.qemu_running());
+    assert_eq!(std::fs::read_dir(kilnd.home.path().join("microvms")).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[test]
+fn run_when_the_host_is_full_then_insufficient_capacity_and_a_kill_9_restart_keeps_vms() {
+    let mut kilnd = Daemon::start(&["--max-microvms", "1"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let vm = run(&kilnd);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let before = kilnd.app_get(&id, "/cgi-bin/count");
+
+    let (full, _, full_err) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
+    kilnd.crash_and_restart();
+    let (_, after_restart, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]);
+    let after = kilnd.app_get(&id, "/cgi-bin/count");
+    let (still_full, _, _) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    assert_ne!(full, 0);
+    assert!(full_err.contains("InsufficientCapacityException"), "{full_err}");
+    assert_eq!(after_restart["state"], "RUNNING");
+    assert_eq!((before.trim(), after.trim()), ("101", "102"));
+    assert_ne!(still_full, 0);
+    assert!(!kilnd.qemu_running());
+}
