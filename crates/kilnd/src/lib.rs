@@ -7,6 +7,7 @@ pub mod config;
 pub mod images;
 pub mod managed;
 pub mod microvms;
+pub mod proxy;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -1,0 +1,217 @@
+//! Endpoint proxy overhead: requests/s and latency through the proxy (TLS, token check,
+//! routing, HTTP/1.1 to the app) against the same clients talking to the app directly.
+//!
+//! Run: `cargo bench -p kilnd --bench proxy` (`KILN_BENCH_CLIENTS`, `KILN_BENCH_SECONDS`
+//! change the load). Clients, proxy and app share this process and the machine's cores,
+//! so the figures are for comparing, not absolute capacity.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use kiln_api::shapes::microvm::PortSpecification;
+use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
+use kilnd::tokens::{TokenClaims, TokenKeys, TokenKind};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+const DOMAIN: &str = "kiln.localhost";
+
+/// Every MicroVM is the one local app.
+struct OneApp(SocketAddr);
+
+impl Routes for OneApp {
+    fn upstream(
+        &self,
+        _microvm_id: &str,
+        _port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
+        Box::pin(async move { Ok(self.0) })
+    }
+}
+
+/// Throughput and latency of one run.
+struct Figures {
+    requests_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Where a client connects and how it wraps the socket.
+#[derive(Clone)]
+enum Path {
+    Direct(SocketAddr),
+    Proxy(SocketAddr, TlsConnector, String),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let clients: usize = env_or("KILN_BENCH_CLIENTS", 16);
+    let seconds: u64 = env_or("KILN_BENCH_SECONDS", 3);
+    let run = Duration::from_secs(seconds);
+
+    let app = app().await?;
+    let home = tempfile::tempdir()?;
+    let keys = Arc::new(TokenKeys::load_or_create(home.path())?);
+    let tls = kilnd::tls::load_or_create(home.path(), DOMAIN)?;
+    let limits = ProxyLimits {
+        requests_per_second: 0,
+        ..ProxyLimits::default()
+    };
+    let state = Arc::new(ProxyState::new(
+        DOMAIN,
+        keys.clone(),
+        Arc::new(OneApp(app)),
+        ActivityTable::new(),
+        limits,
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_addr = listener.local_addr()?;
+    tokio::spawn(proxy::serve(listener, tls.server_config.clone(), state));
+    let claims = TokenClaims::new(
+        TokenKind::Proxy,
+        "mvm-bench",
+        vec![PortSpecification::Port(8080)],
+        60,
+    )?;
+    let token = keys.issue(&claims)?;
+    let connector = client_tls(&tls.ca_pem_path)?;
+
+    println!("endpoint proxy: {clients} keep-alive HTTP/1.1 clients, {seconds} s per path, GET with a 5-byte answer");
+    let direct = measure(Path::Direct(app), clients, run).await?;
+    print_figures("direct", &direct);
+    let proxied = measure(Path::Proxy(proxy_addr, connector, token), clients, run).await?;
+    print_figures("proxy (TLS)", &proxied);
+    println!(
+        "ratio         {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency",
+        proxied.requests_per_second / direct.requests_per_second,
+        proxied.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+        proxied.p99.as_secs_f64() / direct.p99.as_secs_f64(),
+    );
+    println!("reproduce: cargo bench -p kilnd --bench proxy  (KILN_BENCH_CLIENTS={clients} KILN_BENCH_SECONDS={seconds})");
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn print_figures(name: &str, f: &Figures) {
+    println!(
+        "{name:<13} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
+        f.requests_per_second,
+        f.p50.as_secs_f64() * 1e3,
+        f.p99.as_secs_f64() * 1e3,
+    );
+}
+
+/// The app: answers every request with `hello`.
+async fn app() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let service = service_fn(|_req| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+fn client_tls(ca: &std::path::Path) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).context("reading the endpoint CA")? {
+        roots.add(cert.context("reading the endpoint CA")?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+async fn measure(path: Path, clients: usize, run: Duration) -> anyhow::Result<Figures> {
+    let start = Instant::now();
+    let deadline = start + run;
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(client(path.clone(), deadline)));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(i).copied().unwrap_or_default()
+    };
+    Ok(Figures {
+        requests_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    })
+}
+
+/// One keep-alive connection sending requests back to back until `deadline`.
+async fn client(path: Path, deadline: Instant) -> anyhow::Result<Vec<Duration>> {
+    let (mut sender, host, token) = match path {
+        Path::Direct(addr) => {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            (sender, addr.to_string(), None)
+        }
+        Path::Proxy(addr, connector, token) => {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(format!("mvm-bench.{DOMAIN}"))?;
+            let tls = connector.connect(name, tcp).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            (sender, format!("mvm-bench.{DOMAIN}"), Some(token))
+        }
+    };
+    let mut latencies = Vec::new();
+    while Instant::now() < deadline {
+        let mut req = Request::get("/").header("host", &host);
+        if let Some(token) = &token {
+            req = req.header("x-aws-proxy-auth", token);
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let sent = Instant::now();
+        let response = sender.send_request(req).await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "status {}",
+            response.status()
+        );
+        response.into_body().collect().await?;
+        latencies.push(sent.elapsed());
+    }
+    Ok(latencies)
+}

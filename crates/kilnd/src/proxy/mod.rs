@@ -1,0 +1,351 @@
+//! The endpoint proxy: one TLS listener that gives every MicroVM its own HTTPS endpoint.
+//!
+//! `https://<microvm-id>.<domain>/…` reaches a port inside that MicroVM when the request
+//! carries a token for it (`X-aws-proxy-auth`, or for WebSockets the subprotocol entry
+//! `lambda-microvms.authentication.<token>`). The port is `X-aws-proxy-port`, else the
+//! WebSocket entry `lambda-microvms.port.N`, else 8080. Everything is checked before any
+//! upstream work: host, port, token, rate limit, body size. Bodies stream both ways;
+//! WebSockets are tunnelled after the 101; gRPC from HTTP/2 clients goes to the app over
+//! h2c so trailers survive. See `serve` for the connection rules (timeouts, limits).
+
+mod activity;
+mod body;
+mod forward;
+mod request;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+pub use activity::{Activity, ActivityTable};
+pub use request::{AUTH_HEADER, DEFAULT_PORT, PORT_HEADER};
+
+use crate::tokens::TokenKeys;
+use activity::ConnectionGuard;
+use forward::Upstreams;
+
+/// Where the proxy finds a MicroVM's ports; implemented by the MicroVM supervisor.
+pub trait Routes: Send + Sync {
+    /// Host address that reaches `port` inside `microvm_id` (the supervisor may add a forward
+    /// on demand).
+    ///
+    /// This is the hook for held requests: for a suspended VM with auto-resume, resolve only
+    /// once the VM answers again (the proxy waits up to `ProxyLimits::route_timeout`).
+    fn upstream(
+        &self,
+        microvm_id: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>>;
+}
+
+/// Why a MicroVM's port cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No MicroVM has this id (answered 404).
+    #[error("no such MicroVM")]
+    UnknownMicrovm,
+    /// The MicroVM exists but does not run (answered 409 with the state).
+    #[error("the MicroVM is {state}")]
+    NotRunning {
+        /// The MicroVM's state, as the API names it.
+        state: String,
+    },
+    /// Anything else that keeps the port out of reach for now (answered 503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Limits and timeouts of the endpoint; the defaults suit a public listener.
+#[derive(Debug, Clone)]
+pub struct ProxyLimits {
+    /// Steady requests per second admitted per MicroVM (0 = unlimited).
+    pub requests_per_second: u32,
+    /// Requests a MicroVM may receive at once above the steady rate.
+    pub burst: u32,
+    /// Largest request (and response) header section, in bytes.
+    pub max_header_bytes: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Time a client has to finish the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time an HTTP/1.1 client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (tunnels: no bytes).
+    pub idle_timeout: Duration,
+    /// Time to open a TCP connection to the app.
+    pub connect_timeout: Duration,
+    /// Time `Routes::upstream` may take (e.g. while a suspended VM resumes).
+    pub route_timeout: Duration,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 1000,
+            burst: 2000,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 100 * 1024 * 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            route_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything the proxy needs to route, authorise and account a request.
+pub struct ProxyState {
+    /// Endpoint domain: MicroVMs are `<id>.<domain>`.
+    pub domain: String,
+    /// Keys that verify endpoint tokens.
+    pub keys: Arc<TokenKeys>,
+    /// Where MicroVM ports are.
+    pub routes: Arc<dyn Routes>,
+    /// Per-MicroVM traffic counters, shared with the idle policy.
+    pub activity: ActivityTable,
+    /// Limits and timeouts.
+    pub limits: ProxyLimits,
+    upstreams: Upstreams,
+    stop: watch::Sender<bool>,
+}
+
+impl ProxyState {
+    /// State for `serve`; keep a clone of `activity` for the idle policy.
+    pub fn new(
+        domain: impl Into<String>,
+        keys: Arc<TokenKeys>,
+        routes: Arc<dyn Routes>,
+        activity: ActivityTable,
+        limits: ProxyLimits,
+    ) -> Self {
+        let upstreams = Upstreams::new(&limits);
+        Self {
+            domain: domain.into().to_ascii_lowercase(),
+            keys,
+            routes,
+            activity,
+            limits,
+            upstreams,
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// Stops `serve`: no new connections; open ones finish their requests and close.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A refusal sent before (or instead of) reaching the app: status and a short reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    status: StatusCode,
+    reason: String,
+    retry_after: Option<u64>,
+}
+
+impl Reject {
+    fn new(status: StatusCode, reason: String) -> Self {
+        Self {
+            status,
+            reason,
+            retry_after: None,
+        }
+    }
+}
+
+/// Serves the endpoint on `listener` until it fails or `ProxyState::shutdown` is called.
+///
+/// Per connection: the TLS handshake must finish within `tls_handshake_timeout`; ALPN picks
+/// HTTP/2 or HTTP/1.1; HTTP/1.1 headers must arrive within `header_read_timeout`; header
+/// sections above `max_header_bytes` get 431; a connection with nothing in flight for
+/// `idle_timeout` is closed.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<ProxyState>,
+) -> io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let mut stop = state.stop.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if transient(&e) => {
+                tracing::warn!(error = %e, "endpoint: accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(tcp, peer, acceptor.clone(), state.clone()));
+    }
+}
+
+/// Accept errors that concern one connection or a passing shortage, not the listener.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// One client connection: what the proxy knows of it while it serves requests.
+pub(crate) struct ClientConnection {
+    peer: SocketAddr,
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `opened` when the last request finished.
+    last_done: AtomicU64,
+    /// Open-connection counts of the VMs this connection has carried.
+    vms: Mutex<Vec<(String, ConnectionGuard)>>,
+}
+
+impl ClientConnection {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let done = Duration::from_millis(self.last_done.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(done))
+    }
+
+    /// Counts this connection as open for `microvm_id` (once per VM).
+    fn carries(&self, microvm_id: &str, activity: &Arc<activity::VmActivity>) {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        if !vms.iter().any(|(id, _)| id == microvm_id) {
+            vms.push((microvm_id.to_string(), activity.open_connection()));
+        }
+    }
+}
+
+/// A request in flight on a client connection; dropped when its response body ends.
+pub(crate) struct InFlight(Arc<ClientConnection>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_done.fetch_max(ms, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<ProxyState>,
+) {
+    let limits = &state.limits;
+    let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "endpoint: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "endpoint: TLS handshake timed out");
+            return;
+        }
+    };
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let client = Arc::new(ClientConnection {
+        peer,
+        opened: Instant::now(),
+        in_flight: AtomicUsize::new(0),
+        last_done: AtomicU64::new(0),
+        vms: Mutex::new(Vec::new()),
+    });
+    let service = {
+        let state = state.clone();
+        let client = client.clone();
+        service_fn(move |req| {
+            let state = state.clone();
+            let client = client.clone();
+            async move { Ok::<_, std::convert::Infallible>(forward::handle(req, state, client).await) }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let header_bytes = limits.max_header_bytes.max(8 * 1024);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .enable_connect_protocol()
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = if http2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let mut stop = state.stop.subscribe();
+    let idle_timeout = limits.idle_timeout;
+    let mut closing = false;
+    loop {
+        let check_in = match client.idle_for() {
+            Some(idle) => idle_timeout.saturating_sub(idle),
+            None => idle_timeout,
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "endpoint: connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check_in), if !closing => {
+                if client.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = stop.wait_for(|stop| *stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+        if closing {
+            // Requests still running get a while to finish; then the connection is dropped.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn.as_mut()).await;
+            return;
+        }
+    }
+}
