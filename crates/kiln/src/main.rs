@@ -39,6 +39,8 @@ enum Command {
     Doctor,
     /// Boot a microVM, snapshot it while a process runs, and restore it twice.
     Demo,
+    /// Print the path of the local CA that signs MicroVM endpoints (give it to HTTPS clients).
+    Ca,
     /// Print an image version's build log (`--follow` streams it until the build ends).
     Logs {
         /// The image's name.
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Doctor => doctor::run(&home, cli.output),
         Command::Demo => demo::run(&home, cli.output),
+        Command::Ca => ca(&home, cli.output),
         Command::Logs {
             image,
             version,
@@ -83,4 +86,20 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `kiln ca`: where the endpoint CA certificate is.
+fn ca(home: &std::path::Path, output: Output) -> anyhow::Result<std::process::ExitCode> {
+    let path = home.join("tls").join("ca.pem");
+    if !path.exists() {
+        anyhow::bail!(
+            "no endpoint CA yet at {}: kilnd creates it on its first start (run kilnd, or pass --home)",
+            path.display()
+        );
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "caPath": path })),
+        Output::Table => println!("{}", path.display()),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -7,7 +7,6 @@ pub mod config;
 pub mod images;
 pub mod managed;
 pub mod microvms;
-pub mod proxy;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -53,12 +52,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let builds = Builds::new(host.clone(), store.clone(), config.clone());
     resume_builds(&store, &builds)?;
+    let keys = Arc::new(tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?);
     let microvms = Arc::new(Microvms::new(
         host,
         store.clone(),
         config.clone(),
         ctx.clone(),
         config.endpoint_listen.port(),
+        keys,
     ));
     microvms.reconcile().await.context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());

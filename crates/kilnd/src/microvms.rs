@@ -21,6 +21,7 @@ use crate::builds::version_dir;
 use crate::config::Config;
 use crate::now;
 use crate::store::{MicrovmRow, Store, StoreError};
+use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
 
 /// Default and largest `maximumDurationInSeconds`: 8 hours.
 pub const MAX_DURATION_SECS: i64 = 8 * 3600;
@@ -48,6 +49,8 @@ pub struct Microvms {
     endpoint_port: u16,
     live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
     capacity: StdMutex<Capacity>,
+    /// Keys of the endpoint tokens.
+    pub keys: Arc<TokenKeys>,
 }
 
 fn internal(e: StoreError) -> ApiError {
@@ -71,7 +74,14 @@ fn new_microvm_id() -> String {
 
 impl Microvms {
     /// A supervisor; call [`Microvms::reconcile`] before serving.
-    pub fn new(host: Arc<Host>, store: Arc<Store>, config: Arc<Config>, ctx: ArnContext, endpoint_port: u16) -> Microvms {
+    pub fn new(
+        host: Arc<Host>,
+        store: Arc<Store>,
+        config: Arc<Config>,
+        ctx: ArnContext,
+        endpoint_port: u16,
+        keys: Arc<TokenKeys>,
+    ) -> Microvms {
         Microvms {
             host,
             store,
@@ -80,6 +90,7 @@ impl Microvms {
             endpoint_port,
             live: Mutex::new(HashMap::new()),
             capacity: StdMutex::new(Capacity::default()),
+            keys,
         }
     }
 
@@ -151,6 +162,19 @@ impl Microvms {
                 self.row(&id)?;
                 self.terminate(&id, "terminated by request").await?;
                 to_value(&TerminateMicrovmResponse {})
+            }
+            Request::CreateMicrovmAuthToken { params, body } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                let row = self.row(&id)?;
+                if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
+                    return Err(ApiError::conflict("Microvm", &id, format!("MicroVM {id} is {}", row.state)));
+                }
+                let claims = TokenClaims::new(TokenKind::Proxy, &id, body.allowed_ports.clone(), body.expiration_in_minutes)
+                    .map_err(|e| ApiError::validation(e.to_string()))?;
+                let token = self.keys.issue(&claims).map_err(|e| ApiError::internal(e.to_string()))?;
+                to_value(&CreateMicrovmAuthTokenResponse {
+                    auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
+                })
             }
             other => Err(ApiError::validation(format!(
                 "{} is not available in this version of kiln yet",
