@@ -353,10 +353,12 @@ async fn auth_when_token_forged_then_403_invalid_without_echoing_it() {
 async fn auth_when_token_tampered_then_403_invalid() {
     let endpoint = Endpoint::start().await;
     let token = endpoint.proxy_token("mvm-a");
-    let mut tampered = token.into_bytes();
-    let last = tampered.len() - 1;
-    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
-    let tampered = String::from_utf8(tampered).expect("ASCII");
+    // Change the first ciphertext character: every bit of it counts, so the framing stays
+    // valid and only the integrity check can catch it.
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    let first = parts[3].remove(0);
+    parts[3].insert(0, if first == 'A' { 'B' } else { 'A' });
+    let tampered = parts.join(".");
 
     let answer = forbidden(&endpoint, "mvm-a", Some(&tampered)).await;
 
@@ -762,6 +764,42 @@ async fn websocket_when_token_and_port_in_subprotocols_then_echo_and_app_sees_on
     let activity = endpoint.state.activity.snapshot("mvm-a").expect("activity");
     assert_eq!(activity.requests, 1);
     assert!(activity.bytes_in > 0 && activity.bytes_out > 0);
+}
+
+#[tokio::test]
+async fn websocket_when_client_uses_http2_extended_connect_then_echo() {
+    let endpoint = Endpoint::start().await;
+    let seen = Arc::new(Mutex::new(None));
+    endpoint.add_app("mvm-a", 8080, websocket_app(seen.clone()).await);
+    let mut req = Request::connect(format!("https://mvm-a.{DOMAIN}/ws"))
+        .header("x-aws-proxy-auth", endpoint.proxy_token("mvm-a"))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "echo.v1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+
+    let mut response = endpoint
+        .http2()
+        .await
+        .send_request(req)
+        .await
+        .expect("response");
+    let status = response.status();
+    let upgraded = hyper::upgrade::on(&mut response).await.expect("stream");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    ws.send(Message::text("over h2")).await.expect("send");
+    let echoed = ws.next().await.expect("a message").expect("no error");
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "echo.v1");
+    assert_eq!(echoed, Message::text("over h2"));
 }
 
 #[tokio::test]
