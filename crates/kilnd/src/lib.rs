@@ -4,9 +4,11 @@
 pub mod api;
 pub mod builds;
 pub mod config;
+pub mod endpoint;
 pub mod images;
 pub mod managed;
 pub mod microvms;
+pub mod proxy;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -52,17 +54,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let builds = Builds::new(host.clone(), store.clone(), config.clone());
     resume_builds(&store, &builds)?;
-    let keys = Arc::new(tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?);
+    let keys = Arc::new(
+        tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?,
+    );
+    let activity = proxy::ActivityTable::new();
     let microvms = Arc::new(Microvms::new(
         host,
         store.clone(),
         config.clone(),
         ctx.clone(),
         config.endpoint_listen.port(),
-        keys,
+        keys.clone(),
+        activity.clone(),
     ));
-    microvms.reconcile().await.context("reconciling MicroVMs with what runs")?;
+    microvms
+        .reconcile()
+        .await
+        .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
+    let endpoint = endpoint::start(&home, &config, microvms.clone(), keys, activity).await?;
     let images = Arc::new(Images {
         store,
         builds,
@@ -85,6 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown())
         .await
         .context("serving the API")?;
+    endpoint.shutdown();
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 use crate::builds::version_dir;
 use crate::config::Config;
 use crate::now;
+use crate::proxy::ActivityTable;
 use crate::store::{MicrovmRow, Store, StoreError};
 use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
 
@@ -51,6 +52,8 @@ pub struct Microvms {
     capacity: StdMutex<Capacity>,
     /// Keys of the endpoint tokens.
     pub keys: Arc<TokenKeys>,
+    /// Inbound traffic per MicroVM, kept by the endpoint proxy.
+    pub activity: ActivityTable,
 }
 
 fn internal(e: StoreError) -> ApiError {
@@ -69,7 +72,10 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
 fn new_microvm_id() -> String {
     let mut b = [0u8; 9];
     let _ = getrandom::fill(&mut b);
-    format!("mvm-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!(
+        "mvm-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
 }
 
 impl Microvms {
@@ -81,6 +87,7 @@ impl Microvms {
         ctx: ArnContext,
         endpoint_port: u16,
         keys: Arc<TokenKeys>,
+        activity: ActivityTable,
     ) -> Microvms {
         Microvms {
             host,
@@ -91,6 +98,7 @@ impl Microvms {
             live: Mutex::new(HashMap::new()),
             capacity: StdMutex::new(Capacity::default()),
             keys,
+            activity,
         }
     }
 
@@ -140,10 +148,19 @@ impl Microvms {
             }
             Request::ListMicrovms { query } => {
                 let (image, version) = match &query.image_identifier {
-                    Some(i) => (Some(kiln_api::image_identifier(i)?.name().to_string()), query.image_version.as_deref().and_then(|v| v.parse::<i64>().ok())),
+                    Some(i) => (
+                        Some(kiln_api::image_identifier(i)?.name().to_string()),
+                        query
+                            .image_version
+                            .as_deref()
+                            .and_then(|v| v.parse::<i64>().ok()),
+                    ),
                     None => (None, None),
                 };
-                let rows = self.store.microvms(image.as_deref(), version, None).map_err(internal)?;
+                let rows = self
+                    .store
+                    .microvms(image.as_deref(), version, None)
+                    .map_err(internal)?;
                 let items: Vec<MicrovmItem> = rows
                     .iter()
                     .map(|r| MicrovmItem {
@@ -154,7 +171,12 @@ impl Microvms {
                         started_at: ts(r.started_at),
                     })
                     .collect();
-                let (items, next_token) = paginate(&items, |i| i.microvm_id.as_str(), query.page.max_results, query.page.next_token.as_deref())?;
+                let (items, next_token) = paginate(
+                    &items,
+                    |i| i.microvm_id.as_str(),
+                    query.page.max_results,
+                    query.page.next_token.as_deref(),
+                )?;
                 to_value(&ListMicrovmsResponse { next_token, items })
             }
             Request::TerminateMicrovm { params } => {
@@ -167,11 +189,23 @@ impl Microvms {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.row(&id)?;
                 if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
-                    return Err(ApiError::conflict("Microvm", &id, format!("MicroVM {id} is {}", row.state)));
+                    return Err(ApiError::conflict(
+                        "Microvm",
+                        &id,
+                        format!("MicroVM {id} is {}", row.state),
+                    ));
                 }
-                let claims = TokenClaims::new(TokenKind::Proxy, &id, body.allowed_ports.clone(), body.expiration_in_minutes)
-                    .map_err(|e| ApiError::validation(e.to_string()))?;
-                let token = self.keys.issue(&claims).map_err(|e| ApiError::internal(e.to_string()))?;
+                let claims = TokenClaims::new(
+                    TokenKind::Proxy,
+                    &id,
+                    body.allowed_ports.clone(),
+                    body.expiration_in_minutes,
+                )
+                .map_err(|e| ApiError::validation(e.to_string()))?;
+                let token = self
+                    .keys
+                    .issue(&claims)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
                 to_value(&CreateMicrovmAuthTokenResponse {
                     auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
                 })
@@ -205,8 +239,12 @@ impl Microvms {
             terminated_at: r.terminated_at.map(ts),
             state_reason: r.state_reason.clone(),
             kms_key_identifier: req.as_ref().and_then(|q| q.kms_key_identifier.clone()),
-            ingress_network_connectors: req.as_ref().and_then(|q| q.ingress_network_connectors.clone()),
-            egress_network_connectors: req.as_ref().and_then(|q| q.egress_network_connectors.clone()),
+            ingress_network_connectors: req
+                .as_ref()
+                .and_then(|q| q.ingress_network_connectors.clone()),
+            egress_network_connectors: req
+                .as_ref()
+                .and_then(|q| q.egress_network_connectors.clone()),
         }
     }
 
@@ -225,20 +263,29 @@ impl Microvms {
                 .store
                 .latest_version(&name, "SUCCESSFUL", Some("ACTIVE"))
                 .map_err(internal)?
-                .ok_or_else(|| ApiError::validation(format!("image {name} has no ACTIVE version that built successfully")))?,
+                .ok_or_else(|| {
+                    ApiError::validation(format!(
+                        "image {name} has no ACTIVE version that built successfully"
+                    ))
+                })?,
         };
         let v = self
             .store
             .version(&name, version)
             .map_err(internal)?
-            .ok_or_else(|| ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}")))?;
+            .ok_or_else(|| {
+                ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}"))
+            })?;
         if v.state != "SUCCESSFUL" || v.status != "ACTIVE" {
             return Err(ApiError::validation(format!(
                 "image {name} version {version} is {} and {}: only SUCCESSFUL, ACTIVE versions can run",
                 v.state, v.status
             )));
         }
-        let max_duration = req.maximum_duration_in_seconds.map(i64::from).unwrap_or(MAX_DURATION_SECS);
+        let max_duration = req
+            .maximum_duration_in_seconds
+            .map(i64::from)
+            .unwrap_or(MAX_DURATION_SECS);
         if !(1..=MAX_DURATION_SECS).contains(&max_duration) {
             return Err(ApiError::validation(format!(
                 "maximumDurationInSeconds must be between 1 and {MAX_DURATION_SECS}"
@@ -248,7 +295,11 @@ impl Microvms {
         let config: ImageConfig = std::fs::read(vdir.join("image.json"))
             .ok()
             .and_then(|t| serde_json::from_slice(&t).ok())
-            .ok_or_else(|| ApiError::internal(format!("image {name} version {version} has no readable image.json")))?;
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "image {name} version {version} has no readable image.json"
+                ))
+            })?;
         let snap = Snapshot::open(&vdir.join("snapshot"), &self.host.vmm.qemu().version)
             .map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
         let memory = snap.manifest.memory_mib;
@@ -277,11 +328,16 @@ impl Microvms {
         match self.launch(&id, &dir, &snap, &config, &req).await {
             Ok(live) => {
                 let forwards = json!(live.forwards);
-                self.store.set_microvm_forwards(&id, &forwards).map_err(internal)?;
+                self.store
+                    .set_microvm_forwards(&id, &forwards)
+                    .map_err(internal)?;
                 self.store
                     .set_microvm_state(&id, MicrovmState::Running.as_str(), None, None)
                     .map_err(internal)?;
-                self.live.lock().await.insert(id.clone(), Arc::new(Mutex::new(live)));
+                self.live
+                    .lock()
+                    .await
+                    .insert(id.clone(), Arc::new(Mutex::new(live)));
                 tracing::info!(microvm = %id, image = %name, version, "launched");
                 to_value(&self.describe(&self.row(&id)?))
             }
@@ -289,9 +345,16 @@ impl Microvms {
                 self.release(memory);
                 let _ = std::fs::remove_dir_all(&dir);
                 let reason = format!("launch failed: {e}");
-                let _ = self.store.set_microvm_state(&id, MicrovmState::Terminated.as_str(), Some(&reason), Some(now()));
+                let _ = self.store.set_microvm_state(
+                    &id,
+                    MicrovmState::Terminated.as_str(),
+                    Some(&reason),
+                    Some(now()),
+                );
                 tracing::warn!(microvm = %id, error = %e, "launch failed");
-                Err(ApiError::internal(format!("MicroVM {id} could not start: {e}")))
+                Err(ApiError::internal(format!(
+                    "MicroVM {id} could not start: {e}"
+                )))
             }
         }
     }
@@ -308,15 +371,24 @@ impl Microvms {
         let mut forwards = BTreeMap::new();
         for port in [8080u16, config.app_port] {
             if let std::collections::btree_map::Entry::Vacant(slot) = forwards.entry(port) {
-                slot.insert(kiln_vmm::free_port().map_err(|e| kiln_vmm::VmmError::io("finding a free port for", dir, e))?);
+                slot.insert(
+                    kiln_vmm::free_port()
+                        .map_err(|e| kiln_vmm::VmmError::io("finding a free port for", dir, e))?,
+                );
             }
         }
         let mut target = RestoreTarget::new(dir.join("vm"));
         target.forwards = forwards
             .iter()
-            .map(|(g, h)| PortForward { host_port: *h, guest_port: *g })
+            .map(|(g, h)| PortForward {
+                host_port: *h,
+                guest_port: *g,
+            })
             .collect();
-        target.restrict_egress = req.egress_network_connectors.as_ref().is_none_or(|c| c.is_empty());
+        target.restrict_egress = req
+            .egress_network_connectors
+            .as_ref()
+            .is_none_or(|c| c.is_empty());
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live { vm, forwards })
@@ -351,8 +423,14 @@ impl Microvms {
             self.release(row.memory_mib as u64);
         }
         let _ = std::fs::remove_dir_all(self.dir_of(id));
+        self.activity.forget(id);
         self.store
-            .set_microvm_state(id, MicrovmState::Terminated.as_str(), Some(reason), Some(now()))
+            .set_microvm_state(
+                id,
+                MicrovmState::Terminated.as_str(),
+                Some(reason),
+                Some(now()),
+            )
             .map_err(internal)?;
         tracing::info!(microvm = %id, %reason, "terminated");
         Ok(())
@@ -372,11 +450,14 @@ impl Microvms {
         if let Some(h) = l.forwards.get(&port) {
             return Ok(SocketAddr::from(([127, 0, 0, 1], *h)));
         }
-        let host_port = kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-        l.vm
-            .add_forward(PortForward { host_port, guest_port: port })
-            .await
-            .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        let host_port =
+            kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        l.vm.add_forward(PortForward {
+            host_port,
+            guest_port: port,
+        })
+        .await
+        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
         l.forwards.insert(port, host_port);
         let _ = self.store.set_microvm_forwards(id, &json!(l.forwards));
         Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
@@ -385,19 +466,37 @@ impl Microvms {
     /// Brings the store and reality together after a (re)start: running VMs are re-attached,
     /// half-done launches and dead VMs are cleaned up, orphan directories removed.
     pub async fn reconcile(&self) -> Result<(), StoreError> {
-        let open = self.store.microvms(None, None, Some(&["PENDING", "RUNNING", "TERMINATING", "SUSPENDING", "SUSPENDED"]))?;
+        let open = self.store.microvms(
+            None,
+            None,
+            Some(&[
+                "PENDING",
+                "RUNNING",
+                "TERMINATING",
+                "SUSPENDING",
+                "SUSPENDED",
+            ]),
+        )?;
         for r in &open {
             let dir = self.dir_of(&r.id);
-            let attached = if r.state == "RUNNING" { self.host.vmm.attach(&dir.join("vm")).await.ok() } else { None };
+            let attached = if r.state == "RUNNING" {
+                self.host.vmm.attach(&dir.join("vm")).await.ok()
+            } else {
+                None
+            };
             match attached {
                 Some(vm) => {
-                    let forwards: BTreeMap<u16, u16> = serde_json::from_value(r.forwards.clone()).unwrap_or_default();
+                    let forwards: BTreeMap<u16, u16> =
+                        serde_json::from_value(r.forwards.clone()).unwrap_or_default();
                     {
                         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
                         c.vms += 1;
                         c.memory_mib += r.memory_mib as u64;
                     }
-                    self.live.lock().await.insert(r.id.clone(), Arc::new(Mutex::new(Live { vm, forwards })));
+                    self.live
+                        .lock()
+                        .await
+                        .insert(r.id.clone(), Arc::new(Mutex::new(Live { vm, forwards })));
                     tracing::info!(microvm = %r.id, "re-attached after restart");
                 }
                 None => {
@@ -408,7 +507,8 @@ impl Microvms {
                     } else {
                         "kilnd restarted while it was starting or stopping"
                     };
-                    self.store.set_microvm_state(&r.id, "TERMINATED", Some(reason), Some(now()))?;
+                    self.store
+                        .set_microvm_state(&r.id, "TERMINATED", Some(reason), Some(now()))?;
                     tracing::warn!(microvm = %r.id, %reason, "terminated during reconciliation");
                 }
             }
@@ -431,7 +531,10 @@ impl Microvms {
     pub async fn reap(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let Ok(rows) = self.store.microvms(None, None, Some(&["RUNNING", "SUSPENDED"])) else {
+            let Ok(rows) = self
+                .store
+                .microvms(None, None, Some(&["RUNNING", "SUSPENDED"]))
+            else {
                 continue;
             };
             let t = now();
@@ -458,7 +561,9 @@ pub enum UpstreamError {
 /// Kills the QEMU whose pid file is in `dir/vm` (if it is really that VM's QEMU).
 fn kill_dir(dir: &Path) {
     let vm = dir.join("vm");
-    if let Ok(p) = kiln_vmm::qemu::process::QemuProcess::attach(&vm.join("qemu.pid"), &vm.join("qemu.log")) {
+    if let Ok(p) =
+        kiln_vmm::qemu::process::QemuProcess::attach(&vm.join("qemu.pid"), &vm.join("qemu.log"))
+    {
         if p.runs_in(&vm) {
             p.signal(nix::sys::signal::Signal::SIGKILL);
         }

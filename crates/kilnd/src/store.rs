@@ -507,7 +507,8 @@ pub struct MicrovmRow {
     pub forwards: serde_json::Value,
 }
 
-const MICROVM_COLUMNS: &str = "id, image, version, state, state_reason, request, started_at, terminated_at,
+const MICROVM_COLUMNS: &str =
+    "id, image, version, state, state_reason, request, started_at, terminated_at,
     max_duration, memory_mib, kernel, dir, forwards";
 
 fn microvm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
@@ -546,7 +547,11 @@ impl Store {
     /// One MicroVM.
     pub fn microvm(&self, id: &str) -> Result<Option<MicrovmRow>, StoreError> {
         self.lock()
-            .query_row(&format!("SELECT {MICROVM_COLUMNS} FROM microvms WHERE id = ?1"), [id], microvm_row)
+            .query_row(
+                &format!("SELECT {MICROVM_COLUMNS} FROM microvms WHERE id = ?1"),
+                [id],
+                microvm_row,
+            )
             .optional()
             .map_err(self.err())
     }
@@ -560,7 +565,15 @@ impl Store {
     ) -> Result<Vec<MicrovmRow>, StoreError> {
         let conn = self.lock();
         let state_filter = states
-            .map(|s| format!("AND state IN ({})", s.iter().map(|x| format!("'{x}'")).collect::<Vec<_>>().join(",")))
+            .map(|s| {
+                format!(
+                    "AND state IN ({})",
+                    s.iter()
+                        .map(|x| format!("'{x}'"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
             .unwrap_or_default();
         let mut stmt = conn
             .prepare(&format!(
@@ -568,12 +581,20 @@ impl Store {
                  AND (?2 IS NULL OR version = ?2) {state_filter} ORDER BY id"
             ))
             .map_err(self.err())?;
-        let rows = stmt.query_map(params![image, version], microvm_row).map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![image, version], microvm_row)
+            .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// Sets a MicroVM's state (and reason; `terminated_at` when it ends).
-    pub fn set_microvm_state(&self, id: &str, state: &str, reason: Option<&str>, terminated_at: Option<f64>) -> Result<(), StoreError> {
+    pub fn set_microvm_state(
+        &self,
+        id: &str,
+        state: &str,
+        reason: Option<&str>,
+        terminated_at: Option<f64>,
+    ) -> Result<(), StoreError> {
         self.lock()
             .execute(
                 "UPDATE microvms SET state = ?2, state_reason = COALESCE(?3, state_reason),
@@ -585,9 +606,16 @@ impl Store {
     }
 
     /// Replaces a MicroVM's forwards.
-    pub fn set_microvm_forwards(&self, id: &str, forwards: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn set_microvm_forwards(
+        &self,
+        id: &str,
+        forwards: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         self.lock()
-            .execute("UPDATE microvms SET forwards = ?2 WHERE id = ?1", params![id, forwards.to_string()])
+            .execute(
+                "UPDATE microvms SET forwards = ?2 WHERE id = ?1",
+                params![id, forwards.to_string()],
+            )
             .map(drop)
             .map_err(self.err())
     }

@@ -23,7 +23,11 @@ fn counter_image(kilnd: &Daemon, dir: &std::path::Path) {
     make_zip(
         &zip,
         &[
-            ("Dockerfile", b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n", 0o644),
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
             ("app.sh", COUNTER_APP.as_bytes(), 0o755),
         ],
     );
@@ -47,7 +51,10 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
 
     let a = run(&kilnd);
     let b = run(&kilnd);
-    let (id_a, id_b) = (a["microvmId"].as_str().unwrap_or_default(), b["microvmId"].as_str().unwrap_or_default());
+    let (id_a, id_b) = (
+        a["microvmId"].as_str().unwrap_or_default(),
+        b["microvmId"].as_str().unwrap_or_default(),
+    );
     let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
     let (_, listed, _) = kilnd.aws(&["list-microvms", "--image-identifier", "counter"]);
     let first_a = kilnd.app_get(id_a, "/cgi-bin/count");
@@ -61,18 +68,35 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
 
     assert_eq!(a["state"], "RUNNING", "{a}");
     assert_eq!(a["imageVersion"], "1");
-    assert!(a["endpoint"].as_str().unwrap_or_default().starts_with(&format!("https://{id_a}.kiln.localhost:")), "{a}");
+    assert!(
+        a["endpoint"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("https://{id_a}.kiln.localhost:")),
+        "{a}"
+    );
     assert_eq!(a["maximumDurationInSeconds"], 28800);
     assert_ne!(id_a, id_b);
     assert_eq!(got["state"], "RUNNING");
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(2));
-    assert_eq!((first_a.trim(), second_a.trim(), first_b.trim()), ("101", "102", "101"));
+    assert_eq!(
+        (first_a.trim(), second_a.trim(), first_b.trim()),
+        ("101", "102", "101")
+    );
     assert_eq!((t1, t2), (0, 0));
     assert_eq!(gone["state"], "TERMINATED");
     assert!(gone["terminatedAt"].is_number(), "{gone}");
-    assert!(missing.is_null() && missing_err.contains("ResourceNotFoundException"), "{missing_err}");
+    assert!(
+        missing.is_null() && missing_err.contains("ResourceNotFoundException"),
+        "{missing_err}"
+    );
     assert!(!kilnd.qemu_running());
-    assert_eq!(std::fs::read_dir(kilnd.home.path().join("microvms")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(kilnd.home.path().join("microvms"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[test]
@@ -92,9 +116,65 @@ fn run_when_the_host_is_full_then_insufficient_capacity_and_a_kill_9_restart_kee
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
 
     assert_ne!(full, 0);
-    assert!(full_err.contains("InsufficientCapacityException"), "{full_err}");
+    assert!(
+        full_err.contains("InsufficientCapacityException"),
+        "{full_err}"
+    );
     assert_eq!(after_restart["state"], "RUNNING");
     assert_eq!((before.trim(), after.trim()), ("101", "102"));
     assert_ne!(still_full, 0);
+    assert!(!kilnd.qemu_running());
+}
+
+fn python(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::workspace().join("target/pyenv/bin/python"))
+        .arg(common::workspace().join("crates/kilnd/tests/endpoint_client.py"))
+        .args(args)
+        .output()
+        .expect("run python");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn endpoint_when_aws_cli_and_boto3_issue_tokens_then_https_reaches_only_the_right_vm_and_port() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let ca = kilnd.home.path().join("tls/ca.pem").display().to_string();
+    let port = kilnd.endpoint_port.to_string();
+
+    let vm = run(&kilnd);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let (code, token, err) = kilnd.aws(&[
+        "create-microvm-auth-token",
+        "--microvm-identifier",
+        &id,
+        "--expiration-in-minutes",
+        "5",
+        "--allowed-ports",
+        r#"[{"range": {"startPort": 8000, "endPort": 8999}}]"#,
+    ]);
+    let token = token["authToken"]["X-aws-proxy-auth"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_, ok) = python(&["get", &port, &ca, &id, "/cgi-bin/count", &token]);
+    let (_, other_port) = python(&["get", &port, &ca, &id, "/", &token, "9000"]);
+    let (_, nothing_there) = python(&["get", &port, &ca, &id, "/", &token, "8081"]);
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+    let (flow_ok, flow) = python(&["flow", &kilnd.url, &port, &ca, "counter"]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ok.trim(), "200 101");
+    assert!(other_port.starts_with("403"), "{other_port}");
+    assert!(nothing_there.starts_with("502"), "{nothing_there}");
+    assert!(flow_ok, "{flow}");
     assert!(!kilnd.qemu_running());
 }

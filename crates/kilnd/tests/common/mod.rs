@@ -69,7 +69,10 @@ fn spawn(home: &Path, api: &str, endpoint_port: u16, extra: &[String]) -> (Child
 impl Daemon {
     /// Starts kilnd with `extra` flags and waits until it listens.
     pub fn start(extra: &[&str]) -> Daemon {
-        let home = tempfile::Builder::new().prefix("kilnd-t").tempdir_in("/tmp").expect("home");
+        let home = tempfile::Builder::new()
+            .prefix("kilnd-t")
+            .tempdir_in("/tmp")
+            .expect("home");
         let shared = shared_home();
         // Guest kernel, initramfs and base images are shared; everything else is fresh.
         for dir in ["kernels", "bases", "host"] {
@@ -79,7 +82,13 @@ impl Daemon {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let endpoint_port = kiln_vmm::free_port().expect("port");
         let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra);
-        Daemon { child, home, url, endpoint_port, extra }
+        Daemon {
+            child,
+            home,
+            url,
+            endpoint_port,
+            extra,
+        }
     }
 
     /// `kill -9` kilnd, then starts it again on the same data directory and ports.
@@ -165,8 +174,14 @@ impl Daemon {
 
     /// GET `path` from a MicroVM's app on guest port 8080, through the VM's host forward.
     pub fn app_get(&self, microvm_id: &str, path: &str) -> String {
-        let spec = self.home.path().join("microvms").join(microvm_id).join("vm/spec.json");
-        let spec: Value = serde_json::from_slice(&std::fs::read(&spec).expect("spec.json")).expect("spec json");
+        let spec = self
+            .home
+            .path()
+            .join("microvms")
+            .join(microvm_id)
+            .join("vm/spec.json");
+        let spec: Value =
+            serde_json::from_slice(&std::fs::read(&spec).expect("spec.json")).expect("spec json");
         let port = spec["network"]["forwards"]
             .as_array()
             .into_iter()

@@ -1,0 +1,74 @@
+//! Wires the endpoint proxy to the MicroVM supervisor: routes, TLS, the listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::microvms::{Microvms, UpstreamError};
+use crate::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
+use crate::tokens::TokenKeys;
+
+impl Routes for Microvms {
+    fn upstream(
+        &self,
+        microvm_id: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
+        let id = microvm_id.to_string();
+        Box::pin(async move {
+            Microvms::upstream(self, &id, port)
+                .await
+                .map_err(|e| match e {
+                    UpstreamError::Unknown => RouteError::UnknownMicrovm,
+                    UpstreamError::NotRunning(state) => RouteError::NotRunning { state },
+                    UpstreamError::Unavailable(m) => RouteError::Unavailable(m),
+                })
+        })
+    }
+}
+
+/// Starts the endpoint proxy on `config.endpoint_listen`; returns its state (for shutdown).
+pub async fn start(
+    home: &Path,
+    config: &Config,
+    microvms: Arc<Microvms>,
+    keys: Arc<TokenKeys>,
+    activity: ActivityTable,
+) -> anyhow::Result<Arc<ProxyState>> {
+    let tls = crate::tls::load_or_create(home, &config.endpoint_domain)
+        .context("preparing the endpoint's TLS certificate")?;
+    let listener = tokio::net::TcpListener::bind(config.endpoint_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {} for MicroVM endpoints (pick --endpoint-listen)",
+                config.endpoint_listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(ProxyState::new(
+        config.endpoint_domain.clone(),
+        keys,
+        microvms,
+        activity,
+        ProxyLimits::default(),
+    ));
+    println!(
+        "kilnd: MicroVM endpoints on https://<microvm-id>.{}:{} ({addr}; clients trust {})",
+        config.endpoint_domain,
+        addr.port(),
+        tls.ca_pem_path.display()
+    );
+    let serving = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = proxy::serve(listener, tls.server_config.clone(), serving).await {
+            tracing::error!(error = %e, "the endpoint proxy stopped");
+        }
+    });
+    Ok(state)
+}
