@@ -30,6 +30,7 @@ pub fn router(api: Api) -> Router {
             get(build_log),
         )
         .route("/kiln/v1/health", get(|| async { "ok\n" }))
+        .route("/kiln/v1/microvms/{id}", get(microvm_details))
         .fallback(aws)
         .with_state(api)
 }
@@ -110,6 +111,14 @@ async fn dispatch(api: &Api, request: Request) -> Result<serde_json::Value, ApiE
         | Request::CreateMicrovmAuthToken { .. }
         | Request::CreateMicrovmShellAuthToken { .. } => api.microvms.handle(request).await,
         other => api.images.handle(other).await,
+    }
+}
+
+/// `GET /kiln/v1/microvms/{id}`: kiln's details of a MicroVM (kernel, forwards, traffic).
+async fn microvm_details(State(api): State<Api>, UrlPath(id): UrlPath<String>) -> Response {
+    match api.microvms.details(&id).await {
+        Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
     }
 }
 

@@ -436,6 +436,38 @@ impl Microvms {
         Ok(())
     }
 
+    /// kiln's own view of a MicroVM (`/kiln/v1/microvms/{id}`): what it runs (image version,
+    /// kernel — so image drift is visible), its QEMU, forwards and endpoint traffic.
+    pub async fn details(&self, id: &str) -> Result<Value, ApiError> {
+        let r = self.row(id)?;
+        let pid = match self.live.lock().await.get(id) {
+            Some(l) => Some(l.lock().await.vm.pid()),
+            None => None,
+        };
+        let activity = self.activity.snapshot(id).map(|a| {
+            json!({
+                "requests": a.requests,
+                "openConnections": a.open_connections,
+                "bytesIn": a.bytes_in,
+                "bytesOut": a.bytes_out,
+                "idleSeconds": a.last_inbound.elapsed().as_secs_f64(),
+            })
+        });
+        Ok(json!({
+            "microvmId": r.id,
+            "state": r.state,
+            "stateReason": r.state_reason,
+            "image": r.image,
+            "imageVersion": r.version.to_string(),
+            "kernel": r.kernel,
+            "memoryMiB": r.memory_mib,
+            "endpoint": self.endpoint(&r.id),
+            "qemuPid": pid,
+            "forwards": r.forwards,
+            "activity": activity,
+        }))
+    }
+
     /// The host address reaching `port` in a running MicroVM, adding a forward on first use.
     pub async fn upstream(&self, id: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
         let live = self.live.lock().await.get(id).cloned();

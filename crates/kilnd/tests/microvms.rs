@@ -166,6 +166,8 @@ fn endpoint_when_aws_cli_and_boto3_issue_tokens_then_https_reaches_only_the_righ
         .unwrap_or_default()
         .to_string();
     let (_, ok) = python(&["get", &port, &ca, &id, "/cgi-bin/count", &token]);
+    let details: serde_json::Value =
+        serde_json::from_str(&kilnd.get(&format!("/kiln/v1/microvms/{id}"))).expect("details");
     let (_, other_port) = python(&["get", &port, &ca, &id, "/", &token, "9000"]);
     let (_, nothing_there) = python(&["get", &port, &ca, &id, "/", &token, "8081"]);
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
@@ -173,8 +175,76 @@ fn endpoint_when_aws_cli_and_boto3_issue_tokens_then_https_reaches_only_the_righ
 
     assert_eq!(code, 0, "{err}");
     assert_eq!(ok.trim(), "200 101");
+    assert_eq!(details["activity"]["requests"], 1, "{details}");
+    assert!(
+        details["kernel"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cloud-amd64"),
+        "{details}"
+    );
     assert!(other_port.starts_with("403"), "{other_port}");
     assert!(nothing_there.starts_with("502"), "{nothing_there}");
     assert!(flow_ok, "{flow}");
+    assert!(!kilnd.qemu_running());
+}
+
+#[test]
+fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_duration_ends_them() {
+    let kilnd = Daemon::start(&["--max-microvms", "4"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+
+    let results: Vec<(i32, serde_json::Value, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    kilnd.aws(&[
+                        "run-microvm",
+                        "--image-identifier",
+                        "counter",
+                        "--maximum-duration-in-seconds",
+                        "3",
+                    ])
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let launched: Vec<String> = results
+        .iter()
+        .filter(|(code, _, _)| *code == 0)
+        .map(|(_, v, _)| v["microvmId"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let refused = results
+        .iter()
+        .filter(|(code, _, err)| *code != 0 && err.contains("InsufficientCapacityException"))
+        .count();
+    let answers: Vec<String> = launched
+        .iter()
+        .map(|id| kilnd.app_get(id, "/cgi-bin/count"))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let ended: Vec<serde_json::Value> = launched
+        .iter()
+        .map(|id| kilnd.aws(&["get-microvm", "--microvm-identifier", id]).1)
+        .collect();
+
+    assert_eq!(launched.len(), 4, "{results:?}");
+    assert_eq!(refused, 6, "{results:?}");
+    assert!(answers.iter().all(|a| a.trim() == "101"), "{answers:?}");
+    assert!(
+        ended.iter().all(|v| v["state"] == "TERMINATED"),
+        "{ended:?}"
+    );
+    assert!(
+        ended
+            .iter()
+            .all(|v| v["stateReason"] == "maximum duration reached"),
+        "{ended:?}"
+    );
     assert!(!kilnd.qemu_running());
 }
