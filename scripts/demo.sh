@@ -2,7 +2,8 @@
 # The kiln demo, run by `make demo` after `make build`:
 #   1. the foundation: boot a microVM, snapshot it while it runs, restore it twice;
 #   2. kilnd: build examples/python-web (Flask + gunicorn on Debian 12) into a MicroVM
-#      image through the AWS lambda-microvms API, following the build log live.
+#      image through the AWS lambda-microvms API, following the build log live;
+#   3. launch two MicroVMs from it and call each through its own HTTPS endpoint.
 #
 # Environment:
 #   KILN_HOME        data directory (default ~/.local/share/kiln)
@@ -86,8 +87,9 @@ API=http://127.0.0.1:$PORT
 RUN_DIR=$KILN_HOME/demo-run
 mkdir -p "$RUN_DIR"
 KILND_LOG=$RUN_DIR/kilnd.log
+ENDPOINT_PORT=$(free_port)
 kilnd_args=(--home "$KILN_HOME" --api-listen "127.0.0.1:$PORT"
-    --endpoint-listen "127.0.0.1:$(free_port)")
+    --endpoint-listen "127.0.0.1:$ENDPOINT_PORT")
 CA=${KILN_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
 if [[ -s $CA ]]; then
     kilnd_args+=(--build-ca "$CA")
@@ -217,6 +219,31 @@ say "build $BUILD_ID: memory snapshot $(mib "$MEM"), disk snapshot $(mib "$DISK"
 say "image versions:"
 aws list-microvm-image-versions --image-identifier "$IMAGE" \
     --query 'items[].[imageVersion, state, status]' | sed 's/^/      /'
+end_section
+
+# -------------------------------------------------------------------- 6. launch
+
+section "Launching two MicroVMs from $IMAGE and calling them over HTTPS"
+for n in 1 2; do
+    T0=$(date +%s.%N)
+    ID=$(aws run-microvm --image-identifier "$IMAGE" --query microvmId)
+    T1=$(date +%s.%N)
+    TOKEN=$(aws create-microvm-auth-token --microvm-identifier "$ID" --expiration-in-minutes 5 \
+        --allowed-ports '[{"port": 8080}]' --query 'authToken."X-aws-proxy-auth"')
+    HOST=$ID.kiln.localhost
+    for _ in 1 2; do
+        BODY=$(curl -fsS --cacert "$KILN_HOME/tls/ca.pem" \
+            --resolve "$HOST:$ENDPOINT_PORT:127.0.0.1" \
+            -H "X-aws-proxy-auth: $TOKEN" "https://$HOST:$ENDPOINT_PORT/")
+        say "$ID answers: $(echo "$BODY" | head -n 1) | $(echo "$BODY" | sed -n 2p)"
+    done
+    say "RunMicrovm returned in $(awk -v a="$T0" -v b="$T1" 'BEGIN { printf "%.0f ms", (b - a) * 1000 }') (aws CLI start-up included)"
+    NO_TOKEN=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$KILN_HOME/tls/ca.pem" \
+        --resolve "$HOST:$ENDPOINT_PORT:127.0.0.1" "https://$HOST:$ENDPOINT_PORT/")
+    say "without a token: HTTP $NO_TOKEN"
+    aws terminate-microvm --microvm-identifier "$ID" >/dev/null
+    say "$ID terminated"
+done
 end_section
 SECTION=0
 echo

@@ -16,6 +16,7 @@ declare -A NEEDS=(
   [mke2fs]=e2fsprogs
   [dpkg-deb]=dpkg
   [apt-get]=apt
+  [curl]=curl
   [pkg-config]=pkg-config
 )
 

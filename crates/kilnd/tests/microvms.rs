@@ -57,9 +57,11 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
     );
     let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
     let (_, listed, _) = kilnd.aws(&["list-microvms", "--image-identifier", "counter"]);
-    let first_a = kilnd.app_get(id_a, "/cgi-bin/count");
-    let second_a = kilnd.app_get(id_a, "/cgi-bin/count");
-    let first_b = kilnd.app_get(id_b, "/cgi-bin/count");
+    let (token_a, token_b) = (token(&kilnd, id_a), token(&kilnd, id_b));
+    let first_a = endpoint_get(&kilnd, id_a, &token_a, "/cgi-bin/count");
+    let second_a = endpoint_get(&kilnd, id_a, &token_a, "/cgi-bin/count");
+    let first_b = endpoint_get(&kilnd, id_b, &token_b, "/cgi-bin/count");
+    let crossed = endpoint_get(&kilnd, id_b, &token_a, "/cgi-bin/count");
     let (t1, _, _) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_a]);
     let (t2, _, _) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_a]);
     let (_, gone, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
@@ -81,8 +83,9 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(2));
     assert_eq!(
         (first_a.trim(), second_a.trim(), first_b.trim()),
-        ("101", "102", "101")
+        ("200 101", "200 102", "200 101")
     );
+    assert!(crossed.starts_with("403"), "{crossed}");
     assert_eq!((t1, t2), (0, 0));
     assert_eq!(gone["state"], "TERMINATED");
     assert!(gone["terminatedAt"].is_number(), "{gone}");
@@ -124,6 +127,115 @@ fn run_when_the_host_is_full_then_insufficient_capacity_and_a_kill_9_restart_kee
     assert_eq!((before.trim(), after.trim()), ("101", "102"));
     assert_ne!(still_full, 0);
     assert!(!kilnd.qemu_running());
+}
+
+#[test]
+fn restart_when_kilnd_is_killed_during_launches_then_each_vm_is_running_or_terminated_and_nothing_leaks(
+) {
+    let mut kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let url = kilnd.url.clone();
+
+    let launches: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new(common::workspace().join("target/pyenv/bin/aws"))
+                    .args([
+                        "lambda-microvms",
+                        "run-microvm",
+                        "--image-identifier",
+                        "counter",
+                    ])
+                    .args([
+                        "--endpoint-url",
+                        &url,
+                        "--no-sign-request",
+                        "--region",
+                        "us-east-1",
+                    ])
+                    .env("AWS_MAX_ATTEMPTS", "1")
+                    .output()
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    kilnd.crash_and_restart();
+    for l in launches {
+        let _ = l.join();
+    }
+    let (_, listed, _) = kilnd.aws(&["list-microvms"]);
+    let vms: Vec<(String, String)> = listed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            (
+                v["microvmId"].as_str().unwrap_or_default().to_string(),
+                v["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let running: Vec<&String> = vms
+        .iter()
+        .filter(|(_, s)| s == "RUNNING")
+        .map(|(id, _)| id)
+        .collect();
+    let answers: Vec<String> = running
+        .iter()
+        .map(|id| kilnd.app_get(id, "/cgi-bin/count"))
+        .collect();
+    let qemus = kilnd.qemu_count();
+    for id in &running {
+        kilnd.aws(&["terminate-microvm", "--microvm-identifier", id]);
+    }
+
+    assert!(
+        vms.iter().all(|(_, s)| s == "RUNNING" || s == "TERMINATED"),
+        "{vms:?}"
+    );
+    assert_eq!(qemus, running.len(), "{vms:?}");
+    assert!(answers.iter().all(|a| a.trim() == "101"), "{answers:?}");
+    assert!(!kilnd.qemu_running());
+    assert_eq!(
+        std::fs::read_dir(kilnd.home.path().join("microvms"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}
+
+/// A 5-minute token for port 8080 of `id`.
+fn token(kilnd: &Daemon, id: &str) -> String {
+    let (code, out, err) = kilnd.aws(&[
+        "create-microvm-auth-token",
+        "--microvm-identifier",
+        id,
+        "--expiration-in-minutes",
+        "5",
+        "--allowed-ports",
+        r#"[{"port": 8080}]"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    out["authToken"]["X-aws-proxy-auth"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `"<status> <body>"` of a GET through the MicroVM's HTTPS endpoint.
+fn endpoint_get(kilnd: &Daemon, id: &str, token: &str, path: &str) -> String {
+    let ca = kilnd.home.path().join("tls/ca.pem").display().to_string();
+    python(&[
+        "get",
+        &kilnd.endpoint_port.to_string(),
+        &ca,
+        id,
+        path,
+        token,
+    ])
+    .1
 }
 
 fn python(args: &[&str]) -> (bool, String) {
@@ -204,7 +316,7 @@ fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_durat
                         "--image-identifier",
                         "counter",
                         "--maximum-duration-in-seconds",
-                        "3",
+                        "15",
                     ])
                 })
             })
@@ -227,11 +339,18 @@ fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_durat
         .iter()
         .map(|id| kilnd.app_get(id, "/cgi-bin/count"))
         .collect();
-    std::thread::sleep(std::time::Duration::from_secs(6));
-    let ended: Vec<serde_json::Value> = launched
-        .iter()
-        .map(|id| kilnd.aws(&["get-microvm", "--microvm-identifier", id]).1)
-        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let ended: Vec<serde_json::Value> = loop {
+        let states: Vec<serde_json::Value> = launched
+            .iter()
+            .map(|id| kilnd.aws(&["get-microvm", "--microvm-identifier", id]).1)
+            .collect();
+        if states.iter().all(|v| v["state"] == "TERMINATED") || std::time::Instant::now() > deadline
+        {
+            break states;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
 
     assert_eq!(launched.len(), 4, "{results:?}");
     assert_eq!(refused, 6, "{results:?}");

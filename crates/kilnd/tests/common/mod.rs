@@ -199,11 +199,16 @@ impl Daemon {
 
     /// Whether a QEMU process still runs with this daemon's home in its command line.
     pub fn qemu_running(&self) -> bool {
+        self.qemu_count() > 0
+    }
+
+    /// How many QEMU processes run with this daemon's home in their command line.
+    pub fn qemu_count(&self) -> usize {
         let needle = self.home.path().to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
             .expect("proc")
             .flatten()
-            .any(|e| {
+            .filter(|e| {
                 std::fs::read(e.path().join("cmdline"))
                     .map(|c| {
                         let c = String::from_utf8_lossy(&c);
@@ -214,6 +219,7 @@ impl Daemon {
                     })
                     .unwrap_or(false)
             })
+            .count()
     }
 }
 
