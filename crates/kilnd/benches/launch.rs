@@ -1,0 +1,722 @@
+//! MicroVM launch through kilnd against a cold boot of the same image, measured in one run:
+//! RunMicrovm until it returns and until the app's first 200 through the HTTPS endpoint,
+//! one launch at a time and five at once.
+//!
+//! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench launch`
+//! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20). It starts the release
+//! `kilnd` on a fresh home that shares the guest kernel and base images of the test home
+//! (`target/kiln-test-home`, or `KILN_HOME`), on free ports.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kiln_agent::client::AppSpec;
+use kiln_image::build::ImageConfig;
+use kiln_vmm::host::Host;
+use kiln_vmm::{BootOptions, DiskFormat, DiskSpec, MicroVm, NetSpec, PortForward, Snapshot, Vmm};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const DOMAIN: &str = "kiln.localhost";
+const IMAGE: &str = "launch-bench";
+const COLD_RUNS: usize = 5;
+const CONCURRENT: usize = 5;
+/// Pause between attempts while waiting for an app's first 200.
+const POLL: Duration = Duration::from_millis(10);
+/// Longest wait for an app's first 200.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+const DOCKERFILE: &str =
+    "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n";
+/// busybox httpd serving one small page from the image's disk.
+const APP: &str =
+    "#!/bin/sh\nmkdir -p /www\necho ok > /www/index.html\nexec httpd -f -p 8080 -h /www\n";
+
+fn main() -> anyhow::Result<()> {
+    let launches: usize = env_or("KILN_BENCH_LAUNCHES", 20);
+    ensure!(launches > 0, "KILN_BENCH_LAUNCHES must be at least 1");
+    let kilnd = Kilnd::start()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(bench(&kilnd, launches));
+    drop(runtime);
+    if result.is_err() {
+        eprintln!("kilnd's log: {}", kilnd.log_tail());
+    }
+    result
+}
+
+async fn bench(kilnd: &Kilnd, launches: usize) -> anyhow::Result<()> {
+    let api = Api::new(&kilnd.url);
+    let endpoint = Endpoint::new(kilnd)?;
+    let home = kilnd.home.path().to_owned();
+    let host = tokio::task::spawn_blocking({
+        let home = home.clone();
+        move || Host::prepare(&home)
+    })
+    .await?
+    .context("preparing the host (QEMU, accelerator, guest kernel) on the bench's home")?;
+    println!(
+        "kiln launch benchmark: QEMU {}, accel {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 256 MiB guests",
+        host.vmm.qemu().version,
+        host.accel.accel,
+        host.assets.kernel.version,
+    );
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-launch")
+        .tempdir_in("/tmp")?;
+
+    let t = Instant::now();
+    build_image(&api, scratch.path()).await?;
+    let build = t.elapsed();
+    let build_log = std::fs::read_to_string(home.join("images").join(IMAGE).join("1/build.log"))
+        .unwrap_or_default();
+    println!(
+        "image built in {:.1} s; now {COLD_RUNS} cold boots, {launches} launches, {CONCURRENT} concurrent",
+        build.as_secs_f64()
+    );
+
+    let (mut cold, mut cold_agent) = (vec![], vec![]);
+    for i in 0..COLD_RUNS {
+        let boot = cold_boot(&host, &home, &scratch.path().join(format!("cold{i}"))).await?;
+        cold.push(boot.first_ok);
+        cold_agent.push(boot.agent);
+    }
+
+    let mut seq = Vec::with_capacity(launches);
+    for _ in 0..launches {
+        let launch = launch(&api, &endpoint, Instant::now()).await?;
+        // A second GET on a new connection: what the first one paid beyond it was first use.
+        let t = Instant::now();
+        let status = endpoint.get(&launch.id, &launch.auth).await;
+        let second = t.elapsed();
+        let t = Instant::now();
+        terminate(&api, &launch.id).await?;
+        let terminated = t.elapsed();
+        let status = status?;
+        ensure!(
+            status == StatusCode::OK,
+            "MicroVM {}: a second GET answered {status}",
+            launch.id
+        );
+        seq.push(Measured {
+            launch,
+            second,
+            terminated,
+        });
+    }
+
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENT {
+        let (api, endpoint) = (api.clone(), endpoint.clone());
+        set.spawn(async move { launch(&api, &endpoint, start).await });
+    }
+    let mut together = Vec::with_capacity(CONCURRENT);
+    let mut failure = None;
+    while let Some(joined) = set.join_next().await {
+        match joined
+            .context("a concurrent launch panicked")
+            .and_then(|r| r)
+        {
+            Ok(l) => together.push(l),
+            Err(e) => failure = Some(e),
+        }
+    }
+    for l in &together {
+        terminate(&api, &l.id).await?;
+    }
+    if let Some(e) = failure {
+        return Err(e.context("a concurrent launch failed"));
+    }
+
+    println!();
+    println!("cold boot: kiln-vmm boots a fresh VM from the built image's disk (the snapshot's flattened");
+    println!(
+        "disk under a new overlay), starts the app as the image records it, and polls GET / every"
+    );
+    println!(
+        "{} ms on a host forward (plain HTTP, no proxy), timed from creating the overlay:",
+        POLL.as_millis()
+    );
+    let cold_median = row("cold boot → app's first 200", &cold, Stat::Median);
+    row("  of which boot → agent answers", &cold_agent, Stat::Median);
+    if let Some(ready) = build_log_ready(&build_log) {
+        println!(
+            "  cross-check, build.log: app VM booting → ready (TCP probe every 250 ms, 1 run)  {:>7.0} ms",
+            ms(ready)
+        );
+    }
+    println!();
+    println!(
+        "launch: RunMicrovm restores the image's snapshot; then CreateMicrovmAuthToken; then GET /"
+    );
+    println!(
+        "on a new TLS connection to the endpoint with the token (`Host: <id>.{DOMAIN}`), repeated"
+    );
+    println!(
+        "every {} ms until 200. p99 is nearest-rank: with n < 100 it is the max.",
+        POLL.as_millis()
+    );
+    let pick = |f: fn(&Launch) -> Duration| seq.iter().map(|m| f(&m.launch)).collect::<Vec<_>>();
+    row("RunMicrovm → returned", &pick(|l| l.returned), Stat::Tail);
+    row("CreateMicrovmAuthToken", &pick(|l| l.token), Stat::Tail);
+    row(
+        "GET with the token in hand → 200",
+        &pick(|l| l.request),
+        Stat::Tail,
+    );
+    row(
+        "  next GET, also on a new TLS connection",
+        &seq.iter().map(|m| m.second).collect::<Vec<_>>(),
+        Stat::Tail,
+    );
+    let launch_median = row(
+        "launch → first 200 (token excluded)",
+        &pick(|l| l.returned + l.request),
+        Stat::Tail,
+    );
+    let with_token = row(
+        "launch → first 200 (token included)",
+        &pick(|l| l.answered),
+        Stat::Tail,
+    );
+    row(
+        "TerminateMicrovm (after each launch)",
+        &seq.iter().map(|m| m.terminated).collect::<Vec<_>>(),
+        Stat::Tail,
+    );
+    let misses: u32 = seq.iter().map(|m| m.launch.misses).sum();
+    println!(
+        "  GETs that failed or were not 200 before a first 200: {misses} in {launches} launches"
+    );
+    let all_returned = together
+        .iter()
+        .map(|l| l.returned)
+        .max()
+        .unwrap_or_default();
+    let all_answered = together
+        .iter()
+        .map(|l| l.answered)
+        .max()
+        .unwrap_or_default();
+    let together_misses: u32 = together.iter().map(|l| l.misses).sum();
+    println!(
+        "{CONCURRENT} launches at once → all RunMicrovm returned {:>7.0} ms, all answered 200 {:>7.0} ms (token included; {together_misses} GETs not 200)",
+        ms(all_returned),
+        ms(all_answered)
+    );
+    println!();
+    println!(
+        "cold boot / launch-to-first-200 (medians)   {:>6.1}× token excluded, {:.1}× included (aim: ≥ 20×)",
+        cold_median.as_secs_f64() / launch_median.as_secs_f64(),
+        cold_median.as_secs_f64() / with_token.as_secs_f64()
+    );
+    println!(
+        "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} cargo bench -p kilnd --bench launch"
+    );
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Which figures a row shows.
+#[derive(Clone, Copy)]
+enum Stat {
+    /// Median and max (a few runs).
+    Median,
+    /// p50 and p99.
+    Tail,
+}
+
+/// The nearest-rank `q` quantile of sorted `v`.
+fn quantile(v: &[Duration], q: f64) -> Duration {
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Prints one row; returns the median.
+fn row(name: &str, values: &[Duration], stat: Stat) -> Duration {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let (p50, hi) = (quantile(&v, 0.5), quantile(&v, 0.99));
+    let (a, b) = match stat {
+        Stat::Median => ("median", "max"),
+        Stat::Tail => ("p50", "p99"),
+    };
+    println!(
+        "{name:<40} {a:>6} {:>7.0} ms  {b} {:>7.0} ms  (n={})",
+        ms(p50),
+        ms(hi),
+        v.len()
+    );
+    p50
+}
+
+/// From a build log, the time from "booting the app VM" to "ready after".
+fn build_log_ready(log: &str) -> Option<Duration> {
+    let stamp = |needle: &str| {
+        let line = log.lines().find(|l| l.contains(needle))?;
+        let secs = line.strip_prefix('[')?.split_once("s]")?.0.trim();
+        secs.parse::<f64>().ok()
+    };
+    let (boot, ready) = (stamp("booting the app VM")?, stamp("ready after")?);
+    (ready >= boot).then(|| Duration::from_secs_f64(ready - boot))
+}
+
+/// The release kilnd, on a temporary home, stopped on drop.
+struct Kilnd {
+    child: Child,
+    home: tempfile::TempDir,
+    url: String,
+    endpoint_port: u16,
+}
+
+impl Kilnd {
+    fn start() -> anyhow::Result<Kilnd> {
+        let exe = std::env::current_exe().context("finding the bench executable")?;
+        // The bench runs as target/release/deps/launch-…; kilnd sits in target/release.
+        let binary = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|dir| dir.join("kilnd"))
+            .context("the bench executable has no grandparent directory")?;
+        ensure!(
+            binary.is_file(),
+            "{} is missing: run `cargo build --release -p kilnd` first",
+            binary.display()
+        );
+        let shared = std::env::var_os("KILN_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/kiln-test-home")
+            });
+        for needed in ["kernels", "bases/busybox"] {
+            ensure!(
+                shared.join(needed).exists(),
+                "{} has no {needed}: prepare the test home first (`make test`, or set KILN_HOME to a home with a guest kernel and the busybox base)",
+                shared.display()
+            );
+        }
+        let home = tempfile::Builder::new()
+            .prefix("kilnd-bench")
+            .tempdir_in("/tmp")?;
+        // Guest kernel, initramfs and base images are shared; everything else is fresh.
+        for dir in ["kernels", "bases", "host"] {
+            std::fs::create_dir_all(shared.join(dir))?;
+            std::os::unix::fs::symlink(shared.join(dir), home.path().join(dir))
+                .with_context(|| format!("linking {dir} into {}", home.path().display()))?;
+        }
+        let endpoint_port = kiln_vmm::free_port()?;
+        let log = std::fs::File::create(home.path().join("kilnd.log"))?;
+        let mut child = Command::new(&binary)
+            .arg("--home")
+            .arg(home.path())
+            .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
+            .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
+            .args(["--max-microvms", &(CONCURRENT + 3).to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("kilnd's stdout")?;
+        let mut kilnd = Kilnd {
+            child,
+            home,
+            url: String::new(),
+            endpoint_port,
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        kilnd.url = loop {
+            let Some(line) = lines.next() else {
+                bail!(
+                    "kilnd exited before listening; its log: {}",
+                    kilnd.log_tail()
+                );
+            };
+            if let Some(rest) = line?.strip_prefix("kilnd: API on ") {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .context("kilnd printed no API address")?
+                    .to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(kilnd)
+    }
+
+    /// The last lines of kilnd's log.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.home.path().join("kilnd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// kilnd's AWS-shaped API over plain HTTP (unsigned, loopback).
+#[derive(Clone)]
+struct Api {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+}
+
+impl Api {
+    fn new(url: &str) -> Api {
+        Api {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            url: url.to_string(),
+        }
+    }
+
+    /// One call; the answer's JSON (null when empty). Fails on any status but 2xx.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = self
+            .client
+            .request(req)
+            .await
+            .with_context(|| format!("{method} {path}"))?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        ensure!(
+            status.is_success(),
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{method} {path}: answer is not JSON"))
+    }
+}
+
+/// Builds the benchmark's image (version 1) and waits until it succeeded.
+async fn build_image(api: &Api, dir: &Path) -> anyhow::Result<()> {
+    let zip_path = dir.join("app.zip");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&zip_path)?);
+    for (name, data, mode) in [("Dockerfile", DOCKERFILE, 0o644), ("app.sh", APP, 0o755)] {
+        zip.start_file(
+            name,
+            zip::write::SimpleFileOptions::default().unix_permissions(mode),
+        )?;
+        zip.write_all(data.as_bytes())?;
+    }
+    zip.finish()?;
+    api.call(
+        Method::POST,
+        "/2025-09-09/microvm-images",
+        Some(json!({
+            "name": IMAGE,
+            "baseImageArn": "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "buildRoleArn": "arn:aws:iam::000000000000:role/kiln-build",
+            "codeArtifact": {"uri": format!("file://{}", zip_path.display())},
+            "resources": [{"minimumMemoryInMiB": 256}],
+        })),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = api
+            .call(
+                Method::GET,
+                &format!("/2025-09-09/microvm-images/{IMAGE}/versions/1"),
+                None,
+            )
+            .await?;
+        match v["state"].as_str() {
+            Some("PENDING" | "IN_PROGRESS") => {}
+            Some("SUCCESSFUL") => return Ok(()),
+            _ => bail!("the image build failed: {v}"),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the image build did not end in 5 minutes: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The HTTPS endpoint, trusting kilnd's CA.
+#[derive(Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    tls: TlsConnector,
+}
+
+impl Endpoint {
+    fn new(kilnd: &Kilnd) -> anyhow::Result<Endpoint> {
+        let ca = kilnd.home.path().join("tls/ca.pem");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&ca)
+            .with_context(|| format!("reading the endpoint CA {}", ca.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("reading the endpoint CA {}", ca.display()))?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], kilnd.endpoint_port)),
+            tls: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// GET / for `microvm_id` on a new TLS connection; the status.
+    async fn get(&self, microvm_id: &str, token: &str) -> anyhow::Result<StatusCode> {
+        let host = format!("{microvm_id}.{DOMAIN}");
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self
+            .tls
+            .connect(ServerName::try_from(host.clone())?, tcp)
+            .await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let req = Request::get("/")
+            .header("host", &host)
+            .header("x-aws-proxy-auth", token)
+            .body(Full::new(Bytes::new()))?;
+        let response = sender.send_request(req).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
+
+/// GET / over plain HTTP on `127.0.0.1:port`; the status.
+async fn plain_get(port: u16) -> anyhow::Result<StatusCode> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", format!("127.0.0.1:{port}"))
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(req).await?;
+    let status = response.status();
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
+/// Repeats `get` every [`POLL`] until it answers 200; how many attempts did not.
+async fn until_ok<F, Fut>(what: &str, mut get: F) -> anyhow::Result<u32>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<StatusCode>>,
+{
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut misses = 0;
+    loop {
+        let last = match tokio::time::timeout(ANSWER_TIMEOUT, get()).await {
+            Ok(Ok(StatusCode::OK)) => return Ok(misses),
+            Ok(Ok(status)) => format!("status {status}"),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "no answer".to_string(),
+        };
+        misses += 1;
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not answer 200 within {} s (last: {last})",
+            ANSWER_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// One cold boot's figures.
+struct ColdBoot {
+    /// Until the guest agent answered.
+    agent: Duration,
+    /// Until the app's first 200.
+    first_ok: Duration,
+}
+
+/// Boots the built image's disk in a fresh VM, starts its app and waits for a 200.
+async fn cold_boot(host: &Host, home: &Path, dir: &Path) -> anyhow::Result<ColdBoot> {
+    let version = home.join("images").join(IMAGE).join("1");
+    let snap = Snapshot::open(&version.join("snapshot"), &host.vmm.qemu().version)?;
+    let disk = snap
+        .manifest
+        .disks
+        .first()
+        .context("the image's snapshot has no disk")?;
+    let config: ImageConfig = serde_json::from_slice(&std::fs::read(version.join("image.json"))?)
+        .context("reading the image's image.json")?;
+    std::fs::create_dir_all(dir)?;
+    let port = kiln_vmm::free_port()?;
+    let overlay = dir.join("disk.qcow2");
+
+    let t = Instant::now();
+    kiln_vmm::qemu::create_overlay(&snap.dir.join(&disk.info.file), disk.format, &overlay)?;
+    let mut spec = host.vm_spec(dir.join("vm"));
+    spec.memory_mib = snap.manifest.memory_mib;
+    spec.disks = vec![DiskSpec {
+        path: overlay,
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    }];
+    spec.network = Some(NetSpec {
+        forwards: vec![PortForward {
+            host_port: port,
+            guest_port: 8080,
+        }],
+        restrict_egress: false,
+    });
+    let vm = host
+        .vmm
+        .boot(spec, BootOptions::default())
+        .await
+        .context("cold-booting the image's disk")?;
+    let agent = t.elapsed();
+    let answered = async {
+        vm.agent()
+            .start_app(AppSpec {
+                argv: config.app_argv.clone(),
+                env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                cwd: Some(config.workdir.clone()),
+                uid: Some(config.uid),
+                gid: Some(config.gid),
+            })
+            .await
+            .context("starting the app in the cold-booted VM")?;
+        until_ok("the cold-booted app", || plain_get(port)).await
+    }
+    .await;
+    let first_ok = t.elapsed();
+    let stopped = vm.terminate().await;
+    answered?;
+    stopped.context("terminating the cold-booted VM")?;
+    Ok(ColdBoot { agent, first_ok })
+}
+
+/// One launch's figures; `returned` and `answered` count from the `start` given to
+/// [`launch`], `token` and `request` are their own spans.
+struct Launch {
+    id: String,
+    /// The `X-aws-proxy-auth` token.
+    auth: String,
+    /// RunMicrovm returned.
+    returned: Duration,
+    /// CreateMicrovmAuthToken took.
+    token: Duration,
+    /// From sending the first GET (token in hand) until a 200.
+    request: Duration,
+    /// The first 200 arrived.
+    answered: Duration,
+    /// GETs that failed or were not 200 before it.
+    misses: u32,
+}
+
+/// RunMicrovm, a token, then GETs through the endpoint until 200. Terminates the VM itself
+/// only when something after RunMicrovm fails.
+async fn launch(api: &Api, endpoint: &Endpoint, start: Instant) -> anyhow::Result<Launch> {
+    let out = api
+        .call(
+            Method::POST,
+            "/2025-09-09/microvms",
+            Some(json!({"imageIdentifier": IMAGE})),
+        )
+        .await?;
+    let returned = start.elapsed();
+    let id = out["microvmId"]
+        .as_str()
+        .with_context(|| format!("RunMicrovm answered without a microvmId: {out}"))?
+        .to_string();
+    let rest = async {
+        let t = Instant::now();
+        let token = api
+            .call(
+                Method::POST,
+                &format!("/2025-09-09/microvms/{id}/auth-token"),
+                Some(json!({"expirationInMinutes": 5, "allowedPorts": [{"port": 8080}]})),
+            )
+            .await?;
+        let token_time = t.elapsed();
+        let token = token["authToken"]["X-aws-proxy-auth"]
+            .as_str()
+            .with_context(|| format!("CreateMicrovmAuthToken answered without a token: {token}"))?
+            .to_string();
+        let t = Instant::now();
+        let misses = until_ok(&format!("MicroVM {id} through the endpoint"), || {
+            endpoint.get(&id, &token)
+        })
+        .await?;
+        Ok::<_, anyhow::Error>((token, token_time, t.elapsed(), start.elapsed(), misses))
+    };
+    match rest.await {
+        Ok((auth, token, request, answered, misses)) => Ok(Launch {
+            id,
+            auth,
+            returned,
+            token,
+            request,
+            answered,
+            misses,
+        }),
+        Err(e) => {
+            let _ = terminate(api, &id).await;
+            Err(e)
+        }
+    }
+}
+
+/// A sequential launch with what was measured after it.
+struct Measured {
+    launch: Launch,
+    /// A second GET, on another new TLS connection, took.
+    second: Duration,
+    /// TerminateMicrovm took.
+    terminated: Duration,
+}
+
+async fn terminate(api: &Api, id: &str) -> anyhow::Result<()> {
+    api.call(Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None)
+        .await
+        .map(drop)
+}
