@@ -8,13 +8,14 @@ use kiln_api::pagination::paginate;
 use kiln_api::shapes::common::CodeArtifact;
 use kiln_api::shapes::common::{Architecture, Chipset, Tags};
 use kiln_api::shapes::image::*;
-use kiln_api::{ApiError, ArnContext, ImageRef, Request, Timestamp};
+use kiln_api::{ApiError, ArnContext, ImageRef, Request};
 use serde_json::{json, Value};
 
 use crate::builds::{version_dir, Builds};
 use crate::managed;
 use crate::now;
-use crate::store::{ImageRow, Store, StoreError, VersionRow};
+use crate::store::{ImageRow, Store, VersionRow};
+use crate::wire::{internal, to_value, ts};
 
 /// Image operations over the store and the build runner.
 pub struct Images {
@@ -26,19 +27,6 @@ pub struct Images {
     pub ctx: ArnContext,
     /// The data directory.
     pub home: PathBuf,
-}
-
-fn internal(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "store failure");
-    ApiError::internal(format!("kilnd's metadata store failed: {e}"))
-}
-
-fn ts(secs: f64) -> Timestamp {
-    Timestamp::from_millis((secs * 1000.0) as i64)
-}
-
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn not_implemented(op: &str) -> ApiError {

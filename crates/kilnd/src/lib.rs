@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod wire;
 
 use std::sync::Arc;
 

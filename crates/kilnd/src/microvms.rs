@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kiln_api::pagination::paginate;
 use kiln_api::shapes::microvm::*;
-use kiln_api::{ApiError, ArnContext, Request, Timestamp};
+use kiln_api::{ApiError, ArnContext, Request};
 use kiln_image::build::ImageConfig;
 use kiln_vmm::host::Host;
 use kiln_vmm::qemu::QemuVm;
@@ -23,6 +23,7 @@ use crate::now;
 use crate::proxy::ActivityTable;
 use crate::store::{MicrovmRow, Store, StoreError};
 use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
+use crate::wire::{internal, to_value, ts};
 
 /// Default and largest `maximumDurationInSeconds`: 8 hours.
 pub const MAX_DURATION_SECS: i64 = 8 * 3600;
@@ -54,19 +55,6 @@ pub struct Microvms {
     pub keys: Arc<TokenKeys>,
     /// Inbound traffic per MicroVM, kept by the endpoint proxy.
     pub activity: ActivityTable,
-}
-
-fn internal(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "store failure");
-    ApiError::internal(format!("kilnd's metadata store failed: {e}"))
-}
-
-fn ts(secs: f64) -> Timestamp {
-    Timestamp::from_millis((secs * 1000.0) as i64)
-}
-
-fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn new_microvm_id() -> String {
