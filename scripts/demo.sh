@@ -219,7 +219,6 @@ say "build $BUILD_ID: memory snapshot $(mib "$MEM"), disk snapshot $(mib "$DISK"
 say "image versions:"
 aws list-microvm-image-versions --image-identifier "$IMAGE" \
     --query 'items[].[imageVersion, state, status]' | sed 's/^/      /'
-end_section
 
 # -------------------------------------------------------------------- 6. launch
 
