@@ -315,6 +315,17 @@ impl Microvms {
         }
         match self.launch(&id, &dir, &snap, &config, &req).await {
             Ok(live) => {
+                // A TerminateMicrovm that arrived during the launch wins.
+                if self.row(&id)?.state != MicrovmState::Pending.as_str() {
+                    let _ = live.vm.terminate().await;
+                    self.release(memory);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(ApiError::conflict(
+                        "Microvm",
+                        &id,
+                        format!("MicroVM {id} was terminated while it started"),
+                    ));
+                }
                 let forwards = json!(live.forwards);
                 self.store
                     .set_microvm_forwards(&id, &forwards)
