@@ -12,6 +12,7 @@ pub mod host;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;
+pub mod suspend;
 pub mod tsc;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ use kiln_agent::client::AgentClient;
 pub use error::VmmError;
 pub use snapshot::Snapshot;
 pub use spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
+pub use suspend::{SuspendError, SuspendedVm};
 
 /// A virtual machine monitor: boots VMs and restores snapshots into new ones.
 pub trait Vmm: Send + Sync {
@@ -41,6 +43,17 @@ pub trait Vmm: Send + Sync {
     fn restore(
         &self,
         snapshot: &Snapshot,
+        target: RestoreTarget,
+    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+
+    /// Resumes a VM that [`MicroVm::suspend`] saved: a new process loads its memory and
+    /// devices, takes over its disks and gets `target`'s forwards; the guest's clock is set and
+    /// its RNG reseeded. Returns once the agent answers. On success the suspended directory is
+    /// removed (the session lives on in the returned VM); on failure it is left whole, so the
+    /// resume can be retried.
+    fn resume(
+        &self,
+        suspended: &SuspendedVm,
         target: RestoreTarget,
     ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
 }
@@ -73,6 +86,15 @@ pub trait MicroVm: Send {
     /// Syncs the guest, pauses it and saves memory, devices and disks into `dest`; the VM is
     /// consumed (it must never run again, its memory file now belongs to the snapshot).
     fn snapshot(self, dest: &Path) -> impl Future<Output = Result<Snapshot, VmmError>> + Send;
+    /// Syncs the guest (keeping its page cache), pauses it and saves all of it (RAM, devices,
+    /// writable disks) into `dest`, then ends the VM's process so the host gets its memory back.
+    /// On failure the VM is handed back running when its process survived.
+    fn suspend(
+        self,
+        dest: &Path,
+    ) -> impl Future<Output = Result<SuspendedVm, SuspendError<Self>>> + Send
+    where
+        Self: Sized;
     /// Stops the VM (guest power-off, then QMP quit, then signals) and removes its runtime
     /// directory.
     fn terminate(self) -> impl Future<Output = Result<(), VmmError>> + Send;

@@ -5,6 +5,8 @@ pub mod cmdline;
 pub mod process;
 pub mod qmp;
 
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +15,9 @@ use serde_json::json;
 
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
+use crate::suspend::{
+    self, StoredFile, SuspendError, SuspendManifest, SuspendedDisk, SuspendedVm, SUSPEND_FORMAT,
+};
 use crate::{BootOptions, MicroVm, RestoreTarget, Timeline, VmStatus, Vmm, VmmError};
 use process::{QemuBinary, QemuProcess};
 use qmp::Qmp;
@@ -25,6 +30,8 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(20);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes of host entropy fed to every restored guest.
 const ENTROPY_BYTES: usize = 64;
+/// Migration bandwidth for suspends (bytes/s): no cap, the guest is paused anyway.
+const SUSPEND_BANDWIDTH: u64 = 1 << 40;
 
 /// Runs VMs with QEMU.
 #[derive(Debug, Clone)]
@@ -49,6 +56,16 @@ impl QemuVmm {
     /// the runtime directory if anything fails.
     async fn start(&self, spec: VmSpec, incoming: bool, t0: Instant) -> Result<QemuVm, VmmError> {
         let args = cmdline::args(&spec, incoming);
+        self.start_with(spec, args, t0).await
+    }
+
+    /// [`start`](Self::start) with a prepared argument vector.
+    async fn start_with(
+        &self,
+        spec: VmSpec,
+        args: Vec<OsString>,
+        t0: Instant,
+    ) -> Result<QemuVm, VmmError> {
         if let Err(e) = write_spec(&spec) {
             remove_dir(&spec.dir);
             return Err(e);
@@ -196,6 +213,147 @@ impl Vmm for QemuVmm {
             }
         }
     }
+
+    async fn resume(&self, sus: &SuspendedVm, target: RestoreTarget) -> Result<QemuVm, VmmError> {
+        let t0 = Instant::now();
+        let m = &sus.manifest;
+        if m.qemu_version != self.qemu.version {
+            return Err(VmmError::BadSnapshot {
+                dir: sus.dir.clone(),
+                reason: format!(
+                    "it was suspended by QEMU {}, this host runs QEMU {}; resume it with that QEMU",
+                    m.qemu_version, self.qemu.version
+                ),
+            });
+        }
+        let stream = sus.state_path();
+        shell_quote(&stream)?;
+        create_runtime_dir(&target.dir)?;
+        // Links, not moves: the suspended directory stays whole until the resumed guest runs.
+        let mut disks = Vec::with_capacity(m.disks.len());
+        for (i, d) in m.disks.iter().enumerate() {
+            let mut path = sus.disk_path(d);
+            if !d.read_only {
+                let to = target.dir.join(snapshot::disk_file_name(i, d.format));
+                if let Err(e) = link_or_copy(&path, &to) {
+                    remove_dir(&target.dir);
+                    return Err(e);
+                }
+                path = to;
+            }
+            disks.push(DiskSpec {
+                path,
+                format: d.format,
+                read_only: d.read_only,
+            });
+        }
+        let spec = VmSpec {
+            dir: target.dir.clone(),
+            vcpus: m.vcpus,
+            memory_mib: m.memory_mib,
+            kernel: m.kernel.path.clone(),
+            initramfs: m.initramfs.path.clone(),
+            cmdline_extra: m.cmdline_extra.clone(),
+            disks,
+            network: m.network.then(|| NetSpec {
+                forwards: target.forwards.clone(),
+                restrict_egress: target.restrict_egress,
+            }),
+            // The RAM comes in the stream; `ram_backed_args` adds its anonymous backend.
+            memory_file: None,
+            accel: m.accel,
+            tsc_khz: m.tsc_khz,
+        };
+        if let Err(e) = validate(&spec) {
+            remove_dir(&target.dir);
+            return Err(e);
+        }
+        let args = ram_backed_args(&spec, &m.ram_backend);
+        let mut vm = self.start_with(spec, args, t0).await?;
+        let doing = format!("resuming {}", sus.dir.display());
+        let loaded = vm
+            .load_and_run(
+                &stream,
+                "loading the suspended VM",
+                &doing,
+                target.agent_timeout,
+            )
+            .await;
+        match loaded {
+            Ok(()) => {
+                // The session now lives in the running VM; its disks keep their new names.
+                remove_dir(&sus.dir);
+                Ok(vm)
+            }
+            Err(e) => {
+                vm.abort().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The command line for a VM whose RAM arrives in a migration stream: anonymous memory in a
+/// backend with the id the stream names, instead of a memory file.
+fn ram_backed_args(spec: &VmSpec, ram_backend: &str) -> Vec<OsString> {
+    let mut args = cmdline::args(spec, true);
+    if let Some(i) = args.iter().position(|a| a == "-M") {
+        let mut machine = args[i + 1].clone();
+        machine.push(format!(",memory-backend={ram_backend}"));
+        args[i + 1] = machine;
+        let backend = format!(
+            "memory-backend-ram,id={ram_backend},size={}M",
+            spec.memory_mib
+        );
+        args.splice(i + 2..i + 2, ["-object".into(), backend.into()]);
+    }
+    args
+}
+
+/// Hard-links `from` to `to`, or copies it (sparsely) when they are on different file systems.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), VmmError> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            let out = std::process::Command::new("cp")
+                .args(["--sparse=always", "--reflink=auto"])
+                .arg(from)
+                .arg(to)
+                .output()
+                .map_err(|e| VmmError::io("copying", from, e))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                let _ = std::fs::remove_file(to);
+                Err(VmmError::Tool {
+                    program: "cp".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                })
+            }
+        }
+        Err(e) => Err(VmmError::io("linking", from, e)),
+    }
+}
+
+/// What a log file gained after byte `mark` (at most its last 2 KiB), trimmed.
+fn log_since(path: &Path, mark: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let start = mark.max(len.saturating_sub(2048));
+        if f.seek(SeekFrom::Start(start)).is_ok() {
+            let _ = f.read_to_end(&mut text);
+        }
+    }
+    String::from_utf8_lossy(&text).trim().to_string()
+}
+
+/// Flushes a file (or directory) to stable storage.
+fn sync_path(path: &Path) -> Result<(), VmmError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| VmmError::io("syncing", path, e))
 }
 
 /// One QEMU microVM.
@@ -258,17 +416,33 @@ impl QemuVm {
         target: &RestoreTarget,
     ) -> Result<(), VmmError> {
         self.ignore_shared_memory().await?;
-        let uri = format!("exec:cat {}", shell_quote(&snap.state_path())?);
+        self.load_and_run(
+            &snap.state_path(),
+            "loading the device state",
+            &format!("restoring {}", snap.dir.display()),
+            target.agent_timeout,
+        )
+        .await
+    }
+
+    /// Loads the migration stream in `stream` into this `-incoming defer` process, starts the
+    /// guest, connects its agent and refreshes its clock and entropy.
+    async fn load_and_run(
+        &mut self,
+        stream: &Path,
+        loading: &str,
+        doing: &str,
+        agent_timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let uri = format!("exec:cat {}", shell_quote(stream)?);
         self.qmp
             .execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await
-            .map_err(VmmError::qmp("loading the device state"))?;
-        let status = self
-            .wait_while_status("inmigrate", "loading the device state")
-            .await?;
+            .map_err(VmmError::qmp(loading))?;
+        let status = self.wait_while_status("inmigrate", loading).await?;
         if status != "paused" {
             return Err(VmmError::Migration {
-                doing: format!("restoring {}", snap.dir.display()),
+                doing: doing.to_string(),
                 status,
                 detail: format!("; QEMU said: {}", self.process.log_tail()),
             });
@@ -276,7 +450,7 @@ impl QemuVm {
         self.timeline.mark("loaded", self.t0);
         // Connect before `cont` so the handshake is queued the moment the guest runs.
         let socket = self.spec.agent_socket();
-        let timeout = target.agent_timeout;
+        let timeout = agent_timeout;
         let agent = tokio::spawn(async move { AgentClient::connect(&socket, timeout).await });
         self.qmp
             .execute("cont", None)
@@ -287,7 +461,7 @@ impl QemuVm {
             Ok(Ok(a)) => a,
             Ok(Err(source)) => {
                 return Err(VmmError::AgentUnresponsive {
-                    doing: "restoring".into(),
+                    doing: doing.to_string(),
                     timeout,
                     source,
                     console: self.console_tail(15),
@@ -495,6 +669,38 @@ impl MicroVm for QemuVm {
         })
     }
 
+    async fn suspend(mut self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
+        let staging = staging_dir(dest);
+        let t0 = Instant::now();
+        let mut timeline = Timeline::default();
+        let manifest = match self.suspend_into(dest, &staging, &mut timeline, t0).await {
+            Ok(m) => m,
+            Err(error) => return Err(self.survive_failed_suspend(&staging, error).await),
+        };
+        // Published: the suspended directory is the session now. This QEMU, paused with its
+        // disks handed over, must never run again.
+        let _ = self
+            .qmp
+            .execute_timeout("quit", None, Duration::from_secs(2))
+            .await;
+        if !self.process.wait_exit(Duration::from_secs(5)).await {
+            self.process.kill(Duration::from_secs(1)).await;
+        }
+        timeline.mark("ended", t0);
+        for d in self.spec.disks.iter().filter(|d| !d.read_only) {
+            // Disks outside the runtime directory keep a second name; the suspended one rules.
+            if let Err(e) = std::fs::remove_file(&d.path) {
+                tracing::warn!(disk = %d.path.display(), error = %e, "cannot remove a suspended VM's old disk name");
+            }
+        }
+        remove_dir(&self.spec.dir);
+        Ok(SuspendedVm {
+            dir: dest.to_owned(),
+            manifest,
+            timeline,
+        })
+    }
+
     async fn terminate(mut self) -> Result<(), VmmError> {
         self.stop_process().await;
         remove_dir(&self.spec.dir);
@@ -503,6 +709,269 @@ impl MicroVm for QemuVm {
 }
 
 impl QemuVm {
+    /// Syncs and pauses the guest, migrates all of it into `staging`, links its writable disks
+    /// there, writes the manifest, flushes everything and publishes `staging` as `dest`.
+    /// QEMU stays alive (paused) so a failure at any step can still continue the guest.
+    async fn suspend_into(
+        &mut self,
+        dest: &Path,
+        staging: &Path,
+        timeline: &mut Timeline,
+        t0: Instant,
+    ) -> Result<SuspendManifest, VmmError> {
+        if dest.exists() {
+            return Err(VmmError::InvalidSpec(format!(
+                "suspend destination {} already exists; remove it or pick another directory",
+                dest.display()
+            )));
+        }
+        let mut backings = Vec::with_capacity(self.spec.disks.len());
+        for d in &self.spec.disks {
+            let backing = match d.format {
+                DiskFormat::Qcow2 => suspend::qcow2_backing(&d.path)
+                    .map_err(|e| VmmError::io("reading", &d.path, e))?,
+                DiskFormat::Raw => None,
+            };
+            if !d.read_only && backing.as_deref().is_some_and(Path::is_relative) {
+                return Err(VmmError::InvalidSpec(format!(
+                    "disk {} names its backing file by a relative path, so it cannot move into \
+                     {}; create overlays with absolute backing paths",
+                    d.path.display(),
+                    dest.display()
+                )));
+            }
+            backings.push(backing);
+        }
+        let state_path = staging.join(suspend::STATE);
+        let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
+        let ram_backend = self.ram_backend().await?;
+        let _ = std::fs::remove_dir_all(staging);
+        std::fs::create_dir_all(staging).map_err(|e| VmmError::io("creating", staging, e))?;
+
+        // Sync so the disks hold what the guest wrote; keep the page cache, the session resumes
+        // with it.
+        self.agent().sync(false).await.map_err(VmmError::agent(
+            "syncing the guest's disks before suspending",
+        ))?;
+        timeline.mark("synced", t0);
+        self.qmp
+            .execute("stop", None)
+            .await
+            .map_err(VmmError::qmp("pausing"))?;
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": false}]})),
+            )
+            .await
+            .map_err(VmmError::qmp("including guest RAM in the stream"))?;
+        // QEMU 7.2 caps migration at 128 MiB/s by default, which triples suspend time.
+        self.qmp
+            .execute(
+                "migrate-set-parameters",
+                Some(json!({ "max-bandwidth": SUSPEND_BANDWIDTH })),
+            )
+            .await
+            .map_err(VmmError::qmp("raising the migration bandwidth"))?;
+        // Only what QEMU (and `cat`) print from here on explains a failure.
+        let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
+        self.qmp
+            .execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map_err(VmmError::qmp("saving the VM"))?;
+        self.wait_migration(dest, log_mark).await?;
+        timeline.mark("saved", t0);
+
+        let mut disks = Vec::with_capacity(self.spec.disks.len());
+        for (i, (d, backing)) in self.spec.disks.iter().zip(backings).enumerate() {
+            let path = if d.read_only {
+                d.path.clone()
+            } else {
+                let name = snapshot::disk_file_name(i, d.format);
+                link_or_copy(&d.path, &staging.join(&name))?;
+                PathBuf::from(name)
+            };
+            let on_disk = staging.join(&path);
+            let size = std::fs::metadata(&on_disk)
+                .map_err(|e| VmmError::io("reading", &on_disk, e))?
+                .len();
+            disks.push(SuspendedDisk {
+                path,
+                format: d.format,
+                read_only: d.read_only,
+                size,
+                backing,
+            });
+        }
+        let meta =
+            std::fs::metadata(&state_path).map_err(|e| VmmError::io("reading", &state_path, e))?;
+        let spec = &self.spec;
+        let manifest = SuspendManifest {
+            format: SUSPEND_FORMAT,
+            suspended_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            qemu_version: QemuBinary::find()?.version,
+            accel: spec.accel,
+            cpu: cmdline::cpu_model(spec.accel).to_string(),
+            machine: cmdline::machine_signature(spec),
+            memory_mib: spec.memory_mib,
+            ram_backend,
+            vcpus: spec.vcpus,
+            tsc_khz: spec.tsc_khz,
+            kernel: file_ref(&spec.kernel)?,
+            initramfs: file_ref(&spec.initramfs)?,
+            cmdline_extra: spec.cmdline_extra.clone(),
+            network: spec.network.is_some(),
+            state: StoredFile {
+                file: suspend::STATE.to_string(),
+                size: meta.len(),
+                allocated: meta.blocks() * 512,
+            },
+            disks,
+        };
+        let manifest_path = staging.join(suspend::MANIFEST);
+        let text = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
+        std::fs::write(&manifest_path, text)
+            .map_err(|e| VmmError::io("writing", &manifest_path, e))?;
+        // QEMU is about to end and take the only other copy of the guest's memory with it: the
+        // stream must survive a host crash from here on.
+        for d in manifest.disks.iter().filter(|d| !d.read_only) {
+            sync_path(&staging.join(&d.path))?;
+        }
+        sync_path(&state_path)?;
+        sync_path(&manifest_path)?;
+        sync_path(staging)?;
+        std::fs::rename(staging, dest).map_err(|e| VmmError::io("publishing", dest, e))?;
+        if let Some(parent) = dest.parent() {
+            if let Err(e) = sync_path(parent) {
+                tracing::warn!(error = %e, "cannot sync the suspended VM's parent directory");
+            }
+        }
+        timeline.mark("published", t0);
+        Ok(manifest)
+    }
+
+    /// Waits for an outgoing migration to complete; cancels it on timeout. Errors say what
+    /// QEMU (and the `cat` writing the stream) said, and whether the file system is full.
+    async fn wait_migration(&mut self, dest: &Path, log_mark: u64) -> Result<(), VmmError> {
+        let doing = format!("suspending into {}", dest.display());
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            if !self.process.is_alive() {
+                return Err(self.died(&doing));
+            }
+            let st = match self.qmp.execute("query-migrate", None).await {
+                Ok(st) => st,
+                Err(e) => {
+                    let err = VmmError::qmp(&doing)(e);
+                    return Err(prefer_death(&mut self.process, &self.spec, &doing, err).await);
+                }
+            };
+            let status = st["status"].as_str().unwrap_or("").to_string();
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let log = log_since(&self.spec.qemu_log(), log_mark);
+                    let mut detail = st["error-desc"]
+                        .as_str()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default();
+                    if log.contains("No space left on device") {
+                        detail.push_str(&format!(
+                            "; the file system holding {} is full: free space there or suspend \
+                             elsewhere",
+                            dest.display()
+                        ));
+                    }
+                    if !log.is_empty() {
+                        detail.push_str(&format!("; QEMU said: {log}"));
+                    }
+                    return Err(VmmError::Migration {
+                        doing,
+                        status,
+                        detail,
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = self.qmp.execute("migrate_cancel", None).await;
+                    return Err(VmmError::Migration {
+                        doing,
+                        status,
+                        detail: format!(" after {MIGRATION_TIMEOUT:?} (cancelled)"),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
+    /// After a failed suspend: removes the partial directory and continues the guest if QEMU
+    /// lives; otherwise cleans up after the dead VM.
+    async fn survive_failed_suspend(
+        mut self,
+        staging: &Path,
+        error: VmmError,
+    ) -> SuspendError<QemuVm> {
+        let _ = std::fs::remove_dir_all(staging);
+        if self.process.is_alive() {
+            // A cancelled migration must settle before the guest may continue.
+            let settle = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < settle {
+                match self.qmp.execute("query-migrate", None).await {
+                    Ok(st)
+                        if matches!(
+                            st["status"].as_str(),
+                            Some("active" | "cancelling" | "setup" | "device")
+                        ) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    _ => break,
+                }
+            }
+            match self.qmp.execute("cont", None).await {
+                Ok(_) => {
+                    return SuspendError {
+                        error,
+                        vm: Some(self),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot continue the VM after a failed suspend")
+                }
+            }
+        }
+        let error = if self.process.is_alive() {
+            error
+        } else {
+            prefer_death(&mut self.process, &self.spec, "suspending", error).await
+        };
+        self.abort().await;
+        SuspendError { error, vm: None }
+    }
+
+    /// The id of the memory backend holding guest RAM (the migration stream names it).
+    async fn ram_backend(&self) -> Result<String, VmmError> {
+        let devs = self
+            .qmp
+            .execute("query-memdev", None)
+            .await
+            .map_err(VmmError::qmp("finding the guest RAM backend"))?;
+        let ids: Vec<&str> = devs
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["id"].as_str()).collect())
+            .unwrap_or_default();
+        match ids.as_slice() {
+            [id] => Ok((*id).to_string()),
+            _ => Err(VmmError::InvalidSpec(format!(
+                "suspend needs exactly one guest RAM backend, QEMU reports {devs}"
+            ))),
+        }
+    }
+
     /// Pauses the VM, saves its device state into `staging`, ends QEMU, and moves memory and
     /// disks next to it. The source VM must never run again after this.
     async fn snapshot_into(
