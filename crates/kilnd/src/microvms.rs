@@ -33,6 +33,64 @@ struct Live {
     vm: QemuVm,
     /// Guest port → host port on 127.0.0.1.
     forwards: BTreeMap<u16, u16>,
+    /// The image's lifecycle hooks: their port and which are enabled.
+    hooks: SessionHooks,
+}
+
+/// The `microvmHooks` of an image version and the port its hooks listener uses.
+#[derive(Debug, Clone, Default)]
+struct SessionHooks {
+    port: u16,
+    hooks: kiln_api::shapes::common::MicrovmHooks,
+}
+
+impl SessionHooks {
+    /// The hooks in a stored version spec (an `ImageVersionConfig` as JSON).
+    fn of(spec: &Value) -> SessionHooks {
+        let h: kiln_api::shapes::common::Hooks =
+            serde_json::from_value(spec["hooks"].clone()).unwrap_or_default();
+        SessionHooks {
+            port: h.port.map(|p| p as u16).unwrap_or(8080),
+            hooks: h.microvm_hooks.unwrap_or_default(),
+        }
+    }
+
+    /// The timeout of `hook` when the image enables it.
+    fn enabled(&self, hook: &str) -> Option<Duration> {
+        use kiln_api::shapes::common::HookState::Enabled;
+        let h = &self.hooks;
+        let (state, secs) = match hook {
+            "run" => (h.run, h.run_timeout_in_seconds),
+            "resume" => (h.resume, h.resume_timeout_in_seconds),
+            "suspend" => (h.suspend, h.suspend_timeout_in_seconds),
+            "terminate" => (h.terminate, h.terminate_timeout_in_seconds),
+            _ => (None, None),
+        };
+        (state == Some(Enabled))
+            .then(|| Duration::from_secs(secs.unwrap_or(30).clamp(1, 60) as u64))
+    }
+
+    /// Calls `hook` with `body` through the guest agent (AWS contract: POST
+    /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success.
+    async fn call(&self, vm: &QemuVm, hook: &str, body: &[u8]) -> Result<(), String> {
+        let Some(timeout) = self.enabled(hook) else {
+            return Ok(());
+        };
+        let mut req = kiln_image::build::hook_request(self.port, hook, timeout);
+        req.body = body.to_vec();
+        match vm.agent().http_request(req).await {
+            Ok(r) if (200..300).contains(&r.status) => Ok(()),
+            Ok(r) => Err(format!(
+                "the {hook} hook answered {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )),
+            Err(e) => Err(format!("the {hook} hook failed: {e}")),
+        }
+    }
 }
 
 /// What is admitted now: VM count and memory.
@@ -300,7 +358,8 @@ impl Microvms {
             version,
             state: MicrovmState::Pending.as_str().into(),
             state_reason: None,
-            request: to_value(&req)?,
+            // The run hook's payload carries the session's secrets: it is passed on, never stored.
+            request: to_value(&RunMicrovmRequest { run_hook_payload: None, ..req.clone() })?,
             started_at: now(),
             terminated_at: None,
             max_duration,
@@ -313,7 +372,8 @@ impl Microvms {
             self.release(memory);
             return Err(internal(e));
         }
-        match self.launch(&id, &dir, &snap, &config, &req).await {
+        let hooks = SessionHooks::of(&v.spec);
+        match self.launch(&id, &dir, &snap, &config, &req, hooks).await {
             Ok(live) => {
                 // A TerminateMicrovm that arrived during the launch wins.
                 if self.row(&id)?.state != MicrovmState::Pending.as_str() {
@@ -324,6 +384,25 @@ impl Microvms {
                         "Microvm",
                         &id,
                         format!("MicroVM {id} was terminated while it started"),
+                    ));
+                }
+                // The run hook is where a session gets its secrets and ids: never at build time.
+                let payload = req.run_hook_payload.clone().unwrap_or_default();
+                if let Err(e) = live.hooks.call(&live.vm, "run", payload.as_bytes()).await {
+                    let _ = live.vm.terminate().await;
+                    self.release(memory);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let reason = format!("launch failed: {e}");
+                    let _ = self.store.set_microvm_state(
+                        &id,
+                        MicrovmState::Terminated.as_str(),
+                        Some(&reason),
+                        Some(now()),
+                    );
+                    return Err(ApiError::conflict(
+                        "Microvm",
+                        &id,
+                        format!("MicroVM {id} did not start: {e}"),
                     ));
                 }
                 let forwards = json!(live.forwards);
@@ -365,6 +444,7 @@ impl Microvms {
         snap: &Snapshot,
         config: &ImageConfig,
         req: &RunMicrovmRequest,
+        hooks: SessionHooks,
     ) -> Result<Live, kiln_vmm::VmmError> {
         std::fs::create_dir_all(dir).map_err(|e| kiln_vmm::VmmError::io("creating", dir, e))?;
         let mut forwards = BTreeMap::new();
@@ -390,7 +470,11 @@ impl Microvms {
             .is_none_or(|c| c.is_empty());
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
-        Ok(Live { vm, forwards })
+        Ok(Live {
+            vm,
+            forwards,
+            hooks,
+        })
     }
 
     /// Terminates a MicroVM (idempotent) and frees everything it held.
@@ -407,6 +491,9 @@ impl Microvms {
             let live = Arc::try_unwrap(live).map(Mutex::into_inner);
             match live {
                 Ok(live) => {
+                    if let Err(e) = live.hooks.call(&live.vm, "terminate", b"{}").await {
+                        tracing::info!(microvm = %id, error = %e, "terminate hook");
+                    }
                     if let Err(e) = live.vm.terminate().await {
                         tracing::warn!(microvm = %id, error = %e, "terminating");
                     }
@@ -517,6 +604,10 @@ impl Microvms {
             };
             match attached {
                 Some(vm) => {
+                    let hooks = match self.store.version(&r.image, r.version)? {
+                        Some(v) => SessionHooks::of(&v.spec),
+                        None => SessionHooks::default(),
+                    };
                     let forwards: BTreeMap<u16, u16> =
                         serde_json::from_value(r.forwards.clone()).unwrap_or_default();
                     {
@@ -524,10 +615,14 @@ impl Microvms {
                         c.vms += 1;
                         c.memory_mib += r.memory_mib as u64;
                     }
-                    self.live
-                        .lock()
-                        .await
-                        .insert(r.id.clone(), Arc::new(Mutex::new(Live { vm, forwards })));
+                    self.live.lock().await.insert(
+                        r.id.clone(),
+                        Arc::new(Mutex::new(Live {
+                            vm,
+                            forwards,
+                            hooks,
+                        })),
+                    );
                     tracing::info!(microvm = %r.id, "re-attached after restart");
                 }
                 None => {

@@ -367,3 +367,90 @@ fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_durat
     );
     assert!(!kilnd.qemu_running());
 }
+
+/// An app whose hooks listener (port 9000) logs every request where its web server shows it.
+const HOOKS_APP: &str = "#!/bin/sh
+mkdir -p /www
+(while true; do printf 'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' | nc -l -p 9000 >> /www/hooks.log; done) &
+exec httpd -f -p 8080 -h /www
+";
+
+#[test]
+fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fails_the_launch() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("hooks.zip");
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", HOOKS_APP.as_bytes(), 0o755),
+        ],
+    );
+    let create = |name: &str, port: &str| {
+        kilnd.aws(&[
+            "create-microvm-image",
+            "--name",
+            name,
+            "--base-image-arn",
+            "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "--build-role-arn",
+            "arn:aws:iam::000000000000:role/kiln-build",
+            "--code-artifact",
+            &format!("uri=file://{}", zip.display()),
+            "--resources",
+            "minimumMemoryInMiB=256",
+            "--hooks",
+            &format!(
+                "port={port},microvmHooks={{run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED}}"
+            ),
+        ])
+    };
+    create("hooked", "9000");
+    create("deaf", "9001");
+    kilnd.wait_version("hooked", "1");
+    kilnd.wait_version("deaf", "1");
+
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "hooked",
+        "--run-hook-payload",
+        r#"{"session":"s-42","secret":"only-at-run"}"#,
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let log = endpoint_get(&kilnd, &id, &token(&kilnd, &id), "/hooks.log");
+    let (deaf_code, _, deaf_err) = kilnd.aws(&["run-microvm", "--image-identifier", "deaf"]);
+    let (_, listed, _) = kilnd.aws(&["list-microvms", "--image-identifier", "deaf"]);
+    let deaf_id = listed["items"][0]["microvmId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_, deaf_vm, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &deaf_id]);
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        log.contains("POST /aws/lambda-microvms/runtime/v1/run"),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"{"session":"s-42","secret":"only-at-run"}"#),
+        "{log}"
+    );
+    assert_ne!(deaf_code, 0);
+    assert!(deaf_err.contains("run hook"), "{deaf_err}");
+    assert_eq!(deaf_vm["state"], "TERMINATED");
+    assert!(
+        deaf_vm["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("run hook"),
+        "{deaf_vm}"
+    );
+    assert!(!kilnd.qemu_running());
+}
