@@ -24,6 +24,14 @@
 //!
 //! The stream is checked by size only: it is private, short-lived and written by kiln, and
 //! hashing hundreds of MiB would sit on the resume path.
+//!
+//! Not yet (DESIGN's hybrid): resume here is eager (the whole stream is read before the guest
+//! runs, so it grows with touched memory) and the resumed VM shares no pages with its image.
+//! The hybrid would, off the client's path, load this stream once into a per-VM sparse memory
+//! file (`share=on`) and re-save it with `x-ignore-shared`, turning this directory into a small
+//! private image that resumes like a launch (`share=off`, lazy). The stream is written by
+//! `exec:cat`; passing QEMU a file descriptor (`getfd` with SCM_RIGHTS) would need the QMP
+//! client to send ancillary data.
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
