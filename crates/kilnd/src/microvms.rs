@@ -113,6 +113,9 @@ pub struct Microvms {
     pub keys: Arc<TokenKeys>,
     /// Inbound traffic per MicroVM, kept by the endpoint proxy.
     pub activity: ActivityTable,
+    /// One lock per MicroVM for suspend and resume, so concurrent requests to a suspended
+    /// VM trigger one resume.
+    transitions: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 fn new_microvm_id() -> String {
@@ -145,6 +148,7 @@ impl Microvms {
             capacity: StdMutex::new(Capacity::default()),
             keys,
             activity,
+            transitions: StdMutex::new(HashMap::new()),
         }
     }
 
@@ -175,6 +179,23 @@ impl Microvms {
         c.vms += 1;
         c.memory_mib += memory_mib;
         Ok(())
+    }
+
+    fn reserve_memory(&self, memory_mib: u64) -> Result<(), ApiError> {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.config.memory_budget_mib();
+        if c.memory_mib + memory_mib > budget {
+            return Err(ApiError::InsufficientCapacity {
+                message: format!("this kiln host has {} of {budget} MiB in use; resuming needs {memory_mib} MiB more; try later", c.memory_mib),
+            });
+        }
+        c.memory_mib += memory_mib;
+        Ok(())
+    }
+
+    fn release_memory(&self, memory_mib: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
     }
 
     fn release(&self, memory_mib: u64) {
@@ -230,6 +251,16 @@ impl Microvms {
                 self.row(&id)?;
                 self.terminate(&id, "terminated by request").await?;
                 to_value(&TerminateMicrovmResponse {})
+            }
+            Request::SuspendMicrovm { params } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                self.suspend(&id).await?;
+                to_value(&SuspendMicrovmResponse {})
+            }
+            Request::ResumeMicrovm { params } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                self.resume(&id).await?;
+                to_value(&ResumeMicrovmResponse {})
             }
             Request::CreateMicrovmAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
@@ -359,7 +390,10 @@ impl Microvms {
             state: MicrovmState::Pending.as_str().into(),
             state_reason: None,
             // The run hook's payload carries the session's secrets: it is passed on, never stored.
-            request: to_value(&RunMicrovmRequest { run_hook_payload: None, ..req.clone() })?,
+            request: to_value(&RunMicrovmRequest {
+                run_hook_payload: None,
+                ..req.clone()
+            })?,
             started_at: now(),
             terminated_at: None,
             max_duration,
@@ -507,6 +541,9 @@ impl Microvms {
                 }
             }
             self.release(row.memory_mib as u64);
+        } else if row.state == MicrovmState::Suspended.as_str() {
+            // A suspended session holds a slot but no memory.
+            self.release(0);
         }
         let _ = std::fs::remove_dir_all(self.dir_of(id));
         self.activity.forget(id);
@@ -520,6 +557,199 @@ impl Microvms {
             .map_err(internal)?;
         tracing::info!(microvm = %id, %reason, "terminated");
         Ok(())
+    }
+
+    fn transition_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut t = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        t.entry(id.to_string()).or_default().clone()
+    }
+
+    fn suspended_dir(&self, id: &str) -> PathBuf {
+        self.dir_of(id).join("suspended")
+    }
+
+    /// SuspendMicrovm: the suspend hook, then memory, devices and disk to the session's
+    /// directory; QEMU exits so its memory returns to the host. Idempotent.
+    pub async fn suspend(&self, id: &str) -> Result<(), ApiError> {
+        let lock = self.transition_lock(id);
+        let _guard = lock.lock().await;
+        let row = self.row(id)?;
+        match row.state.as_str() {
+            "SUSPENDED" => return Ok(()),
+            "RUNNING" => {}
+            other => {
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    id,
+                    format!("MicroVM {id} is {other}; only a RUNNING MicroVM can be suspended"),
+                ))
+            }
+        }
+        let Some(live) = self.live.lock().await.remove(id) else {
+            return Err(ApiError::conflict(
+                "Microvm",
+                id,
+                format!("MicroVM {id} is not running on this host"),
+            ));
+        };
+        let live = match Arc::try_unwrap(live) {
+            Ok(l) => l.into_inner(),
+            Err(shared) => {
+                self.live.lock().await.insert(id.to_string(), shared);
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    id,
+                    "the MicroVM is busy; try again",
+                ));
+            }
+        };
+        self.store
+            .set_microvm_state(id, MicrovmState::Suspending.as_str(), None, None)
+            .map_err(internal)?;
+        if let Err(e) = live.hooks.call(&live.vm, "suspend", b"{}").await {
+            tracing::info!(microvm = %id, error = %e, "suspend hook");
+        }
+        let Live {
+            vm,
+            forwards,
+            hooks,
+        } = live;
+        match vm.suspend(&self.suspended_dir(id)).await {
+            Ok(_) => {
+                self.release_memory(row.memory_mib as u64);
+                self.store
+                    .set_microvm_state(id, MicrovmState::Suspended.as_str(), None, None)
+                    .map_err(internal)?;
+                tracing::info!(microvm = %id, "suspended");
+                Ok(())
+            }
+            Err(failure) => {
+                let message = failure.to_string();
+                match failure.vm {
+                    Some(vm) => {
+                        self.live.lock().await.insert(
+                            id.to_string(),
+                            Arc::new(Mutex::new(Live {
+                                vm,
+                                forwards,
+                                hooks,
+                            })),
+                        );
+                        self.store
+                            .set_microvm_state(
+                                id,
+                                MicrovmState::Running.as_str(),
+                                Some(&message),
+                                None,
+                            )
+                            .map_err(internal)?;
+                    }
+                    None => {
+                        self.release(row.memory_mib as u64);
+                        self.store
+                            .set_microvm_state(
+                                id,
+                                MicrovmState::Terminated.as_str(),
+                                Some(&message),
+                                Some(now()),
+                            )
+                            .map_err(internal)?;
+                    }
+                }
+                Err(ApiError::internal(message))
+            }
+        }
+    }
+
+    /// ResumeMicrovm: a new QEMU from the session's directory (new forwards), clock and
+    /// entropy refreshed, then the resume hook. Idempotent.
+    pub async fn resume(&self, id: &str) -> Result<(), ApiError> {
+        let lock = self.transition_lock(id);
+        let _guard = lock.lock().await;
+        let row = self.row(id)?;
+        match row.state.as_str() {
+            "RUNNING" => return Ok(()),
+            "SUSPENDED" => {}
+            other => {
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    id,
+                    format!("MicroVM {id} is {other}; only a SUSPENDED MicroVM can be resumed"),
+                ))
+            }
+        }
+        self.reserve_memory(row.memory_mib as u64)?;
+        let hooks = match self
+            .store
+            .version(&row.image, row.version)
+            .map_err(internal)?
+        {
+            Some(v) => SessionHooks::of(&v.spec),
+            None => SessionHooks::default(),
+        };
+        let old: BTreeMap<u16, u16> =
+            serde_json::from_value(row.forwards.clone()).unwrap_or_default();
+        let result = async {
+            let sus = kiln_vmm::SuspendedVm::open(
+                &self.suspended_dir(id),
+                &self.host.vmm.qemu().version,
+            )?;
+            let mut forwards = BTreeMap::new();
+            for guest in old.keys().copied().chain([8080]) {
+                forwards.insert(
+                    guest,
+                    kiln_vmm::free_port().map_err(|e| {
+                        kiln_vmm::VmmError::io("finding a free port for", &self.dir_of(id), e)
+                    })?,
+                );
+            }
+            let mut target = RestoreTarget::new(self.dir_of(id).join("vm"));
+            target.forwards = forwards
+                .iter()
+                .map(|(g, h)| PortForward {
+                    host_port: *h,
+                    guest_port: *g,
+                })
+                .collect();
+            let req: Option<RunMicrovmRequest> = serde_json::from_value(row.request.clone()).ok();
+            target.restrict_egress = req
+                .as_ref()
+                .and_then(|r| r.egress_network_connectors.as_ref())
+                .is_none_or(|c| c.is_empty());
+            let vm = self.host.vmm.resume(&sus, target).await?;
+            Ok::<_, kiln_vmm::VmmError>(Live {
+                vm,
+                forwards,
+                hooks,
+            })
+        }
+        .await;
+        match result {
+            Ok(live) => {
+                if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
+                    tracing::info!(microvm = %id, error = %e, "resume hook");
+                }
+                self.store
+                    .set_microvm_forwards(id, &json!(live.forwards))
+                    .map_err(internal)?;
+                self.store
+                    .set_microvm_state(id, MicrovmState::Running.as_str(), None, None)
+                    .map_err(internal)?;
+                self.live
+                    .lock()
+                    .await
+                    .insert(id.to_string(), Arc::new(Mutex::new(live)));
+                tracing::info!(microvm = %id, "resumed");
+                Ok(())
+            }
+            Err(e) => {
+                self.release_memory(row.memory_mib as u64);
+                tracing::warn!(microvm = %id, error = %e, "resume failed; the session stays suspended");
+                Err(ApiError::internal(format!(
+                    "MicroVM {id} could not resume (it stays SUSPENDED): {e}"
+                )))
+            }
+        }
     }
 
     /// kiln's own view of a MicroVM (`/kiln/v1/microvms/{id}`): what it runs (image version,
@@ -557,12 +787,34 @@ impl Microvms {
     /// The host address reaching `port` in a running MicroVM, adding a forward on first use.
     pub async fn upstream(&self, id: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
         let live = self.live.lock().await.get(id).cloned();
-        let Some(live) = live else {
-            return match self.store.microvm(id) {
-                Ok(Some(r)) => Err(UpstreamError::NotRunning(r.state)),
-                Ok(None) => Err(UpstreamError::Unknown),
-                Err(e) => Err(UpstreamError::Unavailable(e.to_string())),
-            };
+        let live = match live {
+            Some(l) => l,
+            None => {
+                let row = match self.store.microvm(id) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err(UpstreamError::Unknown),
+                    Err(e) => return Err(UpstreamError::Unavailable(e.to_string())),
+                };
+                let auto_resume = serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
+                    .ok()
+                    .and_then(|r| r.idle_policy)
+                    .is_some_and(|p| p.auto_resume_enabled);
+                if !(auto_resume && matches!(row.state.as_str(), "SUSPENDED" | "SUSPENDING")) {
+                    return Err(UpstreamError::NotRunning(row.state));
+                }
+                // Hold the request while the VM resumes: the client sees a slower answer, not an error.
+                self.resume(id)
+                    .await
+                    .map_err(|e| UpstreamError::Unavailable(e.message().to_string()))?;
+                match self.live.lock().await.get(id).cloned() {
+                    Some(l) => l,
+                    None => {
+                        return Err(UpstreamError::Unavailable(
+                            "the MicroVM did not come back".into(),
+                        ))
+                    }
+                }
+            }
         };
         let mut l = live.lock().await;
         if let Some(h) = l.forwards.get(&port) {
@@ -597,13 +849,37 @@ impl Microvms {
         )?;
         for r in &open {
             let dir = self.dir_of(&r.id);
-            let attached = if r.state == "RUNNING" {
+            if r.state == "SUSPENDED"
+                || (r.state == "SUSPENDING"
+                    && kiln_vmm::SuspendedVm::open(
+                        &self.suspended_dir(&r.id),
+                        &self.host.vmm.qemu().version,
+                    )
+                    .is_ok())
+            {
+                // A suspended session needs no process: it stays as it is on disk.
+                kill_dir(&dir);
+                let _ = std::fs::remove_dir_all(dir.join("vm"));
+                self.capacity.lock().unwrap_or_else(|p| p.into_inner()).vms += 1;
+                self.store
+                    .set_microvm_state(&r.id, "SUSPENDED", None, None)?;
+                continue;
+            }
+            let attached = if matches!(r.state.as_str(), "RUNNING" | "SUSPENDING") {
                 self.host.vmm.attach(&dir.join("vm")).await.ok()
             } else {
                 None
             };
             match attached {
                 Some(vm) => {
+                    if r.state != "RUNNING" {
+                        self.store.set_microvm_state(
+                            &r.id,
+                            "RUNNING",
+                            Some("kilnd restarted during a suspend; the VM kept running"),
+                            None,
+                        )?;
+                    }
                     let hooks = match self.store.version(&r.image, r.version)? {
                         Some(v) => SessionHooks::of(&v.spec),
                         None => SessionHooks::default(),
@@ -628,7 +904,7 @@ impl Microvms {
                 None => {
                     kill_dir(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
-                    let reason = if r.state == "RUNNING" {
+                    let reason = if matches!(r.state.as_str(), "RUNNING" | "SUSPENDING") {
                         "its VM stopped while kilnd was not running"
                     } else {
                         "kilnd restarted while it was starting or stopping"

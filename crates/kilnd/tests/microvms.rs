@@ -454,3 +454,48 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
     );
     assert!(!kilnd.qemu_running());
 }
+
+#[test]
+fn suspend_when_requested_then_qemu_exits_and_a_request_or_resume_brings_the_same_session_back() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "counter",
+        "--idle-policy",
+        "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=true",
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let tok = token(&kilnd, &id);
+    let first = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+
+    let (s1, _, s1_err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let (_, suspended, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]);
+    let qemus_while_suspended = kilnd.qemu_count();
+    let held = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    let (_, after_held, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]);
+    kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let (r, _, r_err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &id]);
+    let (r_again, _, _) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &id]);
+    let third = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(first.trim(), "200 101");
+    assert_eq!(s1, 0, "{s1_err}");
+    assert_eq!(suspended["state"], "SUSPENDED");
+    assert_eq!(qemus_while_suspended, 0);
+    assert_eq!(held.trim(), "200 102");
+    assert_eq!(after_held["state"], "RUNNING");
+    assert_eq!((r, r_again), (0, 0), "{r_err}");
+    assert_eq!(third.trim(), "200 103");
+    assert!(!kilnd.qemu_running());
+    assert_eq!(
+        std::fs::read_dir(kilnd.home.path().join("microvms"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}
