@@ -47,6 +47,9 @@ pub struct Config {
     /// Most guest memory, MiB, all MicroVMs together (default: 75% of the host's memory).
     #[arg(long)]
     pub max_memory_mib: Option<u64>,
+    /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
+    #[arg(long, default_value_t = 60)]
+    pub min_idle_seconds: i32,
     /// AWS region name used in ARNs.
     #[arg(long, default_value = "local")]
     pub region: String,

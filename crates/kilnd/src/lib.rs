@@ -47,6 +47,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("this host cannot run microVMs (run `kiln doctor` for details)")?
     };
     tracing::info!(accel = %host.accel.accel, qemu = %host.vmm.qemu().version, kernel = %host.assets.kernel.version, "host ready");
+    kiln_api::validate::MIN_IDLE_SECONDS.store(
+        config.min_idle_seconds.max(1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let config = Arc::new(config);
     let host = Arc::new(host);
     let ctx = ArnContext {

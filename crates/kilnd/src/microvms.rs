@@ -35,6 +35,9 @@ struct Live {
     forwards: BTreeMap<u16, u16>,
     /// The image's lifecycle hooks: their port and which are enabled.
     hooks: SessionHooks,
+    /// When it last started running (launch, resume, re-attach): idle time counts from here
+    /// until the endpoint sees traffic.
+    since: std::time::Instant,
 }
 
 /// The `microvmHooks` of an image version and the port its hooks listener uses.
@@ -116,6 +119,8 @@ pub struct Microvms {
     /// One lock per MicroVM for suspend and resume, so concurrent requests to a suspended
     /// VM trigger one resume.
     transitions: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// When each suspended session was suspended (for `suspendedDurationSeconds`).
+    suspended_at: StdMutex<HashMap<String, std::time::Instant>>,
 }
 
 fn new_microvm_id() -> String {
@@ -149,6 +154,7 @@ impl Microvms {
             keys,
             activity,
             transitions: StdMutex::new(HashMap::new()),
+            suspended_at: StdMutex::new(HashMap::new()),
         }
     }
 
@@ -505,6 +511,7 @@ impl Microvms {
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
+            since: std::time::Instant::now(),
             vm,
             forwards,
             hooks,
@@ -547,6 +554,10 @@ impl Microvms {
         }
         let _ = std::fs::remove_dir_all(self.dir_of(id));
         self.activity.forget(id);
+        self.suspended_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.store
             .set_microvm_state(
                 id,
@@ -613,6 +624,7 @@ impl Microvms {
             vm,
             forwards,
             hooks,
+            ..
         } = live;
         match vm.suspend(&self.suspended_dir(id)).await {
             Ok(_) => {
@@ -620,6 +632,10 @@ impl Microvms {
                 self.store
                     .set_microvm_state(id, MicrovmState::Suspended.as_str(), None, None)
                     .map_err(internal)?;
+                self.suspended_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.to_string(), std::time::Instant::now());
                 tracing::info!(microvm = %id, "suspended");
                 Ok(())
             }
@@ -630,6 +646,7 @@ impl Microvms {
                         self.live.lock().await.insert(
                             id.to_string(),
                             Arc::new(Mutex::new(Live {
+                                since: std::time::Instant::now(),
                                 vm,
                                 forwards,
                                 hooks,
@@ -718,6 +735,7 @@ impl Microvms {
                 .is_none_or(|c| c.is_empty());
             let vm = self.host.vmm.resume(&sus, target).await?;
             Ok::<_, kiln_vmm::VmmError>(Live {
+                since: std::time::Instant::now(),
                 vm,
                 forwards,
                 hooks,
@@ -750,6 +768,16 @@ impl Microvms {
                 )))
             }
         }
+    }
+
+    /// How long a running MicroVM has had no inbound traffic through the endpoint.
+    async fn idle_for(&self, id: &str) -> Option<Duration> {
+        let live = self.live.lock().await.get(id).cloned()?;
+        let since = live.try_lock().ok()?.since.elapsed();
+        Some(match self.activity.idle_for(id) {
+            Some(traffic) => traffic.min(since),
+            None => since,
+        })
     }
 
     /// kiln's own view of a MicroVM (`/kiln/v1/microvms/{id}`): what it runs (image version,
@@ -863,6 +891,11 @@ impl Microvms {
                 self.capacity.lock().unwrap_or_else(|p| p.into_inner()).vms += 1;
                 self.store
                     .set_microvm_state(&r.id, "SUSPENDED", None, None)?;
+                // The suspended duration restarts with kilnd: a session is never cut short.
+                self.suspended_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(r.id.clone(), std::time::Instant::now());
                 continue;
             }
             let attached = if matches!(r.state.as_str(), "RUNNING" | "SUSPENDING") {
@@ -894,6 +927,7 @@ impl Microvms {
                     self.live.lock().await.insert(
                         r.id.clone(),
                         Arc::new(Mutex::new(Live {
+                            since: std::time::Instant::now(),
                             vm,
                             forwards,
                             hooks,
@@ -943,6 +977,46 @@ impl Microvms {
             for r in rows {
                 if r.started_at + r.max_duration as f64 <= t {
                     let _ = self.terminate(&r.id, "maximum duration reached").await;
+                    continue;
+                }
+                let Some(policy) = serde_json::from_value::<RunMicrovmRequest>(r.request.clone())
+                    .ok()
+                    .and_then(|q| q.idle_policy)
+                else {
+                    continue;
+                };
+                match r.state.as_str() {
+                    "RUNNING" => {
+                        let Some(idle) = self.idle_for(&r.id).await else {
+                            continue;
+                        };
+                        if idle.as_secs() >= policy.max_idle_duration_seconds as u64 {
+                            tracing::info!(microvm = %r.id, idle_s = idle.as_secs(), "idle: suspending");
+                            if self.suspend(&r.id).await.is_ok()
+                                && policy.suspended_duration_seconds == 0
+                            {
+                                let _ = self
+                                    .terminate(&r.id, "idle, and suspendedDurationSeconds is 0")
+                                    .await;
+                            }
+                        }
+                    }
+                    "SUSPENDED" => {
+                        let since = self
+                            .suspended_at
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&r.id)
+                            .copied();
+                        if since.is_some_and(|s| {
+                            s.elapsed().as_secs() >= policy.suspended_duration_seconds as u64
+                        }) {
+                            let _ = self
+                                .terminate(&r.id, "suspended longer than suspendedDurationSeconds")
+                                .await;
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

@@ -499,3 +499,62 @@ fn suspend_when_requested_then_qemu_exits_and_a_request_or_resume_brings_the_sam
         0
     );
 }
+
+/// Polls a MicroVM until it reaches `state` (or 90 s pass); returns its description.
+fn wait_state(kilnd: &Daemon, id: &str, state: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let (_, vm, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id]);
+        if vm["state"] == state || std::time::Instant::now() > deadline {
+            return vm;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn idle_policy_when_no_traffic_then_suspends_then_terminates_after_the_suspended_duration() {
+    let kilnd = Daemon::start(&["--min-idle-seconds", "2"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "counter",
+        "--idle-policy",
+        "maxIdleDurationSeconds=3,suspendedDurationSeconds=8,autoResumeEnabled=true",
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let tok = token(&kilnd, &id);
+
+    let idle = wait_state(&kilnd, &id, "SUSPENDED");
+    let woken = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    let again = wait_state(&kilnd, &id, "SUSPENDED");
+    let ended = wait_state(&kilnd, &id, "TERMINATED");
+    let (too_short, _, too_short_err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "counter",
+        "--idle-policy",
+        "maxIdleDurationSeconds=1,suspendedDurationSeconds=0,autoResumeEnabled=false",
+    ]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(idle["state"], "SUSPENDED", "{idle}");
+    assert_eq!(woken.trim(), "200 101");
+    assert_eq!(again["state"], "SUSPENDED", "{again}");
+    assert_eq!(ended["state"], "TERMINATED", "{ended}");
+    assert!(
+        ended["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("suspendedDurationSeconds"),
+        "{ended}"
+    );
+    assert_ne!(too_short, 0);
+    assert!(
+        too_short_err.contains("ValidationException"),
+        "{too_short_err}"
+    );
+    assert!(!kilnd.qemu_running());
+}
