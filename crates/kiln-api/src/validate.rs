@@ -19,12 +19,11 @@ use crate::params::{
 use crate::shapes::*;
 use crate::ApiError;
 
-/// The constraint text of a missing required member.
-
 /// The smallest `idlePolicy.maxIdleDurationSeconds` accepted: the model's 60, lowered only by
 /// a daemon's configuration (for tests that cannot wait minutes).
 pub static MIN_IDLE_SECONDS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(60);
 
+/// The constraint text of a missing required member.
 pub const NOT_NULL: &str = "Member must not be null";
 
 /// An input the model constrains.
