@@ -58,6 +58,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         account: config.account.clone(),
     };
     let builds = Builds::new(host.clone(), store.clone(), config.clone());
+    // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
+    // before its builds start again.
+    microvms::kill_dir(&home.join("work"));
     resume_builds(&store, &builds)?;
     let keys = Arc::new(
         tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?,
@@ -101,6 +104,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving the API")?;
     endpoint.shutdown();
+    // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
+    microvms::kill_dir(&home.join("work"));
     Ok(())
 }
 
