@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod assets;
+pub mod crash;
 mod error;
 pub mod home;
 pub mod host;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::client::AgentClient;
 
+pub use crash::crash_point;
 pub use error::VmmError;
 pub use snapshot::Snapshot;
 pub use spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};

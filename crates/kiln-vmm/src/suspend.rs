@@ -127,6 +127,14 @@ pub struct SuspendedVm {
     pub timeline: Timeline,
 }
 
+/// Where a suspend into `dest` writes before it publishes `dest` with a rename; what is left
+/// there after a crash is never a session and can be removed.
+pub fn staging_dir(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    dest.with_file_name(name)
+}
+
 impl SuspendedVm {
     /// Opens a suspended directory and checks that it is whole and that this host can resume
     /// it (same QEMU, same kernel and initramfs, every disk and backing file present).

@@ -120,6 +120,7 @@ impl QemuVmm {
         let qmp = Qmp::connect(&spec.qmp_socket(), Duration::from_secs(5))
             .await
             .map_err(VmmError::qmp("reconnecting"))?;
+        continue_interrupted_suspend(&qmp).await?;
         let mut timeline = Timeline::default();
         timeline.mark("qmp", t0);
         let mut vm = QemuVm {
@@ -136,6 +137,52 @@ impl QemuVmm {
         vm.agent = Some(agent);
         vm.timeline.mark("agent", t0);
         Ok(vm)
+    }
+}
+
+/// A guest that a crashed supervisor left paused — mid-suspend, or with its state loaded by a
+/// resume but not yet started — runs again: any migration is cancelled and the guest continues.
+/// A VM still loading its state (`inmigrate`) has no session in it yet and is refused.
+async fn continue_interrupted_suspend(qmp: &Qmp) -> Result<(), VmmError> {
+    let status = qmp
+        .status()
+        .await
+        .map_err(VmmError::qmp("reading the VM's run state"))?;
+    match status.as_str() {
+        "running" => return Ok(()),
+        "paused" | "postmigrate" | "finish-migrate" => {}
+        other => {
+            return Err(VmmError::Migration {
+                doing: "re-attaching".into(),
+                status: other.to_string(),
+                detail: "; the VM never finished loading its saved state".into(),
+            })
+        }
+    }
+    let _ = qmp.execute("migrate_cancel", None).await;
+    settle_migration(qmp).await;
+    tracing::warn!(%status, "re-attached to a paused VM (an interrupted suspend or resume); continuing it");
+    qmp.execute("cont", None)
+        .await
+        .map(drop)
+        .map_err(VmmError::qmp("continuing a VM left paused"))
+}
+
+/// Waits (up to 10 s) until no outgoing migration is in flight.
+async fn settle_migration(qmp: &Qmp) {
+    let settle = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < settle {
+        match qmp.execute("query-migrate", None).await {
+            Ok(st)
+                if matches!(
+                    st["status"].as_str(),
+                    Some("active" | "cancelling" | "setup" | "device")
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            _ => break,
+        }
     }
 }
 
@@ -270,6 +317,7 @@ impl Vmm for QemuVmm {
         }
         let args = ram_backed_args(&spec, &m.ram_backend);
         let mut vm = self.start_with(spec, args, t0).await?;
+        crate::crash_point("resume-loading");
         let doing = format!("resuming {}", sus.dir.display());
         let loaded = vm
             .load_and_run(
@@ -281,6 +329,7 @@ impl Vmm for QemuVmm {
             .await;
         match loaded {
             Ok(()) => {
+                crate::crash_point("resume-running");
                 // The session now lives in the running VM; its disks keep their new names.
                 remove_dir(&sus.dir);
                 Ok(vm)
@@ -648,7 +697,7 @@ impl MicroVm for QemuVm {
                 dest.display()
             )));
         }
-        let staging = staging_dir(dest);
+        let staging = crate::suspend::staging_dir(dest);
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| VmmError::io("creating", &staging, e))?;
         let result = self.snapshot_into(&staging, &mem).await;
@@ -670,7 +719,7 @@ impl MicroVm for QemuVm {
     }
 
     async fn suspend(mut self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
-        let staging = staging_dir(dest);
+        let staging = crate::suspend::staging_dir(dest);
         let t0 = Instant::now();
         let mut timeline = Timeline::default();
         let manifest = match self.suspend_into(dest, &staging, &mut timeline, t0).await {
@@ -781,6 +830,7 @@ impl QemuVm {
             .map_err(VmmError::qmp("saving the VM"))?;
         self.wait_migration(dest, log_mark).await?;
         timeline.mark("saved", t0);
+        crate::crash_point("suspend-saved");
 
         let mut disks = Vec::with_capacity(self.spec.disks.len());
         for (i, (d, backing)) in self.spec.disks.iter().zip(backings).enumerate() {
@@ -851,6 +901,7 @@ impl QemuVm {
             }
         }
         timeline.mark("published", t0);
+        crate::crash_point("suspend-published");
         Ok(manifest)
     }
 
@@ -918,20 +969,7 @@ impl QemuVm {
         let _ = std::fs::remove_dir_all(staging);
         if self.process.is_alive() {
             // A cancelled migration must settle before the guest may continue.
-            let settle = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < settle {
-                match self.qmp.execute("query-migrate", None).await {
-                    Ok(st)
-                        if matches!(
-                            st["status"].as_str(),
-                            Some("active" | "cancelling" | "setup" | "device")
-                        ) =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(10)).await
-                    }
-                    _ => break,
-                }
-            }
+            settle_migration(&self.qmp).await;
             match self.qmp.execute("cont", None).await {
                 Ok(_) => {
                     return SuspendError {
@@ -1214,12 +1252,6 @@ fn remove_dir(dir: &Path) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a VM directory");
         }
     }
-}
-
-fn staging_dir(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    dest.with_file_name(name)
 }
 
 fn file_ref(path: &Path) -> Result<snapshot::FileRef, VmmError> {
