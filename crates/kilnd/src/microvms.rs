@@ -96,6 +96,16 @@ impl SessionHooks {
     }
 }
 
+/// Where reconciliation found a MicroVM's session.
+enum Recovered {
+    /// In its suspended directory.
+    Suspended,
+    /// In a running QEMU, with the state reason to record if the row said otherwise.
+    Running(Box<QemuVm>, Option<&'static str>),
+    /// Nowhere; the reason.
+    Lost(String),
+}
+
 /// What is admitted now: VM count and memory.
 #[derive(Debug, Default)]
 struct Capacity {
@@ -877,48 +887,44 @@ impl Microvms {
         )?;
         for r in &open {
             let dir = self.dir_of(&r.id);
-            if r.state == "SUSPENDED"
-                || (r.state == "SUSPENDING"
-                    && kiln_vmm::SuspendedVm::open(
-                        &self.suspended_dir(&r.id),
-                        &self.host.vmm.qemu().version,
-                    )
-                    .is_ok())
-            {
-                // A suspended session needs no process: it stays as it is on disk.
-                kill_dir(&dir);
-                let _ = std::fs::remove_dir_all(dir.join("vm"));
-                self.capacity.lock().unwrap_or_else(|p| p.into_inner()).vms += 1;
-                self.store
-                    .set_microvm_state(&r.id, "SUSPENDED", None, None)?;
-                // The suspended duration restarts with kilnd: a session is never cut short.
-                self.suspended_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(r.id.clone(), std::time::Instant::now());
-                continue;
-            }
-            let attached = if matches!(r.state.as_str(), "RUNNING" | "SUSPENDING") {
-                self.host.vmm.attach(&dir.join("vm")).await.ok()
-            } else {
-                None
-            };
-            match attached {
-                Some(vm) => {
+            let outcome = self.recover(r).await;
+            let _ =
+                std::fs::remove_dir_all(kiln_vmm::suspend::staging_dir(&self.suspended_dir(&r.id)));
+            match outcome {
+                Recovered::Suspended => {
+                    // A suspended session needs no process: it stays as it is on disk.
+                    kill_dir(&dir);
+                    let _ = std::fs::remove_dir_all(dir.join("vm"));
+                    self.capacity.lock().unwrap_or_else(|p| p.into_inner()).vms += 1;
+                    self.store
+                        .set_microvm_state(&r.id, "SUSPENDED", None, None)?;
+                    // The suspended duration restarts with kilnd: a session is never cut short.
+                    self.suspended_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(r.id.clone(), std::time::Instant::now());
+                    tracing::info!(microvm = %r.id, "suspended session kept");
+                }
+                Recovered::Running(vm, note) => {
+                    // Whatever the interrupted suspend or resume left on disk is not the session.
+                    let _ = std::fs::remove_dir_all(self.suspended_dir(&r.id));
                     if r.state != "RUNNING" {
-                        self.store.set_microvm_state(
-                            &r.id,
-                            "RUNNING",
-                            Some("kilnd restarted during a suspend; the VM kept running"),
-                            None,
-                        )?;
+                        self.store.set_microvm_state(&r.id, "RUNNING", note, None)?;
                     }
                     let hooks = match self.store.version(&r.image, r.version)? {
                         Some(v) => SessionHooks::of(&v.spec),
                         None => SessionHooks::default(),
                     };
-                    let forwards: BTreeMap<u16, u16> =
-                        serde_json::from_value(r.forwards.clone()).unwrap_or_default();
+                    // The forwards QEMU has, not the stored ones: a resume interrupted before
+                    // it stored its new ports left the old ones in the row.
+                    let forwards: BTreeMap<u16, u16> = vm
+                        .spec()
+                        .network
+                        .iter()
+                        .flat_map(|n| n.forwards.iter())
+                        .map(|f| (f.guest_port, f.host_port))
+                        .collect();
+                    self.store.set_microvm_forwards(&r.id, &json!(forwards))?;
                     {
                         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
                         c.vms += 1;
@@ -928,23 +934,22 @@ impl Microvms {
                         r.id.clone(),
                         Arc::new(Mutex::new(Live {
                             since: std::time::Instant::now(),
-                            vm,
+                            vm: *vm,
                             forwards,
                             hooks,
                         })),
                     );
                     tracing::info!(microvm = %r.id, "re-attached after restart");
                 }
-                None => {
+                Recovered::Lost(reason) => {
                     kill_dir(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
-                    let reason = if matches!(r.state.as_str(), "RUNNING" | "SUSPENDING") {
-                        "its VM stopped while kilnd was not running"
-                    } else {
-                        "kilnd restarted while it was starting or stopping"
-                    };
-                    self.store
-                        .set_microvm_state(&r.id, "TERMINATED", Some(reason), Some(now()))?;
+                    self.store.set_microvm_state(
+                        &r.id,
+                        "TERMINATED",
+                        Some(&reason),
+                        Some(now()),
+                    )?;
                     tracing::warn!(microvm = %r.id, %reason, "terminated during reconciliation");
                 }
             }
@@ -961,6 +966,43 @@ impl Microvms {
             }
         }
         Ok(())
+    }
+
+    /// Where the session of an open MicroVM is after a restart. A suspend is complete once its
+    /// directory is published (the QEMU left paused behind it must never run again); a resume
+    /// is complete once its guest runs (the suspended directory is then stale). One of the two
+    /// always holds the whole session, so a crash at any point loses nothing.
+    async fn recover(&self, r: &MicrovmRow) -> Recovered {
+        let suspended = || {
+            kiln_vmm::SuspendedVm::open(&self.suspended_dir(&r.id), &self.host.vmm.qemu().version)
+        };
+        let vm_dir = self.dir_of(&r.id).join("vm");
+        let attach = || self.host.vmm.attach(&vm_dir);
+        match r.state.as_str() {
+            "SUSPENDING" if suspended().is_ok() => Recovered::Suspended,
+            "SUSPENDING" => match attach().await {
+                Ok(vm) => Recovered::Running(
+                    Box::new(vm),
+                    Some("kilnd restarted during a suspend; the VM kept running"),
+                ),
+                Err(e) => {
+                    Recovered::Lost(format!("its VM stopped while kilnd was suspending it: {e}"))
+                }
+            },
+            "SUSPENDED" => match attach().await {
+                // kilnd stopped after the resumed guest started: it holds the session now.
+                Ok(vm) => Recovered::Running(Box::new(vm), None),
+                Err(_) => match suspended() {
+                    Ok(_) => Recovered::Suspended,
+                    Err(e) => Recovered::Lost(format!("its suspended state is unusable: {e}")),
+                },
+            },
+            "RUNNING" => match attach().await {
+                Ok(vm) => Recovered::Running(Box::new(vm), None),
+                Err(_) => Recovered::Lost("its VM stopped while kilnd was not running".into()),
+            },
+            _ => Recovered::Lost("kilnd restarted while it was starting or stopping".into()),
+        }
     }
 
     /// Terminates MicroVMs past their maximum duration; runs every second.

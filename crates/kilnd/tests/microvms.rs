@@ -558,3 +558,196 @@ fn idle_policy_when_no_traffic_then_suspends_then_terminates_after_the_suspended
     );
     assert!(!kilnd.qemu_running());
 }
+
+#[test]
+fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_whole_once() {
+    let mut kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "counter",
+        "--idle-policy",
+        "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=false",
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let tok = token(&kilnd, &id);
+    let first = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    let suspended_dir = kilnd
+        .home
+        .path()
+        .join("microvms")
+        .join(&id)
+        .join("suspended");
+    let wait = std::time::Duration::from_secs(60);
+    let mut seen = Vec::new();
+
+    // Stream saved, not yet published: the guest must continue.
+    kilnd.restart_crashing_at(Some("suspend-saved"));
+    kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let died_saving = kilnd.exits_within(wait);
+    kilnd.restart_crashing_at(Some("suspend-published"));
+    seen.push(kilnd.aws(&["get-microvm", "--microvm-identifier", &id]).1);
+    let after_saved = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    // Published, QEMU not yet gone: the suspended directory is the session.
+    kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let died_publishing = kilnd.exits_within(wait);
+    kilnd.restart_crashing_at(Some("resume-loading"));
+    seen.push(kilnd.aws(&["get-microvm", "--microvm-identifier", &id]).1);
+    let qemus_after_published = kilnd.qemu_count();
+    // A resume that never loaded the state: still suspended.
+    kilnd.aws(&["resume-microvm", "--microvm-identifier", &id]);
+    let died_loading = kilnd.exits_within(wait);
+    kilnd.restart_crashing_at(Some("resume-running"));
+    seen.push(kilnd.aws(&["get-microvm", "--microvm-identifier", &id]).1);
+    let qemus_after_loading = kilnd.qemu_count();
+    // The resumed guest runs: it is the session, the suspended copy goes.
+    kilnd.aws(&["resume-microvm", "--microvm-identifier", &id]);
+    let died_running = kilnd.exits_within(wait);
+    kilnd.restart_crashing_at(None);
+    seen.push(kilnd.aws(&["get-microvm", "--microvm-identifier", &id]).1);
+    let qemus_at_end = kilnd.qemu_count();
+    let last = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
+    let stale_copy = suspended_dir.exists();
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(first.trim(), "200 101");
+    assert!(died_saving && died_publishing && died_loading && died_running);
+    let states: Vec<_> = seen.iter().map(|v| v["state"].clone()).collect();
+    assert_eq!(
+        states,
+        ["RUNNING", "SUSPENDED", "SUSPENDED", "RUNNING"],
+        "{seen:?}"
+    );
+    assert!(
+        seen[0]["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("during a suspend"),
+        "{}",
+        seen[0]
+    );
+    assert_eq!(after_saved.trim(), "200 102");
+    assert_eq!((qemus_after_published, qemus_after_loading), (0, 0));
+    assert_eq!(qemus_at_end, 1);
+    assert_eq!(last.trim(), "200 103");
+    assert!(!stale_copy);
+    assert!(!kilnd.qemu_running());
+}
+
+/// Answers one hook request on stdin/stdout (busybox `nc -ll -e`), logging it where the web
+/// server shows it; on `terminate` it also sends the log to the host port named `notify` in
+/// the run payload, since the guest is gone right after.
+const HOOK_HANDLER: &str = r#"#!/bin/sh
+read -r method path rest
+len=0
+while read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  case "$line" in [Cc]ontent-[Ll]ength:*) len=${line#*:}; len=${len# } ;; esac
+done
+body=$(head -c "$len")
+echo "$method $path $body" >> /www/hooks.log
+case "$path" in
+  */terminate)
+    port=$(sed -n 's/.*"notify":\([0-9]*\).*/\1/p' /www/hooks.log | head -n 1)
+    [ -n "$port" ] && nc -w 5 10.0.2.2 "$port" < /www/hooks.log ;;
+esac
+printf 'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
+"#;
+
+#[test]
+fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_in_order() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("session.zip");
+    let app = format!(
+        "{}nc -ll -p 9000 -e /hook.sh &\nexec httpd -f -p 8080 -h /www\n",
+        COUNTER_APP.trim_end_matches("exec httpd -f -p 8080 -h /www\n")
+    );
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh hook.sh /\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", app.as_bytes(), 0o755),
+            ("hook.sh", HOOK_HANDLER.as_bytes(), 0o755),
+        ],
+    );
+    let (c, _, e) = kilnd.aws(&[
+        "create-microvm-image",
+        "--name",
+        "session",
+        "--base-image-arn",
+        "arn:aws:lambda:local:aws:microvm-image:busybox",
+        "--build-role-arn",
+        "arn:aws:iam::000000000000:role/kiln-build",
+        "--code-artifact",
+        &format!("uri=file://{}", zip.display()),
+        "--resources",
+        "minimumMemoryInMiB=256",
+        "--hooks",
+        "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,suspend=ENABLED,\
+         suspendTimeoutInSeconds=10,resume=ENABLED,resumeTimeoutInSeconds=10,\
+         terminate=ENABLED,terminateTimeoutInSeconds=10}",
+    ]);
+    assert_eq!(c, 0, "{e}");
+    assert_eq!(kilnd.wait_version("session", "1")["state"], "SUCCESSFUL");
+    let host = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let notify = host.local_addr().expect("addr").port();
+    let received = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = host.accept().expect("the terminate hook connects");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    });
+
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "session",
+        "--idle-policy",
+        "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=true",
+        "--egress-network-connectors",
+        "kiln-host-loopback",
+        "--run-hook-payload",
+        &format!(r#"{{"notify":{notify},"secret":"s-7"}}"#),
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let tok = token(&kilnd, &id);
+    let (s, _, s_err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let answers: Vec<String> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..10)
+            .map(|_| scope.spawn(|| endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count")))
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().unwrap_or_default())
+            .collect()
+    });
+    let (t, _, t_err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+    let log = received.join().unwrap_or_default();
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((s, t), (0, 0), "{s_err}{t_err}");
+    assert!(answers.iter().all(|a| a.starts_with("200 ")), "{answers:?}");
+    let calls: Vec<&str> = log.lines().collect();
+    assert_eq!(calls.len(), 4, "{log}");
+    assert_eq!(
+        calls[0],
+        format!(r#"POST /aws/lambda-microvms/runtime/v1/run {{"notify":{notify},"secret":"s-7"}}"#)
+    );
+    assert_eq!(calls[1], "POST /aws/lambda-microvms/runtime/v1/suspend {}");
+    assert_eq!(calls[2], "POST /aws/lambda-microvms/runtime/v1/resume {}");
+    assert_eq!(
+        calls[3],
+        "POST /aws/lambda-microvms/runtime/v1/terminate {}"
+    );
+    assert!(!kilnd.qemu_running());
+}

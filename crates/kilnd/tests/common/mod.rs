@@ -34,8 +34,19 @@ pub struct Daemon {
     extra: Vec<String>,
 }
 
-fn spawn(home: &Path, api: &str, endpoint_port: u16, extra: &[String]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+fn spawn(
+    home: &Path,
+    api: &str,
+    endpoint_port: u16,
+    extra: &[String],
+    crash_at: Option<&str>,
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kilnd"));
+    match crash_at {
+        Some(point) => command.env(kiln_vmm::crash::CRASH_AT, point),
+        None => command.env_remove(kiln_vmm::crash::CRASH_AT),
+    };
+    let mut child = command
         .arg("--home")
         .arg(home)
         .args(["--api-listen", api, "--build-memory-mib", "256"])
@@ -81,7 +92,7 @@ impl Daemon {
         }
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let endpoint_port = kiln_vmm::free_port().expect("port");
-        let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra);
+        let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra, None);
         Daemon {
             child,
             home,
@@ -93,12 +104,36 @@ impl Daemon {
 
     /// `kill -9` kilnd, then starts it again on the same data directory and ports.
     pub fn crash_and_restart(&mut self) {
+        self.restart_crashing_at(None);
+    }
+
+    /// `kill -9` kilnd (if it still runs), then starts it again on the same data directory and
+    /// ports; with `crash_at`, the new kilnd kills itself at that crash point (`KILN_CRASH_AT`).
+    pub fn restart_crashing_at(&mut self, crash_at: Option<&str>) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let api = self.url.trim_start_matches("http://").to_string();
-        let (child, url) = spawn(self.home.path(), &api, self.endpoint_port, &self.extra);
+        let (child, url) = spawn(
+            self.home.path(),
+            &api,
+            self.endpoint_port,
+            &self.extra,
+            crash_at,
+        );
         self.child = child;
         self.url = url;
+    }
+
+    /// Whether kilnd exits within `limit` (a crash point was reached).
+    pub fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
     }
 
     /// Runs `aws lambda-microvms <args>` against this daemon: (exit code, stdout JSON or
