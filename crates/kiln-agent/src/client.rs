@@ -19,7 +19,7 @@ use crate::proto::{
     decode_payload, encode_frame, ExecSpec, FrameDecoder, GuestBody, GuestMessage, HostBody,
     HostMessage, OutputStream, MAX_FILE_BYTES, PROTOCOL_VERSION,
 };
-pub use crate::proto::{AppSpec, CopySpec, HttpFailureKind, HttpRequestSpec};
+pub use crate::proto::{AppSpec, CopySpec, HttpFailureKind, HttpRequestSpec, TtySize};
 
 /// Default limit for one request-reply exchange.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -210,6 +210,13 @@ impl ExecRequest {
     /// Kills the process group after `limit` (reported as `timed_out`).
     pub fn timeout(mut self, limit: Duration) -> ExecRequest {
         self.spec.timeout_ms = Some(limit.as_millis().try_into().unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Runs on a new pseudo-terminal of `size` (an interactive shell): type into it with
+    /// [`AgentClient::exec_input`]; all output arrives as stdout.
+    pub fn tty(mut self, size: TtySize) -> ExecRequest {
+        self.spec.tty = Some(size);
         self
     }
 
@@ -561,6 +568,19 @@ impl AgentClient {
                 })?,
             None => stream.collect().await,
         }
+    }
+
+    /// Types `data` into the terminal of the exec with id `exec_id` (started with a tty; wait
+    /// for its `Started` event first).
+    pub async fn exec_input(&self, exec_id: u64, data: Vec<u8>) -> Result<(), AgentError> {
+        let body = HostBody::ExecInput { exec_id, data };
+        self.expect_ok("exec_input", body).await
+    }
+
+    /// Resizes the terminal of the exec with id `exec_id` (started with a tty).
+    pub async fn exec_resize(&self, exec_id: u64, size: TtySize) -> Result<(), AgentError> {
+        let body = HostBody::ExecResize { exec_id, size };
+        self.expect_ok("exec_resize", body).await
     }
 
     /// Sends `signal` to the process group of the exec with id `exec_id`.

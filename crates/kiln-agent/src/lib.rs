@@ -8,5 +8,5 @@ pub mod proto;
 pub use client::{
     AgentClient, AgentError, AppSpec, AppState, CopySpec, CopyStats, ExecEvent, ExecOutput,
     ExecRequest, ExecStream, ExitStatus, HelloInfo, HttpFailureKind, HttpRequestSpec, HttpResponse,
-    UserInfo,
+    TtySize, UserInfo,
 };

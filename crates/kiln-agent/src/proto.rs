@@ -54,7 +54,22 @@ pub enum HostBody {
     Ping,
     /// Runs a process; answered by `ExecStarted`, `Output`… then `Exited`.
     Exec(ExecSpec),
-    /// Sends a signal to the process group of a running exec; answered by `Ok`.
+    /// Writes to the terminal of a running exec started with a `tty`.
+    ExecInput {
+        /// The id of the `Exec` request.
+        exec_id: u64,
+        /// The bytes, as typed.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// Resizes the terminal of a running exec started with a `tty`.
+    ExecResize {
+        /// The id of the `Exec` request.
+        exec_id: u64,
+        /// The new size.
+        size: TtySize,
+    },
+    /// Sends a signal to the process group of a running exec.
     Signal {
         /// The id of the `Exec` request.
         exec_id: u64,
@@ -260,6 +275,19 @@ pub struct ExecSpec {
     /// Kill the process group with SIGKILL after this long.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run on a new pseudo-terminal of this size (an interactive shell): stdin, stdout and
+    /// stderr are the terminal, input arrives in `ExecInput`, output is all `Stdout`.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
 }
 
 /// A message from the guest to the host: a reply or event for request `id`.

@@ -1105,3 +1105,64 @@ async fn http_when_peer_never_answers_then_timed_out_kind() {
     );
     drop(listener);
 }
+
+#[tokio::test]
+async fn exec_when_run_on_a_terminal_then_typed_input_runs_and_resizes_reach_the_shell() {
+    let server = Server::start();
+    let client = server.client().await;
+    let size = kiln_agent::TtySize { cols: 80, rows: 24 };
+    let mut output = Vec::new();
+    let mut status = None;
+
+    let mut shell = client
+        .exec(ExecRequest::new(["sh"]).tty(size))
+        .await
+        .expect("start a shell");
+    let id = shell.id();
+    let started = shell.next_event().await.expect("started");
+    let typed = b"tty >/dev/null && echo on-a-tty; echo $((6*7)); stty size\n";
+    client.exec_input(id, typed.to_vec()).await.expect("type");
+    while !String::from_utf8_lossy(&output).contains("24 80\r\n") {
+        match tokio::time::timeout(CONNECT, shell.next_event()).await {
+            Ok(Ok(Some(ExecEvent::Stdout(d)))) => output.extend(d),
+            other => panic!("{other:?}: {}", String::from_utf8_lossy(&output)),
+        }
+    }
+    client
+        .exec_resize(
+            id,
+            kiln_agent::TtySize {
+                cols: 100,
+                rows: 50,
+            },
+        )
+        .await
+        .expect("resize");
+    client
+        .exec_input(id, b"stty size; exit 3\n".to_vec())
+        .await
+        .expect("type");
+    while let Some(event) = tokio::time::timeout(CONNECT, shell.next_event())
+        .await
+        .expect("the shell answers")
+        .expect("event")
+    {
+        match event {
+            ExecEvent::Stdout(d) => output.extend(d),
+            ExecEvent::Exited(s) => status = Some(s),
+            _ => {}
+        }
+    }
+    let plain_input = client.exec_input(9999, b"x".to_vec()).await;
+
+    let text = String::from_utf8_lossy(&output);
+    assert!(
+        matches!(started, Some(ExecEvent::Started { .. })),
+        "{started:?}"
+    );
+    assert!(text.contains("on-a-tty"), "{text}");
+    assert!(text.contains("42"), "{text}");
+    assert!(text.contains("50 100"), "{text}");
+    assert_eq!(status.and_then(|s| s.code), Some(3));
+    assert!(plain_input.is_err());
+}

@@ -160,6 +160,20 @@ impl Agent {
                 };
                 self.in_background(sink, id, "exec", move || exec::run(job));
             }
+            HostBody::ExecInput { exec_id, data } => {
+                let result = self
+                    .execs
+                    .terminal(session.id, exec_id)
+                    .and_then(|t| t.type_in(data));
+                sink.result(id, result.map(|()| GuestBody::Ok));
+            }
+            HostBody::ExecResize { exec_id, size } => {
+                let result = self
+                    .execs
+                    .terminal(session.id, exec_id)
+                    .and_then(|t| t.resize(size));
+                sink.result(id, result.map(|()| GuestBody::Ok));
+            }
             HostBody::Signal { exec_id, signal } => {
                 let result = Signal::try_from(signal)
                     .map_err(|e| format!("invalid signal {signal}: {e}"))
@@ -437,15 +451,41 @@ struct RunningExec {
     session: u64,
     id: u64,
     pgid: i32,
+    /// Its terminal, when it runs on one.
+    terminal: Option<exec::Terminal>,
 }
 
 impl ExecRegistry {
     /// Records a running exec; returns the key to remove it with.
-    pub fn insert(&self, session: u64, id: u64, pgid: i32) -> u64 {
+    pub fn insert(
+        &self,
+        session: u64,
+        id: u64,
+        pgid: i32,
+        terminal: Option<exec::Terminal>,
+    ) -> u64 {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .insert(serial, RunningExec { session, id, pgid });
+        self.lock().insert(
+            serial,
+            RunningExec {
+                session,
+                id,
+                pgid,
+                terminal,
+            },
+        );
         serial
+    }
+
+    /// The terminal of the newest running exec with this id in this session.
+    pub fn terminal(&self, session: u64, id: u64) -> Result<exec::Terminal, String> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.session == session && e.id == id)
+            .max_by_key(|(serial, _)| **serial)
+            .map(|(_, e)| e.terminal.clone())
+            .ok_or_else(|| format!("no running exec with id {id}"))?
+            .ok_or_else(|| format!("exec {id} was not started with a terminal"))
     }
 
     /// Forgets a finished exec.

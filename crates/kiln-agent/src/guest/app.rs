@@ -90,6 +90,7 @@ impl AppSupervisor {
             gid: spec.gid,
             stdin: None,
             timeout_ms: None,
+            tty: None,
         })?;
         command
             .stdin(Stdio::null())

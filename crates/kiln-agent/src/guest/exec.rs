@@ -6,7 +6,7 @@
 //! for [`DRAIN_IDLE`] is abandoned (what it writes later is not the exec's output).
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use super::agent::{ExecRegistry, ReplySink};
 use super::children::{ChildExit, ChildTable};
-use crate::proto::{ExecSpec, GuestBody, OutputStream, DEFAULT_PATH, MAX_OUTPUT_CHUNK};
+use crate::proto::{ExecSpec, GuestBody, OutputStream, TtySize, DEFAULT_PATH, MAX_OUTPUT_CHUNK};
 
 /// How long an output stream may stay silent after the process exited before it is abandoned.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
@@ -53,14 +53,31 @@ pub fn run(job: ExecJob) {
         Ok(command) => command,
         Err(message) => return sink.error(id, message),
     };
+    let terminal = match spec.tty.map(|size| attach_terminal(&mut command, size)) {
+        None => None,
+        Some(Ok(master)) => Some(master),
+        Some(Err(message)) => return sink.error(id, message),
+    };
     let program = spec.argv.first().cloned().unwrap_or_default();
-    let (mut child, exits) = match ChildTable::global().spawn(&mut command) {
+    let spawned = ChildTable::global().spawn(&mut command);
+    // The command holds the terminal's other end: close it here, so reading the terminal
+    // ends when the last process using it exits.
+    drop(command);
+    let (mut child, exits) = match spawned {
         Ok(spawned) => spawned,
         Err(e) => return sink.error(id, format!("cannot start {program:?}: {e}")),
     };
     let pid = child.id();
     let pgid = pid as i32;
-    let serial = registry.insert(session, id, pgid);
+    let terminal = match terminal.map(Terminal::start) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(message)) => {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            return sink.error(id, message);
+        }
+    };
+    let serial = registry.insert(session, id, pgid, terminal.clone());
     sink.reply(id, GuestBody::ExecStarted { pid });
 
     if let (Some(mut stdin), Some(data)) = (child.stdin.take(), spec.stdin) {
@@ -74,9 +91,17 @@ pub fn run(job: ExecJob) {
 
     let exited = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let terminal_output = terminal
+        .as_ref()
+        .and_then(|t| t.master.try_clone().ok())
+        .map(|t| Box::new(t) as Box<dyn ReadFd>);
     let streams: [(Option<Box<dyn ReadFd>>, OutputStream); 2] = [
         (
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn ReadFd>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn ReadFd>)
+                .or(terminal_output),
             OutputStream::Stdout,
         ),
         (
@@ -175,6 +200,10 @@ pub(crate) fn build_command(spec: &ExecSpec) -> Result<Command, String> {
     if let Some(gid) = spec.gid {
         command.gid(gid);
     }
+    if spec.tty.is_some() {
+        // `attach_terminal` makes it a session (and so group) leader instead.
+        return Ok(command);
+    }
     command
         .process_group(0)
         .stdin(if spec.stdin.is_some() {
@@ -185,6 +214,94 @@ pub(crate) fn build_command(spec: &ExecSpec) -> Result<Command, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(command)
+}
+
+/// Gives `command` a new pseudo-terminal of `size` as its controlling terminal, in a session
+/// of its own (so its pid is its process group, as for other execs); returns the master end.
+fn attach_terminal(command: &mut Command, size: TtySize) -> Result<std::fs::File, String> {
+    let winsize = nix::pty::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&winsize), None)
+        .map_err(|e| format!("cannot open a pseudo-terminal: {e}"))?;
+    let dup = |fd: &std::os::fd::OwnedFd| {
+        fd.try_clone()
+            .map_err(|e| format!("cannot duplicate the terminal: {e}"))
+    };
+    command
+        .stdin(Stdio::from(dup(&pty.slave)?))
+        .stdout(Stdio::from(dup(&pty.slave)?))
+        .stderr(Stdio::from(pty.slave))
+        .env("TERM", "xterm-256color");
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid(2) and ioctl(2).
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()?;
+            // SAFETY: fd 0 is the terminal's slave end (set as stdin above); TIOCSCTTY takes
+            // an int argument and touches no memory of ours.
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(std::fs::File::from(pty.master))
+}
+
+/// The terminal of an interactive exec: its master end, and a writer thread that types what
+/// the host sends in order (a program that stops reading must not stall the agent).
+#[derive(Clone)]
+pub struct Terminal {
+    master: Arc<std::fs::File>,
+    input: mpsc::Sender<Vec<u8>>,
+}
+
+impl Terminal {
+    fn start(master: std::fs::File) -> Result<Terminal, String> {
+        let master = Arc::new(master);
+        let (input, typed) = mpsc::channel::<Vec<u8>>();
+        let writer = master.clone();
+        std::thread::Builder::new()
+            .name("tty-input".into())
+            .spawn(move || {
+                for data in typed {
+                    if (&*writer).write_all(&data).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the terminal's input thread: {e}"))?;
+        Ok(Terminal { master, input })
+    }
+
+    /// Queues `data` as typed input.
+    pub fn type_in(&self, data: Vec<u8>) -> Result<(), String> {
+        self.input
+            .send(data)
+            .map_err(|_| "the terminal no longer takes input".to_string())
+    }
+
+    /// Sets the terminal's size (the program gets SIGWINCH).
+    pub fn resize(&self, size: TtySize) -> Result<(), String> {
+        let winsize = libc::winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which lives across the call.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
+        if rc < 0 {
+            return Err(format!(
+                "cannot resize the terminal: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A readable pipe end that can be polled.
