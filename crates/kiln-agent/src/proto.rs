@@ -603,6 +603,7 @@ mod tests {
                 gid: None,
                 stdin: Some(vec![0, 1, 2, 255]),
                 timeout_ms: Some(500),
+                tty: None,
             }),
         }
     }
