@@ -39,6 +39,18 @@ impl Routes for OneApp {
     ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
         Box::pin(async move { Ok(self.0) })
     }
+
+    fn agent(
+        &self,
+        _microvm_id: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<kiln_agent::AgentClient, RouteError>> + Send + '_>>
+    {
+        Box::pin(async {
+            Err(RouteError::Unavailable(
+                "no guest agent in this bench".into(),
+            ))
+        })
+    }
 }
 
 /// Throughput and latency of one run.

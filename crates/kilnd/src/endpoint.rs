@@ -30,6 +30,21 @@ impl Routes for Microvms {
                 })
         })
     }
+
+    fn agent(
+        &self,
+        microvm_id: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<kiln_agent::AgentClient, RouteError>> + Send + '_>>
+    {
+        let id = microvm_id.to_string();
+        Box::pin(async move {
+            Microvms::agent(self, &id).await.map_err(|e| match e {
+                UpstreamError::Unknown => RouteError::UnknownMicrovm,
+                UpstreamError::NotRunning(state) => RouteError::NotRunning { state },
+                UpstreamError::Unavailable(m) => RouteError::Unavailable(m),
+            })
+        })
+    }
 }
 
 /// Starts the endpoint proxy on `config.endpoint_listen`; returns its state (for shutdown).

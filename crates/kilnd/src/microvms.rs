@@ -96,6 +96,15 @@ impl SessionHooks {
     }
 }
 
+/// Whether a network connector is the shell ingress one (`SHELL_INGRESS`, bare or as the last
+/// part of an ARN).
+fn is_shell_ingress(connector: &str) -> bool {
+    connector
+        .rsplit(['/', ':'])
+        .next()
+        .is_some_and(|last| last.eq_ignore_ascii_case("SHELL_INGRESS"))
+}
+
 /// Where reconciliation found a MicroVM's session.
 enum Recovered {
     /// In its suspended directory.
@@ -292,6 +301,41 @@ impl Microvms {
                     TokenKind::Proxy,
                     &id,
                     body.allowed_ports.clone(),
+                    body.expiration_in_minutes,
+                )
+                .map_err(|e| ApiError::validation(e.to_string()))?;
+                let token = self
+                    .keys
+                    .issue(&claims)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                to_value(&CreateMicrovmAuthTokenResponse {
+                    auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
+                })
+            }
+            Request::CreateMicrovmShellAuthToken { params, body } => {
+                let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                let row = self.row(&id)?;
+                if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
+                    return Err(ApiError::conflict(
+                        "Microvm",
+                        &id,
+                        format!("MicroVM {id} is {}", row.state),
+                    ));
+                }
+                let ingress = serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
+                    .ok()
+                    .and_then(|r| r.ingress_network_connectors)
+                    .unwrap_or_default();
+                if !ingress.iter().any(|c| is_shell_ingress(c)) {
+                    return Err(ApiError::validation(format!(
+                        "MicroVM {id} was not run with the SHELL_INGRESS network connector; \
+                         run one with --ingress-network-connectors SHELL_INGRESS to open shells"
+                    )));
+                }
+                let claims = TokenClaims::new(
+                    TokenKind::Shell,
+                    &id,
+                    Vec::new(),
                     body.expiration_in_minutes,
                 )
                 .map_err(|e| ApiError::validation(e.to_string()))?;
@@ -822,8 +866,36 @@ impl Microvms {
         }))
     }
 
+    /// The guest agent of a running MicroVM (resuming a suspended one with auto-resume).
+    pub async fn agent(&self, id: &str) -> Result<kiln_agent::AgentClient, UpstreamError> {
+        let live = self.running_or_resumed(id).await?;
+        let l = live.lock().await;
+        Ok(l.vm.agent().clone())
+    }
+
     /// The host address reaching `port` in a running MicroVM, adding a forward on first use.
     pub async fn upstream(&self, id: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
+        let live = self.running_or_resumed(id).await?;
+        let mut l = live.lock().await;
+        if let Some(h) = l.forwards.get(&port) {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], *h)));
+        }
+        let host_port =
+            kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        l.vm.add_forward(PortForward {
+            host_port,
+            guest_port: port,
+        })
+        .await
+        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        l.forwards.insert(port, host_port);
+        let _ = self.store.set_microvm_forwards(id, &json!(l.forwards));
+        Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
+    }
+
+    /// A running MicroVM; a suspended one with auto-resume is resumed first, so the request
+    /// that asked is held rather than refused.
+    async fn running_or_resumed(&self, id: &str) -> Result<Arc<Mutex<Live>>, UpstreamError> {
         let live = self.live.lock().await.get(id).cloned();
         let live = match live {
             Some(l) => l,
@@ -854,21 +926,7 @@ impl Microvms {
                 }
             }
         };
-        let mut l = live.lock().await;
-        if let Some(h) = l.forwards.get(&port) {
-            return Ok(SocketAddr::from(([127, 0, 0, 1], *h)));
-        }
-        let host_port =
-            kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-        l.vm.add_forward(PortForward {
-            host_port,
-            guest_port: port,
-        })
-        .await
-        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-        l.forwards.insert(port, host_port);
-        let _ = self.store.set_microvm_forwards(id, &json!(l.forwards));
-        Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
+        Ok(live)
     }
 
     /// Brings the store and reality together after a (re)start: running VMs are re-attached,

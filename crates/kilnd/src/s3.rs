@@ -188,9 +188,7 @@ fn valid_bucket(b: &str) -> bool {
 
 /// A key that names a file below its bucket: no empty, `.` or `..` segments.
 fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.len() <= 1024
-        && k.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+    !k.is_empty() && k.len() <= 1024 && k.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
 /// Secrets come from kiln's access keys.

@@ -37,6 +37,8 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 struct MapRoutes {
     apps: Mutex<HashMap<(String, u16), SocketAddr>>,
     states: Mutex<HashMap<String, String>>,
+    /// A guest agent (served in-process on the host) for shell sessions.
+    agent: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Routes for MapRoutes {
@@ -58,6 +60,20 @@ impl Routes for MapRoutes {
                 .get(&(id, port))
                 .copied()
                 .ok_or(RouteError::UnknownMicrovm)
+        })
+    }
+
+    fn agent(
+        &self,
+        _microvm_id: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<kiln_agent::AgentClient, RouteError>> + Send + '_>>
+    {
+        let socket = self.agent.lock().expect("lock").clone();
+        Box::pin(async move {
+            let socket = socket.ok_or(RouteError::UnknownMicrovm)?;
+            kiln_agent::AgentClient::connect(&socket, Duration::from_secs(10))
+                .await
+                .map_err(|e| RouteError::Unavailable(e.to_string()))
         })
     }
 }
@@ -413,13 +429,13 @@ async fn auth_when_token_for_other_port_then_403_port() {
 }
 
 #[tokio::test]
-async fn auth_when_shell_token_then_403_kind() {
+async fn auth_when_shell_token_on_a_plain_request_then_400_and_no_app_sees_it() {
     let endpoint = Endpoint::start().await;
     let shell = endpoint.token(TokenKind::Shell, "mvm-a", 8080);
 
     let answer = forbidden(&endpoint, "mvm-a", Some(&shell)).await;
 
-    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert!(answer.text.contains("shell token"), "{}", answer.text);
 }
 
@@ -969,4 +985,70 @@ async fn shutdown_when_signalled_then_listener_stops_accepting() {
     let connected = TcpStream::connect(endpoint.addr).await;
 
     assert!(connected.is_err());
+}
+
+/// kiln's guest agent served on a unix socket in this process (it runs host commands).
+fn host_agent(dir: &std::path::Path) -> std::path::PathBuf {
+    use kiln_agent::guest::agent::{Agent, AgentConfig, EofPolicy};
+    let socket = dir.join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind agent socket");
+    std::thread::spawn(move || {
+        let agent = Agent::new(AgentConfig { guest_ops: false });
+        for stream in listener.incoming().flatten() {
+            let agent = agent.clone();
+            std::thread::spawn(move || {
+                let writer = stream.try_clone().expect("clone stream");
+                let _ = agent.serve(stream, writer, EofPolicy::Return);
+            });
+        }
+    });
+    socket
+}
+
+#[tokio::test]
+async fn shell_when_a_shell_token_opens_a_websocket_then_a_terminal_runs_typed_commands() {
+    let endpoint = Endpoint::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    *endpoint.routes.agent.lock().expect("lock") = Some(host_agent(dir.path()));
+    let shell_token = endpoint.token(TokenKind::Shell, "mvm-s", 0);
+    let mut req = format!("wss://mvm-s.{DOMAIN}/?cols=100&rows=30")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("x-aws-proxy-auth", shell_token.parse().expect("value"));
+    let tls = endpoint.tls(&endpoint.connector).await;
+
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("WebSocket handshake");
+    let mut output = Vec::new();
+    let mut closed = None;
+    ws.send(Message::binary(&b"stty size; echo $((6*7))\n"[..]))
+        .await
+        .expect("type");
+    while !String::from_utf8_lossy(&output).contains("42\r\n") {
+        match ws.next().await {
+            Some(Ok(Message::Binary(data))) => output.extend_from_slice(&data),
+            other => panic!("{other:?}: {}", String::from_utf8_lossy(&output)),
+        }
+    }
+    ws.send(Message::text(r#"{"resize":{"cols":90,"rows":20}}"#))
+        .await
+        .expect("resize");
+    ws.send(Message::binary(&b"stty size; exit 5\n"[..]))
+        .await
+        .expect("type");
+    while let Some(Ok(message)) = ws.next().await {
+        match message {
+            Message::Binary(data) => output.extend_from_slice(&data),
+            Message::Close(frame) => closed = frame.map(|f| f.reason.to_string()),
+            _ => {}
+        }
+    }
+
+    let text = String::from_utf8_lossy(&output);
+    assert!(text.contains("30 100"), "{text}");
+    assert!(text.contains("42"), "{text}");
+    assert!(text.contains("20 90"), "{text}");
+    assert_eq!(closed.as_deref(), Some("exit 5"));
 }

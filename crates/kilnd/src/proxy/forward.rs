@@ -97,7 +97,7 @@ async fn proxy(
         ));
     }
     let target = request::target(&req, &state.domain)?;
-    authorize(state, &req, &target)?;
+    let opens = authorize(state, &req, &target)?;
     let vm = state.activity.entry(&target.microvm_id);
     vm.admit(limits.requests_per_second, limits.burst)
         .map_err(|wait| Reject {
@@ -105,6 +105,10 @@ async fn proxy(
             reason: "too many requests to this MicroVM; retry later".to_string(),
             retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
         })?;
+    if opens == TokenKind::Shell {
+        vm.request();
+        return super::shell::open(req, state, &target, vm, flight).await;
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -137,14 +141,21 @@ fn too_large(limits: &ProxyLimits) -> Reject {
     )
 }
 
-/// Verifies the token and that it opens this MicroVM's port; 403 with the reason otherwise.
-fn authorize<B>(state: &ProxyState, req: &Request<B>, target: &Target) -> Result<(), Reject> {
+/// Verifies the token and that it opens this MicroVM (a port of it, or a shell); returns what
+/// it opens; 403 with the reason otherwise.
+fn authorize<B>(
+    state: &ProxyState,
+    req: &Request<B>,
+    target: &Target,
+) -> Result<TokenKind, Reject> {
     let token = request::token(req.headers(), target.kind)?;
     let now = crate::now() as i64;
     let claims = state.keys.verify(token, now).map_err(forbidden)?;
+    let kind = claims.kind;
     claims
-        .permits(&target.microvm_id, target.port, TokenKind::Proxy)
-        .map_err(forbidden)
+        .permits(&target.microvm_id, target.port, kind)
+        .map_err(forbidden)?;
+    Ok(kind)
 }
 
 fn forbidden(e: TokenError) -> Reject {
@@ -165,22 +176,28 @@ fn forbidden(e: TokenError) -> Reject {
     Reject::new(StatusCode::FORBIDDEN, reason)
 }
 
+/// The answer when a MicroVM cannot be reached.
+pub(crate) fn route_refusal(microvm_id: &str, e: RouteError) -> Reject {
+    match e {
+        RouteError::UnknownMicrovm => {
+            Reject::new(StatusCode::NOT_FOUND, format!("no MicroVM {microvm_id}"))
+        }
+        RouteError::NotRunning { state } => Reject::new(
+            StatusCode::CONFLICT,
+            format!("MicroVM {microvm_id} is {state}"),
+        ),
+        RouteError::Unavailable(why) => Reject::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("MicroVM {microvm_id} is unavailable: {why}"),
+        ),
+    }
+}
+
 async fn route(state: &ProxyState, target: &Target) -> Result<SocketAddr, Reject> {
     let lookup = state.routes.upstream(&target.microvm_id, target.port);
     match tokio::time::timeout(state.limits.route_timeout, lookup).await {
         Ok(Ok(addr)) => Ok(addr),
-        Ok(Err(RouteError::UnknownMicrovm)) => Err(Reject::new(
-            StatusCode::NOT_FOUND,
-            format!("no MicroVM {}", target.microvm_id),
-        )),
-        Ok(Err(RouteError::NotRunning { state })) => Err(Reject::new(
-            StatusCode::CONFLICT,
-            format!("MicroVM {} is {state}", target.microvm_id),
-        )),
-        Ok(Err(RouteError::Unavailable(why))) => Err(Reject::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("MicroVM {} is unavailable: {why}", target.microvm_id),
-        )),
+        Ok(Err(e)) => Err(route_refusal(&target.microvm_id, e)),
         Err(_) => Err(Reject::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

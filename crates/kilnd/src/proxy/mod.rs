@@ -12,6 +12,7 @@ mod activity;
 mod body;
 mod forward;
 mod request;
+mod shell;
 
 use std::future::Future;
 use std::io;
@@ -48,6 +49,13 @@ pub trait Routes: Send + Sync {
         microvm_id: &str,
         port: u16,
     ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>>;
+
+    /// The guest agent of `microvm_id`, for a shell session (a suspended VM with auto-resume
+    /// resumes first, as for `upstream`).
+    fn agent(
+        &self,
+        microvm_id: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<kiln_agent::AgentClient, RouteError>> + Send + '_>>;
 }
 
 /// Why a MicroVM's port cannot be reached.
