@@ -4,11 +4,14 @@ mod client;
 mod credentials;
 mod demo;
 mod doctor;
+mod endpoint;
 mod input;
 mod logs;
 mod operations;
+mod progress;
 mod render;
 mod signing;
+mod verbs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,8 +31,11 @@ use crate::signing::RequestSigner;
     long_about = None,
     after_help = "Every AWS lambda-microvms operation is a subcommand too, named as the AWS CLI \
                   names it (`kiln run-microvm --image-identifier web`).\n\n\
-                  Example:\n  \
-                  kiln list-microvms --image-identifier web"
+                  A first walk:\n  \
+                  kiln build ./app --name web\n  \
+                  kiln run web\n  \
+                  kiln curl mvm-… /\n  \
+                  kiln ls"
 )]
 struct Cli {
     #[command(flatten)]
@@ -107,6 +113,26 @@ pub enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Zip a directory with a Dockerfile and build it into an image version.
+    Build(verbs::build::BuildArgs),
+    /// Start a MicroVM from an image and print its endpoint and a token.
+    Run(verbs::run::RunArgs),
+    /// List MicroVMs (or, with `images`, images).
+    Ls(verbs::ls::LsArgs),
+    /// List images with their newest version and its state.
+    #[command(after_help = "Example:\n  kiln images")]
+    Images,
+    /// Send an HTTPS request to a MicroVM's app through its endpoint.
+    Curl(verbs::curl::CurlArgs),
+    /// Suspend MicroVMs: memory and disk go to disk until they resume.
+    #[command(after_help = "Example:\n  kiln suspend mvm-0a1b2c")]
+    Suspend(verbs::session::Ids),
+    /// Resume suspended MicroVMs.
+    #[command(after_help = "Example:\n  kiln resume mvm-0a1b2c")]
+    Resume(verbs::session::Ids),
+    /// Terminate MicroVMs.
+    #[command(after_help = "Example:\n  kiln rm mvm-0a1b2c mvm-3d4e5f")]
+    Rm(verbs::session::Ids),
     /// Print an image version's build log (`--follow` streams it until the build ends).
     #[command(after_help = "Example:\n  kiln logs web --follow")]
     Logs {
@@ -224,6 +250,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::run(&g.home(), g.output),
         Command::Demo => demo::run(&g.home(), g.output),
         Command::Ca => ca(&g.home(), g.output),
+        Command::Build(a) => block(verbs::build::run(g, &g.kilnd()?, a)),
+        Command::Run(a) => block(verbs::run::run(g, &g.kilnd()?, a)),
+        Command::Ls(a) => block(verbs::ls::run(g, &g.kilnd()?, a)),
+        Command::Images => block(verbs::ls::images(g, &g.kilnd()?)),
+        Command::Curl(a) => block(verbs::curl::run(g, &g.kilnd()?, a)),
+        Command::Suspend(ids) => block(verbs::session::suspend(g, &g.kilnd()?, ids)),
+        Command::Resume(ids) => block(verbs::session::resume(g, &g.kilnd()?, ids)),
+        Command::Rm(ids) => block(verbs::session::rm(g, &g.kilnd()?, ids)),
         Command::Logs {
             image,
             version,

@@ -1,6 +1,7 @@
 //! What kiln prints: aligned tables and key-value views for people, JSON for scripts.
 
 use std::fmt::Write as _;
+use std::time::SystemTime;
 
 use serde_json::Value;
 
@@ -95,6 +96,30 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// How long ago `secs` (epoch seconds) was: `42s`, `5m`, `3h`, `2d`.
+pub fn age(secs: f64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(secs);
+    duration((now - secs).max(0.0) as u64)
+}
+
+/// A duration in its largest whole unit: `42s`, `5m`, `3h`, `2d`.
+pub fn duration(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// The last part of an image ARN (`…:microvm-image:web` → `web`).
+pub fn image_name(arn: &str) -> &str {
+    arn.rsplit(':').next().unwrap_or(arn)
 }
 
 /// A scalar as a cell; timestamps (`…At` members) as dates.
@@ -256,5 +281,15 @@ mod tests {
             out,
             "authToken.X-aws-proxy-auth  tok\nstate                       RUNNING\n"
         );
+    }
+
+    #[test]
+    fn duration_when_growing_then_larger_units() {
+        let got: Vec<String> = [5, 150, 7200, 200_000]
+            .iter()
+            .map(|s| duration(*s))
+            .collect();
+
+        assert_eq!(got, ["5s", "2m", "2h", "2d"]);
     }
 }

@@ -1,0 +1,7 @@
+//! kiln's own verbs over the API: build, run, ls, curl, suspend/resume/rm.
+
+pub mod build;
+pub mod curl;
+pub mod ls;
+pub mod run;
+pub mod session;
