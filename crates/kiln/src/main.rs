@@ -133,6 +133,12 @@ enum Command {
     /// Terminate MicroVMs.
     #[command(after_help = "Example:\n  kiln rm mvm-0a1b2c mvm-3d4e5f")]
     Rm(verbs::session::Ids),
+    /// Manage the access keys kilnd accepts (list, create, revoke).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  kiln keys create --principal alice"
+    )]
+    Keys(verbs::keys::KeysCommand),
     /// Print an image version's build log (`--follow` streams it until the build ends).
     #[command(after_help = "Example:\n  kiln logs web --follow")]
     Logs {
@@ -258,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Suspend(ids) => block(verbs::session::suspend(g, &g.kilnd()?, ids)),
         Command::Resume(ids) => block(verbs::session::resume(g, &g.kilnd()?, ids)),
         Command::Rm(ids) => block(verbs::session::rm(g, &g.kilnd()?, ids)),
+        Command::Keys(k) => block(verbs::keys::run(g, &g.kilnd()?, k)),
         Command::Logs {
             image,
             version,
