@@ -249,6 +249,16 @@ pub enum ContextError {
         /// The file.
         path: PathBuf,
     },
+    /// A directory to zip holds a symbolic link that leads outside it.
+    #[error("{path} is a symbolic link to {target:?}, which {reason}: a build context may only hold relative links that stay inside it; copy the file in instead, or add the link to .dockerignore")]
+    DirLinkEscapes {
+        /// The link.
+        path: PathBuf,
+        /// Its target.
+        target: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Writing the zip failed.
     #[error("cannot write zip {path}: {source}")]
     ZipWrite {
@@ -822,6 +832,7 @@ pub fn zip_dir(dir: &Path, out: &Path) -> Result<ZipStats, ContextError> {
         path: out.into(),
         source,
     };
+    let mut links: Vec<(String, String)> = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(rel_dir) = stack.pop() {
         let abs_dir = dir.join(&rel_dir);
@@ -862,9 +873,11 @@ pub fn zip_dir(dir: &Path, out: &Path) -> Result<ZipStats, ContextError> {
                 continue;
             } else if meta.file_type().is_symlink() {
                 let target = fs::read_link(&abs).map_err(io_err("read link", &abs))?;
+                let target = target.to_string_lossy().into_owned();
                 writer
-                    .add_symlink(rel, target.to_string_lossy(), options(0o777))
+                    .add_symlink(rel.as_str(), target.as_str(), options(0o777))
                     .map_err(zip_err)?;
+                links.push((rel, target));
                 stats.other_entries += 1;
             } else if meta.is_file() {
                 let executable = meta.permissions().mode() & 0o111 != 0;
@@ -880,6 +893,7 @@ pub fn zip_dir(dir: &Path, out: &Path) -> Result<ZipStats, ContextError> {
         }
         stack.extend(subdirs.into_iter().rev());
     }
+    check_dir_links(dir, &links)?;
     let mut buffered = writer.finish().map_err(zip_err)?;
     buffered.flush().map_err(io_err("write", temp.path()))?;
     stats.zip_bytes = temp
@@ -893,6 +907,42 @@ pub fn zip_dir(dir: &Path, out: &Path) -> Result<ZipStats, ContextError> {
     temp.persist(out)
         .map_err(|e| io_err("rename into place", out)(e.error))?;
     Ok(stats)
+}
+
+/// Checks that every link `zip_dir` packed resolves, through the other packed links,
+/// inside the context, as [`extract_zip`] will demand: kiln refuses what kilnd would.
+fn check_dir_links(dir: &Path, links: &[(String, String)]) -> Result<(), ContextError> {
+    let by_path: HashMap<&str, &str> = links
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    let mut budget = LINK_CHECK_BUDGET;
+    for (path, target) in links {
+        let escapes = |reason| ContextError::DirLinkEscapes {
+            path: dir.join(path),
+            target: target.clone(),
+            reason,
+        };
+        if target.starts_with('/') {
+            return Err(escapes("is absolute"));
+        }
+        let mut at: Vec<&str> = path.split('/').collect();
+        at.pop();
+        let mut walk = Walk { hops: 0, budget };
+        let resolved = resolve(at, target, &by_path, &mut walk);
+        budget = walk.budget;
+        match resolved {
+            Ok(_) => {}
+            Err(LinkProblem::Escapes) => return Err(escapes("leads outside the directory")),
+            Err(LinkProblem::Loops) => return Err(escapes("loops or nests too deeply")),
+            Err(LinkProblem::TooComplex) => {
+                return Err(escapes(
+                    "makes the links of this directory too costly to check",
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn options(mode: u32) -> SimpleFileOptions {
@@ -1345,5 +1395,39 @@ mod tests {
             fs::metadata(dest.join("run")).expect("via link").mode() & 0o777,
             0o755
         );
+    }
+
+    #[test]
+    fn zip_dir_when_link_escapes_then_refused_and_no_zip_left() {
+        let work = tempfile::tempdir().expect("scratch");
+        let src = work.path().join("src");
+        fs::create_dir_all(src.join("sub")).expect("mkdir");
+        fs::write(src.join("Dockerfile"), "FROM debian-12\n").expect("write");
+        fs::write(work.path().join("outside"), "secret").expect("write");
+        std::os::unix::fs::symlink("../../outside", src.join("sub/up")).expect("link");
+        let zip = work.path().join("context.zip");
+
+        let err = zip_dir(&src, &zip).expect_err("escaping link");
+
+        assert!(
+            matches!(&err, ContextError::DirLinkEscapes { path, .. } if path.ends_with("sub/up")),
+            "{err}"
+        );
+        assert!(!zip.exists());
+    }
+
+    #[test]
+    fn zip_dir_when_escaping_link_is_ignored_then_zipped_without_it() {
+        let work = tempfile::tempdir().expect("scratch");
+        let src = work.path().join("src");
+        fs::create_dir_all(&src).expect("mkdir");
+        fs::write(src.join("Dockerfile"), "FROM debian-12\n").expect("write");
+        fs::write(src.join(".dockerignore"), "etc-link\n").expect("write");
+        std::os::unix::fs::symlink("/etc", src.join("etc-link")).expect("link");
+        let zip = work.path().join("context.zip");
+
+        let stats = zip_dir(&src, &zip).expect("zip");
+
+        assert_eq!(stats.other_entries, 0);
     }
 }

@@ -3,70 +3,52 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use futures_util::StreamExt;
+use kiln_api::Operation;
+use reqwest::Method;
+
+use crate::client::{Call, Kilnd};
 
 /// Prints (and with `follow`, streams until the build ends) the build log of `image`'s
 /// `version` (latest when `None`).
-pub fn run(
-    endpoint: &str,
+pub async fn run(
+    kilnd: &Kilnd,
     image: &str,
     version: Option<&str>,
     follow: bool,
 ) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        let version = match version {
-            Some(v) => v.to_string(),
-            None => latest_version(&client, endpoint, image).await?,
-        };
-        let url = format!(
-            "{}/kiln/v1/images/{image}/versions/{version}/build-log{}",
-            endpoint.trim_end_matches('/'),
-            if follow { "?follow=true" } else { "" }
-        );
-        let resp = client.get(&url).send().await.with_context(|| {
-            format!(
-                "cannot reach kilnd at {endpoint} (is it running? set --endpoint or KILN_ENDPOINT)"
-            )
-        })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
-            bail!("kilnd answered {status}: {}", message(&body));
-        }
-        let mut stream = resp.bytes_stream();
-        let mut out = std::io::stdout().lock();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.context("the log stream broke off")?;
-            out.write_all(&chunk)?;
-            out.flush()?;
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+    let version = match version {
+        Some(v) => v.to_string(),
+        None => latest_version(kilnd, image).await?,
+    };
+    let resp = kilnd
+        .kiln(Method::GET, &build_log_path(image, &version, follow), None)
+        .await?;
+    let mut stream = resp.bytes_stream();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the log stream from kilnd broke off")?;
+        out.write_all(&chunk)?;
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// kiln's path of a version's build log.
+pub fn build_log_path(image: &str, version: &str, follow: bool) -> String {
+    format!(
+        "/kiln/v1/images/{}/versions/{}/build-log{}",
+        kiln_api::uri::percent_encode(image),
+        kiln_api::uri::percent_encode(version),
+        if follow { "?follow=true" } else { "" }
+    )
 }
 
 /// The highest version number of an image.
-async fn latest_version(
-    client: &reqwest::Client,
-    endpoint: &str,
-    image: &str,
-) -> anyhow::Result<String> {
-    let url = format!(
-        "{}/2025-09-09/microvm-images/{image}/versions",
-        endpoint.trim_end_matches('/')
-    );
-    let resp = client.get(&url).send().await.with_context(|| {
-        format!("cannot reach kilnd at {endpoint} (is it running? set --endpoint or KILN_ENDPOINT)")
-    })?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        bail!("image {image}: {}", message(&body));
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&body).context("kilnd sent a version list that is not JSON")?;
+pub async fn latest_version(kilnd: &Kilnd, image: &str) -> anyhow::Result<String> {
+    let call = Call::new(Operation::ListMicrovmImageVersions).label("imageIdentifier", image);
+    let v = kilnd.call_all_pages(&call).await?;
     v["items"]
         .as_array()
         .into_iter()
@@ -78,13 +60,5 @@ async fn latest_version(
         })
         .max()
         .map(|n| n.to_string())
-        .with_context(|| format!("image {image} has no versions"))
-}
-
-/// The `message` of an AWS-style error body, or the body itself.
-fn message(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.trim().to_string())
+        .with_context(|| format!("image {image} has no versions yet: build one with `kiln build`"))
 }

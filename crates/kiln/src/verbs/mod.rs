@@ -1,0 +1,8 @@
+//! kiln's own verbs over the API: build, run, ls, curl, suspend/resume/rm, keys.
+
+pub mod build;
+pub mod curl;
+pub mod keys;
+pub mod ls;
+pub mod run;
+pub mod session;
