@@ -133,6 +133,8 @@ enum Command {
     /// Terminate MicroVMs.
     #[command(after_help = "Example:\n  kiln rm mvm-0a1b2c mvm-3d4e5f")]
     Rm(verbs::session::Ids),
+    /// Open an interactive shell in a MicroVM (run with the SHELL_INGRESS connector).
+    Shell(verbs::shell::ShellArgs),
     /// Manage the access keys kilnd accepts (list, create, revoke).
     #[command(
         subcommand,
@@ -265,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(ids) => block(verbs::session::resume(g, &g.kilnd()?, ids)),
         Command::Rm(ids) => block(verbs::session::rm(g, &g.kilnd()?, ids)),
         Command::Keys(k) => block(verbs::keys::run(g, &g.kilnd()?, k)),
+        Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
         Command::Logs {
             image,
             version,

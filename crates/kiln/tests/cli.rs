@@ -215,6 +215,22 @@ impl Daemon {
         )
     }
 
+    /// `kiln args…` with `input` on its standard input.
+    fn kiln_typing(&self, args: &[&str], input: &str) -> Run {
+        let mut child = kiln_cmd(self.home.path())
+            .env("KILN_ENDPOINT", &self.url)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kiln");
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, input.as_bytes()).expect("type");
+        }
+        Run::of(child.wait_with_output().expect("kiln output"))
+    }
+
     /// QEMU processes started for this daemon's data directory.
     fn qemu_pids(&self) -> Vec<i32> {
         let needle = self.home.path().to_string_lossy().into_owned();
@@ -470,12 +486,16 @@ fn friendly_verbs_when_building_and_running_an_app_then_each_step_shows_its_resu
     let app_dir = app.to_string_lossy().into_owned();
 
     let built = kilnd.kiln(&["build", &app_dir]);
-    let ran = kilnd.kiln(&["run", "site", "--output", "json"]);
+    let ran = kilnd.kiln(&["run", "site", "--shell", "--output", "json"]);
     let id = ran.json()["microvmId"]
         .as_str()
         .unwrap_or("mvm-missing")
         .to_string();
     let page = kilnd.kiln(&["curl", &id, "/index.html"]);
+    let shell = kilnd.kiln_typing(
+        &["shell", &id],
+        "tty && echo \"$((6*7)) $(cat /www/index.html | wc -c)\"; exit 4\n",
+    );
     let secret = kilnd.kiln(&["curl", &id, "/secret.txt"]);
     let listed = kilnd.kiln(&["ls", "--output", "json"]);
     let table = kilnd.kiln(&["ls"]);
@@ -510,6 +530,12 @@ fn friendly_verbs_when_building_and_running_an_app_then_each_step_shows_its_resu
     assert_eq!((page.code, page.stdout.as_str()), (0, PAGE), "{page:?}");
     assert!(page.stderr.contains("HTTP 200"), "{page:?}");
     assert!(secret.stderr.contains("HTTP 404"), "{secret:?}");
+    assert_eq!(shell.code, 4, "{shell:?}");
+    assert!(shell.stdout.contains("/dev/pts/"), "{shell:?}");
+    assert!(
+        shell.stdout.contains(&format!("42 {}", PAGE.len())),
+        "{shell:?}"
+    );
     assert_eq!(state_of(&listed, &id), "RUNNING", "{listed:?}");
     assert!(table.stdout.starts_with("ID"), "{table:?}");
     assert!(table.stdout.contains("site:1"), "{table:?}");

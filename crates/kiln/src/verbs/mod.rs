@@ -1,4 +1,4 @@
-//! kiln's own verbs over the API: build, run, ls, curl, suspend/resume/rm, keys.
+//! kiln's own verbs over the API: build, run, ls, curl, shell, suspend/resume/rm, keys.
 
 pub mod build;
 pub mod curl;
@@ -6,3 +6,4 @@ pub mod keys;
 pub mod ls;
 pub mod run;
 pub mod session;
+pub mod shell;

@@ -26,7 +26,7 @@ pub const DEFAULT_PORT: u16 = 8080;
 /// `kiln run` flags.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  kiln run web\n  kiln run web --idle 600 --port 8080 --open\n  TOKEN=$(kiln run web --output json | jq -r .token)"
+    after_help = "Examples:\n  kiln run web\n  kiln run web --idle 600 --port 8080 --open\n  kiln run web --shell && kiln shell mvm-…\n  TOKEN=$(kiln run web --output json | jq -r .token)"
 )]
 pub struct RunArgs {
     /// The image's name or ARN.
@@ -46,6 +46,9 @@ pub struct RunArgs {
         requires = "idle"
     )]
     pub keep_suspended: i32,
+    /// Allow `kiln shell` into it (attaches the SHELL_INGRESS network connector).
+    #[arg(long)]
+    pub shell: bool,
     /// Hard limit on its life, seconds (default 8 hours).
     #[arg(long, value_name = "SECONDS")]
     pub max_duration: Option<i32>,
@@ -125,7 +128,7 @@ pub async fn token(kilnd: &Kilnd, id: &str, port: u16, minutes: i32) -> anyhow::
 /// Runs `kiln run`.
 pub async fn run(g: &Global, kilnd: &Kilnd, a: RunArgs) -> anyhow::Result<ExitCode> {
     let body = RunMicrovmRequest {
-        ingress_network_connectors: None,
+        ingress_network_connectors: a.shell.then(|| vec!["SHELL_INGRESS".to_string()]),
         egress_network_connectors: None,
         image_identifier: a.image.clone(),
         image_version: a.version.clone(),
