@@ -9,6 +9,7 @@ pub mod images;
 pub mod managed;
 pub mod microvms;
 pub mod proxy;
+pub mod sigv4;
 pub mod store;
 pub mod tls;
 pub mod tokens;
