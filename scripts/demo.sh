@@ -56,10 +56,20 @@ end_section() {
 # A minute-and-seconds rendering of a duration in seconds.
 mmss() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
+# Requests are signed with the admin key kilnd wrote to $KILN_HOME/credentials on its first
+# start (nothing from the user's own AWS setup is used).
 aws() {
-    AWS_PAGER="" AWS_ACCESS_KEY_ID=kiln AWS_SECRET_ACCESS_KEY=kiln \
-        "$AWS_BIN" --no-sign-request --region "$REGION" --endpoint-url "$API" \
+    env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE \
+        AWS_PAGER="" AWS_SHARED_CREDENTIALS_FILE="$KILN_HOME/credentials" \
+        "$AWS_BIN" --region "$REGION" --endpoint-url "$API" \
         --output text lambda-microvms "$@"
+}
+# curl signing the same way, for kiln's own /kiln/v1 endpoints.
+signed_curl() {
+    local key
+    key=$(awk '/^aws_access_key_id/ {i = $3} /^aws_secret_access_key/ {s = $3} END {print i ":" s}' \
+        "$KILN_HOME/credentials")
+    curl --aws-sigv4 "aws:amz:$REGION:lambda" --user "$key" "$@"
 }
 
 free_port() {
@@ -118,6 +128,7 @@ for _ in $(seq 1 300); do
 done
 curl -fsS "$API/kiln/v1/health" >/dev/null || die "kilnd did not answer on $API (log: $KILND_LOG)"
 say "kilnd pid $KILND_PID, API on $API, log in $KILND_LOG"
+say "requests are signed with the admin key in $KILN_HOME/credentials"
 say "managed base images:"
 aws list-managed-microvm-images --query 'items[].[imageArn]' | sed 's/^/      /'
 
@@ -181,7 +192,7 @@ echo
 BUILD_LOG=$RUN_DIR/$IMAGE-$VERSION.build.log
 BUILD_START=$SECONDS
 # The stream ends when the build does; if it breaks, fall back to polling the state.
-curl -sSN --no-buffer "$API/kiln/v1/images/$IMAGE/versions/$VERSION/build-log?follow=true" |
+signed_curl -sSN --no-buffer "$API/kiln/v1/images/$IMAGE/versions/$VERSION/build-log?follow=true" |
     tee "$BUILD_LOG" || true
 while :; do
     STATE=$(aws get-microvm-image-version --image-identifier "$IMAGE" --image-version "$VERSION" \

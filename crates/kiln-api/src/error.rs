@@ -113,6 +113,31 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// The request carries no signature (403). Like the three below, not in the service
+    /// model: every AWS service sends it, and SDKs raise it as a generic client error.
+    #[error("MissingAuthenticationTokenException: {message}")]
+    MissingAuthenticationToken {
+        /// What is missing.
+        message: String,
+    },
+    /// The access key id is unknown or revoked (403).
+    #[error("UnrecognizedClientException: {message}")]
+    UnrecognizedClient {
+        /// Why the key is not accepted.
+        message: String,
+    },
+    /// The signature does not match the request, or it expired (403).
+    #[error("InvalidSignatureException: {message}")]
+    InvalidSignature {
+        /// What does not match.
+        message: String,
+    },
+    /// The signature's parts are missing or malformed (400).
+    #[error("IncompleteSignatureException: {message}")]
+    IncompleteSignature {
+        /// What is missing or malformed.
+        message: String,
+    },
 }
 
 /// Every exception shape name the model declares, in model order.
@@ -129,6 +154,14 @@ pub const ERROR_TYPES: &[&str] = &[
     "ThrottlingException",
     "TooManyRequestsException",
     "ValidationException",
+];
+
+/// The authentication errors every AWS service can send, beyond the model's exceptions.
+pub const COMMON_ERROR_TYPES: &[&str] = &[
+    "IncompleteSignatureException",
+    "InvalidSignatureException",
+    "MissingAuthenticationTokenException",
+    "UnrecognizedClientException",
 ];
 
 impl ApiError {
@@ -157,6 +190,13 @@ impl ApiError {
         }
     }
 
+    /// An `AccessDeniedException` with `message`.
+    pub fn access_denied(message: impl Into<String>) -> Self {
+        ApiError::AccessDenied {
+            message: message.into(),
+        }
+    }
+
     /// An `InternalServerException` with `message`.
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError::InternalServer {
@@ -168,9 +208,14 @@ impl ApiError {
     /// The HTTP status the model gives this exception.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::Validation { .. } | ApiError::InvalidParameterValue { .. } => 400,
+            ApiError::Validation { .. }
+            | ApiError::InvalidParameterValue { .. }
+            | ApiError::IncompleteSignature { .. } => 400,
             ApiError::ServiceQuotaExceeded { .. } => 402,
-            ApiError::AccessDenied { .. } => 403,
+            ApiError::AccessDenied { .. }
+            | ApiError::MissingAuthenticationToken { .. }
+            | ApiError::UnrecognizedClient { .. }
+            | ApiError::InvalidSignature { .. } => 403,
             ApiError::ResourceNotFound { .. } => 404,
             ApiError::Conflict { .. } | ApiError::ResourceConflict { .. } => 409,
             ApiError::Throttling { .. } | ApiError::TooManyRequests { .. } => 429,
@@ -195,6 +240,10 @@ impl ApiError {
             ApiError::ResourceConflict { .. } => "ResourceConflictException",
             ApiError::Service { .. } => "ServiceException",
             ApiError::TooManyRequests { .. } => "TooManyRequestsException",
+            ApiError::MissingAuthenticationToken { .. } => "MissingAuthenticationTokenException",
+            ApiError::UnrecognizedClient { .. } => "UnrecognizedClientException",
+            ApiError::InvalidSignature { .. } => "InvalidSignatureException",
+            ApiError::IncompleteSignature { .. } => "IncompleteSignatureException",
         }
     }
 
@@ -212,7 +261,11 @@ impl ApiError {
             | ApiError::InvalidParameterValue { message, .. }
             | ApiError::ResourceConflict { message, .. }
             | ApiError::Service { message, .. }
-            | ApiError::TooManyRequests { message, .. } => message,
+            | ApiError::TooManyRequests { message, .. }
+            | ApiError::MissingAuthenticationToken { message }
+            | ApiError::UnrecognizedClient { message }
+            | ApiError::InvalidSignature { message }
+            | ApiError::IncompleteSignature { message } => message,
         }
     }
 
@@ -290,7 +343,11 @@ impl ApiError {
             ApiError::Validation { .. }
             | ApiError::AccessDenied { .. }
             | ApiError::InternalServer { .. }
-            | ApiError::InsufficientCapacity { .. } => {}
+            | ApiError::InsufficientCapacity { .. }
+            | ApiError::MissingAuthenticationToken { .. }
+            | ApiError::UnrecognizedClient { .. }
+            | ApiError::InvalidSignature { .. }
+            | ApiError::IncompleteSignature { .. } => {}
         }
         body.insert("message".to_string(), json!(self.message()));
         Value::Object(body)
@@ -353,6 +410,12 @@ impl ApiError {
                 kind: text("Type"),
                 message,
             },
+            "MissingAuthenticationTokenException" => {
+                ApiError::MissingAuthenticationToken { message }
+            }
+            "UnrecognizedClientException" => ApiError::UnrecognizedClient { message },
+            "InvalidSignatureException" => ApiError::InvalidSignature { message },
+            "IncompleteSignatureException" => ApiError::IncompleteSignature { message },
             _ => return None,
         })
     }
@@ -412,6 +475,25 @@ mod tests {
             .expect("known type");
             assert_eq!(err.error_type(), *name);
             assert_eq!(err.message(), "m");
+        }
+    }
+
+    #[test]
+    fn from_response_when_common_auth_error_then_round_trips_with_its_status() {
+        for name in COMMON_ERROR_TYPES {
+            let err =
+                ApiError::from_response(name, &json!({"message": "m"}), None).expect("known type");
+
+            assert_eq!(err.error_type(), *name);
+            assert_eq!(err.body(), json!({"message": "m"}));
+            assert_eq!(
+                err.status(),
+                if *name == "IncompleteSignatureException" {
+                    400
+                } else {
+                    403
+                }
+            );
         }
     }
 

@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(kilnd: &Kilnd, launches: usize) -> anyhow::Result<()> {
-    let api = Api::new(&kilnd.url);
+    let api = Api::new(&kilnd.url, &kilnd.home.path().join("credentials"))?;
     let endpoint = Endpoint::new(kilnd)?;
     let home = kilnd.home.path().to_owned();
     let host = tokio::task::spawn_blocking({
@@ -389,29 +389,82 @@ impl Drop for Kilnd {
     }
 }
 
-/// kilnd's AWS-shaped API over plain HTTP (unsigned, loopback).
+/// kilnd's AWS-shaped API over plain HTTP (loopback), signed with the admin key kilnd
+/// wrote to its credentials file.
 #[derive(Clone)]
 struct Api {
     client: Client<HttpConnector, Full<Bytes>>,
     url: String,
+    key: aws_credential_types::Credentials,
 }
 
 impl Api {
-    fn new(url: &str) -> Api {
-        Api {
+    fn new(url: &str, credentials: &Path) -> anyhow::Result<Api> {
+        let text = std::fs::read_to_string(credentials)
+            .with_context(|| format!("reading {}", credentials.display()))?;
+        let value = |name: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| k.trim() == name)
+                .map(|(_, v)| v.trim().to_string())
+                .with_context(|| format!("{} has no {name}", credentials.display()))
+        };
+        Ok(Api {
             client: Client::builder(TokioExecutor::new()).build_http(),
             url: url.to_string(),
-        }
+            key: aws_credential_types::Credentials::new(
+                value("aws_access_key_id")?,
+                value("aws_secret_access_key")?,
+                None,
+                None,
+                "kilnd credentials file",
+            ),
+        })
+    }
+
+    /// SigV4 headers for one call.
+    fn sign(
+        &self,
+        method: &Method,
+        uri: &str,
+        body: &[u8],
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+        let identity = self.key.clone().into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("local")
+            .name("lambda")
+            .time(std::time::SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()?
+            .into();
+        let headers = [("content-type", "application/json")];
+        let request = SignableRequest::new(
+            method.as_str(),
+            uri,
+            headers.into_iter(),
+            SignableBody::Bytes(body),
+        )?;
+        let (instructions, _) = sign(request, &params)?.into_parts();
+        Ok(instructions
+            .headers()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect())
     }
 
     /// One call; the answer's JSON (null when empty). Fails on any status but 2xx.
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
+        let uri = format!("{}{path}", self.url);
+        let mut req = Request::builder()
             .method(method.clone())
-            .uri(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+            .uri(&uri)
+            .header("content-type", "application/json");
+        for (name, value) in self.sign(&method, &uri, body.as_bytes())? {
+            req = req.header(name, value);
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
         let response = self
             .client
             .request(req)

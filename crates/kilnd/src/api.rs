@@ -1,17 +1,20 @@
 //! The HTTP API: the AWS `lambda-microvms` operations (rest-json) and kiln's own `/kiln/v1`.
+//! Every request but the health check must carry a SigV4 signature by a kiln access key.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{FromRequest, Path as UrlPath, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::Router;
 use kiln_api::{ApiError, Operation, Request};
 
+use crate::auth::{AccessKeys, Caller};
 use crate::images::Images;
 use crate::microvms::Microvms;
+use crate::sigv4::SignedRequest;
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
@@ -20,6 +23,8 @@ pub struct Api {
     pub images: Arc<Images>,
     /// The MicroVM operations.
     pub microvms: Arc<Microvms>,
+    /// The access keys requests are signed with.
+    pub keys: Arc<AccessKeys>,
 }
 
 /// The whole API as one router.
@@ -31,8 +36,52 @@ pub fn router(api: Api) -> Router {
         )
         .route("/kiln/v1/health", get(|| async { "ok\n" }))
         .route("/kiln/v1/microvms/{id}", get(microvm_details))
+        .route("/kiln/v1/keys", get(list_keys).post(create_key))
+        .route("/kiln/v1/keys/{id}", delete(revoke_key))
         .fallback(aws)
         .with_state(api)
+}
+
+/// A request whose SigV4 signature checked out: who sent it, and its body (read whole,
+/// since the signature covers it). As an extractor it answers any failure with the error
+/// AWS sends, before the handler runs.
+pub struct Signed {
+    /// Who signed it.
+    pub caller: Caller,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl FromRequest<Api> for Signed {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, api: &Api) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let request = axum::extract::Request::from_parts(parts.clone(), body);
+        let body = Bytes::from_request(request, api)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let signed = SignedRequest {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            body: &body,
+        };
+        match api.keys.authenticate(&signed) {
+            Ok(caller) => Ok(Signed { caller, body }),
+            Err(e) => {
+                tracing::info!(
+                    method = %parts.method,
+                    path = %parts.uri.path(),
+                    error = e.error_type(),
+                    message = e.message(),
+                    "request not authenticated"
+                );
+                Err(error_response(&e))
+            }
+        }
+    }
 }
 
 /// Renders an [`ApiError`] the way AWS's rest-json protocol does, so SDKs raise the
@@ -67,7 +116,8 @@ fn json_response(status: u16, body: serde_json::Value) -> Response {
 }
 
 /// Every AWS operation: route by method and path, parse and validate, dispatch.
-async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> Response {
+async fn aws(State(api): State<Api>, method: Method, uri: Uri, signed: Signed) -> Response {
+    let Signed { caller, body } = signed;
     let path = uri.path();
     let Some((op, labels)) = Operation::route(method.as_str(), path) else {
         let e = ApiError::not_found("operation", &format!("{method} {path}"));
@@ -79,17 +129,18 @@ async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> R
         .map(kiln_api::uri::parse_query)
         .unwrap_or_default();
     let result = match Request::parse(op, &labels, &query, &body) {
-        Ok(request) => dispatch(&api, request).await,
+        Ok(request) => dispatch(&api, &caller, request).await,
         Err(e) => Err(e),
     };
     match result {
         Ok(value) => {
-            tracing::info!(operation = op.name(), "ok");
+            tracing::info!(operation = op.name(), principal = %caller.principal, "ok");
             json_response(op.success_status(), value)
         }
         Err(e) => {
             tracing::info!(
                 operation = op.name(),
+                principal = %caller.principal,
                 error = e.error_type(),
                 message = e.message(),
                 "refused"
@@ -100,7 +151,11 @@ async fn aws(State(api): State<Api>, method: Method, uri: Uri, body: Bytes) -> R
 }
 
 /// Sends each request to the part of kilnd that owns it.
-async fn dispatch(api: &Api, request: Request) -> Result<serde_json::Value, ApiError> {
+async fn dispatch(
+    api: &Api,
+    caller: &Caller,
+    request: Request,
+) -> Result<serde_json::Value, ApiError> {
     match request {
         Request::RunMicrovm { .. }
         | Request::GetMicrovm { .. }
@@ -109,14 +164,56 @@ async fn dispatch(api: &Api, request: Request) -> Result<serde_json::Value, ApiE
         | Request::SuspendMicrovm { .. }
         | Request::ResumeMicrovm { .. }
         | Request::CreateMicrovmAuthToken { .. }
-        | Request::CreateMicrovmShellAuthToken { .. } => api.microvms.handle(request).await,
-        other => api.images.handle(other).await,
+        | Request::CreateMicrovmShellAuthToken { .. } => api.microvms.handle(caller, request).await,
+        other => api.images.handle(caller, other).await,
     }
 }
 
 /// `GET /kiln/v1/microvms/{id}`: kiln's details of a MicroVM (kernel, forwards, traffic).
-async fn microvm_details(State(api): State<Api>, UrlPath(id): UrlPath<String>) -> Response {
-    match api.microvms.details(&id).await {
+async fn microvm_details(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+    signed: Signed,
+) -> Response {
+    match api.microvms.details(&signed.caller, &id).await {
+        Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /kiln/v1/keys` (admin): `{"keys": [{accessKeyId, principal, createdAt, revoked,
+/// revokedAt}]}`, never a secret.
+async fn list_keys(State(api): State<Api>, signed: Signed) -> Response {
+    match api.keys.list(&signed.caller) {
+        Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `POST /kiln/v1/keys` (admin) with `{"principal": "alice"}`: a new key,
+/// `{accessKeyId, secretAccessKey, principal}`; the only time the secret is shown.
+async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
+    match api.keys.create(&signed.caller, &signed.body) {
+        Ok(k) => json_response(
+            201,
+            serde_json::json!({
+                "accessKeyId": k.access_key_id,
+                "secretAccessKey": k.secret_access_key,
+                "principal": k.principal,
+            }),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `DELETE /kiln/v1/keys/{accessKeyId}` (admin): revokes the key (idempotent); answers
+/// the key as listed.
+async fn revoke_key(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+    signed: Signed,
+) -> Response {
+    match api.keys.revoke(&signed.caller, &id) {
         Ok(v) => json_response(200, v),
         Err(e) => error_response(&e),
     }
@@ -136,8 +233,9 @@ async fn build_log(
     State(api): State<Api>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     Query(q): Query<LogQuery>,
+    signed: Signed,
 ) -> Response {
-    let (path, images) = match api.images.build_log_path(&name, &version) {
+    let (path, images) = match api.images.build_log_path(&signed.caller, &name, &version) {
         Ok(p) => (p, api.images.clone()),
         Err(e) => return error_response(&e),
     };

@@ -11,6 +11,7 @@ use kiln_api::shapes::image::*;
 use kiln_api::{ApiError, ArnContext, ImageRef, Request};
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::builds::{version_dir, Builds};
 use crate::managed;
 use crate::now;
@@ -36,15 +37,16 @@ fn not_implemented(op: &str) -> ApiError {
 }
 
 impl Images {
-    /// Executes one validated request.
-    pub async fn handle(&self, request: Request) -> Result<Value, ApiError> {
+    /// Executes one validated request for `caller`, who sees only its own images (admin
+    /// sees all) and the managed ones.
+    pub async fn handle(&self, caller: &Caller, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::CreateMicrovmImage { body } => self.create(*body),
+            Request::CreateMicrovmImage { body } => self.create(caller, *body),
             Request::UpdateMicrovmImage { params, body } => {
-                self.update(&params.image_identifier, *body)
+                self.update(caller, &params.image_identifier, *body)
             }
             Request::GetMicrovmImage { params } => {
-                let image = self.image(&params.image_identifier)?;
+                let image = self.image(caller, &params.image_identifier)?;
                 to_value(&GetMicrovmImageOutput {
                     image: self.summary(&image)?,
                     tags: tags_of(&image),
@@ -54,7 +56,12 @@ impl Images {
             Request::ListMicrovmImages { query } => {
                 let rows = self
                     .store
-                    .images(None, query.name_filter.as_deref(), usize::MAX >> 1)
+                    .images(
+                        None,
+                        query.name_filter.as_deref(),
+                        caller.owner_filter(),
+                        usize::MAX >> 1,
+                    )
                     .map_err(internal)?;
                 let items = rows
                     .iter()
@@ -68,13 +75,14 @@ impl Images {
                 )?;
                 to_value(&ListMicrovmImagesResponse { next_token, items })
             }
-            Request::DeleteMicrovmImage { params } => self.delete(&params.image_identifier),
+            Request::DeleteMicrovmImage { params } => self.delete(caller, &params.image_identifier),
             Request::GetMicrovmImageVersion { params } => {
-                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let (image, v) =
+                    self.version(caller, &params.image_identifier, &params.image_version)?;
                 to_value(&self.version_summary(&image, &v)?)
             }
             Request::ListMicrovmImageVersions { params, query } => {
-                let image = self.image(&params.image_identifier)?;
+                let image = self.image(caller, &params.image_identifier)?;
                 let rows = self
                     .store
                     .versions(&image.name, 0, usize::MAX >> 1)
@@ -105,15 +113,17 @@ impl Images {
                 })
             }
             Request::UpdateMicrovmImageVersion { params, body } => {
-                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let (image, v) =
+                    self.version(caller, &params.image_identifier, &params.image_version)?;
                 self.store
                     .set_version_status(&image.name, v.version, body.status.as_str(), now())
                     .map_err(internal)?;
-                let (image, v) = self.version(&image.name, &v.version.to_string())?;
+                let (image, v) = self.version(caller, &image.name, &v.version.to_string())?;
                 to_value(&self.version_summary(&image, &v)?)
             }
             Request::DeleteMicrovmImageVersion { params } => {
-                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let (image, v) =
+                    self.version(caller, &params.image_identifier, &params.image_version)?;
                 if matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS") {
                     return Err(ApiError::conflict(
                         "MicrovmImageVersion",
@@ -132,7 +142,8 @@ impl Images {
                 })
             }
             Request::GetMicrovmImageBuild { params } => {
-                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let (image, v) =
+                    self.version(caller, &params.image_identifier, &params.image_version)?;
                 if params.build_id != v.build_id {
                     return Err(ApiError::not_found("MicrovmImageBuild", &params.build_id));
                 }
@@ -146,7 +157,8 @@ impl Images {
                 })
             }
             Request::ListMicrovmImageBuilds { params, query } => {
-                let (image, v) = self.version(&params.image_identifier, &params.image_version)?;
+                let (image, v) =
+                    self.version(caller, &params.image_identifier, &params.image_version)?;
                 let mut items = vec![self.build_summary(&image, &v)?];
                 if query
                     .architecture
@@ -188,7 +200,7 @@ impl Images {
                 to_value(&ListManagedMicrovmImageVersionsOutput { next_token, items })
             }
             Request::TagResource { params, body } => {
-                let image = self.image_for_arn(&params.resource)?;
+                let image = self.image(caller, &params.resource)?;
                 let mut tags = tags_of(&image).unwrap_or_default();
                 tags.extend(body.tags);
                 self.store
@@ -197,7 +209,7 @@ impl Images {
                 Ok(Value::Null)
             }
             Request::UntagResource { params, query } => {
-                let image = self.image_for_arn(&params.resource)?;
+                let image = self.image(caller, &params.resource)?;
                 let mut tags = tags_of(&image).unwrap_or_default();
                 for k in &query.tag_keys {
                     tags.remove(k);
@@ -208,15 +220,16 @@ impl Images {
                 Ok(Value::Null)
             }
             Request::ListTags { params } => {
-                let image = self.image_for_arn(&params.resource)?;
+                let image = self.image(caller, &params.resource)?;
                 Ok(json!({ "Tags": tags_of(&image).unwrap_or_default() }))
             }
             other => Err(not_implemented(other.operation().name())),
         }
     }
 
-    fn create(&self, req: CreateMicrovmImageRequest) -> Result<Value, ApiError> {
-        if let Some(saved) = self.replay("CreateMicrovmImage", req.client_token.as_deref(), &req)? {
+    fn create(&self, caller: &Caller, req: CreateMicrovmImageRequest) -> Result<Value, ApiError> {
+        let op = token_scope(caller, "CreateMicrovmImage");
+        if let Some(saved) = self.replay(&op, req.client_token.as_deref(), &req)? {
             return Ok(saved);
         }
         self.check_config(&req.config)?;
@@ -227,6 +240,7 @@ impl Images {
             created_at: t,
             updated_at: None,
             tags: json!(req.tags.clone().unwrap_or_default()),
+            owner: caller.principal.clone(),
         };
         let version = pending_version(&req.name, 1, &req.config, t)?;
         if !self
@@ -237,7 +251,8 @@ impl Images {
             return Err(ApiError::conflict(
                 "MicrovmImage",
                 &req.name,
-                format!("an image named {} already exists; use UpdateMicrovmImage to build a new version", req.name),
+                // Names are unique across principals; whose image it is stays unsaid.
+                format!("the image name {} is taken; use UpdateMicrovmImage to build a new version of your image, or pick another name", req.name),
             ));
         }
         self.builds
@@ -249,21 +264,21 @@ impl Images {
             updated_at: None,
             image_version: "1".into(),
         })?;
-        self.remember(
-            "CreateMicrovmImage",
-            req.client_token.as_deref(),
-            &req,
-            &out,
-        )?;
+        self.remember(&op, req.client_token.as_deref(), &req, &out)?;
         Ok(out)
     }
 
-    fn update(&self, identifier: &str, req: UpdateMicrovmImageRequest) -> Result<Value, ApiError> {
-        let op = format!("UpdateMicrovmImage:{identifier}");
+    fn update(
+        &self,
+        caller: &Caller,
+        identifier: &str,
+        req: UpdateMicrovmImageRequest,
+    ) -> Result<Value, ApiError> {
+        let op = token_scope(caller, &format!("UpdateMicrovmImage:{identifier}"));
         if let Some(saved) = self.replay(&op, req.client_token.as_deref(), &req)? {
             return Ok(saved);
         }
-        let image = self.image(identifier)?;
+        let image = self.image(caller, identifier)?;
         if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
             return Err(ApiError::conflict(
                 "MicrovmImage",
@@ -283,7 +298,7 @@ impl Images {
             .map_err(internal)?;
         self.builds
             .spawn(image.name.clone(), v.version, req.config.clone(), false);
-        let image = self.image(&image.name)?;
+        let image = self.image(caller, &image.name)?;
         let out = to_value(&UpdateMicrovmImageResponse {
             image: self.summary(&image)?,
             config: req.config.clone(),
@@ -294,8 +309,8 @@ impl Images {
         Ok(out)
     }
 
-    fn delete(&self, identifier: &str) -> Result<Value, ApiError> {
-        let image = self.image(identifier)?;
+    fn delete(&self, caller: &Caller, identifier: &str) -> Result<Value, ApiError> {
+        let image = self.image(caller, identifier)?;
         if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
             return Err(ApiError::conflict(
                 "MicrovmImage",
@@ -333,7 +348,9 @@ impl Images {
         }
     }
 
-    fn image(&self, identifier: &str) -> Result<ImageRow, ApiError> {
+    /// The image `identifier` names, if `caller` may see it; another principal's image
+    /// is not found, exactly like a missing one.
+    fn image(&self, caller: &Caller, identifier: &str) -> Result<ImageRow, ApiError> {
         let r = kiln_api::image_identifier(identifier)?;
         if let ImageRef::Arn(a) = &r {
             if !a.is_local_to(&self.ctx) {
@@ -343,15 +360,17 @@ impl Images {
         self.store
             .image(r.name())
             .map_err(internal)?
+            .filter(|image| caller.can_access(&image.owner))
             .ok_or_else(|| ApiError::not_found("MicrovmImage", identifier))
     }
 
-    fn image_for_arn(&self, arn: &str) -> Result<ImageRow, ApiError> {
-        self.image(arn)
-    }
-
-    fn version(&self, identifier: &str, version: &str) -> Result<(ImageRow, VersionRow), ApiError> {
-        let image = self.image(identifier)?;
+    fn version(
+        &self,
+        caller: &Caller,
+        identifier: &str,
+        version: &str,
+    ) -> Result<(ImageRow, VersionRow), ApiError> {
+        let image = self.image(caller, identifier)?;
         let number: i64 = version.parse().map_err(|_| {
             ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.name))
         })?;
@@ -460,17 +479,27 @@ impl Images {
         Ok(())
     }
 
-    /// The build log of a version (for `/kiln/v1`).
-    pub fn build_log_path(&self, image: &str, version: &str) -> Result<PathBuf, ApiError> {
-        let (image, v) = self.version(image, version)?;
+    /// The build log of a version `caller` may see (for `/kiln/v1`).
+    pub fn build_log_path(
+        &self,
+        caller: &Caller,
+        image: &str,
+        version: &str,
+    ) -> Result<PathBuf, ApiError> {
+        let (image, v) = self.version(caller, image, version)?;
         Ok(version_dir(&self.home, &image.name, v.version).join("build.log"))
     }
 
-    /// Whether a version's build has ended (or the version is gone).
+    /// Whether a version's build has ended (or the version is gone). Asked while streaming
+    /// a log whose caller was checked by [`Images::build_log_path`].
     pub fn build_finished(&self, image: &str, version: &str) -> bool {
-        match self.version(image, version) {
-            Ok((_, v)) => !matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS"),
-            Err(_) => true,
+        let (Ok(image), Ok(number)) = (kiln_api::image_identifier(image), version.parse::<i64>())
+        else {
+            return true;
+        };
+        match self.store.version(image.name(), number) {
+            Ok(Some(v)) => !matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS"),
+            _ => true,
         }
     }
 }
@@ -498,6 +527,12 @@ fn pending_version(
         disk_bytes: None,
         code_bytes: None,
     })
+}
+
+/// Idempotency tokens are per principal: one principal's token never replays (or blocks)
+/// another's request.
+fn token_scope(caller: &Caller, op: &str) -> String {
+    format!("{}/{op}", caller.principal)
 }
 
 fn tags_of(image: &ImageRow) -> Option<Tags> {

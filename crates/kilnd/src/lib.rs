@@ -2,6 +2,7 @@
 //! MicroVM supervisor and the endpoint proxy come next.
 
 pub mod api;
+pub mod auth;
 pub mod builds;
 pub mod config;
 pub mod endpoint;
@@ -10,6 +11,7 @@ pub mod managed;
 pub mod microvms;
 pub mod proxy;
 pub mod s3;
+pub mod sigv4;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_api::ArnContext;
 
+use crate::auth::AccessKeys;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::images::Images;
@@ -40,6 +43,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&home)
         .with_context(|| format!("creating the data directory {}", home.display()))?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    let access_keys = Arc::new(AccessKeys::new(store.clone()));
+    let first_key = access_keys
+        .bootstrap(&home)
+        .context("creating the first access key")?;
     let host = {
         let home = home.clone();
         tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
@@ -88,7 +95,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ctx,
         home: home.clone(),
     });
-    let app = api::router(api::Api { images, microvms });
+    let app = api::router(api::Api {
+        images,
+        microvms,
+        keys: access_keys,
+    });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .with_context(|| {
@@ -99,7 +110,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     println!("kilnd: API on http://{addr} (data in {})", home.display());
-    println!("kilnd: try `aws lambda-microvms list-managed-microvm-images --endpoint-url http://{addr} --no-sign-request`");
+    let credentials = auth::credentials_path(&home);
+    if let Some(id) = first_key {
+        println!(
+            "kilnd: created access key {id} for principal {} in {} (mode 0600)",
+            auth::ADMIN,
+            credentials.display()
+        );
+    }
+    println!(
+        "kilnd: requests must be signed (SigV4); try `AWS_SHARED_CREDENTIALS_FILE={} aws lambda-microvms list-managed-microvm-images --endpoint-url http://{addr} --region {}`",
+        credentials.display(),
+        config.region
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())
         .await

@@ -17,6 +17,7 @@ use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use crate::auth::Caller;
 use crate::builds::version_dir;
 use crate::config::Config;
 use crate::now;
@@ -229,13 +230,14 @@ impl Microvms {
         c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
     }
 
-    /// Executes a MicroVM request.
-    pub async fn handle(&self, request: Request) -> Result<Value, ApiError> {
+    /// Executes a MicroVM request for `caller`, who sees only its own MicroVMs (admin
+    /// sees all).
+    pub async fn handle(&self, caller: &Caller, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::RunMicrovm { body } => self.run(*body).await,
+            Request::RunMicrovm { body } => self.run(caller, *body).await,
             Request::GetMicrovm { params } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
-                let row = self.row(&id)?;
+                let row = self.owned_row(caller, &id)?;
                 to_value(&self.describe(&row))
             }
             Request::ListMicrovms { query } => {
@@ -255,6 +257,7 @@ impl Microvms {
                     .map_err(internal)?;
                 let items: Vec<MicrovmItem> = rows
                     .iter()
+                    .filter(|r| caller.can_access(&r.owner))
                     .map(|r| MicrovmItem {
                         microvm_id: r.id.clone(),
                         state: r.state.parse().unwrap_or(MicrovmState::Pending),
@@ -273,23 +276,25 @@ impl Microvms {
             }
             Request::TerminateMicrovm { params } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
-                self.row(&id)?;
+                self.owned_row(caller, &id)?;
                 self.terminate(&id, "terminated by request").await?;
                 to_value(&TerminateMicrovmResponse {})
             }
             Request::SuspendMicrovm { params } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                self.owned_row(caller, &id)?;
                 self.suspend(&id).await?;
                 to_value(&SuspendMicrovmResponse {})
             }
             Request::ResumeMicrovm { params } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
+                self.owned_row(caller, &id)?;
                 self.resume(&id).await?;
                 to_value(&ResumeMicrovmResponse {})
             }
             Request::CreateMicrovmAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
-                let row = self.row(&id)?;
+                let row = self.owned_row(caller, &id)?;
                 if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
                     return Err(ApiError::conflict(
                         "Microvm",
@@ -314,7 +319,7 @@ impl Microvms {
             }
             Request::CreateMicrovmShellAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
-                let row = self.row(&id)?;
+                let row = self.owned_row(caller, &id)?;
                 if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
                     return Err(ApiError::conflict(
                         "Microvm",
@@ -361,6 +366,17 @@ impl Microvms {
             .ok_or_else(|| ApiError::not_found("Microvm", id))
     }
 
+    /// The MicroVM `id` if `caller` may see it; another principal's is not found, exactly
+    /// like a missing one.
+    fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
+        let row = self.row(id)?;
+        if caller.can_access(&row.owner) {
+            Ok(row)
+        } else {
+            Err(ApiError::not_found("Microvm", id))
+        }
+    }
+
     fn describe(&self, r: &MicrovmRow) -> MicrovmDescription {
         let req: Option<RunMicrovmRequest> = serde_json::from_value(r.request.clone()).ok();
         MicrovmDescription {
@@ -386,10 +402,11 @@ impl Microvms {
     }
 
     /// RunMicrovm: restores the image version into a new VM and returns once it runs.
-    async fn run(&self, req: RunMicrovmRequest) -> Result<Value, ApiError> {
+    async fn run(&self, caller: &Caller, req: RunMicrovmRequest) -> Result<Value, ApiError> {
         let image = kiln_api::image_identifier(&req.image_identifier)?;
         let name = image.name().to_string();
-        if self.store.image(&name).map_err(internal)?.is_none() {
+        let visible = self.store.image(&name).map_err(internal)?;
+        if !visible.is_some_and(|i| caller.can_access(&i.owner)) {
             return Err(ApiError::not_found("MicrovmImage", &req.image_identifier));
         }
         let version = match &req.image_version {
@@ -461,6 +478,7 @@ impl Microvms {
             kernel: self.host.assets.kernel.version.clone(),
             dir: dir.display().to_string(),
             forwards: json!({}),
+            owner: caller.principal.clone(),
         };
         if let Err(e) = self.store.insert_microvm(&row) {
             self.release(memory);
@@ -836,8 +854,8 @@ impl Microvms {
 
     /// kiln's own view of a MicroVM (`/kiln/v1/microvms/{id}`): what it runs (image version,
     /// kernel — so image drift is visible), its QEMU, forwards and endpoint traffic.
-    pub async fn details(&self, id: &str) -> Result<Value, ApiError> {
-        let r = self.row(id)?;
+    pub async fn details(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+        let r = self.owned_row(caller, id)?;
         let pid = match self.live.lock().await.get(id) {
             Some(l) => Some(l.lock().await.vm.pid()),
             None => None,
@@ -853,6 +871,7 @@ impl Microvms {
         });
         Ok(json!({
             "microvmId": r.id,
+            "owner": r.owner,
             "state": r.state,
             "stateReason": r.state_reason,
             "image": r.image,

@@ -62,6 +62,18 @@ const MIGRATIONS: &[&str] = &[
         forwards TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX microvms_by_image ON microvms (image, version);",
+    // 3: access keys (SigV4 secrets kilnd must read back to recompute signatures) and the
+    // principal owning each image and MicroVM; what existed before belongs to admin.
+    "CREATE TABLE access_keys (
+        id TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,
+        principal TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX access_keys_by_principal ON access_keys (principal);
+    ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE microvms ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin';",
 ];
 
 /// Errors from the store.
@@ -73,6 +85,13 @@ pub enum StoreError {
         path: String,
         #[source]
         source: rusqlite::Error,
+    },
+    /// The database file's permissions could not be set.
+    #[error("metadata store ({path}): cannot restrict it to its owner (mode 0600): {source}")]
+    Permissions {
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     /// A JSON column could not be read.
     #[error("metadata store holds unreadable JSON in {what}: {source}")]
@@ -102,6 +121,8 @@ pub struct ImageRow {
     pub updated_at: Option<f64>,
     /// Tags as a JSON object.
     pub tags: serde_json::Value,
+    /// The principal that created it.
+    pub owner: String,
 }
 
 /// One image version row (one build).
@@ -138,9 +159,14 @@ pub struct VersionRow {
 }
 
 impl Store {
-    /// Opens (creating) the database at `path` and runs pending migrations.
+    /// Opens (creating) the database at `path` and runs pending migrations. The file holds
+    /// access key secrets, so it (and its WAL files) is readable by its owner only.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let p = path.display().to_string();
+        owner_only(path).map_err(|source| StoreError::Permissions {
+            path: p.clone(),
+            source,
+        })?;
         let err = |source| StoreError::Sqlite {
             path: p.clone(),
             source,
@@ -198,9 +224,9 @@ impl Store {
         let tx = conn.transaction().map_err(self.err())?;
         let inserted = tx
             .execute(
-                "INSERT OR IGNORE INTO images (name, state, created_at, updated_at, tags, next_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 2)",
-                params![image.name, image.state, image.created_at, image.updated_at, image.tags.to_string()],
+                "INSERT OR IGNORE INTO images (name, state, created_at, updated_at, tags, next_version, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 2, ?6)",
+                params![image.name, image.state, image.created_at, image.updated_at, image.tags.to_string(), image.owner],
             )
             .map_err(self.err())?;
         if inserted == 0 {
@@ -242,7 +268,7 @@ impl Store {
     pub fn image(&self, name: &str) -> Result<Option<ImageRow>, StoreError> {
         self.lock()
             .query_row(
-                "SELECT name, state, created_at, updated_at, tags FROM images WHERE name = ?1",
+                "SELECT name, state, created_at, updated_at, tags, owner FROM images WHERE name = ?1",
                 [name],
                 image_row,
             )
@@ -250,24 +276,26 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// Images ordered by name, after `after`, at most `limit`.
+    /// Images ordered by name, after `after`, at most `limit`; only `owner`'s when given.
     pub fn images(
         &self,
         after: Option<&str>,
         name_filter: Option<&str>,
+        owner: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ImageRow>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare(
-                "SELECT name, state, created_at, updated_at, tags FROM images
+                "SELECT name, state, created_at, updated_at, tags, owner FROM images
                  WHERE name > ?1 AND (?2 IS NULL OR instr(name, ?2) > 0)
-                 ORDER BY name LIMIT ?3",
+                 AND (?3 IS NULL OR owner = ?3)
+                 ORDER BY name LIMIT ?4",
             )
             .map_err(self.err())?;
         let rows = stmt
             .query_map(
-                params![after.unwrap_or(""), name_filter, limit as i64],
+                params![after.unwrap_or(""), name_filter, owner, limit as i64],
                 image_row,
             )
             .map_err(self.err())?;
@@ -505,11 +533,13 @@ pub struct MicrovmRow {
     pub dir: String,
     /// Guest port → host port forwards (JSON object).
     pub forwards: serde_json::Value,
+    /// The principal that launched it.
+    pub owner: String,
 }
 
 const MICROVM_COLUMNS: &str =
     "id, image, version, state, state_reason, request, started_at, terminated_at,
-    max_duration, memory_mib, kernel, dir, forwards";
+    max_duration, memory_mib, kernel, dir, forwards, owner";
 
 fn microvm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
     Ok(MicrovmRow {
@@ -526,6 +556,7 @@ fn microvm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
         kernel: r.get(10)?,
         dir: r.get(11)?,
         forwards: json_column(r.get(12)?),
+        owner: r.get(13)?,
     })
 }
 
@@ -534,10 +565,11 @@ impl Store {
     pub fn insert_microvm(&self, m: &MicrovmRow) -> Result<(), StoreError> {
         self.lock()
             .execute(
-                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
                     m.id, m.image, m.version, m.state, m.state_reason, m.request.to_string(), m.started_at,
-                    m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string()
+                    m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string(),
+                    m.owner
                 ],
             )
             .map(drop)
@@ -621,6 +653,170 @@ impl Store {
     }
 }
 
+/// One access key: an id and secret for SigV4, and the principal it authenticates.
+#[derive(Clone)]
+pub struct AccessKeyRow {
+    /// `AKIA` + 16 characters.
+    pub id: String,
+    /// The secret access key (40 characters).
+    pub secret: String,
+    /// Who signs with it.
+    pub principal: String,
+    /// Creation time.
+    pub created_at: f64,
+    /// When it was revoked; a revoked key authenticates nothing.
+    pub revoked_at: Option<f64>,
+}
+
+impl std::fmt::Debug for AccessKeyRow {
+    // The secret stays out of every log line and error message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeyRow")
+            .field("id", &self.id)
+            .field("principal", &self.principal)
+            .field("created_at", &self.created_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Store::revoke_access_key`] did.
+#[derive(Debug)]
+pub enum Revocation {
+    /// The key is now revoked (or already was).
+    Revoked(AccessKeyRow),
+    /// No such key.
+    NotFound,
+    /// The key is the protected principal's last active one; nothing changed.
+    LastOfPrincipal(AccessKeyRow),
+}
+
+const ACCESS_KEY_COLUMNS: &str = "id, secret, principal, created_at, revoked_at";
+
+fn access_key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessKeyRow> {
+    Ok(AccessKeyRow {
+        id: r.get(0)?,
+        secret: r.get(1)?,
+        principal: r.get(2)?,
+        created_at: r.get(3)?,
+        revoked_at: r.get(4)?,
+    })
+}
+
+impl Store {
+    /// Records a new access key.
+    pub fn insert_access_key(&self, k: &AccessKeyRow) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                &format!(
+                    "INSERT INTO access_keys ({ACCESS_KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![k.id, k.secret, k.principal, k.created_at, k.revoked_at],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// One access key, revoked or not.
+    pub fn access_key(&self, id: &str) -> Result<Option<AccessKeyRow>, StoreError> {
+        self.lock()
+            .query_row(
+                &format!("SELECT {ACCESS_KEY_COLUMNS} FROM access_keys WHERE id = ?1"),
+                [id],
+                access_key_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Every access key, oldest first.
+    pub fn access_keys(&self) -> Result<Vec<AccessKeyRow>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {ACCESS_KEY_COLUMNS} FROM access_keys ORDER BY created_at, id"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map([], access_key_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Revokes a key (idempotent), unless it is the last active key of `protected`: checked
+    /// and changed in one transaction, so two revocations at once cannot both pass.
+    pub fn revoke_access_key(
+        &self,
+        id: &str,
+        protected: &str,
+        now: f64,
+    ) -> Result<Revocation, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        let Some(mut key) = tx
+            .query_row(
+                &format!("SELECT {ACCESS_KEY_COLUMNS} FROM access_keys WHERE id = ?1"),
+                [id],
+                access_key_row,
+            )
+            .optional()
+            .map_err(self.err())?
+        else {
+            return Ok(Revocation::NotFound);
+        };
+        if key.revoked_at.is_some() {
+            return Ok(Revocation::Revoked(key));
+        }
+        if key.principal == protected {
+            let active: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM access_keys WHERE principal = ?1 AND revoked_at IS NULL",
+                    [protected],
+                    |r| r.get(0),
+                )
+                .map_err(self.err())?;
+            if active <= 1 {
+                return Ok(Revocation::LastOfPrincipal(key));
+            }
+        }
+        tx.execute(
+            "UPDATE access_keys SET revoked_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        key.revoked_at = Some(now);
+        Ok(Revocation::Revoked(key))
+    }
+}
+
+/// Creates `path` readable by its owner only, or takes group and other access away from
+/// an existing database and its WAL files (SQLite gives new WAL files the database's mode).
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::metadata(&file) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 const VERSION_COLUMNS: &str =
     "image, version, state, status, state_reason, spec, created_at, updated_at,
     build_id, build_state, snapshot_dir, memory_bytes, disk_bytes, code_bytes";
@@ -660,6 +856,7 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
         created_at: r.get(2)?,
         updated_at: r.get(3)?,
         tags: json_column(r.get(4)?),
+        owner: r.get(5)?,
     })
 }
 
@@ -712,6 +909,7 @@ mod tests {
             created_at: 1.0,
             updated_at: None,
             tags: serde_json::json!({}),
+            owner: "admin".into(),
         }
     }
 
@@ -751,6 +949,53 @@ mod tests {
 
         assert_eq!((v2.version, v3.version), (2, 3));
         assert_eq!(store.versions("app", 0, 10).expect("list").len(), 3);
+    }
+
+    #[test]
+    fn open_when_schema_2_holds_images_then_they_belong_to_admin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&db).expect("sqlite");
+            conn.execute_batch(&MIGRATIONS[..2].join(";"))
+                .expect("schema 2");
+            conn.execute_batch(
+                "INSERT INTO images (name, state, created_at) VALUES ('old', 'CREATED', 1);
+                 PRAGMA user_version = 2;",
+            )
+            .expect("old row");
+        }
+
+        let store = Store::open(&db).expect("migrate");
+
+        assert_eq!(
+            store.image("old").expect("get").expect("row").owner,
+            "admin"
+        );
+        assert_eq!(
+            store
+                .images(None, None, Some("alice"), 10)
+                .expect("list")
+                .len(),
+            0
+        );
+    }
+
+    #[test]
+    fn open_when_new_then_the_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("kiln.db");
+
+        let _store = Store::open(&db).expect("open");
+
+        for file in ["kiln.db", "kiln.db-wal", "kiln.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .expect(file)
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{file}: {mode:o}");
+        }
     }
 
     #[test]

@@ -173,7 +173,8 @@ fn api_when_requests_are_wrong_then_aws_cli_reports_the_typed_error() {
         "uri=file:///tmp/x.zip",
     ]);
     let (bad_page, _, bad_page_err) = kilnd.aws(&["list-microvm-images", "--max-results", "500"]);
-    let boto = std::process::Command::new(common::workspace().join("target/pyenv/bin/python"))
+    let boto = kilnd
+        .python()
         .arg(common::workspace().join("crates/kilnd/tests/boto3_errors.py"))
         .arg(&kilnd.url)
         .arg(&zip)

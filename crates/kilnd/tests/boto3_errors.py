@@ -1,11 +1,11 @@
 """boto3 against kilnd: an image is created and read, and each error kind is a typed exception.
 
 Usage: boto3_errors.py ENDPOINT_URL ZIP_PATH
+(signs with the default credentials: the caller sets AWS_SHARED_CREDENTIALS_FILE)
 """
 import sys
 
 import boto3
-from botocore import UNSIGNED
 from botocore.config import Config
 
 endpoint, zip_path = sys.argv[1], sys.argv[2]
@@ -13,7 +13,7 @@ client = boto3.client(
     "lambda-microvms",
     endpoint_url=endpoint,
     region_name="us-east-1",
-    config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    config=Config(retries={"max_attempts": 1}),
 )
 base = "arn:aws:lambda:local:aws:microvm-image:busybox"
 role = "arn:aws:iam::000000000000:role/kiln-build"

@@ -4,7 +4,8 @@ Usage:
   endpoint_client.py get ENDPOINT_PORT CA_PEM MICROVM_ID PATH [TOKEN] [PORT_HEADER]
       prints "<status> <body>" for one request (Host <id>.kiln.localhost, to 127.0.0.1)
   endpoint_client.py flow API_URL ENDPOINT_PORT CA_PEM IMAGE
-      runs the whole flow with boto3 and asserts each answer
+      runs the whole flow with boto3 and asserts each answer (signed with the default
+      credentials: the caller sets AWS_SHARED_CREDENTIALS_FILE)
 """
 import http.client
 import ssl
@@ -29,14 +30,13 @@ def get(endpoint_port, ca, microvm_id, path, token=None, port_header=None):
 
 def flow(api, endpoint_port, ca, image):
     import boto3
-    from botocore import UNSIGNED
     from botocore.config import Config
 
     client = boto3.client(
         "lambda-microvms",
         endpoint_url=api,
         region_name="us-east-1",
-        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+        config=Config(retries={"max_attempts": 1}),
     )
     vm = client.run_microvm(imageIdentifier=image, maximumDurationInSeconds=600)
     mid = vm["microvmId"]

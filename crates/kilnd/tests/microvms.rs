@@ -57,6 +57,18 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
     );
     let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", id_a]);
     let (_, listed, _) = kilnd.aws(&["list-microvms", "--image-identifier", "counter"]);
+    let (alice, alice_credentials) = kilnd.new_principal("alice");
+    let (_, _, alice_get) = kilnd.aws_with(
+        &alice_credentials,
+        &["get-microvm", "--microvm-identifier", id_a],
+    );
+    let (_, alice_list, _) = kilnd.aws_with(&alice_credentials, &["list-microvms"]);
+    let (_, _, alice_terminate) = kilnd.aws_with(
+        &alice_credentials,
+        &["terminate-microvm", "--microvm-identifier", id_a],
+    );
+    let (alice_details, _, _) =
+        kilnd.request(&alice, "GET", &format!("/kiln/v1/microvms/{id_a}"), b"");
     let (token_a, token_b) = (token(&kilnd, id_a), token(&kilnd, id_b));
     let first_a = endpoint_get(&kilnd, id_a, &token_a, "/cgi-bin/count");
     let second_a = endpoint_get(&kilnd, id_a, &token_a, "/cgi-bin/count");
@@ -68,6 +80,16 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
     let (_, missing, missing_err) = kilnd.aws(&["get-microvm", "--microvm-identifier", "mvm-nope"]);
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_b]);
 
+    assert!(
+        alice_get.contains("ResourceNotFoundException"),
+        "{alice_get}"
+    );
+    assert_eq!(alice_list["items"], serde_json::json!([]), "{alice_list}");
+    assert!(
+        alice_terminate.contains("ResourceNotFoundException"),
+        "{alice_terminate}"
+    );
+    assert_eq!(alice_details, 404);
     assert_eq!(a["state"], "RUNNING", "{a}");
     assert_eq!(a["imageVersion"], "1");
     assert!(
@@ -136,26 +158,21 @@ fn restart_when_kilnd_is_killed_during_launches_then_each_vm_is_running_or_termi
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
     let url = kilnd.url.clone();
+    let credentials = kilnd.credentials();
 
     let launches: Vec<_> = (0..3)
         .map(|_| {
             let url = url.clone();
+            let credentials = credentials.clone();
             std::thread::spawn(move || {
-                std::process::Command::new(common::workspace().join("target/pyenv/bin/aws"))
+                common::aws_cli(&credentials)
                     .args([
                         "lambda-microvms",
                         "run-microvm",
                         "--image-identifier",
                         "counter",
                     ])
-                    .args([
-                        "--endpoint-url",
-                        &url,
-                        "--no-sign-request",
-                        "--region",
-                        "us-east-1",
-                    ])
-                    .env("AWS_MAX_ATTEMPTS", "1")
+                    .args(["--endpoint-url", &url, "--region", "us-east-1"])
                     .output()
             })
         })
@@ -227,19 +244,24 @@ fn token(kilnd: &Daemon, id: &str) -> String {
 /// `"<status> <body>"` of a GET through the MicroVM's HTTPS endpoint.
 fn endpoint_get(kilnd: &Daemon, id: &str, token: &str, path: &str) -> String {
     let ca = kilnd.home.path().join("tls/ca.pem").display().to_string();
-    python(&[
-        "get",
-        &kilnd.endpoint_port.to_string(),
-        &ca,
-        id,
-        path,
-        token,
-    ])
+    python(
+        kilnd,
+        &[
+            "get",
+            &kilnd.endpoint_port.to_string(),
+            &ca,
+            id,
+            path,
+            token,
+        ],
+    )
     .1
 }
 
-fn python(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::workspace().join("target/pyenv/bin/python"))
+/// Runs `endpoint_client.py <args>` (its boto3 signs as admin): (success, output).
+fn python(kilnd: &Daemon, args: &[&str]) -> (bool, String) {
+    let out = kilnd
+        .python()
         .arg(common::workspace().join("crates/kilnd/tests/endpoint_client.py"))
         .args(args)
         .output()
@@ -277,13 +299,13 @@ fn endpoint_when_aws_cli_and_boto3_issue_tokens_then_https_reaches_only_the_righ
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let (_, ok) = python(&["get", &port, &ca, &id, "/cgi-bin/count", &token]);
+    let (_, ok) = python(&kilnd, &["get", &port, &ca, &id, "/cgi-bin/count", &token]);
     let details: serde_json::Value =
         serde_json::from_str(&kilnd.get(&format!("/kiln/v1/microvms/{id}"))).expect("details");
-    let (_, other_port) = python(&["get", &port, &ca, &id, "/", &token, "9000"]);
-    let (_, nothing_there) = python(&["get", &port, &ca, &id, "/", &token, "8081"]);
+    let (_, other_port) = python(&kilnd, &["get", &port, &ca, &id, "/", &token, "9000"]);
+    let (_, nothing_there) = python(&kilnd, &["get", &port, &ca, &id, "/", &token, "8081"]);
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
-    let (flow_ok, flow) = python(&["flow", &kilnd.url, &port, &ca, "counter"]);
+    let (flow_ok, flow) = python(&kilnd, &["flow", &kilnd.url, &port, &ca, "counter"]);
 
     assert_eq!(code, 0, "{err}");
     assert_eq!(ok.trim(), "200 101");

@@ -1,12 +1,13 @@
 //! A real kilnd for the tests: its own data directory (sharing the test home's guest kernel
-//! and base images), its own port, driven with the AWS CLI and boto3 from `target/pyenv`.
+//! and base images), its own port, driven with the AWS CLI and boto3 from `target/pyenv`,
+//! signed with the admin access key kilnd writes to `<home>/credentials`.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -136,22 +137,36 @@ impl Daemon {
         false
     }
 
-    /// Runs `aws lambda-microvms <args>` against this daemon: (exit code, stdout JSON or
-    /// Null, stderr).
+    /// The admin credentials kilnd wrote on its first start (AWS shared-credentials file).
+    pub fn credentials(&self) -> PathBuf {
+        self.home.path().join("credentials")
+    }
+
+    /// The admin access key from [`Daemon::credentials`].
+    pub fn admin_key(&self) -> Key {
+        Key::from_file(&self.credentials())
+    }
+
+    /// Runs `aws lambda-microvms <args>` against this daemon as admin: (exit code, stdout
+    /// JSON or Null, stderr).
     pub fn aws(&self, args: &[&str]) -> (i32, Value, String) {
-        let out = Command::new(workspace().join("target/pyenv/bin/aws"))
+        self.aws_with(&self.credentials(), args)
+    }
+
+    /// Runs `aws lambda-microvms <args>` signed with the `[default]` profile of
+    /// `credentials`.
+    pub fn aws_with(&self, credentials: &Path, args: &[&str]) -> (i32, Value, String) {
+        let out = aws_cli(credentials)
             .arg("lambda-microvms")
             .args(args)
             .args([
                 "--endpoint-url",
                 &self.url,
-                "--no-sign-request",
                 "--region",
                 "us-east-1",
                 "--output",
                 "json",
             ])
-            .env("AWS_MAX_ATTEMPTS", "1")
             .env("AWS_CONFIG_FILE", self.aws_config())
             .output()
             .expect("run the AWS CLI (make pyenv)");
@@ -238,9 +253,64 @@ impl Daemon {
         http_get(&format!("http://127.0.0.1:{port}"), path)
     }
 
-    /// GET on kilnd's own API; the body.
+    /// A SigV4-signed GET on kilnd's own API as admin; the body.
     pub fn get(&self, path: &str) -> String {
-        http_get(&self.url, path)
+        self.request(&self.admin_key(), "GET", path, b"").2
+    }
+
+    /// A request to kilnd's API signed with `key` now: (status, headers, body).
+    pub fn request(
+        &self,
+        key: &Key,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, String) {
+        self.request_at(key, SystemTime::now(), method, path, body)
+    }
+
+    /// A request to kilnd's API signed with `key` as if at `at`: (status, headers, body).
+    pub fn request_at(
+        &self,
+        key: &Key,
+        at: SystemTime,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, String) {
+        let headers = sign(&self.url, key, at, method, path, body);
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        http_request(&self.url, method, path, &headers, body)
+    }
+
+    /// A new access key for `principal`, created as admin through `POST /kiln/v1/keys`,
+    /// and a credentials file holding it.
+    pub fn new_principal(&self, principal: &str) -> (Key, PathBuf) {
+        let body = format!(r#"{{"principal": "{principal}"}}"#);
+        let (status, _, text) =
+            self.request(&self.admin_key(), "POST", "/kiln/v1/keys", body.as_bytes());
+        assert_eq!(status, 201, "POST /kiln/v1/keys: {text}");
+        let created: Value = serde_json::from_str(&text).expect("key JSON");
+        let key = Key {
+            id: created["accessKeyId"].as_str().expect("id").to_string(),
+            secret: created["secretAccessKey"]
+                .as_str()
+                .expect("secret")
+                .to_string(),
+        };
+        let path = self.home.path().join(format!("credentials-{principal}"));
+        key.write(&path);
+        (key, path)
+    }
+
+    /// A Python from `target/pyenv` whose boto3 signs as admin.
+    pub fn python(&self) -> Command {
+        let mut cmd = Command::new(workspace().join("target/pyenv/bin/python"));
+        aws_env(&mut cmd, &self.credentials());
+        cmd
     }
 
     /// Whether a QEMU process still runs with this daemon's home in its command line.
@@ -279,19 +349,154 @@ impl Drop for Daemon {
     }
 }
 
-/// A plain HTTP/1.0 GET; the body.
-pub fn http_get(base: &str, path: &str) -> String {
+/// An access key: what a `[default]` profile of a credentials file holds.
+#[derive(Debug, Clone)]
+pub struct Key {
+    /// `AKIA…`.
+    pub id: String,
+    /// The secret access key.
+    pub secret: String,
+}
+
+impl Key {
+    /// The `[default]` profile of an AWS shared-credentials file.
+    pub fn from_file(path: &Path) -> Key {
+        let text = std::fs::read_to_string(path).expect("credentials file");
+        let value = |name: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| k.trim() == name)
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_else(|| panic!("{name} in {}", path.display()))
+        };
+        Key {
+            id: value("aws_access_key_id"),
+            secret: value("aws_secret_access_key"),
+        }
+    }
+
+    /// Writes this key as the `[default]` profile of a credentials file at `path`.
+    pub fn write(&self, path: &Path) {
+        std::fs::write(
+            path,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.id, self.secret
+            ),
+        )
+        .expect("write credentials");
+    }
+}
+
+/// Sets the environment so the AWS CLI and boto3 sign with the `[default]` profile of
+/// `credentials` and nothing from the machine's own AWS setup.
+pub fn aws_env(cmd: &mut Command, credentials: &Path) {
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("AWS_SHARED_CREDENTIALS_FILE", credentials)
+        .env("AWS_MAX_ATTEMPTS", "1");
+}
+
+/// The AWS CLI from `target/pyenv`, signing with `credentials`.
+pub fn aws_cli(credentials: &Path) -> Command {
+    let mut cmd = Command::new(workspace().join("target/pyenv/bin/aws"));
+    aws_env(&mut cmd, credentials);
+    cmd
+}
+
+/// SigV4 headers (Host, X-Amz-Date, Authorization) for a request to `base` signed with
+/// `key` at `at`, made by AWS's own signer.
+pub fn sign(
+    base: &str,
+    key: &Key,
+    at: SystemTime,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+    let identity =
+        aws_credential_types::Credentials::new(&key.id, &key.secret, None, None, "test").into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name("lambda")
+        .time(at)
+        .settings(SigningSettings::default())
+        .build()
+        .expect("signing params")
+        .into();
+    let host = base.trim_start_matches("http://");
+    let signable = SignableRequest::new(
+        method,
+        format!("{base}{path}"),
+        [("host", host)].into_iter(),
+        SignableBody::Bytes(body),
+    )
+    .expect("signable request");
+    let (instructions, _) = sign(signable, &params).expect("sign").into_parts();
+    let mut headers = vec![("Host".to_string(), host.to_string())];
+    headers.extend(
+        instructions
+            .headers()
+            .map(|(n, v)| (n.to_string(), v.to_string())),
+    );
+    headers
+}
+
+/// A plain HTTP/1.0 request with exactly `headers` (plus Content-Length for a body):
+/// (status, headers, body).
+pub fn http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, String) {
     let addr = base.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut head = format!("{method} {path} HTTP/1.0\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("request");
+    s.write_all(body).expect("request body");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).expect("response");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(text)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// A plain HTTP/1.0 GET; the body.
+pub fn http_get(base: &str, path: &str) -> String {
+    http_request(base, "GET", path, &[], b"").2
 }
 
 /// Writes a zip of `(name, contents, mode)` entries.

@@ -1,0 +1,373 @@
+//! Who is calling: access keys that kilnd issues, the principals they name, and the check
+//! of a request's SigV4 signature against them.
+//!
+//! A principal is a name (`admin`, `alice`); every image and MicroVM belongs to the
+//! principal that created it. `admin` sees and manages everything, and alone manages keys.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_api::ApiError;
+use serde_json::{json, Value};
+
+use crate::now;
+use crate::sigv4::{Signature, SignedRequest};
+use crate::store::{AccessKeyRow, Revocation, Store, StoreError};
+use crate::wire::internal;
+
+/// The principal that sees everything and manages keys; kilnd creates its first key.
+pub const ADMIN: &str = "admin";
+
+/// The caller of a request whose signature checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Whose resources it may see and act on.
+    pub principal: String,
+    /// The access key it signed with.
+    pub access_key_id: String,
+}
+
+impl Caller {
+    /// Whether the caller is the administrator.
+    pub fn is_admin(&self) -> bool {
+        self.principal == ADMIN
+    }
+
+    /// Whether the caller may see and act on what `owner` owns: its own, or anything for
+    /// admin. Whatever it may not see answers as if it did not exist.
+    pub fn can_access(&self, owner: &str) -> bool {
+        self.is_admin() || self.principal == owner
+    }
+
+    /// The owner to restrict a listing to: `None` (everything) for admin.
+    pub fn owner_filter(&self) -> Option<&str> {
+        (!self.is_admin()).then_some(self.principal.as_str())
+    }
+}
+
+/// Errors setting up the first access key.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The credentials file could not be written.
+    #[error("writing the admin credentials to {path}: {source} (check that kilnd may write its data directory)")]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No randomness for a new key.
+    #[error("the system random number generator failed: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A key just created, the only time its secret is shown.
+#[derive(Clone)]
+pub struct NewKey {
+    /// The access key id.
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret_access_key: String,
+    /// Its principal.
+    pub principal: String,
+}
+
+impl std::fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewKey")
+            .field("access_key_id", &self.access_key_id)
+            .field("principal", &self.principal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// kilnd's access keys, kept in the store.
+pub struct AccessKeys {
+    store: Arc<Store>,
+}
+
+/// Where kilnd writes the first admin key: `<home>/credentials`.
+pub fn credentials_path(home: &Path) -> PathBuf {
+    home.join("credentials")
+}
+
+impl AccessKeys {
+    /// The keys in `store`.
+    pub fn new(store: Arc<Store>) -> AccessKeys {
+        AccessKeys { store }
+    }
+
+    /// On the first start (no key at all) creates a key for `admin` and writes it to
+    /// `<home>/credentials` (AWS shared-credentials format, profile `default`, mode 0600).
+    /// Returns the new key's id, or `None` when keys existed already.
+    pub fn bootstrap(&self, home: &Path) -> Result<Option<String>, AuthError> {
+        if !self.store.access_keys()?.is_empty() {
+            return Ok(None);
+        }
+        let key = self.create_row(ADMIN)?;
+        let path = credentials_path(home);
+        write_credentials(&path, &key).map_err(|source| AuthError::Credentials {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(access_key_id = %key.id, principal = ADMIN, credentials = %path.display(), "created the first access key");
+        Ok(Some(key.id))
+    }
+
+    fn create_row(&self, principal: &str) -> Result<AccessKeyRow, AuthError> {
+        let key = AccessKeyRow {
+            id: format!("AKIA{}", random_chars(16, ID_ALPHABET)?),
+            secret: random_chars(40, SECRET_ALPHABET)?,
+            principal: principal.to_string(),
+            created_at: now(),
+            revoked_at: None,
+        };
+        self.store.insert_access_key(&key)?;
+        Ok(key)
+    }
+
+    /// Checks the signature of `req` against the key it names: the caller, or the error
+    /// AWS sends in the same case.
+    pub fn authenticate(&self, req: &SignedRequest<'_>) -> Result<Caller, ApiError> {
+        let signature = Signature::read(req)?;
+        let key_id = &signature.scope.access_key_id;
+        let key = self
+            .store
+            .access_key(key_id)
+            .map_err(internal)?
+            .filter(|k| k.revoked_at.is_none())
+            .ok_or_else(|| crate::sigv4::SigV4Error::UnknownKey(key_id.clone()))?;
+        signature.verify(req, &key.secret, std::time::SystemTime::now())?;
+        Ok(Caller {
+            principal: key.principal,
+            access_key_id: key.id,
+        })
+    }
+
+    /// `POST /kiln/v1/keys` (admin only): a new key for a principal; the response is the
+    /// only place its secret appears.
+    pub fn create(&self, caller: &Caller, body: &[u8]) -> Result<NewKey, ApiError> {
+        require_admin(caller, "create access keys")?;
+        let request: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::validation(format!(
+                "the body must be JSON like {{\"principal\": \"alice\"}}: {e}"
+            ))
+        })?;
+        let principal = request["principal"].as_str().ok_or_else(|| {
+            ApiError::validation("the body must name a principal: {\"principal\": \"alice\"}")
+        })?;
+        check_principal(principal)?;
+        let key = self.create_row(principal).map_err(|e| match e {
+            AuthError::Store(e) => internal(e),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        tracing::info!(access_key_id = %key.id, principal, by = %caller.principal, "access key created");
+        Ok(NewKey {
+            access_key_id: key.id,
+            secret_access_key: key.secret,
+            principal: key.principal,
+        })
+    }
+
+    /// `GET /kiln/v1/keys` (admin only): every key without its secret.
+    pub fn list(&self, caller: &Caller) -> Result<Value, ApiError> {
+        require_admin(caller, "list access keys")?;
+        let keys = self.store.access_keys().map_err(internal)?;
+        Ok(json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }))
+    }
+
+    /// `DELETE /kiln/v1/keys/{id}` (admin only): revokes a key (idempotent); the last
+    /// active admin key stays, so kiln never locks its administrator out.
+    pub fn revoke(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+        require_admin(caller, "revoke access keys")?;
+        match self
+            .store
+            .revoke_access_key(id, ADMIN, now())
+            .map_err(internal)?
+        {
+            Revocation::Revoked(key) => {
+                tracing::info!(access_key_id = %key.id, principal = %key.principal, by = %caller.principal, "access key revoked");
+                Ok(key_json(&key))
+            }
+            Revocation::NotFound => Err(ApiError::not_found("AccessKey", id)),
+            Revocation::LastOfPrincipal(key) => Err(ApiError::conflict(
+                "AccessKey",
+                &key.id,
+                format!(
+                    "{} is the last active key of principal {ADMIN}; create another admin key first (POST /kiln/v1/keys {{\"principal\": \"{ADMIN}\"}}), then revoke this one",
+                    key.id
+                ),
+            )),
+        }
+    }
+}
+
+/// A key as the keys API shows it: never the secret.
+fn key_json(k: &AccessKeyRow) -> Value {
+    json!({
+        "accessKeyId": k.id,
+        "principal": k.principal,
+        "createdAt": k.created_at,
+        "revoked": k.revoked_at.is_some(),
+        "revokedAt": k.revoked_at,
+    })
+}
+
+fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::access_denied(format!(
+            "only principal {ADMIN} may {what}; {} signed this request (access key {})",
+            caller.principal, caller.access_key_id
+        )))
+    }
+}
+
+/// Principal names: 1 to 64 of letters, digits and `+=,.@_-` (as IAM user names).
+fn check_principal(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::validation(format!(
+            "principal '{name}' is not a valid name: use 1 to 64 letters, digits or +=,.@_-"
+        )))
+    }
+}
+
+const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// `n` characters drawn uniformly from `alphabet` (rejection sampling: no modulo bias).
+fn random_chars(n: usize, alphabet: &[u8]) -> Result<String, AuthError> {
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::fill(&mut buf).map_err(AuthError::Random)?;
+        for &b in buf.iter().filter(|&&b| usize::from(b) < limit) {
+            if out.len() == n {
+                break;
+            }
+            out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the key as an AWS shared-credentials file: a new file created with mode 0600,
+/// renamed over `path` so the secret is never readable by others, even for a moment.
+fn write_credentials(path: &Path, key: &AccessKeyRow) -> std::io::Result<()> {
+    let tmp = path.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    write!(
+        f,
+        "# kiln access key of principal {}, created by kilnd on its first start.\n\
+         # Use it with AWS_SHARED_CREDENTIALS_FILE={} (or copy the profile to ~/.aws/credentials).\n\
+         [default]\n\
+         aws_access_key_id = {}\n\
+         aws_secret_access_key = {}\n",
+        key.principal,
+        path.display(),
+        key.id,
+        key.secret
+    )?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (tempfile::TempDir, AccessKeys) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("store");
+        (dir, AccessKeys::new(Arc::new(store)))
+    }
+
+    fn admin() -> Caller {
+        Caller {
+            principal: ADMIN.into(),
+            access_key_id: "AKIAADMIN".into(),
+        }
+    }
+
+    #[test]
+    fn bootstrap_when_first_start_then_credentials_file_is_0600_with_default_profile() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, keys) = keys();
+
+        let first = keys.bootstrap(dir.path()).expect("bootstrap");
+        let second = keys.bootstrap(dir.path()).expect("bootstrap again");
+
+        let path = credentials_path(dir.path());
+        let text = std::fs::read_to_string(&path).expect("credentials");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        let id = first.expect("a key on the first start");
+        assert_eq!(second, None);
+        assert_eq!(mode, 0o600);
+        assert!(text.contains("[default]\naws_access_key_id = "), "{text}");
+        assert!(text.contains(&format!("aws_access_key_id = {id}\n")));
+        assert!(id.starts_with("AKIA") && id.len() == 20, "{id}");
+        assert!(id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+    }
+
+    #[test]
+    fn revoke_when_last_admin_key_then_refused_and_another_admin_key_unblocks_it() {
+        let (dir, keys) = keys();
+        let first = keys.bootstrap(dir.path()).expect("bootstrap").expect("key");
+
+        let refused = keys.revoke(&admin(), &first).expect_err("last admin key");
+        keys.create(&admin(), br#"{"principal": "admin"}"#)
+            .expect("second admin key");
+        let revoked = keys.revoke(&admin(), &first).expect("revoke");
+        let again = keys.revoke(&admin(), &first).expect("idempotent");
+
+        assert_eq!(refused.error_type(), "ConflictException");
+        assert!(refused.message().contains("create another admin key"));
+        assert_eq!(revoked["revoked"], true);
+        assert_eq!(again["revokedAt"], revoked["revokedAt"]);
+    }
+
+    #[test]
+    fn keys_api_when_caller_is_not_admin_then_access_denied_and_list_hides_secrets() {
+        let (_dir, keys) = keys();
+        let alice = keys
+            .create(&admin(), br#"{"principal": "alice"}"#)
+            .expect("create");
+        let as_alice = Caller {
+            principal: "alice".into(),
+            access_key_id: alice.access_key_id.clone(),
+        };
+
+        let denied = keys
+            .create(&as_alice, br#"{"principal": "alice"}"#)
+            .expect_err("alice is no admin");
+        let bad_name = keys
+            .create(&admin(), br#"{"principal": "a b"}"#)
+            .expect_err("bad name");
+        let listed = keys.list(&admin()).expect("list").to_string();
+
+        assert_eq!(denied.error_type(), "AccessDeniedException");
+        assert_eq!(bad_name.error_type(), "ValidationException");
+        assert_eq!(alice.secret_access_key.len(), 40);
+        assert!(listed.contains(&alice.access_key_id), "{listed}");
+        assert!(!listed.contains(&alice.secret_access_key));
+    }
+}
