@@ -14,6 +14,7 @@ use kiln_api::{ApiError, Operation, Request};
 use crate::auth::{AccessKeys, Caller};
 use crate::images::Images;
 use crate::microvms::Microvms;
+use crate::s3::S3Store;
 use crate::sigv4::SignedRequest;
 
 /// Shared state of the API handlers.
@@ -25,6 +26,8 @@ pub struct Api {
     pub microvms: Arc<Microvms>,
     /// The access keys requests are signed with.
     pub keys: Arc<AccessKeys>,
+    /// The S3-compatible artifact store, served on the same address.
+    pub s3: Arc<S3Store>,
 }
 
 /// The whole API as one router.
@@ -38,7 +41,7 @@ pub fn router(api: Api) -> Router {
         .route("/kiln/v1/microvms/{id}", get(microvm_details))
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
-        .fallback(aws)
+        .fallback(entry)
         .with_state(api)
 }
 
@@ -115,8 +118,21 @@ fn json_response(status: u16, body: serde_json::Value) -> Response {
     resp
 }
 
+/// Everything but kiln's own routes: S3 requests (signed for the `s3` service) go to the
+/// artifact store, the rest are lambda-microvms operations.
+async fn entry(State(api): State<Api>, req: axum::extract::Request) -> Response {
+    if S3Store::is_s3_request(req.headers(), req.uri().query()) {
+        return api.s3.serve(req).await;
+    }
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    match Signed::from_request(req, &api).await {
+        Ok(signed) => aws(api, method, uri, signed).await,
+        Err(refusal) => refusal,
+    }
+}
+
 /// Every AWS operation: route by method and path, parse and validate, dispatch.
-async fn aws(State(api): State<Api>, method: Method, uri: Uri, signed: Signed) -> Response {
+async fn aws(api: Api, method: Method, uri: Uri, signed: Signed) -> Response {
     let Signed { caller, body } = signed;
     let path = uri.path();
     let Some((op, labels)) = Operation::route(method.as_str(), path) else {

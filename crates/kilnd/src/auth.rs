@@ -371,3 +371,16 @@ mod tests {
         assert!(!listed.contains(&alice.secret_access_key));
     }
 }
+
+impl crate::s3::Keyring for AccessKeys {
+    fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
+        match self.store.access_key(access_key_id) {
+            Ok(Some(k)) if k.revoked_at.is_none() => Some((k.secret, k.principal)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read access keys");
+                None
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@ use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::s3::S3Store;
 use crate::store::Store;
 use crate::{managed, now};
 
@@ -20,6 +21,7 @@ pub struct Builds {
     host: Arc<Host>,
     store: Arc<Store>,
     config: Arc<Config>,
+    s3: Arc<S3Store>,
     slots: Arc<Semaphore>,
 }
 
@@ -30,13 +32,24 @@ pub fn version_dir(home: &Path, image: &str, version: i64) -> PathBuf {
 
 impl Builds {
     /// A build runner.
-    pub fn new(host: Arc<Host>, store: Arc<Store>, config: Arc<Config>) -> Builds {
+    pub fn new(
+        host: Arc<Host>,
+        store: Arc<Store>,
+        config: Arc<Config>,
+        s3: Arc<S3Store>,
+    ) -> Builds {
         Builds {
             host,
             store,
             config,
+            s3,
             slots: Arc::new(Semaphore::new(1)),
         }
+    }
+
+    /// The embedded S3 store code artifacts may come from.
+    pub fn s3(&self) -> &S3Store {
+        &self.s3
     }
 
     /// Builds `image` version `version` in the background. `first` says whether this is the
@@ -192,6 +205,13 @@ impl Builds {
             #[allow(unreachable_patterns)]
             _ => return Err("codeArtifact must set uri".into()),
         };
+        if uri.starts_with("s3://") {
+            // Who may read the object was checked when the version was requested.
+            return self
+                .s3
+                .object_path(uri, crate::s3::ADMIN)
+                .map_err(|e| e.to_string());
+        }
         let Some(path) = uri.strip_prefix("file://") else {
             return Err(format!(
                 "codeArtifact uri {uri} is not supported yet: use file:///absolute/path/app.zip"

@@ -232,7 +232,7 @@ impl Images {
         if let Some(saved) = self.replay(&op, req.client_token.as_deref(), &req)? {
             return Ok(saved);
         }
-        self.check_config(&req.config)?;
+        self.check_config(caller, &req.config)?;
         let t = now();
         let image = ImageRow {
             name: req.name.clone(),
@@ -289,7 +289,7 @@ impl Images {
                 ),
             ));
         }
-        self.check_config(&req.config)?;
+        self.check_config(caller, &req.config)?;
         let t = now();
         let row = pending_version(&image.name, 0, &req.config, t)?;
         let v = self
@@ -330,9 +330,17 @@ impl Images {
     }
 
     /// Checks what the model cannot: a known base, a code artifact kiln can fetch.
-    fn check_config(&self, c: &ImageVersionConfig) -> Result<(), ApiError> {
+    fn check_config(&self, caller: &Caller, c: &ImageVersionConfig) -> Result<(), ApiError> {
         managed::validate_base(&c.base_image_arn)?;
         let CodeArtifact::Uri(uri) = &c.code_artifact;
+        if uri.starts_with("s3://") {
+            return self
+                .builds
+                .s3()
+                .object_path(uri, &caller.principal)
+                .map(drop)
+                .map_err(|e| ApiError::validation(e.to_string()));
+        }
         match uri.strip_prefix("file://") {
             Some(path) if path.starts_with('/') => {
                 if !std::path::Path::new(path).is_file() {
@@ -343,7 +351,7 @@ impl Images {
                 Ok(())
             }
             _ => Err(ApiError::validation(format!(
-                "codeArtifact.uri {uri} is not supported yet: use file:///absolute/path/app.zip"
+                "codeArtifact.uri {uri} is not supported: upload the zip with `aws s3 cp app.zip s3://bucket/app.zip --endpoint-url <kilnd>` and use s3://bucket/app.zip, or use file:///absolute/path/app.zip on the kiln host"
             ))),
         }
     }

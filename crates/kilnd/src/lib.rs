@@ -65,7 +65,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         region: config.region.clone(),
         account: config.account.clone(),
     };
-    let builds = Builds::new(host.clone(), store.clone(), config.clone());
+    let s3 = Arc::new(
+        s3::S3Store::open(&home.join("s3"), access_keys.clone())
+            .context("opening the S3 artifact store")?,
+    );
+    let builds = Builds::new(host.clone(), store.clone(), config.clone(), s3.clone());
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
     microvms::kill_dir(&home.join("work"));
@@ -99,6 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         images,
         microvms,
         keys: access_keys,
+        s3,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

@@ -1,0 +1,114 @@
+//! AWS's walkthrough, unchanged, against kiln: `aws s3 mb`, `aws s3 cp app.zip s3://…`, then
+//! boto3 creates the image from `s3://`, runs it with an idle policy, reaches it over HTTPS,
+//! suspends, resumes and terminates it — all signed with the credentials kilnd generated.
+
+mod common;
+
+use common::{aws_cli, make_zip, Daemon};
+
+/// A counter that lives in guest memory, served over HTTP by busybox.
+const COUNTER_APP: &str = "#!/bin/sh
+mkdir -p /www/cgi-bin
+echo 100 > /tmp/count
+cat > /www/cgi-bin/count <<'CGI'
+#!/bin/sh
+n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
+CGI
+chmod +x /www/cgi-bin/count
+exec httpd -f -p 8080 -h /www
+";
+
+/// `aws s3 <args>` against kilnd, signed with `credentials`: (exit code, stdout + stderr).
+fn s3(kilnd: &Daemon, credentials: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = aws_cli(credentials)
+        .arg("s3")
+        .args(args)
+        .args(["--endpoint-url", &kilnd.url, "--region", "us-east-1"])
+        .output()
+        .expect("run the AWS CLI (make pyenv)");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn walkthrough_when_zip_goes_through_s3_then_boto3_builds_runs_suspends_resumes_and_ends_it() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("app.zip");
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", COUNTER_APP.as_bytes(), 0o755),
+        ],
+    );
+    let admin = kilnd.credentials();
+    let (_, alice) = kilnd.new_principal("alice");
+
+    let made = s3(&kilnd, &admin, &["mb", "s3://apps"]);
+    let copied = s3(
+        &kilnd,
+        &admin,
+        &["cp", &zip.to_string_lossy(), "s3://apps/app.zip"],
+    );
+    let listed = s3(&kilnd, &admin, &["ls", "s3://apps"]);
+    let alice_lists = s3(&kilnd, &alice, &["ls", "s3://apps"]);
+    let (alice_code, _, alice_err) = kilnd.aws_with(
+        &alice,
+        &[
+            "create-microvm-image",
+            "--name",
+            "stolen",
+            "--base-image-arn",
+            "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "--build-role-arn",
+            "arn:aws:iam::000000000000:role/kiln-build",
+            "--code-artifact",
+            "uri=s3://apps/app.zip",
+        ],
+    );
+    let walk = kilnd
+        .python()
+        .arg(common::workspace().join("crates/kilnd/tests/walkthrough.py"))
+        .args([
+            kilnd.url.as_str(),
+            &kilnd.endpoint_port.to_string(),
+            &kilnd.home.path().join("tls/ca.pem").to_string_lossy(),
+            "s3://apps/app.zip",
+        ])
+        .output()
+        .expect("run python");
+    let seen: serde_json::Value = serde_json::from_slice(&walk.stdout).unwrap_or_default();
+
+    assert_eq!(made.0, 0, "{}", made.1);
+    assert_eq!(copied.0, 0, "{}", copied.1);
+    assert!(listed.1.contains("app.zip"), "{}", listed.1);
+    assert_ne!(alice_lists.0, 0, "{}", alice_lists.1);
+    assert!(alice_lists.1.contains("AccessDenied"), "{}", alice_lists.1);
+    assert_ne!(alice_code, 0);
+    assert!(alice_err.contains("no bucket apps of yours"), "{alice_err}");
+    assert!(
+        walk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&walk.stderr)
+    );
+    assert_eq!(seen["image"], "CREATED", "{seen}");
+    assert_eq!(seen["run"], "RUNNING", "{seen}");
+    assert_eq!(seen["first"], serde_json::json!([200, "101"]), "{seen}");
+    assert_eq!(seen["suspended"], "SUSPENDED", "{seen}");
+    assert_eq!(seen["resumed"], "RUNNING", "{seen}");
+    assert_eq!(seen["second"], serde_json::json!([200, "102"]), "{seen}");
+    assert_eq!(seen["terminated"], "TERMINATED", "{seen}");
+    assert!(!kilnd.qemu_running());
+}
