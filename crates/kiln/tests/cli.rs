@@ -572,7 +572,6 @@ fn friendly_verbs_when_building_and_running_an_app_then_each_step_shows_its_resu
 }
 
 #[test]
-#[ignore = "needs kilnd keys API (wip-auth)"]
 fn keys_when_created_listed_and_revoked_then_each_shows() {
     let kilnd = Daemon::start();
 

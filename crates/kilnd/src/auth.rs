@@ -289,6 +289,19 @@ fn write_credentials(path: &Path, key: &AccessKeyRow) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+impl crate::s3::Keyring for AccessKeys {
+    fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
+        match self.store.access_key(access_key_id) {
+            Ok(Some(k)) if k.revoked_at.is_none() => Some((k.secret, k.principal)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read access keys");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,18 +382,5 @@ mod tests {
         assert_eq!(alice.secret_access_key.len(), 40);
         assert!(listed.contains(&alice.access_key_id), "{listed}");
         assert!(!listed.contains(&alice.secret_access_key));
-    }
-}
-
-impl crate::s3::Keyring for AccessKeys {
-    fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
-        match self.store.access_key(access_key_id) {
-            Ok(Some(k)) if k.revoked_at.is_none() => Some((k.secret, k.principal)),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read access keys");
-                None
-            }
-        }
     }
 }
