@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::signing::RequestSigner;
+use kiln_sigv4::RequestSigner;
 
 /// One call of an AWS operation: URI labels, query pairs and the JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,7 +417,7 @@ mod tests {
     //! `AWSRequest` carrying kiln's exact body (run).
 
     use super::*;
-    use crate::credentials::Credentials;
+    use kiln_sigv4::Credentials;
 
     fn kilnd() -> Kilnd {
         let creds = Credentials {

@@ -1,7 +1,6 @@
 //! `kiln`: the command-line interface.
 
 mod client;
-mod credentials;
 mod demo;
 mod doctor;
 mod endpoint;
@@ -10,7 +9,6 @@ mod logs;
 mod operations;
 mod progress;
 mod render;
-mod signing;
 mod verbs;
 
 use std::path::PathBuf;
@@ -19,8 +17,8 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::client::{ApiFailure, Kilnd};
-use crate::credentials::CredentialSources;
-use crate::signing::RequestSigner;
+use kiln_sigv4::CredentialSources;
+use kiln_sigv4::RequestSigner;
 
 /// kiln runs each user's code in a microVM restored from a snapshot of the running app.
 #[derive(Parser)]

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::s3::S3Store;
+use crate::s3_remote::RemoteS3;
 use crate::store::Store;
 use crate::{managed, now};
 
@@ -22,6 +23,7 @@ pub struct Builds {
     store: Arc<Store>,
     config: Arc<Config>,
     s3: Arc<S3Store>,
+    remote_s3: Option<Arc<RemoteS3>>,
     slots: Arc<Semaphore>,
 }
 
@@ -37,19 +39,26 @@ impl Builds {
         store: Arc<Store>,
         config: Arc<Config>,
         s3: Arc<S3Store>,
+        remote_s3: Option<Arc<RemoteS3>>,
     ) -> Builds {
         Builds {
             host,
             store,
             config,
             s3,
+            remote_s3,
             slots: Arc::new(Semaphore::new(1)),
         }
     }
 
-    /// The embedded S3 store code artifacts may come from.
+    /// The embedded S3 store code artifacts come from, unless an external one is set.
     pub fn s3(&self) -> &S3Store {
         &self.s3
+    }
+
+    /// The external S3-compatible store `s3://` artifacts come from, when configured.
+    pub fn remote_s3(&self) -> Option<&RemoteS3> {
+        self.remote_s3.as_deref()
     }
 
     /// Builds `image` version `version` in the background. `first` says whether this is the
@@ -121,7 +130,15 @@ impl Builds {
         work: &Path,
         log: &BuildLog,
     ) -> Result<(), String> {
-        let zip = self.artifact_path(&spec.code_artifact)?;
+        let CodeArtifact::Uri(uri) = &spec.code_artifact;
+        let zip = match (&self.remote_s3, uri.starts_with("s3://")) {
+            (Some(remote), true) => {
+                log.line(&format!("fetching {uri} from {}", remote.endpoint()));
+                let limit = kiln_image::context::ContextLimits::default().max_total_bytes;
+                remote.fetch(uri, &work.join("artifact.zip"), limit).await?
+            }
+            _ => self.artifact_path(&spec.code_artifact)?,
+        };
         let context = {
             let zip_path = zip.clone();
             let dest = work.join("context");

@@ -26,6 +26,17 @@ pub struct Config {
     /// Restrict `file://` code artifacts to paths under these directories (repeatable).
     #[arg(long = "artifact-root", value_name = "DIR")]
     pub artifact_roots: Vec<PathBuf>,
+    /// Fetch `s3://` code artifacts from this S3-compatible endpoint (path-style, e.g.
+    /// https://s3.example.com:9000) instead of kilnd's embedded store.
+    #[arg(long, value_name = "URL")]
+    pub artifact_s3_endpoint: Option<String>,
+    /// Credentials for --artifact-s3-endpoint: an AWS shared-credentials file, profile
+    /// `default` [default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY].
+    #[arg(long, value_name = "FILE", requires = "artifact_s3_endpoint")]
+    pub artifact_s3_credentials: Option<PathBuf>,
+    /// Region the requests to --artifact-s3-endpoint are signed for.
+    #[arg(long, default_value = "us-east-1", value_name = "REGION")]
+    pub artifact_s3_region: String,
     /// Memory of build VMs, MiB.
     #[arg(long, default_value_t = 1024)]
     pub build_memory_mib: u64,

@@ -333,6 +333,10 @@ impl Images {
     fn check_config(&self, caller: &Caller, c: &ImageVersionConfig) -> Result<(), ApiError> {
         managed::validate_base(&c.base_image_arn)?;
         let CodeArtifact::Uri(uri) = &c.code_artifact;
+        if uri.starts_with("s3://") && self.builds.remote_s3().is_some() {
+            // The external store answers when the build fetches it.
+            return Ok(());
+        }
         if uri.starts_with("s3://") {
             return self
                 .builds

@@ -11,6 +11,7 @@ pub mod managed;
 pub mod microvms;
 pub mod proxy;
 pub mod s3;
+pub mod s3_remote;
 pub mod sigv4;
 pub mod store;
 pub mod tls;
@@ -69,7 +70,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3::S3Store::open(&home.join("s3"), access_keys.clone())
             .context("opening the S3 artifact store")?,
     );
-    let builds = Builds::new(host.clone(), store.clone(), config.clone(), s3.clone());
+    let remote_s3 = match &config.artifact_s3_endpoint {
+        Some(endpoint) => Some(Arc::new(s3_remote::RemoteS3::new(
+            endpoint,
+            config.artifact_s3_credentials.as_deref(),
+            &config.artifact_s3_region,
+        )?)),
+        None => None,
+    };
+    let builds = Builds::new(
+        host.clone(),
+        store.clone(),
+        config.clone(),
+        s3.clone(),
+        remote_s3,
+    );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
     microvms::kill_dir(&home.join("work"));

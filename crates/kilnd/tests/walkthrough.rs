@@ -112,3 +112,62 @@ fn walkthrough_when_zip_goes_through_s3_then_boto3_builds_runs_suspends_resumes_
     assert_eq!(seen["terminated"], "TERMINATED", "{seen}");
     assert!(!kilnd.qemu_running());
 }
+
+#[test]
+fn external_store_when_configured_then_s3_artifacts_are_fetched_from_it() {
+    let store = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("app.zip");
+    make_zip(
+        &zip,
+        &[(
+            "Dockerfile",
+            b"FROM kiln/busybox\nRUN echo fetched > /fetched\nEXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\"]\n",
+            0o644,
+        )],
+    );
+    let made = s3(&store, &store.credentials(), &["mb", "s3://ext"]);
+    let copied = s3(
+        &store,
+        &store.credentials(),
+        &["cp", &zip.to_string_lossy(), "s3://ext/app.zip"],
+    );
+    let store_credentials = store.credentials().to_string_lossy().into_owned();
+    let kilnd = Daemon::start(&[
+        "--artifact-s3-endpoint",
+        &store.url,
+        "--artifact-s3-credentials",
+        &store_credentials,
+    ]);
+    let create = |name: &str, uri: &str| {
+        kilnd.aws(&[
+            "create-microvm-image",
+            "--name",
+            name,
+            "--base-image-arn",
+            "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "--build-role-arn",
+            "arn:aws:iam::000000000000:role/kiln-build",
+            "--code-artifact",
+            &format!("uri={uri}"),
+        ])
+    };
+
+    let (ok_code, _, ok_err) = create("fetched", "s3://ext/app.zip");
+    let (missing_code, _, missing_err) = create("missing", "s3://ext/nope.zip");
+    let fetched = kilnd.wait_version_for("fetched", "1", std::time::Duration::from_secs(120));
+    let missing = kilnd.wait_version("missing", "1");
+
+    assert_eq!(made.0, 0, "{}", made.1);
+    assert_eq!(copied.0, 0, "{}", copied.1);
+    assert_eq!((ok_code, missing_code), (0, 0), "{ok_err}{missing_err}");
+    assert_eq!(fetched["state"], "SUCCESSFUL", "{fetched}");
+    assert_eq!(missing["state"], "FAILED", "{missing}");
+    assert!(
+        missing["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("404"),
+        "{missing}"
+    );
+}

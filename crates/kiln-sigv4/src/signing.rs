@@ -1,9 +1,13 @@
-//! SigV4 signatures on requests to kilnd, made by `aws-sigv4` as AWS's SDKs make them.
+//! SigV4 signatures on requests to kilnd (service `lambda`) and to S3-compatible stores,
+//! made by `aws-sigv4` as AWS's SDKs make them.
 
 use std::time::SystemTime;
 
 use anyhow::Context;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::http_request::{
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
+};
 use aws_sigv4::sign::v4;
 use reqwest::header::{HeaderName, HeaderValue};
 
@@ -14,20 +18,42 @@ use crate::credentials::Credentials;
 /// `lambda`), so kiln does too and kilnd sees one scope from every client.
 pub const SIGNING_NAME: &str = "lambda";
 
-/// Signs requests with one access key for one region.
+/// Signs requests with one access key for one region and service.
 #[derive(Debug, Clone)]
 pub struct RequestSigner {
     credentials: Credentials,
     region: String,
+    service: &'static str,
 }
 
 impl RequestSigner {
-    /// A signer for `region` (the credential scope's region).
+    /// A signer of kilnd API requests for `region` (the credential scope's region).
     pub fn new(credentials: Credentials, region: impl Into<String>) -> Self {
         RequestSigner {
             credentials,
             region: region.into(),
+            service: SIGNING_NAME,
         }
+    }
+
+    /// A signer of S3 requests for `region`: S3 signs the path as sent (no double
+    /// encoding, no normalization) and carries the payload hash in `x-amz-content-sha256`.
+    pub fn s3(credentials: Credentials, region: impl Into<String>) -> Self {
+        RequestSigner {
+            credentials,
+            region: region.into(),
+            service: "s3",
+        }
+    }
+
+    fn settings(&self) -> SigningSettings {
+        let mut settings = SigningSettings::default();
+        if self.service == "s3" {
+            settings.percent_encoding_mode = PercentEncodingMode::Single;
+            settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+            settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        }
+        settings
     }
 
     /// The credentials it signs with.
@@ -73,9 +99,9 @@ impl RequestSigner {
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
-            .name(SIGNING_NAME)
+            .name(self.service)
             .time(at)
-            .settings(SigningSettings::default())
+            .settings(self.settings())
             .build()
             .context("building SigV4 parameters")?
             .into();
