@@ -133,7 +133,7 @@ impl Builds {
         let CodeArtifact::Uri(uri) = &spec.code_artifact;
         let zip = match (&self.remote_s3, uri.starts_with("s3://")) {
             (Some(remote), true) => {
-                log.line(&format!("fetching {uri} from {}", remote.endpoint()));
+                log.line(format!("fetching {uri} from {}", remote.endpoint()));
                 let limit = kiln_image::context::ContextLimits::default().max_total_bytes;
                 remote.fetch(uri, &work.join("artifact.zip"), limit).await?
             }
