@@ -16,7 +16,7 @@ use crate::builds::{version_dir, Builds};
 use crate::managed;
 use crate::now;
 use crate::store::{ImageRow, Store, VersionRow};
-use crate::wire::{internal, to_value, ts};
+use crate::wire::{internal, request_hash, to_value, ts};
 
 /// Image operations over the store and the build runner.
 pub struct Images {
@@ -551,11 +551,6 @@ fn tags_of(image: &ImageRow) -> Option<Tags> {
     serde_json::from_value::<Tags>(image.tags.clone())
         .ok()
         .filter(|t| !t.is_empty())
-}
-
-fn request_hash<T: serde::Serialize>(req: &T) -> Result<String, ApiError> {
-    let text = serde_json::to_string(req).map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(blake3::hash(text.as_bytes()).to_hex().to_string())
 }
 
 /// A random 16-byte hex id.

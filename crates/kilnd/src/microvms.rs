@@ -24,7 +24,7 @@ use crate::now;
 use crate::proxy::ActivityTable;
 use crate::store::{MicrovmRow, Store, StoreError};
 use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
-use crate::wire::{internal, to_value, ts};
+use crate::wire::{internal, request_hash, to_value, ts};
 
 /// Default and largest `maximumDurationInSeconds`: 8 hours.
 pub const MAX_DURATION_SECS: i64 = 8 * 3600;
@@ -141,6 +141,36 @@ pub struct Microvms {
     transitions: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
     /// When each suspended session was suspended (for `suspendedDurationSeconds`).
     suspended_at: StdMutex<HashMap<String, std::time::Instant>>,
+    /// Held while a RunMicrovm checks its `clientToken` and records its MicroVM.
+    run_claims: StdMutex<()>,
+}
+
+/// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
+struct RunToken {
+    token: String,
+    /// `<principal>/RunMicrovm`: one principal's token never replays another's launch.
+    scope: String,
+    hash: String,
+}
+
+impl RunToken {
+    /// The token `req` carries, if any.
+    fn of(caller: &Caller, req: &RunMicrovmRequest) -> Result<Option<RunToken>, ApiError> {
+        let Some(token) = &req.client_token else {
+            return Ok(None);
+        };
+        // The run hook's payload is a secret: not even its hash is kept, so a repeat with the
+        // same token is a retry whatever payload it carries.
+        let hash = request_hash(&RunMicrovmRequest {
+            run_hook_payload: None,
+            ..req.clone()
+        })?;
+        Ok(Some(RunToken {
+            token: token.clone(),
+            scope: format!("{}/RunMicrovm", caller.principal),
+            hash,
+        }))
+    }
 }
 
 fn new_microvm_id() -> String {
@@ -175,6 +205,7 @@ impl Microvms {
             activity,
             transitions: StdMutex::new(HashMap::new()),
             suspended_at: StdMutex::new(HashMap::new()),
+            run_claims: StdMutex::new(()),
         }
     }
 
@@ -401,8 +432,13 @@ impl Microvms {
         }
     }
 
-    /// RunMicrovm: restores the image version into a new VM and returns once it runs.
+    /// RunMicrovm: restores the image version into a new VM and returns once it runs. A
+    /// repeat with the same `clientToken` answers with the MicroVM the first call launched.
     async fn run(&self, caller: &Caller, req: RunMicrovmRequest) -> Result<Value, ApiError> {
+        let token = RunToken::of(caller, &req)?;
+        if let Some(answer) = self.replay_run(caller, token.as_ref())? {
+            return Ok(answer);
+        }
         let image = kiln_api::image_identifier(&req.image_identifier)?;
         let name = image.name().to_string();
         let visible = self.store.image(&name).map_err(internal)?;
@@ -457,7 +493,6 @@ impl Microvms {
         let snap = Snapshot::open(&vdir.join("snapshot"), &self.host.vmm.qemu().version)
             .map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
         let memory = snap.manifest.memory_mib;
-        self.reserve(memory)?;
         let id = new_microvm_id();
         let dir = self.dir_of(&id);
         let row = MicrovmRow {
@@ -480,21 +515,102 @@ impl Microvms {
             forwards: json!({}),
             owner: caller.principal.clone(),
         };
-        if let Err(e) = self.store.insert_microvm(&row) {
-            self.release(memory);
-            return Err(internal(e));
+        {
+            // Checked again while no other RunMicrovm can record a row: of two calls with
+            // one token, exactly one launches.
+            let _claims = self.run_claims.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(answer) = self.replay_run(caller, token.as_ref())? {
+                return Ok(answer);
+            }
+            self.reserve(memory)?;
+            if let Err(e) = self.store.insert_microvm(&row) {
+                self.release(memory);
+                return Err(internal(e));
+            }
+            if let Some(t) = &token {
+                let launched = json!({ "microvmId": id }).to_string();
+                if let Err(e) =
+                    self.store
+                        .put_client_token(&t.token, &t.scope, &t.hash, &launched, now())
+                {
+                    self.release(memory);
+                    let _ = self.store.set_microvm_state(
+                        &id,
+                        MicrovmState::Terminated.as_str(),
+                        Some("launch abandoned: its clientToken could not be recorded"),
+                        Some(now()),
+                    );
+                    return Err(internal(e));
+                }
+            }
         }
         let hooks = SessionHooks::of(&v.spec);
-        match self.launch(&id, &dir, &snap, &config, &req, hooks).await {
+        let outcome = self.start(&row, &snap, &config, &req, hooks).await;
+        if outcome.is_err() {
+            if let Some(t) = &token {
+                // Nothing runs for this token: a retry with it launches anew.
+                let _ = self.store.forget_client_token(&t.token, &t.scope);
+            }
+        }
+        outcome
+    }
+
+    /// The answer to an earlier RunMicrovm with the same token: the MicroVM it launched,
+    /// as it is now. The token reused with other parameters is a `ConflictException`.
+    fn replay_run(
+        &self,
+        caller: &Caller,
+        token: Option<&RunToken>,
+    ) -> Result<Option<Value>, ApiError> {
+        let Some(t) = token else { return Ok(None) };
+        let Some((hash, launched)) = self
+            .store
+            .client_token(&t.token, &t.scope)
+            .map_err(internal)?
+        else {
+            return Ok(None);
+        };
+        if hash != t.hash {
+            return Err(ApiError::conflict(
+                "ClientToken",
+                &t.token,
+                "this clientToken was already used with different parameters; use a new token",
+            ));
+        }
+        let id = serde_json::from_str::<Value>(&launched)
+            .ok()
+            .and_then(|v| v["microvmId"].as_str().map(str::to_string))
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "the MicroVM launched for clientToken {} is unreadable in the store",
+                    t.token
+                ))
+            })?;
+        let row = self.owned_row(caller, &id)?;
+        to_value(&self.describe(&row)).map(Some)
+    }
+
+    /// Launches a recorded PENDING MicroVM and calls its run hook; on failure the row is
+    /// TERMINATED with the reason and everything it held is freed.
+    async fn start(
+        &self,
+        row: &MicrovmRow,
+        snap: &Snapshot,
+        config: &ImageConfig,
+        req: &RunMicrovmRequest,
+        hooks: SessionHooks,
+    ) -> Result<Value, ApiError> {
+        let (id, dir, memory) = (row.id.as_str(), self.dir_of(&row.id), row.memory_mib as u64);
+        match self.launch(id, &dir, snap, config, req, hooks).await {
             Ok(live) => {
                 // A TerminateMicrovm that arrived during the launch wins.
-                if self.row(&id)?.state != MicrovmState::Pending.as_str() {
+                if self.row(id)?.state != MicrovmState::Pending.as_str() {
                     let _ = live.vm.terminate().await;
                     self.release(memory);
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(ApiError::conflict(
                         "Microvm",
-                        &id,
+                        id,
                         format!("MicroVM {id} was terminated while it started"),
                     ));
                 }
@@ -506,37 +622,37 @@ impl Microvms {
                     let _ = std::fs::remove_dir_all(&dir);
                     let reason = format!("launch failed: {e}");
                     let _ = self.store.set_microvm_state(
-                        &id,
+                        id,
                         MicrovmState::Terminated.as_str(),
                         Some(&reason),
                         Some(now()),
                     );
                     return Err(ApiError::conflict(
                         "Microvm",
-                        &id,
+                        id,
                         format!("MicroVM {id} did not start: {e}"),
                     ));
                 }
                 let forwards = json!(live.forwards);
                 self.store
-                    .set_microvm_forwards(&id, &forwards)
+                    .set_microvm_forwards(id, &forwards)
                     .map_err(internal)?;
                 self.store
-                    .set_microvm_state(&id, MicrovmState::Running.as_str(), None, None)
+                    .set_microvm_state(id, MicrovmState::Running.as_str(), None, None)
                     .map_err(internal)?;
                 self.live
                     .lock()
                     .await
-                    .insert(id.clone(), Arc::new(Mutex::new(live)));
-                tracing::info!(microvm = %id, image = %name, version, "launched");
-                to_value(&self.describe(&self.row(&id)?))
+                    .insert(id.to_string(), Arc::new(Mutex::new(live)));
+                tracing::info!(microvm = %id, image = %row.image, version = row.version, "launched");
+                to_value(&self.describe(&self.row(id)?))
             }
             Err(e) => {
                 self.release(memory);
                 let _ = std::fs::remove_dir_all(&dir);
                 let reason = format!("launch failed: {e}");
                 let _ = self.store.set_microvm_state(
-                    &id,
+                    id,
                     MicrovmState::Terminated.as_str(),
                     Some(&reason),
                     Some(now()),

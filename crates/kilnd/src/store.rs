@@ -502,6 +502,17 @@ impl Store {
             .map(drop)
             .map_err(self.err())
     }
+
+    /// Forgets an idempotency token, so a retry with it runs the request anew.
+    pub fn forget_client_token(&self, token: &str, operation: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM client_tokens WHERE token = ?1 AND operation = ?2",
+                params![token, operation],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
 }
 
 /// One MicroVM row.

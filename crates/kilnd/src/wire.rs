@@ -20,3 +20,9 @@ pub fn ts(secs: f64) -> Timestamp {
 pub fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
     serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))
 }
+
+/// The BLAKE3 of a request's JSON: what an idempotency token is checked against.
+pub fn request_hash<T: serde::Serialize>(req: &T) -> Result<String, ApiError> {
+    let text = serde_json::to_string(req).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(blake3::hash(text.as_bytes()).to_hex().to_string())
+}
