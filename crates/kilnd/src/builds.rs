@@ -11,6 +11,7 @@ use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::s3::S3Store;
 use crate::store::Store;
 use crate::{managed, now};
@@ -22,6 +23,7 @@ pub struct Builds {
     store: Arc<Store>,
     config: Arc<Config>,
     s3: Arc<S3Store>,
+    metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
 }
 
@@ -37,12 +39,14 @@ impl Builds {
         store: Arc<Store>,
         config: Arc<Config>,
         s3: Arc<S3Store>,
+        metrics: Arc<Metrics>,
     ) -> Builds {
         Builds {
             host,
             store,
             config,
             s3,
+            metrics,
             slots: Arc::new(Semaphore::new(1)),
         }
     }
@@ -65,6 +69,7 @@ impl Builds {
     }
 
     async fn run(&self, image: &str, version: i64, spec: &ImageVersionConfig, first: bool) {
+        let started = std::time::Instant::now();
         let home = self.host.home.clone();
         let dir = version_dir(&home, image, version);
         let _ = std::fs::remove_dir_all(&dir);
@@ -78,6 +83,7 @@ impl Builds {
                     version,
                     first,
                     Err(format!("cannot create {}: {e}", dir.display())),
+                    started,
                 );
                 return;
             }
@@ -87,7 +93,7 @@ impl Builds {
                 .set_version_state(image, version, "IN_PROGRESS", "IN_PROGRESS", None, now());
         log.line(format!("build of {image} version {version} started"));
         let result = self.build(image, version, spec, &dir, &log).await;
-        self.finish(image, version, first, result);
+        self.finish(image, version, first, result, started);
     }
 
     async fn build(
@@ -241,7 +247,16 @@ impl Builds {
         Ok(real)
     }
 
-    fn finish(&self, image: &str, version: i64, first: bool, result: Result<(), String>) {
+    fn finish(
+        &self,
+        image: &str,
+        version: i64,
+        first: bool,
+        result: Result<(), String>,
+        started: std::time::Instant,
+    ) {
+        self.metrics
+            .build_finished(result.is_ok(), started.elapsed());
         let t = now();
         let (version_state, image_state, reason) = match &result {
             Ok(()) => (

@@ -2,12 +2,14 @@
 //! MicroVM supervisor and the endpoint proxy come next.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod builds;
 pub mod config;
 pub mod endpoint;
 pub mod images;
 pub mod managed;
+pub mod metrics;
 pub mod microvms;
 pub mod proxy;
 pub mod s3;
@@ -22,10 +24,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_api::ArnContext;
 
+use crate::audit::AuditLog;
 use crate::auth::AccessKeys;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::images::Images;
+use crate::metrics::Metrics;
 use crate::microvms::Microvms;
 use crate::store::Store;
 
@@ -44,6 +48,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating the data directory {}", home.display()))?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
+    let metrics = Arc::new(Metrics::new(store.clone()));
+    let audit = Arc::new(AuditLog::new(store.clone()));
     let first_key = access_keys
         .bootstrap(&home)
         .context("creating the first access key")?;
@@ -69,7 +75,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3::S3Store::open(&home.join("s3"), access_keys.clone())
             .context("opening the S3 artifact store")?,
     );
-    let builds = Builds::new(host.clone(), store.clone(), config.clone(), s3.clone());
+    let builds = Builds::new(
+        host.clone(),
+        store.clone(),
+        config.clone(),
+        s3.clone(),
+        metrics.clone(),
+    );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
     microvms::kill_dir(&home.join("work"));
@@ -86,13 +98,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.endpoint_listen.port(),
         keys.clone(),
         activity.clone(),
+        metrics.clone(),
+        audit.clone(),
     ));
     microvms
         .reconcile()
         .await
         .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
-    let endpoint = endpoint::start(&home, &config, microvms.clone(), keys, activity).await?;
+    let endpoint = endpoint::start(
+        &home,
+        &config,
+        microvms.clone(),
+        keys,
+        activity,
+        metrics.proxy_counters(),
+    )
+    .await?;
     let images = Arc::new(Images {
         store,
         builds,
@@ -104,6 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         microvms,
         keys: access_keys,
         s3,
+        metrics,
+        audit,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
