@@ -81,7 +81,8 @@ fn parse_prometheus(text: &str) -> Result<HashMap<String, f64>, String> {
                 let (k, v) = pair
                     .split_once('=')
                     .ok_or_else(|| format!("bad label: {line}"))?;
-                if !valid_name(k) || !(v.len() >= 2 && v.starts_with('"') && v.ends_with('"')) {
+                let quoted = v.len() >= 2 && v.starts_with('"') && v.ends_with('"');
+                if !(valid_name(k) && quoted) {
                     return Err(format!("bad label: {line}"));
                 }
             }
