@@ -139,6 +139,8 @@ enum Command {
         after_help = "Example:\n  kiln keys create --principal alice"
     )]
     Keys(verbs::keys::KeysCommand),
+    /// Show the audit log: who changed what, and what kilnd did on its own.
+    Events(verbs::events::EventsArgs),
     /// Print an image version's build log (`--follow` streams it until the build ends).
     #[command(after_help = "Example:\n  kiln logs web --follow")]
     Logs {
@@ -265,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(ids) => block(verbs::session::resume(g, &g.kilnd()?, ids)),
         Command::Rm(ids) => block(verbs::session::rm(g, &g.kilnd()?, ids)),
         Command::Keys(k) => block(verbs::keys::run(g, &g.kilnd()?, k)),
+        Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
         Command::Logs {
             image,

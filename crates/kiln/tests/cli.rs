@@ -610,3 +610,124 @@ fn keys_when_created_listed_and_revoked_then_each_shows() {
         "{after:?}"
     );
 }
+
+#[test]
+fn events_when_calls_changed_things_then_listed_with_principal_and_target_never_a_secret() {
+    let kilnd = Daemon::start();
+    let created = kilnd.kiln(&["keys", "create", "--principal", "alice", "--output", "json"]);
+    let field = |k: &str| created.json()[k].as_str().unwrap_or_default().to_string();
+    let (akid, secret) = (field("accessKeyId"), field("secretAccessKey"));
+    let refused = kilnd.kiln(&["run-microvm", "--image-identifier", "nope"]);
+    let mut follow = kiln_cmd(kilnd.home.path())
+        .env("KILN_ENDPOINT", &kilnd.url)
+        .args(["events", "--follow", "--output", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln events --follow");
+    let lines = {
+        let stdout = follow.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let next_line = || {
+        lines
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_default()
+    };
+    let followed_before = [next_line(), next_line()];
+    let bob = kilnd.kiln(&["keys", "create", "--principal", "bob", "--output", "json"]);
+    let followed_after = next_line();
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    let all = kilnd.kiln(&["events", "--output", "json"]);
+    let recent = kilnd.kiln(&[
+        "events", "--since", "10m", "--limit", "2", "--output", "json",
+    ]);
+    let table = kilnd.kiln(&["events"]);
+    let as_alice = Run::of(
+        kiln_cmd(kilnd.home.path())
+            .env("KILN_ENDPOINT", &kilnd.url)
+            .env("AWS_ACCESS_KEY_ID", &akid)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .args(["events", "--output", "json"])
+            .output()
+            .expect("kiln events as alice"),
+    );
+    let bad_since = kilnd.kiln(&["events", "--since", "yesterday"]);
+
+    assert_eq!(created.code, 0, "{created:?}");
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert_eq!(all.code, 0, "{all:?}");
+    let events = all.json()["events"].as_array().cloned().unwrap_or_default();
+    let seen: Vec<(String, String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("principal"), s("operation"), s("target"), s("result"))
+        })
+        .collect();
+    let admin_did = |op: &str, target: &str, result: &str| {
+        (
+            "admin".to_string(),
+            op.to_string(),
+            target.to_string(),
+            result.to_string(),
+        )
+    };
+    assert_eq!(
+        seen[..2],
+        [
+            admin_did("CreateAccessKey", &akid, "ok"),
+            admin_did("RunMicrovm", "nope", "ResourceNotFoundException"),
+        ],
+        "{all:?}"
+    );
+    assert_eq!(seen[2].1, "CreateAccessKey", "{all:?}");
+    assert!(events.iter().all(|e| e["timestamp"].is_string()), "{all:?}");
+    assert!(!all.stdout.contains(&secret), "a secret in the events");
+    // --follow printed what was there, then the call made while it ran.
+    let followed: Vec<Value> = followed_before
+        .iter()
+        .chain([&followed_after])
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(followed[0]["operation"], "CreateAccessKey", "{followed:?}");
+    assert_eq!(followed[1]["operation"], "RunMicrovm", "{followed:?}");
+    assert_eq!(bob.code, 0, "{bob:?}");
+    assert_eq!(followed[2]["operation"], "CreateAccessKey", "{followed:?}");
+    assert_eq!(
+        followed[2]["target"],
+        bob.json()["accessKeyId"],
+        "{followed:?}"
+    );
+    assert_eq!(recent.code, 0, "{recent:?}");
+    assert_eq!(
+        recent.json()["events"].as_array().map(Vec::len),
+        Some(2),
+        "{recent:?}"
+    );
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(
+        table.stdout.starts_with("TIME ") && table.stdout.contains("PRINCIPAL"),
+        "{table:?}"
+    );
+    assert!(table.stdout.contains("RunMicrovm"), "{table:?}");
+    assert_eq!(as_alice.code, 0, "{as_alice:?}");
+    assert_eq!(
+        as_alice.json()["events"],
+        serde_json::json!([]),
+        "{as_alice:?}"
+    );
+    assert_ne!(bad_since.code, 0, "{bad_since:?}");
+    assert!(bad_since.stderr.contains("10m, 1h"), "{bad_since:?}");
+}

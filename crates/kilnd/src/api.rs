@@ -1,5 +1,6 @@
 //! The HTTP API: the AWS `lambda-microvms` operations (rest-json) and kiln's own `/kiln/v1`.
-//! Every request but the health check must carry a SigV4 signature by a kiln access key.
+//! Every request but the health check and `/metrics` must carry a SigV4 signature by a kiln
+//! access key.
 
 use std::sync::Arc;
 
@@ -7,12 +8,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path as UrlPath, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{any, delete, get};
 use axum::Router;
 use kiln_api::{ApiError, Operation, Request};
 
+use crate::audit::AuditLog;
 use crate::auth::{AccessKeys, Caller};
 use crate::images::Images;
+use crate::metrics::Metrics;
 use crate::microvms::Microvms;
 use crate::s3::S3Store;
 use crate::sigv4::SignedRequest;
@@ -28,6 +31,10 @@ pub struct Api {
     pub keys: Arc<AccessKeys>,
     /// The S3-compatible artifact store, served on the same address.
     pub s3: Arc<S3Store>,
+    /// The Prometheus metrics `GET /metrics` serves.
+    pub metrics: Arc<Metrics>,
+    /// The audit log every mutating call is recorded in.
+    pub audit: Arc<AuditLog>,
 }
 
 /// The whole API as one router.
@@ -38,6 +45,8 @@ pub fn router(api: Api) -> Router {
             get(build_log),
         )
         .route("/kiln/v1/health", get(|| async { "ok\n" }))
+        .route("/kiln/v1/events", get(events))
+        .route("/metrics", any(metrics))
         .route("/kiln/v1/microvms/{id}", get(microvm_details))
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
@@ -148,6 +157,7 @@ async fn aws(api: Api, method: Method, uri: Uri, signed: Signed) -> Response {
         Ok(request) => dispatch(&api, &caller, request).await,
         Err(e) => Err(e),
     };
+    api.audit.api_call(&caller, op, &labels, &body, &result);
     match result {
         Ok(value) => {
             tracing::info!(operation = op.name(), principal = %caller.principal, "ok");
@@ -209,7 +219,11 @@ async fn list_keys(State(api): State<Api>, signed: Signed) -> Response {
 /// `POST /kiln/v1/keys` (admin) with `{"principal": "alice"}`: a new key,
 /// `{accessKeyId, secretAccessKey, principal}`; the only time the secret is shown.
 async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
-    match api.keys.create(&signed.caller, &signed.body) {
+    let created = api.keys.create(&signed.caller, &signed.body);
+    let target = created.as_ref().ok().map(|k| k.access_key_id.as_str());
+    api.audit
+        .call(&signed.caller, "CreateAccessKey", target, &created);
+    match created {
         Ok(k) => json_response(
             201,
             serde_json::json!({
@@ -229,7 +243,84 @@ async fn revoke_key(
     UrlPath(id): UrlPath<String>,
     signed: Signed,
 ) -> Response {
-    match api.keys.revoke(&signed.caller, &id) {
+    let revoked = api.keys.revoke(&signed.caller, &id);
+    api.audit
+        .call(&signed.caller, "RevokeAccessKey", Some(&id), &revoked);
+    match revoked {
+        Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format. Unsigned, since Prometheus
+/// cannot sign; it shows counts only (no ids, principals or secrets), and the API listener
+/// is on loopback unless `--api-listen` says otherwise. An S3 request for a bucket named
+/// `metrics` still goes to the artifact store.
+async fn metrics(State(api): State<Api>, req: axum::extract::Request) -> Response {
+    if S3Store::is_s3_request(req.headers(), req.uri().query()) {
+        return api.s3.serve(req).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n").into_response();
+    }
+    match api.metrics.encode() {
+        Ok(text) => {
+            let mut resp = (StatusCode::OK, text).into_response();
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            resp
+        }
+        Err(e) => error_response(&ApiError::internal(format!(
+            "encoding the metrics failed: {e}"
+        ))),
+    }
+}
+
+/// Query of `GET /kiln/v1/events`, read as text so a bad value gets kiln's own message.
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    since: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /kiln/v1/events[?since=<epoch seconds>][&after=<id>][&limit=N]`: the audit log,
+/// `{"events": [...]}` oldest first. Without `since` or `after`, the newest `limit` events
+/// (default 100, at most 1000); with them, the first `limit` from there on (page on with
+/// `after=<the last id>`). Admin sees every event, anyone else their own.
+async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>, signed: Signed) -> Response {
+    let since = match q.since.as_deref().map(str::parse::<f64>) {
+        Some(Ok(s)) if s.is_finite() => Some(s),
+        None => None,
+        Some(_) => {
+            return error_response(&ApiError::validation(format!(
+                "since={} is not a time: give epoch seconds, e.g. since={}",
+                q.since.unwrap_or_default(),
+                crate::now().floor() - 3600.0
+            )))
+        }
+    };
+    let after =
+        match q.after.as_deref().map(str::parse::<i64>) {
+            Some(Ok(a)) => Some(a),
+            None => None,
+            Some(Err(_)) => return error_response(&ApiError::validation(
+                "after must be an event id (the `id` of the last event you have), e.g. after=42",
+            )),
+        };
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        Some(Ok(n)) if (1..=crate::audit::MAX_LIMIT).contains(&n) => n,
+        None => crate::audit::DEFAULT_LIMIT,
+        Some(_) => {
+            return error_response(&ApiError::validation(format!(
+                "limit must be a number from 1 to {}",
+                crate::audit::MAX_LIMIT
+            )))
+        }
+    };
+    match api.audit.events(&signed.caller, since, after, limit) {
         Ok(v) => json_response(200, v),
         Err(e) => error_response(&e),
     }

@@ -161,6 +161,11 @@ impl AccessKeys {
             ApiError::validation("the body must name a principal: {\"principal\": \"alice\"}")
         })?;
         check_principal(principal)?;
+        if principal == crate::audit::KILND {
+            return Err(ApiError::validation(format!(
+                "principal '{principal}' is reserved: the audit log names kilnd's own actions so; pick another name"
+            )));
+        }
         let key = self.create_row(principal).map_err(|e| match e {
             AuthError::Store(e) => internal(e),
             other => ApiError::internal(other.to_string()),

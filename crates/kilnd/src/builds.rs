@@ -11,6 +11,7 @@ use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::s3::S3Store;
 use crate::s3_remote::RemoteS3;
 use crate::store::Store;
@@ -24,6 +25,7 @@ pub struct Builds {
     config: Arc<Config>,
     s3: Arc<S3Store>,
     remote_s3: Option<Arc<RemoteS3>>,
+    metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
 }
 
@@ -40,6 +42,7 @@ impl Builds {
         config: Arc<Config>,
         s3: Arc<S3Store>,
         remote_s3: Option<Arc<RemoteS3>>,
+        metrics: Arc<Metrics>,
     ) -> Builds {
         Builds {
             host,
@@ -47,6 +50,7 @@ impl Builds {
             config,
             s3,
             remote_s3,
+            metrics,
             slots: Arc::new(Semaphore::new(1)),
         }
     }
@@ -74,6 +78,7 @@ impl Builds {
     }
 
     async fn run(&self, image: &str, version: i64, spec: &ImageVersionConfig, first: bool) {
+        let started = std::time::Instant::now();
         let home = self.host.home.clone();
         let dir = version_dir(&home, image, version);
         let _ = std::fs::remove_dir_all(&dir);
@@ -87,6 +92,7 @@ impl Builds {
                     version,
                     first,
                     Err(format!("cannot create {}: {e}", dir.display())),
+                    started,
                 );
                 return;
             }
@@ -96,7 +102,7 @@ impl Builds {
                 .set_version_state(image, version, "IN_PROGRESS", "IN_PROGRESS", None, now());
         log.line(format!("build of {image} version {version} started"));
         let result = self.build(image, version, spec, &dir, &log).await;
-        self.finish(image, version, first, result);
+        self.finish(image, version, first, result, started);
     }
 
     async fn build(
@@ -258,7 +264,16 @@ impl Builds {
         Ok(real)
     }
 
-    fn finish(&self, image: &str, version: i64, first: bool, result: Result<(), String>) {
+    fn finish(
+        &self,
+        image: &str,
+        version: i64,
+        first: bool,
+        result: Result<(), String>,
+        started: std::time::Instant,
+    ) {
+        self.metrics
+            .build_finished(result.is_ok(), started.elapsed());
         let t = now();
         let (version_state, image_state, reason) = match &result {
             Ok(()) => (

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::metrics::ProxyCounters;
 use crate::microvms::{Microvms, UpstreamError};
 use crate::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
 use crate::tokens::TokenKeys;
@@ -54,6 +55,7 @@ pub async fn start(
     microvms: Arc<Microvms>,
     keys: Arc<TokenKeys>,
     activity: ActivityTable,
+    counters: ProxyCounters,
 ) -> anyhow::Result<Arc<ProxyState>> {
     let tls = crate::tls::load_or_create(home, &config.endpoint_domain)
         .context("preparing the endpoint's TLS certificate")?;
@@ -66,13 +68,16 @@ pub async fn start(
             )
         })?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(ProxyState::new(
-        config.endpoint_domain.clone(),
-        keys,
-        microvms,
-        activity,
-        ProxyLimits::default(),
-    ));
+    let state = Arc::new(
+        ProxyState::new(
+            config.endpoint_domain.clone(),
+            keys,
+            microvms,
+            activity,
+            ProxyLimits::default(),
+        )
+        .with_counters(counters),
+    );
     println!(
         "kilnd: MicroVM endpoints on https://<microvm-id>.{}:{} ({addr}; clients trust {})",
         config.endpoint_domain,

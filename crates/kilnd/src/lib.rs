@@ -2,12 +2,14 @@
 //! MicroVM supervisor and the endpoint proxy come next.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod builds;
 pub mod config;
 pub mod endpoint;
 pub mod images;
 pub mod managed;
+pub mod metrics;
 pub mod microvms;
 pub mod proxy;
 pub mod s3;
@@ -23,10 +25,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_api::ArnContext;
 
+use crate::audit::AuditLog;
 use crate::auth::AccessKeys;
 use crate::builds::Builds;
 use crate::config::Config;
 use crate::images::Images;
+use crate::metrics::Metrics;
 use crate::microvms::Microvms;
 use crate::store::Store;
 
@@ -45,6 +49,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating the data directory {}", home.display()))?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
+    let metrics = Arc::new(Metrics::new(store.clone()));
+    let audit = Arc::new(AuditLog::new(store.clone()));
     let first_key = access_keys
         .bootstrap(&home)
         .context("creating the first access key")?;
@@ -84,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.clone(),
         s3.clone(),
         remote_s3,
+        metrics.clone(),
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
@@ -101,13 +108,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.endpoint_listen.port(),
         keys.clone(),
         activity.clone(),
+        metrics.clone(),
+        audit.clone(),
     ));
     microvms
         .reconcile()
         .await
         .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
-    let endpoint = endpoint::start(&home, &config, microvms.clone(), keys, activity).await?;
+    let endpoint = endpoint::start(
+        &home,
+        &config,
+        microvms.clone(),
+        keys,
+        activity,
+        metrics.proxy_counters(),
+    )
+    .await?;
     let images = Arc::new(Images {
         store,
         builds,
@@ -119,6 +136,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         microvms,
         keys: access_keys,
         s3,
+        metrics,
+        audit,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

@@ -17,9 +17,11 @@ use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use crate::audit::AuditLog;
 use crate::auth::Caller;
 use crate::builds::version_dir;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::now;
 use crate::proxy::ActivityTable;
 use crate::store::{MicrovmRow, Store, StoreError};
@@ -143,6 +145,10 @@ pub struct Microvms {
     suspended_at: StdMutex<HashMap<String, std::time::Instant>>,
     /// Held while a RunMicrovm checks its `clientToken` and records its MicroVM.
     run_claims: StdMutex<()>,
+    /// Launch, suspend and resume counts and times.
+    metrics: Arc<Metrics>,
+    /// Where what kilnd does on its own (idle suspends, auto-resumes, the reaper) is recorded.
+    audit: Arc<AuditLog>,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -184,6 +190,7 @@ fn new_microvm_id() -> String {
 
 impl Microvms {
     /// A supervisor; call [`Microvms::reconcile`] before serving.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: Arc<Host>,
         store: Arc<Store>,
@@ -192,6 +199,8 @@ impl Microvms {
         endpoint_port: u16,
         keys: Arc<TokenKeys>,
         activity: ActivityTable,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
     ) -> Microvms {
         Microvms {
             host,
@@ -206,6 +215,8 @@ impl Microvms {
             transitions: StdMutex::new(HashMap::new()),
             suspended_at: StdMutex::new(HashMap::new()),
             run_claims: StdMutex::new(()),
+            metrics,
+            audit,
         }
     }
 
@@ -265,7 +276,12 @@ impl Microvms {
     /// sees all).
     pub async fn handle(&self, caller: &Caller, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::RunMicrovm { body } => self.run(caller, *body).await,
+            Request::RunMicrovm { body } => {
+                let started = std::time::Instant::now();
+                let launched = self.run(caller, *body).await;
+                self.metrics.launch_finished(&launched, started.elapsed());
+                launched
+            }
             Request::GetMicrovm { params } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
@@ -802,6 +818,7 @@ impl Microvms {
                 ));
             }
         };
+        let started = std::time::Instant::now();
         self.store
             .set_microvm_state(id, MicrovmState::Suspending.as_str(), None, None)
             .map_err(internal)?;
@@ -814,7 +831,10 @@ impl Microvms {
             hooks,
             ..
         } = live;
-        match vm.suspend(&self.suspended_dir(id)).await {
+        let suspended = vm.suspend(&self.suspended_dir(id)).await;
+        self.metrics
+            .suspend_finished(suspended.is_ok(), started.elapsed());
+        match suspended {
             Ok(_) => {
                 self.release_memory(row.memory_mib as u64);
                 self.store
@@ -869,11 +889,16 @@ impl Microvms {
     /// ResumeMicrovm: a new QEMU from the session's directory (new forwards), clock and
     /// entropy refreshed, then the resume hook. Idempotent.
     pub async fn resume(&self, id: &str) -> Result<(), ApiError> {
+        self.resume_session(id).await.map(drop)
+    }
+
+    /// [`Microvms::resume`]; whether this call resumed it (false: it was running already).
+    async fn resume_session(&self, id: &str) -> Result<bool, ApiError> {
         let lock = self.transition_lock(id);
         let _guard = lock.lock().await;
         let row = self.row(id)?;
         match row.state.as_str() {
-            "RUNNING" => return Ok(()),
+            "RUNNING" => return Ok(false),
             "SUSPENDED" => {}
             other => {
                 return Err(ApiError::conflict(
@@ -884,6 +909,7 @@ impl Microvms {
             }
         }
         self.reserve_memory(row.memory_mib as u64)?;
+        let started = std::time::Instant::now();
         let hooks = match self
             .store
             .version(&row.image, row.version)
@@ -930,6 +956,8 @@ impl Microvms {
             })
         }
         .await;
+        self.metrics
+            .resume_finished(result.is_ok(), started.elapsed());
         match result {
             Ok(live) => {
                 if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
@@ -946,7 +974,7 @@ impl Microvms {
                     .await
                     .insert(id.to_string(), Arc::new(Mutex::new(live)));
                 tracing::info!(microvm = %id, "resumed");
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 self.release_memory(row.memory_mib as u64);
@@ -1048,9 +1076,13 @@ impl Microvms {
                     return Err(UpstreamError::NotRunning(row.state));
                 }
                 // Hold the request while the VM resumes: the client sees a slower answer, not an error.
-                self.resume(id)
-                    .await
-                    .map_err(|e| UpstreamError::Unavailable(e.message().to_string()))?;
+                let resumed = self.resume_session(id).await;
+                if !matches!(resumed, Ok(false)) {
+                    let reason = "a request arrived at its endpoint (autoResumeEnabled)";
+                    self.audit
+                        .kilnd("ResumeMicrovm", &row.owner, id, &resumed, reason);
+                }
+                resumed.map_err(|e| UpstreamError::Unavailable(e.message().to_string()))?;
                 match self.live.lock().await.get(id).cloned() {
                     Some(l) => l,
                     None => {
@@ -1143,6 +1175,8 @@ impl Microvms {
                         Some(&reason),
                         Some(now()),
                     )?;
+                    self.audit
+                        .kilnd("TerminateMicrovm", &r.owner, &r.id, &Ok(()), &reason);
                     tracing::warn!(microvm = %r.id, %reason, "terminated during reconciliation");
                 }
             }
@@ -1198,6 +1232,13 @@ impl Microvms {
         }
     }
 
+    /// The reaper terminates a MicroVM; the audit log says kilnd did it, and why.
+    async fn terminate_on_own(&self, r: &MicrovmRow, reason: &str) {
+        let terminated = self.terminate(&r.id, reason).await;
+        self.audit
+            .kilnd("TerminateMicrovm", &r.owner, &r.id, &terminated, reason);
+    }
+
     /// Terminates MicroVMs past their maximum duration; runs every second.
     pub async fn reap(self: Arc<Self>) {
         loop {
@@ -1211,7 +1252,7 @@ impl Microvms {
             let t = now();
             for r in rows {
                 if r.started_at + r.max_duration as f64 <= t {
-                    let _ = self.terminate(&r.id, "maximum duration reached").await;
+                    self.terminate_on_own(&r, "maximum duration reached").await;
                     continue;
                 }
                 let Some(policy) = serde_json::from_value::<RunMicrovmRequest>(r.request.clone())
@@ -1227,12 +1268,21 @@ impl Microvms {
                         };
                         if idle.as_secs() >= policy.max_idle_duration_seconds as u64 {
                             tracing::info!(microvm = %r.id, idle_s = idle.as_secs(), "idle: suspending");
-                            if self.suspend(&r.id).await.is_ok()
-                                && policy.suspended_duration_seconds == 0
-                            {
-                                let _ = self
-                                    .terminate(&r.id, "idle, and suspendedDurationSeconds is 0")
-                                    .await;
+                            let suspended = self.suspend(&r.id).await;
+                            let reason = format!("no endpoint traffic for {} s", idle.as_secs());
+                            self.audit.kilnd(
+                                "SuspendMicrovm",
+                                &r.owner,
+                                &r.id,
+                                &suspended,
+                                &reason,
+                            );
+                            if suspended.is_ok() && policy.suspended_duration_seconds == 0 {
+                                self.terminate_on_own(
+                                    &r,
+                                    "idle, and suspendedDurationSeconds is 0",
+                                )
+                                .await;
                             }
                         }
                     }
@@ -1246,9 +1296,11 @@ impl Microvms {
                         if since.is_some_and(|s| {
                             s.elapsed().as_secs() >= policy.suspended_duration_seconds as u64
                         }) {
-                            let _ = self
-                                .terminate(&r.id, "suspended longer than suspendedDurationSeconds")
-                                .await;
+                            self.terminate_on_own(
+                                &r,
+                                "suspended longer than suspendedDurationSeconds",
+                            )
+                            .await;
                         }
                     }
                     _ => {}

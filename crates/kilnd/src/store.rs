@@ -74,6 +74,21 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX access_keys_by_principal ON access_keys (principal);
     ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin';
     ALTER TABLE microvms ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin';",
+    // 4: the audit log: every mutating call and every action kilnd takes on its own. `owner`
+    // is whose event it is (the caller, or the owner of the MicroVM kilnd acted on).
+    "CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        principal TEXT NOT NULL,
+        access_key_id TEXT,
+        owner TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        target TEXT,
+        result TEXT NOT NULL,
+        reason TEXT
+    );
+    CREATE INDEX audit_events_by_time ON audit_events (time);
+    CREATE INDEX audit_events_by_owner ON audit_events (owner, id);",
 ];
 
 /// Errors from the store.
@@ -630,6 +645,20 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    /// How many MicroVMs the store holds in each state (terminated ones included).
+    pub fn microvm_state_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT state, COUNT(*) FROM microvms GROUP BY state")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// Sets a MicroVM's state (and reason; `terminated_at` when it ends).
     pub fn set_microvm_state(
         &self,
@@ -796,6 +825,109 @@ impl Store {
         tx.commit().map_err(self.err())?;
         key.revoked_at = Some(now);
         Ok(Revocation::Revoked(key))
+    }
+}
+
+/// One audit event: who did what to what, with what result, and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    /// Its sequence number (assigned by the store; ignored on insert).
+    pub id: i64,
+    /// When, epoch seconds.
+    pub time: f64,
+    /// Who: the caller's principal, or `kilnd` for what kilnd did on its own.
+    pub principal: String,
+    /// The access key the call was signed with; none for kilnd's own actions.
+    pub access_key_id: Option<String>,
+    /// Whose event it is: the caller, or the owner of the MicroVM kilnd acted on.
+    pub owner: String,
+    /// The operation, e.g. `RunMicrovm`.
+    pub operation: String,
+    /// What it acted on: `image:version`, an image name, a MicroVM id or an access key id.
+    pub target: Option<String>,
+    /// `ok`, or the error type it failed with.
+    pub result: String,
+    /// Why kilnd acted on its own (idle, maximum duration…).
+    pub reason: Option<String>,
+}
+
+/// Which audit events to read: at most `limit`, only `owner`'s when given. With a cursor
+/// (`since` or `after`) the oldest matching events come first; without one, the newest.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery<'a> {
+    /// Events at or after this time (epoch seconds).
+    pub since: Option<f64>,
+    /// Events after this id.
+    pub after: Option<i64>,
+    /// Only this principal's events.
+    pub owner: Option<&'a str>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+const AUDIT_COLUMNS: &str =
+    "id, time, principal, access_key_id, owner, operation, target, result, reason";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.get(0)?,
+        time: r.get(1)?,
+        principal: r.get(2)?,
+        access_key_id: r.get(3)?,
+        owner: r.get(4)?,
+        operation: r.get(5)?,
+        target: r.get(6)?,
+        result: r.get(7)?,
+        reason: r.get(8)?,
+    })
+}
+
+impl Store {
+    /// Appends an audit event; returns its id.
+    pub fn insert_audit_event(&self, e: &AuditRow) -> Result<i64, StoreError> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO audit_events (time, principal, access_key_id, owner, operation, target, result, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                e.time,
+                e.principal,
+                e.access_key_id,
+                e.owner,
+                e.operation,
+                e.target,
+                e.result,
+                e.reason
+            ],
+        )
+        .map_err(self.err())?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Audit events in the order they happened (see [`AuditQuery`] for which).
+    pub fn audit_events(&self, q: &AuditQuery<'_>) -> Result<Vec<AuditRow>, StoreError> {
+        let conn = self.lock();
+        let newest = q.since.is_none() && q.after.is_none();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_events
+                 WHERE (?1 IS NULL OR time >= ?1) AND (?2 IS NULL OR id > ?2)
+                 AND (?3 IS NULL OR owner = ?3)
+                 ORDER BY id {} LIMIT ?4",
+                if newest { "DESC" } else { "ASC" }
+            ))
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(
+                params![q.since, q.after, q.owner, q.limit as i64],
+                audit_row,
+            )
+            .map_err(self.err())?;
+        let mut events: Vec<AuditRow> = rows.collect::<Result<_, _>>().map_err(self.err())?;
+        if newest {
+            events.reverse();
+        }
+        Ok(events)
     }
 }
 

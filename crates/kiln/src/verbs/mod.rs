@@ -1,7 +1,9 @@
-//! kiln's own verbs over the API: build, run, ls, curl, shell, suspend/resume/rm, keys.
+//! kiln's own verbs over the API: build, run, ls, curl, shell, suspend/resume/rm, keys,
+//! events.
 
 pub mod build;
 pub mod curl;
+pub mod events;
 pub mod keys;
 pub mod ls;
 pub mod run;

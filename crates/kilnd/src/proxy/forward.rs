@@ -61,8 +61,14 @@ pub(crate) async fn handle(
 ) -> Response<ProxyBody> {
     let flight = client.begin();
     match proxy(req, &state, &client, flight).await {
-        Ok(response) => response,
-        Err(reject) => refusal(reject),
+        Ok(response) => {
+            state.counters.answered(response.status().as_u16());
+            response
+        }
+        Err(reject) => {
+            state.counters.refused(reject.status.as_u16());
+            refusal(reject)
+        }
     }
 }
 

@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 pub use activity::{Activity, ActivityTable};
 pub use request::{AUTH_HEADER, DEFAULT_PORT, PORT_HEADER};
 
+use crate::metrics::ProxyCounters;
 use crate::tokens::TokenKeys;
 use activity::ConnectionGuard;
 use forward::Upstreams;
@@ -126,6 +127,8 @@ pub struct ProxyState {
     pub activity: ActivityTable,
     /// Limits and timeouts.
     pub limits: ProxyLimits,
+    /// What every answer and refusal adds to (`kiln_proxy_*` metrics).
+    counters: ProxyCounters,
     upstreams: Upstreams,
     stop: watch::Sender<bool>,
 }
@@ -146,9 +149,16 @@ impl ProxyState {
             routes,
             activity,
             limits,
+            counters: ProxyCounters::default(),
             upstreams,
             stop: watch::Sender::new(false),
         }
+    }
+
+    /// The same state, counting its answers in `counters` (kilnd's registry).
+    pub fn with_counters(mut self, counters: ProxyCounters) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Stops `serve`: no new connections; open ones finish their requests and close.
