@@ -342,38 +342,16 @@ impl Microvms {
             Request::CreateMicrovmAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
-                if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
-                    return Err(ApiError::conflict(
-                        "Microvm",
-                        &id,
-                        format!("MicroVM {id} is {}", row.state),
-                    ));
-                }
-                let claims = TokenClaims::new(
+                self.token(
+                    &row,
                     TokenKind::Proxy,
-                    &id,
                     body.allowed_ports.clone(),
                     body.expiration_in_minutes,
                 )
-                .map_err(|e| ApiError::validation(e.to_string()))?;
-                let token = self
-                    .keys
-                    .issue(&claims)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                to_value(&CreateMicrovmAuthTokenResponse {
-                    auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
-                })
             }
             Request::CreateMicrovmShellAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
-                if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
-                    return Err(ApiError::conflict(
-                        "Microvm",
-                        &id,
-                        format!("MicroVM {id} is {}", row.state),
-                    ));
-                }
                 let ingress = serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
                     .ok()
                     .and_then(|r| r.ingress_network_connectors)
@@ -384,20 +362,12 @@ impl Microvms {
                          run one with --ingress-network-connectors SHELL_INGRESS to open shells"
                     )));
                 }
-                let claims = TokenClaims::new(
+                self.token(
+                    &row,
                     TokenKind::Shell,
-                    &id,
                     Vec::new(),
                     body.expiration_in_minutes,
                 )
-                .map_err(|e| ApiError::validation(e.to_string()))?;
-                let token = self
-                    .keys
-                    .issue(&claims)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                to_value(&CreateMicrovmAuthTokenResponse {
-                    auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
-                })
             }
             other => Err(ApiError::validation(format!(
                 "{} is not available in this version of kiln yet",
@@ -415,6 +385,32 @@ impl Microvms {
 
     /// The MicroVM `id` if `caller` may see it; another principal's is not found, exactly
     /// like a missing one.
+    /// An endpoint token of `kind` for a MicroVM that is not ending, as the API answers it.
+    fn token(
+        &self,
+        row: &MicrovmRow,
+        kind: TokenKind,
+        ports: Vec<kiln_api::shapes::microvm::PortSpecification>,
+        minutes: i32,
+    ) -> Result<Value, ApiError> {
+        if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
+            return Err(ApiError::conflict(
+                "Microvm",
+                &row.id,
+                format!("MicroVM {} is {}", row.id, row.state),
+            ));
+        }
+        let claims = TokenClaims::new(kind, &row.id, ports, minutes)
+            .map_err(|e| ApiError::validation(e.to_string()))?;
+        let token = self
+            .keys
+            .issue(&claims)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        to_value(&CreateMicrovmAuthTokenResponse {
+            auth_token: BTreeMap::from([("X-aws-proxy-auth".to_string(), token)]),
+        })
+    }
+
     fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
         let row = self.row(id)?;
         if caller.can_access(&row.owner) {

@@ -5,32 +5,9 @@ mod common;
 
 use common::{make_zip, Daemon};
 
-/// A counter that lives in guest memory (tmpfs), served over HTTP by busybox.
-const COUNTER_APP: &str = "#!/bin/sh
-mkdir -p /www/cgi-bin
-echo 100 > /tmp/count
-cat > /www/cgi-bin/count <<'CGI'
-#!/bin/sh
-n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
-printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
-CGI
-chmod +x /www/cgi-bin/count
-exec httpd -f -p 8080 -h /www
-";
-
 fn counter_image(kilnd: &Daemon, dir: &std::path::Path) {
     let zip = dir.join("counter.zip");
-    make_zip(
-        &zip,
-        &[
-            (
-                "Dockerfile",
-                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
-                0o644,
-            ),
-            ("app.sh", COUNTER_APP.as_bytes(), 0o755),
-        ],
-    );
+    common::counter_zip(&zip);
     let (code, _, err) = kilnd.create_image("counter", &zip);
     assert_eq!(code, 0, "{err}");
     let v = kilnd.wait_version("counter", "1");
@@ -687,7 +664,7 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
     let zip = scratch.path().join("session.zip");
     let app = format!(
         "{}nc -ll -p 9000 -e /hook.sh &\nexec httpd -f -p 8080 -h /www\n",
-        COUNTER_APP.trim_end_matches("exec httpd -f -p 8080 -h /www\n")
+        common::COUNTER_APP.trim_end_matches("exec httpd -f -p 8080 -h /www\n")
     );
     make_zip(
         &zip,

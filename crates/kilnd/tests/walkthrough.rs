@@ -6,19 +6,6 @@ mod common;
 
 use common::{aws_cli, make_zip, Daemon};
 
-/// A counter that lives in guest memory, served over HTTP by busybox.
-const COUNTER_APP: &str = "#!/bin/sh
-mkdir -p /www/cgi-bin
-echo 100 > /tmp/count
-cat > /www/cgi-bin/count <<'CGI'
-#!/bin/sh
-n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
-printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
-CGI
-chmod +x /www/cgi-bin/count
-exec httpd -f -p 8080 -h /www
-";
-
 /// `aws s3 <args>` against kilnd, signed with `credentials`: (exit code, stdout + stderr).
 fn s3(kilnd: &Daemon, credentials: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = aws_cli(credentials)
@@ -42,17 +29,7 @@ fn walkthrough_when_zip_goes_through_s3_then_boto3_builds_runs_suspends_resumes_
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     let zip = scratch.path().join("app.zip");
-    make_zip(
-        &zip,
-        &[
-            (
-                "Dockerfile",
-                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
-                0o644,
-            ),
-            ("app.sh", COUNTER_APP.as_bytes(), 0o755),
-        ],
-    );
+    common::counter_zip(&zip);
     let admin = kilnd.credentials();
     let (_, alice) = kilnd.new_principal("alice");
 

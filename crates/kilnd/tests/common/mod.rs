@@ -580,3 +580,32 @@ impl Drop for Restored {
         }
     }
 }
+
+/// A counter that lives in guest memory (tmpfs), served over HTTP by busybox on 8080:
+/// `/cgi-bin/count` answers 101, 102, … — state a restore, suspend or resume must keep.
+pub const COUNTER_APP: &str = "#!/bin/sh
+mkdir -p /www/cgi-bin
+echo 100 > /tmp/count
+cat > /www/cgi-bin/count <<'CGI'
+#!/bin/sh
+n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
+CGI
+chmod +x /www/cgi-bin/count
+exec httpd -f -p 8080 -h /www
+";
+
+/// Writes the counter app's zip (busybox base) to `path`.
+pub fn counter_zip(path: &Path) {
+    make_zip(
+        path,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", COUNTER_APP.as_bytes(), 0o755),
+        ],
+    );
+}
