@@ -486,7 +486,12 @@ mod tests {
     #[test]
     fn sign_when_post_with_json_body_then_content_type_signed_as_botocore() {
         let call = Call::new(Operation::RunMicrovm)
-            .json(&serde_json::json!({"imageIdentifier": "web", "clientToken": "tok-1"}))
+            // A BTreeMap: serde_json's Map keeps insertion order when a crate elsewhere in the
+            // workspace turns on `preserve_order`, and the body must be the same bytes.
+            .json(&std::collections::BTreeMap::from([
+                ("imageIdentifier", "web"),
+                ("clientToken", "tok-1"),
+            ]))
             .expect("body");
 
         let req = kilnd().request(&call, at()).expect("signed");

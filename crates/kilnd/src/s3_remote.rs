@@ -161,6 +161,7 @@ mod tests {
 
     #[test]
     fn url_when_bucket_and_key_then_path_style_with_each_segment_encoded() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let store = RemoteS3 {
             base: reqwest::Url::parse("http://127.0.0.1:9000/").expect("url"),
             signer: RequestSigner::s3(
