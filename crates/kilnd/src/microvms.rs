@@ -604,6 +604,19 @@ impl Microvms {
 
     /// Launches a recorded PENDING MicroVM and calls its run hook; on failure the row is
     /// TERMINATED with the reason and everything it held is freed.
+    /// Frees what a launch that failed held and records why it ended.
+    fn abandon_launch(&self, id: &str, dir: &Path, memory_mib: u64, why: &dyn std::fmt::Display) {
+        self.release(memory_mib);
+        let _ = std::fs::remove_dir_all(dir);
+        let reason = format!("launch failed: {why}");
+        let _ = self.store.set_microvm_state(
+            id,
+            MicrovmState::Terminated.as_str(),
+            Some(&reason),
+            Some(now()),
+        );
+    }
+
     async fn start(
         &self,
         row: &MicrovmRow,
@@ -630,15 +643,7 @@ impl Microvms {
                 let payload = req.run_hook_payload.clone().unwrap_or_default();
                 if let Err(e) = live.hooks.call(&live.vm, "run", payload.as_bytes()).await {
                     let _ = live.vm.terminate().await;
-                    self.release(memory);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let reason = format!("launch failed: {e}");
-                    let _ = self.store.set_microvm_state(
-                        id,
-                        MicrovmState::Terminated.as_str(),
-                        Some(&reason),
-                        Some(now()),
-                    );
+                    self.abandon_launch(id, &dir, memory, &e);
                     return Err(ApiError::conflict(
                         "Microvm",
                         id,
@@ -660,15 +665,7 @@ impl Microvms {
                 to_value(&self.describe(&self.row(id)?))
             }
             Err(e) => {
-                self.release(memory);
-                let _ = std::fs::remove_dir_all(&dir);
-                let reason = format!("launch failed: {e}");
-                let _ = self.store.set_microvm_state(
-                    id,
-                    MicrovmState::Terminated.as_str(),
-                    Some(&reason),
-                    Some(now()),
-                );
+                self.abandon_launch(id, &dir, memory, &e);
                 tracing::warn!(microvm = %id, error = %e, "launch failed");
                 Err(ApiError::internal(format!(
                     "MicroVM {id} could not start: {e}"

@@ -14,6 +14,17 @@ fn counter_image(kilnd: &Daemon, dir: &std::path::Path) {
     assert_eq!(v["state"], "SUCCESSFUL", "{v}");
 }
 
+/// `run-microvm` of the counter image with `--idle-policy policy`.
+fn run_counter_with_idle(kilnd: &Daemon, policy: &str) -> (i32, serde_json::Value, String) {
+    kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "counter",
+        "--idle-policy",
+        policy,
+    ])
+}
+
 fn run(kilnd: &Daemon) -> serde_json::Value {
     let (code, out, err) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
     assert_eq!(code, 0, "{err}");
@@ -459,13 +470,10 @@ fn suspend_when_requested_then_qemu_exits_and_a_request_or_resume_brings_the_sam
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
-    let (code, vm, err) = kilnd.aws(&[
-        "run-microvm",
-        "--image-identifier",
-        "counter",
-        "--idle-policy",
+    let (code, vm, err) = run_counter_with_idle(
+        &kilnd,
         "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=true",
-    ]);
+    );
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
     let tok = token(&kilnd, &id);
     let first = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
@@ -516,13 +524,10 @@ fn idle_policy_when_no_traffic_then_suspends_then_terminates_after_the_suspended
     let kilnd = Daemon::start(&["--min-idle-seconds", "2"]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
-    let (code, vm, err) = kilnd.aws(&[
-        "run-microvm",
-        "--image-identifier",
-        "counter",
-        "--idle-policy",
+    let (code, vm, err) = run_counter_with_idle(
+        &kilnd,
         "maxIdleDurationSeconds=3,suspendedDurationSeconds=8,autoResumeEnabled=true",
-    ]);
+    );
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
     let tok = token(&kilnd, &id);
 
@@ -563,13 +568,10 @@ fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_
     let mut kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
-    let (code, vm, err) = kilnd.aws(&[
-        "run-microvm",
-        "--image-identifier",
-        "counter",
-        "--idle-policy",
+    let (code, vm, err) = run_counter_with_idle(
+        &kilnd,
         "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=false",
-    ]);
+    );
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
     let tok = token(&kilnd, &id);
     let first = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
