@@ -17,7 +17,7 @@ PYENV := target/pyenv
 
 all: build
 
-## deps: install the host packages kiln needs (QEMU, qemu-img, mke2fs) when missing.
+## deps: install the host packages of scripts/host-tools.tsv (all but optional lines) when missing.
 deps:
 	@./scripts/install-deps.sh
 

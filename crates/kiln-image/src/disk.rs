@@ -145,7 +145,6 @@ pub fn mkfs_ext4_from_dir(
 fn run_mke2fs(src: &Path, out: &Path, size_bytes: u64, label: &str) -> Result<(), DiskError> {
     let output = run(
         "mke2fs",
-        "e2fsprogs (apt-get install e2fsprogs)",
         Command::new("mke2fs")
             .args(["-q", "-t", "ext4", "-b", "4096", "-d"])
             .arg(src)

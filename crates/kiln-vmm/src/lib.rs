@@ -10,6 +10,7 @@ pub mod crash;
 mod error;
 pub mod home;
 pub mod host;
+pub mod host_tools;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;

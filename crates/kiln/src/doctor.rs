@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use kiln_vmm::host_tools::{HostTool, NeededFor, HOST_TOOLS};
 use kiln_vmm::{accel, assets, qemu::process, tsc};
 use serde::Serialize;
 
@@ -18,6 +19,44 @@ struct Check {
     detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     fix: Option<String>,
+}
+
+/// One line of the host tools table, probed on this host.
+#[derive(Serialize)]
+struct ToolLine {
+    #[serde(flatten)]
+    tool: &'static HostTool,
+    found: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<std::path::PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+impl ToolLine {
+    fn probe(tool: &'static HostTool) -> ToolLine {
+        let path = match tool.presence() {
+            kiln_vmm::host_tools::Presence::Program(p) => process::which(p),
+            _ => None,
+        };
+        let found = path.is_some() || tool.is_present();
+        ToolLine {
+            tool,
+            found,
+            path,
+            fix: (!found).then(|| tool.install_hint()),
+        }
+    }
+
+    /// `ok`, `MISS` (runtime), `warn` (build, test) or `-` (optional, absent).
+    fn mark(&self) -> &'static str {
+        match (self.found, self.tool.needed_for) {
+            (true, _) => "ok  ",
+            (false, NeededFor::Runtime) => "MISS",
+            (false, NeededFor::Optional) => "-   ",
+            (false, _) => "warn",
+        }
+    }
 }
 
 fn check<T>(
@@ -61,20 +100,34 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         "apt-get install qemu-system-x86",
     );
     checks.push(c);
-    for (tool, pkg) in [
-        ("qemu-img", "qemu-utils"),
-        ("mke2fs", "e2fsprogs"),
-        ("dpkg-deb", "dpkg"),
-    ] {
-        let (c, _) = check(
-            tool,
-            true,
-            process::which(tool).ok_or_else(|| format!("{tool} is not on PATH")),
-            |p| p.display().to_string(),
-            &format!("apt-get install {pkg}"),
-        );
-        checks.push(c);
-    }
+    let tools: Vec<ToolLine> = HOST_TOOLS.iter().map(ToolLine::probe).collect();
+    // kilnd, kiln and the demo cannot work without a runtime tool.
+    let runtime = |t: &&ToolLine| t.tool.needed_for == NeededFor::Runtime;
+    let absent: Vec<&ToolLine> = tools.iter().filter(runtime).filter(|t| !t.found).collect();
+    checks.push(Check {
+        name: "host tools",
+        ok: absent.is_empty(),
+        required: true,
+        detail: match absent.len() {
+            0 => format!(
+                "all {} runtime tools found",
+                tools.iter().filter(runtime).count()
+            ),
+            _ => format!(
+                "missing: {}",
+                absent
+                    .iter()
+                    .map(|t| t.tool.command)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        fix: (!absent.is_empty()).then(|| {
+            let mut pkgs: Vec<&str> = absent.iter().map(|t| t.tool.package).collect();
+            pkgs.dedup();
+            format!("apt-get install {} (or `make deps`)", pkgs.join(" "))
+        }),
+    });
     let probe = accel::probe_kvm();
     checks.push(Check {
         name: "kvm",
@@ -148,6 +201,7 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "can_run_microvms": can_run, "home": home, "checks": checks,
+                "host_tools": tools,
             }))?
         ),
         Output::Table => {
@@ -164,6 +218,32 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
                 if let Some(fix) = &c.fix {
                     println!("      {:<width$}  → {fix}", "");
                 }
+            }
+            println!();
+            println!("Host tools (scripts/host-tools.tsv; `make deps` installs all but optional):");
+            let cw = tools
+                .iter()
+                .map(|t| t.tool.command.len())
+                .max()
+                .unwrap_or(0);
+            let pw = tools
+                .iter()
+                .map(|t| t.tool.package.len())
+                .max()
+                .unwrap_or(0);
+            for t in &tools {
+                let detail = match (&t.path, &t.fix) {
+                    (_, Some(fix)) => format!("→ {fix}"),
+                    (Some(path), None) => path.display().to_string(),
+                    (None, None) => "present".to_string(),
+                };
+                println!(
+                    "{}  {:<cw$}  {:<pw$}  {:<8}  {detail}",
+                    t.mark(),
+                    t.tool.command,
+                    t.tool.package,
+                    t.tool.needed_for.as_str(),
+                );
             }
             println!();
             if can_run {

@@ -211,3 +211,69 @@ fn api_when_requests_are_wrong_then_aws_cli_reports_the_typed_error() {
         String::from_utf8_lossy(&boto.stderr)
     );
 }
+
+#[test]
+fn copy_when_sources_name_host_paths_then_they_resolve_inside_the_context_only() {
+    let kilnd = Daemon::start(&[]);
+    let d = tempfile::tempdir().expect("scratch");
+    let p = d.path();
+    let cases = [
+        (
+            "dev-zero",
+            dockerfile(p, "z", "FROM kiln/busybox\nCOPY ../../../../dev/zero /z\n"),
+        ),
+        (
+            "host-path",
+            dockerfile(p, "h", "FROM kiln/busybox\nCOPY /etc/hostname /h\n"),
+        ),
+        (
+            "parent",
+            zip_of(
+                p,
+                "x",
+                &[
+                    (
+                        "Dockerfile",
+                        b"FROM kiln/busybox\nCOPY ../x /x\nRUN cat /x && exit 7\n",
+                        0o644,
+                    ),
+                    ("x", b"the context's own x\n", 0o644),
+                ],
+            ),
+        ),
+    ];
+
+    for (name, zip) in &cases {
+        let (code, _, err) = kilnd.create_image(name, zip);
+        assert_eq!(code, 0, "{name}: {err}");
+    }
+    let outcomes: Vec<_> = cases
+        .iter()
+        .map(|(name, _)| kilnd.wait_version(name, "1"))
+        .collect();
+    let parent_log = kilnd.get("/kiln/v1/images/parent/versions/1/build-log");
+
+    let reason = |i: usize| {
+        outcomes[i]["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(outcomes[0]["state"], "FAILED", "{}", outcomes[0]);
+    assert!(
+        reason(0).contains("COPY source ../../../../dev/zero is not in the build context (looked for \"dev/zero\" in the context"),
+        "{}",
+        reason(0)
+    );
+    assert_eq!(outcomes[1]["state"], "FAILED", "{}", outcomes[1]);
+    assert!(
+        reason(1).contains(
+            "COPY source /etc/hostname is not in the build context (looked for \"etc/hostname\""
+        ),
+        "{}",
+        reason(1)
+    );
+    // `../x` is the context's x, as BuildKit cleans it: copied, then the RUN shows it.
+    assert!(reason(2).contains("exited with code 7"), "{}", reason(2));
+    assert!(parent_log.contains("the context's own x"), "{parent_log}");
+}

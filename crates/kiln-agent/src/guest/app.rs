@@ -25,7 +25,7 @@ use crate::proto::{AppSpec, ExecSpec};
 /// Name of the virtio-serial port that receives the app's output.
 pub const APP_LOG_PORT: &str = "applog";
 /// The app log when there is no such port.
-pub const DEFAULT_APP_LOG: &str = "/run/kiln/app.log";
+pub const DEFAULT_APP_LOG: &str = "/dev/kiln/app.log";
 /// Environment variable that overrides [`DEFAULT_APP_LOG`] (for tests and development).
 pub const APP_LOG_ENV: &str = "KILN_INIT_APP_LOG";
 /// How long StopApp waits for the app to die after SIGKILL.

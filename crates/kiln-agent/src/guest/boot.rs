@@ -374,7 +374,7 @@ fn remove_tree(dir: &Path, dev: u64) {
 /// The mounts a userland expects; failures are logged, not fatal.
 fn mount_runtime() {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 6] = [
+    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 5] = [
         (
             "proc",
             "/proc",
@@ -403,8 +403,15 @@ fn mount_runtime() {
             nosuid_nodev,
             Some("mode=1777"),
         ),
-        ("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=755")),
-        ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777")),
+        // kiln's own files, beside the image's tree rather than over any of it: the
+        // image's /run and /tmp are what the app finds, as under Docker.
+        (
+            "tmpfs",
+            super::RUNTIME_DIR,
+            "tmpfs",
+            nosuid_nodev | MsFlags::MS_NOEXEC,
+            Some("mode=755"),
+        ),
     ];
     for (source, target, fstype, flags, data) in mounts {
         if let Err(e) = mount_fs(source, target, fstype, flags, data) {

@@ -15,6 +15,12 @@ pub mod ops;
 pub mod port;
 pub mod users;
 
+/// kiln's own runtime files in the guest (the app log, the build context mount, the build's
+/// CA bundle): a tmpfs kiln-init mounts under `/dev`, which the guest's devtmpfs already
+/// covers, so it hides nothing the image holds (`/run` and `/tmp` stay the image's own, as in
+/// Docker) and writes nothing into the image's filesystem.
+pub const RUNTIME_DIR: &str = "/dev/kiln";
+
 /// Writes one `kiln-init:`-prefixed line to the console (stderr is the console in the guest).
 #[macro_export]
 macro_rules! console {

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use kiln_vmm::assets::deb;
 use kiln_vmm::assets::store::io_err;
-use kiln_vmm::assets::tool::run_ok;
+use kiln_vmm::assets::tool::{stderr_of, ToolError};
 use serde::Serialize;
 
 use super::{ensure_base, version_dir_name, BaseBuild, BaseKind};
@@ -98,11 +98,21 @@ pub(crate) fn stage_rootfs(
     fs::copy(busybox, &installed).map_err(io_err("copy busybox to", &installed))?;
     fs::set_permissions(&installed, fs::Permissions::from_mode(0o755))
         .map_err(io_err("chmod", &installed))?;
-    let list = run_ok(
-        "busybox",
-        "busybox-static",
-        Command::new(&installed).arg("--list-full"),
-    )?;
+    // The busybox kiln fetched, not a host tool: it runs from the staged tree.
+    let list = Command::new(&installed)
+        .arg("--list-full")
+        .output()
+        .map_err(|source| ToolError::Spawn {
+            tool: "busybox",
+            source,
+        })?;
+    if !list.status.success() {
+        return Err(ToolError::Failed {
+            command: format!("{} --list-full", installed.display()),
+            detail: stderr_of(&list),
+        }
+        .into());
+    }
     let mut applets = 0;
     for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim) {
         if applet.is_empty() || applet == "bin/busybox" || applet.contains("..") {

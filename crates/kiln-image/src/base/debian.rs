@@ -37,9 +37,6 @@ const KIND: BaseKind = BaseKind {
     label: "kiln-debian-12",
 };
 
-/// How to get debootstrap, for [`ToolError::Missing`].
-const INSTALL_DEBOOTSTRAP: &str = "debootstrap (apt-get install debootstrap)";
-
 /// What `manifest.json` records besides what every base's does.
 #[derive(Debug, Serialize)]
 struct Details {
@@ -106,7 +103,7 @@ fn debootstrap(
         fs::write(&wgetrc, text).map_err(io_err("write", &wgetrc))?;
         cmd.env("WGETRC", &wgetrc);
     }
-    match run_ok("debootstrap", INSTALL_DEBOOTSTRAP, &mut cmd) {
+    match run_ok("debootstrap", &mut cmd) {
         Ok(_) => Ok(()),
         Err(ToolError::Failed { command, detail }) => {
             // debootstrap's own log says which package or download failed.
@@ -128,7 +125,6 @@ fn debootstrap(
 fn tidy_rootfs(rootfs: &Path, mirror: &str, security: Option<&str>) -> Result<(), BaseError> {
     run_ok(
         "chroot",
-        "coreutils",
         Command::new("chroot")
             .arg(rootfs)
             .args(["apt-get", "clean"]),

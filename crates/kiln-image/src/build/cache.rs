@@ -93,6 +93,12 @@ fn hash_into(path: &Path, rel: &Path, h: &mut blake3::Hasher) -> std::io::Result
         for e in entries {
             hash_into(&e.path(), &rel.join(e.file_name()), h)?;
         }
+    } else if let Some(kind) = super::source::special_kind(&meta) {
+        // Opening a fifo would block and a device would read forever.
+        return Err(std::io::Error::other(format!(
+            "{} is a {kind}: only regular files, directories and symbolic links can be copied",
+            rel.display()
+        )));
     } else {
         h.update(b"F");
         let mut f = std::fs::File::open(path)?;
@@ -128,5 +134,22 @@ mod tests {
         let after = hash_tree(dir.path()).expect("hash");
 
         assert_ne!(before, after);
+    }
+
+    #[test]
+    fn hash_tree_when_a_fifo_is_inside_then_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        nix::unistd::mkfifo(
+            &dir.path().join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+
+        let err = hash_tree(dir.path()).expect_err("fifo");
+
+        assert_eq!(
+            err.to_string(),
+            "pipe is a fifo: only regular files, directories and symbolic links can be copied"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod log;
 mod plan;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,9 +30,9 @@ pub use log::BuildLog;
 use plan::{AppCommand, Plan, PlannedStep, StepAction};
 
 /// Where, in the build VM, the context disk is mounted.
-const CONTEXT_MOUNT: &str = "/run/kiln/context";
+const CONTEXT_MOUNT: &str = "/dev/kiln/context";
 /// Where, in the build VM, the CA bundle for build steps is written (tmpfs, never in a layer).
-const CA_BUNDLE: &str = "/run/kiln/ca-bundle.crt";
+const CA_BUNDLE: &str = "/dev/kiln/ca-bundle.crt";
 /// The path prefix of the AWS lifecycle hooks.
 pub const HOOKS_PATH: &str = "/aws/lambda-microvms/runtime/v1";
 

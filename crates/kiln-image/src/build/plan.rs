@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::cache::{hash_tree, KeyChain};
+use super::source;
 use super::{BuildError, BuildSpec, ImageConfig};
 use crate::base::BaseImage;
 use crate::context::BuildContext;
@@ -175,6 +176,27 @@ fn join(dir: &str, path: &str) -> String {
     }
 }
 
+/// A COPY/ADD source as the clean, link-free path inside the context it names (`""` for the
+/// root) and the path whose content decides the step's cache key; a glob keeps its pattern
+/// after its longest glob-free directory prefix, which is what is hashed.
+fn context_source(root: &Path, src: &str) -> Result<(String, String), String> {
+    let clean = source::clean(src);
+    let parts: Vec<&str> = clean.split('/').collect();
+    let literal = parts
+        .iter()
+        .position(|p| p.contains(['*', '?', '[']))
+        .unwrap_or(parts.len());
+    let dir = source::resolve(root, &parts[..literal].join("/"))
+        .map_err(|e| e.for_source(src).to_string())?;
+    let pattern = parts[literal..].join("/");
+    let rel = match (dir.is_empty(), pattern.is_empty()) {
+        (_, true) => dir.clone(),
+        (true, false) => pattern,
+        (false, false) => format!("{dir}/{pattern}"),
+    };
+    Ok((rel, dir))
+}
+
 fn to_app(c: &Command) -> AppCommand {
     match c {
         Command::Exec(v) => AppCommand::Exec(v.clone()),
@@ -258,23 +280,10 @@ impl Plan {
                     let mut sources = Vec::new();
                     for s in &spec.sources {
                         let s = x(s, &state)?;
-                        let rel = s
-                            .trim_start_matches("./")
-                            .trim_start_matches('/')
-                            .to_string();
-                        let host = context.dir.join(&rel);
-                        let globbed = rel.contains(['*', '?', '[']);
-                        if !globbed && std::fs::symlink_metadata(&host).is_err() {
-                            return Err(err(line, format!("COPY source {s} is not in the build context (or is excluded by .dockerignore)")));
-                        }
-                        let hashed = if globbed {
-                            host.parent()
-                                .map(Path::to_path_buf)
-                                .unwrap_or_else(|| context.dir.clone())
-                        } else {
-                            host
-                        };
-                        let digest = hash_tree(&hashed).map_err(|e| {
+                        // Only ever a link-free path inside the context (see `source`).
+                        let (rel, hashed) =
+                            context_source(&context.dir, &s).map_err(|e| err(line, e))?;
+                        let digest = hash_tree(&context.dir.join(hashed)).map_err(|e| {
                             err(line, format!("reading {s} in the build context: {e}"))
                         })?;
                         keys.feed(digest.as_bytes());
@@ -470,6 +479,44 @@ mod tests {
         assert_eq!(join("/app", "www/"), "/app/www/");
         assert_eq!(join("/", "x"), "/x");
         assert_eq!(join("/app", "/etc"), "/etc");
+    }
+
+    #[test]
+    fn context_source_when_it_climbs_out_or_is_absolute_then_it_names_the_context_file() {
+        let ctx = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(ctx.path().join("src")).expect("mkdir");
+        std::fs::write(ctx.path().join("x"), "x").expect("write");
+        std::os::unix::fs::symlink("/", ctx.path().join("src/root")).expect("link");
+
+        assert_eq!(
+            context_source(ctx.path(), "../x"),
+            Ok(("x".into(), "x".into()))
+        );
+        // Cleaned lexically first, as BuildKit does: `root/..` goes before any lookup.
+        assert_eq!(
+            context_source(ctx.path(), "/src/root/../*.py"),
+            Ok(("src/*.py".into(), "src".into()))
+        );
+        assert_eq!(
+            context_source(ctx.path(), "../*"),
+            Ok(("*".into(), String::new()))
+        );
+        assert_eq!(
+            context_source(ctx.path(), "src/root/src/*.py"),
+            Ok(("src/*.py".into(), "src".into()))
+        );
+    }
+
+    #[test]
+    fn context_source_when_a_host_path_is_named_then_refused_naming_the_context_path() {
+        let ctx = tempfile::tempdir().expect("tempdir");
+
+        let err = context_source(ctx.path(), "../../../../dev/zero").expect_err("outside");
+
+        assert!(
+            err.starts_with("COPY source ../../../../dev/zero is not in the build context"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -56,7 +56,6 @@ pub fn download(package: &str, dir: &Path) -> Result<DebFile, DebError> {
     tracing::info!(package, "downloading with apt-get");
     let out = run(
         "apt-get",
-        "apt (kiln fetches Debian packages by name)",
         Command::new("apt-get")
             .args(["download", "-q", package])
             .current_dir(dir),
@@ -113,7 +112,7 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<(), DebError> {
 
 /// Runs `dpkg-deb` on `deb`; a failure means the package is unreadable.
 fn dpkg_deb(deb: &Path, cmd: &mut Command) -> Result<std::process::Output, DebError> {
-    let out = run("dpkg-deb", "dpkg", cmd)?;
+    let out = run("dpkg-deb", cmd)?;
     if !out.status.success() {
         return Err(DebError::BadPackage {
             deb: deb.to_path_buf(),

@@ -80,7 +80,10 @@ pub enum AssetError {
         source_name: String,
     },
     /// A module is compressed and the tool to decompress it is missing.
-    #[error("kernel module {path} is compressed and `{tool}` is not installed: install {tool}")]
+    #[error(
+        "kernel module {path} is compressed and `{tool}` is not installed: {}",
+        crate::host_tools::install_hint(tool)
+    )]
     ModuleCompressed {
         /// The compressed module.
         path: PathBuf,

@@ -1,5 +1,6 @@
 //! Host tools (`apt-get`, `dpkg-deb`, `mke2fs`, …) run to completion, their failures
-//! turned into errors that say what to install or what the tool said.
+//! turned into errors that say what to install (from [`crate::host_tools`]) or what the
+//! tool said.
 
 use std::process::{Command, Output};
 
@@ -7,12 +8,12 @@ use std::process::{Command, Output};
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     /// The tool is not installed.
-    #[error("`{tool}` is not installed: install {install}")]
+    #[error("{tool} is not installed: {install}")]
     Missing {
         /// The tool's name.
         tool: &'static str,
-        /// What to install.
-        install: &'static str,
+        /// What to install, from the host tools table.
+        install: String,
     },
     /// The tool could not be started.
     #[error("cannot run `{tool}`")]
@@ -33,26 +34,21 @@ pub enum ToolError {
     },
 }
 
-/// Runs `cmd` (the program `tool`, installed with `install`) and returns its output
+/// Runs `cmd` (the program `tool`, a line of the host tools table) and returns its output
 /// whatever its exit status; only "not installed" and "cannot start" are errors.
-pub fn run(
-    tool: &'static str,
-    install: &'static str,
-    cmd: &mut Command,
-) -> Result<Output, ToolError> {
+pub fn run(tool: &'static str, cmd: &mut Command) -> Result<Output, ToolError> {
     cmd.output().map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ToolError::Missing { tool, install },
+        std::io::ErrorKind::NotFound => ToolError::Missing {
+            tool,
+            install: crate::host_tools::install_hint(tool),
+        },
         _ => ToolError::Spawn { tool, source },
     })
 }
 
 /// Like [`run`], and a non-zero exit becomes [`ToolError::Failed`] carrying its stderr.
-pub fn run_ok(
-    tool: &'static str,
-    install: &'static str,
-    cmd: &mut Command,
-) -> Result<Output, ToolError> {
-    let out = run(tool, install, cmd)?;
+pub fn run_ok(tool: &'static str, cmd: &mut Command) -> Result<Output, ToolError> {
+    let out = run(tool, cmd)?;
     if !out.status.success() {
         return Err(ToolError::Failed {
             command: format!("{cmd:?}"),
@@ -72,18 +68,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn run_when_tool_absent_then_missing_says_what_to_install() {
-        let err = run(
-            "kiln-no-such-tool",
-            "nothing",
-            &mut Command::new("kiln-no-such-tool"),
-        )
-        .expect_err("absent");
+    fn run_when_tool_absent_then_missing_names_the_package_from_the_table() {
+        let mut cmd = Command::new("debootstrap");
+        cmd.env("PATH", "/nonexistent");
 
-        assert!(matches!(err, ToolError::Missing { .. }), "{err}");
-        assert_eq!(
-            err.to_string(),
-            "`kiln-no-such-tool` is not installed: install nothing"
+        let err = run("debootstrap", &mut cmd).expect_err("absent");
+
+        assert!(
+            err.to_string().starts_with(
+                "debootstrap is not installed: apt-get install debootstrap (or `make deps`)"
+            ),
+            "{err}"
         );
     }
 
@@ -91,7 +86,6 @@ mod tests {
     fn run_ok_when_exit_non_zero_then_failed_with_stderr() {
         let err = run_ok(
             "sh",
-            "dash",
             Command::new("sh").args(["-c", "echo broken >&2; exit 3"]),
         )
         .expect_err("fails");
