@@ -49,6 +49,12 @@ fn spec(root: &Path, ctx: BuildContext, out: &str) -> BuildSpec {
         extra_ca: None,
         ready_timeout: Duration::from_secs(120),
         step_timeout: Duration::from_secs(600),
+        // The public internet, as kilnd gives builds without a connector.
+        egress: Some(kiln_vmm::VmEgress {
+            gateway: kiln_net::Gateway::new(kiln_net::GatewayConfig::default()),
+            vm: format!("bench-{out}"),
+            policy: kiln_net::Egress::Internet { extra: Vec::new() },
+        }),
     }
 }
 

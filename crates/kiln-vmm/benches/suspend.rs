@@ -67,10 +67,10 @@ fn evict(path: &Path) {
 }
 
 /// Time until the guest's httpd answers through `port`.
-async fn first_response(port: u16, since: Instant) -> Duration {
+async fn first_response(vm: &impl MicroVm, port: u16, since: Instant) -> Duration {
     loop {
         let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut s = vm.connect_forward(port).await?;
             s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await?;
             let mut head = [0u8; 12];
             s.read_exact(&mut head).await?;
@@ -162,7 +162,7 @@ async fn measure(snap: &Snapshot, dir: &Path, prepare: &str, runs: usize) -> Fig
         let t = Instant::now();
         vm = vmm.resume(&suspended, t_target).await.expect("resume");
         let ready = ms(t.elapsed());
-        let http = ms(first_response(port, t).await);
+        let http = ms(first_response(&vm, port, t).await);
         if cold {
             f.cold_ready.push(ready);
             f.cold_http.push(http);

@@ -7,6 +7,9 @@ use crate::qemu::qmp::QmpError;
 /// Errors from booting, driving, snapshotting and restoring VMs.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The VM's network namespace, its rules or its egress gateway could not be set up.
+    #[error("isolating the VM's network: {0} (kiln needs root, iproute2 and nftables: make deps)")]
+    Network(String),
     /// QEMU cannot be found or run.
     #[error("QEMU is not usable: {0}")]
     QemuMissing(String),

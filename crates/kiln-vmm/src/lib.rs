@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_agent::client::AgentClient;
+pub use kiln_net::{Netns, VmEgress};
 
 pub use crash::crash_point;
 pub use error::VmmError;
@@ -73,6 +74,22 @@ pub trait MicroVm: Send {
     fn resume(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
     /// Whether the VM runs, is paused, or has exited.
     fn status(&mut self) -> impl Future<Output = VmStatus> + Send;
+    /// The network namespace the VM's forwards listen in (`None`: no network device).
+    fn netns(&self) -> Option<std::sync::Arc<Netns>>;
+    /// Connects to a forward's host port (inside the VM's namespace).
+    fn connect_forward(
+        &self,
+        host_port: u16,
+    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
+        let netns = self.netns();
+        async move {
+            let netns =
+                netns.ok_or_else(|| std::io::Error::other("this VM has no network device"))?;
+            netns
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], host_port)))
+                .await
+        }
+    }
     /// Adds a host→guest TCP forward while the VM runs.
     fn add_forward(
         &mut self,
@@ -108,12 +125,16 @@ pub trait MicroVm: Send {
 pub struct BootOptions {
     /// How long to wait for the guest agent.
     pub agent_timeout: Duration,
+    /// The guest's way out, if any: without one a networked guest reaches nothing but its
+    /// own forwards.
+    pub egress: Option<VmEgress>,
 }
 
 impl Default for BootOptions {
     fn default() -> Self {
         BootOptions {
             agent_timeout: Duration::from_secs(90),
+            egress: None,
         }
     }
 }
@@ -125,10 +146,12 @@ pub struct RestoreTarget {
     pub dir: PathBuf,
     /// Its host port forwards.
     pub forwards: Vec<PortForward>,
-    /// Deny guest egress.
+    /// Deny guest egress (implied when `egress` is `None`).
     pub restrict_egress: bool,
     /// How long to wait for the guest agent after `cont`.
     pub agent_timeout: Duration,
+    /// The guest's way out, if any.
+    pub egress: Option<VmEgress>,
 }
 
 impl RestoreTarget {
@@ -139,6 +162,7 @@ impl RestoreTarget {
             forwards: Vec::new(),
             restrict_egress: false,
             agent_timeout: Duration::from_secs(20),
+            egress: None,
         }
     }
 }
@@ -175,7 +199,9 @@ impl Timeline {
     }
 }
 
-/// A free TCP port on the host's loopback (the OS picks it; QEMU binds it moments later).
+/// A TCP port for a forward. Forwards listen inside the VM's own network namespace, so
+/// any port is free there; one free on the host's loopback is picked so that two VMs'
+/// ports never look alike in logs.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -9,11 +9,10 @@ use kiln_agent::client::ExecRequest;
 use kiln_vmm::{BootOptions, MicroVm, PortForward, VmStatus, Vmm, VmmError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET / on the host's loopback port; the whole response as text.
-async fn http_get(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
+/// GET / through the VM's forward on `port` (inside its network namespace); the whole
+/// response as text.
+async fn http_get(vm: &impl MicroVm, port: u16) -> String {
+    let mut s = vm.connect_forward(port).await.expect("connect");
     s.write_all(b"GET / HTTP/1.0\r\n\r\n")
         .await
         .expect("request");
@@ -73,13 +72,18 @@ async fn boot_when_busybox_then_exec_streams_runs_concurrently_and_survives_qemu
     })
     .await
     .expect("hostfwd_add");
-    let page = http_get(port).await;
+    let page = http_get(&vm, port).await;
+    let from_host = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
     vm.pause().await.expect("pause");
     let paused = vm.status().await;
     vm.resume().await.expect("continue");
     let resumed = vm.status().await;
 
     assert!(page.ends_with("served\n"), "{page}");
+    assert!(
+        from_host.is_err(),
+        "the VM's forward is a listener on the host's loopback: any local process reaches the guest"
+    );
     assert_eq!(paused, VmStatus::Paused);
     assert_eq!(resumed, VmStatus::Running);
 
@@ -132,6 +136,7 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
             not_ext4,
             BootOptions {
                 agent_timeout: Duration::from_secs(120),
+                ..BootOptions::default()
             },
         )
         .await
@@ -153,6 +158,7 @@ async fn boot_when_inputs_are_bad_then_errors_name_them_and_nothing_is_left() {
             deaf,
             BootOptions {
                 agent_timeout: Duration::from_secs(20),
+                ..BootOptions::default()
             },
         )
         .await

@@ -49,12 +49,12 @@ async fn restored_vm(dir: &Path) -> QemuVm {
         .expect("restore")
 }
 
-/// GET `path` from the host's loopback `port`; retries until the guest answers.
-async fn http_get(port: u16, path: &str) -> String {
+/// GET `path` through the VM's forward on `port`; retries until the guest answers.
+async fn http_get(vm: &impl MicroVm, port: u16, path: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut s = vm.connect_forward(port).await?;
             let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
             s.write_all(req.as_bytes()).await?;
             let mut body = String::new();
@@ -118,7 +118,7 @@ async fn suspend_when_resumed_three_times_then_processes_disk_tmpfs_and_clock_su
         let guest_clock: f64 = guest_clock.trim().parse().expect("guest date");
         let (after, _) = sh(vm.agent(), "sleep 0.5; cat /tmp/n").await;
         let (kept, _) = sh(vm.agent(), "cat /root/kept /dev/shm/kept").await;
-        let served = http_get(port, "/kept").await;
+        let served = http_get(&vm, port, "/kept").await;
         runtime_dirs.push(vm.spec().dir.clone());
         rounds.push(Round {
             counter_before: before.trim().parse().expect("counter before"),

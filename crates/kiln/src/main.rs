@@ -139,6 +139,15 @@ enum Command {
         after_help = "Example:\n  kiln keys create --principal alice"
     )]
     Keys(verbs::keys::KeysCommand),
+    /// Manage the operator's egress connectors (list, create, show, delete).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  kiln connectors create pypi --allow '*.pypi.org:443'"
+    )]
+    Connectors(verbs::connectors::ConnectorsCommand),
+    /// Show what a MicroVM's guest tried to reach: connections and lookups, allowed or blocked.
+    #[command(after_help = "Example:\n  kiln flows mvm-0a1b2c --blocked")]
+    Flows(verbs::connectors::FlowsArgs),
     /// Show the audit log: who changed what, and what kilnd did on its own.
     Events(verbs::events::EventsArgs),
     /// Print an image version's build log (`--follow` streams it until the build ends).
@@ -267,6 +276,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume(ids) => block(verbs::session::resume(g, &g.kilnd()?, ids)),
         Command::Rm(ids) => block(verbs::session::rm(g, &g.kilnd()?, ids)),
         Command::Keys(k) => block(verbs::keys::run(g, &g.kilnd()?, k)),
+        Command::Connectors(c) => block(verbs::connectors::run(g, &g.kilnd()?, c)),
+        Command::Flows(a) => block(verbs::connectors::flows(g, &g.kilnd()?, a)),
         Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
         Command::Logs {

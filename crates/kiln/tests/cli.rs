@@ -103,6 +103,46 @@ fn doctor_when_qemu_is_missing_then_says_what_to_install_and_fails() {
 }
 
 #[test]
+fn doctor_when_a_runtime_tool_is_missing_then_lists_every_tool_and_what_to_install() {
+    // A PATH holding every program of the table this host has, except debootstrap.
+    let bin = tempfile::tempdir().expect("scratch");
+    for tool in kiln_vmm::host_tools::HOST_TOOLS.iter() {
+        let name = tool.command;
+        if name == "debootstrap" || name.contains(':') {
+            continue;
+        }
+        if let Some(path) = kiln_vmm::qemu::process::which(name) {
+            std::os::unix::fs::symlink(path, bin.path().join(name)).expect("link a tool");
+        }
+    }
+
+    let out = kiln_in_shared_home(&["doctor"])
+        .env("PATH", bin.path())
+        .output()
+        .expect("run kiln");
+    let json = kiln_in_shared_home(&["doctor", "--output", "json"])
+        .env("PATH", bin.path())
+        .output()
+        .expect("run kiln");
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON report");
+    assert!(!out.status.success());
+    assert!(text.contains("FAIL  host tools"), "{text}");
+    assert!(
+        text.contains("MISS  debootstrap")
+            && text.contains("apt-get install debootstrap (or `make deps`)"),
+        "{text}"
+    );
+    assert!(text.contains("qemu-img"), "{text}");
+    let tools = report["host_tools"].as_array().expect("host_tools");
+    assert_eq!(tools.len(), kiln_vmm::host_tools::HOST_TOOLS.len());
+    assert!(tools.iter().any(|t| t["command"] == "debootstrap"
+        && t["found"] == false
+        && t["package"] == "debootstrap"));
+}
+
+#[test]
 fn doctor_when_accel_override_is_bogus_then_names_the_variable() {
     let out = kiln_in_shared_home(&["doctor"])
         .env("KILN_ACCEL", "warp")

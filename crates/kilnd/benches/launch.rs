@@ -582,9 +582,9 @@ impl Endpoint {
     }
 }
 
-/// GET / over plain HTTP on `127.0.0.1:port`; the status.
-async fn plain_get(port: u16) -> anyhow::Result<StatusCode> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+/// GET / over plain HTTP through the VM's forward on `port`; the status.
+async fn plain_get(vm: &impl MicroVm, port: u16) -> anyhow::Result<StatusCode> {
+    let tcp = vm.connect_forward(port).await?;
     tcp.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
@@ -678,7 +678,7 @@ async fn cold_boot(host: &Host, home: &Path, dir: &Path) -> anyhow::Result<ColdB
             })
             .await
             .context("starting the app in the cold-booted VM")?;
-        until_ok("the cold-booted app", || plain_get(port)).await
+        until_ok("the cold-booted app", || plain_get(&vm, port)).await
     }
     .await;
     let first_ok = t.elapsed();

@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use kiln_api::shapes::microvm::PortSpecification;
-use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
+use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream};
 use kilnd::tokens::{TokenClaims, TokenKeys, TokenKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -29,15 +29,15 @@ use tokio_rustls::TlsConnector;
 const DOMAIN: &str = "kiln.localhost";
 
 /// Every MicroVM is the one local app.
-struct OneApp(SocketAddr);
+struct OneApp(Upstream);
 
 impl Routes for OneApp {
     fn upstream(
         &self,
         _microvm_id: &str,
         _port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
-        Box::pin(async move { Ok(self.0) })
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, RouteError>> + Send + '_>> {
+        Box::pin(async move { Ok(self.0.clone()) })
     }
 
     fn agent(
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(ProxyState::new(
         DOMAIN,
         keys.clone(),
-        Arc::new(OneApp(app)),
+        Arc::new(OneApp(Upstream::host(app))),
         ActivityTable::new(),
         limits,
     ));
@@ -103,8 +103,24 @@ async fn main() -> anyhow::Result<()> {
     println!("endpoint proxy: {clients} keep-alive HTTP/1.1 clients, {seconds} s per path, GET with a 5-byte answer");
     let direct = measure(Path::Direct(app), clients, run).await?;
     print_figures("direct", &direct);
-    let proxied = measure(Path::Proxy(proxy_addr, connector, token), clients, run).await?;
+    let proxied = measure(Path::Proxy(proxy_addr, connector.clone(), token.clone()), clients, run).await?;
     print_figures("proxy (TLS)", &proxied);
+    // The same proxy path to an app in its own namespace (how a VM's forward is reached).
+    let ns_state = Arc::new(ProxyState::new(
+        DOMAIN,
+        keys.clone(),
+        Arc::new(OneApp(app_in_namespace()?)),
+        ActivityTable::new(),
+        ProxyLimits {
+            requests_per_second: 0,
+            ..ProxyLimits::default()
+        },
+    ));
+    let ns_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let ns_proxy = ns_listener.local_addr()?;
+    tokio::spawn(proxy::serve(ns_listener, tls.server_config.clone(), ns_state));
+    let namespaced = measure(Path::Proxy(ns_proxy, connector, token), clients, run).await?;
+    print_figures("proxy→netns", &namespaced);
     println!(
         "ratio         {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency",
         proxied.requests_per_second / direct.requests_per_second,
@@ -133,7 +149,22 @@ fn print_figures(name: &str, f: &Figures) {
 
 /// The app: answers every request with `hello`.
 async fn app() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    serve_app(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+/// The app listening inside a network namespace of its own, as a VM's forward does.
+fn app_in_namespace() -> anyhow::Result<Upstream> {
+    let netns = kiln_net::Netns::create()?;
+    netns.run("ip", &["link", "set", "lo", "up"], "")?;
+    let listener = netns.listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let addr = serve_app(listener)?;
+    Ok(Upstream {
+        netns: Some(Arc::new(netns)),
+        addr,
+    })
+}
+
+fn serve_app(listener: TcpListener) -> anyhow::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {

@@ -35,6 +35,8 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// The audit log every mutating call is recorded in.
     pub audit: Arc<AuditLog>,
+    /// Network connectors and the egress gateway.
+    pub network: Arc<crate::network::Network>,
 }
 
 /// The whole API as one router.
@@ -48,6 +50,15 @@ pub fn router(api: Api) -> Router {
         .route("/kiln/v1/events", get(events))
         .route("/metrics", any(metrics))
         .route("/kiln/v1/microvms/{id}", get(microvm_details))
+        .route("/kiln/v1/microvms/{id}/flows", get(microvm_flows))
+        .route(
+            "/kiln/v1/connectors",
+            get(list_connectors).post(create_connector),
+        )
+        .route(
+            "/kiln/v1/connectors/{name}",
+            get(get_connector).delete(delete_connector),
+        )
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
         .fallback(entry)
@@ -203,6 +214,116 @@ async fn microvm_details(
 ) -> Response {
     match api.microvms.details(&signed.caller, &id).await {
         Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /kiln/v1/microvms/{id}/flows`: the connections and lookups its guest attempted
+/// through the egress gateway (newest last, at most 512).
+async fn microvm_flows(
+    State(api): State<Api>,
+    UrlPath(id): UrlPath<String>,
+    signed: Signed,
+) -> Response {
+    match api.microvms.flows(&signed.caller, &id) {
+        Ok(flows) => json_response(200, serde_json::json!({ "microvmId": id, "flows": flows })),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `GET /kiln/v1/connectors`: the operator's egress connectors (any signed caller may
+/// use them, so any may list them).
+async fn list_connectors(State(api): State<Api>, _signed: Signed) -> Response {
+    let list: Vec<_> = api
+        .network
+        .connectors()
+        .iter()
+        .map(|c| api.network.describe(c))
+        .collect();
+    json_response(200, serde_json::json!({ "connectors": list }))
+}
+
+/// `GET /kiln/v1/connectors/{name}`.
+async fn get_connector(
+    State(api): State<Api>,
+    UrlPath(name): UrlPath<String>,
+    _signed: Signed,
+) -> Response {
+    match api.network.connectors().iter().find(|c| c.name == name) {
+        Some(c) => json_response(200, api.network.describe(c)),
+        None => error_response(&ApiError::not_found("NetworkConnector", &name)),
+    }
+}
+
+/// Body of `POST /kiln/v1/connectors`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConnector {
+    name: String,
+    allow: Vec<String>,
+    #[serde(default)]
+    description: String,
+}
+
+/// `POST /kiln/v1/connectors` (admin) with `{"name", "allow": [ENTRY…], "description"}`:
+/// a deny-by-default egress connector allowing only the entries.
+async fn create_connector(State(api): State<Api>, signed: Signed) -> Response {
+    let created = (|| {
+        if !signed.caller.is_admin() {
+            return Err(ApiError::access_denied(
+                "only the admin principal defines network connectors",
+            ));
+        }
+        let req: NewConnector = serde_json::from_slice(&signed.body).map_err(|e| {
+            ApiError::validation(format!(
+                "connector request: {e} (expected {{\"name\": \"…\", \"allow\": [\"*.example.com:443\", \"203.0.113.0/24\"]}})"
+            ))
+        })?;
+        let allow = req
+            .allow
+            .iter()
+            .map(|a| {
+                a.parse().map_err(|e: kiln_net::policy::AllowParseError| {
+                    ApiError::validation(e.to_string())
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        api.network.create(&req.name, allow, req.description)
+    })();
+    let target = created.as_ref().ok().map(|c| c.name.clone());
+    api.audit.call(
+        &signed.caller,
+        "CreateNetworkConnector",
+        target.as_deref(),
+        &created,
+    );
+    match created {
+        Ok(c) => json_response(201, api.network.describe(&c)),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `DELETE /kiln/v1/connectors/{name}` (admin).
+async fn delete_connector(
+    State(api): State<Api>,
+    UrlPath(name): UrlPath<String>,
+    signed: Signed,
+) -> Response {
+    let deleted = if signed.caller.is_admin() {
+        api.network.delete(&name)
+    } else {
+        Err(ApiError::access_denied(
+            "only the admin principal deletes network connectors",
+        ))
+    };
+    api.audit.call(
+        &signed.caller,
+        "DeleteNetworkConnector",
+        Some(&name),
+        &deleted,
+    );
+    match deleted {
+        Ok(c) => json_response(200, api.network.describe(&c)),
         Err(e) => error_response(&e),
     }
 }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use kiln_api::shapes::common::CodeArtifact;
 use kiln_api::shapes::image::{ImageVersionConfig, MicrovmImageState};
 use kiln_image::build::{BuildLog, BuildSpec, HookSpec};
+
+use crate::network::Network;
 use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
@@ -27,6 +29,8 @@ pub struct Builds {
     remote_s3: Option<Arc<RemoteS3>>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
+    /// Connectors and the egress gateway (a build's egress is its image's connector).
+    pub network: Arc<Network>,
 }
 
 /// Where an image version's files live.
@@ -43,8 +47,10 @@ impl Builds {
         s3: Arc<S3Store>,
         remote_s3: Option<Arc<RemoteS3>>,
         metrics: Arc<Metrics>,
+        network: Arc<Network>,
     ) -> Builds {
         Builds {
+            network,
             host,
             store,
             config,
@@ -203,6 +209,15 @@ impl Builds {
             extra_ca: self.config.build_ca.clone(),
             ready_timeout: self.config.ready_timeout(),
             step_timeout: self.config.step_timeout(),
+            egress: {
+                // Fails closed: a connector deleted since the image was created gives none.
+                let egress = self
+                    .network
+                    .build_egress(spec.egress_network_connectors.as_deref())
+                    .unwrap_or(kiln_net::Egress::None);
+                self.network
+                    .vm_egress(&format!("build-{image}-{version}"), &egress)
+            },
         };
         let built = kiln_image::build::build(&self.host, &build_spec, log)
             .await

@@ -67,6 +67,15 @@ pub struct Config {
     /// AWS account id used in ARNs.
     #[arg(long, default_value = "000000000000")]
     pub account: String,
+    /// Let every VM with egress also reach this (repeatable): `NAME[:PORTS]`, `*.NAME[:PORTS]`
+    /// or `CIDR[:PORTS]`, e.g. an internal package mirror `10.20.0.5/32:3142`. Loopback,
+    /// link-local and the host's own addresses stay unreachable whatever is allowed.
+    #[arg(long = "egress-allow", value_name = "ENTRY")]
+    pub egress_allow: Vec<kiln_net::Allow>,
+    /// Names the egress resolver answers from this file (/etc/hosts format) before asking
+    /// the host's resolver.
+    #[arg(long, value_name = "FILE")]
+    pub egress_hosts: Option<PathBuf>,
 }
 
 impl Config {

@@ -1,7 +1,6 @@
 //! Wires the endpoint proxy to the MicroVM supervisor: routes, TLS, the listener.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ impl Routes for Microvms {
         &self,
         microvm_id: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<crate::proxy::Upstream, RouteError>> + Send + '_>> {
         let id = microvm_id.to_string();
         Box::pin(async move {
             Microvms::upstream(self, &id, port)

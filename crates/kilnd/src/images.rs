@@ -331,6 +331,9 @@ impl Images {
 
     /// Checks what the model cannot: a known base, a code artifact kiln can fetch.
     fn check_config(&self, caller: &Caller, c: &ImageVersionConfig) -> Result<(), ApiError> {
+        self.builds
+            .network
+            .build_egress(c.egress_network_connectors.as_deref())?;
         managed::validate_base(&c.base_image_arn)?;
         let CodeArtifact::Uri(uri) = &c.code_artifact;
         if uri.starts_with("s3://") && self.builds.remote_s3().is_some() {

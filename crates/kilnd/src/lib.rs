@@ -11,6 +11,7 @@ pub mod images;
 pub mod managed;
 pub mod metrics;
 pub mod microvms;
+pub mod network;
 pub mod proxy;
 pub mod s3;
 pub mod s3_remote;
@@ -40,6 +41,18 @@ pub fn now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// The egress gateway's settings from kilnd's flags.
+fn gateway_config(config: &Config) -> anyhow::Result<kiln_net::GatewayConfig> {
+    let mut gateway = kiln_net::GatewayConfig::default();
+    if let Some(path) = &config.egress_hosts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --egress-hosts {}", path.display()))?;
+        gateway.hosts = kiln_net::gateway::parse_hosts(&text)
+            .map_err(|e| anyhow::anyhow!("--egress-hosts {}: {e}", path.display()))?;
+    }
+    Ok(gateway)
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -84,6 +97,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
+    let network = Arc::new(network::Network::load(
+        &home,
+        ctx.clone(),
+        config.egress_allow.clone(),
+        gateway_config(&config)?,
+    )?);
+    metrics.set_gateway(network.gateway.clone());
     let builds = Builds::new(
         host.clone(),
         store.clone(),
@@ -91,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3.clone(),
         remote_s3,
         metrics.clone(),
+        network.clone(),
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
@@ -110,6 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         activity.clone(),
         metrics.clone(),
         audit.clone(),
+        network.clone(),
     ));
     microvms
         .reconcile()
@@ -138,6 +160,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3,
         metrics,
         audit,
+        network,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

@@ -61,6 +61,8 @@ const REFUSALS: [(u16, &str); 12] = [
 /// (through [`ProxyCounters`]) the endpoint proxy.
 pub struct Metrics {
     registry: Registry,
+    /// The egress gateway whose totals `encode` adds (set once kilnd has one).
+    gateway: std::sync::OnceLock<kiln_net::Gateway>,
     launches: Family<Label, Counter>,
     launch_seconds: Histogram,
     suspends: Family<Label, Counter>,
@@ -224,6 +226,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(MicrovmStates { store }));
         Metrics {
+            gateway: std::sync::OnceLock::new(),
             registry,
             launches,
             launch_seconds,
@@ -241,7 +244,19 @@ impl Metrics {
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        if let Some(gateway) = self.gateway.get() {
+            let egress = egress_text(gateway.counters());
+            match text.rfind("# EOF") {
+                Some(at) => text.insert_str(at, &egress),
+                None => text.push_str(&egress),
+            }
+        }
         Ok(text)
+    }
+
+    /// Counts the egress gateway's flows in `encode` from now on.
+    pub fn set_gateway(&self, gateway: kiln_net::Gateway) {
+        let _ = self.gateway.set(gateway);
     }
 
     /// The counters the endpoint proxy adds to.
@@ -370,4 +385,30 @@ mod tests {
             );
         }
     }
+}
+
+/// The gateway's totals as Prometheus counters (no VM ids or destinations: those are in
+/// each MicroVM's flows).
+fn egress_text(c: &kiln_net::gateway::Counters) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "# HELP kiln_egress_connections Guest connections through the egress gateway, by verdict.\n\
+         # TYPE kiln_egress_connections counter\n\
+         kiln_egress_connections_total{{verdict=\"allowed\"}} {}\n\
+         kiln_egress_connections_total{{verdict=\"blocked\"}} {}\n\
+         # HELP kiln_egress_dns_queries Guest DNS queries the egress resolver answered or refused.\n\
+         # TYPE kiln_egress_dns_queries counter\n\
+         kiln_egress_dns_queries_total{{answer=\"answered\"}} {}\n\
+         kiln_egress_dns_queries_total{{answer=\"refused\"}} {}\n\
+         # HELP kiln_egress_bytes Bytes relayed by the egress gateway, by direction.\n\
+         # TYPE kiln_egress_bytes counter\n\
+         kiln_egress_bytes_total{{direction=\"out\"}} {}\n\
+         kiln_egress_bytes_total{{direction=\"in\"}} {}\n",
+        c.allowed.load(Relaxed),
+        c.blocked.load(Relaxed),
+        c.dns_answered.load(Relaxed),
+        c.dns_refused.load(Relaxed),
+        c.bytes_out.load(Relaxed),
+        c.bytes_in.load(Relaxed),
+    )
 }

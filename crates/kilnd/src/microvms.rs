@@ -22,8 +22,9 @@ use crate::auth::Caller;
 use crate::builds::version_dir;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::network::{Ingress, Network, Plan};
 use crate::now;
-use crate::proxy::ActivityTable;
+use crate::proxy::{ActivityTable, Upstream};
 use crate::store::{MicrovmRow, Store, StoreError};
 use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
 use crate::wire::{internal, request_hash, to_value, ts};
@@ -99,15 +100,6 @@ impl SessionHooks {
     }
 }
 
-/// Whether a network connector is the shell ingress one (`SHELL_INGRESS`, bare or as the last
-/// part of an ARN).
-fn is_shell_ingress(connector: &str) -> bool {
-    connector
-        .rsplit(['/', ':'])
-        .next()
-        .is_some_and(|last| last.eq_ignore_ascii_case("SHELL_INGRESS"))
-}
-
 /// Where reconciliation found a MicroVM's session.
 enum Recovered {
     /// In its suspended directory.
@@ -149,6 +141,8 @@ pub struct Microvms {
     metrics: Arc<Metrics>,
     /// Where what kilnd does on its own (idle suspends, auto-resumes, the reaper) is recorded.
     audit: Arc<AuditLog>,
+    /// Connectors and the egress gateway.
+    network: Arc<Network>,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -201,8 +195,10 @@ impl Microvms {
         activity: ActivityTable,
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
+        network: Arc<Network>,
     ) -> Microvms {
         Microvms {
+            network,
             host,
             store,
             config,
@@ -352,11 +348,7 @@ impl Microvms {
             Request::CreateMicrovmShellAuthToken { params, body } => {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
-                let ingress = serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
-                    .ok()
-                    .and_then(|r| r.ingress_network_connectors)
-                    .unwrap_or_default();
-                if !ingress.iter().any(|c| is_shell_ingress(c)) {
+                if !self.plan_of_row(&row).ingress.shell {
                     return Err(ApiError::validation(format!(
                         "MicroVM {id} was not run with the SHELL_INGRESS network connector; \
                          run one with --ingress-network-connectors SHELL_INGRESS to open shells"
@@ -452,6 +444,10 @@ impl Microvms {
             return Ok(answer);
         }
         let image = kiln_api::image_identifier(&req.image_identifier)?;
+        self.network.runtime_plan(
+            req.ingress_network_connectors.as_deref(),
+            req.egress_network_connectors.as_deref(),
+        )?;
         let name = image.name().to_string();
         let visible = self.store.image(&name).map_err(internal)?;
         if !visible.is_some_and(|i| caller.can_access(&i.owner)) {
@@ -701,10 +697,9 @@ impl Microvms {
                 guest_port: *g,
             })
             .collect();
-        target.restrict_egress = req
-            .egress_network_connectors
-            .as_ref()
-            .is_none_or(|c| c.is_empty());
+        let plan = self.plan_of(req);
+        target.egress = self.network.vm_egress(id, &plan.egress);
+        target.restrict_egress = target.egress.is_none();
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
@@ -935,11 +930,9 @@ impl Microvms {
                     guest_port: *g,
                 })
                 .collect();
-            let req: Option<RunMicrovmRequest> = serde_json::from_value(row.request.clone()).ok();
-            target.restrict_egress = req
-                .as_ref()
-                .and_then(|r| r.egress_network_connectors.as_ref())
-                .is_none_or(|c| c.is_empty());
+            let plan = self.plan_of_row(&row);
+            target.egress = self.network.vm_egress(id, &plan.egress);
+            target.restrict_egress = target.egress.is_none();
             let vm = self.host.vmm.resume(&sus, target).await?;
             Ok::<_, kiln_vmm::VmmError>(Live {
                 since: std::time::Instant::now(),
@@ -1018,6 +1011,7 @@ impl Microvms {
             "endpoint": self.endpoint(&r.id),
             "qemuPid": pid,
             "forwards": r.forwards,
+            "network": self.plan_of_row(&r).describe(),
             "activity": activity,
         }))
     }
@@ -1029,12 +1023,49 @@ impl Microvms {
         Ok(l.vm.agent().clone())
     }
 
-    /// The host address reaching `port` in a running MicroVM, adding a forward on first use.
-    pub async fn upstream(&self, id: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
+    /// A MicroVM's network as its connectors decide it; a connector that no longer exists
+    /// (or a row that cannot be read) gives no ingress and no egress: fail closed.
+    fn plan_of(&self, req: &RunMicrovmRequest) -> Plan {
+        self.network
+            .runtime_plan(
+                req.ingress_network_connectors.as_deref(),
+                req.egress_network_connectors.as_deref(),
+            )
+            .unwrap_or(Plan {
+                ingress: Ingress::default(),
+                egress: kiln_net::Egress::None,
+                egress_connectors: Vec::new(),
+            })
+    }
+
+    fn plan_of_row(&self, row: &MicrovmRow) -> Plan {
+        match serde_json::from_value::<RunMicrovmRequest>(row.request.clone()) {
+            Ok(req) => self.plan_of(&req),
+            Err(_) => Plan {
+                ingress: Ingress::default(),
+                egress: kiln_net::Egress::None,
+                egress_connectors: Vec::new(),
+            },
+        }
+    }
+
+    /// The flows a MicroVM's guest made through the egress gateway (owner or admin only).
+    pub fn flows(&self, caller: &Caller, id: &str) -> Result<Vec<kiln_net::Flow>, ApiError> {
+        self.owned_row(caller, id)?;
+        Ok(self.network.gateway.flows(id))
+    }
+
+    /// Where `port` in a running MicroVM is reached (inside its network namespace), adding a
+    /// forward on first use.
+    pub async fn upstream(&self, id: &str, port: u16) -> Result<Upstream, UpstreamError> {
         let live = self.running_or_resumed(id).await?;
         let mut l = live.lock().await;
+        let netns = l.vm.netns();
         if let Some(h) = l.forwards.get(&port) {
-            return Ok(SocketAddr::from(([127, 0, 0, 1], *h)));
+            return Ok(Upstream {
+                netns,
+                addr: SocketAddr::from(([127, 0, 0, 1], *h)),
+            });
         }
         let host_port =
             kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
@@ -1046,7 +1077,10 @@ impl Microvms {
         .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
         l.forwards.insert(port, host_port);
         let _ = self.store.set_microvm_forwards(id, &json!(l.forwards));
-        Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
+        Ok(Upstream {
+            netns,
+            addr: SocketAddr::from(([127, 0, 0, 1], host_port)),
+        })
     }
 
     /// A running MicroVM; a suspended one with auto-resume is resumed first, so the request
@@ -1123,7 +1157,16 @@ impl Microvms {
                         .insert(r.id.clone(), std::time::Instant::now());
                     tracing::info!(microvm = %r.id, "suspended session kept");
                 }
-                Recovered::Running(vm, note) => {
+                Recovered::Running(mut vm, note) => {
+                    // The gateway's listeners died with the previous kilnd: serve the VM's
+                    // namespace again (its rules are rewritten to the new listeners).
+                    if let Some(egress) =
+                        self.network.vm_egress(&r.id, &self.plan_of_row(&r).egress)
+                    {
+                        if let Err(e) = vm.set_egress(&egress).await {
+                            tracing::warn!(microvm = %r.id, error = %e, "egress not re-attached: the guest reaches nothing");
+                        }
+                    }
                     // Whatever the interrupted suspend or resume left on disk is not the session.
                     let _ = std::fs::remove_dir_all(self.suspended_dir(&r.id));
                     if r.state != "RUNNING" {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{make_zip, Daemon};
 
 fn counter_image(kilnd: &Daemon, dir: &std::path::Path) {
@@ -639,8 +641,9 @@ fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_
 }
 
 /// Answers one hook request on stdin/stdout (busybox `nc -ll -e`), logging it where the web
-/// server shows it; on `terminate` it also sends the log to the host port named `notify` in
-/// the run payload, since the guest is gone right after.
+/// server shows it; on `terminate` it also sends the log to the address named by `host` and
+/// `notify` in the run payload (the test's private service, reached through an operator
+/// egress connector), since the guest is gone right after.
 const HOOK_HANDLER: &str = r#"#!/bin/sh
 read -r method path rest
 len=0
@@ -654,7 +657,8 @@ echo "$method $path $body" >> /www/hooks.log
 case "$path" in
   */terminate)
     port=$(sed -n 's/.*"notify":\([0-9]*\).*/\1/p' /www/hooks.log | head -n 1)
-    [ -n "$port" ] && nc -w 5 10.0.2.2 "$port" < /www/hooks.log ;;
+    host=$(sed -n 's/.*"host":"\([0-9.]*\)".*/\1/p' /www/hooks.log | head -n 1)
+    [ -n "$port" ] && nc -w 5 "$host" "$port" < /www/hooks.log ;;
 esac
 printf 'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
 "#;
@@ -699,15 +703,17 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
     ]);
     assert_eq!(c, 0, "{e}");
     assert_eq!(kilnd.wait_version("session", "1")["state"], "SUCCESSFUL");
-    let host = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let notify = host.local_addr().expect("addr").port();
-    let received = std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, _) = host.accept().expect("the terminate hook connects");
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        text
-    });
+    let service = common::PrivateService::new();
+    let notify = 7070;
+    let host = service.addrs[0];
+    service.listen(host, notify, b"");
+    let (status, _, body) = kilnd.request(
+        &kilnd.admin_key(),
+        "POST",
+        "/kiln/v1/connectors",
+        format!(r#"{{"name":"hook-sink","allow":["{host}/32:{notify}"]}}"#).as_bytes(),
+    );
+    assert_eq!(status, 201, "{body}");
 
     let (code, vm, err) = kilnd.aws(&[
         "run-microvm",
@@ -716,9 +722,9 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
         "--idle-policy",
         "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=true",
         "--egress-network-connectors",
-        "kiln-host-loopback",
+        "hook-sink",
         "--run-hook-payload",
-        &format!(r#"{{"notify":{notify},"secret":"s-7"}}"#),
+        &format!(r#"{{"notify":{notify},"host":"{host}","secret":"s-7"}}"#),
     ]);
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
     let tok = token(&kilnd, &id);
@@ -733,7 +739,15 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
             .collect()
     });
     let (t, _, t_err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
-    let log = received.join().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while service.seen(host, notify).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = service
+        .seen(host, notify)
+        .first()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
 
     assert_eq!(code, 0, "{err}");
     assert_eq!((s, t), (0, 0), "{s_err}{t_err}");
@@ -742,7 +756,9 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
     assert_eq!(calls.len(), 4, "{log}");
     assert_eq!(
         calls[0],
-        format!(r#"POST /aws/lambda-microvms/runtime/v1/run {{"notify":{notify},"secret":"s-7"}}"#)
+        format!(
+            r#"POST /aws/lambda-microvms/runtime/v1/run {{"notify":{notify},"host":"{host}","secret":"s-7"}}"#
+        )
     );
     assert_eq!(calls[1], "POST /aws/lambda-microvms/runtime/v1/suspend {}");
     assert_eq!(calls[2], "POST /aws/lambda-microvms/runtime/v1/resume {}");
@@ -751,4 +767,64 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
         "POST /aws/lambda-microvms/runtime/v1/terminate {}"
     );
     assert!(!kilnd.qemu_running());
+}
+
+/// An app whose CGI counts in `/run/app/state` and shows `/tmp/seed`, both made by the
+/// Dockerfile's RUN (the classic `mkdir -p /run/nginx`).
+const STATE_APP: &str = "#!/bin/sh
+mkdir -p /www/cgi-bin
+cat > /www/cgi-bin/state <<'CGI'
+#!/bin/sh
+n=$(cat /run/app/state); n=$((n+1)); echo $n > /run/app/state
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s %s\\n' \"$n\" \"$(cat /tmp/seed)\"
+CGI
+chmod +x /www/cgi-bin/state
+exec httpd -f -p 8080 -h /www
+";
+
+#[test]
+fn image_files_when_run_made_them_under_run_and_tmp_then_the_app_keeps_using_them_across_suspend_and_resume(
+) {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("state.zip");
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\n\
+                  RUN mkdir -p /run/app && echo 0 > /run/app/state && echo seed-7 > /tmp/seed\n\
+                  COPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", STATE_APP.as_bytes(), 0o755),
+        ],
+    );
+    let (c, _, e) = kilnd.create_image("state", &zip);
+    assert_eq!(c, 0, "{e}");
+    assert_eq!(kilnd.wait_version("state", "1")["state"], "SUCCESSFUL");
+
+    let (code, vm, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "state",
+        "--idle-policy",
+        "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=false",
+    ]);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    let tok = token(&kilnd, &id);
+    let first = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/state");
+    let second = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/state");
+    let (s, _, s_err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let (r, _, r_err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &id]);
+    let third = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/state");
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(first.trim(), "200 1 seed-7");
+    assert_eq!(second.trim(), "200 2 seed-7");
+    assert_eq!(s, 0, "{s_err}");
+    assert_eq!(r, 0, "{r_err}");
+    assert_eq!(third.trim(), "200 3 seed-7");
 }

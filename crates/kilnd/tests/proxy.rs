@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_api::shapes::microvm::PortSpecification;
-use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
+use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream};
 use kilnd::tokens::{TokenClaims, TokenKeys, TokenKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -46,7 +46,7 @@ impl Routes for MapRoutes {
         &self,
         microvm_id: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, RouteError>> + Send + '_>> {
         let id = microvm_id.to_string();
         Box::pin(async move {
             if let Some(state) = self.states.lock().expect("lock").get(&id) {
@@ -59,6 +59,7 @@ impl Routes for MapRoutes {
                 .expect("lock")
                 .get(&(id, port))
                 .copied()
+                .map(Upstream::host)
                 .ok_or(RouteError::UnknownMicrovm)
         })
     }

@@ -61,6 +61,9 @@ pub struct BuildSpec {
     pub ready_timeout: Duration,
     /// How long one RUN step may take.
     pub step_timeout: Duration,
+    /// Where the build's VMs may connect (the image's build-time egress connector); `None`:
+    /// nowhere.
+    pub egress: Option<kiln_vmm::VmEgress>,
 }
 
 /// The image's lifecycle hooks as far as the build is concerned.
@@ -282,7 +285,11 @@ async fn run_build_vm(
     ];
     vm_spec.network = Some(NetSpec::default());
     log.line("booting the build VM");
-    let vm = match host.vmm.boot(vm_spec, BootOptions::default()).await {
+    let opts = BootOptions {
+        egress: spec.egress.clone(),
+        ..BootOptions::default()
+    };
+    let vm = match host.vmm.boot(vm_spec, opts).await {
         Ok(vm) => vm,
         Err(e) => {
             cache.discard(&first_key);
@@ -562,9 +569,13 @@ async fn capture_app(
         shared: true,
     });
     log.line("booting the app VM from the built filesystem");
+    let opts = BootOptions {
+        egress: spec.egress.clone(),
+        ..BootOptions::default()
+    };
     let vm = host
         .vmm
-        .boot(vm_spec, BootOptions::default())
+        .boot(vm_spec, opts)
         .await
         .map_err(vm_err("booting the app VM"))?;
     let app_log = vm.spec().app_log();
@@ -710,12 +721,11 @@ async fn validate(
     log: &BuildLog,
 ) -> Result<(), BuildError> {
     log.line("restoring a test VM to call the validate hook");
+    let mut target = RestoreTarget::new(spec.work_dir.join("validate-vm"));
+    target.egress = spec.egress.clone();
     let vm = host
         .vmm
-        .restore(
-            snapshot,
-            RestoreTarget::new(spec.work_dir.join("validate-vm")),
-        )
+        .restore(snapshot, target)
         .await
         .map_err(vm_err("restoring the validation VM"))?;
     let result = vm

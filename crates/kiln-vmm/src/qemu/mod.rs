@@ -8,6 +8,7 @@ pub mod qmp;
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln_agent::client::AgentClient;
@@ -18,7 +19,9 @@ use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec
 use crate::suspend::{
     self, StoredFile, SuspendError, SuspendManifest, SuspendedDisk, SuspendedVm, SUSPEND_FORMAT,
 };
-use crate::{BootOptions, MicroVm, RestoreTarget, Timeline, VmStatus, Vmm, VmmError};
+use crate::{
+    BootOptions, MicroVm, Netns, RestoreTarget, Timeline, VmEgress, VmStatus, Vmm, VmmError,
+};
 use process::{QemuBinary, QemuProcess};
 use qmp::Qmp;
 
@@ -54,9 +57,15 @@ impl QemuVmm {
 
     /// Starts QEMU for `spec` and waits until its QMP socket answers; kills QEMU and removes
     /// the runtime directory if anything fails.
-    async fn start(&self, spec: VmSpec, incoming: bool, t0: Instant) -> Result<QemuVm, VmmError> {
+    async fn start(
+        &self,
+        spec: VmSpec,
+        incoming: bool,
+        t0: Instant,
+        egress: Option<&VmEgress>,
+    ) -> Result<QemuVm, VmmError> {
         let args = cmdline::args(&spec, incoming);
-        self.start_with(spec, args, t0).await
+        self.start_with(spec, args, t0, egress).await
     }
 
     /// [`start`](Self::start) with a prepared argument vector.
@@ -65,12 +74,27 @@ impl QemuVmm {
         spec: VmSpec,
         args: Vec<OsString>,
         t0: Instant,
+        egress: Option<&VmEgress>,
     ) -> Result<QemuVm, VmmError> {
         if let Err(e) = write_spec(&spec) {
             remove_dir(&spec.dir);
             return Err(e);
         }
-        let mut process = QemuProcess::spawn(&self.qemu, args, &spec.qemu_log())?;
+        let (netns, attachment) = match isolate(&spec, egress).await {
+            Ok(n) => n,
+            Err(e) => {
+                remove_dir(&spec.dir);
+                return Err(e);
+            }
+        };
+        let mut process =
+            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    remove_dir(&spec.dir);
+                    return Err(e);
+                }
+            };
         let qmp_socket = spec.qmp_socket();
         let qmp = tokio::select! {
             r = Qmp::connect(&qmp_socket, QMP_TIMEOUT) => r.map_err(VmmError::qmp("connecting")),
@@ -94,8 +118,39 @@ impl QemuVmm {
             agent: None,
             timeline,
             t0,
+            netns,
+            egress: attachment,
         })
     }
+}
+
+/// A networked VM's own namespace, its rules, and (with `egress`) the gateway serving it.
+/// The guest reaches nothing at all until the rules are in place: QEMU starts after this.
+async fn isolate(
+    spec: &VmSpec,
+    egress: Option<&VmEgress>,
+) -> Result<(Option<Arc<Netns>>, Option<kiln_net::Attachment>), VmmError> {
+    if spec.network.is_none() {
+        return Ok((None, None));
+    }
+    let netns = tokio::task::spawn_blocking(|| {
+        let netns = Netns::create()?;
+        kiln_net::rules::apply(&netns, None)?;
+        Ok::<_, kiln_net::NetError>(netns)
+    })
+    .await
+    .map_err(|e| VmmError::Network(format!("the namespace task failed: {e}")))?
+    .map_err(|e| VmmError::Network(e.to_string()))?;
+    let attachment = match egress {
+        Some(egress) => Some(
+            egress
+                .attach(&netns)
+                .await
+                .map_err(|e| VmmError::Network(e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok((Some(Arc::new(netns)), attachment))
 }
 
 impl QemuVmm {
@@ -123,6 +178,12 @@ impl QemuVmm {
         continue_interrupted_suspend(&qmp).await?;
         let mut timeline = Timeline::default();
         timeline.mark("qmp", t0);
+        let netns = match spec.network {
+            Some(_) => Some(Arc::new(
+                Netns::of_pid(process.pid()).map_err(|e| VmmError::Network(e.to_string()))?,
+            )),
+            None => None,
+        };
         let mut vm = QemuVm {
             spec,
             process,
@@ -130,6 +191,8 @@ impl QemuVmm {
             agent: None,
             timeline,
             t0,
+            netns,
+            egress: None,
         };
         let agent = vm
             .connect_agent(Duration::from_secs(10), "re-attaching")
@@ -193,7 +256,7 @@ impl Vmm for QemuVmm {
         let t0 = Instant::now();
         validate(&spec)?;
         create_runtime_dir(&spec.dir)?;
-        let mut vm = self.start(spec, false, t0).await?;
+        let mut vm = self.start(spec, false, t0, opts.egress.as_ref()).await?;
         let agent = vm.connect_agent(opts.agent_timeout, "booting").await;
         match agent {
             Ok(a) => {
@@ -238,7 +301,7 @@ impl Vmm for QemuVmm {
             disks,
             network: m.network.then(|| NetSpec {
                 forwards: target.forwards.clone(),
-                restrict_egress: target.restrict_egress,
+                restrict_egress: target.restrict_egress || target.egress.is_none(),
             }),
             memory_file: Some(MemoryFile {
                 path: snap.memory_path(),
@@ -251,7 +314,7 @@ impl Vmm for QemuVmm {
             remove_dir(&target.dir);
             return Err(e);
         }
-        let mut vm = self.start(spec, true, t0).await?;
+        let mut vm = self.start(spec, true, t0, target.egress.as_ref()).await?;
         match vm.finish_restore(snap, &target).await {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -304,7 +367,7 @@ impl Vmm for QemuVmm {
             disks,
             network: m.network.then(|| NetSpec {
                 forwards: target.forwards.clone(),
-                restrict_egress: target.restrict_egress,
+                restrict_egress: target.restrict_egress || target.egress.is_none(),
             }),
             // The RAM comes in the stream; `ram_backed_args` adds its anonymous backend.
             memory_file: None,
@@ -316,7 +379,9 @@ impl Vmm for QemuVmm {
             return Err(e);
         }
         let args = ram_backed_args(&spec, &m.ram_backend);
-        let mut vm = self.start_with(spec, args, t0).await?;
+        let mut vm = self
+            .start_with(spec, args, t0, target.egress.as_ref())
+            .await?;
         crate::crash_point("resume-loading");
         let doing = format!("resuming {}", sus.dir.display());
         let loaded = vm
@@ -413,9 +478,27 @@ pub struct QemuVm {
     agent: Option<AgentClient>,
     timeline: Timeline,
     t0: Instant,
+    netns: Option<Arc<Netns>>,
+    /// The egress gateway serving this VM; dropped (stopping it) with the VM.
+    egress: Option<kiln_net::Attachment>,
 }
 
 impl QemuVm {
+    /// Attaches (or re-attaches, after kilnd restarted) the egress gateway to this VM's
+    /// namespace, replacing any earlier attachment and its rules.
+    pub async fn set_egress(&mut self, egress: &VmEgress) -> Result<(), VmmError> {
+        let netns = self.netns.clone().ok_or_else(|| {
+            VmmError::Network("this VM has no network device, so it has no egress".into())
+        })?;
+        self.egress = None;
+        let attachment = egress
+            .attach(&netns)
+            .await
+            .map_err(|e| VmmError::Network(e.to_string()))?;
+        self.egress = Some(attachment);
+        Ok(())
+    }
+
     /// The spec the VM runs with.
     pub fn spec(&self) -> &VmSpec {
         &self.spec
@@ -601,6 +684,10 @@ impl QemuVm {
 }
 
 impl MicroVm for QemuVm {
+    fn netns(&self) -> Option<Arc<Netns>> {
+        self.netns.clone()
+    }
+
     fn agent(&self) -> &AgentClient {
         // An agent is always connected once boot or restore returned.
         self.agent

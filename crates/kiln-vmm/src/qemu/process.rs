@@ -78,7 +78,13 @@ pub struct QemuProcess {
 
 impl QemuProcess {
     /// Starts QEMU in a session of its own so it outlives the caller, logging to `log`.
-    pub fn spawn(qemu: &QemuBinary, args: Vec<OsString>, log: &Path) -> Result<Self, VmmError> {
+    /// With `netns`, QEMU runs in that network namespace.
+    pub fn spawn(
+        qemu: &QemuBinary,
+        args: Vec<OsString>,
+        log: &Path,
+        netns: Option<&kiln_net::Netns>,
+    ) -> Result<Self, VmmError> {
         let log_file = std::fs::File::create(log).map_err(|e| VmmError::io("creating", log, e))?;
         let err_file = log_file
             .try_clone()
@@ -89,9 +95,14 @@ impl QemuProcess {
             .stdout(log_file)
             .stderr(err_file)
             .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        let netns_fd = netns.map(|n| n.raw_fd());
+        // SAFETY: setns and setsid are async-signal-safe and touch no memory of the parent;
+        // the namespace descriptor is owned by the caller's Netns, alive during the spawn.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(fd) = netns_fd {
+                    kiln_net::Netns::enter_in_child(fd)?;
+                }
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -2,6 +2,7 @@
 //! events.
 
 pub mod build;
+pub mod connectors;
 pub mod curl;
 pub mod events;
 pub mod keys;

@@ -49,6 +49,17 @@ pub struct RunArgs {
     /// Allow `kiln shell` into it (attaches the SHELL_INGRESS network connector).
     #[arg(long)]
     pub shell: bool,
+    /// Egress connectors (repeatable): INTERNET_EGRESS or an operator connector's name or
+    /// ARN (`kiln connectors ls`) [default: INTERNET_EGRESS].
+    #[arg(
+        long = "egress",
+        value_name = "CONNECTOR",
+        conflicts_with = "no_egress"
+    )]
+    pub egress: Vec<String>,
+    /// No egress at all: the guest reaches nothing outside itself.
+    #[arg(long)]
+    pub no_egress: bool,
     /// Hard limit on its life, seconds (default 8 hours).
     #[arg(long, value_name = "SECONDS")]
     pub max_duration: Option<i32>,
@@ -128,8 +139,16 @@ pub async fn token(kilnd: &Kilnd, id: &str, port: u16, minutes: i32) -> anyhow::
 /// Runs `kiln run`.
 pub async fn run(g: &Global, kilnd: &Kilnd, a: RunArgs) -> anyhow::Result<ExitCode> {
     let body = RunMicrovmRequest {
-        ingress_network_connectors: a.shell.then(|| vec!["SHELL_INGRESS".to_string()]),
-        egress_network_connectors: None,
+        ingress_network_connectors: a
+            .shell
+            .then(|| vec!["HTTP_INGRESS".to_string(), "SHELL_INGRESS".to_string()]),
+        egress_network_connectors: if a.no_egress {
+            Some(Vec::new())
+        } else if a.egress.is_empty() {
+            None
+        } else {
+            Some(a.egress.clone())
+        },
         image_identifier: a.image.clone(),
         image_version: a.version.clone(),
         execution_role_arn: None,

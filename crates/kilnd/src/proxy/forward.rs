@@ -3,7 +3,6 @@
 //! Order: header size, host, port, token, rate limit, body size; only then
 //! `Routes::upstream` and a connection to the app.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,20 +21,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::activity::VmActivity;
 use super::body::{full, Direction, Metered, ProxyBody};
 use super::request::{self, RequestKind, Target};
+use super::upstream::{Upstream, UpstreamBook, UpstreamConnector};
 use super::{ClientConnection, InFlight, ProxyLimits, ProxyState, Reject, RouteError};
 use crate::tokens::{TokenError, TokenKind};
 
 /// Pooled clients to apps: HTTP/1.1, and h2c for gRPC.
 pub(crate) struct Upstreams {
-    http1: Client<HttpConnector, ProxyBody>,
-    h2c: Client<HttpConnector, ProxyBody>,
+    http1: Client<UpstreamConnector, ProxyBody>,
+    h2c: Client<UpstreamConnector, ProxyBody>,
 }
 
 impl Upstreams {
-    pub(crate) fn new(limits: &ProxyLimits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.set_nodelay(true);
+    pub(crate) fn new(limits: &ProxyLimits, book: Arc<UpstreamBook>) -> Self {
+        let connector = UpstreamConnector {
+            book,
+            timeout: limits.connect_timeout,
+        };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -199,10 +199,17 @@ pub(crate) fn route_refusal(microvm_id: &str, e: RouteError) -> Reject {
     }
 }
 
-async fn route(state: &ProxyState, target: &Target) -> Result<SocketAddr, Reject> {
+async fn route(state: &ProxyState, target: &Target) -> Result<Upstream, Reject> {
     let lookup = state.routes.upstream(&target.microvm_id, target.port);
     match tokio::time::timeout(state.limits.route_timeout, lookup).await {
-        Ok(Ok(addr)) => Ok(addr),
+        Ok(Ok(upstream)) => {
+            state.book.note(&target.microvm_id, &upstream);
+            Ok(upstream)
+        }
+        Ok(Err(e)) if matches!(e, super::RouteError::UnknownMicrovm) => {
+            state.book.forget(&target.microvm_id);
+            Err(route_refusal(&target.microvm_id, e))
+        }
         Ok(Err(e)) => Err(route_refusal(&target.microvm_id, e)),
         Err(_) => Err(Reject::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -220,7 +227,7 @@ struct Hop<'a> {
     state: &'a ProxyState,
     client: &'a ClientConnection,
     target: &'a Target,
-    upstream: SocketAddr,
+    upstream: Upstream,
     vm: Arc<VmActivity>,
     flight: InFlight,
 }
@@ -299,7 +306,7 @@ impl Hop<'_> {
     fn upstream_uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, Reject> {
         Uri::builder()
             .scheme("http")
-            .authority(self.upstream.to_string())
+            .authority(self.upstream.authority(&self.target.microvm_id))
             .path_and_query(path.map_or("/", PathAndQuery::as_str))
             .build()
             .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "invalid request target".into()))
@@ -326,13 +333,13 @@ impl Hop<'_> {
             }
         }
         let port = self.target.port;
-        let connect = tokio::net::TcpStream::connect(self.upstream);
-        let stream = match tokio::time::timeout(self.limits().connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(connect_failed(&e, port)),
-            Err(_) => return Err(connect_timed_out(port)),
+        let stream = match self.upstream.connect(self.limits().connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(connect_timed_out(port))
+            }
+            Err(e) => return Err(connect_failed(&e, port)),
         };
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(self.limits().max_header_bytes.max(8 * 1024))
             .handshake::<_, ProxyBody>(TokioIo::new(stream))

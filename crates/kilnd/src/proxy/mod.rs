@@ -13,6 +13,7 @@ mod body;
 mod forward;
 mod request;
 mod shell;
+mod upstream;
 
 use std::future::Future;
 use std::io;
@@ -32,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 
 pub use activity::{Activity, ActivityTable};
 pub use request::{AUTH_HEADER, DEFAULT_PORT, PORT_HEADER};
+pub use upstream::Upstream;
 
 use crate::metrics::ProxyCounters;
 use crate::tokens::TokenKeys;
@@ -40,7 +42,7 @@ use forward::Upstreams;
 
 /// Where the proxy finds a MicroVM's ports; implemented by the MicroVM supervisor.
 pub trait Routes: Send + Sync {
-    /// Host address that reaches `port` inside `microvm_id` (the supervisor may add a forward
+    /// Where `port` inside `microvm_id` is reached (the supervisor may add a forward
     /// on demand).
     ///
     /// This is the hook for held requests: for a suspended VM with auto-resume, resolve only
@@ -49,7 +51,7 @@ pub trait Routes: Send + Sync {
         &self,
         microvm_id: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<SocketAddr, RouteError>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, RouteError>> + Send + '_>>;
 
     /// The guest agent of `microvm_id`, for a shell session (a suspended VM with auto-resume
     /// resumes first, as for `upstream`).
@@ -130,6 +132,7 @@ pub struct ProxyState {
     /// What every answer and refusal adds to (`kiln_proxy_*` metrics).
     counters: ProxyCounters,
     upstreams: Upstreams,
+    book: Arc<upstream::UpstreamBook>,
     stop: watch::Sender<bool>,
 }
 
@@ -142,7 +145,8 @@ impl ProxyState {
         activity: ActivityTable,
         limits: ProxyLimits,
     ) -> Self {
-        let upstreams = Upstreams::new(&limits);
+        let book = Arc::new(upstream::UpstreamBook::default());
+        let upstreams = Upstreams::new(&limits, book.clone());
         Self {
             domain: domain.into().to_ascii_lowercase(),
             keys,
@@ -151,6 +155,7 @@ impl ProxyState {
             limits,
             counters: ProxyCounters::default(),
             upstreams,
+            book,
             stop: watch::Sender::new(false),
         }
     }

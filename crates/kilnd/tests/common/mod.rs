@@ -233,14 +233,17 @@ impl Daemon {
         }
     }
 
-    /// GET `path` from a MicroVM's app on guest port 8080, through the VM's host forward.
+    /// GET `path` from a MicroVM's app on guest port 8080, through the VM's forward (inside
+    /// its network namespace, as kilnd's proxy reaches it).
     pub fn app_get(&self, microvm_id: &str, path: &str) -> String {
-        let spec = self
+        let vm_dir = self
             .home
             .path()
             .join("microvms")
             .join(microvm_id)
-            .join("vm/spec.json");
+            .join("vm");
+        let spec = vm_dir.join("spec.json");
+        let pid = std::fs::read_to_string(vm_dir.join("qemu.pid")).expect("qemu.pid");
         let spec: Value =
             serde_json::from_slice(&std::fs::read(&spec).expect("spec.json")).expect("spec json");
         let port = spec["network"]["forwards"]
@@ -250,7 +253,7 @@ impl Daemon {
             .find(|f| f["guest_port"] == 8080)
             .and_then(|f| f["host_port"].as_u64())
             .expect("a forward to 8080");
-        http_get(&format!("http://127.0.0.1:{port}"), path)
+        http_get(&format!("netns://{}/127.0.0.1:{port}", pid.trim()), path)
     }
 
     /// A SigV4-signed GET on kilnd's own API as admin; the body.
@@ -451,6 +454,27 @@ pub fn sign(
     headers
 }
 
+/// Connects to `http://ADDR`, or to `netns://PID/ADDR`: a forward inside the network
+/// namespace of process PID (a VM's QEMU), from the one source address kilnd uses there.
+fn connect(base: &str) -> (std::net::TcpStream, String) {
+    if let Some(rest) = base.strip_prefix("netns://") {
+        let (pid, addr) = rest.split_once('/').expect("netns://PID/ADDR");
+        let ns = kiln_net::Netns::of_pid(pid.parse().expect("pid")).expect("the VM's namespace");
+        let socket = ns
+            .socket(socket2::Domain::IPV4, socket2::Type::STREAM)
+            .expect("socket in the namespace");
+        let src: std::net::SocketAddr = (kiln_net::netns::KILND_SOURCE, 0).into();
+        socket.bind(&src.into()).expect("bind");
+        let dest: std::net::SocketAddr = addr.parse().expect("address");
+        socket
+            .connect(&dest.into())
+            .expect("connect in the namespace");
+        return (socket.into(), addr.to_string());
+    }
+    let addr = base.trim_start_matches("http://").to_string();
+    (std::net::TcpStream::connect(&addr).expect("connect"), addr)
+}
+
 /// A plain HTTP/1.0 request with exactly `headers` (plus Content-Length for a body):
 /// (status, headers, body).
 pub fn http_request(
@@ -460,8 +484,7 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, String) {
-    let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let (mut s, addr) = connect(base);
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut head = format!("{method} {path} HTTP/1.0\r\n");
@@ -546,8 +569,8 @@ impl Restored {
         });
         Restored {
             rt,
+            base: format!("netns://{}/127.0.0.1:{port}", vm.pid()),
             vm: Some(vm),
-            base: format!("http://127.0.0.1:{port}"),
             _dir: dir,
         }
     }
@@ -608,4 +631,125 @@ pub fn counter_zip(path: &Path) {
             ("app.sh", COUNTER_APP.as_bytes(), 0o755),
         ],
     );
+}
+
+/// A "private service" for network tests: a network namespace the test creates, joined to
+/// the host by a veth pair on a private /29 (host side `.1`, the service's addresses `.2`
+/// and `.3`), with TCP listeners inside it that record what reaches them. Traffic in the
+/// tests goes only here and to loopback. Removed on drop.
+pub struct PrivateService {
+    name: String,
+    host_if: String,
+    /// The host's own address on the link (`.1`): a guest must never reach it.
+    pub host_addr: std::net::Ipv4Addr,
+    /// The service's addresses (`.2`, `.3`).
+    pub addrs: [std::net::Ipv4Addr; 2],
+    netns: kiln_net::Netns,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, Vec<u8>)>>>,
+}
+
+impl PrivateService {
+    /// A new namespace and link; `ip` must be installed (it is in scripts/host-tools.tsv).
+    pub fn new() -> PrivateService {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = (std::process::id() % 200) * 8
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subnet = [10, 213, (n / 32) as u8, ((n % 32) * 8) as u8];
+        let name = format!("kiln-test-{}-{n}", std::process::id());
+        let host_if = format!("kt{}h", n);
+        let ns_if = format!("kt{}n", n);
+        let at =
+            |last: u8| std::net::Ipv4Addr::new(subnet[0], subnet[1], subnet[2], subnet[3] + last);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{}/29", at(1)), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        for cmd in [
+            format!("addr add {}/29 dev {ns_if}", at(2)),
+            format!("addr add {}/29 dev {ns_if}", at(3)),
+            format!("link set {ns_if} up"),
+            "link set lo up".to_string(),
+        ] {
+            let mut args = vec!["-n", name.as_str()];
+            args.extend(cmd.split(' '));
+            ip(&args);
+        }
+        let netns = kiln_net::Netns::of_path(std::path::Path::new(&format!("/run/netns/{name}")))
+            .expect("open the test namespace");
+        PrivateService {
+            name,
+            host_if,
+            host_addr: at(1),
+            addrs: [at(2), at(3)],
+            netns,
+            seen: Default::default(),
+        }
+    }
+
+    /// Listens on `addr:port` inside the namespace; what each connection sends (until it
+    /// closes or is quiet for 3 s, at most 64 KiB) is recorded and `reply` is sent back.
+    pub fn listen(&self, addr: std::net::Ipv4Addr, port: u16, reply: &'static [u8]) {
+        let socket = self
+            .netns
+            .socket(socket2::Domain::IPV4, socket2::Type::STREAM)
+            .expect("socket");
+        socket.set_reuse_address(true).expect("reuse");
+        let at: std::net::SocketAddr = (addr, port).into();
+        socket.bind(&at.into()).expect("bind in the test namespace");
+        socket.listen(64).expect("listen");
+        let listener: std::net::TcpListener = socket.into();
+        let seen = self.seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while buf.len() < 64 * 1024 {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((at, buf));
+                let _ = conn.write_all(reply);
+            }
+        });
+    }
+
+    /// What reached `addr:port` so far (first bytes of each connection).
+    pub fn seen(&self, addr: std::net::Ipv4Addr, port: u16) -> Vec<Vec<u8>> {
+        let at: std::net::SocketAddr = (addr, port).into();
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(a, _)| *a == at)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+impl Drop for PrivateService {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
