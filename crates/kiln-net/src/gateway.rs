@@ -32,6 +32,9 @@ pub const CONNECTIONS_PER_VM: usize = 256;
 const LOOKUPS_PER_VM: usize = 16;
 /// Names one VM's resolution table holds (oldest dropped first).
 const NAMES_PER_VM: usize = 4096;
+/// VMs whose flows are kept, ended ones included (the one whose last flow is oldest is
+/// dropped first), so a kilnd that launches VMs for months keeps bounded memory.
+pub const VMS_WITH_FLOWS: usize = 1024;
 
 /// The gateway's settings.
 #[derive(Debug, Clone)]
@@ -228,6 +231,15 @@ impl Gateway {
         let id = self.inner.next_flow.fetch_add(1, Ordering::Relaxed);
         flow.id = id;
         let mut flows = self.inner.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if !flows.contains_key(vm) && flows.len() >= VMS_WITH_FLOWS {
+            let stalest = flows
+                .iter()
+                .min_by_key(|(_, l)| l.back().map_or(0, |f| f.id))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = stalest {
+                flows.remove(&k);
+            }
+        }
         let list = flows.entry(vm.to_string()).or_default();
         if list.len() >= FLOWS_PER_VM {
             list.pop_front();
@@ -670,5 +682,25 @@ mod tests {
         );
         assert!(t.contains_key("alias.test"));
         assert!(parse_hosts("nonsense name").is_err());
+    }
+
+    #[test]
+    fn record_when_more_vms_than_kept_then_the_stalest_vm_is_dropped_and_each_list_is_capped() {
+        let gateway = Gateway::new(GatewayConfig::default());
+        let blocked = || flow("tcp", None, 80, None, false, Some("test".into()));
+        for _ in 0..FLOWS_PER_VM + 3 {
+            gateway.record("busy", blocked());
+        }
+        for n in 0..VMS_WITH_FLOWS - 1 {
+            gateway.record(&format!("vm-{n}"), blocked());
+        }
+        gateway.record("busy", blocked());
+        gateway.record("late", blocked());
+
+        let kept = gateway.inner.flows.lock().expect("flows").len();
+        assert_eq!(kept, VMS_WITH_FLOWS);
+        assert!(gateway.flows("vm-0").is_empty(), "the stalest VM was kept");
+        assert_eq!(gateway.flows("busy").len(), FLOWS_PER_VM);
+        assert_eq!(gateway.flows("vm-1").len(), 1);
     }
 }

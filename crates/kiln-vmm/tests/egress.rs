@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::{busybox_spec, host, scratch, sh};
 use kiln_net::{Egress, Gateway, GatewayConfig, VmEgress};
@@ -57,5 +56,4 @@ async fn egress_when_names_are_allowed_then_only_they_resolve() {
             .any(|f| f.name.as_deref() == Some("svc-b.test") && !f.allowed),
         "{flows:?}"
     );
-    let _ = Duration::ZERO;
 }
