@@ -14,10 +14,11 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request};
 use axum::response::{IntoResponse, Response};
 use s3s::access::{S3Access, S3AccessContext};
-use s3s::auth::{S3Auth, SecretKey};
+use s3s::auth::{Credentials, S3Auth, SecretKey};
+use s3s::dto::*;
 use s3s::path::S3Path;
 use s3s::service::{S3Service, S3ServiceBuilder};
-use s3s::{s3_error, S3Result};
+use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 
 /// Who holds an access key: what the store needs to verify a signature and find the owner.
 pub trait Keyring: Send + Sync + 'static {
@@ -106,7 +107,11 @@ impl S3Store {
         let owners = Arc::new(Owners::open(dir.join("owners.json")).map_err(|e| open(dir, e))?);
         let fs = s3s_fs::FileSystem::new(&objects)
             .map_err(|e| open(&objects, std::io::Error::other(format!("{e:?}"))))?;
-        let mut builder = S3ServiceBuilder::new(fs);
+        let mut builder = S3ServiceBuilder::new(OwnedBuckets {
+            fs,
+            keys: keys.clone(),
+            owners: owners.clone(),
+        });
         builder.set_auth(KeyAuth(keys.clone()));
         builder.set_access(BucketAccess {
             keys,
@@ -207,32 +212,72 @@ impl S3Auth for KeyAuth {
     }
 }
 
-/// Every request is signed; a bucket is its creator's (and the admin's).
+/// Every request is signed; a bucket is its creator's (and the admin's). The request path's
+/// bucket is checked for every operation; operations that name a second bucket elsewhere
+/// (the copy source of CopyObject and UploadPartCopy) are checked for it too.
 struct BucketAccess {
     keys: Arc<dyn Keyring>,
     owners: Arc<Owners>,
     objects: PathBuf,
 }
 
-#[async_trait::async_trait]
-impl S3Access for BucketAccess {
-    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
-        let Some(creds) = cx.credentials() else {
+impl BucketAccess {
+    /// The principal behind a request's access key.
+    fn principal(&self, creds: Option<&Credentials>) -> S3Result<String> {
+        let Some(creds) = creds else {
             return Err(s3_error!(
                 AccessDenied,
                 "kiln's S3 store needs signed requests: use the credentials kilnd wrote to <home>/credentials"
             ));
         };
-        let Some((_, principal)) = self.keys.lookup(&creds.access_key) else {
-            return Err(s3_error!(InvalidAccessKeyId));
-        };
+        match self.keys.lookup(&creds.access_key) {
+            Some((_, principal)) => Ok(principal),
+            None => Err(s3_error!(InvalidAccessKeyId)),
+        }
+    }
+
+    /// Whether `principal` may act on `bucket` (a missing bucket is left to the store,
+    /// which answers NoSuchBucket).
+    fn may_use(&self, principal: &str, bucket: &str) -> S3Result<()> {
+        let exists = self.objects.join(bucket).is_dir();
+        // A bucket without a recorded owner predates ownership: the admin's.
+        let owner = self
+            .owners
+            .owner(bucket)
+            .unwrap_or_else(|| ADMIN.to_string());
+        if !exists || owner == principal || principal == ADMIN {
+            return Ok(());
+        }
+        Err(s3_error!(
+            AccessDenied,
+            "bucket {bucket} belongs to another principal"
+        ))
+    }
+
+    /// The copy source's bucket, which must be the caller's too.
+    fn may_copy_from(&self, creds: Option<&Credentials>, source: &CopySource) -> S3Result<()> {
+        let principal = self.principal(creds)?;
+        match source {
+            CopySource::Bucket { bucket, .. } => self.may_use(&principal, bucket),
+            _ => Err(s3_error!(
+                NotImplemented,
+                "kiln's S3 store copies only from bucket/key sources"
+            )),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl S3Access for BucketAccess {
+    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        let principal = self.principal(cx.credentials())?;
         let bucket = match cx.s3_path() {
             S3Path::Root => return Ok(()),
             S3Path::Bucket { bucket } | S3Path::Object { bucket, .. } => bucket.to_string(),
         };
-        let exists = self.objects.join(&bucket).is_dir();
-        let owner = self.owners.owner(&bucket);
         if cx.s3_op().name() == "CreateBucket" {
+            let exists = self.objects.join(&bucket).is_dir();
+            let owner = self.owners.owner(&bucket);
             if exists && owner.as_deref().is_some_and(|o| o != principal) {
                 return Err(s3_error!(BucketAlreadyExists));
             }
@@ -244,16 +289,83 @@ impl S3Access for BucketAccess {
             }
             return Ok(());
         }
-        // A bucket without a recorded owner predates ownership: the admin's.
-        let owner = owner.unwrap_or_else(|| ADMIN.to_string());
-        if !exists || owner == principal || principal == ADMIN {
-            return Ok(());
-        }
-        Err(s3_error!(
-            AccessDenied,
-            "bucket {bucket} belongs to another principal"
-        ))
+        self.may_use(&principal, &bucket)
     }
+
+    async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
+        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)
+    }
+
+    async fn upload_part_copy(&self, req: &mut S3Request<UploadPartCopyInput>) -> S3Result<()> {
+        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)
+    }
+}
+
+/// The operations kiln's store serves: `s3s-fs`'s, with ListBuckets narrowed to the
+/// caller's own buckets (every bucket for the admin). Each generated method forwards to
+/// the file system; the access checks above have already run.
+macro_rules! owned_buckets {
+    ($($op:ident: $input:ident => $output:ident;)*) => {
+        #[async_trait::async_trait]
+        impl S3 for OwnedBuckets {
+            $(
+                async fn $op(&self, req: S3Request<$input>) -> S3Result<S3Response<$output>> {
+                    self.fs.$op(req).await
+                }
+            )*
+
+            async fn list_buckets(
+                &self,
+                req: S3Request<ListBucketsInput>,
+            ) -> S3Result<S3Response<ListBucketsOutput>> {
+                let principal = req
+                    .credentials
+                    .as_ref()
+                    .and_then(|c| self.keys.lookup(&c.access_key))
+                    .map(|(_, p)| p)
+                    .ok_or_else(|| s3_error!(AccessDenied))?;
+                let mut resp = self.fs.list_buckets(req).await?;
+                if principal != ADMIN {
+                    if let Some(buckets) = resp.output.buckets.as_mut() {
+                        buckets.retain(|b| {
+                            b.name.as_deref().is_some_and(|name| {
+                                self.owners.owner(name).as_deref() == Some(principal.as_str())
+                            })
+                        });
+                    }
+                }
+                Ok(resp)
+            }
+        }
+    };
+}
+
+/// The file system store behind kiln's S3 API, knowing whose each bucket is.
+struct OwnedBuckets {
+    fs: s3s_fs::FileSystem,
+    keys: Arc<dyn Keyring>,
+    owners: Arc<Owners>,
+}
+
+owned_buckets! {
+    create_bucket: CreateBucketInput => CreateBucketOutput;
+    copy_object: CopyObjectInput => CopyObjectOutput;
+    delete_bucket: DeleteBucketInput => DeleteBucketOutput;
+    delete_object: DeleteObjectInput => DeleteObjectOutput;
+    delete_objects: DeleteObjectsInput => DeleteObjectsOutput;
+    get_bucket_location: GetBucketLocationInput => GetBucketLocationOutput;
+    get_object: GetObjectInput => GetObjectOutput;
+    head_bucket: HeadBucketInput => HeadBucketOutput;
+    head_object: HeadObjectInput => HeadObjectOutput;
+    list_objects: ListObjectsInput => ListObjectsOutput;
+    list_objects_v2: ListObjectsV2Input => ListObjectsV2Output;
+    put_object: PutObjectInput => PutObjectOutput;
+    create_multipart_upload: CreateMultipartUploadInput => CreateMultipartUploadOutput;
+    upload_part: UploadPartInput => UploadPartOutput;
+    upload_part_copy: UploadPartCopyInput => UploadPartCopyOutput;
+    list_parts: ListPartsInput => ListPartsOutput;
+    complete_multipart_upload: CompleteMultipartUploadInput => CompleteMultipartUploadOutput;
+    abort_multipart_upload: AbortMultipartUploadInput => AbortMultipartUploadOutput;
 }
 
 #[cfg(test)]
