@@ -181,6 +181,19 @@ impl ApiError {
         }
     }
 
+    /// A `ResourceNotFoundException` for `resource_type` `resource_id` with AWS's own words.
+    pub fn not_found_saying(
+        resource_type: &str,
+        resource_id: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError::ResourceNotFound {
+            message: message.into(),
+            resource_type: Some(resource_type.to_string()),
+            resource_id: Some(resource_id.to_string()),
+        }
+    }
+
     /// A `ConflictException` on `resource_type` `resource_id`, saying why.
     pub fn conflict(resource_type: &str, resource_id: &str, message: impl Into<String>) -> Self {
         ApiError::Conflict {

@@ -131,6 +131,15 @@ impl Images {
                         "the version is still building; wait for the build to end, then delete it",
                     ));
                 }
+                let versions = self.store.versions(&image.name, 0, 2).map_err(internal)?;
+                if versions.len() <= 1 {
+                    return Err(ApiError::validation(format!(
+                        "This is the last version. Please delete the entire image \
+                         (aws lambda-microvms delete-microvm-image --image-identifier {})",
+                        image.name
+                    )));
+                }
+                self.refuse_if_running(&image.name, Some(v.version))?;
                 self.store
                     .delete_version(&image.name, v.version)
                     .map_err(internal)?;
@@ -321,12 +330,36 @@ impl Images {
                 ),
             ));
         }
+        self.refuse_if_running(&image.name, None)?;
         self.store.delete_image(&image.name).map_err(internal)?;
         let _ = std::fs::remove_dir_all(self.home.join("images").join(&image.name));
         to_value(&DeleteMicrovmImageOutput {
             image_identifier: identifier.to_string(),
             state: MicrovmImageState::Deleted,
         })
+    }
+
+    /// A ConflictException while MicroVMs of the image (or of one version) are not yet
+    /// TERMINATED: their sessions still restore from its snapshot.
+    fn refuse_if_running(&self, image: &str, version: Option<i64>) -> Result<(), ApiError> {
+        let live = self
+            .store
+            .microvms(Some(image), version, None)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|m| m.state != "TERMINATED")
+            .count();
+        if live == 0 {
+            return Ok(());
+        }
+        Err(ApiError::conflict(
+            "MicrovmImage",
+            image,
+            format!(
+                "Cannot delete microvm image with running microvms ({live} not yet TERMINATED: \
+                 terminate them first)"
+            ),
+        ))
     }
 
     /// Checks what the model cannot: a known base, a code artifact kiln can fetch.

@@ -285,13 +285,21 @@ impl Microvms {
             }
             Request::ListMicrovms { query } => {
                 let (image, version) = match &query.image_identifier {
-                    Some(i) => (
-                        Some(kiln_api::image_identifier(i)?.name().to_string()),
-                        query
-                            .image_version
-                            .as_deref()
-                            .and_then(|v| v.parse::<i64>().ok()),
-                    ),
+                    Some(i) => {
+                        let name = kiln_api::image_identifier(i)?.name().to_string();
+                        // As AWS: an image the caller cannot see is not found, not empty.
+                        let visible = self.store.image(&name).map_err(internal)?;
+                        if !visible.is_some_and(|row| caller.can_access(&row.owner)) {
+                            return Err(ApiError::not_found("MicrovmImage", i));
+                        }
+                        (
+                            Some(name),
+                            query
+                                .image_version
+                                .as_deref()
+                                .and_then(|v| v.parse::<i64>().ok()),
+                        )
+                    }
                     None => (None, None),
                 };
                 let rows = self
@@ -462,9 +470,15 @@ impl Microvms {
                 .latest_version(&name, "SUCCESSFUL", Some("ACTIVE"))
                 .map_err(internal)?
                 .ok_or_else(|| {
-                    ApiError::validation(format!(
-                        "image {name} has no ACTIVE version that built successfully"
-                    ))
+                    ApiError::not_found_saying(
+                        "MicrovmImage",
+                        &name,
+                        format!(
+                            "No active version found for MicroVM image {} (none built \
+                             successfully and is ACTIVE)",
+                            self.ctx.image_arn(&name)
+                        ),
+                    )
                 })?,
         };
         let v = self
@@ -475,10 +489,23 @@ impl Microvms {
                 ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}"))
             })?;
         if v.state != "SUCCESSFUL" || v.status != "ACTIVE" {
-            return Err(ApiError::validation(format!(
-                "image {name} version {version} is {} and {}: only SUCCESSFUL, ACTIVE versions can run",
-                v.state, v.status
-            )));
+            // AWS's words; what kiln knows more goes after them.
+            return Err(ApiError::not_found_saying(
+                "MicrovmImageVersion",
+                &format!("{name}:{version}"),
+                format!(
+                    "No active version found for MicroVM image {} (version {version} is {} \
+                     and {}: only SUCCESSFUL, ACTIVE versions run)",
+                    self.ctx.image_arn(&name),
+                    v.state,
+                    v.status
+                ),
+            ));
+        }
+        if req.run_hook_payload.is_some() && SessionHooks::of(&v.spec).enabled("run").is_none() {
+            return Err(ApiError::validation(
+                "The run hook must be enabled in the MicroVM image to pass the run hook payload",
+            ));
         }
         let max_duration = req
             .maximum_duration_in_seconds

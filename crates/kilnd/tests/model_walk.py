@@ -300,9 +300,10 @@ class Walk:
             if not conform(shape, bad, "body", wire=True):
                 self.failures.append(f"the output checker missed {what} in a {shape.name}")
 
-    def fails(self, name, error, /, **overrides):
+    def fails(self, name, error, /, saying=None, **overrides):
         """Calls `name` with a bad input; it must raise `error` as the typed
-        `client.exceptions.<error>`, and the model must list that error for `name`."""
+        `client.exceptions.<error>` (with `saying` in its message, when given), and the model
+        must list that error for `name`."""
         self.called[name] += 1
         modeled = [s.name for s in self.model.operation_model(name).error_shapes]
         if error not in modeled:
@@ -312,8 +313,11 @@ class Walk:
         try:
             getattr(self.unchecked, xform_name(name))(**self.params(name, overrides))
         except exc as e:
-            if not e.response["Error"]["Message"]:
+            message = e.response["Error"]["Message"]
+            if not message:
                 self.failures.append(f"{name}: {error} came without a message")
+            elif saying and saying not in message:
+                self.failures.append(f"{name}: {error} says {message!r}, not {saying!r}")
             self.typed_errors.setdefault(name, []).append(error)
             return
         except Exception as e:  # noqa: BLE001
@@ -405,7 +409,27 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
     retired = walk.call("UpdateMicrovmImageVersion", status="INACTIVE", **version_2)
     seen["retired"] = retired["status"]
     walk.fails("UpdateMicrovmImageVersion", "ValidationException", status="RETIRED", **version_2)
-    walk.fails("RunMicrovm", "ValidationException", **version_2)
+    walk.fails(
+        "RunMicrovm",
+        "ResourceNotFoundException",
+        saying="No active version found for MicroVM image",
+        **version_2,
+    )
+    walk.fails(
+        "RunMicrovm",
+        "ValidationException",
+        saying="The run hook must be enabled in the MicroVM image to pass the run hook payload",
+        imageIdentifier=IMAGE,
+        runHookPayload="{}",
+    )
+    walk.fails(
+        "RunMicrovm",
+        "ValidationException",
+        saying="Value at 'runHookPayload' failed to satisfy constraint: Member must have length "
+        "less than or equal to 4096",
+        imageIdentifier=IMAGE,
+        runHookPayload="x" * 4097,
+    )
 
     # One MicroVM.
     vm = walk.call("RunMicrovm", imageIdentifier=IMAGE, ingressNetworkConnectors=["SHELL_INGRESS"])
@@ -426,6 +450,13 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
         listed = walk.call("ListMicrovms", imageIdentifier=IMAGE)
         seen["listed_microvms"] = [i["microvmId"] for i in listed["items"]]
         walk.fails("ListMicrovms", "ValidationException", maxResults=51)
+        walk.fails("ListMicrovms", "ResourceNotFoundException", imageIdentifier="no-such-image")
+        walk.fails(
+            "DeleteMicrovmImage",
+            "ConflictException",
+            saying="Cannot delete microvm image with running microvms",
+            imageIdentifier=IMAGE,
+        )
         token = walk.call(
             "CreateMicrovmAuthToken",
             microvmIdentifier=mid,
@@ -462,6 +493,12 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
 
     # Gone: a version, then the image.
     seen["deleted_version"] = walk.call("DeleteMicrovmImageVersion", **version_2)["state"]
+    walk.fails(
+        "DeleteMicrovmImageVersion",
+        "ValidationException",
+        saying="This is the last version. Please delete the entire image",
+        **version_1,
+    )
     seen["deleted_image"] = walk.call("DeleteMicrovmImage", imageIdentifier=IMAGE)["state"]
 
 
