@@ -25,6 +25,10 @@ pub const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The payload hash a client sends when it does not sign the body.
 const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
+/// What an unknown or revoked access key and a wrong signature both answer.
+const UNRECOGNIZED: &str = "The security token included in the request is invalid: the access \
+     key is unknown to this kiln or revoked, or the request was not signed with its secret \
+     (check the credentials file; `kiln keys list` shows the keys)";
 
 /// Why a request's signature is not accepted. Each message is what AWS says in the same
 /// case, so the AWS CLI prints a familiar error; [`ApiError::from`] gives the error type.
@@ -37,10 +41,10 @@ pub enum SigV4Error {
     #[error("{0}")]
     Incomplete(String),
     /// The access key id is not one kilnd knows (or it was revoked).
-    #[error("The security token included in the request is invalid: access key {0} is unknown to this kiln or was revoked")]
-    UnknownKey(String),
+    #[error("{UNRECOGNIZED}")]
+    UnknownKey,
     /// The signature does not match the request.
-    #[error("The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.")]
+    #[error("{UNRECOGNIZED}")]
     Mismatch,
     /// The request says something that contradicts its own signature.
     #[error("{0}")]
@@ -75,9 +79,11 @@ impl From<SigV4Error> for ApiError {
         match e {
             SigV4Error::Missing => ApiError::MissingAuthenticationToken { message },
             SigV4Error::Incomplete(_) => ApiError::IncompleteSignature { message },
-            SigV4Error::UnknownKey(_) => ApiError::UnrecognizedClient { message },
-            SigV4Error::Mismatch
-            | SigV4Error::Invalid(_)
+            // One answer for both, so a caller cannot learn which access key ids exist.
+            SigV4Error::UnknownKey | SigV4Error::Mismatch => {
+                ApiError::UnrecognizedClient { message }
+            }
+            SigV4Error::Invalid(_)
             | SigV4Error::Expired { .. }
             | SigV4Error::NotYetCurrent { .. } => ApiError::InvalidSignature { message },
         }
@@ -357,17 +363,31 @@ impl Signature {
 
     /// The hashed payload: `x-amz-content-sha256` when sent (and true of the body), else
     /// the body's SHA-256 (a presigned URL signs no body).
+    /// An unsigned payload only on GET and HEAD: a request that changes something has its
+    /// body signed, so a captured or presigned request cannot carry another body.
     fn payload_hash(&self, req: &SignedRequest<'_>) -> Result<String, SigV4Error> {
         let body_hash = || hex(digest::digest(&digest::SHA256, req.body).as_ref());
+        let unsigned = || {
+            if matches!(req.method, "GET" | "HEAD") {
+                Ok(UNSIGNED_PAYLOAD.to_string())
+            } else {
+                Err(SigV4Error::Invalid(format!(
+                    "{} with an unsigned payload (UNSIGNED-PAYLOAD or a presigned URL): kiln \
+                     accepts unsigned payloads only on GET and HEAD; sign the body (the AWS CLI \
+                     and SDKs do)",
+                    req.method
+                )))
+            }
+        };
         let Some(claimed) = req.headers.get("x-amz-content-sha256") else {
-            return Ok(match self.location {
-                Location::Header => body_hash(),
-                Location::Query(_) => UNSIGNED_PAYLOAD.to_string(),
-            });
+            return match self.location {
+                Location::Header => Ok(body_hash()),
+                Location::Query(_) => unsigned(),
+            };
         };
         let claimed = claimed.to_str().unwrap_or_default().trim();
         if claimed == UNSIGNED_PAYLOAD {
-            return Ok(claimed.to_string());
+            return unsigned();
         }
         match decode_hex(claimed) {
             Some(_) if claimed.eq_ignore_ascii_case(&body_hash()) => Ok(claimed.to_string()),
@@ -787,6 +807,25 @@ mod tests {
         assert_eq!(
             result.map_err(|e| e.error_type()),
             Err("InvalidSignatureException")
+        );
+    }
+
+    #[test]
+    fn verify_when_a_post_is_presigned_with_an_unsigned_payload_then_refused() {
+        let sent = signed_by_aws(
+            "POST",
+            "/2025-09-09/microvms",
+            &[("content-type", "application/json")],
+            br#"{"imageIdentifier": "app"}"#,
+            now(),
+            Some(Duration::from_secs(300)),
+        );
+
+        let result = sent.verify(SECRET, now());
+
+        assert!(
+            matches!(&result, Err(SigV4Error::Invalid(m)) if m.starts_with("POST with an unsigned payload")),
+            "{result:?}"
         );
     }
 

@@ -109,9 +109,16 @@ fn requests_when_unsigned_wrong_stale_or_revoked_then_each_gets_the_aws_error() 
     assert_eq!(unsigned_kiln.0, 403);
     assert_eq!((health.0, health.2.as_str()), (200, "ok\n"));
     assert_ne!(wrong_code, 0);
+    // A wrong secret and a revoked (or unknown) key answer alike: nobody learns which
+    // access key ids exist.
     assert!(
-        wrong_err.contains("InvalidSignatureException"),
+        wrong_err.contains("UnrecognizedClientException"),
         "{wrong_err}"
+    );
+    assert_eq!(
+        wrong_err.rsplit(':').next(),
+        revoked_err.rsplit(':').next(),
+        "{wrong_err} / {revoked_err}"
     );
     assert_eq!(stale.0, 403);
     assert_eq!(
