@@ -103,7 +103,12 @@ async fn main() -> anyhow::Result<()> {
     println!("endpoint proxy: {clients} keep-alive HTTP/1.1 clients, {seconds} s per path, GET with a 5-byte answer");
     let direct = measure(Path::Direct(app), clients, run).await?;
     print_figures("direct", &direct);
-    let proxied = measure(Path::Proxy(proxy_addr, connector.clone(), token.clone()), clients, run).await?;
+    let proxied = measure(
+        Path::Proxy(proxy_addr, connector.clone(), token.clone()),
+        clients,
+        run,
+    )
+    .await?;
     print_figures("proxy (TLS)", &proxied);
     // The same proxy path to an app in its own namespace (how a VM's forward is reached).
     let ns_state = Arc::new(ProxyState::new(
@@ -118,7 +123,11 @@ async fn main() -> anyhow::Result<()> {
     ));
     let ns_listener = TcpListener::bind("127.0.0.1:0").await?;
     let ns_proxy = ns_listener.local_addr()?;
-    tokio::spawn(proxy::serve(ns_listener, tls.server_config.clone(), ns_state));
+    tokio::spawn(proxy::serve(
+        ns_listener,
+        tls.server_config.clone(),
+        ns_state,
+    ));
     let namespaced = measure(Path::Proxy(ns_proxy, connector, token), clients, run).await?;
     print_figures("proxy→netns", &namespaced);
     println!(

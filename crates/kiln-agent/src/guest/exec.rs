@@ -417,3 +417,31 @@ impl Pump {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_command_when_no_network_then_only_loopback_is_seen() {
+        let spec = ExecSpec {
+            argv: vec!["cat".into(), "/proc/self/net/dev".into()],
+            no_network: true,
+            ..ExecSpec::default()
+        };
+
+        let out = build_command(&spec)
+            .expect("command")
+            .output()
+            .expect("run cat");
+
+        let text = String::from_utf8_lossy(&out.stdout);
+        let interfaces: Vec<&str> = text
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(interfaces, ["lo"], "{text}");
+    }
+}

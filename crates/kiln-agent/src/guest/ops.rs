@@ -171,11 +171,11 @@ pub fn kernel_release() -> String {
 /// Removes a file, a symbolic link or an empty directory; nothing there is success.
 pub fn remove_path(path: &str) -> Result<(), String> {
     let target = absolute(path)?;
-    let result = match fs::symlink_metadata(&target) {
+    let result = match fs::symlink_metadata(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => Err(e),
-        Ok(meta) if meta.is_dir() => fs::remove_dir(&target),
-        Ok(_) => fs::remove_file(&target),
+        Ok(meta) if meta.is_dir() => fs::remove_dir(target),
+        Ok(_) => fs::remove_file(target),
     };
     result.map_err(|e| format!("cannot remove {path}: {e}"))
 }

@@ -437,6 +437,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn read_secret_when_file_or_env_then_value_else_error_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tok");
+        std::fs::write(&file, b"v1").expect("write");
+
+        let from_file = read_secret(&format!("id=a,src={}", file.display())).expect("file");
+        let from_env = read_secret("id=b,env=PATH").expect("env");
+        let neither = read_secret("id=c").expect_err("no source");
+
+        assert_eq!(from_file, ("a".to_string(), b"v1".to_vec()));
+        let path = std::env::var("PATH").expect("PATH").into_bytes();
+        assert_eq!(from_env, ("b".to_string(), path));
+        assert!(
+            neither.to_string().contains("src=FILE or env=VAR"),
+            "{neither}"
+        );
+    }
+
+    #[test]
     fn base_arn_when_no_flag_then_from_dockerfile_else_busybox() {
         let debian = base_arn(None, "# app\nFROM kiln/debian:12\nRUN true\n").expect("arn");
         let busybox = base_arn(None, "FROM kiln/busybox\n").expect("arn");
