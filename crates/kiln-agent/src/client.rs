@@ -19,7 +19,7 @@ use crate::proto::{
     decode_payload, encode_frame, ExecSpec, FrameDecoder, GuestBody, GuestMessage, HostBody,
     HostMessage, OutputStream, MAX_FILE_BYTES, PROTOCOL_VERSION,
 };
-pub use crate::proto::{AppSpec, CopySpec, HttpFailureKind, HttpRequestSpec, TtySize};
+pub use crate::proto::{AppSpec, CopySpec, FetchSpec, HttpFailureKind, HttpRequestSpec, TtySize};
 
 /// Default limit for one request-reply exchange.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -220,12 +220,29 @@ impl ExecRequest {
         self
     }
 
+    /// Runs in a network namespace of its own with only a loopback device.
+    pub fn no_network(mut self) -> ExecRequest {
+        self.spec.no_network = true;
+        self
+    }
+
     /// Runs as this user and group.
     pub fn user(mut self, uid: u32, gid: u32) -> ExecRequest {
         self.spec.uid = Some(uid);
         self.spec.gid = Some(gid);
         self
     }
+}
+
+/// What a download in the guest gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes written.
+    pub bytes: u64,
+    /// SHA-256, lower-case hex.
+    pub sha256: String,
+    /// The server's `Last-Modified`, as seconds since the epoch.
+    pub mtime: Option<i64>,
 }
 
 /// One event of a running exec.
@@ -671,6 +688,47 @@ impl AgentClient {
             options: options.iter().map(|o| o.to_string()).collect(),
         };
         self.expect_ok("mount", body).await
+    }
+
+    /// Removes a file, a symbolic link or an empty directory in the guest (nothing there
+    /// is success).
+    pub async fn remove_path(&self, path: &str) -> Result<(), AgentError> {
+        let body = HostBody::RemovePath {
+            path: path.to_string(),
+        };
+        self.expect_ok("remove_path", body).await
+    }
+
+    /// Whether a path exists in the guest (a final symbolic link is not followed).
+    pub async fn path_exists(&self, path: &str) -> Result<bool, AgentError> {
+        let body = HostBody::PathExists {
+            path: path.to_string(),
+        };
+        match self.request("path_exists", body).await? {
+            GuestBody::Exists { exists } => Ok(exists),
+            other => Err(unexpected("path_exists", &other)),
+        }
+    }
+
+    /// Downloads a URL inside the guest into a file (Dockerfile `ADD <url>`); waits up to
+    /// the spec's timeout (plus a little) for the answer.
+    pub async fn fetch(&self, spec: FetchSpec) -> Result<Fetched, AgentError> {
+        let limit = Duration::from_millis(spec.timeout_ms) + Duration::from_secs(10);
+        match self
+            .request_within("fetch", HostBody::Fetch(spec), limit)
+            .await?
+        {
+            GuestBody::Fetched {
+                bytes,
+                sha256,
+                mtime,
+            } => Ok(Fetched {
+                bytes,
+                sha256,
+                mtime,
+            }),
+            other => Err(unexpected("fetch", &other)),
+        }
     }
 
     /// Unmounts `target` in the guest.

@@ -179,6 +179,47 @@ pub enum HostBody {
     /// Makes an HTTP/1.1 request to 127.0.0.1 in the guest; answered by `HttpResponse`,
     /// or by `HttpFailed` when no response could be had.
     HttpRequest(HttpRequestSpec),
+    /// Removes a file, a symbolic link or an empty directory; answered by `Ok` (also when
+    /// nothing is there) or an error (a directory that is not empty stays).
+    RemovePath {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Asks whether a path exists (without following a final symbolic link); answered by
+    /// `Exists`.
+    PathExists {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Downloads a URL inside the guest (over the guest's own network) into a file, as
+    /// Docker's `ADD <url>`; answered by `Fetched`.
+    Fetch(FetchSpec),
+}
+
+/// What [`HostBody::Fetch`] downloads, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchSpec {
+    /// `http://` (fetched by the agent itself) or `https://` (fetched with the guest's own
+    /// `curl` or `wget`, which check certificates).
+    pub url: String,
+    /// Absolute destination file; parent directories are created.
+    pub dest: String,
+    /// Permission bits of the file.
+    pub mode: u32,
+    /// Owner, root when absent.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group, root when absent.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// The expected SHA-256 (lower-case hex); a mismatch fails and leaves no file.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Environment for `curl`/`wget` (CA bundle variables, proxies) as `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Limit for the whole download.
+    pub timeout_ms: u64,
 }
 
 /// What [`HostBody::Copy`] copies, and how.
@@ -279,6 +320,10 @@ pub struct ExecSpec {
     /// stderr are the terminal, input arrives in `ExecInput`, output is all `Stdout`.
     #[serde(default)]
     pub tty: Option<TtySize>,
+    /// Run in a network namespace of its own that holds only a loopback device
+    /// (Dockerfile `RUN --network=none`).
+    #[serde(default)]
+    pub no_network: bool,
 }
 
 /// A terminal's size in character cells.
@@ -399,6 +444,22 @@ pub enum GuestBody {
         body: Vec<u8>,
         /// Whether the body was longer than [`MAX_HTTP_BODY`] and cut off.
         truncated: bool,
+    },
+    /// Whether a path exists.
+    Exists {
+        /// It does.
+        exists: bool,
+    },
+    /// A download finished.
+    Fetched {
+        /// Bytes written.
+        bytes: u64,
+        /// SHA-256 of the content (lower-case hex).
+        sha256: String,
+        /// The `Last-Modified` time as seconds since the epoch, when the server sent one
+        /// (the file's mtime is set to it).
+        #[serde(default)]
+        mtime: Option<i64>,
     },
     /// An HTTP request got no response.
     HttpFailed {
@@ -604,8 +665,21 @@ mod tests {
                 stdin: Some(vec![0, 1, 2, 255]),
                 timeout_ms: Some(500),
                 tty: None,
+                no_network: true,
             }),
         }
+    }
+
+    #[test]
+    fn decode_when_exec_from_an_older_host_then_network_stays_on() {
+        let json = br#"{"id":1,"body":{"type":"exec","argv":["true"]}}"#;
+
+        let message: HostMessage = decode_payload(json).expect("decodes");
+
+        let HostBody::Exec(spec) = message.body else {
+            panic!("not an exec: {message:?}");
+        };
+        assert!(!spec.no_network);
     }
 
     fn decode_all(decoder: &mut FrameDecoder) -> Vec<Result<Vec<u8>, FrameError>> {

@@ -55,6 +55,10 @@ fn spec(root: &Path, ctx: BuildContext, out: &str) -> BuildSpec {
             vm: format!("bench-{out}"),
             policy: kiln_net::Egress::Internet { extra: Vec::new() },
         }),
+        owner: "bench".into(),
+        image: out.into(),
+        mount_cache_dir: root.join("mounts"),
+        secrets: Default::default(),
     }
 }
 

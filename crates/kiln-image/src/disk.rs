@@ -94,6 +94,18 @@ pub fn mkfs_ext4_from_dir(
     size_bytes: u64,
     label: &str,
 ) -> Result<(), DiskError> {
+    mkfs_ext4_owned(src_dir, out_file, size_bytes, label, 0, 0)
+}
+
+/// As [`mkfs_ext4_from_dir`], with the file system's root directory owned by `uid:gid`.
+pub fn mkfs_ext4_owned(
+    src_dir: &Path,
+    out_file: &Path,
+    size_bytes: u64,
+    label: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<(), DiskError> {
     if !src_dir.is_dir() {
         return Err(DiskError::NotADirectory {
             path: src_dir.into(),
@@ -125,7 +137,7 @@ pub fn mkfs_ext4_from_dir(
         .map_err(io_err("create", out_file))?;
     file.set_len(size_bytes).map_err(io_err("size", out_file))?;
     drop(file);
-    let result = run_mke2fs(src_dir, out_file, size_bytes, label);
+    let result = run_mke2fs(src_dir, out_file, size_bytes, label, (uid, gid));
     if result.is_err() {
         let _ = fs::remove_file(out_file);
     }
@@ -142,7 +154,13 @@ pub fn mkfs_ext4_from_dir(
     }
 }
 
-fn run_mke2fs(src: &Path, out: &Path, size_bytes: u64, label: &str) -> Result<(), DiskError> {
+fn run_mke2fs(
+    src: &Path,
+    out: &Path,
+    size_bytes: u64,
+    label: &str,
+    root_owner: (u32, u32),
+) -> Result<(), DiskError> {
     let output = run(
         "mke2fs",
         Command::new("mke2fs")
@@ -150,7 +168,9 @@ fn run_mke2fs(src: &Path, out: &Path, size_bytes: u64, label: &str) -> Result<()
             .arg(src)
             .arg("-L")
             .arg(label)
-            .args(["-E", "root_owner=0:0", "-F"])
+            .arg("-E")
+            .arg(format!("root_owner={}:{}", root_owner.0, root_owner.1))
+            .arg("-F")
             .arg(out)
             .arg(format!("{}k", size_bytes / 1024)),
     )?;

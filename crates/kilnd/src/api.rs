@@ -8,7 +8,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path as UrlPath, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get};
+use axum::routing::{any, delete, get, put};
 use axum::Router;
 use kiln_api::{ApiError, Operation, Request};
 
@@ -58,6 +58,10 @@ pub fn router(api: Api) -> Router {
         .route(
             "/kiln/v1/connectors/{name}",
             get(get_connector).delete(delete_connector),
+        )
+        .route(
+            "/kiln/v1/images/{name}/build-secrets",
+            put(put_build_secrets),
         )
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
@@ -252,6 +256,64 @@ async fn get_connector(
     match api.network.connectors().iter().find(|c| c.name == name) {
         Some(c) => json_response(200, api.network.describe(c)),
         None => error_response(&ApiError::not_found("NetworkConnector", &name)),
+    }
+}
+
+/// Body of `PUT /kiln/v1/images/{name}/build-secrets`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildSecretsBody {
+    /// Secret id → value, base64 (standard alphabet).
+    secrets: std::collections::BTreeMap<String, String>,
+}
+
+/// `PUT /kiln/v1/images/{name}/build-secrets` with `{"secrets": {"id": "<base64>"}}`: stages
+/// secrets for the caller's next build of image `name` (`RUN --mount=type=secret,id=…`).
+/// kiln-only: the AWS request shapes stay as they are. Held in kilnd's memory only, taken
+/// by that build; answered 204. Values are never logged or audited (only the image is).
+async fn put_build_secrets(
+    State(api): State<Api>,
+    UrlPath(name): UrlPath<String>,
+    signed: Signed,
+) -> Response {
+    use base64::Engine as _;
+    let staged = (|| {
+        let body: BuildSecretsBody = serde_json::from_slice(&signed.body).map_err(|e| {
+            ApiError::validation(format!(
+                "build secrets: {e} (expected {{\"secrets\": {{\"id\": \"<base64 value>\"}}}})"
+            ))
+        })?;
+        let mut secrets = Vec::new();
+        for (id, value) in body.secrets {
+            if id.is_empty() || id.len() > 128 {
+                return Err(ApiError::validation(
+                    "build secrets: an id must have 1 to 128 characters",
+                ));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_bytes())
+                .map_err(|_| {
+                    ApiError::validation(format!("build secret {id:?}: the value is not base64"))
+                })?;
+            if bytes.len() > 512 * 1024 {
+                return Err(ApiError::validation(format!(
+                    "build secret {id:?}: larger than 512 KiB"
+                )));
+            }
+            secrets.push((id, bytes));
+        }
+        api.images.builds.secrets.put(
+            &signed.caller.principal,
+            &name,
+            kiln_image::build::BuildSecrets::new(secrets),
+        );
+        Ok(())
+    })();
+    api.audit
+        .call(&signed.caller, "PutBuildSecrets", Some(&name), &staged);
+    match staged {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error_response(&e),
     }
 }
 

@@ -1,12 +1,14 @@
 //! Image builds: one task per image version, run one at a time (TCG builds saturate the
 //! host's cores), with every state change recorded in the store.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_api::shapes::common::CodeArtifact;
 use kiln_api::shapes::image::{ImageVersionConfig, MicrovmImageState};
-use kiln_image::build::{BuildLog, BuildSpec, HookSpec};
+use kiln_image::build::{BuildLog, BuildSecrets, BuildSpec, HookSpec};
 
 use crate::network::Network;
 use kiln_vmm::host::Host;
@@ -31,6 +33,38 @@ pub struct Builds {
     slots: Arc<Semaphore>,
     /// Connectors and the egress gateway (a build's egress is its image's connector).
     pub network: Arc<Network>,
+    /// Build secrets waiting for their build.
+    pub secrets: Arc<SecretsBook>,
+}
+
+/// How long staged build secrets wait for the build that uses them.
+const SECRETS_HELD_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Build secrets staged through `PUT /kiln/v1/images/{name}/build-secrets`, held in memory
+/// only (never in the store or on disk) per (principal, image) until the next build of that
+/// image by its owner takes them, or for [`SECRETS_HELD_FOR`]. A build started again after
+/// a kilnd restart has none: a step that requires one fails, saying how to pass it.
+#[derive(Default)]
+pub struct SecretsBook {
+    held: Mutex<HashMap<(String, String), (Instant, BuildSecrets)>>,
+}
+
+impl SecretsBook {
+    /// Stages `secrets` for the next build of `image` owned by `principal` (replacing any).
+    pub fn put(&self, principal: &str, image: &str, secrets: BuildSecrets) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, (at, _)| at.elapsed() < SECRETS_HELD_FOR);
+        held.insert((principal.into(), image.into()), (Instant::now(), secrets));
+    }
+
+    /// Takes the secrets staged for `image` by `owner` (none when nothing fresh is held).
+    pub fn take(&self, owner: &str, image: &str) -> BuildSecrets {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.remove(&(owner.to_string(), image.to_string())) {
+            Some((at, secrets)) if at.elapsed() < SECRETS_HELD_FOR => secrets,
+            _ => BuildSecrets::default(),
+        }
+    }
 }
 
 /// Where an image version's files live.
@@ -58,6 +92,7 @@ impl Builds {
             remote_s3,
             metrics,
             slots: Arc::new(Semaphore::new(1)),
+            secrets: Arc::new(SecretsBook::default()),
         }
     }
 
@@ -172,6 +207,13 @@ impl Builds {
             context.bytes / 1024
         ));
         managed::check_base(&spec.base_image_arn, &context.dockerfile)?;
+        let owner = self
+            .store
+            .image(image)
+            .map_err(|e| format!("reading the image's owner: {e}"))?
+            .map(|row| row.owner)
+            .ok_or_else(|| format!("image {image} is gone"))?;
+        let secrets = self.secrets.take(&owner, image);
         let hooks = spec.hooks.clone().unwrap_or_default();
         let image_hooks = hooks.microvm_image_hooks.clone().unwrap_or_default();
         let enabled = |s: &Option<kiln_api::shapes::common::HookState>| {
@@ -202,6 +244,10 @@ impl Builds {
                     .then(|| secs(image_hooks.validate_timeout_in_seconds, 60)),
             },
             memory_mib: memory,
+            owner,
+            image: image.to_string(),
+            mount_cache_dir: self.host.home.join("cache").join("mounts"),
+            secrets,
             build_memory_mib: self.config.build_memory_mib,
             cache_dir: self.host.home.join("cache").join("layers"),
             work_dir: work.join("build"),

@@ -302,6 +302,32 @@ impl Metrics {
     }
 }
 
+/// The gateway's totals as Prometheus counters (no VM ids or destinations: those are in
+/// each MicroVM's flows).
+fn egress_text(c: &kiln_net::gateway::Counters) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "# HELP kiln_egress_connections Guest connections through the egress gateway, by verdict.\n\
+         # TYPE kiln_egress_connections counter\n\
+         kiln_egress_connections_total{{verdict=\"allowed\"}} {}\n\
+         kiln_egress_connections_total{{verdict=\"blocked\"}} {}\n\
+         # HELP kiln_egress_dns_queries Guest DNS queries the egress resolver answered or refused.\n\
+         # TYPE kiln_egress_dns_queries counter\n\
+         kiln_egress_dns_queries_total{{answer=\"answered\"}} {}\n\
+         kiln_egress_dns_queries_total{{answer=\"refused\"}} {}\n\
+         # HELP kiln_egress_bytes Bytes relayed by the egress gateway, by direction.\n\
+         # TYPE kiln_egress_bytes counter\n\
+         kiln_egress_bytes_total{{direction=\"out\"}} {}\n\
+         kiln_egress_bytes_total{{direction=\"in\"}} {}\n",
+        c.allowed.load(Relaxed),
+        c.blocked.load(Relaxed),
+        c.dns_answered.load(Relaxed),
+        c.dns_refused.load(Relaxed),
+        c.bytes_out.load(Relaxed),
+        c.bytes_in.load(Relaxed),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,30 +411,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The gateway's totals as Prometheus counters (no VM ids or destinations: those are in
-/// each MicroVM's flows).
-fn egress_text(c: &kiln_net::gateway::Counters) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    format!(
-        "# HELP kiln_egress_connections Guest connections through the egress gateway, by verdict.\n\
-         # TYPE kiln_egress_connections counter\n\
-         kiln_egress_connections_total{{verdict=\"allowed\"}} {}\n\
-         kiln_egress_connections_total{{verdict=\"blocked\"}} {}\n\
-         # HELP kiln_egress_dns_queries Guest DNS queries the egress resolver answered or refused.\n\
-         # TYPE kiln_egress_dns_queries counter\n\
-         kiln_egress_dns_queries_total{{answer=\"answered\"}} {}\n\
-         kiln_egress_dns_queries_total{{answer=\"refused\"}} {}\n\
-         # HELP kiln_egress_bytes Bytes relayed by the egress gateway, by direction.\n\
-         # TYPE kiln_egress_bytes counter\n\
-         kiln_egress_bytes_total{{direction=\"out\"}} {}\n\
-         kiln_egress_bytes_total{{direction=\"in\"}} {}\n",
-        c.allowed.load(Relaxed),
-        c.blocked.load(Relaxed),
-        c.dns_answered.load(Relaxed),
-        c.dns_refused.load(Relaxed),
-        c.bytes_out.load(Relaxed),
-        c.bytes_in.load(Relaxed),
-    )
 }

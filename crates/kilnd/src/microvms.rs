@@ -1187,8 +1187,7 @@ impl Microvms {
                 Recovered::Running(mut vm, note) => {
                     // The gateway's listeners died with the previous kilnd: serve the VM's
                     // namespace again (its rules are rewritten to the new listeners).
-                    if let Some(egress) =
-                        self.network.vm_egress(&r.id, &self.plan_of_row(&r).egress)
+                    if let Some(egress) = self.network.vm_egress(&r.id, &self.plan_of_row(r).egress)
                     {
                         if let Err(e) = vm.set_egress(&egress).await {
                             tracing::warn!(microvm = %r.id, error = %e, "egress not re-attached: the guest reaches nothing");

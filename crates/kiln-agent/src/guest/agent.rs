@@ -323,6 +323,24 @@ impl Agent {
                     reply.reply(id, body);
                 });
             }
+            HostBody::RemovePath { path } => {
+                sink.result(id, ops::remove_path(&path).map(|()| GuestBody::Ok));
+            }
+            HostBody::PathExists { path } => {
+                let exists = std::fs::symlink_metadata(&path).is_ok();
+                sink.reply(id, GuestBody::Exists { exists });
+            }
+            HostBody::Fetch(spec) => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "fetch", move || {
+                    let result = super::fetch::fetch(&spec).map(|f| GuestBody::Fetched {
+                        bytes: f.bytes,
+                        sha256: f.sha256,
+                        mtime: f.mtime,
+                    });
+                    reply.result(id, result);
+                });
+            }
         }
     }
 

@@ -91,6 +91,7 @@ impl AppSupervisor {
             stdin: None,
             timeout_ms: None,
             tty: None,
+            no_network: false,
         })?;
         command
             .stdin(Stdio::null())

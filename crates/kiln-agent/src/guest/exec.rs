@@ -194,11 +194,22 @@ pub(crate) fn build_command(spec: &ExecSpec) -> Result<Command, String> {
         command.env("PATH", DEFAULT_PATH);
     }
     command.current_dir(spec.cwd.as_deref().unwrap_or("/"));
-    if let Some(uid) = spec.uid {
-        command.uid(uid);
-    }
-    if let Some(gid) = spec.gid {
-        command.gid(gid);
+    if spec.no_network {
+        // std switches user before running pre_exec hooks, and a new network namespace
+        // needs root: so the hook unshares first and switches user itself.
+        let (uid, gid) = (spec.uid, spec.gid);
+        // SAFETY: between fork and exec the hook makes only raw system calls (unshare,
+        // socket, ioctl, close, setgroups, setgid, setuid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || without_network(uid, gid));
+        }
+    } else {
+        if let Some(uid) = spec.uid {
+            command.uid(uid);
+        }
+        if let Some(gid) = spec.gid {
+            command.gid(gid);
+        }
     }
     if spec.tty.is_some() {
         // `attach_terminal` makes it a session (and so group) leader instead.
@@ -214,6 +225,52 @@ pub(crate) fn build_command(spec: &ExecSpec) -> Result<Command, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(command)
+}
+
+/// In the child before exec: a new network namespace with its loopback up (as Docker's
+/// `--network=none`), then the user and group.
+fn without_network(uid: Option<u32>, gid: Option<u32>) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: unshare takes a flag word and touches no memory of ours.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+    // SAFETY: socket(2) with constant arguments; the descriptor is closed below.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `ifreq` is plain old data, valid when zeroed.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the `ifreq` we own for the whole call.
+    let up = unsafe {
+        let got = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if got >= 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req)
+        } else {
+            got
+        }
+    };
+    // SAFETY: closes the socket opened above.
+    unsafe { libc::close(fd) };
+    check(up)?;
+    if let Some(gid) = gid {
+        // SAFETY: plain system calls with integer arguments.
+        check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::setgid(gid) })?;
+    }
+    if let Some(uid) = uid {
+        // SAFETY: as above.
+        check(unsafe { libc::setuid(uid) })?;
+    }
+    Ok(())
 }
 
 /// Gives `command` a new pseudo-terminal of `size` as its controlling terminal, in a session
@@ -358,5 +415,33 @@ impl Pump {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_command_when_no_network_then_only_loopback_is_seen() {
+        let spec = ExecSpec {
+            argv: vec!["cat".into(), "/proc/self/net/dev".into()],
+            no_network: true,
+            ..ExecSpec::default()
+        };
+
+        let out = build_command(&spec)
+            .expect("command")
+            .output()
+            .expect("run cat");
+
+        let text = String::from_utf8_lossy(&out.stdout);
+        let interfaces: Vec<&str> = text
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(interfaces, ["lo"], "{text}");
     }
 }

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod children;
 pub mod copy;
 pub mod exec;
+pub mod fetch;
 pub mod http;
 pub mod meta;
 pub mod mounts;

@@ -167,3 +167,15 @@ pub fn kernel_release() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".to_string())
 }
+
+/// Removes a file, a symbolic link or an empty directory; nothing there is success.
+pub fn remove_path(path: &str) -> Result<(), String> {
+    let target = absolute(path)?;
+    let result = match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(meta) if meta.is_dir() => fs::remove_dir(target),
+        Ok(_) => fs::remove_file(target),
+    };
+    result.map_err(|e| format!("cannot remove {path}: {e}"))
+}

@@ -11,13 +11,16 @@
 pub mod cache;
 pub mod config;
 pub mod log;
+pub mod mounts;
 mod plan;
 mod source;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_agent::client::{AgentClient, AppSpec, CopySpec, ExecEvent, ExecRequest, HttpRequestSpec};
+use kiln_agent::client::{
+    AgentClient, AppSpec, CopySpec, ExecEvent, ExecRequest, FetchSpec, HttpRequestSpec,
+};
 use kiln_vmm::host::Host;
 use kiln_vmm::{
     BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot, Vmm,
@@ -27,6 +30,8 @@ use crate::context::BuildContext;
 use cache::LayerCache;
 pub use config::ImageConfig;
 pub use log::BuildLog;
+pub use mounts::BuildSecrets;
+use mounts::CacheDisks;
 use plan::{AppCommand, Plan, PlannedStep, StepAction};
 
 /// Where, in the build VM, the context disk is mounted.
@@ -64,6 +69,15 @@ pub struct BuildSpec {
     /// Where the build's VMs may connect (the image's build-time egress connector); `None`:
     /// nowhere.
     pub egress: Option<kiln_vmm::VmEgress>,
+    /// The principal that owns the image: `RUN --mount=type=cache` caches are kept per
+    /// owner and image, and never cross principals.
+    pub owner: String,
+    /// The image's name.
+    pub image: String,
+    /// Where cache mounts live (`<home>/cache/mounts`); `<owner>/<image>/<id>.ext4` below.
+    pub mount_cache_dir: PathBuf,
+    /// Secrets for `RUN --mount=type=secret`, by id; never logged, never in a layer.
+    pub secrets: BuildSecrets,
 }
 
 /// The image's lifecycle hooks as far as the build is concerned.
@@ -283,6 +297,18 @@ async fn run_build_vm(
             read_only: true,
         },
     ];
+    let caches =
+        CacheDisks::open(&spec.mount_cache_dir, &spec.owner, &spec.image, plan).map_err(|e| {
+            cache.discard(&first_key);
+            BuildError::Base(e)
+        })?;
+    for (_, disk) in &caches.disks {
+        vm_spec.disks.push(DiskSpec {
+            path: disk.clone(),
+            format: DiskFormat::Raw,
+            read_only: false,
+        });
+    }
     vm_spec.network = Some(NetSpec::default());
     log.line("booting the build VM");
     let opts = BootOptions {
@@ -297,7 +323,7 @@ async fn run_build_vm(
         }
     };
     let mut vm = vm;
-    let result = run_steps(&mut vm, spec, plan, cache, cached, log).await;
+    let result = run_steps(&mut vm, spec, plan, cache, &caches, cached, log).await;
     let active = result.as_ref().err().map(|(key, _)| key.clone());
     if let Err(e) = vm.terminate().await {
         tracing::warn!(error = %e, "terminating the build VM");
@@ -329,6 +355,7 @@ async fn run_steps(
     spec: &BuildSpec,
     plan: &Plan,
     cache: &LayerCache,
+    caches: &CacheDisks,
     cached: usize,
     log: &BuildLog,
 ) -> Result<(), (String, BuildError)> {
@@ -366,7 +393,7 @@ async fn run_steps(
             text: step.text.clone(),
             cause,
         };
-        execute(&agent, spec, step, &ca_env, log)
+        execute(&agent, spec, step, &ca_env, caches, log)
             .await
             .map_err(|cause| fail(&active, step_err(cause)))?;
         if step.key.is_some() {
@@ -438,6 +465,7 @@ async fn execute(
     spec: &BuildSpec,
     step: &PlannedStep,
     ca_env: &[(String, String)],
+    caches: &CacheDisks,
     log: &BuildLog,
 ) -> Result<(), String> {
     match &step.action {
@@ -455,41 +483,46 @@ async fn execute(
                 )),
             }
         }
-        StepAction::Run { argv } => {
+        StepAction::Run {
+            argv,
+            script,
+            mounts: step_mounts,
+            no_network,
+        } => {
             let (uid, gid, home) = lookup(agent, &step.state.user).await?;
             let mut req = ExecRequest::new(argv.iter().map(String::as_str))
                 .cwd(&step.state.workdir)
                 .user(uid, gid)
                 .timeout(spec.step_timeout);
+            if *no_network {
+                req = req.no_network();
+            }
             let mut env = step.state.run_env();
             if !env.iter().any(|(k, _)| k == "HOME") {
                 env.push(("HOME".into(), home));
             }
             env.extend(ca_env.iter().cloned());
-            for (k, v) in &env {
+            if let Some(script) = script {
+                agent
+                    .write_file(
+                        plan::SCRIPT_PATH,
+                        script.as_bytes(),
+                        0o644,
+                        Some((uid, gid)),
+                    )
+                    .await
+                    .map_err(|e| format!("cannot write the here-document script: {e}"))?;
+            }
+            let mounted = mounts::mount(agent, step_mounts, caches, &spec.secrets).await?;
+            for (k, v) in env.iter().chain(mounted.env.iter()) {
                 req = req.env(k, v);
             }
-            let mut stream = agent.exec(req).await.map_err(|e| e.to_string())?;
-            loop {
-                match stream.next_event().await.map_err(|e| e.to_string())? {
-                    Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => log.output(&b),
-                    Some(ExecEvent::Started { .. }) => {}
-                    Some(ExecEvent::Exited(status)) => {
-                        return match (status.code, status.signal, status.timed_out) {
-                            (_, _, true) => Err(format!("timed out after {:?}", spec.step_timeout)),
-                            (Some(0), _, _) => Ok(()),
-                            (Some(code), _, _) => {
-                                Err(format!("the command exited with code {code}"))
-                            }
-                            (None, Some(sig), _) => {
-                                Err(format!("the command was killed by signal {sig}"))
-                            }
-                            (None, None, _) => Err("the command ended without a status".into()),
-                        };
-                    }
-                    None => return Err("the agent closed the command's stream".into()),
-                }
+            let result = run_command(agent, spec, req, log).await;
+            let unmounted = mounts::unmount(agent, mounted).await;
+            if script.is_some() {
+                let _ = agent.remove_path(plan::SCRIPT_PATH).await;
             }
+            result.and(unmounted)
         }
         StepAction::Copy {
             sources,
@@ -497,6 +530,9 @@ async fn execute(
             chown,
             chmod,
             unpack,
+            inline,
+            urls,
+            sha256,
         } => {
             let (uid, gid) = match chown {
                 Some(c) => {
@@ -525,7 +561,113 @@ async fn execute(
                         .map_err(|e| format!("copying {src} to {dest}: {e}"))?;
                 }
             }
+            for (name, content) in inline {
+                // Staged in the guest's tmpfs, then copied with COPY's rules (a directory
+                // destination gets the file under the here-document's name).
+                let staged = format!("{INLINE_DIR}/{name}");
+                agent
+                    .write_file(&staged, content, 0o644, None)
+                    .await
+                    .map_err(|e| format!("writing here-document {name}: {e}"))?;
+                let copied = agent
+                    .copy(CopySpec {
+                        src: staged.clone(),
+                        dest: dest.clone(),
+                        uid,
+                        gid,
+                        mode: *chmod,
+                    })
+                    .await
+                    .map_err(|e| format!("copying here-document {name} to {dest}: {e}"));
+                let _ = agent.remove_path(&staged).await;
+                copied?;
+            }
+            for url in urls {
+                let file = url_dest(url, dest, urls.len() + sources.len() + inline.len())?;
+                let mut fetch_env: Vec<String> = step
+                    .state
+                    .run_env()
+                    .iter()
+                    .chain(ca_env.iter())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                fetch_env.sort();
+                let fetched = agent
+                    .fetch(FetchSpec {
+                        url: url.clone(),
+                        dest: file.clone(),
+                        mode: chmod.unwrap_or(0o600),
+                        uid,
+                        gid,
+                        sha256: sha256.clone(),
+                        env: fetch_env,
+                        timeout_ms: spec.step_timeout.as_millis().try_into().unwrap_or(u64::MAX),
+                    })
+                    .await
+                    .map_err(|e| format!("ADD {url}: {e}"))?;
+                log.line(format!(
+                    "    downloaded {url} to {file}: {} bytes, sha256:{}",
+                    fetched.bytes, fetched.sha256
+                ));
+            }
             Ok(())
+        }
+    }
+}
+
+/// Where, in the build VM, COPY here-documents are staged (tmpfs, never in a layer).
+const INLINE_DIR: &str = "/dev/kiln/inline";
+
+/// The file an `ADD <url>` writes: `dest` itself, or, when `dest` is a directory (ends in
+/// `/`, or several sources), the URL's last path segment inside it.
+fn url_dest(url: &str, dest: &str, sources: usize) -> Result<String, String> {
+    if !dest.ends_with('/') && sources == 1 {
+        return Ok(dest.to_string());
+    }
+    let path = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(url)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    let name = path
+        .split_once('/')
+        .map(|(_, p)| p)
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!(
+            "ADD {url}: the URL names no file; give a file destination instead of {dest}"
+        ));
+    }
+    Ok(format!("{}/{name}", dest.trim_end_matches('/')))
+}
+
+/// Runs one RUN command, streaming its output into the build log.
+async fn run_command(
+    agent: &AgentClient,
+    spec: &BuildSpec,
+    req: ExecRequest,
+    log: &BuildLog,
+) -> Result<(), String> {
+    let mut stream = agent.exec(req).await.map_err(|e| e.to_string())?;
+    loop {
+        match stream.next_event().await.map_err(|e| e.to_string())? {
+            Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => log.output(&b),
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Exited(status)) => {
+                return match (status.code, status.signal, status.timed_out) {
+                    (_, _, true) => Err(format!("timed out after {:?}", spec.step_timeout)),
+                    (Some(0), _, _) => Ok(()),
+                    (Some(code), _, _) => Err(format!("the command exited with code {code}")),
+                    (None, Some(sig), _) => Err(format!("the command was killed by signal {sig}")),
+                    (None, None, _) => Err("the command ended without a status".into()),
+                };
+            }
+            None => return Err("the agent closed the command's stream".into()),
         }
     }
 }
@@ -779,5 +921,24 @@ impl AppCommand {
             AppCommand::Exec(v) => v.clone(),
             AppCommand::Shell(s) => shell.iter().cloned().chain([s.clone()]).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_dest_when_directory_then_the_urls_file_name_inside() {
+        assert_eq!(
+            url_dest("http://h:81/a/b.tgz?x=1", "/opt/", 1),
+            Ok("/opt/b.tgz".to_string())
+        );
+        assert_eq!(
+            url_dest("http://h/a", "/opt/f", 1),
+            Ok("/opt/f".to_string())
+        );
+        assert_eq!(url_dest("http://h/a", "/opt", 2), Ok("/opt/a".to_string()));
+        assert!(url_dest("http://h/", "/opt/", 1).is_err());
     }
 }

@@ -9,7 +9,9 @@ use super::source;
 use super::{BuildError, BuildSpec, ImageConfig};
 use crate::base::BaseImage;
 use crate::context::BuildContext;
-use crate::dockerfile::{self, Command, Healthcheck, InstructionKind, Port};
+use crate::dockerfile::{
+    self, Command, Healthcheck, Heredoc, InstructionKind, Port, RunMount, RunNetwork, RunSpec,
+};
 
 /// PATH when the Dockerfile sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -98,6 +100,12 @@ pub enum StepAction {
     Run {
         /// The argv.
         argv: Vec<String>,
+        /// A here-document script to write first (to [`SCRIPT_PATH`]), read by `argv`.
+        script: Option<String>,
+        /// Mounts for this step only.
+        mounts: Vec<StepMount>,
+        /// `--network=none`: the step runs without network.
+        no_network: bool,
     },
     /// COPY or ADD from the build context.
     Copy {
@@ -111,7 +119,115 @@ pub enum StepAction {
         chmod: Option<u32>,
         /// ADD: unpack local archives.
         unpack: bool,
+        /// Inline files (COPY here-documents): name and content.
+        inline: Vec<(String, Vec<u8>)>,
+        /// ADD: `http(s)://` URLs to download inside the build VM.
+        urls: Vec<String>,
+        /// ADD `--checksum`: the expected SHA-256 of every download (hex).
+        sha256: Option<String>,
     },
+}
+
+/// Where, in the build VM, a RUN here-document script with a `#!` line is written
+/// (tmpfs, never in a layer); its interpreter reads it from there.
+pub const SCRIPT_PATH: &str = "/dev/kiln/run-script";
+
+/// A mount for one RUN step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepMount {
+    /// A cache directory kept between builds.
+    Cache {
+        /// Absolute target in the guest.
+        target: String,
+        /// The cache's id (the target when not given).
+        id: String,
+        /// Root directory mode when the cache is created.
+        mode: u32,
+        /// Root directory owner when the cache is created.
+        uid: u32,
+        /// Root directory group when the cache is created.
+        gid: u32,
+        /// Mounted read-only.
+        read_only: bool,
+    },
+    /// A build secret.
+    Secret {
+        /// The secret's id.
+        id: String,
+        /// Absolute target of the file, if any.
+        target: Option<String>,
+        /// Environment variable to hold it, if any.
+        env: Option<String>,
+        /// Fail when the build was given no such secret.
+        required: bool,
+        /// File mode.
+        mode: u32,
+        /// File owner.
+        uid: u32,
+        /// File group.
+        gid: u32,
+    },
+    /// An empty tmpfs.
+    Tmpfs {
+        /// Absolute target.
+        target: String,
+        /// Size limit in bytes.
+        size: Option<u64>,
+    },
+}
+
+impl StepMount {
+    /// Where it appears in the guest, if as a path.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            StepMount::Cache { target, .. } | StepMount::Tmpfs { target, .. } => Some(target),
+            StepMount::Secret { target, .. } => target.as_deref(),
+        }
+    }
+}
+
+/// The argv (and script, if any) of a RUN: BuildKit's rules for here-documents. A line that
+/// is only `<<EOF` runs the document as the shell's script (or, when it starts with `#!`,
+/// with that interpreter); any other line goes to the shell with the documents after it,
+/// so the shell feeds them to the commands as stdin.
+fn run_argv(spec: &RunSpec, shell: &[String], escape: char) -> (Vec<String>, Option<String>) {
+    let line = match &spec.command {
+        Command::Exec(argv) => return (argv.clone(), None),
+        Command::Shell(line) => line,
+    };
+    if spec.heredocs.is_empty() {
+        return (shell.iter().cloned().chain([line.clone()]).collect(), None);
+    }
+    let only_marker = crate::dockerfile::is_only_heredoc(line, escape);
+    if let ([doc], true) = (spec.heredocs.as_slice(), only_marker) {
+        if let Some(interpreter) = doc.content.strip_prefix("#!") {
+            let first = interpreter.lines().next().unwrap_or_default().trim();
+            let (program, arg) = first
+                .split_once(char::is_whitespace)
+                .map_or((first, ""), |(p, a)| (p, a.trim()));
+            let mut argv = vec![program.to_string()];
+            if !arg.is_empty() {
+                argv.push(arg.to_string());
+            }
+            argv.push(SCRIPT_PATH.to_string());
+            return (argv, Some(doc.content.clone()));
+        }
+        return (
+            shell.iter().cloned().chain([doc.content.clone()]).collect(),
+            None,
+        );
+    }
+    let mut script = line.clone();
+    script.push('\n');
+    for doc in &spec.heredocs {
+        script.push_str(&heredoc_as_written(doc));
+    }
+    (shell.iter().cloned().chain([script]).collect(), None)
+}
+
+/// A here-document's body and delimiter line, as the shell reads them.
+fn heredoc_as_written(doc: &Heredoc) -> String {
+    format!("{}{}\n", doc.content, doc.name)
 }
 
 /// One step of the plan.
@@ -197,6 +313,42 @@ fn context_source(root: &Path, src: &str) -> Result<(String, String), String> {
     Ok((rel, dir))
 }
 
+/// A RUN `--mount` with its words expanded and its target made absolute.
+fn step_mount(
+    mount: &RunMount,
+    state: &StepState,
+    x: &dyn Fn(&str, &StepState) -> Result<String, BuildError>,
+) -> Result<StepMount, BuildError> {
+    let target =
+        |t: &str| -> Result<String, BuildError> { Ok(join(&state.workdir, &x(t, state)?)) };
+    Ok(match mount {
+        RunMount::Cache(c) => StepMount::Cache {
+            target: target(&c.target)?,
+            id: match &c.id {
+                Some(id) => x(id, state)?,
+                None => x(&c.target, state)?,
+            },
+            mode: c.mode,
+            uid: c.uid,
+            gid: c.gid,
+            read_only: c.read_only,
+        },
+        RunMount::Secret(s) => StepMount::Secret {
+            id: x(&s.id, state)?,
+            target: s.target.as_deref().map(target).transpose()?,
+            env: s.env.clone(),
+            required: s.required,
+            mode: s.mode,
+            uid: s.uid,
+            gid: s.gid,
+        },
+        RunMount::Tmpfs { target: t, size } => StepMount::Tmpfs {
+            target: target(t)?,
+            size: *size,
+        },
+    })
+}
+
 fn to_app(c: &Command) -> AppCommand {
     match c {
         Command::Exec(v) => AppCommand::Exec(v.clone()),
@@ -272,14 +424,49 @@ impl Plan {
                         "a second FROM: multi-stage builds are not supported yet",
                     ))
                 }
-                InstructionKind::Run(c) => StepAction::Run {
-                    argv: to_app(c).argv(&state.shell),
-                },
+                InstructionKind::Run(spec) => {
+                    let (argv, script) = run_argv(spec, &state.shell, escape);
+                    for doc in &spec.heredocs {
+                        keys.feed(heredoc_as_written(doc).as_bytes());
+                    }
+                    let mut mounts = Vec::new();
+                    for mount in &spec.mounts {
+                        mounts.push(step_mount(mount, &state, &x)?);
+                    }
+                    StepAction::Run {
+                        argv,
+                        script,
+                        mounts,
+                        no_network: spec.network == RunNetwork::None,
+                    }
+                }
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let unpack = matches!(ins.kind, InstructionKind::Add(_));
                     let mut sources = Vec::new();
+                    let mut urls = Vec::new();
+                    let mut inline = Vec::new();
+                    for doc in &spec.heredocs {
+                        let content = match doc.expand {
+                            true => {
+                                dockerfile::expand_vars(&doc.content, &|n| state.lookup(n), escape)
+                                    .map_err(|e| err(line, e.message))?
+                            }
+                            false => doc.content.clone(),
+                        };
+                        keys.feed(doc.name.as_bytes());
+                        keys.feed(content.as_bytes());
+                        inline.push((doc.name.clone(), content.into_bytes()));
+                    }
                     for s in &spec.sources {
                         let s = x(s, &state)?;
+                        if unpack && dockerfile::is_http(&s) {
+                            // The content is not known before the download: the URL (and
+                            // the checksum, in the instruction's text) make the key, as
+                            // Docker's cache does without a checksum.
+                            keys.feed(s.as_bytes());
+                            urls.push(s);
+                            continue;
+                        }
                         // Only ever a link-free path inside the context (see `source`).
                         let (rel, hashed) =
                             context_source(&context.dir, &s).map_err(|e| err(line, e))?;
@@ -298,12 +485,34 @@ impl Plan {
                             None => None,
                         };
                     let chown = spec.chown.as_ref().map(|c| x(c, &state)).transpose()?;
+                    let sha256 = spec
+                        .checksum
+                        .as_ref()
+                        .map(|c| x(c, &state))
+                        .transpose()?
+                        .map(|c| {
+                            c.strip_prefix("sha256:")
+                                .filter(|h| {
+                                    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+                                })
+                                .map(str::to_ascii_lowercase)
+                                .ok_or_else(|| {
+                                    err(
+                                        line,
+                                        format!("ADD --checksum={c}: give sha256:<64 hex digits>"),
+                                    )
+                                })
+                        })
+                        .transpose()?;
                     StepAction::Copy {
                         sources,
                         dest,
                         chown,
                         chmod,
                         unpack,
+                        inline,
+                        urls,
+                        sha256,
                     }
                 }
                 InstructionKind::Env(pairs) => {
@@ -522,5 +731,66 @@ mod tests {
     #[test]
     fn is_archive_when_tarball_then_true_else_false() {
         assert!(is_archive("a.tar.gz") && is_archive("b.TGZ") && !is_archive("c.zip"));
+    }
+
+    fn heredoc_run(line: &str, docs: &[(&str, &str)]) -> RunSpec {
+        RunSpec {
+            heredocs: docs
+                .iter()
+                .map(|(name, content)| Heredoc {
+                    name: name.to_string(),
+                    content: content.to_string(),
+                    expand: true,
+                    strip_tabs: false,
+                })
+                .collect(),
+            ..RunSpec::plain(Command::Shell(line.to_string()))
+        }
+    }
+
+    fn sh() -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into()]
+    }
+
+    #[test]
+    fn run_argv_when_only_a_heredoc_then_its_body_is_the_script() {
+        let spec = heredoc_run("<<EOF", &[("EOF", "echo a\necho b\n")]);
+
+        let (argv, script) = run_argv(&spec, &sh(), '\\');
+
+        assert_eq!(argv, ["/bin/sh", "-c", "echo a\necho b\n"]);
+        assert_eq!(script, None);
+    }
+
+    #[test]
+    fn run_argv_when_body_has_a_shebang_then_its_interpreter_reads_the_script_file() {
+        let spec = heredoc_run("<<-EOF", &[("EOF", "#!/usr/bin/env python3\nprint(1)\n")]);
+
+        let (argv, script) = run_argv(&spec, &sh(), '\\');
+
+        assert_eq!(argv, ["/usr/bin/env", "python3", SCRIPT_PATH]);
+        assert_eq!(
+            script.as_deref(),
+            Some("#!/usr/bin/env python3\nprint(1)\n")
+        );
+    }
+
+    #[test]
+    fn run_argv_when_heredocs_feed_commands_then_the_shell_gets_line_and_bodies() {
+        let spec = heredoc_run(
+            "python3 <<A && cat <<'B'",
+            &[("A", "print(1)\n"), ("B", "$x\n")],
+        );
+
+        let (argv, _) = run_argv(&spec, &sh(), '\\');
+
+        assert_eq!(
+            argv,
+            [
+                "/bin/sh",
+                "-c",
+                "python3 <<A && cat <<'B'\nprint(1)\nA\n$x\nB\n"
+            ]
+        );
     }
 }

@@ -18,6 +18,26 @@ pub fn expand(
         escape,
         vars,
         source: s,
+        keep_quotes: false,
+    };
+    words.process(None)
+}
+
+/// Expands variables as [`expand`] does but keeps quotes as they are (BuildKit's rule for
+/// the content of an unquoted COPY here-document); `escape` before `$` or itself still
+/// gives that character literally.
+pub fn expand_vars(
+    s: &str,
+    vars: &dyn Fn(&str) -> Option<String>,
+    escape: char,
+) -> Result<String, ParseError> {
+    let mut words = Words {
+        chars: s.chars().collect(),
+        at: 0,
+        escape,
+        vars,
+        source: s,
+        keep_quotes: true,
     };
     words.process(None)
 }
@@ -28,6 +48,8 @@ struct Words<'a> {
     escape: char,
     vars: &'a dyn Fn(&str) -> Option<String>,
     source: &'a str,
+    /// Quotes are ordinary characters (here-document content).
+    keep_quotes: bool,
 }
 
 impl Words<'_> {
@@ -58,6 +80,24 @@ impl Words<'_> {
             if Some(c) == stop {
                 self.at += 1;
                 return Ok(out);
+            }
+            if self.keep_quotes {
+                self.at += 1;
+                match c {
+                    '$' => {
+                        self.at -= 1;
+                        out.push_str(&self.dollar()?);
+                    }
+                    c if c == self.escape => match self.peek() {
+                        Some(next) if next == '$' || next == self.escape => {
+                            self.at += 1;
+                            out.push(next);
+                        }
+                        _ => out.push(c),
+                    },
+                    c => out.push(c),
+                }
+                continue;
             }
             match c {
                 '\'' => {

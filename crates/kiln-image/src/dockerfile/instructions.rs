@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use super::parser::{flags, json_array, words, Logical};
-use super::{ArgDecl, Command, CopySpec, Healthcheck, InstructionKind, ParseError};
+use super::parser::{flags, heredoc_marker, json_array, words, Logical};
+use super::{
+    ArgDecl, CacheMount, Command, CopySpec, Healthcheck, InstructionKind, ParseError, RunMount,
+    RunNetwork, RunSpec, SecretMount,
+};
 
 /// An exposed port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,27 +74,15 @@ pub(crate) fn parse_instruction(
                 _ => Err(err("FROM takes `image [AS name]`".into())),
             }
         }
-        "RUN" => {
-            let (found, rest) = flags(rest);
-            if let Some((name, _)) = found.first() {
-                return Err(err(format!(
-                    "RUN --{name} is not supported: drop the flag (kiln runs every RUN \
-                     in the build VM with its network)"
-                )));
-            }
-            if rest.is_empty() {
-                return Err(err("RUN needs a command".into()));
-            }
-            Ok(InstructionKind::Run(command(rest)))
-        }
+        "RUN" => run(logical).map(InstructionKind::Run),
         "COPY" | "ADD" => {
-            let spec = copy_spec(&keyword, rest, escape, line)?;
+            let spec = copy_spec(&keyword, logical, escape)?;
             if keyword == "COPY" {
                 return Ok(InstructionKind::Copy(spec));
             }
-            if let Some(url) = spec.sources.iter().find(|s| is_url(s)) {
+            if let Some(url) = spec.sources.iter().find(|s| is_git(s)) {
                 return Err(err(format!(
-                    "ADD from URLs is not supported: download in a RUN step ({url})"
+                    "ADD from a Git repository is not supported: clone it in a RUN step ({url})"
                 )));
             }
             Ok(InstructionKind::Add(spec))
@@ -204,7 +195,7 @@ fn command(rest: &str) -> Command {
     }
 }
 
-/// Fails on any flag not in `allowed`.
+/// Fails on any flag not in `allowed`, in Docker's words (`unknown flag: name`).
 fn allow_flags(
     keyword: &str,
     found: &[(String, Option<String>)],
@@ -215,23 +206,266 @@ fn allow_flags(
         .iter()
         .find(|(name, _)| !allowed.contains(&name.as_str()))
     {
-        Some((name, _)) => Err(ParseError::new(
-            line,
-            format!("{keyword} --{name} is not supported: remove the flag"),
-        )),
+        Some((name, _)) => {
+            let known: Vec<String> = allowed.iter().map(|a| format!("--{a}")).collect();
+            let hint = match known.is_empty() {
+                true => format!("{keyword} takes no flags"),
+                false => format!("{keyword} takes {}", known.join(", ")),
+            };
+            Err(ParseError::new(
+                line,
+                format!("unknown flag: {name} ({hint})"),
+            ))
+        }
         None => Ok(()),
     }
 }
 
-fn copy_spec(keyword: &str, rest: &str, escape: char, line: usize) -> Result<CopySpec, ParseError> {
-    let (found, rest) = flags(rest);
+/// `RUN [--mount=…]… [--network=…] command`, with the here-documents its line opens.
+fn run(logical: &Logical) -> Result<RunSpec, ParseError> {
+    let line = logical.line;
+    let err = |message: String| ParseError::new(line, message);
+    let (found, rest) = flags(&logical.rest);
+    allow_flags("RUN", &found, &["mount", "network"], line)?;
+    let mut mounts = Vec::new();
+    let mut network = RunNetwork::Default;
+    for (name, value) in &found {
+        let value = value
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| err(format!("RUN --{name} needs a value, e.g. --{name}=…")))?;
+        if name == "mount" {
+            mounts.push(run_mount(value).map_err(&err)?);
+            continue;
+        }
+        network = match value.to_ascii_lowercase().as_str() {
+            "default" => RunNetwork::Default,
+            "none" => RunNetwork::None,
+            "host" => {
+                return Err(err(
+                    "RUN --network=host is not allowed: a build step never shares the host's \
+                     network; use --network=default (the build's egress policy) or none"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err(err(format!(
+                    "RUN --network={other}: unsupported network mode (use default or none)"
+                )))
+            }
+        };
+    }
+    if rest.is_empty() {
+        return Err(err("RUN needs a command".into()));
+    }
+    let command = command(rest);
+    if matches!(command, Command::Exec(_)) && !logical.heredocs.is_empty() {
+        return Err(err(
+            "RUN in exec form (a JSON array) cannot take here-documents: use the shell form".into(),
+        ));
+    }
+    Ok(RunSpec {
+        command,
+        heredocs: logical.heredocs.clone(),
+        mounts,
+        network,
+    })
+}
+
+/// One `--mount` value: comma-separated `key=value` fields (BuildKit's names).
+fn run_mount(value: &str) -> Result<RunMount, String> {
+    let mut fields = Vec::new();
+    for field in value.split(',').filter(|f| !f.is_empty()) {
+        let (key, val) = match field.split_once('=') {
+            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim().to_string())),
+            None => (field.trim().to_ascii_lowercase(), None),
+        };
+        fields.push((key, val));
+    }
+    let get = |names: &[&str]| -> Option<Option<String>> {
+        fields
+            .iter()
+            .rev()
+            .find(|(k, _)| names.contains(&k.as_str()))
+            .map(|(_, v)| v.clone())
+    };
+    let kind = get(&["type"]).flatten().unwrap_or_else(|| "bind".into());
+    let allowed: &[&str] = match kind.as_str() {
+        "cache" => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "id",
+            "sharing",
+            "mode",
+            "uid",
+            "gid",
+            "ro",
+            "readonly",
+            "rw",
+            "readwrite",
+        ],
+        "secret" => &[
+            "type",
+            "target",
+            "dst",
+            "destination",
+            "id",
+            "required",
+            "mode",
+            "uid",
+            "gid",
+            "env",
+        ],
+        "tmpfs" => &["type", "target", "dst", "destination", "size"],
+        "bind" | "ssh" => {
+            return Err(format!(
+                "RUN --mount=type={kind} is not supported: kiln supports type=cache, \
+                 type=secret and type=tmpfs (COPY what the step needs from the context)"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "RUN --mount=type={other}: unknown mount type (cache, secret, tmpfs, bind, ssh)"
+            ))
+        }
+    };
+    if let Some((key, _)) = fields.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(format!(
+            "RUN --mount={value}: unexpected key '{key}' for type={kind}"
+        ));
+    }
+    let target = get(&["target", "dst", "destination"]).flatten();
+    let number = |name: &str, radix: u32, default: u32| -> Result<u32, String> {
+        match get(&[name]) {
+            None => Ok(default),
+            Some(Some(v)) => u32::from_str_radix(&v, radix).map_err(|_| {
+                format!(
+                    "RUN --mount {name}={v}: give {}",
+                    if radix == 8 {
+                        "an octal mode like 0755"
+                    } else {
+                        "a number"
+                    }
+                )
+            }),
+            Some(None) => Err(format!("RUN --mount {name}: give a value ({name}=…)")),
+        }
+    };
+    let boolean = |names: &[&str]| -> Result<bool, String> {
+        match get(names) {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(v)) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("RUN --mount {}={v}: give true or false", names[0])),
+            },
+        }
+    };
+    match kind.as_str() {
+        "cache" => {
+            let target = target.ok_or("RUN --mount=type=cache needs target=<path>")?;
+            let sharing = get(&["sharing"])
+                .flatten()
+                .unwrap_or_else(|| "shared".into());
+            if !["shared", "private", "locked"].contains(&sharing.as_str()) {
+                return Err(format!(
+                    "RUN --mount sharing={sharing}: give shared, private or locked"
+                ));
+            }
+            let mode = number("mode", 8, 0o755)?;
+            if mode > 0o7777 {
+                return Err(format!(
+                    "RUN --mount mode={mode:o}: give an octal mode like 0755"
+                ));
+            }
+            Ok(RunMount::Cache(CacheMount {
+                target,
+                id: get(&["id"]).flatten().filter(|id| !id.is_empty()),
+                sharing,
+                mode,
+                uid: number("uid", 10, 0)?,
+                gid: number("gid", 10, 0)?,
+                read_only: boolean(&["ro", "readonly"])?,
+            }))
+        }
+        "secret" => {
+            let env = get(&["env"]).flatten().filter(|e| !e.is_empty());
+            let id = match (get(&["id"]).flatten(), &target) {
+                (Some(id), _) if !id.is_empty() => id,
+                (_, Some(t)) => t.rsplit('/').next().unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            if id.is_empty() {
+                return Err(
+                    "RUN --mount=type=secret needs id=<name> (or a target to name it)".into(),
+                );
+            }
+            let target = match (target, &env) {
+                (Some(t), _) => Some(t),
+                (None, Some(_)) => None,
+                (None, None) => Some(format!("/run/secrets/{id}")),
+            };
+            let mode = number("mode", 8, 0o400)?;
+            if mode > 0o7777 {
+                return Err(format!(
+                    "RUN --mount mode={mode:o}: give an octal mode like 0400"
+                ));
+            }
+            Ok(RunMount::Secret(SecretMount {
+                id,
+                target,
+                env,
+                required: boolean(&["required"])?,
+                mode,
+                uid: number("uid", 10, 0)?,
+                gid: number("gid", 10, 0)?,
+            }))
+        }
+        _ => {
+            let target = target.ok_or("RUN --mount=type=tmpfs needs target=<path>")?;
+            let size = match get(&["size"]) {
+                None => None,
+                Some(v) => Some(
+                    v.as_deref()
+                        .and_then(parse_size)
+                        .ok_or("RUN --mount size: give bytes or a size like 64m")?,
+                ),
+            };
+            Ok(RunMount::Tmpfs { target, size })
+        }
+    }
+}
+
+/// `123`, `64k`, `64m`, `1g` (binary units, as Docker's `size=`).
+fn parse_size(text: &str) -> Option<u64> {
+    let lower = text.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('b');
+    let (digits, shift) = match lower.chars().last()? {
+        'k' => (&lower[..lower.len() - 1], 10),
+        'm' => (&lower[..lower.len() - 1], 20),
+        'g' => (&lower[..lower.len() - 1], 30),
+        _ => (lower, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+fn copy_spec(keyword: &str, logical: &Logical, escape: char) -> Result<CopySpec, ParseError> {
+    let line = logical.line;
+    let (found, rest) = flags(&logical.rest);
     if found.iter().any(|(name, _)| name == "from") {
         return Err(ParseError::new(
             line,
             format!("{keyword} --from: multi-stage builds are not supported yet"),
         ));
     }
-    allow_flags(keyword, &found, &["chown", "chmod", "link"], line)?;
+    let allowed: &[&str] = match keyword {
+        "ADD" => &["chown", "chmod", "link", "checksum"],
+        _ => &["chown", "chmod", "link"],
+    };
+    allow_flags(keyword, &found, allowed, line)?;
     let value = |flag: &str| -> Result<Option<String>, ParseError> {
         match found.iter().find(|(name, _)| name == flag) {
             Some((_, Some(value))) if !value.is_empty() => Ok(Some(value.clone())),
@@ -244,6 +478,7 @@ fn copy_spec(keyword: &str, rest: &str, escape: char, line: usize) -> Result<Cop
     };
     let chown = value("chown")?;
     let chmod = value("chmod")?;
+    let checksum = value("checksum")?;
     if let Some(mode) = chmod.as_ref().filter(|m| !m.contains('$')) {
         if mode.is_empty() || u32::from_str_radix(mode, 8).map_or(true, |m| m > 0o7777) {
             return Err(ParseError::new(
@@ -252,7 +487,9 @@ fn copy_spec(keyword: &str, rest: &str, escape: char, line: usize) -> Result<Cop
             ));
         }
     }
-    let mut paths = json_array(rest).unwrap_or_else(|| words(rest, escape));
+    let json = json_array(rest);
+    let from_json = json.is_some();
+    let mut paths = json.unwrap_or_else(|| words(rest, escape));
     if paths.len() < 2 {
         return Err(ParseError::new(
             line,
@@ -260,19 +497,61 @@ fn copy_spec(keyword: &str, rest: &str, escape: char, line: usize) -> Result<Cop
         ));
     }
     let dest = paths.pop().unwrap_or_default();
+    // Here-document markers among the sources are inline files, taken in order.
+    let mut inline = logical.heredocs.iter();
+    let mut heredocs = Vec::new();
+    let mut sources = Vec::new();
+    for path in paths {
+        match heredoc_marker(&path, escape).filter(|_| !from_json) {
+            Some(marker) => match inline.next() {
+                Some(doc) if doc.name == marker.name => heredocs.push(doc.clone()),
+                _ => {
+                    return Err(ParseError::new(
+                        line,
+                        format!("{keyword} {path}: the here-document has no body"),
+                    ))
+                }
+            },
+            None => sources.push(path),
+        }
+    }
+    if let Some(sum) = checksum.as_deref().filter(|c| !c.contains('$')) {
+        let hex = sum.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ParseError::new(
+                line,
+                format!("ADD --checksum={sum}: give sha256:<64 hex digits>"),
+            ));
+        }
+        if sources.iter().any(|s| !is_http(s)) || !heredocs.is_empty() {
+            return Err(ParseError::new(
+                line,
+                "ADD --checksum applies to http(s) URLs only: every source must be one",
+            ));
+        }
+    }
     Ok(CopySpec {
-        sources: paths,
+        sources,
+        heredocs,
+        checksum,
         dest,
         chown,
         chmod,
     })
 }
 
-fn is_url(source: &str) -> bool {
+/// Whether an ADD source is an `http://` or `https://` URL.
+pub fn is_http(source: &str) -> bool {
     let lower = source.to_ascii_lowercase();
-    ["http://", "https://", "git@", "git://"]
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+fn is_git(source: &str) -> bool {
+    let lower = source.to_ascii_lowercase();
+    ["git@", "git://"]
         .iter()
         .any(|scheme| lower.starts_with(scheme))
+        || (is_http(&lower) && lower.ends_with(".git"))
 }
 
 /// `k=v k2="v 2"` pairs, or the legacy `k rest of line` form.

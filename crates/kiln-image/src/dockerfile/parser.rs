@@ -1,6 +1,6 @@
 //! The Dockerfile's lines: parser directives, comments, continuations, words and flags.
 
-use super::ParseError;
+use super::{Heredoc, ParseError};
 
 /// Directives kiln knows (`check` is BuildKit's lint directive; it is accepted and ignored).
 const DIRECTIVES: [&str; 3] = ["escape", "syntax", "check"];
@@ -23,7 +23,12 @@ pub(crate) struct Logical {
     pub rest: String,
     /// The whole logical line, trimmed.
     pub text: String,
+    /// The here-documents that follow the line (RUN, COPY and ADD only), in order.
+    pub heredocs: Vec<Heredoc>,
 }
+
+/// Instructions whose lines may open here-documents (as BuildKit allows).
+const HEREDOC_INSTRUCTIONS: [&str; 3] = ["RUN", "COPY", "ADD"];
 
 /// Reads directives, drops comments and blank lines, joins continuations.
 pub(crate) fn split(text: &str) -> Result<Source, ParseError> {
@@ -55,11 +60,34 @@ pub(crate) fn split(text: &str) -> Result<Source, ParseError> {
         let (keyword, rest) = logical
             .split_once(char::is_whitespace)
             .unwrap_or((logical, ""));
+        let mut heredocs = Vec::new();
+        if HEREDOC_INSTRUCTIONS.contains(&keyword.to_ascii_uppercase().as_str()) {
+            for marker in heredoc_markers(rest, escape) {
+                let (content, next) = heredoc_body(&lines, i, &marker).ok_or_else(|| {
+                    ParseError::new(
+                        start,
+                        format!(
+                            "the here-document <<{} is not terminated: end it with a line \
+                             holding only {}",
+                            marker.name, marker.name
+                        ),
+                    )
+                })?;
+                i = next;
+                heredocs.push(Heredoc {
+                    name: marker.name,
+                    content,
+                    expand: marker.expand,
+                    strip_tabs: marker.strip_tabs,
+                });
+            }
+        }
         logical_lines.push(Logical {
             line: start,
             keyword: keyword.to_string(),
             rest: rest.trim().to_string(),
             text: logical.to_string(),
+            heredocs,
         });
     }
     Ok(Source {
@@ -125,6 +153,77 @@ fn trim_continuation(line: &str, escape: char) -> (String, bool) {
         Some(body) => (body.to_string(), true),
         None => (line.trim_end_matches('\r').to_string(), false),
     }
+}
+
+/// A `<<[-]WORD` word on an instruction's line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HeredocMarker {
+    /// The delimiter, quotes removed.
+    pub name: String,
+    /// `<<-`: leading tabs are stripped from the body and the delimiter line.
+    pub strip_tabs: bool,
+    /// The delimiter was unquoted, so the body's variables are expanded.
+    pub expand: bool,
+}
+
+/// The here-document markers among `text`'s words, in order (BuildKit matches each word
+/// against `<<[-]delimiter`, the delimiter holding no `<`).
+pub(crate) fn heredoc_markers(text: &str, escape: char) -> Vec<HeredocMarker> {
+    words(text, escape)
+        .iter()
+        .filter_map(|word| heredoc_marker(word, escape))
+        .collect()
+}
+
+/// The marker a word is, if it is one.
+pub(crate) fn heredoc_marker(word: &str, escape: char) -> Option<HeredocMarker> {
+    let after = word.strip_prefix("<<")?;
+    let (strip_tabs, raw) = match after.strip_prefix('-') {
+        Some(raw) => (true, raw),
+        None => (false, after),
+    };
+    if raw.is_empty() || raw.contains('<') {
+        return None;
+    }
+    let mut name = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {}
+            c if c == escape => name.extend(chars.next()),
+            c => name.push(c),
+        }
+    }
+    if name.is_empty() {
+        return None;
+    }
+    let expand = name == raw;
+    Some(HeredocMarker {
+        name,
+        strip_tabs,
+        expand,
+    })
+}
+
+/// The body of one here-document starting at `lines[from]`: its content (each line ending
+/// in `\n`, leading tabs gone for `<<-`) and the index of the line after the delimiter.
+/// `None` when the text ends before the delimiter.
+fn heredoc_body(lines: &[&str], from: usize, marker: &HeredocMarker) -> Option<(String, usize)> {
+    let mut content = String::new();
+    for (index, raw) in lines.iter().enumerate().skip(from) {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        let line = if marker.strip_tabs {
+            line.trim_start_matches('\t')
+        } else {
+            line
+        };
+        if line == marker.name {
+            return Some((content, index + 1));
+        }
+        content.push_str(line);
+        content.push('\n');
+    }
+    None
 }
 
 /// Splits on blanks outside quotes, keeping quotes and escapes in the words (Docker's

@@ -57,6 +57,41 @@ pub struct BuildArgs {
     /// Start the build and return without following it.
     #[arg(long)]
     pub no_wait: bool,
+    /// A secret for `RUN --mount=type=secret,id=NAME` steps, read from a file or an
+    /// environment variable (repeatable). Held by kilnd in memory for this build only.
+    #[arg(long = "secret", value_name = "id=NAME,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+}
+
+/// One `--secret id=NAME,src=FILE` / `id=NAME,env=VAR` (Docker's syntax; `source=` too):
+/// the id and the value.
+fn read_secret(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut id = None;
+    let mut src = None;
+    let mut env = None;
+    for field in spec.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+            Some(("env", v)) => env = Some(v.to_string()),
+            Some(("type", "file" | "env")) => {}
+            _ => bail!(
+                "--secret {spec}: unknown field {field:?} (give id=NAME,src=FILE or id=NAME,env=VAR)"
+            ),
+        }
+    }
+    let id = id
+        .filter(|i| !i.is_empty())
+        .with_context(|| format!("--secret {spec}: give id=NAME"))?;
+    let value = match (src, env) {
+        (Some(path), None) => std::fs::read(&path)
+            .with_context(|| format!("--secret id={id}: cannot read {}", path.display()))?,
+        (None, Some(var)) => std::env::var_os(&var)
+            .with_context(|| format!("--secret id={id}: environment variable {var} is not set"))?
+            .into_encoded_bytes(),
+        _ => bail!("--secret id={id}: give exactly one of src=FILE or env=VAR"),
+    };
+    Ok((id, value))
 }
 
 /// The managed bases: what `--base` and a Dockerfile's `FROM` call them, and their ARN name.
@@ -197,7 +232,31 @@ pub async fn run(g: &Global, kilnd: &Kilnd, a: BuildArgs) -> anyhow::Result<Exit
         .artifact_dir
         .clone()
         .unwrap_or_else(|| g.home().join("artifacts"));
+    let secrets = a
+        .secrets
+        .iter()
+        .map(|s| read_secret(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (zip, stats) = write_artifact(&dir, &artifacts, &name)?;
+    if !secrets.is_empty() {
+        use base64::Engine as _;
+        let map: serde_json::Map<String, serde_json::Value> = secrets
+            .into_iter()
+            .map(|(id, value)| {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+                (id, serde_json::Value::String(encoded))
+            })
+            .collect();
+        let body = serde_json::json!({ "secrets": map });
+        kilnd
+            .kiln(
+                Method::PUT,
+                &format!("/kiln/v1/images/{name}/build-secrets"),
+                Some(&body),
+            )
+            .await
+            .context("handing the build secrets to kilnd")?;
+    }
     let config = ImageVersionConfig {
         base_image_arn: base.clone(),
         base_image_version: None,
@@ -376,6 +435,25 @@ fn print_version(name: &str, v: &MicrovmImageVersionSummary, output: Output) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_secret_when_file_or_env_then_value_else_error_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tok");
+        std::fs::write(&file, b"v1").expect("write");
+
+        let from_file = read_secret(&format!("id=a,src={}", file.display())).expect("file");
+        let from_env = read_secret("id=b,env=PATH").expect("env");
+        let neither = read_secret("id=c").expect_err("no source");
+
+        assert_eq!(from_file, ("a".to_string(), b"v1".to_vec()));
+        let path = std::env::var("PATH").expect("PATH").into_bytes();
+        assert_eq!(from_env, ("b".to_string(), path));
+        assert!(
+            neither.to_string().contains("src=FILE or env=VAR"),
+            "{neither}"
+        );
+    }
 
     #[test]
     fn base_arn_when_no_flag_then_from_dockerfile_else_busybox() {

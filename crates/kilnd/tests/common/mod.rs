@@ -645,8 +645,11 @@ pub struct PrivateService {
     /// The service's addresses (`.2`, `.3`).
     pub addrs: [std::net::Ipv4Addr; 2],
     netns: kiln_net::Netns,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, Vec<u8>)>>>,
+    seen: Seen,
 }
+
+/// What each connection to a `PrivateService` listener sent, by listening address.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(std::net::SocketAddr, Vec<u8>)>>>;
 
 impl PrivateService {
     /// A new namespace and link; `ip` must be installed (it is in scripts/host-tools.tsv).
