@@ -35,6 +35,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 const ENTROPY_BYTES: usize = 64;
 /// Migration bandwidth for suspends (bytes/s): no cap, the guest is paused anyway.
 const SUSPEND_BANDWIDTH: u64 = 1 << 40;
+/// The name under which QEMU holds the descriptor of a migration stream (QMP `getfd`).
+const MIGRATION_FD: &str = "kiln-migration";
 
 /// Runs VMs with QEMU.
 #[derive(Debug, Clone)]
@@ -337,7 +339,6 @@ impl Vmm for QemuVmm {
             });
         }
         let stream = sus.state_path();
-        shell_quote(&stream)?;
         create_runtime_dir(&target.dir)?;
         // Links, not moves: the suspended directory stays whole until the resumed guest runs.
         let mut disks = Vec::with_capacity(m.disks.len());
@@ -566,9 +567,14 @@ impl QemuVm {
         doing: &str,
         agent_timeout: Duration,
     ) -> Result<(), VmmError> {
-        let uri = format!("exec:cat {}", shell_quote(stream)?);
+        let file = std::fs::File::open(stream).map_err(|e| VmmError::io("opening", stream, e))?;
+        self.pass_migration_fd(&file, loading).await?;
+        drop(file);
         self.qmp
-            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp(loading))?;
         let status = self.wait_while_status("inmigrate", loading).await?;
@@ -608,6 +614,16 @@ impl QemuVm {
         self.timeline.mark("refreshed", self.t0);
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Gives QEMU the migration stream's descriptor: kilnd opens the file, QEMU only reads or
+    /// writes the descriptor (no shell, no path, whatever its uid and sandbox allow).
+    async fn pass_migration_fd(&self, file: &std::fs::File, doing: &str) -> Result<(), VmmError> {
+        use std::os::fd::AsFd;
+        self.qmp
+            .pass_fd(MIGRATION_FD, file.as_fd())
+            .await
+            .map_err(VmmError::qmp(doing))
     }
 
     /// Migration leaves guest RAM out of the stream: it lives in the shared memory file.
@@ -879,10 +895,10 @@ impl QemuVm {
             backings.push(backing);
         }
         let state_path = staging.join(suspend::STATE);
-        let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
         let ram_backend = self.ram_backend().await?;
         let _ = std::fs::remove_dir_all(staging);
         std::fs::create_dir_all(staging).map_err(|e| VmmError::io("creating", staging, e))?;
+        let state = create_stream_file(&state_path)?;
 
         // Sync so the disks hold what the guest wrote; keep the page cache, the session resumes
         // with it.
@@ -909,10 +925,15 @@ impl QemuVm {
             )
             .await
             .map_err(VmmError::qmp("raising the migration bandwidth"))?;
-        // Only what QEMU (and `cat`) print from here on explains a failure.
+        // Only what QEMU prints from here on explains a failure.
         let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
+        self.pass_migration_fd(&state, "saving the VM").await?;
+        drop(state);
         self.qmp
-            .execute("migrate", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp("saving the VM"))?;
         self.wait_migration(dest, log_mark).await?;
@@ -993,7 +1014,7 @@ impl QemuVm {
     }
 
     /// Waits for an outgoing migration to complete; cancels it on timeout. Errors say what
-    /// QEMU (and the `cat` writing the stream) said, and whether the file system is full.
+    /// QEMU said, and whether the file system is full.
     async fn wait_migration(&mut self, dest: &Path, log_mark: u64) -> Result<(), VmmError> {
         let doing = format!("suspending into {}", dest.display());
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -1115,9 +1136,15 @@ impl QemuVm {
             .map_err(VmmError::qmp("pausing"))?;
         self.ignore_shared_memory().await?;
         let state_path = staging.join(snapshot::STATE);
-        let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
+        let state = create_stream_file(&state_path)?;
+        self.pass_migration_fd(&state, "saving the device state")
+            .await?;
+        drop(state);
         self.qmp
-            .execute("migrate", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp("saving the device state"))?;
         loop {
@@ -1368,15 +1395,14 @@ pub fn create_overlay(base: &Path, format: DiskFormat, overlay: &Path) -> Result
     Ok(())
 }
 
-/// Quotes a path for the shell QEMU runs `exec:` migrations through.
-fn shell_quote(path: &Path) -> Result<String, VmmError> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| VmmError::InvalidSpec(format!("path {} is not UTF-8", path.display())))?;
-    if s.contains('\'') {
-        return Err(VmmError::InvalidSpec(format!(
-            "path {s} contains a single quote; pick a data directory without one"
-        )));
-    }
-    Ok(format!("'{s}'"))
+/// Creates (or truncates) the file a migration stream is written into, readable by kilnd only.
+fn create_stream_file(path: &Path) -> Result<std::fs::File, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| VmmError::io("creating", path, e))
 }
