@@ -11,6 +11,11 @@ use crate::spec::{DiskSpec, VmSpec};
 /// in its DSDT, and the Debian kernel lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.
 pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,pit=on,pic=on,rtc=on";
 
+/// QEMU's own seccomp filter, on every VM: no obsolete system calls, no setuid/setgid, no
+/// fork/exec (so no `exec:` migration: streams travel as descriptors), no scheduler, CPU
+/// affinity or memory-policy changes. `/proc/<pid>/status` then shows `Seccomp: 2`.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The CPU model: `max` under TCG, the host's CPU under KVM.
 pub fn cpu_model(accel: Accel) -> &'static str {
     match accel {
@@ -51,6 +56,7 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
         a.flag(flag);
     }
     a.pair("-display", "none");
+    a.pair("-sandbox", SANDBOX);
     if let Some(mem) = &spec.memory_file {
         a.pair(
             "-object",
@@ -214,6 +220,14 @@ mod tests {
     fn args_when_forwards_and_restriction_then_netdev_carries_both() {
         let line = joined(&spec(), false);
         assert!(line.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40001-:8080"));
+    }
+
+    #[test]
+    fn args_when_any_vm_then_qemu_sandbox_denies_spawn_and_privileges() {
+        let line = joined(&spec(), false);
+        assert!(line.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
     }
 
     #[test]
