@@ -11,6 +11,7 @@ mod error;
 pub mod home;
 pub mod host;
 pub mod host_tools;
+pub mod jail;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;

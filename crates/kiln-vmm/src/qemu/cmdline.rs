@@ -191,6 +191,7 @@ mod tests {
             }),
             accel: Accel::Tcg,
             tsc_khz: 2_445_000,
+            jail: None,
         }
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kiln_agent::client::AgentClient;
 use serde_json::json;
 
+use crate::jail::{self, Jail, JailConfig};
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
 use crate::suspend::{
@@ -73,15 +74,18 @@ impl QemuVmm {
     /// [`start`](Self::start) with a prepared argument vector.
     async fn start_with(
         &self,
-        spec: VmSpec,
+        mut spec: VmSpec,
         args: Vec<OsString>,
         t0: Instant,
         egress: Option<&VmEgress>,
     ) -> Result<QemuVm, VmmError> {
-        if let Err(e) = write_spec(&spec) {
-            remove_dir(&spec.dir);
-            return Err(e);
-        }
+        let jail = match confine(&mut spec, &self.qemu) {
+            Ok(j) => j,
+            Err(e) => {
+                remove_dir(&spec.dir);
+                return Err(e);
+            }
+        };
         let (netns, attachment) = match isolate(&spec, egress).await {
             Ok(n) => n,
             Err(e) => {
@@ -90,7 +94,7 @@ impl QemuVmm {
             }
         };
         let mut process =
-            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref()) {
+            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref(), jail) {
                 Ok(p) => p,
                 Err(e) => {
                     remove_dir(&spec.dir);
@@ -124,6 +128,20 @@ impl QemuVmm {
             egress: attachment,
         })
     }
+}
+
+/// Records the VM's spec and, unless the operator turned confinement off, claims the VM's
+/// own uid, hands it its files and plans its jail (see [`crate::jail`]).
+fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmError> {
+    let Some(config) = JailConfig::current()? else {
+        write_spec(spec)?;
+        return Ok(None);
+    };
+    let id = jail::claim(config, &spec.dir)?;
+    spec.jail = Some(id);
+    write_spec(spec)?;
+    jail::prepare_files(spec, id, config)?;
+    Jail::plan(spec, id, config, &qemu.path).map(Some)
 }
 
 /// A networked VM's own namespace, its rules, and (with `egress`) the gateway serving it.
@@ -311,6 +329,7 @@ impl Vmm for QemuVmm {
             }),
             accel: m.accel,
             tsc_khz: m.tsc_khz,
+            jail: None,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
@@ -374,6 +393,7 @@ impl Vmm for QemuVmm {
             memory_file: None,
             accel: m.accel,
             tsc_khz: m.tsc_khz,
+            jail: None,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
@@ -750,16 +770,47 @@ impl MicroVm for QemuVm {
                 self.spec.disks.len()
             )));
         }
-        let file = new_top.to_str().ok_or_else(|| {
-            VmmError::InvalidSpec(format!("path {} is not UTF-8", new_top.display()))
+        // kilnd creates the new layer (a confined QEMU can create nothing outside its runtime
+        // directory) and links it there, where QEMU opens it ("existing" mode).
+        let name = new_top.file_name().ok_or_else(|| {
+            VmmError::InvalidSpec(format!("layer path {} names no file", new_top.display()))
         })?;
-        self.qmp
+        let mut link_name = OsString::from("layer-");
+        link_name.push(name);
+        let link = self.spec.dir.join(link_name);
+        let top = &self.spec.disks[index];
+        create_overlay(&top.path, top.format, &link)?;
+        let made = std::fs::hard_link(&link, new_top)
+            .map_err(|e| VmmError::io("linking the new layer to", new_top, e))
+            .and_then(|()| match self.spec.jail {
+                Some(id) => std::os::unix::fs::chown(&link, Some(id.uid), Some(id.gid))
+                    .map_err(|e| VmmError::io("giving the VM's uid", &link, e)),
+                None => Ok(()),
+            });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&link);
+            return Err(e);
+        }
+        let file = link.to_str().ok_or_else(|| {
+            VmmError::InvalidSpec(format!("path {} is not UTF-8", link.display()))
+        })?;
+        let frozen = self
+            .qmp
             .execute(
                 "blockdev-snapshot-sync",
-                Some(json!({ "device": format!("d{index}"), "snapshot-file": file, "format": "qcow2" })),
+                Some(
+                    json!({ "device": format!("d{index}"), "snapshot-file": file,
+                             "format": "qcow2", "mode": "existing" }),
+                ),
             )
             .await
-            .map_err(VmmError::qmp("freezing a disk layer"))?;
+            .map_err(VmmError::qmp("freezing a disk layer"));
+        // On success the link stays: QEMU reopens the layer by this name when it becomes a
+        // backing file. It goes with the runtime directory.
+        if frozen.is_err() {
+            let _ = std::fs::remove_file(&link);
+        }
+        frozen?;
         let disk = &mut self.spec.disks[index];
         disk.path = new_top.to_owned();
         disk.format = DiskFormat::Qcow2;
@@ -1280,7 +1331,7 @@ async fn prefer_death(
 }
 
 /// The VM's spec, kept in its runtime directory so a restarted daemon can re-attach.
-const SPEC_FILE: &str = "spec.json";
+pub(crate) const SPEC_FILE: &str = "spec.json";
 
 fn write_spec(spec: &VmSpec) -> Result<(), VmmError> {
     let path = spec.dir.join(SPEC_FILE);
@@ -1361,6 +1412,7 @@ fn create_runtime_dir(dir: &Path) -> Result<(), VmmError> {
 }
 
 fn remove_dir(dir: &Path) {
+    jail::release(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a VM directory");
