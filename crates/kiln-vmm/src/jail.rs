@@ -12,8 +12,10 @@
 //!    (read-write where the VM writes them) with every backing file (read-only), and its memory
 //!    file. The tmpfs is made read-only and becomes `/` (`pivot_root`), so nothing else of the
 //!    host — `kiln.db`, keys, other VMs, other images — has a name in QEMU's world;
+//! 0. it joins its cgroup ([`crate::cgroup`]: memory ceiling, pids limit, CPU weight);
 //! 3. `no_new_privs`; then its own unprivileged uid and gid, with no supplementary group but
-//!    the one restored memory files carry. Leaving uid 0 clears every capability.
+//!    the one restored memory files carry. Leaving uid 0 clears every capability. Limits:
+//!    `RLIMIT_NOFILE` 4096, `RLIMIT_FSIZE` the largest file it must write plus 1 GiB.
 //!
 //! QEMU's own seccomp filter (`-sandbox`, see `cmdline::SANDBOX`) follows once it has started.
 //! The parent prepares the files first ([`prepare_files`]): the runtime directory and the VM's
@@ -270,6 +272,7 @@ pub struct Jail {
     root: CString,
     steps: Vec<Step>,
     fsize: u64,
+    cgroup: Option<crate::cgroup::VmCgroup>,
 }
 
 /// One path QEMU may see.
@@ -359,6 +362,9 @@ impl Jail {
             entries.push(file(&m.path, false));
         }
         for e in &entries {
+            if e.read_only && !e.dir && !e.path.starts_with("/usr") && !e.path.starts_with("/etc") {
+                readable_by_all(&e.path)?;
+            }
             if !e.path.is_absolute()
                 || e.path
                     .components()
@@ -420,7 +426,14 @@ impl Jail {
             // Room for the largest file QEMU writes (memory file, overlay growth, a suspend
             // stream through its descriptor) plus slack; beyond it QEMU gets SIGXFSZ.
             fsize: fsize.saturating_add(1 << 30),
+            cgroup: None,
         })
+    }
+
+    /// Makes the child join `cgroup` first thing (while it may still write there).
+    pub fn with_cgroup(mut self, cgroup: Option<crate::cgroup::VmCgroup>) -> Jail {
+        self.cgroup = cgroup;
+        self
     }
 
     /// Confines the calling process. For `pre_exec` only, after `setns` and `setsid`: it
@@ -432,6 +445,12 @@ impl Jail {
         // SAFETY (for every call below): plain system calls with pointers to NUL-terminated
         // strings and arrays owned by `self`, which outlives them; none allocates.
         unsafe {
+            if let Some(cg) = &self.cgroup {
+                if let Err(e) = cg.join_in_child() {
+                    say(b"joining the VM's cgroup", None);
+                    return Err(e);
+                }
+            }
             check(
                 libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS),
                 b"unshare",
@@ -577,6 +596,19 @@ impl Jail {
     pub fn id(&self) -> JailId {
         self.id
     }
+}
+
+/// Lets every uid read a shared read-only file (kernel, initramfs, image and base disks): a
+/// confined QEMU reaches it only through the bind in its own root, since the directories
+/// holding it are kilnd's alone (0700).
+fn readable_by_all(path: &Path) -> Result<(), VmmError> {
+    let meta = std::fs::metadata(path).map_err(|e| VmmError::io("reading", path, e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o444 != 0o444 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o444))
+            .map_err(|e| VmmError::io("making readable to confined VMs", path, e))?;
+    }
+    Ok(())
 }
 
 /// The size a disk can grow to: a qcow2's virtual size, a raw file's length.

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod assets;
+pub mod cgroup;
 pub mod crash;
 mod error;
 pub mod home;

@@ -1,10 +1,12 @@
 //! Every QEMU is confined: its own uid, no capabilities, no_new_privs, QEMU's seccomp filter,
-//! its own mount namespace whose root holds only its own files — for a booted VM, a VM
-//! restored from its snapshot and that VM resumed after a suspend, which all still work.
+//! its own mount namespace whose root holds only its own files, its own cgroup — for a booted
+//! VM, a VM restored from its snapshot and that VM resumed after a suspend, which all still
+//! work. A guest writing to its console forever stops at the log cap.
 
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::{busybox_spec, host, scratch, sh};
 use kiln_vmm::qemu::QemuVm;
@@ -70,6 +72,24 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
     assert_eq!(value(&lines, "CapEff"), "0000000000000000");
     assert_eq!(value(&lines, "CapPrm"), "0000000000000000");
     assert_ne!(mnt, own_mnt);
+    let groups = kiln_vmm::cgroup::dirs_for(&vm.spec().dir);
+    assert!(!groups.is_empty(), "this host has cgroups");
+    for group in &groups {
+        let procs = std::fs::read_to_string(group.join("cgroup.procs")).expect("cgroup.procs");
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "QEMU {pid} is not in {}",
+            group.display()
+        );
+    }
+    let memory_limit = ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(groups[0].join(f)).ok())
+        .unwrap_or_default();
+    assert_eq!(
+        memory_limit.trim(),
+        ((vm.spec().memory_mib + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string()
+    );
     let spec = vm.spec();
     let used: Vec<&Path> = [spec.dir.as_path(), &spec.kernel, &spec.initramfs]
         .into_iter()
@@ -97,8 +117,55 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
     );
 }
 
+/// A small cap, so a flood reaches it quickly (the same for every test of this binary).
+const LOG_CAP: u64 = 64 * 1024;
+
+fn small_log_cap() {
+    std::env::set_var("KILN_VM_LOG_CAP", LOG_CAP.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
+    small_log_cap();
+    let dir = scratch();
+    let vm = host()
+        .0
+        .vmm
+        .boot(busybox_spec(dir.path(), false), BootOptions::default())
+        .await
+        .expect("boot");
+    let console = vm.spec().console_log();
+    let rotated = dir.path().join("vm/console.log.1");
+
+    sh(
+        vm.agent(),
+        "(while :; do echo 0123456789abcdef0123456789abcdef0123456789abcdef; done > /dev/ttyS0) \
+         >/dev/null 2>&1 &",
+    )
+    .await;
+    let mut largest = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        largest = largest.max(std::fs::metadata(&console).map_or(0, |m| m.len()));
+    }
+    let (alive, _) = sh(vm.agent(), "echo alive").await;
+    let rotated_len = std::fs::metadata(&rotated).map_or(0, |m| m.len());
+    vm.terminate().await.expect("terminate");
+
+    assert_eq!(alive.trim(), "alive");
+    assert_eq!(
+        rotated_len, LOG_CAP,
+        "the flood passed the cap at least once"
+    );
+    assert!(
+        largest < 4 * LOG_CAP,
+        "console.log reached {largest} bytes with a cap of {LOG_CAP}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_own_root() {
+    small_log_cap();
     let dir = scratch();
     let vmm = &host().0.vmm;
     let booted = vmm
@@ -130,7 +197,9 @@ async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_o
         .expect("resume under the sandbox");
     let (after, _) = sh(resumed.agent(), "cat /root/mark /tmp/t").await;
     assert_confined(&resumed, &dir.path().join("run"));
+    let groups = kiln_vmm::cgroup::dirs_for(&resumed.spec().dir);
     resumed.terminate().await.expect("terminate");
+    let left: Vec<_> = groups.iter().filter(|g| g.exists()).collect();
 
     assert_eq!(echo.trim(), "booted");
     assert_eq!(seen.trim(), "booted");
@@ -139,4 +208,5 @@ async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_o
         ["booted", "restored"]
     );
     assert_ne!(booted_uid, restored_uid);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
 }

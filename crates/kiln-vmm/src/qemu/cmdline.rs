@@ -101,11 +101,22 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
     // The app's stdout and stderr: a port the guest writes, a file on the host.
     a.pair(
         "-chardev",
-        format!("file,id=applog0,path={}", opt_path(&spec.app_log())),
+        format!(
+            "file,id=applog0,path={},append=on",
+            opt_path(&spec.app_log())
+        ),
     );
     a.pair("-device", "virtserialport,chardev=applog0,name=applog");
     a.pair("-device", "virtio-rng-device");
-    a.pair("-serial", format!("file:{}", spec.console_log().display()));
+    // Appended, so kilnd can empty the file when it passes its cap (`logcap`).
+    a.pair(
+        "-chardev",
+        format!(
+            "file,id=console0,path={},append=on",
+            opt_path(&spec.console_log())
+        ),
+    );
+    a.pair("-serial", "chardev:console0");
     a.pair(
         "-qmp",
         format!("unix:{},server=on,wait=off", opt_path(&spec.qmp_socket())),

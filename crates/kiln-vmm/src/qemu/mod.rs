@@ -2,6 +2,7 @@
 //! device state through migration with `x-ignore-shared`.
 
 pub mod cmdline;
+pub mod logcap;
 pub mod process;
 pub mod qmp;
 
@@ -117,6 +118,7 @@ impl QemuVmm {
         };
         let mut timeline = Timeline::default();
         timeline.mark("qmp", t0);
+        let (spec_console, spec_app_log) = (spec.console_log(), spec.app_log());
         Ok(QemuVm {
             spec,
             process,
@@ -126,6 +128,7 @@ impl QemuVmm {
             t0,
             netns,
             egress: attachment,
+            _log_cap: logcap::LogCap::start(vec![spec_console, spec_app_log]),
         })
     }
 }
@@ -141,7 +144,15 @@ fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmErro
     spec.jail = Some(id);
     write_spec(spec)?;
     jail::prepare_files(spec, id, config)?;
-    Jail::plan(spec, id, config, &qemu.path).map(Some)
+    let limits = crate::cgroup::Limits::for_guest(spec.memory_mib);
+    let cgroup = match crate::cgroup::VmCgroup::create(&spec.dir, limits) {
+        Ok(cg) => cg,
+        Err(e) => {
+            tracing::warn!(error = %e, "the VM runs WITHOUT a cgroup (no memory, pids or CPU limit)");
+            None
+        }
+    };
+    Jail::plan(spec, id, config, &qemu.path).map(|j| Some(j.with_cgroup(cgroup)))
 }
 
 /// A networked VM's own namespace, its rules, and (with `egress`) the gateway serving it.
@@ -204,6 +215,7 @@ impl QemuVmm {
             )),
             None => None,
         };
+        let logs = vec![spec.console_log(), spec.app_log()];
         let mut vm = QemuVm {
             spec,
             process,
@@ -211,6 +223,7 @@ impl QemuVmm {
             agent: None,
             timeline,
             t0,
+            _log_cap: logcap::LogCap::start(logs),
             netns,
             egress: None,
         };
@@ -502,6 +515,8 @@ pub struct QemuVm {
     netns: Option<Arc<Netns>>,
     /// The egress gateway serving this VM; dropped (stopping it) with the VM.
     egress: Option<kiln_net::Attachment>,
+    /// Keeps the console and app logs under their cap while this handle lives.
+    _log_cap: logcap::LogCap,
 }
 
 impl QemuVm {
@@ -1413,6 +1428,7 @@ fn create_runtime_dir(dir: &Path) -> Result<(), VmmError> {
 
 fn remove_dir(dir: &Path) {
     jail::release(dir);
+    crate::cgroup::remove_for(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a VM directory");
