@@ -57,6 +57,7 @@ impl Host {
             memory_file: None,
             accel: self.accel.accel,
             tsc_khz: self.tsc_khz,
+            jail: None,
         }
     }
 }

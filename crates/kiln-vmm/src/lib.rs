@@ -6,11 +6,13 @@
 
 pub mod accel;
 pub mod assets;
+pub mod cgroup;
 pub mod crash;
 mod error;
 pub mod home;
 pub mod host;
 pub mod host_tools;
+pub mod jail;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;

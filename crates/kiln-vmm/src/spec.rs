@@ -30,6 +30,9 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Host TSC frequency in kHz, passed to the guest as `tsc_early_khz` (needed under TCG).
     pub tsc_khz: u64,
+    /// The uid and gid QEMU runs as, once confined (set by the backend when it starts QEMU).
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailId>,
 }
 
 /// One virtio block device.

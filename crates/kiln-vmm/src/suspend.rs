@@ -29,9 +29,8 @@
 //! runs, so it grows with touched memory) and the resumed VM shares no pages with its image.
 //! The hybrid would, off the client's path, load this stream once into a per-VM sparse memory
 //! file (`share=on`) and re-save it with `x-ignore-shared`, turning this directory into a small
-//! private image that resumes like a launch (`share=off`, lazy). The stream is written by
-//! `exec:cat`; passing QEMU a file descriptor (`getfd` with SCM_RIGHTS) would need the QMP
-//! client to send ancillary data.
+//! private image that resumes like a launch (`share=off`, lazy). kilnd opens the stream's
+//! file and QEMU gets only its descriptor (`getfd` with SCM_RIGHTS, then `fd:` migration).
 
 use std::fmt;
 use std::os::unix::fs::MetadataExt;

@@ -58,8 +58,13 @@ fn gateway_config(config: &Config) -> anyhow::Result<kiln_net::GatewayConfig> {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let home = config.home();
-    std::fs::create_dir_all(&home)
-        .with_context(|| format!("creating the data directory {}", home.display()))?;
+    // Every directory kilnd makes is 0700, every file 0600 unless it says otherwise.
+    kiln_vmm::home::make_private(&home).with_context(|| {
+        format!(
+            "making the data directory {} private (0700 throughout)",
+            home.display()
+        )
+    })?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
     let metrics = Arc::new(Metrics::new(store.clone()));

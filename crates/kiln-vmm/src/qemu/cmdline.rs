@@ -11,6 +11,11 @@ use crate::spec::{DiskSpec, VmSpec};
 /// in its DSDT, and the Debian kernel lacks `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.
 pub const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,pit=on,pic=on,rtc=on";
 
+/// QEMU's own seccomp filter, on every VM: no obsolete system calls, no setuid/setgid, no
+/// fork/exec (so no `exec:` migration: streams travel as descriptors), no scheduler, CPU
+/// affinity or memory-policy changes. `/proc/<pid>/status` then shows `Seccomp: 2`.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The CPU model: `max` under TCG, the host's CPU under KVM.
 pub fn cpu_model(accel: Accel) -> &'static str {
     match accel {
@@ -51,6 +56,7 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
         a.flag(flag);
     }
     a.pair("-display", "none");
+    a.pair("-sandbox", SANDBOX);
     if let Some(mem) = &spec.memory_file {
         a.pair(
             "-object",
@@ -95,11 +101,22 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
     // The app's stdout and stderr: a port the guest writes, a file on the host.
     a.pair(
         "-chardev",
-        format!("file,id=applog0,path={}", opt_path(&spec.app_log())),
+        format!(
+            "file,id=applog0,path={},append=on",
+            opt_path(&spec.app_log())
+        ),
     );
     a.pair("-device", "virtserialport,chardev=applog0,name=applog");
     a.pair("-device", "virtio-rng-device");
-    a.pair("-serial", format!("file:{}", spec.console_log().display()));
+    // Appended, so kilnd can empty the file when it passes its cap (`logcap`).
+    a.pair(
+        "-chardev",
+        format!(
+            "file,id=console0,path={},append=on",
+            opt_path(&spec.console_log())
+        ),
+    );
+    a.pair("-serial", "chardev:console0");
     a.pair(
         "-qmp",
         format!("unix:{},server=on,wait=off", opt_path(&spec.qmp_socket())),
@@ -185,6 +202,7 @@ mod tests {
             }),
             accel: Accel::Tcg,
             tsc_khz: 2_445_000,
+            jail: None,
         }
     }
 
@@ -214,6 +232,14 @@ mod tests {
     fn args_when_forwards_and_restriction_then_netdev_carries_both() {
         let line = joined(&spec(), false);
         assert!(line.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40001-:8080"));
+    }
+
+    #[test]
+    fn args_when_any_vm_then_qemu_sandbox_denies_spawn_and_privileges() {
+        let line = joined(&spec(), false);
+        assert!(line.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
     }
 
     #[test]

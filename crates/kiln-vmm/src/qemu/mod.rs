@@ -2,6 +2,7 @@
 //! device state through migration with `x-ignore-shared`.
 
 pub mod cmdline;
+pub mod logcap;
 pub mod process;
 pub mod qmp;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kiln_agent::client::AgentClient;
 use serde_json::json;
 
+use crate::jail::{self, Jail, JailConfig};
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
 use crate::suspend::{
@@ -35,6 +37,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 const ENTROPY_BYTES: usize = 64;
 /// Migration bandwidth for suspends (bytes/s): no cap, the guest is paused anyway.
 const SUSPEND_BANDWIDTH: u64 = 1 << 40;
+/// The name under which QEMU holds the descriptor of a migration stream (QMP `getfd`).
+const MIGRATION_FD: &str = "kiln-migration";
 
 /// Runs VMs with QEMU.
 #[derive(Debug, Clone)]
@@ -71,15 +75,18 @@ impl QemuVmm {
     /// [`start`](Self::start) with a prepared argument vector.
     async fn start_with(
         &self,
-        spec: VmSpec,
+        mut spec: VmSpec,
         args: Vec<OsString>,
         t0: Instant,
         egress: Option<&VmEgress>,
     ) -> Result<QemuVm, VmmError> {
-        if let Err(e) = write_spec(&spec) {
-            remove_dir(&spec.dir);
-            return Err(e);
-        }
+        let jail = match confine(&mut spec, &self.qemu) {
+            Ok(j) => j,
+            Err(e) => {
+                remove_dir(&spec.dir);
+                return Err(e);
+            }
+        };
         let (netns, attachment) = match isolate(&spec, egress).await {
             Ok(n) => n,
             Err(e) => {
@@ -88,7 +95,7 @@ impl QemuVmm {
             }
         };
         let mut process =
-            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref()) {
+            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref(), jail) {
                 Ok(p) => p,
                 Err(e) => {
                     remove_dir(&spec.dir);
@@ -111,6 +118,7 @@ impl QemuVmm {
         };
         let mut timeline = Timeline::default();
         timeline.mark("qmp", t0);
+        let (spec_console, spec_app_log) = (spec.console_log(), spec.app_log());
         Ok(QemuVm {
             spec,
             process,
@@ -120,8 +128,31 @@ impl QemuVmm {
             t0,
             netns,
             egress: attachment,
+            _log_cap: logcap::LogCap::start(vec![spec_console, spec_app_log]),
         })
     }
+}
+
+/// Records the VM's spec and, unless the operator turned confinement off, claims the VM's
+/// own uid, hands it its files and plans its jail (see [`crate::jail`]).
+fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmError> {
+    let Some(config) = JailConfig::current()? else {
+        write_spec(spec)?;
+        return Ok(None);
+    };
+    let id = jail::claim(config, &spec.dir)?;
+    spec.jail = Some(id);
+    write_spec(spec)?;
+    jail::prepare_files(spec, id, config)?;
+    let limits = crate::cgroup::Limits::for_guest(spec.memory_mib);
+    let cgroup = match crate::cgroup::VmCgroup::create(&spec.dir, limits) {
+        Ok(cg) => cg,
+        Err(e) => {
+            tracing::warn!(error = %e, "the VM runs WITHOUT a cgroup (no memory, pids or CPU limit)");
+            None
+        }
+    };
+    Jail::plan(spec, id, config, &qemu.path).map(|j| Some(j.with_cgroup(cgroup)))
 }
 
 /// A networked VM's own namespace, its rules, and (with `egress`) the gateway serving it.
@@ -184,6 +215,7 @@ impl QemuVmm {
             )),
             None => None,
         };
+        let logs = vec![spec.console_log(), spec.app_log()];
         let mut vm = QemuVm {
             spec,
             process,
@@ -191,6 +223,7 @@ impl QemuVmm {
             agent: None,
             timeline,
             t0,
+            _log_cap: logcap::LogCap::start(logs),
             netns,
             egress: None,
         };
@@ -309,6 +342,7 @@ impl Vmm for QemuVmm {
             }),
             accel: m.accel,
             tsc_khz: m.tsc_khz,
+            jail: None,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
@@ -337,7 +371,6 @@ impl Vmm for QemuVmm {
             });
         }
         let stream = sus.state_path();
-        shell_quote(&stream)?;
         create_runtime_dir(&target.dir)?;
         // Links, not moves: the suspended directory stays whole until the resumed guest runs.
         let mut disks = Vec::with_capacity(m.disks.len());
@@ -373,6 +406,7 @@ impl Vmm for QemuVmm {
             memory_file: None,
             accel: m.accel,
             tsc_khz: m.tsc_khz,
+            jail: None,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
@@ -481,6 +515,8 @@ pub struct QemuVm {
     netns: Option<Arc<Netns>>,
     /// The egress gateway serving this VM; dropped (stopping it) with the VM.
     egress: Option<kiln_net::Attachment>,
+    /// Keeps the console and app logs under their cap while this handle lives.
+    _log_cap: logcap::LogCap,
 }
 
 impl QemuVm {
@@ -566,9 +602,14 @@ impl QemuVm {
         doing: &str,
         agent_timeout: Duration,
     ) -> Result<(), VmmError> {
-        let uri = format!("exec:cat {}", shell_quote(stream)?);
+        let file = std::fs::File::open(stream).map_err(|e| VmmError::io("opening", stream, e))?;
+        self.pass_migration_fd(&file, loading).await?;
+        drop(file);
         self.qmp
-            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp(loading))?;
         let status = self.wait_while_status("inmigrate", loading).await?;
@@ -608,6 +649,16 @@ impl QemuVm {
         self.timeline.mark("refreshed", self.t0);
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Gives QEMU the migration stream's descriptor: kilnd opens the file, QEMU only reads or
+    /// writes the descriptor (no shell, no path, whatever its uid and sandbox allow).
+    async fn pass_migration_fd(&self, file: &std::fs::File, doing: &str) -> Result<(), VmmError> {
+        use std::os::fd::AsFd;
+        self.qmp
+            .pass_fd(MIGRATION_FD, file.as_fd())
+            .await
+            .map_err(VmmError::qmp(doing))
     }
 
     /// Migration leaves guest RAM out of the stream: it lives in the shared memory file.
@@ -734,16 +785,47 @@ impl MicroVm for QemuVm {
                 self.spec.disks.len()
             )));
         }
-        let file = new_top.to_str().ok_or_else(|| {
-            VmmError::InvalidSpec(format!("path {} is not UTF-8", new_top.display()))
+        // kilnd creates the new layer (a confined QEMU can create nothing outside its runtime
+        // directory) and links it there, where QEMU opens it ("existing" mode).
+        let name = new_top.file_name().ok_or_else(|| {
+            VmmError::InvalidSpec(format!("layer path {} names no file", new_top.display()))
         })?;
-        self.qmp
+        let mut link_name = OsString::from("layer-");
+        link_name.push(name);
+        let link = self.spec.dir.join(link_name);
+        let top = &self.spec.disks[index];
+        create_overlay(&top.path, top.format, &link)?;
+        let made = std::fs::hard_link(&link, new_top)
+            .map_err(|e| VmmError::io("linking the new layer to", new_top, e))
+            .and_then(|()| match self.spec.jail {
+                Some(id) => std::os::unix::fs::chown(&link, Some(id.uid), Some(id.gid))
+                    .map_err(|e| VmmError::io("giving the VM's uid", &link, e)),
+                None => Ok(()),
+            });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&link);
+            return Err(e);
+        }
+        let file = link.to_str().ok_or_else(|| {
+            VmmError::InvalidSpec(format!("path {} is not UTF-8", link.display()))
+        })?;
+        let frozen = self
+            .qmp
             .execute(
                 "blockdev-snapshot-sync",
-                Some(json!({ "device": format!("d{index}"), "snapshot-file": file, "format": "qcow2" })),
+                Some(
+                    json!({ "device": format!("d{index}"), "snapshot-file": file,
+                             "format": "qcow2", "mode": "existing" }),
+                ),
             )
             .await
-            .map_err(VmmError::qmp("freezing a disk layer"))?;
+            .map_err(VmmError::qmp("freezing a disk layer"));
+        // On success the link stays: QEMU reopens the layer by this name when it becomes a
+        // backing file. It goes with the runtime directory.
+        if frozen.is_err() {
+            let _ = std::fs::remove_file(&link);
+        }
+        frozen?;
         let disk = &mut self.spec.disks[index];
         disk.path = new_top.to_owned();
         disk.format = DiskFormat::Qcow2;
@@ -879,10 +961,10 @@ impl QemuVm {
             backings.push(backing);
         }
         let state_path = staging.join(suspend::STATE);
-        let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
         let ram_backend = self.ram_backend().await?;
         let _ = std::fs::remove_dir_all(staging);
         std::fs::create_dir_all(staging).map_err(|e| VmmError::io("creating", staging, e))?;
+        let state = create_stream_file(&state_path)?;
 
         // Sync so the disks hold what the guest wrote; keep the page cache, the session resumes
         // with it.
@@ -909,10 +991,15 @@ impl QemuVm {
             )
             .await
             .map_err(VmmError::qmp("raising the migration bandwidth"))?;
-        // Only what QEMU (and `cat`) print from here on explains a failure.
+        // Only what QEMU prints from here on explains a failure.
         let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
+        self.pass_migration_fd(&state, "saving the VM").await?;
+        drop(state);
         self.qmp
-            .execute("migrate", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp("saving the VM"))?;
         self.wait_migration(dest, log_mark).await?;
@@ -993,7 +1080,7 @@ impl QemuVm {
     }
 
     /// Waits for an outgoing migration to complete; cancels it on timeout. Errors say what
-    /// QEMU (and the `cat` writing the stream) said, and whether the file system is full.
+    /// QEMU said, and whether the file system is full.
     async fn wait_migration(&mut self, dest: &Path, log_mark: u64) -> Result<(), VmmError> {
         let doing = format!("suspending into {}", dest.display());
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -1115,9 +1202,15 @@ impl QemuVm {
             .map_err(VmmError::qmp("pausing"))?;
         self.ignore_shared_memory().await?;
         let state_path = staging.join(snapshot::STATE);
-        let uri = format!("exec:cat > {}", shell_quote(&state_path)?);
+        let state = create_stream_file(&state_path)?;
+        self.pass_migration_fd(&state, "saving the device state")
+            .await?;
+        drop(state);
         self.qmp
-            .execute("migrate", Some(json!({ "uri": uri })))
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
             .await
             .map_err(VmmError::qmp("saving the device state"))?;
         loop {
@@ -1253,7 +1346,7 @@ async fn prefer_death(
 }
 
 /// The VM's spec, kept in its runtime directory so a restarted daemon can re-attach.
-const SPEC_FILE: &str = "spec.json";
+pub(crate) const SPEC_FILE: &str = "spec.json";
 
 fn write_spec(spec: &VmSpec) -> Result<(), VmmError> {
     let path = spec.dir.join(SPEC_FILE);
@@ -1334,6 +1427,8 @@ fn create_runtime_dir(dir: &Path) -> Result<(), VmmError> {
 }
 
 fn remove_dir(dir: &Path) {
+    jail::release(dir);
+    crate::cgroup::remove_for(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a VM directory");
@@ -1368,15 +1463,14 @@ pub fn create_overlay(base: &Path, format: DiskFormat, overlay: &Path) -> Result
     Ok(())
 }
 
-/// Quotes a path for the shell QEMU runs `exec:` migrations through.
-fn shell_quote(path: &Path) -> Result<String, VmmError> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| VmmError::InvalidSpec(format!("path {} is not UTF-8", path.display())))?;
-    if s.contains('\'') {
-        return Err(VmmError::InvalidSpec(format!(
-            "path {s} contains a single quote; pick a data directory without one"
-        )));
-    }
-    Ok(format!("'{s}'"))
+/// Creates (or truncates) the file a migration stream is written into, readable by kilnd only.
+fn create_stream_file(path: &Path) -> Result<std::fs::File, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| VmmError::io("creating", path, e))
 }

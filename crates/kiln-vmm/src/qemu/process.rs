@@ -84,6 +84,7 @@ impl QemuProcess {
         args: Vec<OsString>,
         log: &Path,
         netns: Option<&kiln_net::Netns>,
+        jail: Option<crate::jail::Jail>,
     ) -> Result<Self, VmmError> {
         let log_file = std::fs::File::create(log).map_err(|e| VmmError::io("creating", log, e))?;
         let err_file = log_file
@@ -97,7 +98,9 @@ impl QemuProcess {
             .kill_on_drop(false);
         let netns_fd = netns.map(|n| n.raw_fd());
         // SAFETY: setns and setsid are async-signal-safe and touch no memory of the parent;
-        // the namespace descriptor is owned by the caller's Netns, alive during the spawn.
+        // the namespace descriptor is owned by the caller's Netns, alive during the spawn;
+        // `Jail::enter` makes system calls on data prepared before the fork and allocates
+        // nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(fd) = netns_fd {
@@ -106,12 +109,18 @@ impl QemuProcess {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(jail) = &jail {
+                    jail.enter()?;
+                }
                 Ok(())
             });
         }
         let child = cmd.spawn().map_err(|e| VmmError::Spawn {
             qemu: qemu.path.clone(),
-            source: e,
+            source: std::io::Error::new(
+                e.kind(),
+                format!("{e}; QEMU's log says: {}", tail(log, 5)),
+            ),
         })?;
         let pid = child.id().ok_or_else(|| VmmError::Spawn {
             qemu: qemu.path.clone(),

@@ -5,13 +5,16 @@
 //! callers, so commands may be issued from several tasks at once.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
@@ -141,6 +144,32 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments, timeout, None).await
+    }
+
+    /// Hands QEMU a copy of `fd` under `name` (QMP `getfd`, the descriptor travelling with the
+    /// command as SCM_RIGHTS), so a later command can name it (`fd:<name>` migration URIs).
+    /// Nothing runs a shell or opens a path on QEMU's side. A name given twice replaces the
+    /// earlier descriptor.
+    pub async fn pass_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.send(
+            "getfd",
+            Some(json!({ "fdname": name })),
+            DEFAULT_COMMAND_TIMEOUT,
+            Some(fd.as_raw_fd()),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends one command (with `fd` attached to its bytes) and waits for its answer.
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+        fd: Option<RawFd>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -152,7 +181,10 @@ impl Qmp {
         line.push('\n');
         let written = {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await
+            match fd {
+                Some(fd) => write_with_fd(&mut w, line.as_bytes(), fd).await,
+                None => w.write_all(line.as_bytes()).await,
+            }
         };
         if let Err(source) = written {
             lock(&self.pending).remove(&id);
@@ -207,6 +239,34 @@ impl Qmp {
         let v = self.execute("query-status", None).await?;
         Ok(v["status"].as_str().unwrap_or("unknown").to_string())
     }
+}
+
+/// Writes `bytes` with `fd` attached to the first of them (QEMU's socket chardev keeps the
+/// descriptors of the read that brought them; `getfd` takes them from there).
+async fn write_with_fd(w: &mut OwnedWriteHalf, bytes: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let stream: &UnixStream = w.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        let attempt = stream.try_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(bytes)];
+            let fds = [fd];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match attempt {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    w.write_all(&bytes[sent..]).await
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,0 +1,295 @@
+//! A cgroup per VM: a memory ceiling, a pids limit and a CPU weight for its QEMU.
+//!
+//! Both hierarchies are supported: cgroup v2 (one tree, `memory.max`, `pids.max`,
+//! `cpu.weight`) and v1 (a tree per controller, `memory.limit_in_bytes`, `pids.max`,
+//! `cpu.shares`). A VM's group sits under the group kilnd itself is in, in `kiln/<name>`, so
+//! limits set on kilnd (by systemd, a container runtime) still hold its VMs. QEMU joins its
+//! group from the forked child before it executes (descriptors to `cgroup.procs` are opened
+//! here, before the fork), so it never runs a single instruction outside it.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::VmmError;
+
+/// Where cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// QEMU's own memory (TCG translation cache, device emulation, slirp, buffers) on top of the
+/// guest's RAM.
+pub const MEMORY_OVERHEAD_MIB: u64 = 256;
+/// Processes and threads one QEMU may hold (it uses a handful).
+pub const PIDS_MAX: u32 = 256;
+/// The CPU weight of a VM (cgroup v2 scale, 100 = the default share).
+pub const CPU_WEIGHT: u32 = 100;
+/// An empty group older than this, left by a VM that ended while kilnd was down, is removed.
+const SWEEP_AGE: Duration = Duration::from_secs(120);
+
+/// Which cgroup hierarchy the host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// One unified tree.
+    V2,
+    /// One tree per controller.
+    V1,
+}
+
+/// The host's cgroup hierarchy, if any is mounted.
+pub fn version() -> Option<CgroupVersion> {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        Some(CgroupVersion::V2)
+    } else if root.join("memory/cgroup.procs").exists() {
+        Some(CgroupVersion::V1)
+    } else {
+        None
+    }
+}
+
+/// The limits of one VM.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Memory ceiling in bytes (guest RAM plus overhead).
+    pub memory_bytes: u64,
+    /// Most processes and threads.
+    pub pids: u32,
+    /// CPU weight, 1–10000 (v2 scale).
+    pub cpu_weight: u32,
+}
+
+impl Limits {
+    /// The limits for a VM with `memory_mib` of guest RAM.
+    pub fn for_guest(memory_mib: u64) -> Limits {
+        Limits {
+            memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
+            pids: PIDS_MAX,
+            cpu_weight: CPU_WEIGHT,
+        }
+    }
+}
+
+/// A VM's cgroup: its directories (one per controller under v1) and open `cgroup.procs`
+/// descriptors for the child to join through.
+#[derive(Debug)]
+pub struct VmCgroup {
+    dirs: Vec<PathBuf>,
+    procs: Vec<OwnedFd>,
+}
+
+/// The group name of the VM whose runtime directory is `dir`.
+pub fn name_for(dir: &Path) -> String {
+    let digest = blake3::hash(dir.as_os_str().as_bytes()).to_hex();
+    format!("vm-{}", &digest.as_str()[..20])
+}
+
+/// The `kiln` parent group of each controller (v1) or of the tree (v2), under kilnd's own.
+fn parents(version: CgroupVersion) -> Result<Vec<PathBuf>, VmmError> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| VmmError::io("reading", Path::new("/proc/self/cgroup"), e))?;
+    // Lines are `id:controllers:path`.
+    let path_of = |controller: &str| {
+        own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let root = Path::new(CGROUP_ROOT);
+    match version {
+        CgroupVersion::V2 => {
+            let own = path_of("").unwrap_or_default();
+            Ok(vec![root.join(own).join("kiln")])
+        }
+        CgroupVersion::V1 => Ok(["memory", "pids", "cpu"]
+            .into_iter()
+            .map(|c| {
+                root.join(c)
+                    .join(path_of(c).unwrap_or_default())
+                    .join("kiln")
+            })
+            .collect()),
+    }
+}
+
+impl VmCgroup {
+    /// Creates (or reuses) the group for the VM in `dir` with `limits` and opens its
+    /// `cgroup.procs`. `None` when the host has no cgroup file system.
+    pub fn create(dir: &Path, limits: Limits) -> Result<Option<VmCgroup>, VmmError> {
+        let Some(version) = version() else {
+            return Ok(None);
+        };
+        let name = name_for(dir);
+        let mut dirs = Vec::new();
+        for parent in parents(version)? {
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| VmmError::io("creating the cgroup", &parent, e))?;
+            sweep(&parent);
+            if version == CgroupVersion::V2 {
+                // Controllers must be enabled for the children of every level down to ours.
+                if let Some(up) = parent.parent() {
+                    enable_controllers(up)?;
+                }
+                enable_controllers(&parent)?;
+            }
+            let group = parent.join(&name);
+            match std::fs::create_dir(&group) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(VmmError::io("creating the cgroup", &group, e)),
+            }
+            dirs.push(group);
+        }
+        let cg = VmCgroup {
+            dirs,
+            procs: Vec::new(),
+        };
+        let cg = cg.limit(version, limits)?;
+        Ok(Some(cg))
+    }
+
+    fn limit(mut self, version: CgroupVersion, limits: Limits) -> Result<VmCgroup, VmmError> {
+        let settings: Vec<(usize, &str, String)> = match version {
+            CgroupVersion::V2 => vec![
+                (0, "memory.max", limits.memory_bytes.to_string()),
+                (0, "memory.swap.max", "0".into()),
+                (0, "pids.max", limits.pids.to_string()),
+                (0, "cpu.weight", limits.cpu_weight.to_string()),
+            ],
+            CgroupVersion::V1 => vec![
+                (0, "memory.limit_in_bytes", limits.memory_bytes.to_string()),
+                (1, "pids.max", limits.pids.to_string()),
+                // v1 shares: 1024 is the default, as weight 100 is under v2.
+                (
+                    2,
+                    "cpu.shares",
+                    (u64::from(limits.cpu_weight) * 1024 / 100).to_string(),
+                ),
+            ],
+        };
+        for (i, file, value) in settings {
+            let path = self.dirs[i].join(file);
+            // memory.swap.max exists only with swap accounting; its absence is no error.
+            if file == "memory.swap.max" && !path.exists() {
+                continue;
+            }
+            std::fs::write(&path, &value)
+                .map_err(|e| VmmError::io(&format!("setting {value} in"), &path, e))?;
+        }
+        for dir in &self.dirs {
+            let path = dir.join("cgroup.procs");
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| VmmError::io("opening", &path, e))?;
+            self.procs.push(OwnedFd::from(file));
+        }
+        Ok(self)
+    }
+
+    /// Moves the calling process into the group. For `pre_exec` only: writes to descriptors
+    /// opened before the fork, allocates nothing.
+    pub fn join_in_child(&self) -> std::io::Result<()> {
+        for fd in &self.procs {
+            // "0" names the writing process itself.
+            // SAFETY: writes a static byte string to a descriptor this struct owns.
+            let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// The group's directories.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+fn enable_controllers(dir: &Path) -> Result<(), VmmError> {
+    let path = dir.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&path).unwrap_or_default();
+    for c in ["memory", "pids", "cpu"] {
+        if enabled.split_whitespace().any(|e| e == c) {
+            continue;
+        }
+        std::fs::write(&path, format!("+{c}")).map_err(|e| {
+            VmmError::io(
+                &format!(
+                    "enabling the {c} controller (kilnd's cgroup must be delegated to it, e.g. \
+                     systemd Delegate=yes, with kilnd in a leaf of its own) in"
+                ),
+                &path,
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes the group of the VM whose runtime directory is `dir` (once its QEMU has exited).
+pub fn remove_for(dir: &Path) {
+    let Some(version) = version() else { return };
+    let Ok(parents) = parents(version) else {
+        return;
+    };
+    let name = name_for(dir);
+    for parent in parents {
+        let group = parent.join(&name);
+        if !group.exists() {
+            continue;
+        }
+        // An exiting QEMU leaves its group a moment after it is reaped.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&group) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => {
+                    tracing::warn!(group = %group.display(), error = %e, "cannot remove a VM's cgroup");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Removes empty VM groups older than [`SWEEP_AGE`] (their VMs ended while kilnd was down);
+/// a group with a process in it cannot be removed, so a running VM's is safe.
+fn sweep(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !OsStr::as_bytes(&name).starts_with(b"vm-") {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > SWEEP_AGE);
+        if old {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// The directories the group of the VM in `dir` has or would have (v1: memory, pids, cpu).
+pub fn dirs_for(dir: &Path) -> Vec<PathBuf> {
+    let Some(version) = version() else {
+        return Vec::new();
+    };
+    let name = name_for(dir);
+    parents(version)
+        .map(|ps| ps.into_iter().map(|p| p.join(&name)).collect())
+        .unwrap_or_default()
+}

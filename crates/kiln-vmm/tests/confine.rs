@@ -1,0 +1,212 @@
+//! Every QEMU is confined: its own uid, no capabilities, no_new_privs, QEMU's seccomp filter,
+//! its own mount namespace whose root holds only its own files, its own cgroup — for a booted
+//! VM, a VM restored from its snapshot and that VM resumed after a suspend, which all still
+//! work. A guest writing to its console forever stops at the log cap.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{busybox_spec, host, scratch, sh};
+use kiln_vmm::qemu::QemuVm;
+use kiln_vmm::{BootOptions, MicroVm, RestoreTarget, Vmm};
+
+/// The lines of `/proc/<pid>/status` that tell the confinement, as `name: value`.
+fn confinement(pid: u32) -> Vec<(String, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("QEMU's status");
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| {
+            [
+                "Uid",
+                "Gid",
+                "Groups",
+                "Seccomp",
+                "NoNewPrivs",
+                "CapEff",
+                "CapPrm",
+            ]
+            .contains(k)
+        })
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })
+        .collect()
+}
+
+fn value(lines: &[(String, String)], key: &str) -> String {
+    lines
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// Asserts what a user auditing the host would check on one VM's QEMU.
+fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
+    let pid = vm.pid();
+    let lines = confinement(pid);
+    let uid = value(&lines, "Uid");
+    let root = format!("/proc/{pid}/root");
+    let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("QEMU's mount ns");
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").expect("our mount ns");
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .expect("QEMU's root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let dir_meta = std::fs::metadata(&vm.spec().dir).expect("runtime dir");
+
+    let first_uid: u32 = uid.split(' ').next().unwrap_or("0").parse().unwrap_or(0);
+    assert!(first_uid >= 200_000, "QEMU runs as uid {uid}");
+    assert!(
+        uid.split(' ').all(|u| u == first_uid.to_string()),
+        "uids {uid}"
+    );
+    assert_eq!(value(&lines, "Seccomp"), "2");
+    assert_eq!(value(&lines, "NoNewPrivs"), "1");
+    assert_eq!(value(&lines, "CapEff"), "0000000000000000");
+    assert_eq!(value(&lines, "CapPrm"), "0000000000000000");
+    assert_ne!(mnt, own_mnt);
+    let groups = kiln_vmm::cgroup::dirs_for(&vm.spec().dir);
+    assert!(!groups.is_empty(), "this host has cgroups");
+    for group in &groups {
+        let procs = std::fs::read_to_string(group.join("cgroup.procs")).expect("cgroup.procs");
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "QEMU {pid} is not in {}",
+            group.display()
+        );
+    }
+    let memory_limit = ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(groups[0].join(f)).ok())
+        .unwrap_or_default();
+    assert_eq!(
+        memory_limit.trim(),
+        ((vm.spec().memory_mib + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string()
+    );
+    let spec = vm.spec();
+    let used: Vec<&Path> = [spec.dir.as_path(), &spec.kernel, &spec.initramfs]
+        .into_iter()
+        .chain(spec.disks.iter().map(|d| d.path.as_path()))
+        .collect();
+    for name in &top {
+        assert!(
+            ["bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "sbin", "usr"]
+                .contains(&name.as_str())
+                || used.iter().any(|p| p.starts_with(format!("/{name}"))),
+            "unexpected /{name} in QEMU's root: {top:?}"
+        );
+    }
+    assert!(!Path::new(&format!("{root}/etc/passwd")).exists());
+    assert!(!Path::new(&format!("{root}{}", other_vm_dir.display())).exists());
+    assert!(Path::new(&format!("{root}{}", vm.spec().qmp_socket().display())).exists());
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&dir_meta),
+        first_uid,
+        "runtime dir owner"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&dir_meta.permissions()) & 0o777,
+        0o700
+    );
+}
+
+/// A small cap, so a flood reaches it quickly (the same for every test of this binary).
+const LOG_CAP: u64 = 64 * 1024;
+
+fn small_log_cap() {
+    std::env::set_var("KILN_VM_LOG_CAP", LOG_CAP.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
+    small_log_cap();
+    let dir = scratch();
+    let vm = host()
+        .0
+        .vmm
+        .boot(busybox_spec(dir.path(), false), BootOptions::default())
+        .await
+        .expect("boot");
+    let console = vm.spec().console_log();
+    let rotated = dir.path().join("vm/console.log.1");
+
+    sh(
+        vm.agent(),
+        "(while :; do echo 0123456789abcdef0123456789abcdef0123456789abcdef; done > /dev/ttyS0) \
+         >/dev/null 2>&1 &",
+    )
+    .await;
+    let mut largest = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        largest = largest.max(std::fs::metadata(&console).map_or(0, |m| m.len()));
+    }
+    let (alive, _) = sh(vm.agent(), "echo alive").await;
+    let rotated_len = std::fs::metadata(&rotated).map_or(0, |m| m.len());
+    vm.terminate().await.expect("terminate");
+
+    assert_eq!(alive.trim(), "alive");
+    assert_eq!(
+        rotated_len, LOG_CAP,
+        "the flood passed the cap at least once"
+    );
+    assert!(
+        largest < 4 * LOG_CAP,
+        "console.log reached {largest} bytes with a cap of {LOG_CAP}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_own_root() {
+    small_log_cap();
+    let dir = scratch();
+    let vmm = &host().0.vmm;
+    let booted = vmm
+        .boot(busybox_spec(dir.path(), true), BootOptions::default())
+        .await
+        .expect("boot");
+    let (echo, _) = sh(booted.agent(), "echo booted > /root/mark; cat /root/mark").await;
+    assert_confined(&booted, &dir.path().join("elsewhere"));
+    let booted_uid = value(&confinement(booted.pid()), "Uid");
+    let snap = booted
+        .snapshot(&dir.path().join("snap"))
+        .await
+        .expect("snapshot under the sandbox");
+
+    let restored = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("run")))
+        .await
+        .expect("restore under the sandbox");
+    let (seen, _) = sh(restored.agent(), "cat /root/mark; echo restored > /tmp/t").await;
+    assert_confined(&restored, &dir.path().join("vm"));
+    let restored_uid = value(&confinement(restored.pid()), "Uid");
+    let suspended = match restored.suspend(&dir.path().join("suspended")).await {
+        Ok(s) => s,
+        Err(e) => panic!("suspend under the sandbox: {}", e.error),
+    };
+    let resumed = vmm
+        .resume(&suspended, RestoreTarget::new(dir.path().join("again")))
+        .await
+        .expect("resume under the sandbox");
+    let (after, _) = sh(resumed.agent(), "cat /root/mark /tmp/t").await;
+    assert_confined(&resumed, &dir.path().join("run"));
+    let groups = kiln_vmm::cgroup::dirs_for(&resumed.spec().dir);
+    resumed.terminate().await.expect("terminate");
+    let left: Vec<_> = groups.iter().filter(|g| g.exists()).collect();
+
+    assert_eq!(echo.trim(), "booted");
+    assert_eq!(seen.trim(), "booted");
+    assert_eq!(
+        after.split_whitespace().collect::<Vec<_>>(),
+        ["booted", "restored"]
+    );
+    assert_ne!(booted_uid, restored_uid);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
