@@ -37,7 +37,18 @@ pub struct Fetched {
 
 /// Downloads `spec.url` into `spec.dest`; on any failure no file is left at `dest`.
 pub fn fetch(spec: &FetchSpec) -> Result<Fetched, String> {
-    let dest = Path::new(&spec.dest);
+    let named;
+    let mut dest = Path::new(&spec.dest);
+    if dest.is_dir() {
+        // As Docker: an existing directory gets the file under the URL's last segment.
+        named = dest.join(url_file_name(&spec.url).ok_or_else(|| {
+            format!(
+                "ADD {}: the URL names no file; give a file destination instead of the directory {}",
+                spec.url, spec.dest
+            )
+        })?);
+        dest = &named;
+    }
     if !dest.is_absolute() {
         return Err(format!(
             "ADD {}: the destination {} is not absolute",
@@ -74,6 +85,14 @@ fn download(spec: &FetchSpec, temp: &Path, deadline: Instant) -> Result<Option<i
         "GET {}: more than {MAX_REDIRECTS} redirects",
         spec.url
     ))
+}
+
+/// The last segment of a URL's path, if it names something.
+fn url_file_name(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split(['?', '#']).next()?;
+    let name = path.split_once('/')?.1.rsplit('/').next()?;
+    (!name.is_empty() && name != "." && name != "..").then(|| name.to_string())
 }
 
 fn is_https(url: &str) -> bool {
@@ -113,9 +132,6 @@ fn finish(
             .map_err(|e| format!("cannot open the download: {e}"))?;
         file.set_modified(at)
             .map_err(|e| format!("cannot set the mtime of {}: {e}", spec.dest))?;
-    }
-    if dest.is_dir() {
-        return Err(format!("ADD {}: {} is a directory", spec.url, spec.dest));
     }
     fs::rename(temp, dest).map_err(|e| format!("cannot write {}: {e}", spec.dest))?;
     Ok(Fetched {
@@ -695,6 +711,16 @@ mod tests {
         );
         assert!(!dest.exists());
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn fetch_when_dest_is_an_existing_directory_then_the_file_goes_inside() {
+        let port = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        fetch(&spec(port, dir.path(), None)).expect("fetch");
+
+        assert_eq!(std::fs::read(dir.path().join("file")).expect("read"), b"hi");
     }
 
     #[test]
