@@ -7,6 +7,6 @@ pub mod proto;
 
 pub use client::{
     AgentClient, AgentError, AppSpec, AppState, CopySpec, CopyStats, ExecEvent, ExecOutput,
-    ExecRequest, ExecStream, ExitStatus, HelloInfo, HttpFailureKind, HttpRequestSpec, HttpResponse,
-    TtySize, UserInfo,
+    ExecRequest, ExecStream, ExitStatus, FetchSpec, Fetched, HelloInfo, HttpFailureKind,
+    HttpRequestSpec, HttpResponse, TtySize, UserInfo,
 };

@@ -273,6 +273,104 @@ async fn write_file_when_read_back_then_same_bytes_and_mode() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_when_no_network_then_only_loopback_and_others_unchanged() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let isolated = client
+        .run(sh("cut -d: -f1 /proc/self/net/dev | tail -n +3 | tr -d ' '").no_network())
+        .await
+        .expect("exec");
+    let normal = client
+        .run(sh(
+            "cut -d: -f1 /proc/self/net/dev | tail -n +3 | tr -d ' '",
+        ))
+        .await
+        .expect("exec");
+
+    assert_eq!(String::from_utf8_lossy(&isolated.stdout), "lo\n");
+    assert_eq!(
+        String::from_utf8_lossy(&normal.stdout),
+        std::fs::read_to_string("/proc/self/net/dev")
+            .expect("net/dev")
+            .lines()
+            .skip(2)
+            .map(|l| format!("{}\n", l.split(':').next().unwrap_or_default().trim()))
+            .collect::<String>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_requests_when_files_and_dirs_then_exists_and_remove_as_documented() {
+    let server = Server::start();
+    let client = server.client().await;
+    let dir = server.path("d");
+    let file = server.path("d/f");
+    client
+        .write_file(&file, b"x", 0o600, None)
+        .await
+        .expect("write");
+
+    let full_dir = client.remove_path(&dir).await;
+    client.remove_path(&file).await.expect("remove file");
+    client.remove_path(&dir).await.expect("remove empty dir");
+
+    assert!(
+        matches!(full_dir, Err(AgentError::Guest(_))),
+        "{full_dir:?}"
+    );
+    assert!(!client.path_exists(&dir).await.expect("exists"));
+    client
+        .remove_path(&dir)
+        .await
+        .expect("nothing there is fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_when_http_server_on_loopback_then_file_with_digest_mode_and_owner() {
+    let server = Server::start();
+    let client = server.client().await;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+    });
+    let dest = server.path("dl/file");
+
+    let fetched = client
+        .fetch(kiln_agent::FetchSpec {
+            url: format!("http://localhost:{port}/x"),
+            dest: dest.clone(),
+            mode: 0o600,
+            uid: Some(1),
+            gid: Some(2),
+            timeout_ms: 5_000,
+            ..kiln_agent::FetchSpec::default()
+        })
+        .await
+        .expect("fetch");
+
+    assert_eq!(fetched.bytes, 2);
+    assert_eq!(
+        fetched.sha256,
+        "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
+    );
+    let meta = std::fs::metadata(&dest).expect("stat");
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o600, 1, 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_file_when_larger_than_limit_then_guest_error() {
     let server = Server::start();
     let client = server.client().await;

@@ -33,10 +33,13 @@ fn http_reply() -> &'static [u8] {
     Box::leak(text.into_bytes().into_boxed_slice())
 }
 
-/// A kilnd with an operator connector `dl` that allows only the test server.
-fn daemon_allowing(addr: std::net::Ipv4Addr) -> Daemon {
-    let kilnd = Daemon::start(&[]);
-    let connector = format!(r#"{{"name":"dl","allow":["{addr}:{PORT}"]}}"#);
+/// A kilnd with an operator connector `dl` that allows only the test server, by address
+/// and as `svc.test` (a name kilnd's resolver answers from an `--egress-hosts` file).
+fn daemon_allowing(addr: std::net::Ipv4Addr, scratch: &Path) -> Daemon {
+    let hosts = scratch.join("hosts");
+    std::fs::write(&hosts, format!("{addr} svc.test\n")).expect("hosts");
+    let kilnd = Daemon::start(&["--egress-hosts", &hosts.display().to_string()]);
+    let connector = format!(r#"{{"name":"dl","allow":["{addr}:{PORT}","svc.test:{PORT}"]}}"#);
     let (status, _, text) = kilnd.request(
         &kilnd.admin_key(),
         "POST",
@@ -120,7 +123,7 @@ fn build_when_dockerfile_uses_buildkit_features_then_they_behave_as_docker() {
     let [a, _] = service.addrs;
     service.listen(a, PORT, http_reply());
     let scratch = tempfile::tempdir().expect("scratch");
-    let kilnd = daemon_allowing(a);
+    let kilnd = daemon_allowing(a, scratch.path());
     let secrets = format!(
         r#"{{"secrets":{{"tok":"{}"}}}}"#,
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, SECRET)
@@ -132,7 +135,8 @@ fn build_when_dockerfile_uses_buildkit_features_then_they_behave_as_docker() {
         secrets.as_bytes(),
     );
     assert_eq!(status, 204, "{text}");
-    let url = format!("http://{a}:{PORT}/file.txt");
+    // By name: kiln-init resolves it with the guest's resolver (the egress gateway's).
+    let url = format!("http://svc.test:{PORT}/file.txt");
     let first = format!(
         r#"# syntax=docker/dockerfile:1
 FROM kiln/busybox
@@ -221,7 +225,7 @@ fn build_when_add_checksum_mismatches_then_fails_naming_both_digests() {
     let [a, _] = service.addrs;
     service.listen(a, PORT, http_reply());
     let scratch = tempfile::tempdir().expect("scratch");
-    let kilnd = daemon_allowing(a);
+    let kilnd = daemon_allowing(a, scratch.path());
     let wrong = "0".repeat(64);
     let dockerfile = format!(
         "FROM kiln/busybox\nADD --checksum=sha256:{wrong} http://{a}:{PORT}/f /f\nCMD [\"sh\"]\n"

@@ -9,7 +9,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::{chown, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,7 +37,18 @@ pub struct Fetched {
 
 /// Downloads `spec.url` into `spec.dest`; on any failure no file is left at `dest`.
 pub fn fetch(spec: &FetchSpec) -> Result<Fetched, String> {
-    let dest = Path::new(&spec.dest);
+    let named;
+    let mut dest = Path::new(&spec.dest);
+    if dest.is_dir() {
+        // As Docker: an existing directory gets the file under the URL's last segment.
+        named = dest.join(url_file_name(&spec.url).ok_or_else(|| {
+            format!(
+                "ADD {}: the URL names no file; give a file destination instead of the directory {}",
+                spec.url, spec.dest
+            )
+        })?);
+        dest = &named;
+    }
     if !dest.is_absolute() {
         return Err(format!(
             "ADD {}: the destination {} is not absolute",
@@ -74,6 +85,14 @@ fn download(spec: &FetchSpec, temp: &Path, deadline: Instant) -> Result<Option<i
         "GET {}: more than {MAX_REDIRECTS} redirects",
         spec.url
     ))
+}
+
+/// The last segment of a URL's path, if it names something.
+fn url_file_name(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split(['?', '#']).next()?;
+    let name = path.split_once('/')?.1.rsplit('/').next()?;
+    (!name.is_empty() && name != "." && name != "..").then(|| name.to_string())
 }
 
 fn is_https(url: &str) -> bool {
@@ -113,9 +132,6 @@ fn finish(
             .map_err(|e| format!("cannot open the download: {e}"))?;
         file.set_modified(at)
             .map_err(|e| format!("cannot set the mtime of {}: {e}", spec.dest))?;
-    }
-    if dest.is_dir() {
-        return Err(format!("ADD {}: {} is a directory", spec.url, spec.dest));
     }
     fs::rename(temp, dest).map_err(|e| format!("cannot write {}: {e}", spec.dest))?;
     Ok(Fetched {
@@ -195,10 +211,7 @@ fn left(deadline: Instant) -> io::Result<Duration> {
 fn http_get(url: &str, temp: &Path, deadline: Instant) -> Result<Outcome, String> {
     let (host, port, path) = split_url(url)?;
     let fail = |what: &str, e: io::Error| format!("GET {url}: cannot {what}: {e}");
-    let addrs: Vec<_> = (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| fail("resolve the host", e))?
-        .collect();
+    let addrs = resolve(&host, port, deadline).map_err(|e| fail("resolve the host", e))?;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     let mut stream = None;
     for addr in addrs {
@@ -279,6 +292,147 @@ fn http_get(url: &str, temp: &Path, deadline: Instant) -> Result<Outcome, String
         .and_then(|()| out.flush())
         .map_err(|e| fail("read the body", e))?;
     Ok(Outcome::Done { mtime })
+}
+
+/// `host`'s addresses: an IP literal, a name in `/etc/hosts`, or an A record from the first
+/// `nameserver` of `/etc/resolv.conf` (slirp's 10.0.2.3 when none). kiln-init is a static
+/// binary whose libc cannot load the guest's resolver modules (and the busybox base has no
+/// libc at all), so it asks DNS itself.
+fn resolve(host: &str, port: u16, deadline: Instant) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let hosts = fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let listed: Vec<SocketAddr> = hosts
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let ip = words.next()?.parse::<IpAddr>().ok()?;
+            words
+                .any(|name| name.eq_ignore_ascii_case(host))
+                .then_some(SocketAddr::new(ip, port))
+        })
+        .collect();
+    if !listed.is_empty() {
+        return Ok(listed);
+    }
+    let server = fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("nameserver")?;
+            rest.trim().parse::<IpAddr>().ok()
+        })
+        .unwrap_or(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 3)));
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.connect((server, 53))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let id = (std::process::id() as u16) ^ (nanos as u16);
+    let query = dns_query(id, host)?;
+    for _ in 0..3 {
+        socket.send(&query)?;
+        let wait = left(deadline)?.min(Duration::from_secs(2));
+        socket.set_read_timeout(Some(wait))?;
+        let mut buf = [0u8; 1500];
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let ips = dns_answers(id, &buf[..n])?;
+                if ips.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{host} has no IPv4 address (asked {server})"),
+                    ));
+                }
+                return Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip.into(), port))
+                    .collect());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no answer from the name server {server} for {host}"),
+    ))
+}
+
+/// A recursive DNS query for `host`'s A records.
+fn dns_query(id: u16, host: &str) -> io::Result<Vec<u8>> {
+    let mut packet = Vec::with_capacity(32 + host.len());
+    packet.extend_from_slice(&id.to_be_bytes());
+    packet.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in host.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a valid host name"),
+            ));
+        }
+        packet.push(label.len() as u8);
+        packet.extend_from_slice(label.as_bytes());
+    }
+    packet.extend_from_slice(&[0, 0, 1, 0, 1]);
+    Ok(packet)
+}
+
+/// The A records of a DNS answer to query `id`.
+fn dns_answers(id: u16, packet: &[u8]) -> io::Result<Vec<Ipv4Addr>> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("DNS answer: {why}"));
+    let u16_at = |at: usize| -> io::Result<u16> {
+        packet
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| bad("cut off"))
+    };
+    if u16_at(0)? != id {
+        return Err(bad("it answers another query"));
+    }
+    let rcode = u16_at(2)? & 0x000f;
+    if rcode == 3 {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no such host name"));
+    }
+    if rcode != 0 {
+        return Err(bad(&format!("the name server failed (rcode {rcode})")));
+    }
+    let (questions, answers) = (u16_at(4)?, u16_at(6)?);
+    let skip_name = |mut at: usize| -> io::Result<usize> {
+        loop {
+            let len = *packet.get(at).ok_or_else(|| bad("cut off"))? as usize;
+            if len == 0 {
+                return Ok(at + 1);
+            }
+            if len & 0xc0 == 0xc0 {
+                return Ok(at + 2);
+            }
+            at += 1 + len;
+        }
+    };
+    let mut at = 12;
+    for _ in 0..questions {
+        at = skip_name(at)? + 4;
+    }
+    let mut found = Vec::new();
+    for _ in 0..answers {
+        at = skip_name(at)?;
+        let (kind, class, len) = (u16_at(at)?, u16_at(at + 2)?, u16_at(at + 8)? as usize);
+        let data = packet
+            .get(at + 10..at + 10 + len)
+            .ok_or_else(|| bad("cut off"))?;
+        if kind == 1 && class == 1 && len == 4 {
+            found.push(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        at += 10 + len;
+    }
+    Ok(found)
 }
 
 /// A stream whose every read must finish before one deadline.
@@ -458,6 +612,33 @@ mod tests {
     }
 
     #[test]
+    fn dns_answers_when_cname_then_a_then_the_address() {
+        let mut packet = dns_query(0x1234, "svc.test").expect("query");
+        packet[2] = 0x81;
+        packet[3] = 0x80;
+        packet[7] = 2;
+        // CNAME to a compressed name, then an A record.
+        packet.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xc0, 12]);
+        packet.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 7]);
+
+        let found = dns_answers(0x1234, &packet).expect("answers");
+
+        assert_eq!(found, [Ipv4Addr::new(10, 0, 0, 7)]);
+    }
+
+    #[test]
+    fn dns_answers_when_nxdomain_or_other_id_then_error() {
+        let mut packet = dns_query(7, "nope.test").expect("query");
+        packet[3] = 0x83;
+
+        assert_eq!(
+            dns_answers(7, &packet).expect_err("nxdomain").kind(),
+            io::ErrorKind::NotFound
+        );
+        assert!(dns_answers(8, &packet).is_err());
+    }
+
+    #[test]
     fn split_url_when_port_and_query_then_parts() {
         assert_eq!(
             split_url("http://10.0.0.2:8080/a/b?c=1"),
@@ -530,6 +711,16 @@ mod tests {
         );
         assert!(!dest.exists());
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn fetch_when_dest_is_an_existing_directory_then_the_file_goes_inside() {
+        let port = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        fetch(&spec(port, dir.path(), None)).expect("fetch");
+
+        assert_eq!(std::fs::read(dir.path().join("file")).expect("read"), b"hi");
     }
 
     #[test]

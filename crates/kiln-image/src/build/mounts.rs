@@ -219,13 +219,7 @@ async fn mount_one(
             uid,
             gid,
         } => {
-            let Some(value) = secrets.get(id) else {
-                if *required {
-                    return Err(format!(
-                        "secret {id:?} is required but the build was given none: pass it \
-                         with `kiln build --secret id={id},src=FILE` (or env=VAR)"
-                    ));
-                }
+            let Some(value) = secret_value(secrets, id, *required)? else {
                 return Ok(());
             };
             if let Some(var) = env {
@@ -256,6 +250,23 @@ async fn mount_one(
         }
     }
     Ok(())
+}
+
+/// The value of secret `id`; `None` when the build has none and the mount does not
+/// require it (the step then runs without it, as under Docker).
+fn secret_value<'a>(
+    secrets: &'a BuildSecrets,
+    id: &str,
+    required: bool,
+) -> Result<Option<&'a [u8]>, String> {
+    match (secrets.get(id), required) {
+        (Some(value), _) => Ok(Some(value)),
+        (None, false) => Ok(None),
+        (None, true) => Err(format!(
+            "secret {id:?} is required but the build was given none: pass it with \
+             `kiln build --secret id={id},src=FILE` (or env=VAR)"
+        )),
+    }
 }
 
 /// An agent error never carries a secret's bytes, but be sure nothing long passes.
@@ -324,6 +335,20 @@ mod tests {
         let printed = format!("{secrets:?}");
 
         assert_eq!(printed, "{\"token\"}");
+    }
+
+    #[test]
+    fn secret_value_when_missing_then_error_if_required_else_skipped() {
+        let secrets = BuildSecrets::new([("a".to_string(), b"1".to_vec())]);
+
+        let err = secret_value(&secrets, "b", true).expect_err("required");
+
+        assert_eq!(secret_value(&secrets, "a", true), Ok(Some(&b"1"[..])));
+        assert_eq!(secret_value(&secrets, "b", false), Ok(None));
+        assert!(
+            err.contains("secret \"b\" is required") && err.contains("--secret id=b,src=FILE"),
+            "{err}"
+        );
     }
 
     #[test]
