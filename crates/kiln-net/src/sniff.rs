@@ -110,8 +110,7 @@ fn tls(buf: &[u8]) -> Sniffed {
     // The handshake may span several records: gather their payloads.
     let mut handshake = Vec::new();
     let mut r = Reader { buf, pos: 0 };
-    loop {
-        let Some(header) = r.take(5) else { break };
+    while let Some(header) = r.take(5) {
         if header[0] != 0x16 {
             return Sniffed::Tls(None);
         }
