@@ -45,3 +45,54 @@ fn s3_when_another_principal_walks_every_operation_on_a_bucket_then_each_is_deni
     );
     assert_eq!(seen["aliceObject"], "alice's private zip", "{seen}");
 }
+
+#[test]
+fn layer_cache_when_another_principal_builds_the_same_zip_then_nothing_is_cached_for_him() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("same.zip");
+    common::counter_zip(&zip);
+    let (_, bob) = kilnd.new_principal("bob");
+    let create = |credentials: &std::path::Path, name: &str| {
+        kilnd.aws_with(
+            credentials,
+            &[
+                "create-microvm-image",
+                "--name",
+                name,
+                "--base-image-arn",
+                "arn:aws:lambda:local:aws:microvm-image:busybox",
+                "--build-role-arn",
+                "arn:aws:iam::000000000000:role/kiln-build",
+                "--code-artifact",
+                &format!("uri=file://{}", zip.display()),
+            ],
+        )
+    };
+
+    let (admin_code, _, admin_err) = create(&kilnd.credentials(), "admins");
+    let admins = kilnd.wait_version("admins", "1");
+    let (again_code, _, again_err) = create(&kilnd.credentials(), "admins-again");
+    let again = kilnd.wait_version("admins-again", "1");
+    let (bob_code, _, bob_err) = create(&bob, "bobs");
+    let bobs = kilnd.wait_version("bobs", "1");
+    let again_log = kilnd.get("/kiln/v1/images/admins-again/versions/1/build-log");
+    let bob_log = kilnd.get("/kiln/v1/images/bobs/versions/1/build-log");
+
+    assert_eq!(
+        (admin_code, again_code, bob_code),
+        (0, 0, 0),
+        "{admin_err}{again_err}{bob_err}"
+    );
+    for v in [&admins, &again, &bobs] {
+        assert_eq!(v["state"], "SUCCESSFUL", "{v}");
+    }
+    assert!(
+        again_log.contains("    cached"),
+        "the owner's own rebuild hit no cache:\n{again_log}"
+    );
+    assert!(
+        !bob_log.contains("    cached"),
+        "bob was served the admin's layers:\n{bob_log}"
+    );
+}

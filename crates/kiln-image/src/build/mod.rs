@@ -54,7 +54,8 @@ pub struct BuildSpec {
     pub memory_mib: u64,
     /// Guest memory of the build VM, MiB.
     pub build_memory_mib: u64,
-    /// The layer cache directory.
+    /// The layer caches' directory: each owner's cache is a directory of its own in it, so
+    /// a cache hit never tells one principal what another built, nor serves another's layer.
     pub cache_dir: PathBuf,
     /// Scratch space, removed when the build ends.
     pub work_dir: PathBuf,
@@ -200,8 +201,9 @@ async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<Built
         plan.steps.len(),
         plan.steps.iter().filter(|s| s.key.is_some()).count()
     ));
-    let cache = LayerCache::open(&spec.cache_dir)
-        .map_err(io_err("opening the layer cache", &spec.cache_dir))?;
+    let cache_dir = spec.cache_dir.join(mounts::safe_name(&spec.owner));
+    let cache =
+        LayerCache::open(&cache_dir).map_err(io_err("opening the layer cache", &cache_dir))?;
     let final_layer = run_build_vm(host, spec, &plan, &cache, log).await?;
     log.line(format!(
         "filesystem built in {:.1} s",

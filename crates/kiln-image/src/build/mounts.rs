@@ -98,22 +98,22 @@ impl CacheDisks {
     }
 }
 
-/// A name usable as one path component: letters, digits, `-`, `_`, `.` kept, others `_`.
-fn safe_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    match cleaned.trim_start_matches('.') {
-        "" => "_".into(),
-        rest => rest.to_string(),
+/// A name as one path component, one-to-one (two principals or images never share a
+/// directory): ASCII letters, digits, `-` and `.` (not first) are kept; every other byte,
+/// `_` included, becomes `_XX` (its hex).
+pub fn safe_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, b) in name.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || (b == b'.' && i > 0) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
     }
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
 }
 
 /// A readable and unique file name for a cache id (ids may hold `/`).
@@ -361,8 +361,12 @@ mod tests {
     }
 
     #[test]
-    fn safe_name_when_path_like_then_one_component() {
-        assert_eq!(safe_name("../alice"), "_alice");
-        assert_eq!(safe_name(".."), "_");
+    fn safe_name_when_path_like_or_alike_then_one_distinct_component() {
+        assert_eq!(safe_name("../alice"), "_2e_2e_2falice");
+        assert_eq!(safe_name(".."), "_2e.");
+        assert_eq!(safe_name(""), "_");
+        assert_ne!(safe_name("a+b"), safe_name("a_b"));
+        assert_ne!(safe_name("a_2b"), safe_name("a+b"));
+        assert_eq!(safe_name("alice.dev-1"), "alice.dev-1");
     }
 }
