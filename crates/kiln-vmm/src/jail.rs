@@ -455,6 +455,8 @@ impl Jail {
                 libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS),
                 b"unshare",
             )?;
+            // kilnd's umask (077) would make the root's directories untraversable for QEMU.
+            libc::umask(0o022);
             // Nothing done here may reach the host's mount table.
             check(
                 libc::mount(
@@ -558,6 +560,8 @@ impl Jail {
                 b"detaching the host's root",
             )?;
             check(libc::chdir(c"/".as_ptr()), b"chdir /")?;
+            // What QEMU creates (sockets, logs, pid file) is for kilnd and itself alone.
+            libc::umask(0o077);
             check(
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
                 b"no_new_privs",

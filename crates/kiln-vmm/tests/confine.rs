@@ -120,13 +120,15 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
 /// A small cap, so a flood reaches it quickly (the same for every test of this binary).
 const LOG_CAP: u64 = 64 * 1024;
 
-fn small_log_cap() {
+/// As kilnd runs: a small log cap, and KILN_HOME private with umask 077.
+fn as_kilnd() {
     std::env::set_var("KILN_VM_LOG_CAP", LOG_CAP.to_string());
+    kiln_vmm::home::make_private(&common::test_home()).expect("private KILN_HOME");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
-    small_log_cap();
+    as_kilnd();
     let dir = scratch();
     let vm = host()
         .0
@@ -165,7 +167,7 @@ async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_own_root() {
-    small_log_cap();
+    as_kilnd();
     let dir = scratch();
     let vmm = &host().0.vmm;
     let booted = vmm
