@@ -8,7 +8,8 @@
 //! 2. new mount, IPC and UTS namespaces;
 //! 3. a root of its own: a tmpfs holding, at their usual paths, only what this QEMU needs —
 //!    `/usr` (its program, libraries and firmware) and the `/bin`-style links into it,
-//!    `/etc/ld.so.cache`, `/dev/{null,zero,random,urandom}` (and `/dev/kvm` under KVM), the
+//!    `/etc/ld.so.cache`, `/etc/resolv.conf` (slirp forwards the guest's DNS to the resolver it
+//!    names), `/dev/{null,zero,random,urandom}` (and `/dev/kvm` under KVM), the
 //!    VM's runtime directory (read-write), its kernel and initramfs (read-only), its disks
 //!    (read-write where the VM writes them) with every backing file (read-only), and its memory
 //!    file. The tmpfs is made read-only and becomes `/` (`pivot_root`), so nothing else of the
@@ -343,8 +344,11 @@ impl Jail {
             read_only,
         };
         entries.push(file(qemu, true));
-        if Path::new("/etc/ld.so.cache").exists() {
-            entries.push(file(Path::new("/etc/ld.so.cache"), true));
+        // The loader's cache; the resolver slirp forwards the guest's DNS (10.0.2.3) to.
+        for etc in ["/etc/ld.so.cache", "/etc/resolv.conf"] {
+            if Path::new(etc).exists() {
+                entries.push(file(Path::new(etc), true));
+            }
         }
         for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"] {
             entries.push(file(Path::new(dev), false));
