@@ -17,9 +17,9 @@ use crate::VmmError;
 
 /// Where cgroup file systems are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// QEMU's own memory (TCG translation cache, device emulation, slirp, buffers) on top of the
-/// guest's RAM.
-pub const MEMORY_OVERHEAD_MIB: u64 = 256;
+/// QEMU's own memory on top of the guest's RAM: the TCG translation cache
+/// (`cmdline::TCG_CACHE_MIB`) plus 128 MiB for device emulation, slirp and buffers.
+pub const MEMORY_OVERHEAD_MIB: u64 = crate::qemu::cmdline::TCG_CACHE_MIB + 128;
 /// Processes and threads one QEMU may hold (it uses a handful).
 pub const PIDS_MAX: u32 = 256;
 /// The CPU weight of a VM (cgroup v2 scale, 100 = the default share).

@@ -4,17 +4,19 @@
 //! executed, the child kilnd forked (already in the VM's network namespace and its own
 //! session) takes these steps, each a plain system call on data prepared by the parent:
 //!
-//! 1. new mount, IPC and UTS namespaces;
-//! 2. a root of its own: a tmpfs holding, at their usual paths, only what this QEMU needs —
+//! 1. it joins its cgroup ([`crate::cgroup`]: memory ceiling, pids limit, CPU weight);
+//! 2. new mount, IPC and UTS namespaces;
+//! 3. a root of its own: a tmpfs holding, at their usual paths, only what this QEMU needs —
 //!    `/usr` (its program, libraries and firmware) and the `/bin`-style links into it,
-//!    `/etc/ld.so.cache`, `/dev/{null,zero,random,urandom}` (and `/dev/kvm` under KVM), the
+//!    `/etc/ld.so.cache`, `/etc/resolv.conf` (slirp forwards the guest's DNS to the resolver it
+//!    names), `/dev/{null,zero,random,urandom}` (and `/dev/kvm` under KVM), the
 //!    VM's runtime directory (read-write), its kernel and initramfs (read-only), its disks
 //!    (read-write where the VM writes them) with every backing file (read-only), and its memory
 //!    file. The tmpfs is made read-only and becomes `/` (`pivot_root`), so nothing else of the
 //!    host — `kiln.db`, keys, other VMs, other images — has a name in QEMU's world;
-//! 0. it joins its cgroup ([`crate::cgroup`]: memory ceiling, pids limit, CPU weight);
-//! 3. `no_new_privs`; then its own unprivileged uid and gid, with no supplementary group but
-//!    the one restored memory files carry. Leaving uid 0 clears every capability. Limits:
+//! 4. `no_new_privs`; then its own unprivileged uid and gid, with no supplementary group but
+//!    the one restored memory files carry (and /dev/kvm's under KVM). Leaving uid 0 clears
+//!    every capability. Limits:
 //!    `RLIMIT_NOFILE` 4096, `RLIMIT_FSIZE` the largest file it must write plus 1 GiB.
 //!
 //! QEMU's own seccomp filter (`-sandbox`, see `cmdline::SANDBOX`) follows once it has started.
@@ -109,6 +111,30 @@ impl JailConfig {
     pub fn shared_gid(&self) -> u32 {
         self.first
     }
+}
+
+/// What confines every QEMU on this host, in one line (for `kiln doctor`); an error when QEMU
+/// would run unconfined or kiln cannot confine it.
+pub fn summary() -> Result<String, String> {
+    let config = JailConfig::current()
+        .map_err(|e| e.to_string())?
+        .ok_or("KILN_JAIL=off: QEMU runs UNCONFINED as root")?;
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("kiln must run as root to give each QEMU its own uid and root".into());
+    }
+    let cgroup = match crate::cgroup::version() {
+        Some(crate::cgroup::CgroupVersion::V2) => "cgroup v2",
+        Some(crate::cgroup::CgroupVersion::V1) => "cgroup v1",
+        None => "no cgroup file system (no memory/pids/CPU limits)",
+    };
+    Ok(format!(
+        "uids {}-{} (claims in {}), own mount/IPC/UTS namespaces and root, no_new_privs, no \
+         capabilities, seccomp (-sandbox), {cgroup}",
+        config.first + 1,
+        config.first + config.count - 1,
+        config.claims.display()
+    ))
 }
 
 fn parse_range(text: &str) -> Result<(u32, u32), String> {
@@ -318,8 +344,11 @@ impl Jail {
             read_only,
         };
         entries.push(file(qemu, true));
-        if Path::new("/etc/ld.so.cache").exists() {
-            entries.push(file(Path::new("/etc/ld.so.cache"), true));
+        // The loader's cache; the resolver slirp forwards the guest's DNS (10.0.2.3) to.
+        for etc in ["/etc/ld.so.cache", "/etc/resolv.conf"] {
+            if Path::new(etc).exists() {
+                entries.push(file(Path::new(etc), true));
+            }
         }
         for dev in ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"] {
             entries.push(file(Path::new(dev), false));
@@ -455,6 +484,8 @@ impl Jail {
                 libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS),
                 b"unshare",
             )?;
+            // kilnd's umask (077) would make the root's directories untraversable for QEMU.
+            libc::umask(0o022);
             // Nothing done here may reach the host's mount table.
             check(
                 libc::mount(
@@ -558,6 +589,8 @@ impl Jail {
                 b"detaching the host's root",
             )?;
             check(libc::chdir(c"/".as_ptr()), b"chdir /")?;
+            // What QEMU creates (sockets, logs, pid file) is for kilnd and itself alone.
+            libc::umask(0o077);
             check(
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
                 b"no_new_privs",

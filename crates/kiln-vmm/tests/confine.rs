@@ -120,13 +120,15 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
 /// A small cap, so a flood reaches it quickly (the same for every test of this binary).
 const LOG_CAP: u64 = 64 * 1024;
 
-fn small_log_cap() {
+/// As kilnd runs: a small log cap, and KILN_HOME private with umask 077.
+fn as_kilnd() {
     std::env::set_var("KILN_VM_LOG_CAP", LOG_CAP.to_string());
+    kiln_vmm::home::make_private(&common::test_home()).expect("private KILN_HOME");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
-    small_log_cap();
+    as_kilnd();
     let dir = scratch();
     let vm = host()
         .0
@@ -165,7 +167,7 @@ async fn console_when_guest_writes_forever_then_log_stays_under_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_own_root() {
-    small_log_cap();
+    as_kilnd();
     let dir = scratch();
     let vmm = &host().0.vmm;
     let booted = vmm
@@ -209,4 +211,47 @@ async fn confine_when_booted_restored_and_resumed_then_own_uid_seccomp_no_caps_o
     );
     assert_ne!(booted_uid, restored_uid);
     assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_disk_layer_when_confined_then_guest_continues_on_a_layer_kilnd_made() {
+    as_kilnd();
+    let dir = scratch();
+    let vmm = &host().0.vmm;
+    let mut vm = vmm
+        .boot(busybox_spec(dir.path(), false), BootOptions::default())
+        .await
+        .expect("boot");
+    let first = vm.spec().disks[0].path.clone();
+    sh(vm.agent(), "echo one > /root/one; sync").await;
+    let layer = dir.path().join("layer2.qcow2");
+
+    vm.freeze_disk_layer(0, &layer)
+        .await
+        .expect("freeze under the jail");
+    let (written, code) = sh(
+        vm.agent(),
+        "echo two > /root/two; sync; cat /root/one /root/two",
+    )
+    .await;
+    vm.terminate().await.expect("terminate");
+    let mut next = busybox_spec(&dir.path().join("next"), false);
+    next.disks[0].path = layer.clone();
+    let again = vmm
+        .boot(next, BootOptions::default())
+        .await
+        .expect("boot on the new layer");
+    let (seen, _) = sh(again.agent(), "cat /root/one /root/two").await;
+    again.terminate().await.expect("terminate");
+
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        written.split_whitespace().collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+    assert_eq!(seen.split_whitespace().collect::<Vec<_>>(), ["one", "two"]);
+    assert_eq!(
+        kiln_vmm::suspend::qcow2_backing(&layer).expect("read layer"),
+        Some(first)
+    );
 }

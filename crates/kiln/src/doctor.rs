@@ -187,6 +187,29 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         checks.push(c);
     }
     let (c, _) = check(
+        "confinement",
+        false,
+        kiln_vmm::jail::summary(),
+        |s| s.clone(),
+        "run kiln and kilnd as root, and leave KILN_JAIL unset",
+    );
+    checks.push(c);
+    let open = kiln_vmm::home::open_dirs(home);
+    checks.push(Check {
+        name: "data directory",
+        ok: open.is_empty(),
+        required: false,
+        detail: match open.first() {
+            None => format!("{} and everything under it is 0700", home.display()),
+            Some(d) => format!(
+                "{} directories others can enter, e.g. {}",
+                open.len(),
+                d.display()
+            ),
+        },
+        fix: (!open.is_empty()).then(|| "start kilnd once (it narrows them to 0700)".to_string()),
+    });
+    let (c, _) = check(
         "busybox base",
         false,
         kiln_image::base::busybox::ensure(home).map_err(|e| e.to_string()),

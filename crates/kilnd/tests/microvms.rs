@@ -613,11 +613,17 @@ fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_
     let qemus_at_end = kilnd.qemu_count();
     let last = endpoint_get(&kilnd, &id, &tok, "/cgi-bin/count");
     let stale_copy = suspended_dir.exists();
+    // Through builds, launches, suspends, resumes and restarts, KILN_HOME stays kilnd's alone.
+    let open_dirs = kiln_vmm::home::open_dirs(kilnd.home.path());
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
 
     assert_eq!(code, 0, "{err}");
     assert_eq!(first.trim(), "200 101");
     assert!(died_saving && died_publishing && died_loading && died_running);
+    assert!(
+        open_dirs.is_empty(),
+        "directories others can enter: {open_dirs:?}"
+    );
     let states: Vec<_> = seen.iter().map(|v| v["state"].clone()).collect();
     assert_eq!(
         states,

@@ -24,6 +24,18 @@ pub fn cpu_model(accel: Accel) -> &'static str {
     }
 }
 
+/// TCG's translation cache in MiB. QEMU 7.2 reserves 1 GiB by default and a long-running guest
+/// touches it all, which a VM's memory ceiling (`cgroup::MEMORY_OVERHEAD_MIB`) must cover.
+pub const TCG_CACHE_MIB: u64 = 256;
+
+/// The `-accel` value.
+pub fn accel_option(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => format!("tcg,tb-size={TCG_CACHE_MIB}"),
+        Accel::Kvm => "kvm".to_string(),
+    }
+}
+
 /// Kernel command line for a kiln guest.
 pub fn kernel_cmdline(spec: &VmSpec) -> String {
     let mut words = vec![
@@ -48,7 +60,7 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
         machine.push_str(",memory-backend=mem0");
     }
     a.pair("-M", machine);
-    a.pair("-accel", spec.accel.as_str());
+    a.pair("-accel", accel_option(spec.accel));
     a.pair("-cpu", cpu_model(spec.accel));
     a.pair("-m", format!("{}M", spec.memory_mib));
     a.pair("-smp", spec.vcpus.to_string());

@@ -824,6 +824,7 @@ impl MicroVm for QemuVm {
         // backing file. It goes with the runtime directory.
         if frozen.is_err() {
             let _ = std::fs::remove_file(&link);
+            let _ = std::fs::remove_file(new_top);
         }
         frozen?;
         let disk = &mut self.spec.disks[index];
