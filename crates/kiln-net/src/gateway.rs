@@ -183,7 +183,7 @@ impl Gateway {
         if netns.is_host() {
             return Err(NetError::HostNamespace);
         }
-        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let any = SocketAddr::from((crate::netns::GATEWAY_ADDR, 0));
         let tcp = netns.listen_tcp(any)?;
         let udp = netns.bind_udp(any)?;
         let io = |e| NetError::Namespace {

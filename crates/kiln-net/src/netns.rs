@@ -16,6 +16,10 @@ use crate::NetError;
 /// Source address of kilnd's own connections inside a VM's namespace (to QEMU's forwards);
 /// the namespace's rules let only this address reach its loopback listeners.
 pub const KILND_SOURCE: [u8; 4] = [127, 0, 0, 2];
+/// Where the egress gateway listens inside a VM's namespace: an address of its own, so its
+/// ephemeral ports can never collide with a forward QEMU binds on 127.0.0.1 (forwards' ports
+/// are picked on the host's loopback, which knows nothing of the namespace's).
+pub const GATEWAY_ADDR: [u8; 4] = [127, 0, 0, 3];
 
 /// One network namespace, kept alive by this descriptor (and by any process inside it).
 #[derive(Debug)]

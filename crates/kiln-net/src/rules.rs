@@ -6,7 +6,7 @@
 //! its resolver, and everything else is refused. kilnd's connections to QEMU's forwards
 //! come from [`crate::netns::KILND_SOURCE`] and are the only other traffic admitted.
 
-use crate::netns::{Netns, KILND_SOURCE};
+use crate::netns::{Netns, GATEWAY_ADDR, KILND_SOURCE};
 use crate::NetError;
 
 /// Where the gateway listens inside the namespace (`None`: no egress at all).
@@ -22,16 +22,18 @@ pub struct GatewayPorts {
 pub fn ruleset(gateway: Option<GatewayPorts>) -> String {
     let [a, b, c, d] = KILND_SOURCE;
     let kilnd = format!("{a}.{b}.{c}.{d}");
+    let [a, b, c, d] = GATEWAY_ADDR;
+    let gw = format!("{a}.{b}.{c}.{d}");
     let mut nat = String::new();
     let mut accept = String::new();
     if let Some(g) = gateway {
         nat.push_str(&format!(
-            "    meta l4proto tcp redirect to :{tcp}\n    udp dport 53 redirect to :{dns}\n",
+            "    meta nfproto ipv4 meta l4proto tcp dnat ip to {gw}:{tcp}\n    meta nfproto ipv4 udp dport 53 dnat ip to {gw}:{dns}\n",
             tcp = g.tcp,
             dns = g.dns
         ));
         accept.push_str(&format!(
-            "    ip daddr 127.0.0.1 tcp dport {tcp} accept\n    ip daddr 127.0.0.1 udp dport {dns} accept\n",
+            "    ip daddr {gw} tcp dport {tcp} accept\n    ip daddr {gw} udp dport {dns} accept\n",
             tcp = g.tcp,
             dns = g.dns
         ));
@@ -86,8 +88,8 @@ mod tests {
             tcp: 4100,
             dns: 4200,
         }));
-        assert!(text.contains("meta l4proto tcp redirect to :4100"));
-        assert!(text.contains("udp dport 53 redirect to :4200"));
+        assert!(text.contains("meta l4proto tcp dnat ip to 127.0.0.3:4100"));
+        assert!(text.contains("udp dport 53 dnat ip to 127.0.0.3:4200"));
         assert!(text.contains("tcp dport 4100 accept"));
     }
 
