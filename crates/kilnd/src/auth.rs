@@ -140,7 +140,7 @@ impl AccessKeys {
             .access_key(key_id)
             .map_err(internal)?
             .filter(|k| k.revoked_at.is_none())
-            .ok_or_else(|| crate::sigv4::SigV4Error::UnknownKey)?;
+            .ok_or(crate::sigv4::SigV4Error::UnknownKey)?;
         signature.verify(req, &key.secret, std::time::SystemTime::now())?;
         Ok(Caller {
             principal: key.principal,
