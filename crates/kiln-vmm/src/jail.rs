@@ -72,6 +72,20 @@ const CLAIM_GRACE: Duration = Duration::from_secs(120);
 /// Open files a QEMU may hold.
 const NOFILE: u64 = 4096;
 
+/// Set by [`run_unconfined`]: the operator asked for QEMU without confinement.
+static UNCONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs every QEMU of this process unconfined (kilnd's `--unconfined`). Call it before the
+/// first VM starts; [`JailConfig::current`] is decided once per process.
+pub fn run_unconfined() {
+    UNCONFINED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the environment asks for unconfined VMs (`KILN_JAIL=off`).
+pub fn unconfined_by_environment() -> bool {
+    std::env::var("KILN_JAIL").is_ok_and(|v| v == "off")
+}
+
 impl JailConfig {
     /// The host's settings: `KILN_JAIL=off` runs QEMU unconfined (logged loudly);
     /// `KILN_JAIL_IDS=FIRST-LAST` picks the id range; `KILN_JAIL_CLAIMS` the claims directory.
@@ -79,7 +93,7 @@ impl JailConfig {
     pub fn current() -> Result<Option<&'static JailConfig>, VmmError> {
         static CONFIG: OnceLock<Result<Option<JailConfig>, String>> = OnceLock::new();
         let config = CONFIG.get_or_init(|| {
-            if std::env::var("KILN_JAIL").is_ok_and(|v| v == "off") {
+            if UNCONFINED.load(std::sync::atomic::Ordering::SeqCst) || unconfined_by_environment() {
                 tracing::warn!(
                     "KILN_JAIL=off: QEMU runs UNCONFINED as root (no own uid, mount namespace or \
                      capability drop); never do this on a host running untrusted guests"

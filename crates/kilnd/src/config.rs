@@ -64,6 +64,11 @@ pub struct Config {
     /// AWS region name used in ARNs.
     #[arg(long, default_value = "local")]
     pub region: String,
+    /// Run QEMU without confinement (no own uid, mount namespace, capability drop or
+    /// cgroup): only for hosts that run no untrusted guests. Logged loudly; without it kilnd
+    /// refuses KILN_JAIL=off.
+    #[arg(long)]
+    pub unconfined: bool,
     /// AWS account id used in ARNs.
     #[arg(long, default_value = "000000000000")]
     pub account: String,

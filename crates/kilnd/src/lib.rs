@@ -57,6 +57,18 @@ fn gateway_config(config: &Config) -> anyhow::Result<kiln_net::GatewayConfig> {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    if config.unconfined {
+        kiln_vmm::jail::run_unconfined();
+        tracing::warn!(
+            "--unconfined: every QEMU runs as root in kilnd's own namespaces, with no cgroup; \
+             a guest that escapes QEMU owns this host. Never use it where guests are untrusted"
+        );
+    } else if kiln_vmm::jail::unconfined_by_environment() {
+        anyhow::bail!(
+            "KILN_JAIL=off asks for unconfined VMs: kilnd runs them only with --unconfined \
+             (never on a host running untrusted guests); unset KILN_JAIL to confine them"
+        );
+    }
     let home = config.home();
     // Every directory kilnd makes is 0700, every file 0600 unless it says otherwise.
     kiln_vmm::home::make_private(&home).with_context(|| {

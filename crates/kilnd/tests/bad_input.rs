@@ -277,3 +277,28 @@ fn copy_when_sources_name_host_paths_then_they_resolve_inside_the_context_only()
     assert!(reason(2).contains("exited with code 7"), "{}", reason(2));
     assert!(parent_log.contains("the context's own x"), "{parent_log}");
 }
+
+#[test]
+fn kilnd_when_asked_for_unconfined_vms_without_the_flag_then_refuses_to_start() {
+    let home = tempfile::tempdir().expect("home");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--home")
+        .arg(home.path())
+        .args([
+            "--api-listen",
+            "127.0.0.1:0",
+            "--endpoint-listen",
+            "127.0.0.1:0",
+        ])
+        .env("KILN_JAIL", "off")
+        .output()
+        .expect("run kilnd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert!(!out.status.success(), "kilnd started: {stderr}");
+    assert!(
+        stderr.contains("kilnd runs them only with --unconfined"),
+        "{stderr}"
+    );
+}
