@@ -323,6 +323,11 @@ impl Daemon {
 
     /// How many QEMU processes run with this daemon's home in their command line.
     pub fn qemu_count(&self) -> usize {
+        self.qemu_pids().len()
+    }
+
+    /// The QEMU processes with this daemon's home in their command line.
+    pub fn qemu_pids(&self) -> Vec<i32> {
         let needle = self.home.path().to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
             .expect("proc")
@@ -338,7 +343,8 @@ impl Daemon {
                     })
                     .unwrap_or(false)
             })
-            .count()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect()
     }
 }
 
@@ -349,6 +355,13 @@ impl Drop for Daemon {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
+        // VMs outlive kilnd by design: a test's VMs end with its daemon.
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
