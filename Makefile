@@ -13,7 +13,7 @@ export KILN_INIT_BIN := $(CURDIR)/$(INIT_BIN)
 
 PYENV := target/pyenv
 
-.PHONY: all deps build init pyenv demo test bench lint clean
+.PHONY: all deps build init pyenv demo test fuzz bench lint clean
 
 all: build
 
@@ -42,6 +42,12 @@ test: deps init pyenv
 	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
 	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
 	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace --no-fail-fast
+
+## fuzz: the property tests of every parser of guest-sent bytes (agent frames, QMP lines,
+## DNS, TLS ClientHello, HTTP heads) with many more cases than `make test` runs.
+FUZZ_CASES ?= 20000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p kiln-agent -p kiln-vmm -p kiln-net --lib
 
 bench: build
 	$(CARGO) bench -p kiln-vmm --bench restore

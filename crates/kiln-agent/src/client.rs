@@ -493,6 +493,8 @@ impl AgentClient {
         tokio::spawn(async move {
             let mut decoder = FrameDecoder::new();
             let mut buf = vec![0u8; 128 * 1024];
+            // A guest repeating one bad frame must not flood kilnd's log.
+            let mut warnings = crate::budget::WarnBudget::new(5, Duration::from_secs(60));
             loop {
                 let read = tokio::select! {
                     read = reader.read(&mut buf) => read,
@@ -508,7 +510,11 @@ impl AgentClient {
                 while let Some(frame) = decoder.next_frame() {
                     match frame.and_then(|p| decode_payload::<GuestMessage>(&p)) {
                         Ok(message) => shared.deliver(message),
-                        Err(e) => tracing::warn!("ignoring a bad frame from the agent: {e}"),
+                        Err(e) => crate::warn_within!(
+                            warnings,
+                            agent = %shared.path.display(),
+                            "ignoring a bad frame from the agent: {e}"
+                        ),
                     }
                 }
             }

@@ -1,6 +1,7 @@
 //! Host-guest agent: the framed protocol, the async host client, and the guest side
 //! (the agent server and kiln-init, the guest's PID 1).
 
+pub mod budget;
 pub mod client;
 pub mod guest;
 pub mod proto;

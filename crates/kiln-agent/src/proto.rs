@@ -845,4 +845,64 @@ mod tests {
             })
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Bytes that cannot hold the frame magic (no `K`).
+        fn garbage() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(any::<u8>().prop_filter("no K", |b| *b != b'K'), 0..64)
+        }
+
+        proptest! {
+            #[test]
+            fn decoder_when_fed_arbitrary_bytes_in_arbitrary_chunks_then_never_panics_and_stays_bounded(
+                chunks in proptest::collection::vec(
+                    proptest::collection::vec(
+                        prop_oneof![Just(b'K'), Just(b'I'), Just(b'L'), Just(b'N'), any::<u8>()],
+                        0..512,
+                    ),
+                    0..32,
+                ),
+            ) {
+                let mut decoder = FrameDecoder::new();
+                for chunk in &chunks {
+                    decoder.push(chunk);
+                    while let Some(frame) = decoder.next_frame() {
+                        if let Ok(payload) = frame {
+                            prop_assert!(payload.len() <= MAX_PAYLOAD);
+                        }
+                    }
+                    // What waits for more bytes is at most one frame and its header.
+                    prop_assert!(decoder.buf.len() - decoder.start <= HEADER_LEN + MAX_PAYLOAD);
+                }
+            }
+
+            #[test]
+            fn decoder_when_frames_sit_between_garbage_then_every_frame_is_recovered_in_order(
+                ids in proptest::collection::vec(any::<u64>(), 1..8),
+                noise in proptest::collection::vec(garbage(), 8),
+                split in 1usize..97,
+            ) {
+                let mut stream = Vec::new();
+                let mut want = Vec::new();
+                for (i, id) in ids.iter().enumerate() {
+                    stream.extend_from_slice(&noise[i]);
+                    let frame = encode_frame(&HostMessage { id: *id, body: HostBody::Ping })
+                        .expect("encode");
+                    want.push(frame[HEADER_LEN..].to_vec());
+                    stream.extend_from_slice(&frame);
+                }
+                let mut decoder = FrameDecoder::new();
+                let mut got = Vec::new();
+                for chunk in stream.chunks(split) {
+                    decoder.push(chunk);
+                    got.extend(std::iter::from_fn(|| decoder.next_frame()).filter_map(Result::ok));
+                }
+
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
 }

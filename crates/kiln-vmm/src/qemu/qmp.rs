@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
@@ -93,8 +93,8 @@ impl Qmp {
             }
         };
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let greeting = tokio::time::timeout_at(deadline, lines.next_line())
+        let mut lines = BoundedLines::new(BufReader::new(read), MAX_QMP_LINE);
+        let greeting = tokio::time::timeout_at(deadline, lines.next_text())
             .await
             .map_err(|_| QmpError::Timeout {
                 command: "greeting".into(),
@@ -274,13 +274,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut lines: BoundedLines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,
     events: broadcast::Sender<Value>,
 ) {
+    // QEMU runs on behalf of a guest: what it sends is bounded, and so is what kilnd logs.
+    let mut warnings = kiln_agent::budget::WarnBudget::new(5, Duration::from_secs(60));
     while let Ok(Some(line)) = lines.next_line().await {
+        let line = match line {
+            Line::Text(text) => text,
+            Line::TooLong(bytes) => {
+                kiln_agent::warn_within!(
+                    warnings,
+                    bytes,
+                    "ignoring a QMP line longer than {MAX_QMP_LINE} bytes"
+                );
+                continue;
+            }
+        };
         let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-            tracing::warn!(%line, "ignoring a QMP line that is not JSON");
+            let start: String = line.chars().take(200).collect();
+            kiln_agent::warn_within!(warnings, line = %start, "ignoring a QMP line that is not JSON");
             continue;
         };
         if msg.get("event").is_some() {
@@ -306,4 +320,141 @@ async fn read_loop(
     }
     // Dropping the senders wakes every waiter with `Closed`.
     lock(&pending).clear();
+}
+
+/// The longest QMP line kilnd reads (replies are a few KiB; HMP text more); a longer one is
+/// skipped up to its newline, never held whole.
+pub const MAX_QMP_LINE: usize = 4 << 20;
+
+/// One line of at most the limit, or how long the one skipped was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A line (lossy UTF-8, without its newline).
+    Text(String),
+    /// A line longer than the limit, skipped; its length.
+    TooLong(usize),
+}
+
+/// Newline-separated lines of bounded length from a stream: memory stays under the limit
+/// whatever the other side sends.
+pub struct BoundedLines<R> {
+    reader: R,
+    max: usize,
+}
+
+impl<R: AsyncBufRead + Unpin> BoundedLines<R> {
+    /// Lines of at most `max` bytes from `reader`.
+    pub fn new(reader: R, max: usize) -> Self {
+        BoundedLines { reader, max }
+    }
+
+    /// The next line; `None` at the end of the stream.
+    pub async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        let mut buf = Vec::new();
+        let mut total = 0usize;
+        loop {
+            let available = self.reader.fill_buf().await?;
+            if available.is_empty() {
+                return Ok((total > 0).then(|| self.finish(buf, total)));
+            }
+            let newline = available.iter().position(|&b| b == b'\n');
+            let chunk = &available[..newline.unwrap_or(available.len())];
+            total = total.saturating_add(chunk.len());
+            if total <= self.max {
+                buf.extend_from_slice(chunk);
+            }
+            let consumed = newline.map_or(available.len(), |i| i + 1);
+            self.reader.consume(consumed);
+            if newline.is_some() {
+                return Ok(Some(self.finish(buf, total)));
+            }
+        }
+    }
+
+    /// The next line that is not too long, as text; `None` at the end of the stream.
+    pub async fn next_text(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            match self.next_line().await? {
+                Some(Line::Text(t)) => return Ok(Some(t)),
+                Some(Line::TooLong(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn finish(&self, buf: Vec<u8>, total: usize) -> Line {
+        if total > self.max {
+            Line::TooLong(total)
+        } else {
+            Line::Text(String::from_utf8_lossy(&buf).into_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What a line reader must return for `input`: each newline-ended piece (and a last
+    /// unended one), too long ones as their length.
+    fn expected(input: &[u8], max: usize) -> Vec<Line> {
+        let mut pieces: Vec<&[u8]> = input.split(|&b| b == b'\n').collect();
+        if pieces.last().is_some_and(|p| p.is_empty()) {
+            pieces.pop();
+        }
+        pieces
+            .into_iter()
+            .map(|p| match p.len() > max {
+                true => Line::TooLong(p.len()),
+                false => Line::Text(String::from_utf8_lossy(p).into_owned()),
+            })
+            .collect()
+    }
+
+    fn read_all(input: &[u8], capacity: usize, max: usize) -> Vec<Line> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut lines = BoundedLines::new(BufReader::with_capacity(capacity, input), max);
+            let mut out = Vec::new();
+            while let Some(line) = lines.next_line().await.expect("read") {
+                out.push(line);
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn next_line_when_a_line_never_ends_then_memory_stays_bounded_and_it_is_skipped() {
+        let mut input = vec![b'x'; 1 << 20];
+        input.extend_from_slice(b"\n{\"return\": {}}\n");
+
+        let lines = read_all(&input, 4096, 1024);
+
+        assert_eq!(
+            lines,
+            vec![
+                Line::TooLong(1 << 20),
+                Line::Text("{\"return\": {}}".into())
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn next_line_when_input_is_arbitrary_then_lines_match_a_plain_split(
+            input in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'{'), any::<u8>()],
+                0..4096,
+            ),
+            capacity in 1usize..64,
+            max in 0usize..128,
+        ) {
+            let lines = read_all(&input, capacity, max);
+
+            prop_assert_eq!(lines, expected(&input, max));
+        }
+    }
 }
