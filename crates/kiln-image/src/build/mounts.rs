@@ -357,12 +357,12 @@ mod tests {
         let b = cache_file_stem("_root_.cache");
 
         assert_ne!(a, b);
-        assert!(a.starts_with("_root_.cache-"), "{a}");
+        assert!(a.starts_with("_2froot_2f.cache-"), "{a}");
     }
 
     #[test]
     fn safe_name_when_path_like_or_alike_then_one_distinct_component() {
-        assert_eq!(safe_name("../alice"), "_2e_2e_2falice");
+        assert_eq!(safe_name("../alice"), "_2e._2falice");
         assert_eq!(safe_name(".."), "_2e.");
         assert_eq!(safe_name(""), "_");
         assert_ne!(safe_name("a+b"), safe_name("a_b"));
