@@ -12,15 +12,7 @@ pub fn expand(
     vars: &dyn Fn(&str) -> Option<String>,
     escape: char,
 ) -> Result<String, ParseError> {
-    let mut words = Words {
-        chars: s.chars().collect(),
-        at: 0,
-        escape,
-        vars,
-        source: s,
-        keep_quotes: false,
-    };
-    words.process(None)
+    expand_with(s, vars, escape, false)
 }
 
 /// Expands variables as [`expand`] does but keeps quotes as they are (BuildKit's rule for
@@ -31,15 +23,24 @@ pub fn expand_vars(
     vars: &dyn Fn(&str) -> Option<String>,
     escape: char,
 ) -> Result<String, ParseError> {
-    let mut words = Words {
+    expand_with(s, vars, escape, true)
+}
+
+fn expand_with(
+    s: &str,
+    vars: &dyn Fn(&str) -> Option<String>,
+    escape: char,
+    keep_quotes: bool,
+) -> Result<String, ParseError> {
+    Words {
         chars: s.chars().collect(),
         at: 0,
         escape,
         vars,
         source: s,
-        keep_quotes: true,
-    };
-    words.process(None)
+        keep_quotes,
+    }
+    .process(None)
 }
 
 struct Words<'a> {
