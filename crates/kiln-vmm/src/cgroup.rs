@@ -60,15 +60,24 @@ pub struct Limits {
     pub pids: u32,
     /// CPU weight, 1–10000 (v2 scale).
     pub cpu_weight: u32,
+    /// CPU time per [`CPU_PERIOD_US`], in microseconds: the most CPUs' worth it may use.
+    pub cpu_quota_us: u64,
 }
 
+/// The period CPU quotas are counted over (the kernel's default, 100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// QEMU's own threads (I/O, slirp, migration) on top of its vCPUs: half a CPU.
+pub const CPU_OVERHEAD_US: u64 = CPU_PERIOD_US / 2;
+
 impl Limits {
-    /// The limits for a VM with `memory_mib` of guest RAM.
-    pub fn for_guest(memory_mib: u64) -> Limits {
+    /// The limits for a VM with `vcpus` vCPUs and `memory_mib` of guest RAM: it may use its
+    /// vCPUs' worth of host CPU plus half a CPU, whatever its guest runs.
+    pub fn for_guest(vcpus: u32, memory_mib: u64) -> Limits {
         Limits {
             memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
             pids: PIDS_MAX,
             cpu_weight: CPU_WEIGHT,
+            cpu_quota_us: u64::from(vcpus.max(1)) * CPU_PERIOD_US + CPU_OVERHEAD_US,
         }
     }
 }
@@ -163,6 +172,11 @@ impl VmCgroup {
                 (0, "memory.swap.max", "0".into()),
                 (0, "pids.max", limits.pids.to_string()),
                 (0, "cpu.weight", limits.cpu_weight.to_string()),
+                (
+                    0,
+                    "cpu.max",
+                    format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+                ),
             ],
             CgroupVersion::V1 => vec![
                 (0, "memory.limit_in_bytes", limits.memory_bytes.to_string()),
@@ -173,6 +187,8 @@ impl VmCgroup {
                     "cpu.shares",
                     (u64::from(limits.cpu_weight) * 1024 / 100).to_string(),
                 ),
+                (2, "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                (2, "cpu.cfs_quota_us", limits.cpu_quota_us.to_string()),
             ],
         };
         for (i, file, value) in settings {

@@ -91,6 +91,20 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
         memory_limit.trim(),
         ((vm.spec().memory_mib + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string()
     );
+    let cpu_quota = groups
+        .iter()
+        .find_map(|g| {
+            std::fs::read_to_string(g.join("cpu.max"))
+                .ok()
+                .and_then(|v| v.split_whitespace().next().map(str::to_string))
+                .or_else(|| std::fs::read_to_string(g.join("cpu.cfs_quota_us")).ok())
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        cpu_quota.trim(),
+        (u64::from(vm.spec().vcpus) * 100_000 + 50_000).to_string(),
+        "the VM may use its vCPUs' worth of CPU and half a CPU more"
+    );
     let spec = vm.spec();
     let used: Vec<&Path> = [spec.dir.as_path(), &spec.kernel, &spec.initramfs]
         .into_iter()
