@@ -7,7 +7,8 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_api::ApiError;
 use serde_json::{json, Value};
@@ -25,6 +26,9 @@ pub const ADMIN: &str = "admin";
 pub struct Caller {
     /// Whose resources it may see and act on.
     pub principal: String,
+    /// The principal's account: what a bare image name is looked up in, and what the ARNs
+    /// of what it creates carry.
+    pub account: String,
     /// The access key it signed with.
     pub access_key_id: String,
 }
@@ -74,6 +78,8 @@ pub struct NewKey {
     pub secret_access_key: String,
     /// Its principal.
     pub principal: String,
+    /// The principal's account.
+    pub account: String,
 }
 
 impl std::fmt::Debug for NewKey {
@@ -81,6 +87,7 @@ impl std::fmt::Debug for NewKey {
         f.debug_struct("NewKey")
             .field("access_key_id", &self.access_key_id)
             .field("principal", &self.principal)
+            .field("account", &self.account)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +126,7 @@ impl AccessKeys {
     }
 
     fn create_row(&self, principal: &str) -> Result<AccessKeyRow, AuthError> {
+        self.store.ensure_account(principal, now())?;
         let key = AccessKeyRow {
             id: format!("AKIA{}", random_chars(16, ID_ALPHABET)?),
             secret: random_chars(40, SECRET_ALPHABET)?,
@@ -142,8 +150,13 @@ impl AccessKeys {
             .filter(|k| k.revoked_at.is_none())
             .ok_or(crate::sigv4::SigV4Error::UnknownKey)?;
         signature.verify(req, &key.secret, std::time::SystemTime::now())?;
+        let account = self
+            .store
+            .ensure_account(&key.principal, now())
+            .map_err(internal)?;
         Ok(Caller {
             principal: key.principal,
+            account,
             access_key_id: key.id,
         })
     }
@@ -170,11 +183,17 @@ impl AccessKeys {
             AuthError::Store(e) => internal(e),
             other => ApiError::internal(other.to_string()),
         })?;
-        tracing::info!(access_key_id = %key.id, principal, by = %caller.principal, "access key created");
+        let account = self
+            .store
+            .account_of(principal)
+            .map_err(internal)?
+            .unwrap_or_default();
+        tracing::info!(access_key_id = %key.id, principal, %account, by = %caller.principal, "access key created");
         Ok(NewKey {
             access_key_id: key.id,
             secret_access_key: key.secret,
             principal: key.principal,
+            account,
         })
     }
 
@@ -182,7 +201,13 @@ impl AccessKeys {
     pub fn list(&self, caller: &Caller) -> Result<Value, ApiError> {
         require_admin(caller, "list access keys")?;
         let keys = self.store.access_keys().map_err(internal)?;
-        Ok(json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }))
+        let mut listed = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let mut v = key_json(k);
+            v["account"] = json!(self.store.account_of(&k.principal).map_err(internal)?);
+            listed.push(v);
+        }
+        Ok(json!({ "keys": listed }))
     }
 
     /// `DELETE /kiln/v1/keys/{id}` (admin only): revokes a key (idempotent); the last
@@ -320,6 +345,7 @@ mod tests {
     fn admin() -> Caller {
         Caller {
             principal: ADMIN.into(),
+            account: "000000000000".into(),
             access_key_id: "AKIAADMIN".into(),
         }
     }
@@ -371,6 +397,7 @@ mod tests {
             .expect("create");
         let as_alice = Caller {
             principal: "alice".into(),
+            account: alice.account.clone(),
             access_key_id: alice.access_key_id.clone(),
         };
 

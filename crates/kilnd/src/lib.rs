@@ -78,6 +78,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    if config.account.len() != 12 || !config.account.bytes().all(|b| b.is_ascii_digit()) {
+        anyhow::bail!(
+            "--account {}: an account id is 12 digits, e.g. 000000000000",
+            config.account
+        );
+    }
+    store
+        .set_account(auth::ADMIN, &config.account, now())
+        .with_context(|| {
+            format!(
+                "giving principal {} the account {} (--account): pick another",
+                auth::ADMIN,
+                config.account
+            )
+        })?;
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
     let metrics = Arc::new(Metrics::new(store.clone()));
     let audit = Arc::new(AuditLog::new(store.clone()));

@@ -103,6 +103,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                             ("accessKeyId".into(), field("accessKeyId")),
                             ("secretAccessKey".into(), field("secretAccessKey")),
                             ("principal".into(), field("principal")),
+                            ("account".into(), field("account")),
                         ])
                     );
                     eprintln!(
