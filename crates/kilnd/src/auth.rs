@@ -3,7 +3,11 @@
 //!
 //! A principal is a name (`admin`, `alice`); every image and MicroVM belongs to the
 //! principal that created it. `admin` sees and manages everything, and alone manages keys.
+//! Each principal has its own 12-digit account (admin's is `--account`, `000000000000` by
+//! default; the others are allocated with their first key): image names are unique within
+//! an account, and ARNs carry the owner's account.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -95,7 +99,14 @@ impl std::fmt::Debug for NewKey {
 /// kilnd's access keys, kept in the store.
 pub struct AccessKeys {
     store: Arc<Store>,
+    /// Whether a key is active, as last read, and when: the endpoint asks for every
+    /// request a token carries. Revoking through [`AccessKeys::revoke`] forgets the entry
+    /// at once; [`ACTIVE_CACHE_FOR`] bounds how stale any other answer may be.
+    active: Mutex<HashMap<String, (Instant, bool)>>,
 }
+
+/// How long a key's active-or-not answer is reused by the endpoint's token checks.
+const ACTIVE_CACHE_FOR: Duration = Duration::from_secs(5);
 
 /// Where kilnd writes the first admin key: `<home>/credentials`.
 pub fn credentials_path(home: &Path) -> PathBuf {
@@ -105,7 +116,10 @@ pub fn credentials_path(home: &Path) -> PathBuf {
 impl AccessKeys {
     /// The keys in `store`.
     pub fn new(store: Arc<Store>) -> AccessKeys {
-        AccessKeys { store }
+        AccessKeys {
+            store,
+            active: Mutex::new(HashMap::new()),
+        }
     }
 
     /// On the first start (no key at all) creates a key for `admin` and writes it to
@@ -214,11 +228,15 @@ impl AccessKeys {
     /// active admin key stays, so kiln never locks its administrator out.
     pub fn revoke(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
         require_admin(caller, "revoke access keys")?;
-        match self
+        let revocation = self
             .store
             .revoke_access_key(id, ADMIN, now())
-            .map_err(internal)?
-        {
+            .map_err(internal)?;
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        match revocation {
             Revocation::Revoked(key) => {
                 tracing::info!(access_key_id = %key.id, principal = %key.principal, by = %caller.principal, "access key revoked");
                 Ok(key_json(&key))
@@ -319,6 +337,30 @@ fn write_credentials(path: &Path, key: &AccessKeyRow) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+impl crate::tokens::Minters for AccessKeys {
+    fn is_active(&self, access_key_id: &str) -> bool {
+        let mut cache = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, active)) = cache.get(access_key_id) {
+            if at.elapsed() < ACTIVE_CACHE_FOR {
+                return *active;
+            }
+        }
+        let active = match self.store.access_key(access_key_id) {
+            Ok(key) => key.is_some_and(|k| k.revoked_at.is_none()),
+            Err(e) => {
+                // Not cached: the next request asks the store again.
+                tracing::warn!(error = %e, "cannot read access keys; refusing the token");
+                return false;
+            }
+        };
+        if cache.len() > 10_000 {
+            cache.retain(|_, (at, _)| at.elapsed() < ACTIVE_CACHE_FOR);
+        }
+        cache.insert(access_key_id.to_string(), (Instant::now(), active));
+        active
+    }
+}
+
 impl crate::s3::Keyring for AccessKeys {
     fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
         match self.store.access_key(access_key_id) {
@@ -387,6 +429,24 @@ mod tests {
         assert!(refused.message().contains("create another admin key"));
         assert_eq!(revoked["revoked"], true);
         assert_eq!(again["revokedAt"], revoked["revokedAt"]);
+    }
+
+    #[test]
+    fn is_active_when_key_revoked_then_false_at_once() {
+        use crate::tokens::Minters;
+        let (_dir, keys) = keys();
+        let bob = keys
+            .create(&admin(), br#"{"principal": "bob"}"#)
+            .expect("create");
+
+        let before = keys.is_active(&bob.access_key_id);
+        keys.revoke(&admin(), &bob.access_key_id).expect("revoke");
+        let after = keys.is_active(&bob.access_key_id);
+
+        assert!(before);
+        assert!(!after);
+        assert!(!keys.is_active("AKIANOSUCHKEY"));
+        assert_eq!(bob.account, "000000000001");
     }
 
     #[test]

@@ -344,6 +344,7 @@ impl Microvms {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
                 self.token(
+                    caller,
                     &row,
                     TokenKind::Proxy,
                     body.allowed_ports.clone(),
@@ -360,6 +361,7 @@ impl Microvms {
                     )));
                 }
                 self.token(
+                    caller,
                     &row,
                     TokenKind::Shell,
                     Vec::new(),
@@ -383,8 +385,10 @@ impl Microvms {
     /// The MicroVM `id` if `caller` may see it; another principal's is not found, exactly
     /// like a missing one.
     /// An endpoint token of `kind` for a MicroVM that is not ending, as the API answers it.
+    /// It names the access key that asked for it: revoking that key ends the token.
     fn token(
         &self,
+        caller: &Caller,
         row: &MicrovmRow,
         kind: TokenKind,
         ports: Vec<kiln_api::shapes::microvm::PortSpecification>,
@@ -398,7 +402,8 @@ impl Microvms {
             ));
         }
         let claims = TokenClaims::new(kind, &row.id, ports, minutes)
-            .map_err(|e| ApiError::validation(e.to_string()))?;
+            .map_err(|e| ApiError::validation(e.to_string()))?
+            .minted_by(&caller.access_key_id);
         let token = self
             .keys
             .issue(&claims)
