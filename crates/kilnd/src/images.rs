@@ -252,8 +252,8 @@ impl Images {
         }
         self.check_config(caller, &req.config)?;
         let t = now();
-        let image = ImageRow {
-            key: store::image_key(&req.name, &caller.account),
+        let mut image = ImageRow {
+            key: String::new(),
             label: req.name.clone(),
             account: caller.account.clone(),
             state: MicrovmImageState::Creating.as_str().into(),
@@ -262,12 +262,19 @@ impl Images {
             tags: json!(req.tags.clone().unwrap_or_default()),
             owner: caller.principal.clone(),
         };
-        let version = pending_version(&image.key, 1, &req.config, t)?;
-        if !self
-            .store
-            .create_image(&image, &version)
-            .map_err(internal)?
-        {
+        let mut created = false;
+        for key in store::image_keys(&req.name, &caller.account, caller.is_admin()) {
+            image.key = key;
+            let version = pending_version(&image.key, 1, &req.config, t)?;
+            created = self
+                .store
+                .create_image(&image, &version)
+                .map_err(internal)?;
+            if created {
+                break;
+            }
+        }
+        if !created {
             return Err(ApiError::conflict(
                 "MicrovmImage",
                 &req.name,

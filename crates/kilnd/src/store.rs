@@ -94,7 +94,7 @@ const MIGRATIONS: &[&str] = &[
     // others are numbered 000000000001, 000000000002… in order of first appearance. An
     // image's name is unique within its owner's account: `label` is the name callers see,
     // `name` stays the store's key (and the directory under `<home>/images`), so rows and
-    // files from before keep theirs; new images get the key `<label>@<account>`.
+    // files from before keep theirs; see `image_keys` for the keys of new images.
     "CREATE TABLE accounts (
         principal TEXT PRIMARY KEY,
         account TEXT NOT NULL UNIQUE,
@@ -118,6 +118,18 @@ const MIGRATIONS: &[&str] = &[
 /// name and account from its row, never from its key (older images are keyed by name).
 pub fn image_key(label: &str, account: &str) -> String {
     format!("{label}@{account}")
+}
+
+/// The keys to try, in order, for a new image `label` in `account`: admin's images keep
+/// the plain name (so `<home>/images/<name>/` stays where it always was), unless an older
+/// image of another principal holds that key; everyone else's are [`image_key`].
+pub fn image_keys(label: &str, account: &str, admin: bool) -> Vec<String> {
+    let qualified = image_key(label, account);
+    if admin {
+        vec![label.to_string(), qualified]
+    } else {
+        vec![qualified]
+    }
 }
 
 /// Errors from the store.
@@ -1452,5 +1464,47 @@ mod tests {
             store.ensure_account("carol", 9.0).expect("carol"),
             "000000000003"
         );
+    }
+
+    #[test]
+    fn image_keys_when_an_older_image_of_another_principal_holds_the_name_then_admin_qualifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let alice = store.ensure_account("alice", 1.0).expect("alice");
+        let older = ImageRow {
+            owner: "alice".into(),
+            ..image("app")
+        };
+        store
+            .create_image(&older, &version("app"))
+            .expect("alice's");
+
+        let keys = image_keys("app", "000000000000", true);
+        let plain = owned("app", "admin", "000000000000");
+        let tried: Vec<bool> = keys
+            .iter()
+            .map(|key| {
+                let row = ImageRow {
+                    key: key.clone(),
+                    ..plain.clone()
+                };
+                store.create_image(&row, &version(key)).expect("create")
+            })
+            .collect();
+
+        assert_eq!(
+            keys,
+            vec!["app".to_string(), "app@000000000000".to_string()]
+        );
+        assert_eq!(tried, vec![false, true]);
+        assert_eq!(
+            image_keys("app", &alice, false),
+            vec![format!("app@{alice}")]
+        );
+        let admins = store
+            .image_in("000000000000", "app")
+            .expect("get")
+            .expect("admin's");
+        assert_eq!(admins.key, "app@000000000000");
     }
 }
