@@ -400,7 +400,7 @@ async fn list_keys(State(api): State<Api>, signed: Signed) -> Response {
 }
 
 /// `POST /kiln/v1/keys` (admin) with `{"principal": "alice"}`: a new key,
-/// `{accessKeyId, secretAccessKey, principal}`; the only time the secret is shown.
+/// `{accessKeyId, secretAccessKey, principal, account}`; the only time the secret is shown.
 async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
     let created = api.keys.create(&signed.caller, &signed.body);
     let target = created.as_ref().ok().map(|k| k.access_key_id.as_str());
@@ -413,6 +413,7 @@ async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
                 "accessKeyId": k.access_key_id,
                 "secretAccessKey": k.secret_access_key,
                 "principal": k.principal,
+                "account": k.account,
             }),
         ),
         Err(e) => error_response(&e),
@@ -525,8 +526,9 @@ async fn build_log(
     Query(q): Query<LogQuery>,
     signed: Signed,
 ) -> Response {
-    let (path, images) = match api.images.build_log_path(&signed.caller, &name, &version) {
-        Ok(p) => (p, api.images.clone()),
+    // From here on the image is its store key, the identifier having been resolved.
+    let (path, images, name) = match api.images.build_log_path(&signed.caller, &name, &version) {
+        Ok((p, key)) => (p, api.images.clone(), key),
         Err(e) => return error_response(&e),
     };
     let state = (path, 0u64, false, images, name, version, q.follow);

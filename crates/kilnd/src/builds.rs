@@ -106,8 +106,8 @@ impl Builds {
         self.remote_s3.as_deref()
     }
 
-    /// Builds `image` version `version` in the background. `first` says whether this is the
-    /// image's first version (CREATING) or an update (UPDATING).
+    /// Builds `image` (the image's store key) version `version` in the background. `first`
+    /// says whether this is the image's first version (CREATING) or an update (UPDATING).
     pub fn spawn(&self, image: String, version: i64, spec: ImageVersionConfig, first: bool) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -207,13 +207,14 @@ impl Builds {
             context.bytes / 1024
         ));
         managed::check_base(&spec.base_image_arn, &context.dockerfile)?;
-        let owner = self
+        let row = self
             .store
             .image(image)
             .map_err(|e| format!("reading the image's owner: {e}"))?
-            .map(|row| row.owner)
             .ok_or_else(|| format!("image {image} is gone"))?;
-        let secrets = self.secrets.take(&owner, image);
+        // Staged by the owner under the image's name (`image` is the store's key).
+        let secrets = self.secrets.take(&row.owner, &row.label);
+        let owner = row.owner;
         let hooks = spec.hooks.clone().unwrap_or_default();
         let image_hooks = hooks.microvm_image_hooks.clone().unwrap_or_default();
         let enabled = |s: &Option<kiln_api::shapes::common::HookState>| {

@@ -69,9 +69,15 @@ pub struct Config {
     /// refuses KILN_JAIL=off.
     #[arg(long)]
     pub unconfined: bool,
-    /// AWS account id used in ARNs.
+    /// Account id of principal admin (and of operator network connectors) in ARNs; every
+    /// other principal gets its own, allocated with its first key.
     #[arg(long, default_value = "000000000000")]
     pub account: String,
+    /// Endpoint token keys rotate when the newest is this many seconds old (0: never).
+    /// Retired keys keep verifying the tokens they issued until those have all expired
+    /// (the longest token lifetime, 60 minutes, plus 5), then are dropped.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    pub token_key_rotation_secs: u64,
     /// Let every VM with egress also reach this (repeatable): `NAME[:PORTS]`, `*.NAME[:PORTS]`
     /// or `CIDR[:PORTS]`, e.g. an internal package mirror `10.20.0.5/32:3142`. Loopback,
     /// link-local and the host's own addresses stay unreachable whatever is allowed.

@@ -78,6 +78,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    if config.account.len() != 12 || !config.account.bytes().all(|b| b.is_ascii_digit()) {
+        anyhow::bail!(
+            "--account {}: an account id is 12 digits, e.g. 000000000000",
+            config.account
+        );
+    }
+    store
+        .set_account(auth::ADMIN, &config.account, now())
+        .with_context(|| {
+            format!(
+                "giving principal {} the account {} (--account): pick another",
+                auth::ADMIN,
+                config.account
+            )
+        })?;
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
     let metrics = Arc::new(Metrics::new(store.clone()));
     let audit = Arc::new(AuditLog::new(store.clone()));
@@ -135,8 +150,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     microvms::kill_dir(&home.join("work"));
     resume_builds(&store, &builds)?;
     let keys = Arc::new(
-        tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?,
+        tokens::TokenKeys::load_or_create(&home)
+            .context("loading the endpoint token keys")?
+            .with_minters(access_keys.clone()),
     );
+    if config.token_key_rotation_secs > 0 {
+        tokio::spawn(rotate_token_keys(
+            keys.clone(),
+            config.token_key_rotation_secs,
+        ));
+    }
     let activity = proxy::ActivityTable::new();
     let microvms = Arc::new(Microvms::new(
         host,
@@ -210,6 +233,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
     microvms::kill_dir(&home.join("work"));
     Ok(())
+}
+
+/// Rotates the endpoint token keys whenever the newest is `period` seconds old, until
+/// kilnd stops. The schedule follows the key file, so a restart neither resets nor
+/// repeats it; a failed rotation is retried a minute later.
+async fn rotate_token_keys(keys: Arc<tokens::TokenKeys>, period: u64) {
+    loop {
+        let due = keys.next_rotation(period);
+        let wait = (due - now() as i64).clamp(0, 86_400 * 365);
+        tokio::time::sleep(std::time::Duration::from_secs(wait as u64)).await;
+        match keys.rotate_if_due(period) {
+            Ok(Some(kid)) => tracing::info!(%kid, "rotated the endpoint token key"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "rotating the endpoint token key failed; retrying in a minute");
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+        }
+    }
 }
 
 /// Builds that were pending or running when kilnd stopped start again from scratch.

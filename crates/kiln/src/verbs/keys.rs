@@ -40,6 +40,8 @@ struct Key {
     access_key_id: String,
     principal: String,
     #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
     created: Option<Value>,
     #[serde(default)]
     revoked: Option<Value>,
@@ -75,11 +77,18 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
             match g.output {
                 Output::Json => println!("{}", crate::render::json(&list)),
                 Output::Table => {
-                    let mut t = Table::new(&["access key id", "principal", "created", "revoked"]);
+                    let mut t = Table::new(&[
+                        "access key id",
+                        "principal",
+                        "account",
+                        "created",
+                        "revoked",
+                    ]);
                     for k in &keys {
                         t.row(vec![
                             k.access_key_id.clone(),
                             k.principal.clone(),
+                            k.account.clone().unwrap_or_default(),
                             when(&k.created),
                             when(&k.revoked),
                         ]);
@@ -103,6 +112,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                             ("accessKeyId".into(), field("accessKeyId")),
                             ("secretAccessKey".into(), field("secretAccessKey")),
                             ("principal".into(), field("principal")),
+                            ("account".into(), field("account")),
                         ])
                     );
                     eprintln!(

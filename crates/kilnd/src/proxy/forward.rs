@@ -172,6 +172,9 @@ fn forbidden(e: TokenError) -> Reject {
             "invalid token: not issued by this kiln, or altered".to_string()
         }
         TokenError::Expired { .. } => "expired token: request a new one".to_string(),
+        TokenError::Revoked => {
+            "the access key that requested this token was revoked: request a new one".to_string()
+        }
         TokenError::OtherMicrovm { .. } => "the token is for another MicroVM".to_string(),
         TokenError::PortNotAllowed { port } => format!("the token does not allow port {port}"),
         TokenError::WrongKind { actual, .. } => {
