@@ -623,6 +623,7 @@ fn keys_when_created_listed_and_revoked_then_each_shows() {
     let listed = kilnd.kiln(&["keys", "list", "--output", "json"]);
     let revoked = kilnd.kiln(&["keys", "revoke", &akid]);
     let after = kilnd.kiln(&["keys", "list", "--output", "json"]);
+    let table = kilnd.kiln(&["keys", "list"]);
 
     assert_eq!(created.code, 0, "{created:?}");
     assert!(
@@ -649,6 +650,18 @@ fn keys_when_created_listed_and_revoked_then_each_shows() {
         !revoked_field.is_null() && *revoked_field != Value::Bool(false),
         "{after:?}"
     );
+    // The table's row for the key shows when it was made and when it was revoked.
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.contains(&akid))
+        .unwrap_or_default()
+        .to_string();
+    let dates = row
+        .split_whitespace()
+        .filter(|w| w.len() == 10 && w.as_bytes()[4] == b'-' && w.as_bytes()[7] == b'-')
+        .count();
+    assert_eq!(dates, 2, "created and revoked dates: {row}");
 }
 
 #[test]

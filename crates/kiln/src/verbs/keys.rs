@@ -42,9 +42,11 @@ struct Key {
     #[serde(default)]
     account: Option<String>,
     #[serde(default)]
-    created: Option<Value>,
+    created_at: Option<Value>,
     #[serde(default)]
     revoked: Option<Value>,
+    #[serde(default)]
+    revoked_at: Option<Value>,
 }
 
 /// A time as the keys API may send it: epoch seconds or text.
@@ -72,7 +74,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                     .unwrap_or(Value::Array(Vec::new())),
             };
             let keys: Vec<Key> = serde_json::from_value(list.clone()).map_err(|e| {
-                anyhow::anyhow!("kilnd's key list does not have the expected fields (accessKeyId, principal, created, revoked): {e}")
+                anyhow::anyhow!("kilnd's key list does not have the expected fields (accessKeyId, principal, createdAt, revoked): {e}")
             })?;
             match g.output {
                 Output::Json => println!("{}", crate::render::json(&list)),
@@ -89,8 +91,11 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                             k.access_key_id.clone(),
                             k.principal.clone(),
                             k.account.clone().unwrap_or_default(),
-                            when(&k.created),
-                            when(&k.revoked),
+                            when(&k.created_at),
+                            match &k.revoked_at {
+                                Some(Value::Null) | None => when(&k.revoked),
+                                at => when(at),
+                            },
                         ]);
                     }
                     print!("{t}");
