@@ -203,7 +203,7 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
         assert!(err.contains("ResourceNotFoundException"), "{err}");
     }
     assert_eq!(image_names(&alice_list), vec!["alices".to_string()]);
-    assert_eq!(managed["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(managed["items"].as_array().map(Vec::len), Some(3));
     assert_eq!(
         image_names(&admin_list),
         vec!["admins".to_string(), "alices".to_string()]
