@@ -28,6 +28,8 @@ pub struct Images {
     pub ctx: ArnContext,
     /// The data directory.
     pub home: PathBuf,
+    /// Per-principal quotas (images, versions, builds, stored bytes).
+    pub quotas: Arc<crate::quotas::Quotas>,
 }
 
 fn not_implemented(op: &str) -> ApiError {
@@ -252,11 +254,13 @@ impl Images {
             owner: caller.principal.clone(),
         };
         let version = pending_version(&req.name, 1, &req.config, t)?;
-        if !self
+        let admitted = self.quotas.admit_image(&caller.principal, &req.name)?;
+        let created = self
             .store
             .create_image(&image, &version)
-            .map_err(internal)?
-        {
+            .map_err(internal)?;
+        drop(admitted);
+        if !created {
             return Err(ApiError::conflict(
                 "MicrovmImage",
                 &req.name,
@@ -301,10 +305,13 @@ impl Images {
         self.check_config(caller, &req.config)?;
         let t = now();
         let row = pending_version(&image.name, 0, &req.config, t)?;
+        // Counted against the image's owner (admin may update anyone's image).
+        let admitted = self.quotas.admit_version(&image.owner, &image.name)?;
         let v = self
             .store
             .add_version(&image.name, MicrovmImageState::Updating.as_str(), row)
             .map_err(internal)?;
+        drop(admitted);
         self.builds
             .spawn(image.name.clone(), v.version, req.config.clone(), false);
         let image = self.image(caller, &image.name)?;
