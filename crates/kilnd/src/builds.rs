@@ -76,6 +76,7 @@ pub fn version_dir(home: &Path, image: &str, version: i64) -> PathBuf {
 
 impl Builds {
     /// A build runner.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: Arc<Host>,
         store: Arc<Store>,
