@@ -178,12 +178,12 @@ async fn aws(api: Api, method: Method, uri: Uri, signed: Signed) -> Response {
         .query()
         .map(kiln_api::uri::parse_query)
         .unwrap_or_default();
-    // Throttled before parsing: a flood of bad requests costs as little as good ones.
-    let result = match api
-        .throttle
-        .admit(&caller.principal, op)
-        .and_then(|()| Request::parse(op, &labels, &query, &body))
-    {
+    // Throttled before parsing, and not audited: a flood costs no work and no store writes.
+    if let Err(e) = api.throttle.admit(&caller.principal, op) {
+        tracing::info!(operation = op.name(), principal = %caller.principal, "throttled");
+        return error_response(&e);
+    }
+    let result = match Request::parse(op, &labels, &query, &body) {
         Ok(request) => dispatch(&api, &caller, request).await,
         Err(e) => Err(e),
     };
