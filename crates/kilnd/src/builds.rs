@@ -35,6 +35,8 @@ pub struct Builds {
     pub network: Arc<Network>,
     /// Build secrets waiting for their build.
     pub secrets: Arc<SecretsBook>,
+    /// Per-principal quotas (how long a build may run).
+    quotas: Arc<crate::quotas::Quotas>,
 }
 
 /// How long staged build secrets wait for the build that uses them.
@@ -74,6 +76,7 @@ pub fn version_dir(home: &Path, image: &str, version: i64) -> PathBuf {
 
 impl Builds {
     /// A build runner.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: Arc<Host>,
         store: Arc<Store>,
@@ -82,8 +85,10 @@ impl Builds {
         remote_s3: Option<Arc<RemoteS3>>,
         metrics: Arc<Metrics>,
         network: Arc<Network>,
+        quotas: Arc<crate::quotas::Quotas>,
     ) -> Builds {
         Builds {
+            quotas,
             network,
             host,
             store,
@@ -142,8 +147,36 @@ impl Builds {
             self.store
                 .set_version_state(image, version, "IN_PROGRESS", "IN_PROGRESS", None, now());
         log.line(format!("build of {image} version {version} started"));
-        let result = self.build(image, version, spec, &dir, &log).await;
+        let limit = self.duration_limit(image);
+        let result =
+            match tokio::time::timeout(limit, self.build(image, version, spec, &dir, &log)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // The build's future is gone; its VM and work files are not.
+                    let work = home.join("work").join(format!("{image}-{version}"));
+                    crate::microvms::kill_dir(&work);
+                    let _ = std::fs::remove_dir_all(&work);
+                    let why = format!(
+                        "the build ran longer than {} s, the most one build of this image's owner \
+                         may run (quota {}); make the build faster or ask the operator to raise \
+                         --quota-build-seconds",
+                        limit.as_secs(),
+                        crate::quotas::Quota::BuildSeconds.code()
+                    );
+                    log.line(&why);
+                    Err(why)
+                }
+            };
         self.finish(image, version, first, result, started);
+    }
+
+    /// How long a build of `image` may run: its owner's build-duration quota.
+    fn duration_limit(&self, image: &str) -> Duration {
+        let owner = match self.store.image(image) {
+            Ok(Some(row)) => row.owner,
+            _ => crate::auth::ADMIN.to_string(),
+        };
+        Duration::from_secs(self.quotas.limits(&owner).build_seconds.max(1))
     }
 
     async fn build(

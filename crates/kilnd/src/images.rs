@@ -28,6 +28,8 @@ pub struct Images {
     pub ctx: ArnContext,
     /// The data directory.
     pub home: PathBuf,
+    /// Per-principal quotas (images, versions, builds, stored bytes).
+    pub quotas: Arc<crate::quotas::Quotas>,
 }
 
 fn not_implemented(op: &str) -> ApiError {
@@ -262,6 +264,7 @@ impl Images {
             tags: json!(req.tags.clone().unwrap_or_default()),
             owner: caller.principal.clone(),
         };
+        let admitted = self.quotas.admit_image(&caller.principal, &req.name)?;
         let mut created = false;
         for key in store::image_keys(&req.name, &caller.account, caller.is_admin()) {
             image.key = key;
@@ -274,6 +277,7 @@ impl Images {
                 break;
             }
         }
+        drop(admitted);
         if !created {
             return Err(ApiError::conflict(
                 "MicrovmImage",
@@ -319,10 +323,15 @@ impl Images {
         self.check_config(caller, &req.config)?;
         let t = now();
         let row = pending_version(&image.key, 0, &req.config, t)?;
+        // Counted against the image's owner (admin may update anyone's image).
+        let admitted = self
+            .quotas
+            .admit_version(&image.owner, &image.key, &image.label)?;
         let v = self
             .store
             .add_version(&image.key, MicrovmImageState::Updating.as_str(), row)
             .map_err(internal)?;
+        drop(admitted);
         self.builds
             .spawn(image.key.clone(), v.version, req.config.clone(), false);
         let image = self

@@ -13,10 +13,12 @@ pub mod metrics;
 pub mod microvms;
 pub mod network;
 pub mod proxy;
+pub mod quotas;
 pub mod s3;
 pub mod s3_remote;
 pub mod sigv4;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod tokens;
 pub mod wire;
@@ -121,6 +123,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3::S3Store::open(&home.join("s3"), access_keys.clone())
             .context("opening the S3 artifact store")?,
     );
+    let overrides = match &config.quota_overrides {
+        Some(path) => quotas::read_overrides(path)?,
+        None => Default::default(),
+    };
+    let quotas = Arc::new(quotas::Quotas::new(
+        config.quota_limits(),
+        overrides,
+        store.clone(),
+        home.clone(),
+        s3.clone(),
+    ));
+    s3.set_budget(Arc::new(quotas::UploadBudget(Arc::downgrade(&quotas))));
+    let throttle = Arc::new(throttle::Throttle::new(throttle::Rates::new(
+        &config.throttle,
+    )));
     let remote_s3 = match &config.artifact_s3_endpoint {
         Some(endpoint) => Some(Arc::new(s3_remote::RemoteS3::new(
             endpoint,
@@ -144,6 +161,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         remote_s3,
         metrics.clone(),
         network.clone(),
+        quotas.clone(),
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
@@ -172,6 +190,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         audit.clone(),
         network.clone(),
+        quotas.clone(),
     ));
     microvms
         .reconcile()
@@ -192,6 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         builds,
         ctx,
         home: home.clone(),
+        quotas: quotas.clone(),
     });
     let app = api::router(api::Api {
         images,
@@ -201,6 +221,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         audit,
         network,
+        quotas,
+        throttle,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

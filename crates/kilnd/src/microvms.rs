@@ -144,6 +144,8 @@ pub struct Microvms {
     audit: Arc<AuditLog>,
     /// Connectors and the egress gateway.
     network: Arc<Network>,
+    /// Per-principal quotas (MicroVMs and their memory).
+    quotas: Arc<crate::quotas::Quotas>,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -197,8 +199,10 @@ impl Microvms {
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
         network: Arc<Network>,
+        quotas: Arc<crate::quotas::Quotas>,
     ) -> Microvms {
         Microvms {
+            quotas,
             network,
             host,
             store,
@@ -567,6 +571,9 @@ impl Microvms {
             if let Some(answer) = self.replay_run(caller, token.as_ref())? {
                 return Ok(answer);
             }
+            // Under the same lock as the insert: of two launches racing for the last slot,
+            // exactly one is recorded.
+            self.quotas.admit_microvm(&caller.principal, memory)?;
             self.reserve(memory)?;
             if let Err(e) = self.store.insert_microvm(&row) {
                 self.release(memory);
@@ -1103,6 +1110,19 @@ impl Microvms {
                 netns,
                 addr: SocketAddr::from(([127, 0, 0, 1], *h)),
             });
+        }
+        let most = self.config.endpoint_max_ports_per_vm;
+        if most > 0 && l.forwards.len() >= most {
+            return Err(UpstreamError::Unavailable(format!(
+                "it is already reached on {} ports, the most one MicroVM may be \
+                 (--endpoint-max-ports-per-vm); use one of those: {}",
+                l.forwards.len(),
+                l.forwards
+                    .keys()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         let host_port =
             kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;

@@ -1219,6 +1219,88 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
     })
 }
 
+/// What one principal holds, as the quotas count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerCounts {
+    /// MicroVMs pending, running, suspending or suspended.
+    pub microvms: u64,
+    /// Their guest memory, MiB.
+    pub memory_mib: u64,
+    /// Images.
+    pub images: u64,
+    /// Versions of the image that has most.
+    pub most_versions: u64,
+    /// Image versions pending or in progress.
+    pub building: u64,
+}
+
+/// MicroVM states that hold a quota slot: every state before TERMINATING.
+const HOLDING_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED')";
+
+impl Store {
+    /// What `owner` holds: MicroVMs (and memory) not ending, images, versions, builds.
+    pub fn owner_counts(&self, owner: &str) -> Result<OwnerCounts, StoreError> {
+        let conn = self.lock();
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            conn.query_row(sql, [owner], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(self.err())
+        };
+        Ok(OwnerCounts {
+            microvms: count(&format!(
+                "SELECT COUNT(*) FROM microvms WHERE owner = ?1 AND state IN {HOLDING_STATES}"
+            ))?,
+            memory_mib: count(&format!(
+                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms
+                 WHERE owner = ?1 AND state IN {HOLDING_STATES}"
+            ))?,
+            images: count("SELECT COUNT(*) FROM images WHERE owner = ?1")?,
+            most_versions: count(
+                "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM image_versions v
+                 JOIN images i ON v.image = i.name WHERE i.owner = ?1 GROUP BY v.image)",
+            )?,
+            building: count(
+                "SELECT COUNT(*) FROM image_versions v JOIN images i ON v.image = i.name
+                 WHERE i.owner = ?1 AND v.state IN ('PENDING', 'IN_PROGRESS')",
+            )?,
+        })
+    }
+
+    /// How many versions `image` has.
+    pub fn version_count(&self, image: &str) -> Result<u64, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM image_versions WHERE image = ?1",
+                [image],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(self.err())
+    }
+
+    /// Names of `owner`'s images.
+    pub fn owned_image_names(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT name FROM images WHERE owner = ?1 ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([owner], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Directories of `owner`'s MicroVMs that are suspending or suspended.
+    pub fn owned_suspended_dirs(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT dir FROM microvms WHERE owner = ?1 AND state IN ('SUSPENDING', 'SUSPENDED')",
+            )
+            .map_err(self.err())?;
+        let rows = stmt.query_map([owner], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1253,6 +1335,78 @@ mod tests {
             tags: serde_json::json!({}),
             owner: "admin".into(),
         }
+    }
+
+    fn microvm(id: &str, owner: &str, state: &str, memory_mib: i64) -> MicrovmRow {
+        MicrovmRow {
+            id: id.into(),
+            image: "app".into(),
+            version: 1,
+            state: state.into(),
+            state_reason: None,
+            request: serde_json::json!({}),
+            started_at: 1.0,
+            terminated_at: None,
+            max_duration: 60,
+            memory_mib,
+            kernel: "k".into(),
+            dir: format!("/nonexistent/{id}"),
+            forwards: serde_json::json!({}),
+            owner: owner.into(),
+        }
+    }
+
+    #[test]
+    fn owner_counts_when_mixed_states_and_owners_then_counts_only_what_the_owner_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let alices = ImageRow {
+            owner: "alice".into(),
+            ..image("app")
+        };
+        store
+            .create_image(&alices, &version("app"))
+            .expect("create");
+        store
+            .add_version("app", "UPDATING", version("app"))
+            .expect("v2");
+        store
+            .create_image(&image("other"), &version("other"))
+            .expect("create");
+        for (id, owner, state) in [
+            ("m1", "alice", "RUNNING"),
+            ("m2", "alice", "SUSPENDED"),
+            ("m3", "alice", "PENDING"),
+            ("m4", "alice", "TERMINATED"),
+            ("m5", "alice", "TERMINATING"),
+            ("m6", "bob", "RUNNING"),
+        ] {
+            store
+                .insert_microvm(&microvm(id, owner, state, 256))
+                .expect("insert");
+        }
+
+        let counts = store.owner_counts("alice").expect("counts");
+
+        assert_eq!(
+            counts,
+            OwnerCounts {
+                microvms: 3,
+                memory_mib: 768,
+                images: 1,
+                most_versions: 2,
+                building: 2,
+            }
+        );
+        assert_eq!(store.version_count("app").expect("versions"), 2);
+        assert_eq!(
+            store.owned_suspended_dirs("alice").expect("dirs"),
+            vec!["/nonexistent/m2".to_string()]
+        );
+        assert_eq!(
+            store.owner_counts("carol").expect("none"),
+            OwnerCounts::default()
+        );
     }
 
     #[test]
