@@ -301,11 +301,14 @@ fn microvm_quotas_when_launching_past_them_then_exactly_one_wins_and_builds_are_
     ]);
     let (alice_key, alice) = kilnd.new_principal("alice");
     let (_, carol) = kilnd.new_principal("carol");
-    let (code, _, err) = create_image(&kilnd, &alice, "app", &zip);
+    let (code, app, err) = create_image(&kilnd, &alice, "app", &zip);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = create_image(&kilnd, &carol, "slow", &zip);
+    let (code, slow, err) = create_image(&kilnd, &carol, "slow", &zip);
     assert_eq!(code, 0, "{err}");
-    let built = kilnd.wait_version("app", "1");
+    // Admin reaches another account's image by its ARN.
+    let arn_of = |created: &Value| created["imageArn"].as_str().expect("imageArn").to_string();
+    let (app_arn, slow_arn) = (arn_of(&app), arn_of(&slow));
+    let built = kilnd.wait_version(&app_arn, "1");
     assert_eq!(built["state"], "SUCCESSFUL", "{built}");
     let run = || kilnd.aws_with(&alice, &["run-microvm", "--image-identifier", "app"]);
 
@@ -346,7 +349,7 @@ fn microvm_quotas_when_launching_past_them_then_exactly_one_wins_and_builds_are_
         let b = s.spawn(run);
         vec![a.join().expect("thread"), b.join().expect("thread")]
     });
-    let slow = kilnd.wait_version("slow", "1");
+    let slow = kilnd.wait_version(&slow_arn, "1");
 
     assert_ne!(over_memory.0, 0);
     assert!(
