@@ -655,7 +655,7 @@ mod tests {
                 "--code-artifact",
                 "uri=file:///tmp/app.zip",
                 "--resources",
-                "minimumMemoryInMiB=256",
+                "minimumMemoryInMiB=512",
                 "--environment-variables",
                 "PORT=8080,MODE=prod",
             ],
@@ -672,7 +672,7 @@ mod tests {
         );
         assert_eq!(
             body.config.resources.map(|r| r[0].minimum_memory_in_mib),
-            Some(256)
+            Some(512)
         );
         let env = body.config.environment_variables.expect("env");
         assert_eq!(env.get("PORT").map(String::as_str), Some("8080"));

@@ -885,15 +885,25 @@ impl Microvms {
                             .map_err(internal)?;
                     }
                     None => {
+                        // QEMU is gone, and the guest's memory with it: no retry can
+                        // suspend it, so the answer is the state it ended in, not a 500.
                         self.release(row.memory_mib as u64);
+                        let reason = format!("the MicroVM ended while suspending: {message}");
                         self.store
                             .set_microvm_state(
                                 id,
                                 MicrovmState::Terminated.as_str(),
-                                Some(&message),
+                                Some(&reason),
                                 Some(now()),
                             )
                             .map_err(internal)?;
+                        self.activity.forget(id);
+                        let _ = std::fs::remove_dir_all(self.dir_of(id));
+                        return Err(ApiError::conflict(
+                            "Microvm",
+                            id,
+                            format!("MicroVM {id} is TERMINATED: {reason}"),
+                        ));
                     }
                 }
                 Err(ApiError::internal(message))
@@ -935,11 +945,26 @@ impl Microvms {
         };
         let old: BTreeMap<u16, u16> =
             serde_json::from_value(row.forwards.clone()).unwrap_or_default();
+        let sus = match kiln_vmm::SuspendedVm::open(
+            &self.suspended_dir(id),
+            &self.host.vmm.qemu().version,
+        ) {
+            Ok(sus) => sus,
+            Err(e) => {
+                // The saved session itself is unusable (missing, damaged, or from another
+                // QEMU): a retry would fail the same way, so the session ends here.
+                self.release_memory(row.memory_mib as u64);
+                let reason = format!("the suspended session cannot be restored: {e}");
+                tracing::warn!(microvm = %id, %reason, "resume failed; terminating");
+                self.terminate(id, &reason).await?;
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    id,
+                    format!("MicroVM {id} is TERMINATED: {reason}"),
+                ));
+            }
+        };
         let result = async {
-            let sus = kiln_vmm::SuspendedVm::open(
-                &self.suspended_dir(id),
-                &self.host.vmm.qemu().version,
-            )?;
             let mut forwards = BTreeMap::new();
             for guest in old.keys().copied().chain([8080]) {
                 forwards.insert(

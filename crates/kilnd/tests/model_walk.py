@@ -364,10 +364,28 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
         imageIdentifier="no-such-base",
     )
 
-    # An image, built once.
+    # An image, built once; before it, what AWS refuses in an image's config.
     source = {"baseImageArn": busybox, "buildRoleArn": ROLE, "codeArtifact": code}
+    walk.fails(
+        "CreateMicrovmImage",
+        "ValidationException",
+        saying="Supported memory sizes in MiB are: [512, 1024, 2048, 4096, 8192]",
+        name="walk-small",
+        resources=[{"minimumMemoryInMiB": 256}],
+        **source,
+    )
+    for hook in ("run", "resume", "suspend", "terminate"):
+        walk.fails(
+            "CreateMicrovmImage",
+            "ValidationException",
+            saying="Value at 'hooks.microvmImageHooks.ready' failed to satisfy constraint: "
+            "Member must be ENABLED when a run, resume, suspend or terminate hook is enabled",
+            name="walk-unready",
+            hooks={"port": 9000, "microvmHooks": {hook: "ENABLED"}},
+            **source,
+        )
     created = walk.call(
-        "CreateMicrovmImage", name=IMAGE, resources=[{"minimumMemoryInMiB": 256}], **source
+        "CreateMicrovmImage", name=IMAGE, resources=[{"minimumMemoryInMiB": 512}], **source
     )
     image_arn = created["imageArn"]
     seen["created"] = [created["state"], created["imageVersion"]]
@@ -396,7 +414,7 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
         "UpdateMicrovmImage",
         imageIdentifier=IMAGE,
         description="the model walk's second version",
-        resources=[{"minimumMemoryInMiB": 256}],
+        resources=[{"minimumMemoryInMiB": 512}],
         **source,
     )
     seen["updated"] = [updated["state"], updated["imageVersion"]]

@@ -42,8 +42,8 @@ pub struct BuildArgs {
         value_name = "ARN"
     )]
     pub build_role_arn: String,
-    /// Memory the app needs, MiB.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    /// Memory the app needs, MiB: 512, 1024, 2048, 4096 or 8192.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub memory: i32,
     /// Environment of the app, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]

@@ -207,7 +207,7 @@ impl Daemon {
             "--code-artifact",
             &format!("uri=file://{}", zip.display()),
             "--resources",
-            "minimumMemoryInMiB=256",
+            "minimumMemoryInMiB=512",
         ])
     }
 
