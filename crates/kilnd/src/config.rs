@@ -68,6 +68,14 @@ pub struct Config {
     /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
     #[arg(long, default_value_t = 60)]
     pub min_idle_seconds: i32,
+    /// How long a TERMINATED MicroVM stays visible to GetMicrovm and ListMicrovms, seconds;
+    /// then it is forgotten.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub terminated_retention_secs: u64,
+    /// How long an idempotency token (`clientToken`) is remembered, seconds; a token reused
+    /// later runs the request anew. The model names no window: 8 h is a MicroVM's longest life.
+    #[arg(long, default_value_t = 8 * 3600, value_name = "SECS")]
+    pub client_token_ttl_secs: u64,
     /// AWS region name used in ARNs.
     #[arg(long, default_value = "local")]
     pub region: String,

@@ -621,6 +621,14 @@ impl Microvms {
                     t.token
                 ))
             })?;
+        if self.store.microvm(&id).map_err(internal)?.is_none() {
+            // What the token launched has aged out (TERMINATED long ago): the token goes
+            // with it, and this request launches anew.
+            self.store
+                .forget_client_token(&t.token, &t.scope)
+                .map_err(internal)?;
+            return Ok(None);
+        }
         let row = self.owned_row(caller, &id)?;
         to_value(&self.describe(&row)).map(Some)
     }
@@ -1024,6 +1032,24 @@ impl Microvms {
         }
     }
 
+    /// Forgets MicroVMs TERMINATED longer than `--terminated-retention-secs` ago and
+    /// idempotency tokens older than `--client-token-ttl-secs`.
+    fn forget_expired(&self) {
+        let t = now();
+        let retention = self.config.terminated_retention_secs as f64;
+        match self.store.expire_terminated_microvms(t - retention) {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(microvms = ?ids, "terminated MicroVMs aged out")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot age out terminated MicroVMs"),
+        }
+        let ttl = self.config.client_token_ttl_secs as f64;
+        if let Err(e) = self.store.expire_client_tokens(t - ttl) {
+            tracing::warn!(error = %e, "cannot expire idempotency tokens");
+        }
+    }
+
     /// How long a running MicroVM has had no inbound traffic through the endpoint.
     async fn idle_for(&self, id: &str) -> Option<Duration> {
         let live = self.live.lock().await.get(id).cloned()?;
@@ -1330,6 +1356,7 @@ impl Microvms {
     pub async fn reap(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            self.forget_expired();
             let Ok(rows) = self
                 .store
                 .microvms(None, None, Some(&["RUNNING", "SUSPENDED"]))

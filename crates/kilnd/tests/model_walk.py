@@ -28,6 +28,9 @@ from botocore.model import ServiceModel
 from endpoint_client import get
 
 SERVICE = "lambda-microvms"
+# kilnd's --client-token-ttl-secs and --terminated-retention-secs in model_walk.rs.
+TOKEN_TTL = 15
+RETENTION = 30
 ROLE = "arn:aws:iam::000000000000:role/kiln-build"
 IMAGE = "walk"
 # Error kinds boto3_errors.py already checks for these operations; the walk does not repeat them.
@@ -451,6 +454,7 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
 
     # One MicroVM.
     vm = walk.call("RunMicrovm", imageIdentifier=IMAGE, ingressNetworkConnectors=["SHELL_INGRESS"])
+    run_at = time.time()
     mid = vm["microvmId"]
     seen["microvm"] = mid
     seen["run"] = [vm["state"], vm["imageVersion"]]
@@ -498,6 +502,31 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
     walk.fails("CreateMicrovmShellAuthToken", "ConflictException", microvmIdentifier=mid)
     walk.fails("SuspendMicrovm", "ConflictException", microvmIdentifier=mid)
     walk.fails("ResumeMicrovm", "ConflictException", microvmIdentifier=mid)
+
+    # The run's clientToken expires (kilnd --client-token-ttl-secs, shortened by the test):
+    # reused with other parameters it is no longer a conflict, the request runs anew (here
+    # it names a missing version, so nothing launches).
+    time.sleep(max(0.0, run_at + TOKEN_TTL + 2 - time.time()))
+    walk.fails(
+        "RunMicrovm",
+        "ResourceNotFoundException",
+        imageIdentifier=IMAGE,
+        imageVersion="99",
+        clientToken=walk.token("RunMicrovm"),
+    )
+    # A TERMINATED MicroVM stays visible for --terminated-retention-secs, then ages out.
+    seen["terminated_later"] = walk.call("GetMicrovm", microvmIdentifier=mid)["state"]
+    deadline = time.time() + RETENTION + 30
+    while time.time() < deadline:
+        try:
+            walk.unchecked.get_microvm(microvmIdentifier=mid)
+        except walk.unchecked.exceptions.ResourceNotFoundException:
+            break
+        time.sleep(1)
+    walk.fails("GetMicrovm", "ResourceNotFoundException", microvmIdentifier=mid)
+    seen["listed_after_retention"] = [
+        i["microvmId"] for i in walk.call("ListMicrovms")["items"]
+    ]
 
     # Tags, on the image's ARN.
     walk.call("TagResource", Resource=image_arn, Tags={"stage": "walk"})
