@@ -653,7 +653,7 @@ fn build_when_caller_is_not_admin_then_the_zip_goes_through_its_own_bucket_and_b
         "{built:?}"
     );
     assert!(
-        admin_sees.json()["config"]["codeArtifact"]["uri"]
+        admin_sees.json()["codeArtifact"]["uri"]
             .as_str()
             .is_some_and(|u| u.starts_with("s3://kiln-artifacts-alice/")),
         "{admin_sees:?}"
