@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +33,15 @@ const HELLO_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_INTERVAL: Duration = Duration::from_millis(20);
 /// Extra time a `run` with a guest-side timeout waits for the guest to report.
 const RUN_GRACE: Duration = Duration::from_secs(30);
+/// How far an exec's reader may fall behind the guest: events received and not yet read,
+/// counted by their payload bytes (at least [`EVENT_COST`] each). Past it the stream is cut, so
+/// a guest writing faster than its reader drains (a slow shell client, a stalled consumer)
+/// cannot grow kilnd's memory; the other requests on the connection are never held up.
+pub const MAX_QUEUED_OUTPUT: usize = 16 << 20;
+/// What an event without output counts against [`MAX_QUEUED_OUTPUT`].
+const EVENT_COST: usize = 256;
+/// How much of each stream [`ExecStream::collect`] keeps; the rest is counted, not kept.
+pub const MAX_COLLECTED_OUTPUT: usize = 64 << 20;
 
 /// Failures talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -285,14 +294,32 @@ pub struct ExecOutput {
     pub signal: Option<i32>,
     /// Whether the guest killed it because its timeout expired.
     pub timed_out: bool,
+    /// Output bytes past [`MAX_COLLECTED_OUTPUT`] per stream, counted and dropped.
+    pub dropped_bytes: u64,
 }
 
 /// The events of one exec, in order.
 pub struct ExecStream {
     id: u64,
     events: mpsc::UnboundedReceiver<GuestBody>,
+    queue: Arc<StreamQueue>,
     finished: bool,
     _route: RouteGuard,
+}
+
+/// What one exec's events hold of kilnd's memory while they wait to be read.
+#[derive(Debug, Default)]
+struct StreamQueue {
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+}
+
+/// What `body` counts against [`MAX_QUEUED_OUTPUT`].
+fn event_cost(body: &GuestBody) -> usize {
+    match body {
+        GuestBody::Output { data, .. } => data.len().max(EVENT_COST),
+        _ => EVENT_COST,
+    }
 }
 
 impl ExecStream {
@@ -306,11 +333,20 @@ impl ExecStream {
         if self.finished {
             return Ok(None);
         }
-        let body = self
-            .events
-            .recv()
-            .await
-            .ok_or(AgentError::ConnectionClosed)?;
+        let Some(body) = self.events.recv().await else {
+            self.finished = true;
+            if self.queue.overflowed.load(Ordering::Acquire) {
+                return Err(AgentError::Protocol(format!(
+                    "the guest wrote more than {} MiB of output that was not read in time; \
+                     the stream was cut (the process may still run: signal it to stop it)",
+                    MAX_QUEUED_OUTPUT >> 20
+                )));
+            }
+            return Err(AgentError::ConnectionClosed);
+        };
+        self.queue
+            .queued
+            .fetch_sub(event_cost(&body), Ordering::AcqRel);
         let event = match body {
             GuestBody::ExecStarted { pid } => ExecEvent::Started { pid },
             GuestBody::Output {
@@ -346,14 +382,24 @@ impl ExecStream {
     }
 
     /// Collects the remaining events into an [`ExecOutput`].
+    /// Each stream keeps at most [`MAX_COLLECTED_OUTPUT`] bytes; the rest is counted in
+    /// `dropped_bytes`.
     pub async fn collect(mut self) -> Result<ExecOutput, AgentError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
+        let mut dropped_bytes = 0u64;
+        let mut keep = |into: &mut Vec<u8>, data: &[u8]| {
+            let room = MAX_COLLECTED_OUTPUT
+                .saturating_sub(into.len())
+                .min(data.len());
+            into.extend_from_slice(&data[..room]);
+            dropped_bytes += (data.len() - room) as u64;
+        };
         while let Some(event) = self.next_event().await? {
             match event {
                 ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(data) => stdout.extend_from_slice(&data),
-                ExecEvent::Stderr(data) => stderr.extend_from_slice(&data),
+                ExecEvent::Stdout(data) => keep(&mut stdout, &data),
+                ExecEvent::Stderr(data) => keep(&mut stderr, &data),
                 ExecEvent::Exited(status) => {
                     return Ok(ExecOutput {
                         stdout,
@@ -361,6 +407,7 @@ impl ExecStream {
                         code: status.code,
                         signal: status.signal,
                         timed_out: status.timed_out,
+                        dropped_bytes,
                     })
                 }
             }
@@ -371,7 +418,7 @@ impl ExecStream {
 
 enum Route {
     Reply(oneshot::Sender<GuestBody>),
-    Stream(mpsc::UnboundedSender<GuestBody>),
+    Stream(mpsc::UnboundedSender<GuestBody>, Arc<StreamQueue>),
 }
 
 #[derive(Default)]
@@ -427,7 +474,15 @@ impl Shared {
             GuestBody::Exited { .. } | GuestBody::Error { .. }
         );
         match routes.waiting.get(&message.id) {
-            Some(Route::Stream(tx)) => {
+            Some(Route::Stream(tx, queue)) => {
+                let cost = event_cost(&message.body);
+                let queued = queue.queued.fetch_add(cost, Ordering::AcqRel) + cost;
+                if queued > MAX_QUEUED_OUTPUT {
+                    // Dropping the sender ends the stream once its reader drained what came.
+                    queue.overflowed.store(true, Ordering::Release);
+                    routes.waiting.remove(&message.id);
+                    return;
+                }
                 let gone = tx.send(message.body).is_err();
                 if gone || ends_stream {
                     routes.waiting.remove(&message.id);
@@ -562,12 +617,14 @@ impl AgentClient {
     /// Starts a process; its events arrive on the returned stream.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecStream, AgentError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let guard = self.shared.register(Route::Stream(tx))?;
+        let queue = Arc::new(StreamQueue::default());
+        let guard = self.shared.register(Route::Stream(tx, queue.clone()))?;
         let id = guard.id;
         self.shared.send(id, HostBody::Exec(request.spec)).await?;
         Ok(ExecStream {
             id,
             events: rx,
+            queue,
             finished: false,
             _route: guard,
         })
@@ -929,7 +986,8 @@ async fn handshake(
     timeout: Duration,
 ) -> Result<HelloInfo, AgentError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let guard = shared.register(Route::Stream(tx))?;
+    // The first reply ends the handshake, so what the queue counts is never given back.
+    let guard = shared.register(Route::Stream(tx, Arc::default()))?;
     let hello = HostBody::Hello {
         version: PROTOCOL_VERSION,
         client: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),

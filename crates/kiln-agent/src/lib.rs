@@ -9,5 +9,5 @@ pub mod proto;
 pub use client::{
     AgentClient, AgentError, AppSpec, AppState, CopySpec, CopyStats, ExecEvent, ExecOutput,
     ExecRequest, ExecStream, ExitStatus, FetchSpec, Fetched, HelloInfo, HttpFailureKind,
-    HttpRequestSpec, HttpResponse, TtySize, UserInfo,
+    HttpRequestSpec, HttpResponse, TtySize, UserInfo, MAX_COLLECTED_OUTPUT, MAX_QUEUED_OUTPUT,
 };

@@ -26,7 +26,8 @@ pub const MANAGED_ACCOUNT: &str = "aws";
 pub struct ArnContext {
     /// Region in every ARN, `local` by default.
     pub region: String,
-    /// Account of every resource a caller creates, `000000000000` by default.
+    /// kiln's own account (its administrator's, and the operator's network connectors'),
+    /// `000000000000` by default. Other principals' resources carry their own accounts.
     pub account: String,
 }
 
@@ -40,11 +41,16 @@ impl Default for ArnContext {
 }
 
 impl ArnContext {
-    /// The ARN of the caller's image `name`.
+    /// The ARN of image `name` in kiln's own account.
     pub fn image_arn(&self, name: &str) -> String {
+        self.image_arn_in(&self.account, name)
+    }
+
+    /// The ARN of image `name` in `account`.
+    pub fn image_arn_in(&self, account: &str, name: &str) -> String {
         ImageArn {
             region: self.region.clone(),
-            account: self.account.clone(),
+            account: account.into(),
             name: name.into(),
         }
         .to_string()
@@ -60,12 +66,14 @@ impl ArnContext {
         .to_string()
     }
 
-    /// The ARN of MicroVM `id`.
+    /// The ARN of MicroVM `id` in kiln's own account.
     pub fn microvm_arn(&self, id: &str) -> String {
-        format!(
-            "arn:aws:lambda:{}:{}:microvm:{id}",
-            self.region, self.account
-        )
+        self.microvm_arn_in(&self.account, id)
+    }
+
+    /// The ARN of MicroVM `id` in `account`.
+    pub fn microvm_arn_in(&self, account: &str, id: &str) -> String {
+        format!("arn:aws:lambda:{}:{account}:microvm:{id}", self.region)
     }
 }
 
@@ -86,9 +94,9 @@ impl ImageArn {
         self.account == MANAGED_ACCOUNT
     }
 
-    /// Whether this image lives in `ctx`'s region and is the caller's or managed.
+    /// Whether this image lives in `ctx`'s region (in any account, or managed).
     pub fn is_local_to(&self, ctx: &ArnContext) -> bool {
-        self.region == ctx.region && (self.account == ctx.account || self.is_managed())
+        self.region == ctx.region
     }
 }
 
@@ -191,6 +199,20 @@ impl ImageRef {
             ImageRef::Arn(a) => a.to_string(),
         }
     }
+
+    /// The account and name of the image this names for a caller in `account`: a bare
+    /// name is the caller's; `None` for a managed image or another region's.
+    pub fn in_account<'a>(
+        &'a self,
+        ctx: &ArnContext,
+        account: &'a str,
+    ) -> Option<(&'a str, &'a str)> {
+        match self {
+            ImageRef::Name(n) => Some((account, n)),
+            ImageRef::Arn(a) if a.is_managed() || !a.is_local_to(ctx) => None,
+            ImageRef::Arn(a) => Some((&a.account, &a.name)),
+        }
+    }
 }
 
 /// Reads an `imageIdentifier`: an ARN when it starts with `arn:`, else a name.
@@ -270,6 +292,30 @@ mod tests {
             image_identifier("web").unwrap().to_arn(&ctx),
             ctx.image_arn("web")
         );
+    }
+
+    #[test]
+    fn in_account_when_name_then_the_callers_and_when_arn_then_its_own() {
+        let ctx = ArnContext::default();
+        let theirs = "arn:aws:lambda:local:000000000002:microvm-image:app";
+
+        let bare = image_identifier("app").unwrap();
+        let arn = image_identifier(theirs).unwrap();
+        let managed = image_identifier(&ctx.managed_image_arn("al2023")).unwrap();
+        let elsewhere =
+            image_identifier("arn:aws:lambda:us-east-1:000000000002:microvm-image:app").unwrap();
+
+        assert_eq!(
+            bare.in_account(&ctx, "000000000001"),
+            Some(("000000000001", "app"))
+        );
+        assert_eq!(
+            arn.in_account(&ctx, "000000000001"),
+            Some(("000000000002", "app"))
+        );
+        assert_eq!(managed.in_account(&ctx, "000000000001"), None);
+        assert_eq!(elsewhere.in_account(&ctx, "000000000001"), None);
+        assert_eq!(ctx.image_arn_in("000000000002", "app"), theirs);
     }
 
     #[test]

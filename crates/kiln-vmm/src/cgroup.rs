@@ -24,6 +24,9 @@ pub const MEMORY_OVERHEAD_MIB: u64 = crate::qemu::cmdline::TCG_CACHE_MIB + 128;
 pub const PIDS_MAX: u32 = 256;
 /// The CPU weight of a VM (cgroup v2 scale, 100 = the default share).
 pub const CPU_WEIGHT: u32 = 100;
+/// Under cgroup v2, the leaf of kilnd's own group kilnd moves itself into, so that group may
+/// hand controllers to `kiln/` (v2 lets a non-root group with processes enable none).
+const KILND_LEAF: &str = "kilnd";
 /// An empty group older than this, left by a VM that ended while kilnd was down, is removed.
 const SWEEP_AGE: Duration = Duration::from_secs(120);
 
@@ -57,15 +60,24 @@ pub struct Limits {
     pub pids: u32,
     /// CPU weight, 1–10000 (v2 scale).
     pub cpu_weight: u32,
+    /// CPU time per [`CPU_PERIOD_US`], in microseconds: the most CPUs' worth it may use.
+    pub cpu_quota_us: u64,
 }
 
+/// The period CPU quotas are counted over (the kernel's default, 100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// QEMU's own threads (I/O, slirp, migration) on top of its vCPUs: half a CPU.
+pub const CPU_OVERHEAD_US: u64 = CPU_PERIOD_US / 2;
+
 impl Limits {
-    /// The limits for a VM with `memory_mib` of guest RAM.
-    pub fn for_guest(memory_mib: u64) -> Limits {
+    /// The limits for a VM with `vcpus` vCPUs and `memory_mib` of guest RAM: it may use its
+    /// vCPUs' worth of host CPU plus half a CPU, whatever its guest runs.
+    pub fn for_guest(vcpus: u32, memory_mib: u64) -> Limits {
         Limits {
             memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
             pids: PIDS_MAX,
             cpu_weight: CPU_WEIGHT,
+            cpu_quota_us: u64::from(vcpus.max(1)) * CPU_PERIOD_US + CPU_OVERHEAD_US,
         }
     }
 }
@@ -103,7 +115,7 @@ fn parents(version: CgroupVersion) -> Result<Vec<PathBuf>, VmmError> {
     match version {
         CgroupVersion::V2 => {
             let own = path_of("").unwrap_or_default();
-            Ok(vec![root.join(own).join("kiln")])
+            Ok(vec![root.join(v2_group(&own)).join("kiln")])
         }
         CgroupVersion::V1 => Ok(["memory", "pids", "cpu"]
             .into_iter()
@@ -132,6 +144,7 @@ impl VmCgroup {
             if version == CgroupVersion::V2 {
                 // Controllers must be enabled for the children of every level down to ours.
                 if let Some(up) = parent.parent() {
+                    move_into_leaf(up)?;
                     enable_controllers(up)?;
                 }
                 enable_controllers(&parent)?;
@@ -159,6 +172,11 @@ impl VmCgroup {
                 (0, "memory.swap.max", "0".into()),
                 (0, "pids.max", limits.pids.to_string()),
                 (0, "cpu.weight", limits.cpu_weight.to_string()),
+                (
+                    0,
+                    "cpu.max",
+                    format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+                ),
             ],
             CgroupVersion::V1 => vec![
                 (0, "memory.limit_in_bytes", limits.memory_bytes.to_string()),
@@ -169,6 +187,8 @@ impl VmCgroup {
                     "cpu.shares",
                     (u64::from(limits.cpu_weight) * 1024 / 100).to_string(),
                 ),
+                (2, "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                (2, "cpu.cfs_quota_us", limits.cpu_quota_us.to_string()),
             ],
         };
         for (i, file, value) in settings {
@@ -209,6 +229,50 @@ impl VmCgroup {
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
+}
+
+/// kilnd's group under v2 from the path `/proc/self/cgroup` names: once kilnd moved into its
+/// leaf ([`move_into_leaf`]), the leaf's parent.
+fn v2_group(own: &str) -> &str {
+    match own.rsplit_once('/') {
+        Some((up, KILND_LEAF)) => up,
+        None if own == KILND_LEAF => "",
+        _ => own,
+    }
+}
+
+/// Moves the processes of `group` (kilnd, and whatever shares its group) into
+/// `group/kilnd`: under v2 a group other than the root may enable controllers for its
+/// children only while no process sits in it ("no internal processes"). This is what
+/// systemd's `Delegate=yes` expects of a service that manages its own subtree.
+fn move_into_leaf(group: &Path) -> Result<(), VmmError> {
+    if group == Path::new(CGROUP_ROOT) {
+        return Ok(());
+    }
+    let procs = std::fs::read_to_string(group.join("cgroup.procs")).unwrap_or_default();
+    if procs.trim().is_empty() {
+        return Ok(());
+    }
+    let leaf = group.join(KILND_LEAF);
+    match std::fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(VmmError::io("creating kilnd's own leaf cgroup", &leaf, e)),
+    }
+    let target = leaf.join("cgroup.procs");
+    for pid in procs.split_whitespace() {
+        // A process that exited meanwhile cannot be moved and need not be.
+        if let Err(e) = std::fs::write(&target, pid) {
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(VmmError::io(
+                    &format!("moving process {pid} into kilnd's leaf cgroup"),
+                    &target,
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn enable_controllers(dir: &Path) -> Result<(), VmmError> {
@@ -292,4 +356,104 @@ pub fn dirs_for(dir: &Path) -> Vec<PathBuf> {
     parents(version)
         .map(|ps| ps.into_iter().map(|p| p.join(&name)).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_group_when_kilnd_sits_in_its_leaf_then_the_leafs_parent() {
+        assert_eq!(
+            v2_group("system.slice/kilnd.service/kilnd"),
+            "system.slice/kilnd.service"
+        );
+        assert_eq!(v2_group("kilnd"), "");
+    }
+
+    #[test]
+    fn v2_group_when_not_in_a_leaf_then_as_named() {
+        assert_eq!(
+            v2_group("system.slice/kilnd.service"),
+            "system.slice/kilnd.service"
+        );
+        assert_eq!(v2_group(""), "");
+    }
+
+    /// The host's cgroup v2 tree mounted in a temp dir (on a v1 host it has no memory or pids
+    /// controller, but the rule under test is the same). The tree is the host's one unified
+    /// hierarchy: what the test made there is removed before unmounting.
+    struct V2Mount(tempfile::TempDir, Vec<PathBuf>, Option<String>);
+
+    impl Drop for V2Mount {
+        fn drop(&mut self) {
+            for group in self.1.iter().rev() {
+                let _ = std::fs::remove_dir(group);
+            }
+            if let Some(controller) = &self.2 {
+                let control = self.0.path().join("cgroup.subtree_control");
+                let _ = std::fs::write(control, format!("-{controller}"));
+            }
+            let path = std::ffi::CString::new(self.0.path().as_os_str().as_bytes()).expect("path");
+            // SAFETY: a plain system call on a valid C string.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    #[test]
+    fn move_into_leaf_when_kilnds_group_holds_processes_then_they_move_and_controllers_enable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mounting cgroup2 (tests run as root)");
+        let mut mount = V2Mount(dir, Vec::new(), None);
+        let controllers = std::fs::read_to_string(mount.0.path().join("cgroup.controllers"))
+            .expect("controllers");
+        let controller = controllers
+            .split_whitespace()
+            .next()
+            .expect("one controller");
+        let group = mount
+            .0
+            .path()
+            .join(format!("kiln-test-{}", std::process::id()));
+        std::fs::create_dir(&group).expect("group");
+        mount.1 = vec![group.clone(), group.join(KILND_LEAF)];
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        std::fs::write(group.join("cgroup.procs"), sleeper.id().to_string()).expect("join");
+        let root_control = mount.0.path().join("cgroup.subtree_control");
+        let handed_down = std::fs::read_to_string(&root_control).expect("root control");
+        if !handed_down.split_whitespace().any(|c| c == controller) {
+            std::fs::write(&root_control, format!("+{controller}")).expect("enable at the root");
+            mount.2 = Some(controller.to_string());
+        }
+        let refused = std::fs::write(
+            group.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        );
+
+        let moved = move_into_leaf(&group);
+        let enabled = std::fs::write(
+            group.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        );
+        let leaf_procs =
+            std::fs::read_to_string(group.join(KILND_LEAF).join("cgroup.procs")).expect("leaf");
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+
+        assert!(
+            refused.is_err(),
+            "v2 refuses controllers to a group with processes"
+        );
+        assert!(moved.is_ok(), "{moved:?}");
+        assert!(enabled.is_ok(), "{enabled:?}");
+        assert_eq!(leaf_procs.trim(), sleeper.id().to_string());
+    }
 }

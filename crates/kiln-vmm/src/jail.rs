@@ -279,13 +279,61 @@ pub fn prepare_files(spec: &VmSpec, id: JailId, config: &JailConfig) -> Result<(
             }
             own(&m.path)?;
         } else {
-            std::os::unix::fs::chown(&m.path, Some(0), Some(config.shared_gid()))
-                .map_err(|e| VmmError::io("sharing with restored VMs", &m.path, e))?;
-            std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(0o660))
-                .map_err(|e| VmmError::io("sharing with restored VMs", &m.path, e))?;
+            share_sealed(&m.path, config.shared_gid())?;
         }
     }
     Ok(())
+}
+
+/// Makes a snapshot's memory file readable and writable by the shared group, and checks that
+/// no VM wrote it since.
+///
+/// QEMU 7.2 opens a `share=off` memory file read-write (though it maps it privately), so a
+/// QEMU taken over by its guest could write the memory of the image it was restored from, and
+/// every later clone would start from that. The file's ctime cannot be set back by anyone but
+/// the clock, so the first restore records it in `<file>.seal` (kilnd's alone, outside every
+/// QEMU's root) and every restore compares: a memory file changed after sealing is refused.
+/// Ownership and mode are set only when they differ, since that too changes the ctime.
+fn share_sealed(path: &Path, shared_gid: u32) -> Result<(), VmmError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| VmmError::io("reading", path, e))?;
+    if meta.uid() != 0 || meta.gid() != shared_gid || meta.mode() & 0o777 != 0o660 {
+        std::os::unix::fs::chown(path, Some(0), Some(shared_gid))
+            .map_err(|e| VmmError::io("sharing with restored VMs", path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| VmmError::io("sharing with restored VMs", path, e))?;
+    }
+    let meta = std::fs::metadata(path).map_err(|e| VmmError::io("reading", path, e))?;
+    let now = format!("{} {} {}\n", meta.ctime(), meta.ctime_nsec(), meta.len());
+    let seal = seal_path(path);
+    match std::fs::read_to_string(&seal) {
+        Ok(sealed) if sealed == now => Ok(()),
+        Ok(sealed) => Err(VmmError::BadSnapshot {
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            reason: format!(
+                "its memory file {} changed after it was sealed (ctime and size then: {}, now: \
+                 {}): a VM restored from it may have written it. Rebuild the image (a new \
+                 version) rather than restoring from it",
+                path.display(),
+                sealed.trim(),
+                now.trim()
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = seal.with_extension("seal.tmp");
+            std::fs::write(&tmp, &now)
+                .and_then(|()| std::fs::rename(&tmp, &seal))
+                .map_err(|e| VmmError::io("sealing the memory file in", &seal, e))
+        }
+        Err(e) => Err(VmmError::io("reading", &seal, e)),
+    }
+}
+
+/// Where the seal of memory file `path` is kept.
+pub fn seal_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".seal");
+    path.with_file_name(name)
 }
 
 /// One step of building the root, with every path already a C string.

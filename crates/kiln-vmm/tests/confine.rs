@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -89,6 +90,20 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
     assert_eq!(
         memory_limit.trim(),
         ((vm.spec().memory_mib + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20).to_string()
+    );
+    let cpu_quota = groups
+        .iter()
+        .find_map(|g| {
+            std::fs::read_to_string(g.join("cpu.max"))
+                .ok()
+                .and_then(|v| v.split_whitespace().next().map(str::to_string))
+                .or_else(|| std::fs::read_to_string(g.join("cpu.cfs_quota_us")).ok())
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        cpu_quota.trim(),
+        (u64::from(vm.spec().vcpus) * 100_000 + 50_000).to_string(),
+        "the VM may use its vCPUs' worth of CPU and half a CPU more"
     );
     let spec = vm.spec();
     let used: Vec<&Path> = [spec.dir.as_path(), &spec.kernel, &spec.initramfs]
@@ -254,4 +269,85 @@ async fn freeze_disk_layer_when_confined_then_guest_continues_on_a_layer_kilnd_m
         kiln_vmm::suspend::qcow2_backing(&layer).expect("read layer"),
         Some(first)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_file_when_a_restored_qemu_writes_it_then_the_next_restore_refuses_the_image() {
+    as_kilnd();
+    let dir = scratch();
+    let vmm = &host().0.vmm;
+    let booted = vmm
+        .boot(busybox_spec(dir.path(), true), BootOptions::default())
+        .await
+        .expect("boot");
+    let snap = booted
+        .snapshot(&dir.path().join("snap"))
+        .await
+        .expect("snapshot");
+    let first = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("one")))
+        .await
+        .expect("first restore");
+    let second = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("two")))
+        .await
+        .expect("a second restore of an untouched image");
+    second.terminate().await.expect("terminate");
+
+    // The attacker owns the first VM's QEMU: its uid and groups, the files in its root.
+    let pid = first.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let id_of = |field: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("id")
+    };
+    let (uid, gid) = (id_of("Uid:"), id_of("Gid:"));
+    let groups = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(Vec::new);
+    let seen_by_qemu = format!("/proc/{pid}/root{}", snap.memory_path().display());
+    let mut poison = std::process::Command::new("sh");
+    // `1<>` opens the file read-write without truncating it, as QEMU does.
+    poison.args(["-c", "printf poison 1<>\"$0\"", &seen_by_qemu]);
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        poison.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let written = poison.status().expect("sh");
+    first.terminate().await.expect("terminate");
+    let third = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("three")))
+        .await;
+
+    // The write goes through (QEMU 7.2 needs the file read-write), and it is caught.
+    assert!(
+        written.success(),
+        "the attacker's write failed: the gap is closed?"
+    );
+    let error = match third {
+        Ok(vm) => {
+            let _ = vm.terminate().await;
+            panic!("an image whose memory a VM wrote was restored")
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("changed after it was sealed"), "{error}");
 }

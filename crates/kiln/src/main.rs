@@ -150,6 +150,8 @@ enum Command {
     Flows(verbs::connectors::FlowsArgs),
     /// Show the audit log: who changed what, and what kilnd did on its own.
     Events(verbs::events::EventsArgs),
+    /// Show your quotas (limit and use of each) and the API rates.
+    Quotas(verbs::quotas::QuotasArgs),
     /// Print an image version's build log (`--follow` streams it until the build ends).
     #[command(after_help = "Example:\n  kiln logs web --follow")]
     Logs {
@@ -279,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Connectors(c) => block(verbs::connectors::run(g, &g.kilnd()?, c)),
         Command::Flows(a) => block(verbs::connectors::flows(g, &g.kilnd()?, a)),
         Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
+        Command::Quotas(a) => block(verbs::quotas::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
         Command::Logs {
             image,

@@ -634,7 +634,7 @@ fn build_when_caller_is_not_admin_then_the_zip_goes_through_its_own_bucket_and_b
     };
 
     let built = as_alice(&["build", &app.to_string_lossy(), "--output", "json"]);
-    let admin_sees = kilnd.kiln(&[
+    let version = as_alice(&[
         "get-microvm-image-version",
         "--image-identifier",
         "alices-site",
@@ -653,10 +653,10 @@ fn build_when_caller_is_not_admin_then_the_zip_goes_through_its_own_bucket_and_b
         "{built:?}"
     );
     assert!(
-        admin_sees.json()["codeArtifact"]["uri"]
+        version.json()["codeArtifact"]["uri"]
             .as_str()
             .is_some_and(|u| u.starts_with("s3://kiln-artifacts-alice/")),
-        "{admin_sees:?}"
+        "{version:?}"
     );
 }
 
@@ -672,6 +672,7 @@ fn keys_when_created_listed_and_revoked_then_each_shows() {
     let listed = kilnd.kiln(&["keys", "list", "--output", "json"]);
     let revoked = kilnd.kiln(&["keys", "revoke", &akid]);
     let after = kilnd.kiln(&["keys", "list", "--output", "json"]);
+    let table = kilnd.kiln(&["keys", "list"]);
 
     assert_eq!(created.code, 0, "{created:?}");
     assert!(
@@ -698,6 +699,18 @@ fn keys_when_created_listed_and_revoked_then_each_shows() {
         !revoked_field.is_null() && *revoked_field != Value::Bool(false),
         "{after:?}"
     );
+    // The table's row for the key shows when it was made and when it was revoked.
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.contains(&akid))
+        .unwrap_or_default()
+        .to_string();
+    let dates = row
+        .split_whitespace()
+        .filter(|w| w.len() == 10 && w.as_bytes()[4] == b'-' && w.as_bytes()[7] == b'-')
+        .count();
+    assert_eq!(dates, 2, "created and revoked dates: {row}");
 }
 
 #[test]

@@ -37,6 +37,10 @@ pub struct Api {
     pub audit: Arc<AuditLog>,
     /// Network connectors and the egress gateway.
     pub network: Arc<crate::network::Network>,
+    /// Per-principal quotas.
+    pub quotas: Arc<crate::quotas::Quotas>,
+    /// Per-principal, per-operation API rates.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// The whole API as one router.
@@ -64,6 +68,7 @@ pub fn router(api: Api) -> Router {
             put(put_build_secrets),
         )
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
+        .route("/kiln/v1/quotas", get(quotas))
         .route("/kiln/v1/whoami", get(whoami))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
         .fallback(entry)
@@ -127,6 +132,11 @@ pub fn error_response(e: &ApiError) -> Response {
             h.insert(name, v);
         }
     }
+    // The model gives InternalServerException a Retry-After: kilnd's failures are worth one
+    // more try a second later unless the error says otherwise.
+    if matches!(e, ApiError::InternalServer { .. }) && !h.contains_key("retry-after") {
+        h.insert("retry-after", HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -169,6 +179,11 @@ async fn aws(api: Api, method: Method, uri: Uri, signed: Signed) -> Response {
         .query()
         .map(kiln_api::uri::parse_query)
         .unwrap_or_default();
+    // Throttled before parsing, and not audited: a flood costs no work and no store writes.
+    if let Err(e) = api.throttle.admit(&caller.principal, op) {
+        tracing::info!(operation = op.name(), principal = %caller.principal, "throttled");
+        return error_response(&e);
+    }
     let result = match Request::parse(op, &labels, &query, &body) {
         Ok(request) => dispatch(&api, &caller, request).await,
         Err(e) => Err(e),
@@ -413,7 +428,7 @@ async fn list_keys(State(api): State<Api>, signed: Signed) -> Response {
 }
 
 /// `POST /kiln/v1/keys` (admin) with `{"principal": "alice"}`: a new key,
-/// `{accessKeyId, secretAccessKey, principal}`; the only time the secret is shown.
+/// `{accessKeyId, secretAccessKey, principal, account}`; the only time the secret is shown.
 async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
     let created = api.keys.create(&signed.caller, &signed.body);
     let target = created.as_ref().ok().map(|k| k.access_key_id.as_str());
@@ -426,6 +441,7 @@ async fn create_key(State(api): State<Api>, signed: Signed) -> Response {
                 "accessKeyId": k.access_key_id,
                 "secretAccessKey": k.secret_access_key,
                 "principal": k.principal,
+                "account": k.account,
             }),
         ),
         Err(e) => error_response(&e),
@@ -444,6 +460,46 @@ async fn revoke_key(
         .call(&signed.caller, "RevokeAccessKey", Some(&id), &revoked);
     match revoked {
         Ok(v) => json_response(200, v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Query of `GET /kiln/v1/quotas`.
+#[derive(serde::Deserialize)]
+struct QuotasQuery {
+    principal: Option<String>,
+}
+
+/// `GET /kiln/v1/quotas[?principal=NAME]`: each quota's limit and what the caller uses of
+/// it (admin may ask for any principal), and the API rates that apply.
+async fn quotas(State(api): State<Api>, Query(q): Query<QuotasQuery>, signed: Signed) -> Response {
+    let principal = match q.principal {
+        Some(p) if p != signed.caller.principal && !signed.caller.is_admin() => {
+            return error_response(&ApiError::access_denied(
+                "only the admin principal reads another principal's quotas",
+            ))
+        }
+        Some(p) => p,
+        None => signed.caller.principal.clone(),
+    };
+    match api.quotas.report(&principal) {
+        Ok(mut v) => {
+            let rates = api.throttle.rates();
+            let mut throttles: Vec<serde_json::Value> = rates
+                .listed()
+                .into_iter()
+                .map(|(op, r)| {
+                    serde_json::json!({ "operation": op, "perSecond": r.per_second, "burst": r.burst })
+                })
+                .collect();
+            if let Some(r) = rates.others() {
+                throttles.push(
+                    serde_json::json!({ "operation": "*", "perSecond": r.per_second, "burst": r.burst }),
+                );
+            }
+            v["throttles"] = serde_json::Value::Array(throttles);
+            json_response(200, v)
+        }
         Err(e) => error_response(&e),
     }
 }
@@ -538,8 +594,9 @@ async fn build_log(
     Query(q): Query<LogQuery>,
     signed: Signed,
 ) -> Response {
-    let (path, images) = match api.images.build_log_path(&signed.caller, &name, &version) {
-        Ok(p) => (p, api.images.clone()),
+    // From here on the image is its store key, the identifier having been resolved.
+    let (path, images, name) = match api.images.build_log_path(&signed.caller, &name, &version) {
+        Ok((p, key)) => (p, api.images.clone(), key),
         Err(e) => return error_response(&e),
     };
     let state = (path, 0u64, false, images, name, version, q.follow);

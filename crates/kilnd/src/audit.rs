@@ -280,6 +280,7 @@ mod tests {
     fn caller(principal: &str) -> Caller {
         Caller {
             principal: principal.into(),
+            account: "000000000000".into(),
             access_key_id: format!("AKIA{}", principal.to_uppercase()),
         }
     }

@@ -3,11 +3,16 @@
 //!
 //! A principal is a name (`admin`, `alice`); every image and MicroVM belongs to the
 //! principal that created it. `admin` sees and manages everything, and alone manages keys.
+//! Each principal has its own 12-digit account (admin's is `--account`, `000000000000` by
+//! default; the others are allocated with their first key): image names are unique within
+//! an account, and ARNs carry the owner's account.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_api::ApiError;
 use serde_json::{json, Value};
@@ -25,6 +30,9 @@ pub const ADMIN: &str = "admin";
 pub struct Caller {
     /// Whose resources it may see and act on.
     pub principal: String,
+    /// The principal's account: what a bare image name is looked up in, and what the ARNs
+    /// of what it creates carry.
+    pub account: String,
     /// The access key it signed with.
     pub access_key_id: String,
 }
@@ -74,6 +82,8 @@ pub struct NewKey {
     pub secret_access_key: String,
     /// Its principal.
     pub principal: String,
+    /// The principal's account.
+    pub account: String,
 }
 
 impl std::fmt::Debug for NewKey {
@@ -81,6 +91,7 @@ impl std::fmt::Debug for NewKey {
         f.debug_struct("NewKey")
             .field("access_key_id", &self.access_key_id)
             .field("principal", &self.principal)
+            .field("account", &self.account)
             .finish_non_exhaustive()
     }
 }
@@ -88,7 +99,14 @@ impl std::fmt::Debug for NewKey {
 /// kilnd's access keys, kept in the store.
 pub struct AccessKeys {
     store: Arc<Store>,
+    /// Whether a key is active, as last read, and when: the endpoint asks for every
+    /// request a token carries. Revoking through [`AccessKeys::revoke`] forgets the entry
+    /// at once; [`ACTIVE_CACHE_FOR`] bounds how stale any other answer may be.
+    active: Mutex<HashMap<String, (Instant, bool)>>,
 }
+
+/// How long a key's active-or-not answer is reused by the endpoint's token checks.
+const ACTIVE_CACHE_FOR: Duration = Duration::from_secs(5);
 
 /// Where kilnd writes the first admin key: `<home>/credentials`.
 pub fn credentials_path(home: &Path) -> PathBuf {
@@ -98,7 +116,10 @@ pub fn credentials_path(home: &Path) -> PathBuf {
 impl AccessKeys {
     /// The keys in `store`.
     pub fn new(store: Arc<Store>) -> AccessKeys {
-        AccessKeys { store }
+        AccessKeys {
+            store,
+            active: Mutex::new(HashMap::new()),
+        }
     }
 
     /// On the first start (no key at all) creates a key for `admin` and writes it to
@@ -119,6 +140,7 @@ impl AccessKeys {
     }
 
     fn create_row(&self, principal: &str) -> Result<AccessKeyRow, AuthError> {
+        self.store.ensure_account(principal, now())?;
         let key = AccessKeyRow {
             id: format!("AKIA{}", random_chars(16, ID_ALPHABET)?),
             secret: random_chars(40, SECRET_ALPHABET)?,
@@ -142,8 +164,13 @@ impl AccessKeys {
             .filter(|k| k.revoked_at.is_none())
             .ok_or(crate::sigv4::SigV4Error::UnknownKey)?;
         signature.verify(req, &key.secret, std::time::SystemTime::now())?;
+        let account = self
+            .store
+            .ensure_account(&key.principal, now())
+            .map_err(internal)?;
         Ok(Caller {
             principal: key.principal,
+            account,
             access_key_id: key.id,
         })
     }
@@ -170,11 +197,17 @@ impl AccessKeys {
             AuthError::Store(e) => internal(e),
             other => ApiError::internal(other.to_string()),
         })?;
-        tracing::info!(access_key_id = %key.id, principal, by = %caller.principal, "access key created");
+        let account = self
+            .store
+            .account_of(principal)
+            .map_err(internal)?
+            .unwrap_or_default();
+        tracing::info!(access_key_id = %key.id, principal, %account, by = %caller.principal, "access key created");
         Ok(NewKey {
             access_key_id: key.id,
             secret_access_key: key.secret,
             principal: key.principal,
+            account,
         })
     }
 
@@ -182,18 +215,28 @@ impl AccessKeys {
     pub fn list(&self, caller: &Caller) -> Result<Value, ApiError> {
         require_admin(caller, "list access keys")?;
         let keys = self.store.access_keys().map_err(internal)?;
-        Ok(json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }))
+        let mut listed = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let mut v = key_json(k);
+            v["account"] = json!(self.store.account_of(&k.principal).map_err(internal)?);
+            listed.push(v);
+        }
+        Ok(json!({ "keys": listed }))
     }
 
     /// `DELETE /kiln/v1/keys/{id}` (admin only): revokes a key (idempotent); the last
     /// active admin key stays, so kiln never locks its administrator out.
     pub fn revoke(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
         require_admin(caller, "revoke access keys")?;
-        match self
+        let revocation = self
             .store
             .revoke_access_key(id, ADMIN, now())
-            .map_err(internal)?
-        {
+            .map_err(internal)?;
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        match revocation {
             Revocation::Revoked(key) => {
                 tracing::info!(access_key_id = %key.id, principal = %key.principal, by = %caller.principal, "access key revoked");
                 Ok(key_json(&key))
@@ -294,6 +337,30 @@ fn write_credentials(path: &Path, key: &AccessKeyRow) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+impl crate::tokens::Minters for AccessKeys {
+    fn is_active(&self, access_key_id: &str) -> bool {
+        let mut cache = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, active)) = cache.get(access_key_id) {
+            if at.elapsed() < ACTIVE_CACHE_FOR {
+                return *active;
+            }
+        }
+        let active = match self.store.access_key(access_key_id) {
+            Ok(key) => key.is_some_and(|k| k.revoked_at.is_none()),
+            Err(e) => {
+                // Not cached: the next request asks the store again.
+                tracing::warn!(error = %e, "cannot read access keys; refusing the token");
+                return false;
+            }
+        };
+        if cache.len() > 10_000 {
+            cache.retain(|_, (at, _)| at.elapsed() < ACTIVE_CACHE_FOR);
+        }
+        cache.insert(access_key_id.to_string(), (Instant::now(), active));
+        active
+    }
+}
+
 impl crate::s3::Keyring for AccessKeys {
     fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
         match self.store.access_key(access_key_id) {
@@ -320,6 +387,7 @@ mod tests {
     fn admin() -> Caller {
         Caller {
             principal: ADMIN.into(),
+            account: "000000000000".into(),
             access_key_id: "AKIAADMIN".into(),
         }
     }
@@ -364,6 +432,24 @@ mod tests {
     }
 
     #[test]
+    fn is_active_when_key_revoked_then_false_at_once() {
+        use crate::tokens::Minters;
+        let (_dir, keys) = keys();
+        let bob = keys
+            .create(&admin(), br#"{"principal": "bob"}"#)
+            .expect("create");
+
+        let before = keys.is_active(&bob.access_key_id);
+        keys.revoke(&admin(), &bob.access_key_id).expect("revoke");
+        let after = keys.is_active(&bob.access_key_id);
+
+        assert!(before);
+        assert!(!after);
+        assert!(!keys.is_active("AKIANOSUCHKEY"));
+        assert_eq!(bob.account, "000000000001");
+    }
+
+    #[test]
     fn keys_api_when_caller_is_not_admin_then_access_denied_and_list_hides_secrets() {
         let (_dir, keys) = keys();
         let alice = keys
@@ -371,6 +457,7 @@ mod tests {
             .expect("create");
         let as_alice = Caller {
             principal: "alice".into(),
+            account: alice.account.clone(),
             access_key_id: alice.access_key_id.clone(),
         };
 

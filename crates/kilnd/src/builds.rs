@@ -37,6 +37,8 @@ pub struct Builds {
     pub network: Arc<Network>,
     /// Build secrets waiting for their build.
     pub secrets: Arc<SecretsBook>,
+    /// Per-principal quotas (how long a build may run).
+    quotas: Arc<crate::quotas::Quotas>,
 }
 
 /// How long staged build secrets wait for the build that uses them.
@@ -76,6 +78,7 @@ pub fn version_dir(home: &Path, image: &str, version: i64) -> PathBuf {
 
 impl Builds {
     /// A build runner.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: Arc<Host>,
         store: Arc<Store>,
@@ -84,12 +87,14 @@ impl Builds {
         remote_s3: Option<Arc<RemoteS3>>,
         metrics: Arc<Metrics>,
         network: Arc<Network>,
+        quotas: Arc<crate::quotas::Quotas>,
     ) -> Builds {
         let artifacts = Arc::new(ArtifactPolicy::new(
             config.artifact_roots.clone(),
             config.artifact_s3_buckets.clone(),
         ));
         Builds {
+            quotas,
             network,
             host,
             store,
@@ -122,8 +127,8 @@ impl Builds {
         &self.artifacts
     }
 
-    /// Builds `image` version `version` in the background. `first` says whether this is the
-    /// image's first version (CREATING) or an update (UPDATING).
+    /// Builds `image` (the image's store key) version `version` in the background. `first`
+    /// says whether this is the image's first version (CREATING) or an update (UPDATING).
     pub fn spawn(&self, image: String, version: i64, spec: ImageVersionConfig, first: bool) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -158,8 +163,36 @@ impl Builds {
             self.store
                 .set_version_state(image, version, "IN_PROGRESS", "IN_PROGRESS", None, now());
         log.line(format!("build of {image} version {version} started"));
-        let result = self.build(image, version, spec, &dir, &log).await;
+        let limit = self.duration_limit(image);
+        let result =
+            match tokio::time::timeout(limit, self.build(image, version, spec, &dir, &log)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // The build's future is gone; its VM and work files are not.
+                    let work = home.join("work").join(format!("{image}-{version}"));
+                    crate::microvms::kill_dir(&work);
+                    let _ = std::fs::remove_dir_all(&work);
+                    let why = format!(
+                        "the build ran longer than {} s, the most one build of this image's owner \
+                         may run (quota {}); make the build faster or ask the operator to raise \
+                         --quota-build-seconds",
+                        limit.as_secs(),
+                        crate::quotas::Quota::BuildSeconds.code()
+                    );
+                    log.line(&why);
+                    Err(why)
+                }
+            };
         self.finish(image, version, first, result, started);
+    }
+
+    /// How long a build of `image` may run: its owner's build-duration quota.
+    fn duration_limit(&self, image: &str) -> Duration {
+        let owner = match self.store.image(image) {
+            Ok(Some(row)) => row.owner,
+            _ => crate::auth::ADMIN.to_string(),
+        };
+        Duration::from_secs(self.quotas.limits(&owner).build_seconds.max(1))
     }
 
     async fn build(
@@ -224,13 +257,14 @@ impl Builds {
             context.bytes / 1024
         ));
         managed::check_base(&spec.base_image_arn, &context.dockerfile)?;
-        let owner = self
+        let row = self
             .store
             .image(image)
             .map_err(|e| format!("reading the image's owner: {e}"))?
-            .map(|row| row.owner)
             .ok_or_else(|| format!("image {image} is gone"))?;
-        let secrets = self.secrets.take(&owner, image);
+        // Staged by the owner under the image's name (`image` is the store's key).
+        let secrets = self.secrets.take(&row.owner, &row.label);
+        let owner = row.owner;
         let hooks = spec.hooks.clone().unwrap_or_default();
         let image_hooks = hooks.microvm_image_hooks.clone().unwrap_or_default();
         let enabled = |s: &Option<kiln_api::shapes::common::HookState>| {

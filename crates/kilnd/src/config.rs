@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::quotas::Limits;
+use crate::throttle::ThrottleRule;
+
 /// kilnd: the kiln daemon (API server, image builder, MicroVM supervisor).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kilnd", version, about)]
@@ -84,9 +87,15 @@ pub struct Config {
     /// refuses KILN_JAIL=off.
     #[arg(long)]
     pub unconfined: bool,
-    /// AWS account id used in ARNs.
+    /// Account id of principal admin (and of operator network connectors) in ARNs; every
+    /// other principal gets its own, allocated with its first key.
     #[arg(long, default_value = "000000000000")]
     pub account: String,
+    /// Endpoint token keys rotate when the newest is this many seconds old (0: never).
+    /// Retired keys keep verifying the tokens they issued until those have all expired
+    /// (the longest token lifetime, 60 minutes, plus 5), then are dropped.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    pub token_key_rotation_secs: u64,
     /// Let every VM with egress also reach this (repeatable): `NAME[:PORTS]`, `*.NAME[:PORTS]`
     /// or `CIDR[:PORTS]`, e.g. an internal package mirror `10.20.0.5/32:3142`. Loopback,
     /// link-local and the host's own addresses stay unreachable whatever is allowed.
@@ -96,6 +105,48 @@ pub struct Config {
     /// the host's resolver.
     #[arg(long, value_name = "FILE")]
     pub egress_hosts: Option<PathBuf>,
+    /// Per-principal quota: MicroVMs pending, running or suspended at once.
+    #[arg(long, default_value_t = Limits::default().microvms, value_name = "N")]
+    pub quota_microvms: u64,
+    /// Per-principal quota: guest memory of those MicroVMs together, MiB.
+    #[arg(long, default_value_t = Limits::default().memory_mib, value_name = "MIB")]
+    pub quota_memory_mib: u64,
+    /// Per-principal quota: images (AWS: 100).
+    #[arg(long, default_value_t = Limits::default().images, value_name = "N")]
+    pub quota_images: u64,
+    /// Per-principal quota: versions of one image (AWS: 50).
+    #[arg(long, default_value_t = Limits::default().versions_per_image, value_name = "N")]
+    pub quota_versions_per_image: u64,
+    /// Per-principal quota: MiB stored (image snapshots, suspended MicroVMs, S3 objects).
+    #[arg(long, default_value_t = Limits::default().stored_bytes >> 20, value_name = "MIB")]
+    pub quota_stored_mib: u64,
+    /// Per-principal quota: image builds pending or in progress (AWS: 5).
+    #[arg(long, default_value_t = Limits::default().concurrent_builds, value_name = "N")]
+    pub quota_concurrent_builds: u64,
+    /// Per-principal quota: seconds one build may run before it fails.
+    #[arg(long, default_value_t = Limits::default().build_seconds, value_name = "SECONDS")]
+    pub quota_build_seconds: u64,
+    /// Principals' own limits (JSON): `{"alice": {"microvms": 50, "storedBytes": 1073741824}}`;
+    /// fields as `GET /kiln/v1/quotas` names them (microvms, memoryMib, images,
+    /// versionsPerImage, storedBytes, concurrentBuilds, buildSeconds).
+    #[arg(long, value_name = "FILE")]
+    pub quota_overrides: Option<PathBuf>,
+    /// API rate per principal and operation, over AWS's defaults (RunMicrovm 5/s,
+    /// ResumeMicrovm 5, SuspendMicrovm 2, TerminateMicrovm 10, GetMicrovm 100,
+    /// CreateMicrovmAuthToken 50, CreateMicrovmShellAuthToken 5; others unthrottled):
+    /// `OPERATION=RATE[/BURST]`, `*=RATE` for every other operation, RATE 0 = unthrottled
+    /// (repeatable).
+    #[arg(long = "throttle", value_name = "OP=RATE[/BURST]")]
+    pub throttle: Vec<ThrottleRule>,
+    /// Endpoint: most client connections carrying one MicroVM's traffic at once (0 = no cap).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub endpoint_max_connections_per_vm: usize,
+    /// Endpoint: most connections open from one client address at once (0 = no cap).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub endpoint_max_connections_per_client: usize,
+    /// Endpoint: most distinct guest ports one MicroVM may be reached on (0 = no cap).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub endpoint_max_ports_per_vm: usize,
 }
 
 impl Config {
@@ -121,6 +172,18 @@ impl Config {
                 .unwrap_or(4 << 20);
             total_kib / 1024 * 3 / 4
         })
+    }
+    /// The default per-principal quotas from the `--quota-*` flags.
+    pub fn quota_limits(&self) -> Limits {
+        Limits {
+            microvms: self.quota_microvms,
+            memory_mib: self.quota_memory_mib,
+            images: self.quota_images,
+            versions_per_image: self.quota_versions_per_image,
+            stored_bytes: self.quota_stored_mib.saturating_mul(1 << 20),
+            concurrent_builds: self.quota_concurrent_builds,
+            build_seconds: self.quota_build_seconds,
+        }
     }
     /// [`Config::step_timeout_secs`] as a duration.
     pub fn step_timeout(&self) -> Duration {

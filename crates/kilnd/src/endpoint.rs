@@ -73,7 +73,11 @@ pub async fn start(
             keys,
             microvms,
             activity,
-            ProxyLimits::default(),
+            ProxyLimits {
+                max_connections_per_vm: config.endpoint_max_connections_per_vm,
+                max_connections_per_client: config.endpoint_max_connections_per_client,
+                ..ProxyLimits::default()
+            },
         )
         .with_counters(counters),
     );

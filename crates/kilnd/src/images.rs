@@ -8,7 +8,7 @@ use kiln_api::pagination::paginate;
 use kiln_api::shapes::common::CodeArtifact;
 use kiln_api::shapes::common::{Architecture, Chipset, Tags};
 use kiln_api::shapes::image::*;
-use kiln_api::{ApiError, ArnContext, ImageRef, Request};
+use kiln_api::{ApiError, ArnContext, Request};
 use serde_json::{json, Value};
 
 use crate::artifacts::ArtifactRefusal;
@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::builds::{version_dir, Builds};
 use crate::managed;
 use crate::now;
-use crate::store::{ImageRow, Store, VersionRow};
+use crate::store::{self, ImageRow, Store, VersionRow};
 use crate::wire::{internal, request_hash, to_value, ts};
 
 /// Image operations over the store and the build runner.
@@ -29,6 +29,8 @@ pub struct Images {
     pub ctx: ArnContext,
     /// The data directory.
     pub home: PathBuf,
+    /// Per-principal quotas (images, versions, builds, stored bytes).
+    pub quotas: Arc<crate::quotas::Quotas>,
 }
 
 fn not_implemented(op: &str) -> ApiError {
@@ -58,7 +60,6 @@ impl Images {
                 let rows = self
                     .store
                     .images(
-                        None,
                         query.name_filter.as_deref(),
                         caller.owner_filter(),
                         usize::MAX >> 1,
@@ -68,9 +69,10 @@ impl Images {
                     .iter()
                     .map(|r| self.summary(r))
                     .collect::<Result<Vec<_>, _>>()?;
+                // Sorted by account, then name: the order of their ARNs.
                 let (items, next_token) = paginate(
                     &items,
-                    |i| i.name.as_str(),
+                    |i| i.image_arn.as_str(),
                     query.page.max_results,
                     query.page.next_token.as_deref(),
                 )?;
@@ -86,7 +88,7 @@ impl Images {
                 let image = self.image(caller, &params.image_identifier)?;
                 let rows = self
                     .store
-                    .versions(&image.name, 0, usize::MAX >> 1)
+                    .versions(&image.key, 0, usize::MAX >> 1)
                     .map_err(internal)?;
                 let items = rows
                     .iter()
@@ -117,9 +119,18 @@ impl Images {
                 let (image, v) =
                     self.version(caller, &params.image_identifier, &params.image_version)?;
                 self.store
-                    .set_version_status(&image.name, v.version, body.status.as_str(), now())
+                    .set_version_status(&image.key, v.version, body.status.as_str(), now())
                     .map_err(internal)?;
-                let (image, v) = self.version(caller, &image.name, &v.version.to_string())?;
+                let v = self
+                    .store
+                    .version(&image.key, v.version)
+                    .map_err(internal)?
+                    .ok_or_else(|| {
+                        ApiError::not_found(
+                            "MicrovmImageVersion",
+                            &format!("{}:{}", image.label, v.version),
+                        )
+                    })?;
                 to_value(&self.version_summary(&image, &v)?)
             }
             Request::DeleteMicrovmImageVersion { params } => {
@@ -128,23 +139,23 @@ impl Images {
                 if matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS") {
                     return Err(ApiError::conflict(
                         "MicrovmImageVersion",
-                        &format!("{}:{}", image.name, v.version),
+                        &format!("{}:{}", image.label, v.version),
                         "the version is still building; wait for the build to end, then delete it",
                     ));
                 }
-                let versions = self.store.versions(&image.name, 0, 2).map_err(internal)?;
+                let versions = self.store.versions(&image.key, 0, 2).map_err(internal)?;
                 if versions.len() <= 1 {
                     return Err(ApiError::validation(format!(
                         "This is the last version. Please delete the entire image \
                          (aws lambda-microvms delete-microvm-image --image-identifier {})",
-                        image.name
+                        image.label
                     )));
                 }
-                self.refuse_if_running(&image.name, Some(v.version))?;
+                self.refuse_if_running(&image, Some(v.version))?;
                 self.store
-                    .delete_version(&image.name, v.version)
+                    .delete_version(&image.key, v.version)
                     .map_err(internal)?;
-                let _ = std::fs::remove_dir_all(version_dir(&self.home, &image.name, v.version));
+                let _ = std::fs::remove_dir_all(version_dir(&self.home, &image.key, v.version));
                 to_value(&DeleteMicrovmImageVersionOutput {
                     image_identifier: params.image_identifier,
                     image_version: v.version.to_string(),
@@ -214,7 +225,7 @@ impl Images {
                 let mut tags = tags_of(&image).unwrap_or_default();
                 tags.extend(body.tags);
                 self.store
-                    .set_tags(&image.name, &json!(tags))
+                    .set_tags(&image.key, &json!(tags))
                     .map_err(internal)?;
                 Ok(Value::Null)
             }
@@ -225,7 +236,7 @@ impl Images {
                     tags.remove(k);
                 }
                 self.store
-                    .set_tags(&image.name, &json!(tags))
+                    .set_tags(&image.key, &json!(tags))
                     .map_err(internal)?;
                 Ok(Value::Null)
             }
@@ -244,29 +255,40 @@ impl Images {
         }
         self.check_config(caller, &req.config)?;
         let t = now();
-        let image = ImageRow {
-            name: req.name.clone(),
+        let mut image = ImageRow {
+            key: String::new(),
+            label: req.name.clone(),
+            account: caller.account.clone(),
             state: MicrovmImageState::Creating.as_str().into(),
             created_at: t,
             updated_at: None,
             tags: json!(req.tags.clone().unwrap_or_default()),
             owner: caller.principal.clone(),
         };
-        let version = pending_version(&req.name, 1, &req.config, t)?;
-        if !self
-            .store
-            .create_image(&image, &version)
-            .map_err(internal)?
-        {
+        let admitted = self.quotas.admit_image(&caller.principal, &req.name)?;
+        let mut created = false;
+        for key in store::image_keys(&req.name, &caller.account, caller.is_admin()) {
+            image.key = key;
+            let version = pending_version(&image.key, 1, &req.config, t)?;
+            created = self
+                .store
+                .create_image(&image, &version)
+                .map_err(internal)?;
+            if created {
+                break;
+            }
+        }
+        drop(admitted);
+        if !created {
             return Err(ApiError::conflict(
                 "MicrovmImage",
                 &req.name,
-                // Names are unique across principals; whose image it is stays unsaid.
-                format!("the image name {} is taken; use UpdateMicrovmImage to build a new version of your image, or pick another name", req.name),
+                // Names are unique within an account: this caller has one of that name.
+                format!("you have an image named {} already; use UpdateMicrovmImage to build a new version of it, or pick another name", req.name),
             ));
         }
         self.builds
-            .spawn(req.name.clone(), 1, req.config.clone(), true);
+            .spawn(image.key.clone(), 1, req.config.clone(), true);
         let out = to_value(&CreateMicrovmImageResponse {
             image: self.summary(&image)?,
             config: req.config.clone(),
@@ -292,23 +314,32 @@ impl Images {
         if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
             return Err(ApiError::conflict(
                 "MicrovmImage",
-                &image.name,
+                &image.label,
                 format!(
                     "image {} is {}: wait for its build to end",
-                    image.name, image.state
+                    image.label, image.state
                 ),
             ));
         }
         self.check_config(caller, &req.config)?;
         let t = now();
-        let row = pending_version(&image.name, 0, &req.config, t)?;
+        let row = pending_version(&image.key, 0, &req.config, t)?;
+        // Counted against the image's owner (admin may update anyone's image).
+        let admitted = self
+            .quotas
+            .admit_version(&image.owner, &image.key, &image.label)?;
         let v = self
             .store
-            .add_version(&image.name, MicrovmImageState::Updating.as_str(), row)
+            .add_version(&image.key, MicrovmImageState::Updating.as_str(), row)
             .map_err(internal)?;
+        drop(admitted);
         self.builds
-            .spawn(image.name.clone(), v.version, req.config.clone(), false);
-        let image = self.image(caller, &image.name)?;
+            .spawn(image.key.clone(), v.version, req.config.clone(), false);
+        let image = self
+            .store
+            .image(&image.key)
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found("MicrovmImage", identifier))?;
         let out = to_value(&UpdateMicrovmImageResponse {
             image: self.summary(&image)?,
             config: req.config.clone(),
@@ -324,16 +355,16 @@ impl Images {
         if matches!(image.state.as_str(), "CREATING" | "UPDATING") {
             return Err(ApiError::conflict(
                 "MicrovmImage",
-                &image.name,
+                &image.label,
                 format!(
                     "image {} is {}: wait for its build to end, then delete it",
-                    image.name, image.state
+                    image.label, image.state
                 ),
             ));
         }
-        self.refuse_if_running(&image.name, None)?;
-        self.store.delete_image(&image.name).map_err(internal)?;
-        let _ = std::fs::remove_dir_all(self.home.join("images").join(&image.name));
+        self.refuse_if_running(&image, None)?;
+        self.store.delete_image(&image.key).map_err(internal)?;
+        let _ = std::fs::remove_dir_all(self.home.join("images").join(&image.key));
         to_value(&DeleteMicrovmImageOutput {
             image_identifier: identifier.to_string(),
             state: MicrovmImageState::Deleted,
@@ -342,10 +373,10 @@ impl Images {
 
     /// A ConflictException while MicroVMs of the image (or of one version) are not yet
     /// TERMINATED: their sessions still restore from its snapshot.
-    fn refuse_if_running(&self, image: &str, version: Option<i64>) -> Result<(), ApiError> {
+    fn refuse_if_running(&self, image: &ImageRow, version: Option<i64>) -> Result<(), ApiError> {
         let live = self
             .store
-            .microvms(Some(image), version, None)
+            .microvms(Some(&image.key), version, None)
             .map_err(internal)?
             .into_iter()
             .filter(|m| m.state != "TERMINATED")
@@ -355,7 +386,7 @@ impl Images {
         }
         Err(ApiError::conflict(
             "MicrovmImage",
-            image,
+            &image.label,
             format!(
                 "Cannot delete microvm image with running microvms ({live} not yet TERMINATED: \
                  terminate them first)"
@@ -405,20 +436,9 @@ impl Images {
         )))
     }
 
-    /// The image `identifier` names, if `caller` may see it; another principal's image
-    /// is not found, exactly like a missing one.
+    /// The image `identifier` names, if `caller` may see it.
     fn image(&self, caller: &Caller, identifier: &str) -> Result<ImageRow, ApiError> {
-        let r = kiln_api::image_identifier(identifier)?;
-        if let ImageRef::Arn(a) = &r {
-            if !a.is_local_to(&self.ctx) {
-                return Err(ApiError::not_found("MicrovmImage", identifier));
-            }
-        }
-        self.store
-            .image(r.name())
-            .map_err(internal)?
-            .filter(|image| caller.can_access(&image.owner))
-            .ok_or_else(|| ApiError::not_found("MicrovmImage", identifier))
+        find_image(&self.store, &self.ctx, caller, identifier)
     }
 
     fn version(
@@ -429,14 +449,14 @@ impl Images {
     ) -> Result<(ImageRow, VersionRow), ApiError> {
         let image = self.image(caller, identifier)?;
         let number: i64 = version.parse().map_err(|_| {
-            ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.name))
+            ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.label))
         })?;
         let v = self
             .store
-            .version(&image.name, number)
+            .version(&image.key, number)
             .map_err(internal)?
             .ok_or_else(|| {
-                ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.name))
+                ApiError::not_found("MicrovmImageVersion", &format!("{}:{version}", image.label))
             })?;
         Ok((image, v))
     }
@@ -444,20 +464,24 @@ impl Images {
     fn summary(&self, image: &ImageRow) -> Result<MicrovmImageSummary, ApiError> {
         let active = self
             .store
-            .latest_version(&image.name, "SUCCESSFUL", Some("ACTIVE"))
+            .latest_version(&image.key, "SUCCESSFUL", Some("ACTIVE"))
             .map_err(internal)?;
         let failed = self
             .store
-            .latest_version(&image.name, "FAILED", None)
+            .latest_version(&image.key, "FAILED", None)
             .map_err(internal)?;
         Ok(MicrovmImageSummary {
-            image_arn: self.ctx.image_arn(&image.name),
-            name: image.name.clone(),
+            image_arn: self.image_arn(image),
+            name: image.label.clone(),
             state: image.state.parse().unwrap_or(MicrovmImageState::Creating),
             latest_active_image_version: active.map(|v| v.to_string()),
             latest_failed_image_version: failed.map(|v| v.to_string()),
             created_at: ts(image.created_at),
         })
+    }
+
+    fn image_arn(&self, image: &ImageRow) -> String {
+        self.ctx.image_arn_in(&image.account, &image.label)
     }
 
     fn version_summary(
@@ -469,7 +493,7 @@ impl Images {
             .map_err(|e| ApiError::internal(format!("stored version spec is unreadable: {e}")))?;
         Ok(MicrovmImageVersionSummary {
             config,
-            image_arn: self.ctx.image_arn(&image.name),
+            image_arn: self.image_arn(image),
             image_version: v.version.to_string(),
             state: v.state.parse().unwrap_or(MicrovmImageVersionState::Pending),
             status: v
@@ -489,7 +513,7 @@ impl Images {
         v: &VersionRow,
     ) -> Result<MicrovmImageBuildSummary, ApiError> {
         Ok(MicrovmImageBuildSummary {
-            image_arn: self.ctx.image_arn(&image.name),
+            image_arn: self.image_arn(image),
             image_version: v.version.to_string(),
             build_id: v.build_id.clone(),
             build_state: v.build_state.parse().unwrap_or(BuildState::Pending),
@@ -536,29 +560,51 @@ impl Images {
         Ok(())
     }
 
-    /// The build log of a version `caller` may see (for `/kiln/v1`).
+    /// The build log of a version `caller` may see (for `/kiln/v1`), and the image's
+    /// store key for [`Images::build_finished`].
     pub fn build_log_path(
         &self,
         caller: &Caller,
         image: &str,
         version: &str,
-    ) -> Result<PathBuf, ApiError> {
+    ) -> Result<(PathBuf, String), ApiError> {
         let (image, v) = self.version(caller, image, version)?;
-        Ok(version_dir(&self.home, &image.name, v.version).join("build.log"))
+        let path = version_dir(&self.home, &image.key, v.version).join("build.log");
+        Ok((path, image.key))
     }
 
     /// Whether a version's build has ended (or the version is gone). Asked while streaming
-    /// a log whose caller was checked by [`Images::build_log_path`].
-    pub fn build_finished(&self, image: &str, version: &str) -> bool {
-        let (Ok(image), Ok(number)) = (kiln_api::image_identifier(image), version.parse::<i64>())
-        else {
+    /// a log whose caller was checked by [`Images::build_log_path`], with the key it gave.
+    pub fn build_finished(&self, key: &str, version: &str) -> bool {
+        let Ok(number) = version.parse::<i64>() else {
             return true;
         };
-        match self.store.version(image.name(), number) {
+        match self.store.version(key, number) {
             Ok(Some(v)) => !matches!(v.state.as_str(), "PENDING" | "IN_PROGRESS"),
             _ => true,
         }
     }
+}
+
+/// The image `identifier` names, if `caller` may see it. A bare name is the caller's own
+/// image; an ARN names an image in its account, which only its owner (and admin) may see:
+/// anyone else's image is not found, exactly like a missing one, so neither its existence
+/// nor its owner leaks. Managed images are not the caller's to act on: not found either.
+pub fn find_image(
+    store: &Store,
+    ctx: &ArnContext,
+    caller: &Caller,
+    identifier: &str,
+) -> Result<ImageRow, ApiError> {
+    let r = kiln_api::image_identifier(identifier)?;
+    let Some((account, name)) = r.in_account(ctx, &caller.account) else {
+        return Err(ApiError::not_found("MicrovmImage", identifier));
+    };
+    store
+        .image_in(account, name)
+        .map_err(internal)?
+        .filter(|image| caller.can_access(&image.owner))
+        .ok_or_else(|| ApiError::not_found("MicrovmImage", identifier))
 }
 
 /// A new version waiting to build; `version` 0 lets the store pick the next number.

@@ -14,10 +14,12 @@ pub mod metrics;
 pub mod microvms;
 pub mod network;
 pub mod proxy;
+pub mod quotas;
 pub mod s3;
 pub mod s3_remote;
 pub mod sigv4;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod tokens;
 pub mod wire;
@@ -79,6 +81,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    if config.account.len() != 12 || !config.account.bytes().all(|b| b.is_ascii_digit()) {
+        anyhow::bail!(
+            "--account {}: an account id is 12 digits, e.g. 000000000000",
+            config.account
+        );
+    }
+    store
+        .set_account(auth::ADMIN, &config.account, now())
+        .with_context(|| {
+            format!(
+                "giving principal {} the account {} (--account): pick another",
+                auth::ADMIN,
+                config.account
+            )
+        })?;
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
     let metrics = Arc::new(Metrics::new(store.clone()));
     let audit = Arc::new(AuditLog::new(store.clone()));
@@ -107,6 +124,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         s3::S3Store::open(&home.join("s3"), access_keys.clone())
             .context("opening the S3 artifact store")?,
     );
+    let overrides = match &config.quota_overrides {
+        Some(path) => quotas::read_overrides(path)?,
+        None => Default::default(),
+    };
+    let quotas = Arc::new(quotas::Quotas::new(
+        config.quota_limits(),
+        overrides,
+        store.clone(),
+        home.clone(),
+        s3.clone(),
+    ));
+    s3.set_budget(Arc::new(quotas::UploadBudget(Arc::downgrade(&quotas))));
+    let throttle = Arc::new(throttle::Throttle::new(throttle::Rates::new(
+        &config.throttle,
+    )));
     let remote_s3 = match &config.artifact_s3_endpoint {
         Some(endpoint) => Some(Arc::new(s3_remote::RemoteS3::new(
             endpoint,
@@ -130,14 +162,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         remote_s3,
         metrics.clone(),
         network.clone(),
+        quotas.clone(),
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
     microvms::kill_dir(&home.join("work"));
     resume_builds(&store, &builds)?;
     let keys = Arc::new(
-        tokens::TokenKeys::load_or_create(&home).context("loading the endpoint token keys")?,
+        tokens::TokenKeys::load_or_create(&home)
+            .context("loading the endpoint token keys")?
+            .with_minters(access_keys.clone()),
     );
+    if config.token_key_rotation_secs > 0 {
+        tokio::spawn(rotate_token_keys(
+            keys.clone(),
+            config.token_key_rotation_secs,
+        ));
+    }
     let activity = proxy::ActivityTable::new();
     let microvms = Arc::new(Microvms::new(
         host,
@@ -150,6 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         audit.clone(),
         network.clone(),
+        quotas.clone(),
     ));
     microvms
         .reconcile()
@@ -170,6 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         builds,
         ctx,
         home: home.clone(),
+        quotas: quotas.clone(),
     });
     let app = api::router(api::Api {
         images,
@@ -179,6 +222,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         audit,
         network,
+        quotas,
+        throttle,
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
@@ -211,6 +256,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
     microvms::kill_dir(&home.join("work"));
     Ok(())
+}
+
+/// Rotates the endpoint token keys whenever the newest is `period` seconds old, until
+/// kilnd stops. The schedule follows the key file, so a restart neither resets nor
+/// repeats it; a failed rotation is retried a minute later.
+async fn rotate_token_keys(keys: Arc<tokens::TokenKeys>, period: u64) {
+    loop {
+        let due = keys.next_rotation(period);
+        let wait = (due - now() as i64).clamp(0, 86_400 * 365);
+        tokio::time::sleep(std::time::Duration::from_secs(wait as u64)).await;
+        match keys.rotate_if_due(period) {
+            Ok(Some(kid)) => tracing::info!(%kid, "rotated the endpoint token key"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "rotating the endpoint token key failed; retrying in a minute");
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
+        }
+    }
 }
 
 /// Builds that were pending or running when kilnd stopped start again from scratch.

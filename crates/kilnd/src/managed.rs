@@ -12,7 +12,7 @@ use kiln_api::{ApiError, ArnContext, Timestamp};
 pub struct Managed {
     /// Its name in ARNs (`arn:aws:lambda:<region>:aws:microvm-image:<name>`).
     pub name: &'static str,
-    /// What a Dockerfile's FROM says to use it.
+    /// What a Dockerfile's FROM says to use it; empty for a VM base that takes any FROM.
     pub from: &'static [&'static str],
     /// Its one version.
     pub version: &'static str,
@@ -29,6 +29,14 @@ pub const MANAGED: &[Managed] = &[
         name: "busybox",
         from: &["kiln/busybox", "kiln/busybox:latest"],
         version: "1",
+    },
+    // AWS's templates name this base (at any version) for every Dockerfile: there
+    // `baseImageArn` picks the VM base (kernel, agent) and FROM the filesystem, so it means
+    // kiln's own VM base under whatever the Dockerfile starts FROM.
+    Managed {
+        name: "al2023-1",
+        from: &[],
+        version: "0",
     },
 ];
 
@@ -68,7 +76,7 @@ pub fn check_base(base_arn: &str, dockerfile: &str) -> Result<(), String> {
         .find(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case("FROM "))
         .and_then(|l| l[5..].split_whitespace().find(|w| !w.starts_with("--")))
         .unwrap_or_default();
-    if managed.from.contains(&from) {
+    if managed.from.is_empty() || managed.from.contains(&from) {
         Ok(())
     } else {
         Err(format!(
@@ -119,5 +127,17 @@ mod tests {
 
         assert!(ok.is_ok());
         assert!(wrong.contains("use FROM kiln/busybox"), "{wrong}");
+    }
+
+    #[test]
+    fn check_base_when_awss_al2023_base_in_any_region_then_any_from() {
+        let arn = "arn:aws:lambda:eu-west-1:aws:microvm-image:al2023-1";
+
+        let debian = check_base(arn, "FROM kiln/debian:12\n");
+        let busybox = check_base(arn, "FROM kiln/busybox\n");
+        let validated = validate_base(arn).map(|m| m.name);
+
+        assert!(debian.is_ok() && busybox.is_ok());
+        assert_eq!(validated.ok(), Some("al2023-1"));
     }
 }

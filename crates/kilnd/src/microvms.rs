@@ -21,6 +21,7 @@ use crate::audit::AuditLog;
 use crate::auth::Caller;
 use crate::builds::version_dir;
 use crate::config::Config;
+use crate::images::find_image;
 use crate::metrics::Metrics;
 use crate::network::{Ingress, Network, Plan};
 use crate::now;
@@ -143,6 +144,8 @@ pub struct Microvms {
     audit: Arc<AuditLog>,
     /// Connectors and the egress gateway.
     network: Arc<Network>,
+    /// Per-principal quotas (MicroVMs and their memory).
+    quotas: Arc<crate::quotas::Quotas>,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -196,8 +199,10 @@ impl Microvms {
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
         network: Arc<Network>,
+        quotas: Arc<crate::quotas::Quotas>,
     ) -> Microvms {
         Microvms {
+            quotas,
             network,
             host,
             store,
@@ -286,14 +291,10 @@ impl Microvms {
             Request::ListMicrovms { query } => {
                 let (image, version) = match &query.image_identifier {
                     Some(i) => {
-                        let name = kiln_api::image_identifier(i)?.name().to_string();
                         // As AWS: an image the caller cannot see is not found, not empty.
-                        let visible = self.store.image(&name).map_err(internal)?;
-                        if !visible.is_some_and(|row| caller.can_access(&row.owner)) {
-                            return Err(ApiError::not_found("MicrovmImage", i));
-                        }
+                        let image = find_image(&self.store, &self.ctx, caller, i)?;
                         (
-                            Some(name),
+                            Some(image.key),
                             query
                                 .image_version
                                 .as_deref()
@@ -312,7 +313,7 @@ impl Microvms {
                     .map(|r| MicrovmItem {
                         microvm_id: r.id.clone(),
                         state: r.state.parse().unwrap_or(MicrovmState::Pending),
-                        image_arn: self.ctx.image_arn(&r.image),
+                        image_arn: self.image_arn_of(r),
                         image_version: r.version.to_string(),
                         started_at: ts(r.started_at),
                     })
@@ -347,6 +348,7 @@ impl Microvms {
                 let id = kiln_api::arn::microvm_identifier(&params.microvm_identifier)?;
                 let row = self.owned_row(caller, &id)?;
                 self.token(
+                    caller,
                     &row,
                     TokenKind::Proxy,
                     body.allowed_ports.clone(),
@@ -363,6 +365,7 @@ impl Microvms {
                     )));
                 }
                 self.token(
+                    caller,
                     &row,
                     TokenKind::Shell,
                     Vec::new(),
@@ -386,8 +389,10 @@ impl Microvms {
     /// The MicroVM `id` if `caller` may see it; another principal's is not found, exactly
     /// like a missing one.
     /// An endpoint token of `kind` for a MicroVM that is not ending, as the API answers it.
+    /// It names the access key that asked for it: revoking that key ends the token.
     fn token(
         &self,
+        caller: &Caller,
         row: &MicrovmRow,
         kind: TokenKind,
         ports: Vec<kiln_api::shapes::microvm::PortSpecification>,
@@ -401,7 +406,8 @@ impl Microvms {
             ));
         }
         let claims = TokenClaims::new(kind, &row.id, ports, minutes)
-            .map_err(|e| ApiError::validation(e.to_string()))?;
+            .map_err(|e| ApiError::validation(e.to_string()))?
+            .minted_by(&caller.access_key_id);
         let token = self
             .keys
             .issue(&claims)
@@ -420,13 +426,24 @@ impl Microvms {
         }
     }
 
+    /// The ARN of the image a MicroVM runs: its name in its owner's account.
+    fn image_arn_of(&self, r: &MicrovmRow) -> String {
+        match self.store.image_identity(&r.image, &r.owner) {
+            Ok((name, account)) => self.ctx.image_arn_in(&account, &name),
+            Err(e) => {
+                tracing::warn!(microvm = %r.id, error = %e, "cannot read the image's account");
+                self.ctx.image_arn(&r.image)
+            }
+        }
+    }
+
     fn describe(&self, r: &MicrovmRow) -> MicrovmDescription {
         let req: Option<RunMicrovmRequest> = serde_json::from_value(r.request.clone()).ok();
         MicrovmDescription {
             microvm_id: r.id.clone(),
             state: r.state.parse().unwrap_or(MicrovmState::Pending),
             endpoint: self.endpoint(&r.id),
-            image_arn: self.ctx.image_arn(&r.image),
+            image_arn: self.image_arn_of(r),
             image_version: r.version.to_string(),
             execution_role_arn: req.as_ref().and_then(|q| q.execution_role_arn.clone()),
             idle_policy: req.as_ref().and_then(|q| q.idle_policy),
@@ -451,23 +468,22 @@ impl Microvms {
         if let Some(answer) = self.replay_run(caller, token.as_ref())? {
             return Ok(answer);
         }
-        let image = kiln_api::image_identifier(&req.image_identifier)?;
+        kiln_api::image_identifier(&req.image_identifier)?;
         self.network.runtime_plan(
             req.ingress_network_connectors.as_deref(),
             req.egress_network_connectors.as_deref(),
         )?;
-        let name = image.name().to_string();
-        let visible = self.store.image(&name).map_err(internal)?;
-        if !visible.is_some_and(|i| caller.can_access(&i.owner)) {
-            return Err(ApiError::not_found("MicrovmImage", &req.image_identifier));
-        }
+        let image = find_image(&self.store, &self.ctx, caller, &req.image_identifier)?;
+        // `name` is what the caller knows the image by, `key` what the store files it under.
+        let (name, key) = (image.label.clone(), image.key.clone());
+        let image_arn = self.ctx.image_arn_in(&image.account, &image.label);
         let version = match &req.image_version {
             Some(v) => v
                 .parse::<i64>()
                 .map_err(|_| ApiError::not_found("MicrovmImageVersion", &format!("{name}:{v}")))?,
             None => self
                 .store
-                .latest_version(&name, "SUCCESSFUL", Some("ACTIVE"))
+                .latest_version(&key, "SUCCESSFUL", Some("ACTIVE"))
                 .map_err(internal)?
                 .ok_or_else(|| {
                     ApiError::not_found_saying(
@@ -476,14 +492,14 @@ impl Microvms {
                         format!(
                             "No active version found for MicroVM image {} (none built \
                              successfully and is ACTIVE)",
-                            self.ctx.image_arn(&name)
+                            image_arn
                         ),
                     )
                 })?,
         };
         let v = self
             .store
-            .version(&name, version)
+            .version(&key, version)
             .map_err(internal)?
             .ok_or_else(|| {
                 ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}"))
@@ -496,9 +512,7 @@ impl Microvms {
                 format!(
                     "No active version found for MicroVM image {} (version {version} is {} \
                      and {}: only SUCCESSFUL, ACTIVE versions run)",
-                    self.ctx.image_arn(&name),
-                    v.state,
-                    v.status
+                    image_arn, v.state, v.status
                 ),
             ));
         }
@@ -516,7 +530,7 @@ impl Microvms {
                 "maximumDurationInSeconds must be between 1 and {MAX_DURATION_SECS}"
             )));
         }
-        let vdir = version_dir(&self.host.home, &name, version);
+        let vdir = version_dir(&self.host.home, &key, version);
         let config: ImageConfig = std::fs::read(vdir.join("image.json"))
             .ok()
             .and_then(|t| serde_json::from_slice(&t).ok())
@@ -532,7 +546,7 @@ impl Microvms {
         let dir = self.dir_of(&id);
         let row = MicrovmRow {
             id: id.clone(),
-            image: name.clone(),
+            image: key,
             version,
             state: MicrovmState::Pending.as_str().into(),
             state_reason: None,
@@ -557,6 +571,9 @@ impl Microvms {
             if let Some(answer) = self.replay_run(caller, token.as_ref())? {
                 return Ok(answer);
             }
+            // Under the same lock as the insert: of two launches racing for the last slot,
+            // exactly one is recorded.
+            self.quotas.admit_microvm(&caller.principal, memory)?;
             self.reserve(memory)?;
             if let Err(e) = self.store.insert_microvm(&row) {
                 self.release(memory);
@@ -1144,6 +1161,19 @@ impl Microvms {
                 netns,
                 addr: SocketAddr::from(([127, 0, 0, 1], *h)),
             });
+        }
+        let most = self.config.endpoint_max_ports_per_vm;
+        if most > 0 && l.forwards.len() >= most {
+            return Err(UpstreamError::Unavailable(format!(
+                "it is already reached on {} ports, the most one MicroVM may be \
+                 (--endpoint-max-ports-per-vm); use one of those: {}",
+                l.forwards.len(),
+                l.forwards
+                    .keys()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         let host_port =
             kiln_vmm::free_port().map_err(|e| UpstreamError::Unavailable(e.to_string()))?;

@@ -26,6 +26,12 @@ pub trait Keyring: Send + Sync + 'static {
     fn lookup(&self, access_key_id: &str) -> Option<(String, String)>;
 }
 
+/// Decides whether a principal may store more bytes (the stored-bytes quota).
+pub trait StorageBudget: Send + Sync + 'static {
+    /// `Ok` when `principal` may store `bytes` more; the refusal's words otherwise.
+    fn admit(&self, principal: &str, bytes: u64) -> Result<(), String>;
+}
+
 /// The principal that may act on every bucket.
 pub const ADMIN: &str = "admin";
 
@@ -93,6 +99,7 @@ pub struct S3Store {
     objects: PathBuf,
     owners: Arc<Owners>,
     service: S3Service,
+    budget: Arc<std::sync::OnceLock<Arc<dyn StorageBudget>>>,
 }
 
 impl S3Store {
@@ -113,16 +120,34 @@ impl S3Store {
             owners: owners.clone(),
         });
         builder.set_auth(KeyAuth(keys.clone()));
+        let budget = Arc::new(std::sync::OnceLock::new());
         builder.set_access(BucketAccess {
             keys,
             owners: owners.clone(),
             objects: objects.clone(),
+            budget: budget.clone(),
         });
         Ok(S3Store {
             objects,
             owners,
             service: builder.build(),
+            budget,
         })
+    }
+
+    /// Uploads (PutObject, UploadPart) must fit `budget` from now on; set once.
+    pub fn set_budget(&self, budget: Arc<dyn StorageBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// The directories of the buckets `principal` owns (for the stored-bytes quota).
+    pub fn bucket_dirs_of(&self, principal: &str) -> Vec<PathBuf> {
+        self.owners
+            .lock()
+            .iter()
+            .filter(|(_, owner)| owner.as_str() == principal)
+            .map(|(bucket, _)| self.objects.join(bucket))
+            .collect()
     }
 
     /// Whether a request is meant for S3: its SigV4 credential scope names the `s3` service.
@@ -224,6 +249,7 @@ struct BucketAccess {
     keys: Arc<dyn Keyring>,
     owners: Arc<Owners>,
     objects: PathBuf,
+    budget: Arc<std::sync::OnceLock<Arc<dyn StorageBudget>>>,
 }
 
 impl BucketAccess {
@@ -257,6 +283,18 @@ impl BucketAccess {
             AccessDenied,
             "bucket {bucket} belongs to another principal"
         ))
+    }
+
+    /// Whether an upload of `bytes` (as declared) fits the caller's stored-bytes quota.
+    fn may_store(&self, creds: Option<&Credentials>, bytes: Option<i64>) -> S3Result<()> {
+        let Some(budget) = self.budget.get() else {
+            return Ok(());
+        };
+        let principal = self.principal(creds)?;
+        let bytes = bytes.map(|b| b.max(0) as u64).unwrap_or(0);
+        budget
+            .admit(&principal, bytes)
+            .map_err(|why| s3_error!(AccessDenied, "{why}"))
     }
 
     /// The copy source's bucket, which must be the caller's too.
@@ -298,11 +336,21 @@ impl S3Access for BucketAccess {
     }
 
     async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
-        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)
+        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)?;
+        self.may_store(req.credentials.as_ref(), None)
     }
 
     async fn upload_part_copy(&self, req: &mut S3Request<UploadPartCopyInput>) -> S3Result<()> {
-        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)
+        self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)?;
+        self.may_store(req.credentials.as_ref(), None)
+    }
+
+    async fn put_object(&self, req: &mut S3Request<PutObjectInput>) -> S3Result<()> {
+        self.may_store(req.credentials.as_ref(), req.input.content_length)
+    }
+
+    async fn upload_part(&self, req: &mut S3Request<UploadPartInput>) -> S3Result<()> {
+        self.may_store(req.credentials.as_ref(), req.input.content_length)
     }
 }
 

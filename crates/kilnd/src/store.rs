@@ -89,7 +89,48 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_events_by_time ON audit_events (time);
     CREATE INDEX audit_events_by_owner ON audit_events (owner, id);",
+    // 5: accounts. Every principal has its own 12-digit account; admin's is kiln's
+    // configured one (`--account`, `000000000000` by default; kilnd sets it at start), the
+    // others are numbered 000000000001, 000000000002… in order of first appearance. An
+    // image's name is unique within its owner's account: `label` is the name callers see,
+    // `name` stays the store's key (and the directory under `<home>/images`), so rows and
+    // files from before keep theirs; see `image_keys` for the keys of new images.
+    "CREATE TABLE accounts (
+        principal TEXT PRIMARY KEY,
+        account TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    INSERT INTO accounts (principal, account, created_at) VALUES ('admin', '000000000000', 0);
+    INSERT INTO accounts (principal, account, created_at)
+        SELECT p, printf('%012d', ROW_NUMBER() OVER (ORDER BY first, p)), first FROM (
+            SELECT p, MIN(t) AS first FROM (
+                SELECT principal AS p, created_at AS t FROM access_keys
+                UNION ALL SELECT owner, created_at FROM images
+                UNION ALL SELECT owner, started_at FROM microvms
+            ) WHERE p != 'admin' GROUP BY p
+        );
+    ALTER TABLE images ADD COLUMN label TEXT NOT NULL DEFAULT '';
+    UPDATE images SET label = name;
+    CREATE UNIQUE INDEX images_by_owner_label ON images (owner, label);",
 ];
+
+/// The store key of a new image `label` in `account`. Keys are opaque: read an image's
+/// name and account from its row, never from its key (older images are keyed by name).
+pub fn image_key(label: &str, account: &str) -> String {
+    format!("{label}@{account}")
+}
+
+/// The keys to try, in order, for a new image `label` in `account`: admin's images keep
+/// the plain name (so `<home>/images/<name>/` stays where it always was), unless an older
+/// image of another principal holds that key; everyone else's are [`image_key`].
+pub fn image_keys(label: &str, account: &str, admin: bool) -> Vec<String> {
+    let qualified = image_key(label, account);
+    if admin {
+        vec![label.to_string(), qualified]
+    } else {
+        vec![qualified]
+    }
+}
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -126,8 +167,13 @@ pub struct Store {
 /// One image row.
 #[derive(Debug, Clone)]
 pub struct ImageRow {
-    /// Its name (unique).
-    pub name: String,
+    /// The store's key of the image (see [`image_key`]): what its versions, its MicroVMs
+    /// and its directory under `<home>/images` are filed under. Never shown to callers.
+    pub key: String,
+    /// Its name, unique within its owner's account.
+    pub label: String,
+    /// Its owner's account (read from the accounts table; ignored on insert).
+    pub account: String,
     /// `MicrovmImageState` as stored.
     pub state: String,
     /// Creation time, epoch seconds.
@@ -233,15 +279,16 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// Inserts an image and its first version in one transaction; false if the name exists.
+    /// Inserts an image and its first version in one transaction; false if its owner has
+    /// an image of that name already (or the key is taken).
     pub fn create_image(&self, image: &ImageRow, version: &VersionRow) -> Result<bool, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(self.err())?;
         let inserted = tx
             .execute(
-                "INSERT OR IGNORE INTO images (name, state, created_at, updated_at, tags, next_version, owner)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 2, ?6)",
-                params![image.name, image.state, image.created_at, image.updated_at, image.tags.to_string(), image.owner],
+                "INSERT OR IGNORE INTO images (name, state, created_at, updated_at, tags, next_version, owner, label)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 2, ?6, ?7)",
+                params![image.key, image.state, image.created_at, image.updated_at, image.tags.to_string(), image.owner, image.label],
             )
             .map_err(self.err())?;
         if inserted == 0 {
@@ -279,42 +326,67 @@ impl Store {
         Ok(version)
     }
 
-    /// One image by name.
-    pub fn image(&self, name: &str) -> Result<Option<ImageRow>, StoreError> {
+    /// One image by its store key.
+    pub fn image(&self, key: &str) -> Result<Option<ImageRow>, StoreError> {
         self.lock()
             .query_row(
-                "SELECT name, state, created_at, updated_at, tags, owner FROM images WHERE name = ?1",
-                [name],
+                &format!("SELECT {IMAGE_COLUMNS} WHERE i.name = ?1"),
+                [key],
                 image_row,
             )
             .optional()
             .map_err(self.err())
     }
 
-    /// Images ordered by name, after `after`, at most `limit`; only `owner`'s when given.
+    /// The image named `label` in `account`.
+    pub fn image_in(&self, account: &str, label: &str) -> Result<Option<ImageRow>, StoreError> {
+        self.lock()
+            .query_row(
+                &format!("SELECT {IMAGE_COLUMNS} WHERE a.account = ?1 AND i.label = ?2"),
+                [account, label],
+                image_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Images ordered by account, then name, at most `limit`; only `owner`'s when given.
     pub fn images(
         &self,
-        after: Option<&str>,
         name_filter: Option<&str>,
         owner: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ImageRow>, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare(
-                "SELECT name, state, created_at, updated_at, tags, owner FROM images
-                 WHERE name > ?1 AND (?2 IS NULL OR instr(name, ?2) > 0)
-                 AND (?3 IS NULL OR owner = ?3)
-                 ORDER BY name LIMIT ?4",
-            )
+            .prepare(&format!(
+                "SELECT {IMAGE_COLUMNS}
+                 WHERE (?1 IS NULL OR instr(i.label, ?1) > 0) AND (?2 IS NULL OR i.owner = ?2)
+                 ORDER BY a.account, i.label LIMIT ?3"
+            ))
             .map_err(self.err())?;
         let rows = stmt
-            .query_map(
-                params![after.unwrap_or(""), name_filter, owner, limit as i64],
-                image_row,
-            )
+            .query_map(params![name_filter, owner, limit as i64], image_row)
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The name and account an image key stands for, to show in the image ARN of a
+    /// MicroVM launched by `launcher`. Once the image is deleted: the name its key
+    /// starts with, in the launcher's account.
+    pub fn image_identity(
+        &self,
+        key: &str,
+        launcher: &str,
+    ) -> Result<(String, String), StoreError> {
+        if let Some(image) = self.image(key)? {
+            return Ok((image.label, image.account));
+        }
+        let label = key.split_once('@').map_or(key, |(label, _)| label);
+        Ok((
+            label.to_string(),
+            self.account_of(launcher)?.unwrap_or_default(),
+        ))
     }
 
     /// Sets an image's state.
@@ -853,6 +925,124 @@ impl Store {
     }
 }
 
+/// Why [`Store::set_account`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Another principal holds the account.
+    #[error("account {account} belongs to principal {holder}")]
+    Taken {
+        /// The account asked for.
+        account: String,
+        /// Who holds it.
+        holder: String,
+    },
+}
+
+impl Store {
+    /// The account of `principal`, if it has one yet.
+    pub fn account_of(&self, principal: &str) -> Result<Option<String>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT account FROM accounts WHERE principal = ?1",
+                [principal],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// The account of `principal`, allocated now if it has none: the next number after
+    /// the highest any principal but admin holds, skipping one that is taken (admin's
+    /// configured account may be anything).
+    pub fn ensure_account(&self, principal: &str, now: f64) -> Result<String, StoreError> {
+        if let Some(account) = self.account_of(principal)? {
+            return Ok(account);
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        if let Some(account) = tx
+            .query_row(
+                "SELECT account FROM accounts WHERE principal = ?1",
+                [principal],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(self.err())?
+        {
+            return Ok(account);
+        }
+        let mut next: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(CAST(account AS INTEGER)), 0) + 1 FROM accounts WHERE principal != ?1",
+                [crate::auth::ADMIN],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        let account = loop {
+            let candidate = format!("{next:012}");
+            let taken: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM accounts WHERE account = ?1)",
+                    [&candidate],
+                    |r| r.get(0),
+                )
+                .map_err(self.err())?;
+            if !taken {
+                break candidate;
+            }
+            next += 1;
+        };
+        tx.execute(
+            "INSERT INTO accounts (principal, account, created_at) VALUES (?1, ?2, ?3)",
+            params![principal, account, now],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(account)
+    }
+
+    /// Gives `principal` the account `account` (admin's comes from `--account` at every
+    /// start); refused when another principal holds it.
+    pub fn set_account(
+        &self,
+        principal: &str,
+        account: &str,
+        now: f64,
+    ) -> Result<(), AccountError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT principal FROM accounts WHERE account = ?1",
+                [account],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        match holder {
+            Some(holder) if holder == principal => return Ok(()),
+            Some(holder) => {
+                return Err(AccountError::Taken {
+                    account: account.to_string(),
+                    holder,
+                })
+            }
+            None => {}
+        }
+        tx.execute(
+            "INSERT INTO accounts (principal, account, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (principal) DO UPDATE SET account = excluded.account",
+            params![principal, account, now],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+}
+
 /// One audit event: who did what to what, with what result, and when.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRow {
@@ -1017,14 +1207,21 @@ fn json_column(text: String) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
+/// An image with its owner's account: `SELECT {IMAGE_COLUMNS} WHERE …`.
+const IMAGE_COLUMNS: &str =
+    "i.name, i.state, i.created_at, i.updated_at, i.tags, i.owner, i.label, COALESCE(a.account, '')
+     FROM images i LEFT JOIN accounts a ON a.principal = i.owner";
+
 fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
     Ok(ImageRow {
-        name: r.get(0)?,
+        key: r.get(0)?,
         state: r.get(1)?,
         created_at: r.get(2)?,
         updated_at: r.get(3)?,
         tags: json_column(r.get(4)?),
         owner: r.get(5)?,
+        label: r.get(6)?,
+        account: r.get(7)?,
     })
 }
 
@@ -1045,6 +1242,88 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
         disk_bytes: r.get(12)?,
         code_bytes: r.get(13)?,
     })
+}
+
+/// What one principal holds, as the quotas count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerCounts {
+    /// MicroVMs pending, running, suspending or suspended.
+    pub microvms: u64,
+    /// Their guest memory, MiB.
+    pub memory_mib: u64,
+    /// Images.
+    pub images: u64,
+    /// Versions of the image that has most.
+    pub most_versions: u64,
+    /// Image versions pending or in progress.
+    pub building: u64,
+}
+
+/// MicroVM states that hold a quota slot: every state before TERMINATING.
+const HOLDING_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'SUSPENDED')";
+
+impl Store {
+    /// What `owner` holds: MicroVMs (and memory) not ending, images, versions, builds.
+    pub fn owner_counts(&self, owner: &str) -> Result<OwnerCounts, StoreError> {
+        let conn = self.lock();
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            conn.query_row(sql, [owner], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(self.err())
+        };
+        Ok(OwnerCounts {
+            microvms: count(&format!(
+                "SELECT COUNT(*) FROM microvms WHERE owner = ?1 AND state IN {HOLDING_STATES}"
+            ))?,
+            memory_mib: count(&format!(
+                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms
+                 WHERE owner = ?1 AND state IN {HOLDING_STATES}"
+            ))?,
+            images: count("SELECT COUNT(*) FROM images WHERE owner = ?1")?,
+            most_versions: count(
+                "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM image_versions v
+                 JOIN images i ON v.image = i.name WHERE i.owner = ?1 GROUP BY v.image)",
+            )?,
+            building: count(
+                "SELECT COUNT(*) FROM image_versions v JOIN images i ON v.image = i.name
+                 WHERE i.owner = ?1 AND v.state IN ('PENDING', 'IN_PROGRESS')",
+            )?,
+        })
+    }
+
+    /// How many versions `image` has.
+    pub fn version_count(&self, image: &str) -> Result<u64, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT COUNT(*) FROM image_versions WHERE image = ?1",
+                [image],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(self.err())
+    }
+
+    /// Names of `owner`'s images.
+    pub fn owned_image_names(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT name FROM images WHERE owner = ?1 ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([owner], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Directories of `owner`'s MicroVMs that are suspending or suspended.
+    pub fn owned_suspended_dirs(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT dir FROM microvms WHERE owner = ?1 AND state IN ('SUSPENDING', 'SUSPENDED')",
+            )
+            .map_err(self.err())?;
+        let rows = stmt.query_map([owner], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
 }
 
 #[cfg(test)]
@@ -1072,13 +1351,87 @@ mod tests {
 
     fn image(name: &str) -> ImageRow {
         ImageRow {
-            name: name.into(),
+            key: name.into(),
+            label: name.into(),
+            account: String::new(),
             state: "CREATING".into(),
             created_at: 1.0,
             updated_at: None,
             tags: serde_json::json!({}),
             owner: "admin".into(),
         }
+    }
+
+    fn microvm(id: &str, owner: &str, state: &str, memory_mib: i64) -> MicrovmRow {
+        MicrovmRow {
+            id: id.into(),
+            image: "app".into(),
+            version: 1,
+            state: state.into(),
+            state_reason: None,
+            request: serde_json::json!({}),
+            started_at: 1.0,
+            terminated_at: None,
+            max_duration: 60,
+            memory_mib,
+            kernel: "k".into(),
+            dir: format!("/nonexistent/{id}"),
+            forwards: serde_json::json!({}),
+            owner: owner.into(),
+        }
+    }
+
+    #[test]
+    fn owner_counts_when_mixed_states_and_owners_then_counts_only_what_the_owner_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let alices = ImageRow {
+            owner: "alice".into(),
+            ..image("app")
+        };
+        store
+            .create_image(&alices, &version("app"))
+            .expect("create");
+        store
+            .add_version("app", "UPDATING", version("app"))
+            .expect("v2");
+        store
+            .create_image(&image("other"), &version("other"))
+            .expect("create");
+        for (id, owner, state) in [
+            ("m1", "alice", "RUNNING"),
+            ("m2", "alice", "SUSPENDED"),
+            ("m3", "alice", "PENDING"),
+            ("m4", "alice", "TERMINATED"),
+            ("m5", "alice", "TERMINATING"),
+            ("m6", "bob", "RUNNING"),
+        ] {
+            store
+                .insert_microvm(&microvm(id, owner, state, 256))
+                .expect("insert");
+        }
+
+        let counts = store.owner_counts("alice").expect("counts");
+
+        assert_eq!(
+            counts,
+            OwnerCounts {
+                microvms: 3,
+                memory_mib: 768,
+                images: 1,
+                most_versions: 2,
+                building: 2,
+            }
+        );
+        assert_eq!(store.version_count("app").expect("versions"), 2);
+        assert_eq!(
+            store.owned_suspended_dirs("alice").expect("dirs"),
+            vec!["/nonexistent/m2".to_string()]
+        );
+        assert_eq!(
+            store.owner_counts("carol").expect("none"),
+            OwnerCounts::default()
+        );
     }
 
     #[test]
@@ -1141,10 +1494,7 @@ mod tests {
             "admin"
         );
         assert_eq!(
-            store
-                .images(None, None, Some("alice"), 10)
-                .expect("list")
-                .len(),
+            store.images(None, Some("alice"), 10).expect("list").len(),
             0
         );
     }
@@ -1179,6 +1529,162 @@ mod tests {
             .expect("create again");
 
         assert!(!again);
+    }
+
+    fn owned(label: &str, owner: &str, account: &str) -> ImageRow {
+        ImageRow {
+            key: image_key(label, account),
+            owner: owner.into(),
+            ..image(label)
+        }
+    }
+
+    #[test]
+    fn create_image_when_two_accounts_use_one_name_then_each_has_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let alice = store.ensure_account("alice", 1.0).expect("alice");
+        let bob = store.ensure_account("bob", 1.0).expect("bob");
+        let a = owned("app", "alice", &alice);
+        let b = owned("app", "bob", &bob);
+
+        let created = (
+            store.create_image(&a, &version(&a.key)).expect("alice's"),
+            store.create_image(&b, &version(&b.key)).expect("bob's"),
+            store
+                .create_image(&owned("app", "alice", "x"), &version("app@x"))
+                .expect("alice's again"),
+        );
+
+        assert_eq!(created, (true, true, false));
+        assert_eq!(
+            (alice.as_str(), bob.as_str()),
+            ("000000000001", "000000000002")
+        );
+        let found = store
+            .image_in(&bob, "app")
+            .expect("get")
+            .expect("bob's app");
+        assert_eq!(
+            (found.key.as_str(), found.owner.as_str()),
+            (b.key.as_str(), "bob")
+        );
+        assert_eq!(found.account, bob);
+        assert!(store
+            .image_in("000000000000", "app")
+            .expect("get")
+            .is_none());
+        assert_eq!(
+            store.images(None, Some("alice"), 10).expect("list").len(),
+            1
+        );
+        assert_eq!(store.images(Some("ap"), None, 10).expect("list").len(), 2);
+    }
+
+    #[test]
+    fn ensure_account_when_admin_holds_the_next_number_then_it_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        store
+            .set_account("admin", "000000000001", 1.0)
+            .expect("admin");
+
+        let alice = store.ensure_account("alice", 1.0).expect("alice");
+        let again = store.ensure_account("alice", 2.0).expect("alice again");
+        let taken = store
+            .set_account("admin", &alice, 3.0)
+            .expect_err("alice's");
+
+        assert_eq!(
+            (alice.as_str(), again.as_str()),
+            ("000000000002", "000000000002")
+        );
+        assert!(matches!(taken, AccountError::Taken { holder, .. } if holder == "alice"));
+        assert_eq!(
+            store.account_of("admin").expect("admin").as_deref(),
+            Some("000000000001")
+        );
+    }
+
+    #[test]
+    fn open_when_schema_4_holds_principals_then_each_gets_an_account_and_keeps_its_images() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&db).expect("sqlite");
+            conn.execute_batch(&MIGRATIONS[..4].join(";"))
+                .expect("schema 4");
+            conn.execute_batch(
+                "INSERT INTO access_keys VALUES ('AKIA1', 's', 'bob', 5, NULL);
+                 INSERT INTO images (name, state, created_at, owner) VALUES ('old', 'CREATED', 1, 'admin');
+                 INSERT INTO images (name, state, created_at, owner) VALUES ('web', 'CREATED', 2, 'alice');
+                 PRAGMA user_version = 4;",
+            )
+            .expect("old rows");
+        }
+
+        let store = Store::open(&db).expect("migrate");
+
+        let web = store.image("web").expect("get").expect("alice's web");
+        assert_eq!(
+            (web.label.as_str(), web.account.as_str()),
+            ("web", "000000000001")
+        );
+        let old = store
+            .image_in("000000000000", "old")
+            .expect("get")
+            .expect("admin's old");
+        assert_eq!(old.key, "old");
+        assert_eq!(
+            store.account_of("bob").expect("bob").as_deref(),
+            Some("000000000002")
+        );
+        assert_eq!(
+            store.ensure_account("carol", 9.0).expect("carol"),
+            "000000000003"
+        );
+    }
+
+    #[test]
+    fn image_keys_when_an_older_image_of_another_principal_holds_the_name_then_admin_qualifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let alice = store.ensure_account("alice", 1.0).expect("alice");
+        let older = ImageRow {
+            owner: "alice".into(),
+            ..image("app")
+        };
+        store
+            .create_image(&older, &version("app"))
+            .expect("alice's");
+
+        let keys = image_keys("app", "000000000000", true);
+        let plain = owned("app", "admin", "000000000000");
+        let tried: Vec<bool> = keys
+            .iter()
+            .map(|key| {
+                let row = ImageRow {
+                    key: key.clone(),
+                    ..plain.clone()
+                };
+                store.create_image(&row, &version(key)).expect("create")
+            })
+            .collect();
+
+        assert_eq!(
+            keys,
+            vec!["app".to_string(), "app@000000000000".to_string()]
+        );
+        assert_eq!(tried, vec![false, true]);
+        assert_eq!(
+            image_keys("app", &alice, false),
+            vec![format!("app@{alice}")]
+        );
+        let admins = store
+            .image_in("000000000000", "app")
+            .expect("get")
+            .expect("admin's");
+        assert_eq!(admins.key, "app@000000000000");
     }
 }
 

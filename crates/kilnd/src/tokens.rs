@@ -5,7 +5,11 @@
 //! altered without failing the GCM tag. Keys live in `<home>/keys/tokens.json` (0600),
 //! newest first; the JWE header's `kid` names the key. [`TokenKeys::rotate`] adds a key
 //! for new tokens and keeps the older ones for as long as tokens issued under them can
-//! still be valid.
+//! still be valid; kilnd calls [`TokenKeys::rotate_if_due`] on a schedule
+//! (`--token-key-rotation-secs`, a day by default).
+//!
+//! A token names the access key that asked for it (`akid`); given [`Minters`], verifying
+//! refuses a token whose key has been revoked since.
 //!
 //! josekit does the JWE. It folds every decryption failure into one error, so
 //! [`TokenKeys::verify`] checks the framing, header and key itself first: whatever josekit
@@ -15,7 +19,7 @@ use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -62,6 +66,9 @@ pub enum TokenError {
     /// The GCM tag did not verify: the token was altered or not issued with this key.
     #[error("the auth token failed its integrity check (altered or not issued by this kiln): request a new token")]
     Forged,
+    /// The access key that asked for the token has been revoked since.
+    #[error("the access key that requested this auth token has been revoked: request a new token with an active key")]
+    Revoked,
     /// The token's `exp` has passed.
     #[error("the auth token expired at {exp} (unix seconds): request a new token")]
     Expired {
@@ -167,6 +174,10 @@ pub struct TokenClaims {
     pub kind: TokenKind,
     /// A random id, unique per token.
     pub jti: String,
+    /// The access key that asked for the token; tokens from before kiln recorded it have
+    /// none (they expire within [`MAX_TOKEN_MINUTES`] of an upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub akid: Option<String>,
 }
 
 impl TokenClaims {
@@ -185,7 +196,14 @@ impl TokenClaims {
             iat: now_unix(),
             kind,
             jti: URL_SAFE_NO_PAD.encode(random_bytes::<16>()?),
+            akid: None,
         })
+    }
+
+    /// The same claims, naming `access_key_id` as the key that asked for them.
+    pub fn minted_by(mut self, access_key_id: &str) -> TokenClaims {
+        self.akid = Some(access_key_id.to_string());
+        self
     }
 
     /// Whether this token lets a request of `kind` reach `port` on `microvm_id`. The port
@@ -252,11 +270,19 @@ struct KeyRecord {
     created: i64,
 }
 
+/// Which access keys are still active: asked on every request a token carries.
+pub trait Minters: Send + Sync {
+    /// Whether `access_key_id` exists and is not revoked.
+    fn is_active(&self, access_key_id: &str) -> bool;
+}
+
 /// The endpoint's token keys: issues and verifies tokens. Safe to share between threads.
 pub struct TokenKeys {
     path: PathBuf,
     /// Newest first; never empty.
     keys: RwLock<Vec<TokenKey>>,
+    /// Checks a token's minting access key; without it, any key is taken as active.
+    minters: Option<Arc<dyn Minters>>,
 }
 
 impl fmt::Debug for TokenKeys {
@@ -296,7 +322,14 @@ impl TokenKeys {
         Ok(TokenKeys {
             path,
             keys: RwLock::new(keys),
+            minters: None,
         })
+    }
+
+    /// The same keys, refusing tokens whose minting access key `minters` says is revoked.
+    pub fn with_minters(mut self, minters: Arc<dyn Minters>) -> TokenKeys {
+        self.minters = Some(minters);
+        self
     }
 
     /// The `kid` new tokens are issued under.
@@ -309,6 +342,26 @@ impl TokenKeys {
     /// new `kid`.
     pub fn rotate(&self) -> Result<String, TokenError> {
         self.rotate_at(now_unix())
+    }
+
+    /// When (unix seconds) the newest key is `period_secs` old and due for rotation.
+    pub fn next_rotation(&self, period_secs: u64) -> i64 {
+        let period = i64::try_from(period_secs).unwrap_or(i64::MAX);
+        self.read()[0].created.saturating_add(period)
+    }
+
+    /// Rotates when the newest key is at least `period_secs` old (it was created then, by
+    /// this kilnd or an earlier one: the schedule survives restarts). Returns the new
+    /// `kid`, or `None` when it was not due.
+    pub fn rotate_if_due(&self, period_secs: u64) -> Result<Option<String>, TokenError> {
+        self.rotate_if_due_at(period_secs, now_unix())
+    }
+
+    fn rotate_if_due_at(&self, period_secs: u64, now: i64) -> Result<Option<String>, TokenError> {
+        if now < self.next_rotation(period_secs) {
+            return Ok(None);
+        }
+        self.rotate_at(now).map(Some)
     }
 
     fn rotate_at(&self, now: i64) -> Result<String, TokenError> {
@@ -371,6 +424,11 @@ impl TokenKeys {
             .map_err(|_| TokenError::Malformed("claims are not kiln's"))?;
         if claims.exp <= now_unix {
             return Err(TokenError::Expired { exp: claims.exp });
+        }
+        if let (Some(akid), Some(minters)) = (&claims.akid, &self.minters) {
+            if !minters.is_active(akid) {
+                return Err(TokenError::Revoked);
+            }
         }
         Ok(claims)
     }
@@ -577,6 +635,7 @@ mod tests {
             iat: NOW,
             kind,
             jti: "jti-1".to_string(),
+            akid: None,
         }
     }
 
@@ -903,6 +962,59 @@ mod tests {
             "{dropped:?}"
         );
         assert_eq!(keys.read().len(), 3);
+    }
+
+    #[test]
+    fn rotate_if_due_when_the_newest_key_is_a_period_old_then_rotates_once() {
+        let (_home, keys) = keys();
+        let created = keys.read()[0].created;
+        let first = keys.current_kid();
+
+        let early = keys.rotate_if_due_at(3600, created + 3599).expect("early");
+        let due = keys.rotate_if_due_at(3600, created + 3600).expect("due");
+        let again = keys.rotate_if_due_at(3600, created + 3601).expect("again");
+
+        assert_eq!(early, None);
+        assert_eq!(due.as_deref(), Some(keys.current_kid().as_str()));
+        assert_ne!(keys.current_kid(), first);
+        assert_eq!(again, None);
+        assert_eq!(keys.next_rotation(3600), created + 7200);
+    }
+
+    struct Revoked(&'static str);
+
+    impl Minters for Revoked {
+        fn is_active(&self, access_key_id: &str) -> bool {
+            access_key_id != self.0
+        }
+    }
+
+    #[test]
+    fn verify_when_the_minting_key_is_revoked_then_revoked() {
+        let home = tempfile::tempdir().expect("temp dir");
+        let keys = TokenKeys::load_or_create(home.path())
+            .expect("keys")
+            .with_minters(Arc::new(Revoked("AKIABOB")));
+        let bobs = keys
+            .issue(&proxy_claims().minted_by("AKIABOB"))
+            .expect("issue");
+        let alices = keys
+            .issue(&proxy_claims().minted_by("AKIAALICE"))
+            .expect("issue");
+        let unnamed = keys.issue(&proxy_claims()).expect("issue");
+
+        let results = [bobs, alices, unnamed].map(|t| keys.verify(&t, NOW));
+
+        assert!(
+            matches!(results[0], Err(TokenError::Revoked)),
+            "{:?}",
+            results[0]
+        );
+        assert_eq!(
+            results[1].as_ref().ok().and_then(|c| c.akid.as_deref()),
+            Some("AKIAALICE")
+        );
+        assert!(results[2].is_ok());
     }
 
     #[test]

@@ -189,8 +189,12 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
     let (_, alice_list, _) = as_alice(&["list-microvm-images"]);
     let (_, managed, _) = as_alice(&["list-managed-microvm-images"]);
     let (_, admin_list, _) = kilnd.aws(&["list-microvm-images"]);
-    let (admin_get, _, admin_get_err) =
-        kilnd.aws(&["get-microvm-image", "--image-identifier", "alices"]);
+    // Alice's images are in her own account: admin names them by ARN.
+    let (admin_get, _, admin_get_err) = kilnd.aws(&[
+        "get-microvm-image",
+        "--image-identifier",
+        "arn:aws:lambda:local:000000000001:microvm-image:alices",
+    ]);
     let log_for_alice = kilnd.request(
         &common::Key::from_file(&alice),
         "GET",
@@ -211,7 +215,7 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
         assert!(err.contains("ResourceNotFoundException"), "{err}");
     }
     assert_eq!(image_names(&alice_list), vec!["alices".to_string()]);
-    assert_eq!(managed["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(managed["items"].as_array().map(Vec::len), Some(3));
     assert_eq!(
         image_names(&admin_list),
         vec!["admins".to_string(), "alices".to_string()]

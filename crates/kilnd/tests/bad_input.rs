@@ -19,7 +19,14 @@ fn dockerfile(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn build_when_input_is_bad_then_version_fails_with_a_reason_and_nothing_leaks() {
-    let kilnd = Daemon::start(&["--ready-timeout-secs", "6"]);
+    // Every case's build is queued before any is waited for: more than the 5 builds in
+    // flight a principal may have by default.
+    let kilnd = Daemon::start(&[
+        "--ready-timeout-secs",
+        "6",
+        "--quota-concurrent-builds",
+        "16",
+    ]);
     let d = tempfile::tempdir().expect("scratch");
     let p = d.path();
     let cases: Vec<(&str, PathBuf, &str)> = vec![

@@ -114,21 +114,74 @@ fn run_when_two_vms_launch_then_each_runs_on_its_own_and_terminate_frees_everyth
     );
 }
 
+/// Watches every QEMU of `kilnd` until `stop` is set, reading each one's confinement.
+fn watch_qemus(
+    kilnd: &Daemon,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<(i32, common::QemuConfinement)> {
+    let home = kilnd.home.path().to_path_buf();
+    let mut seen: Vec<(i32, common::QemuConfinement)> = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        for pid in kilnd.qemu_pids() {
+            if seen.iter().all(|(p, _)| *p != pid) {
+                // QEMU installs its seccomp filter itself, early in its start: read until it
+                // is there (or three seconds passed, and the assertion shows what was read).
+                let mut last = None;
+                for _ in 0..30 {
+                    last = common::QemuConfinement::of(pid, &home);
+                    if last.as_ref().is_none_or(|c| c.seccomp == "2") {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if let Some(c) = last {
+                    seen.push((pid, c));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    seen
+}
+
 #[test]
 fn run_when_the_host_is_full_then_insufficient_capacity_and_a_kill_9_restart_keeps_vms() {
     let mut kilnd = Daemon::start(&["--max-microvms", "1"]);
     let scratch = tempfile::tempdir().expect("scratch");
-    counter_image(&kilnd, scratch.path());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let build_qemus = std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch_qemus(&kilnd, &stop));
+        counter_image(&kilnd, scratch.path());
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        watcher.join().expect("watcher")
+    });
     let vm = run(&kilnd);
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
     let before = kilnd.app_get(&id, "/cgi-bin/count");
+    let running = kilnd.qemu_pids();
+    let confined_before = common::QemuConfinement::of(running[0], kilnd.home.path());
 
     let (full, _, full_err) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
     kilnd.crash_and_restart();
     let (_, after_restart, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]);
     let after = kilnd.app_get(&id, "/cgi-bin/count");
+    let confined_after = common::QemuConfinement::of(running[0], kilnd.home.path());
     let (still_full, _, _) = kilnd.aws(&["run-microvm", "--image-identifier", "counter"]);
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+
+    // The build VM and the app VM it snapshots, then the launched MicroVM before and after
+    // kilnd's restart: each QEMU confined.
+    assert!(build_qemus.len() >= 2, "{build_qemus:?}");
+    for (pid, confinement) in &build_qemus {
+        confinement.assert_confined(&format!("build QEMU {pid}"));
+    }
+    assert_eq!(running.len(), 1);
+    confined_before
+        .expect("the MicroVM's QEMU")
+        .assert_confined("MicroVM QEMU");
+    confined_after
+        .expect("the same QEMU after kilnd's restart")
+        .assert_confined("MicroVM QEMU after the restart");
 
     assert_ne!(full, 0);
     assert!(
@@ -315,7 +368,8 @@ fn endpoint_when_aws_cli_and_boto3_issue_tokens_then_https_reaches_only_the_righ
 
 #[test]
 fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_duration_ends_them() {
-    let kilnd = Daemon::start(&["--max-microvms", "4"]);
+    // Host capacity is under test here, not the API rate (RunMicrovm: 5 a second).
+    let kilnd = Daemon::start(&["--max-microvms", "4", "--throttle", "RunMicrovm=0"]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
 

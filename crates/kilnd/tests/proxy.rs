@@ -1053,3 +1053,86 @@ async fn shell_when_a_shell_token_opens_a_websocket_then_a_terminal_runs_typed_c
     assert!(text.contains("20 90"), "{text}");
     assert_eq!(closed.as_deref(), Some("exit 5"));
 }
+
+/// A GET of `/hello` on `id` over an open HTTP/1.1 connection.
+async fn get_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    id: &str,
+    token: &str,
+) -> Answer {
+    let req = Request::get("/hello")
+        .header("host", format!("{id}.{DOMAIN}"))
+        .header("x-aws-proxy-auth", token)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    Answer::read(sender.send_request(req).await.expect("response")).await
+}
+
+#[tokio::test]
+async fn caps_when_a_vm_has_its_most_connections_then_the_next_gets_503_until_one_closes() {
+    let endpoint = Endpoint::with_limits(ProxyLimits {
+        max_connections_per_vm: 2,
+        ..ProxyLimits::default()
+    })
+    .await;
+    endpoint.add_app("mvm-a", 8080, echo_app("app-a").await);
+    endpoint.add_app("mvm-b", 8080, echo_app("app-b").await);
+    let token = endpoint.proxy_token("mvm-a");
+    let mut first = endpoint.http1().await;
+    let mut second = endpoint.http1().await;
+    let mut third = endpoint.http1().await;
+
+    let a1 = get_on(&mut first, "mvm-a", &token).await;
+    let a2 = get_on(&mut second, "mvm-a", &token).await;
+    let again = get_on(&mut first, "mvm-a", &token).await;
+    let refused = get_on(&mut third, "mvm-a", &token).await;
+    let other_vm = get_on(&mut third, "mvm-b", &endpoint.proxy_token("mvm-b")).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_close = endpoint.get("mvm-a", &[("x-aws-proxy-auth", &token)]).await;
+
+    assert_eq!(
+        (a1.status, a2.status, again.status),
+        (StatusCode::OK, StatusCode::OK, StatusCode::OK)
+    );
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        refused.text.contains("already has 2 open connections"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(other_vm.status, StatusCode::OK);
+    assert_eq!(after_close.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn caps_when_a_client_address_has_its_most_connections_then_the_next_gets_429() {
+    let endpoint = Endpoint::with_limits(ProxyLimits {
+        max_connections_per_client: 2,
+        ..ProxyLimits::default()
+    })
+    .await;
+    endpoint.add_app("mvm-a", 8080, echo_app("app-a").await);
+    let token = endpoint.proxy_token("mvm-a");
+    let mut first = endpoint.http1().await;
+    let _second = endpoint.http1().await;
+
+    let refused = endpoint.get("mvm-a", &[("x-aws-proxy-auth", &token)]).await;
+    let kept = get_on(&mut first, "mvm-a", &token).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_close = endpoint.get("mvm-a", &[("x-aws-proxy-auth", &token)]).await;
+
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        refused
+            .text
+            .contains("too many connections from your address"),
+        "{}",
+        refused.text
+    );
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(kept.status, StatusCode::OK);
+    assert_eq!(after_close.status, StatusCode::OK);
+}

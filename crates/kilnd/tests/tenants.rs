@@ -77,9 +77,12 @@ fn layer_cache_when_another_principal_builds_the_same_zip_then_nothing_is_cached
     let (again_code, _, again_err) = create(&kilnd.credentials(), "admins-again", &admins_zip);
     let again = kilnd.wait_version("admins-again", "1");
     let (bob_code, _, bob_err) = create(&bob, "bobs", &bobs_zip);
-    let bobs = kilnd.wait_version("bobs", "1");
+    // Bob's images are in his own account: admin names them by ARN.
+    let bobs = kilnd.wait_version("arn:aws:lambda:local:000000000001:microvm-image:bobs", "1");
     let again_log = kilnd.get("/kiln/v1/images/admins-again/versions/1/build-log");
-    let bob_log = kilnd.get("/kiln/v1/images/bobs/versions/1/build-log");
+    let bob_log = kilnd.get(
+        "/kiln/v1/images/arn%3Aaws%3Alambda%3Alocal%3A000000000001%3Amicrovm-image%3Abobs/versions/1/build-log",
+    );
 
     assert_eq!(
         (admin_code, again_code, bob_code),

@@ -144,7 +144,7 @@ fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmErro
     spec.jail = Some(id);
     write_spec(spec)?;
     jail::prepare_files(spec, id, config)?;
-    let limits = crate::cgroup::Limits::for_guest(spec.memory_mib);
+    let limits = crate::cgroup::Limits::for_guest(spec.vcpus, spec.memory_mib);
     let cgroup = match crate::cgroup::VmCgroup::create(&spec.dir, limits) {
         Ok(cg) => cg,
         Err(e) => {

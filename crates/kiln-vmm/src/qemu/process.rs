@@ -1,6 +1,7 @@
 //! The QEMU process: finding the binary, starting it in its own session, watching it, ending it.
 
 use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -229,9 +230,87 @@ fn is_zombie(pid: Pid) -> bool {
 }
 
 /// The last `lines` lines of a text file, or an empty string.
+///
+/// The file is guest-written (a console, an app log), so only its last [`TAIL_BYTES`] are
+/// read and each line is cut at [`TAIL_LINE_CHARS`] characters: what lands in an error
+/// message stays small whatever the guest wrote.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err()
+        || file.take(TAIL_BYTES).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    last_lines(&bytes, lines, start > 0)
+}
+
+/// How much of a log's end [`tail`] reads.
+pub const TAIL_BYTES: u64 = 64 * 1024;
+/// Where [`tail`] cuts a long line.
+pub const TAIL_LINE_CHARS: usize = 400;
+
+/// The last `lines` lines of `bytes`, each cut at [`TAIL_LINE_CHARS`]; `cut_before` says the
+/// bytes start mid-file, so their first line may be a fragment and is dropped when others follow.
+fn last_lines(bytes: &[u8], lines: usize, cut_before: bool) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut all: Vec<&str> = text.lines().collect();
+    if cut_before && all.len() > 1 {
+        all.remove(0);
+    }
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|line| match line.char_indices().nth(TAIL_LINE_CHARS) {
+            Some((at, _)) => format!("{}…", &line[..at]),
+            None => (*line).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn tail_when_last_line_is_huge_then_cut_and_the_file_end_read_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("console.log");
+        let mut text = "boot ok\n".repeat(100_000);
+        text.push_str(&"x".repeat(1 << 20));
+        std::fs::write(&log, text).expect("write");
+
+        let got = tail(&log, 5);
+
+        assert_eq!(got.chars().count(), TAIL_LINE_CHARS + 1, "{}", got.len());
+        assert!(got.ends_with('…'));
+    }
+
+    #[test]
+    fn tail_when_short_log_then_its_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "one\ntwo\nthree\n").expect("write");
+
+        assert_eq!(tail(&log, 2), "two\nthree");
+    }
+
+    proptest! {
+        #[test]
+        fn last_lines_when_any_bytes_then_at_most_lines_each_bounded(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            lines in 0usize..40,
+            cut in any::<bool>(),
+        ) {
+            let got = last_lines(&bytes, lines, cut);
+
+            prop_assert!(got.lines().count() <= lines.max(1));
+            prop_assert!(got.lines().all(|l| l.chars().count() <= TAIL_LINE_CHARS + 1));
+        }
+    }
 }

@@ -40,9 +40,13 @@ struct Key {
     access_key_id: String,
     principal: String,
     #[serde(default)]
-    created: Option<Value>,
+    account: Option<String>,
+    #[serde(default)]
+    created_at: Option<Value>,
     #[serde(default)]
     revoked: Option<Value>,
+    #[serde(default)]
+    revoked_at: Option<Value>,
 }
 
 /// A time as the keys API may send it: epoch seconds or text.
@@ -70,18 +74,28 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                     .unwrap_or(Value::Array(Vec::new())),
             };
             let keys: Vec<Key> = serde_json::from_value(list.clone()).map_err(|e| {
-                anyhow::anyhow!("kilnd's key list does not have the expected fields (accessKeyId, principal, created, revoked): {e}")
+                anyhow::anyhow!("kilnd's key list does not have the expected fields (accessKeyId, principal, createdAt, revoked): {e}")
             })?;
             match g.output {
                 Output::Json => println!("{}", crate::render::json(&list)),
                 Output::Table => {
-                    let mut t = Table::new(&["access key id", "principal", "created", "revoked"]);
+                    let mut t = Table::new(&[
+                        "access key id",
+                        "principal",
+                        "account",
+                        "created",
+                        "revoked",
+                    ]);
                     for k in &keys {
                         t.row(vec![
                             k.access_key_id.clone(),
                             k.principal.clone(),
-                            when(&k.created),
-                            when(&k.revoked),
+                            k.account.clone().unwrap_or_default(),
+                            when(&k.created_at),
+                            match &k.revoked_at {
+                                Some(Value::Null) | None => when(&k.revoked),
+                                at => when(at),
+                            },
                         ]);
                     }
                     print!("{t}");
@@ -103,6 +117,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, cmd: KeysCommand) -> anyhow::Result<
                             ("accessKeyId".into(), field("accessKeyId")),
                             ("secretAccessKey".into(), field("secretAccessKey")),
                             ("principal".into(), field("principal")),
+                            ("account".into(), field("account")),
                         ])
                     );
                     eprintln!(

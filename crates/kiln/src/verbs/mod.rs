@@ -1,5 +1,5 @@
 //! kiln's own verbs over the API: build, run, ls, curl, shell, suspend/resume/rm, keys,
-//! events.
+//! events, quotas.
 
 pub mod build;
 pub mod connectors;
@@ -7,6 +7,7 @@ pub mod curl;
 pub mod events;
 pub mod keys;
 pub mod ls;
+pub mod quotas;
 pub mod run;
 pub mod session;
 pub mod shell;

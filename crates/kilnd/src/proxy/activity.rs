@@ -155,6 +155,17 @@ impl VmActivity {
         ConnectionGuard(self.clone())
     }
 
+    /// Counts an open connection unless `most` are open already (0 = no cap).
+    pub(crate) fn try_open_connection(self: &Arc<Self>, most: usize) -> Option<ConnectionGuard> {
+        let most = most as u64;
+        self.open_connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (most == 0 || n < most).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnectionGuard(self.clone()))
+    }
+
     /// Takes one request from the VM's token bucket, or says how long until one is free.
     pub(crate) fn admit(&self, per_second: u32, burst: u32) -> Result<(), Duration> {
         if per_second == 0 {

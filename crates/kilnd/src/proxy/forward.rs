@@ -72,7 +72,7 @@ pub(crate) async fn handle(
     }
 }
 
-fn refusal(reject: Reject) -> Response<ProxyBody> {
+pub(crate) fn refusal(reject: Reject) -> Response<ProxyBody> {
     let mut response = Response::new(full(format!("{}\n", reject.reason)));
     *response.status_mut() = reject.status;
     let headers = response.headers_mut();
@@ -123,9 +123,9 @@ async fn proxy(
     if declared.is_some_and(|len| len > limits.max_body_bytes) {
         return Err(too_large(limits));
     }
+    client.carries(&target.microvm_id, &vm, limits.max_connections_per_vm)?;
     let upstream = route(state, &target).await?;
     vm.request();
-    client.carries(&target.microvm_id, &vm);
     let hop = Hop {
         state,
         client,
@@ -172,6 +172,9 @@ fn forbidden(e: TokenError) -> Reject {
             "invalid token: not issued by this kiln, or altered".to_string()
         }
         TokenError::Expired { .. } => "expired token: request a new one".to_string(),
+        TokenError::Revoked => {
+            "the access key that requested this token was revoked: request a new one".to_string()
+        }
         TokenError::OtherMicrovm { .. } => "the token is for another MicroVM".to_string(),
         TokenError::PortNotAllowed { port } => format!("the token does not allow port {port}"),
         TokenError::WrongKind { actual, .. } => {

@@ -15,9 +15,10 @@ mod request;
 mod shell;
 mod upstream;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,6 +100,12 @@ pub struct ProxyLimits {
     pub connect_timeout: Duration,
     /// Time `Routes::upstream` may take (e.g. while a suspended VM resumes).
     pub route_timeout: Duration,
+    /// Most client connections carrying one MicroVM's traffic at once (0 = no cap); the
+    /// next one's requests to it get 503.
+    pub max_connections_per_vm: usize,
+    /// Most connections open from one client address at once (0 = no cap); the next one
+    /// gets 429 and is closed.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for ProxyLimits {
@@ -113,6 +120,8 @@ impl Default for ProxyLimits {
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             route_timeout: Duration::from_secs(60),
+            max_connections_per_vm: 1000,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -133,6 +142,7 @@ pub struct ProxyState {
     counters: ProxyCounters,
     upstreams: Upstreams,
     book: Arc<upstream::UpstreamBook>,
+    clients: Arc<ClientAddresses>,
     stop: watch::Sender<bool>,
 }
 
@@ -156,6 +166,7 @@ impl ProxyState {
             counters: ProxyCounters::default(),
             upstreams,
             book,
+            clients: Arc::default(),
             stop: watch::Sender::new(false),
         }
     }
@@ -222,6 +233,49 @@ pub async fn serve(
     }
 }
 
+/// Answers the requests of a connection over the per-address cap with 429, briefly, and
+/// closes it: the client learns why rather than seeing a reset.
+async fn refuse(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    http2: bool,
+    state: Arc<ProxyState>,
+) {
+    let limits = &state.limits;
+    let most = limits.max_connections_per_client;
+    let service = {
+        let state = state.clone();
+        service_fn(move |_req| {
+            let state = state.clone();
+            async move {
+                let reject = Reject {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    reason: format!(
+                        "too many connections from your address (at most {most} at once); \
+                         close some or reuse them"
+                    ),
+                    retry_after: Some(1),
+                };
+                state.counters.refused(reject.status.as_u16());
+                Ok::<_, std::convert::Infallible>(forward::refusal(reject))
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(false);
+    builder.http2().timer(TokioTimer::new());
+    let builder = if http2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let _ = tokio::time::timeout(limits.header_read_timeout, conn).await;
+}
+
 /// Accept errors that concern one connection or a passing shortage, not the listener.
 fn transient(e: &io::Error) -> bool {
     matches!(
@@ -234,6 +288,45 @@ fn transient(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Open connections per client address; an address leaves the map with its last one, so
+/// the map never holds more entries than there are open connections.
+#[derive(Default)]
+struct ClientAddresses {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ClientAddresses {
+    /// Counts one more connection from `ip` unless it already has `most` (0 = no cap).
+    fn open(self: &Arc<Self>, ip: IpAddr, most: usize) -> Option<AddressSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if most > 0 && *n >= most {
+            if *n == 0 {
+                open.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+/// One connection from an address, counted until dropped.
+struct AddressSlot(Arc<ClientAddresses>, IpAddr);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// One client connection: what the proxy knows of it while it serves requests.
@@ -261,12 +354,28 @@ impl ClientConnection {
         Some(self.opened.elapsed().saturating_sub(done))
     }
 
-    /// Counts this connection as open for `microvm_id` (once per VM).
-    fn carries(&self, microvm_id: &str, activity: &Arc<activity::VmActivity>) {
+    /// Counts this connection as open for `microvm_id` (once per VM); 503 when the VM
+    /// already has `most` connections (0 = no cap).
+    fn carries(
+        &self,
+        microvm_id: &str,
+        activity: &Arc<activity::VmActivity>,
+        most: usize,
+    ) -> Result<(), Reject> {
         let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        if !vms.iter().any(|(id, _)| id == microvm_id) {
-            vms.push((microvm_id.to_string(), activity.open_connection()));
+        if vms.iter().any(|(id, _)| id == microvm_id) {
+            return Ok(());
         }
+        let guard = activity.try_open_connection(most).ok_or_else(|| Reject {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!(
+                "MicroVM {microvm_id} already has {most} open connections, the most it may \
+                 have; reuse a connection or retry later"
+            ),
+            retry_after: Some(1),
+        })?;
+        vms.push((microvm_id.to_string(), guard));
+        Ok(())
     }
 }
 
@@ -300,6 +409,13 @@ async fn connection(
         }
     };
     let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let Some(_slot) = state
+        .clients
+        .open(peer.ip(), limits.max_connections_per_client)
+    else {
+        tracing::debug!(%peer, "endpoint: too many connections from this address");
+        return refuse(tls, http2, state).await;
+    };
     let client = Arc::new(ClientConnection {
         peer,
         opened: Instant::now(),

@@ -801,3 +801,62 @@ impl Drop for PrivateService {
             .output();
     }
 }
+
+/// What confines one QEMU, read from /proc as an attacker who escaped into it would find it.
+#[derive(Debug)]
+pub struct QemuConfinement {
+    /// `Uid:` of /proc/<pid>/status (real, effective, saved, fs).
+    pub uids: Vec<u32>,
+    /// `Seccomp:` (2 = filter).
+    pub seccomp: String,
+    /// `NoNewPrivs:`.
+    pub no_new_privs: String,
+    /// `CapEff:`.
+    pub cap_eff: String,
+    /// Whether its mount namespace is this process's (kilnd's) own.
+    pub shares_our_mounts: bool,
+    /// Whether a path under the daemon's home (kiln.db) has a name in its root.
+    pub sees_kiln_db: bool,
+}
+
+impl QemuConfinement {
+    /// Reads it for `pid`; `None` when the process is gone.
+    pub fn of(pid: i32, home: &Path) -> Option<QemuConfinement> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+        let ours = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+        let db = format!("/proc/{pid}/root{}/kiln.db", home.display());
+        Some(QemuConfinement {
+            uids: field("Uid")
+                .split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect(),
+            seccomp: field("Seccomp"),
+            no_new_privs: field("NoNewPrivs"),
+            cap_eff: field("CapEff"),
+            shares_our_mounts: mnt == ours,
+            sees_kiln_db: Path::new(&db).exists(),
+        })
+    }
+
+    /// Panics unless it runs as its own unprivileged uid, under seccomp, with no capability,
+    /// in a mount namespace of its own where kiln.db has no name.
+    pub fn assert_confined(&self, what: &str) {
+        assert!(
+            self.uids.len() == 4 && self.uids.iter().all(|&u| u >= 200_000 && u == self.uids[0]),
+            "{what}: {self:?}"
+        );
+        assert_eq!(self.seccomp, "2", "{what}: {self:?}");
+        assert_eq!(self.no_new_privs, "1", "{what}: {self:?}");
+        assert_eq!(self.cap_eff, "0000000000000000", "{what}: {self:?}");
+        assert!(!self.shares_our_mounts, "{what}: {self:?}");
+        assert!(!self.sees_kiln_db, "{what}: {self:?}");
+    }
+}
