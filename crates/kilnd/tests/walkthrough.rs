@@ -143,7 +143,11 @@ fn external_store_when_configured_then_s3_artifacts_are_fetched_from_it() {
     let (missing_code, _, missing_err) = create_as(&alice, "missing", "s3://ext/nope.zip");
     let (bob_code, _, bob_err) = create_as(&bob, "bobs", "s3://ext/app.zip");
     let fetched = kilnd.wait_version_for("fetched", "1", std::time::Duration::from_secs(120));
-    let missing = kilnd.wait_version("missing", "1");
+    // Alice's image is in her own account (the first principal made after admin's).
+    let missing = kilnd.wait_version(
+        "arn:aws:lambda:local:000000000001:microvm-image:missing",
+        "1",
+    );
 
     assert_eq!(made.0, 0, "{}", made.1);
     assert_eq!(copied.0, 0, "{}", copied.1);
