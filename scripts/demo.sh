@@ -64,6 +64,12 @@ aws() {
         "$AWS_BIN" --region "$REGION" --endpoint-url "$API" \
         --output text lambda-microvms "$@"
 }
+# The same key against kilnd's embedded S3 store (AWS's walkthrough: aws s3 mb / cp).
+aws_s3() {
+    env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE \
+        AWS_PAGER="" AWS_SHARED_CREDENTIALS_FILE="$KILN_HOME/credentials" \
+        "$AWS_BIN" --region "$REGION" --endpoint-url "$API" s3 "$@"
+}
 # curl signing the same way, for kiln's own /kiln/v1 endpoints.
 signed_curl() {
     local key
@@ -158,6 +164,12 @@ print(dest)
 PY
 )
 say "$ZIP ($(du -k "$ZIP" | cut -f1) KiB)"
+# kilnd reads no files from its host: the zip goes through its S3 store, as on AWS.
+BUCKET=kiln-demo
+aws_s3 ls "s3://$BUCKET" >/dev/null 2>&1 || aws_s3 mb "s3://$BUCKET" >/dev/null
+ARTIFACT=s3://$BUCKET/$(basename "$ZIP")
+aws_s3 cp --only-show-errors "$ZIP" "$ARTIFACT"
+say "uploaded to $ARTIFACT"
 
 # --------------------------------------------------------------------- 4. build
 
@@ -167,7 +179,7 @@ if grep -qiE '^[[:space:]]*FROM[[:space:]]+kiln/busybox' "$APP_DIR/Dockerfile"; 
 fi
 image_args=(--base-image-arn "$BASE_ARN"
     --build-role-arn "arn:aws:iam::000000000000:role/kiln-build"
-    --code-artifact "{\"uri\": \"file://$ZIP\"}")
+    --code-artifact "{\"uri\": \"$ARTIFACT\"}")
 
 STATE=$(aws get-microvm-image --image-identifier "$IMAGE" --query state 2>/dev/null || true)
 case $STATE in

@@ -23,6 +23,9 @@ use crate::ApiError;
 /// a daemon's configuration (for tests that cannot wait minutes).
 pub static MIN_IDLE_SECONDS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(60);
 
+/// The memory sizes AWS offers for `resources.minimumMemoryInMiB`, MiB.
+pub const MEMORY_SIZES_MIB: [i32; 5] = [512, 1024, 2048, 4096, 8192];
+
 /// The constraint text of a missing required member.
 pub const NOT_NULL: &str = "Member must not be null";
 
@@ -394,6 +397,22 @@ impl Validate for Hooks {
                 h.terminate_timeout_in_seconds,
             );
         }
+        // A runtime hook is called only once the app said it is ready (AWS refuses the
+        // image otherwise).
+        let enabled = |h: &Option<HookState>| *h == Some(HookState::Enabled);
+        let runtime_hook = self.microvm_hooks.as_ref().is_some_and(|h| {
+            enabled(&h.run) || enabled(&h.resume) || enabled(&h.suspend) || enabled(&h.terminate)
+        });
+        let ready = self
+            .microvm_image_hooks
+            .as_ref()
+            .is_some_and(|h| enabled(&h.ready));
+        if runtime_hook && !ready {
+            v.add(
+                &join(path, "microvmImageHooks.ready"),
+                "Member must be ENABLED when a run, resume, suspend or terminate hook is enabled",
+            );
+        }
         if let Some(h) = &self.microvm_image_hooks {
             let p = join(path, "microvmImageHooks");
             check_int(
@@ -447,7 +466,14 @@ impl Validate for ImageVersionConfig {
             self.resources.as_deref(),
             0,
             Some(1),
-            |_, _, _| {},
+            |v, p, r| {
+                if !MEMORY_SIZES_MIB.contains(&r.minimum_memory_in_mib) {
+                    v.add(
+                        &join(p, "minimumMemoryInMiB"),
+                        &format!("Supported memory sizes in MiB are: {MEMORY_SIZES_MIB:?}"),
+                    );
+                }
+            },
         );
         if let Some(hooks) = &self.hooks {
             hooks.check(&join(path, "hooks"), v);
@@ -820,6 +846,10 @@ mod tests {
             .to_string()
     }
 
+    fn create_ok(overrides: serde_json::Value) -> bool {
+        parse_body::<CreateMicrovmImageRequest>(&create_body(overrides)).is_ok()
+    }
+
     fn one(path: &str, constraint: &str) -> String {
         format!("1 validation error detected: Value at '{path}' failed to satisfy constraint: {constraint}")
     }
@@ -901,6 +931,38 @@ mod tests {
                 "Member must have value less than or equal to 60"
             )
         );
+    }
+
+    #[test]
+    fn runtime_hook_without_ready_names_the_ready_hook() {
+        let without = create_error(json!({"hooks": {"microvmHooks": {"suspend": "ENABLED"}}}));
+        let with_ready = json!({"hooks": {
+            "microvmHooks": {"run": "ENABLED", "terminate": "ENABLED"},
+            "microvmImageHooks": {"ready": "ENABLED"},
+        }});
+
+        assert_eq!(
+            without,
+            one(
+                "hooks.microvmImageHooks.ready",
+                "Member must be ENABLED when a run, resume, suspend or terminate hook is enabled"
+            )
+        );
+        assert!(create_ok(with_ready));
+    }
+
+    #[test]
+    fn memory_size_outside_the_offered_sizes_lists_them() {
+        assert_eq!(
+            create_error(json!({"resources": [{"minimumMemoryInMiB": 256}]})),
+            one(
+                "resources.1.member.minimumMemoryInMiB",
+                "Supported memory sizes in MiB are: [512, 1024, 2048, 4096, 8192]"
+            )
+        );
+        assert!(create_ok(
+            json!({"resources": [{"minimumMemoryInMiB": 2048}]})
+        ));
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl RequestSigner {
         }
     }
 
+    /// A signer of S3 requests with the same key and region.
+    pub fn for_s3(&self) -> Self {
+        RequestSigner::s3(self.credentials.clone(), self.region.clone())
+    }
+
     fn settings(&self) -> SigningSettings {
         let mut settings = SigningSettings::default();
         if self.service == "s3" {

@@ -387,6 +387,24 @@ impl Kilnd {
         Ok(resp)
     }
 
+    /// A request to kilnd's embedded S3 store at `path` (`/bucket[/key]`), signed with the
+    /// same key for the `s3` service; the answer whatever its status.
+    pub async fn s3(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.endpoint);
+        let url = reqwest::Url::parse(&url).with_context(|| format!("bad S3 URL {url}"))?;
+        let mut req = reqwest::Request::new(method, url);
+        if let Some(body) = body {
+            *req.body_mut() = Some(body.into());
+        }
+        self.signer.for_s3().sign(&mut req, SystemTime::now())?;
+        self.send(req).await
+    }
+
     /// [`Kilnd::kiln`], the answer read as JSON (`Null` when empty).
     pub async fn kiln_json(
         &self,

@@ -145,7 +145,7 @@ macro_rules! image_members {
             m("baseImageVersion", At::Body, Kind::Str, OPT, "Version of the base image (default: its latest)."),
             m("buildRoleArn", At::Body, Kind::Str, REQ, "IAM role ARN the build runs as, e.g. arn:aws:iam::000000000000:role/kiln-build."),
             m("description", At::Body, Kind::Str, OPT, "Free text describing this version."),
-            m("codeArtifact", At::Body, Kind::Struct, REQ, "Where the zipped build context is: uri=file:///abs/path/app.zip (or JSON {\"uri\":…})."),
+            m("codeArtifact", At::Body, Kind::Struct, REQ, "Where the zipped build context is: uri=s3://bucket/app.zip in kilnd's S3 store (or JSON {\"uri\":…}); file:///abs/path/app.zip only for admin, under kilnd's --artifact-root."),
             m("logging", At::Body, Kind::Struct, OPT, "Build logs: JSON {\"disabled\":{}} or {\"cloudWatch\":{\"logGroup\":…}}."),
             m("egressNetworkConnectors", At::Body, Kind::StrList, OPT, "At most one egress network connector for the build."),
             m("cpuConfigurations", At::Body, Kind::StructList, OPT, "CPU targets, e.g. architecture=X86_64."),
@@ -202,7 +202,7 @@ pub const OPERATIONS: &[OperationSpec] = &[
     OperationSpec {
         op: Operation::CreateMicrovmImage,
         about: "Create an image and start building its first version from a zipped build context",
-        example: "create-microvm-image --name web --base-image-arn arn:aws:lambda:local:aws:microvm-image:busybox --build-role-arn arn:aws:iam::000000000000:role/kiln-build --code-artifact uri=file:///tmp/app.zip",
+        example: "create-microvm-image --name web --base-image-arn arn:aws:lambda:local:aws:microvm-image:busybox --build-role-arn arn:aws:iam::000000000000:role/kiln-build --code-artifact uri=s3://apps/app.zip",
         members: CREATE_IMAGE,
     },
     OperationSpec {
@@ -370,7 +370,7 @@ pub const OPERATIONS: &[OperationSpec] = &[
     OperationSpec {
         op: Operation::UpdateMicrovmImage,
         about: "Build a new version of an image (see also `kiln build`)",
-        example: "update-microvm-image --image-identifier web --base-image-arn arn:aws:lambda:local:aws:microvm-image:busybox --build-role-arn arn:aws:iam::000000000000:role/kiln-build --code-artifact uri=file:///tmp/app.zip",
+        example: "update-microvm-image --image-identifier web --base-image-arn arn:aws:lambda:local:aws:microvm-image:busybox --build-role-arn arn:aws:iam::000000000000:role/kiln-build --code-artifact uri=s3://apps/app.zip",
         members: UPDATE_IMAGE,
     },
     OperationSpec {
@@ -655,7 +655,7 @@ mod tests {
                 "--code-artifact",
                 "uri=file:///tmp/app.zip",
                 "--resources",
-                "minimumMemoryInMiB=256",
+                "minimumMemoryInMiB=512",
                 "--environment-variables",
                 "PORT=8080,MODE=prod",
             ],
@@ -672,7 +672,7 @@ mod tests {
         );
         assert_eq!(
             body.config.resources.map(|r| r[0].minimum_memory_in_mib),
-            Some(256)
+            Some(512)
         );
         let env = body.config.environment_variables.expect("env");
         assert_eq!(env.get("PORT").map(String::as_str), Some("8080"));

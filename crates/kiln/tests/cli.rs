@@ -612,6 +612,55 @@ fn friendly_verbs_when_building_and_running_an_app_then_each_step_shows_its_resu
 }
 
 #[test]
+fn build_when_caller_is_not_admin_then_the_zip_goes_through_its_own_bucket_and_builds() {
+    let kilnd = Daemon::start();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let app = scratch.path().join("alices-site");
+    site(&app);
+    let created = kilnd.kiln(&["keys", "create", "--principal", "alice", "--output", "json"]);
+    let field = |k: &str| created.json()[k].as_str().unwrap_or_default().to_string();
+    let (akid, secret) = (field("accessKeyId"), field("secretAccessKey"));
+    let as_alice = |args: &[&str]| {
+        Run::of(
+            kiln_cmd(kilnd.home.path())
+                .env("KILN_ENDPOINT", &kilnd.url)
+                .env("AWS_ACCESS_KEY_ID", &akid)
+                .env("AWS_SECRET_ACCESS_KEY", &secret)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run kiln"),
+        )
+    };
+
+    let built = as_alice(&["build", &app.to_string_lossy(), "--output", "json"]);
+    let version = as_alice(&[
+        "get-microvm-image-version",
+        "--image-identifier",
+        "alices-site",
+        "--image-version",
+        "1",
+        "--output",
+        "json",
+    ]);
+
+    assert_eq!(built.code, 0, "{built:?}");
+    assert_eq!(built.json()["state"], "SUCCESSFUL", "{built:?}");
+    assert!(
+        built
+            .stderr
+            .contains("uploaded to s3://kiln-artifacts-alice/alices-site/"),
+        "{built:?}"
+    );
+    assert!(
+        version.json()["codeArtifact"]["uri"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("s3://kiln-artifacts-alice/")),
+        "{version:?}"
+    );
+}
+
+#[test]
 fn keys_when_created_listed_and_revoked_then_each_shows() {
     let kilnd = Daemon::start();
 

@@ -505,7 +505,7 @@ async fn build_image(api: &Api, dir: &Path) -> anyhow::Result<()> {
             "baseImageArn": "arn:aws:lambda:local:aws:microvm-image:busybox",
             "buildRoleArn": "arn:aws:iam::000000000000:role/kiln-build",
             "codeArtifact": {"uri": format!("file://{}", zip_path.display())},
-            "resources": [{"minimumMemoryInMiB": 256}],
+            "resources": [{"minimumMemoryInMiB": 512}],
         })),
     )
     .await?;

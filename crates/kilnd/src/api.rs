@@ -69,6 +69,7 @@ pub fn router(api: Api) -> Router {
         )
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/quotas", get(quotas))
+        .route("/kiln/v1/whoami", get(whoami))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
         .fallback(entry)
         .with_state(api)
@@ -403,6 +404,18 @@ async fn delete_connector(
         Ok(c) => json_response(200, api.network.describe(&c)),
         Err(e) => error_response(&e),
     }
+}
+
+/// `GET /kiln/v1/whoami`: `{principal, accessKeyId}` of the signer (what `kiln build` names
+/// its artifact bucket after).
+async fn whoami(signed: Signed) -> Response {
+    json_response(
+        200,
+        serde_json::json!({
+            "principal": signed.caller.principal,
+            "accessKeyId": signed.caller.access_key_id,
+        }),
+    )
 }
 
 /// `GET /kiln/v1/keys` (admin): `{"keys": [{accessKeyId, principal, createdAt, revoked,

@@ -14,6 +14,7 @@ use crate::network::Network;
 use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
+use crate::artifacts::{bucket_of, ArtifactPolicy};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::s3::S3Store;
@@ -29,6 +30,7 @@ pub struct Builds {
     config: Arc<Config>,
     s3: Arc<S3Store>,
     remote_s3: Option<Arc<RemoteS3>>,
+    artifacts: Arc<ArtifactPolicy>,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
     /// Connectors and the egress gateway (a build's egress is its image's connector).
@@ -87,12 +89,17 @@ impl Builds {
         network: Arc<Network>,
         quotas: Arc<crate::quotas::Quotas>,
     ) -> Builds {
+        let artifacts = Arc::new(ArtifactPolicy::new(
+            config.artifact_roots.clone(),
+            config.artifact_s3_buckets.clone(),
+        ));
         Builds {
             quotas,
             network,
             host,
             store,
             config,
+            artifacts,
             s3,
             remote_s3,
             metrics,
@@ -106,9 +113,18 @@ impl Builds {
         &self.s3
     }
 
-    /// The external S3-compatible store `s3://` artifacts come from, when configured.
-    pub fn remote_s3(&self) -> Option<&RemoteS3> {
-        self.remote_s3.as_deref()
+    /// The external S3-compatible store `s3://uri` comes from: configured, and the bucket is
+    /// not one of the embedded store's (those stay reachable, so `kiln build`'s uploads work
+    /// whichever store holds the operator's artifacts).
+    pub fn remote_s3_for(&self, uri: &str) -> Option<&RemoteS3> {
+        self.remote_s3
+            .as_deref()
+            .filter(|_| !self.s3.has_bucket(bucket_of(uri)))
+    }
+
+    /// Which artifacts a principal may name.
+    pub fn artifacts(&self) -> &ArtifactPolicy {
+        &self.artifacts
     }
 
     /// Builds `image` (the image's store key) version `version` in the background. `first`
@@ -211,8 +227,9 @@ impl Builds {
         log: &BuildLog,
     ) -> Result<(), String> {
         let CodeArtifact::Uri(uri) = &spec.code_artifact;
-        let zip = match (&self.remote_s3, uri.starts_with("s3://")) {
-            (Some(remote), true) => {
+        let remote = self.remote_s3_for(uri).filter(|_| uri.starts_with("s3://"));
+        let zip = match remote {
+            Some(remote) => {
                 log.line(format!("fetching {uri} from {}", remote.endpoint()));
                 let limit = kiln_image::context::ContextLimits::default().max_total_bytes;
                 remote.fetch(uri, &work.join("artifact.zip"), limit).await?
@@ -330,33 +347,11 @@ impl Builds {
                 .object_path(uri, crate::s3::ADMIN)
                 .map_err(|e| e.to_string());
         }
-        let Some(path) = uri.strip_prefix("file://") else {
-            return Err(format!(
-                "codeArtifact uri {uri} is not supported yet: use file:///absolute/path/app.zip"
-            ));
-        };
-        let path = PathBuf::from(path);
-        if !path.is_absolute() {
-            return Err(format!(
-                "codeArtifact uri {uri}: the path must be absolute (file:///…)"
-            ));
-        }
-        let real = path
-            .canonicalize()
-            .map_err(|e| format!("codeArtifact {}: {e}", path.display()))?;
-        if !self.config.artifact_roots.is_empty()
-            && !self
-                .config
-                .artifact_roots
-                .iter()
-                .any(|r| r.canonicalize().is_ok_and(|r| real.starts_with(r)))
-        {
-            return Err(format!(
-                "codeArtifact {} is outside the directories kilnd allows (--artifact-root)",
-                path.display()
-            ));
-        }
-        Ok(real)
+        // Only the admin's file:// reaches a build; the roots are checked again, since the
+        // file's links may have changed since the request.
+        self.artifacts
+            .file(crate::auth::ADMIN, uri)
+            .map_err(|e| e.to_string())
     }
 
     fn finish(

@@ -26,7 +26,9 @@ pub struct Config {
     /// They live in the build VM's tmpfs only and are never written into an image.
     #[arg(long, value_name = "PEM")]
     pub build_ca: Option<PathBuf>,
-    /// Restrict `file://` code artifacts to paths under these directories (repeatable).
+    /// Let the admin name `file://` code artifacts under this directory (repeatable; links
+    /// are resolved before the check). Without one, kilnd reads no artifacts from its host:
+    /// zips come through S3 (`aws s3 cp`, `kiln build`). Other principals never use file://.
     #[arg(long = "artifact-root", value_name = "DIR")]
     pub artifact_roots: Vec<PathBuf>,
     /// Fetch `s3://` code artifacts from this S3-compatible endpoint (path-style, e.g.
@@ -37,6 +39,11 @@ pub struct Config {
     /// `default` [default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY].
     #[arg(long, value_name = "FILE", requires = "artifact_s3_endpoint")]
     pub artifact_s3_credentials: Option<PathBuf>,
+    /// Let PRINCIPAL name `s3://BUCKET/…` artifacts in the --artifact-s3-endpoint store
+    /// (repeatable). kilnd fetches with its own credentials, so an ungranted bucket is the
+    /// admin's only.
+    #[arg(long = "artifact-s3-bucket", value_name = "BUCKET=PRINCIPAL")]
+    pub artifact_s3_buckets: Vec<crate::artifacts::BucketGrant>,
     /// Region the requests to --artifact-s3-endpoint are signed for.
     #[arg(long, default_value = "us-east-1", value_name = "REGION")]
     pub artifact_s3_region: String,
@@ -64,6 +71,14 @@ pub struct Config {
     /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
     #[arg(long, default_value_t = 60)]
     pub min_idle_seconds: i32,
+    /// How long a TERMINATED MicroVM stays visible to GetMicrovm and ListMicrovms, seconds;
+    /// then it is forgotten.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub terminated_retention_secs: u64,
+    /// How long an idempotency token (`clientToken`) is remembered, seconds; a token reused
+    /// later runs the request anew. The model names no window: 8 h is a MicroVM's longest life.
+    #[arg(long, default_value_t = 8 * 3600, value_name = "SECS")]
+    pub client_token_ttl_secs: u64,
     /// AWS region name used in ARNs.
     #[arg(long, default_value = "local")]
     pub region: String,

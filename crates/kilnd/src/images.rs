@@ -11,6 +11,7 @@ use kiln_api::shapes::image::*;
 use kiln_api::{ApiError, ArnContext, Request};
 use serde_json::{json, Value};
 
+use crate::artifacts::ArtifactRefusal;
 use crate::auth::Caller;
 use crate::builds::{version_dir, Builds};
 use crate::managed;
@@ -400,11 +401,21 @@ impl Images {
             .build_egress(c.egress_network_connectors.as_deref())?;
         managed::validate_base(&c.base_image_arn)?;
         let CodeArtifact::Uri(uri) = &c.code_artifact;
-        if uri.starts_with("s3://") && self.builds.remote_s3().is_some() {
-            // The external store answers when the build fetches it.
-            return Ok(());
-        }
+        let refused = |e: ArtifactRefusal| match e {
+            ArtifactRefusal::FileNotAdmin { .. } | ArtifactRefusal::BucketNotGranted { .. } => {
+                ApiError::access_denied(e.to_string())
+            }
+            _ => ApiError::validation(e.to_string()),
+        };
         if uri.starts_with("s3://") {
+            if self.builds.remote_s3_for(uri).is_some() {
+                // The external store answers for the object when the build fetches it.
+                return self
+                    .builds
+                    .artifacts()
+                    .external(&caller.principal, uri)
+                    .map_err(refused);
+            }
             return self
                 .builds
                 .s3()
@@ -412,19 +423,17 @@ impl Images {
                 .map(drop)
                 .map_err(|e| ApiError::validation(e.to_string()));
         }
-        match uri.strip_prefix("file://") {
-            Some(path) if path.starts_with('/') => {
-                if !std::path::Path::new(path).is_file() {
-                    return Err(ApiError::validation(format!(
-                        "codeArtifact.uri {uri}: no such file on the kiln host"
-                    )));
-                }
-                Ok(())
-            }
-            _ => Err(ApiError::validation(format!(
-                "codeArtifact.uri {uri} is not supported: upload the zip with `aws s3 cp app.zip s3://bucket/app.zip --endpoint-url <kilnd>` and use s3://bucket/app.zip, or use file:///absolute/path/app.zip on the kiln host"
-            ))),
+        if uri.starts_with("file://") {
+            return self
+                .builds
+                .artifacts()
+                .file(&caller.principal, uri)
+                .map(drop)
+                .map_err(refused);
         }
+        Err(ApiError::validation(format!(
+            "codeArtifact.uri {uri} is not supported: upload the zip with `aws s3 cp app.zip s3://BUCKET/app.zip --endpoint-url <kilnd>` and use uri=s3://BUCKET/app.zip (`kiln build` does both)"
+        )))
     }
 
     /// The image `identifier` names, if `caller` may see it.

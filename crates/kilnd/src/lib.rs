@@ -2,6 +2,7 @@
 //! MicroVM supervisor and the endpoint proxy come next.
 
 pub mod api;
+pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod builds;

@@ -638,6 +638,14 @@ impl Microvms {
                     t.token
                 ))
             })?;
+        if self.store.microvm(&id).map_err(internal)?.is_none() {
+            // What the token launched has aged out (TERMINATED long ago): the token goes
+            // with it, and this request launches anew.
+            self.store
+                .forget_client_token(&t.token, &t.scope)
+                .map_err(internal)?;
+            return Ok(None);
+        }
         let row = self.owned_row(caller, &id)?;
         to_value(&self.describe(&row)).map(Some)
     }
@@ -902,15 +910,25 @@ impl Microvms {
                             .map_err(internal)?;
                     }
                     None => {
+                        // QEMU is gone, and the guest's memory with it: no retry can
+                        // suspend it, so the answer is the state it ended in, not a 500.
                         self.release(row.memory_mib as u64);
+                        let reason = format!("the MicroVM ended while suspending: {message}");
                         self.store
                             .set_microvm_state(
                                 id,
                                 MicrovmState::Terminated.as_str(),
-                                Some(&message),
+                                Some(&reason),
                                 Some(now()),
                             )
                             .map_err(internal)?;
+                        self.activity.forget(id);
+                        let _ = std::fs::remove_dir_all(self.dir_of(id));
+                        return Err(ApiError::conflict(
+                            "Microvm",
+                            id,
+                            format!("MicroVM {id} is TERMINATED: {reason}"),
+                        ));
                     }
                 }
                 Err(ApiError::internal(message))
@@ -952,11 +970,26 @@ impl Microvms {
         };
         let old: BTreeMap<u16, u16> =
             serde_json::from_value(row.forwards.clone()).unwrap_or_default();
+        let sus = match kiln_vmm::SuspendedVm::open(
+            &self.suspended_dir(id),
+            &self.host.vmm.qemu().version,
+        ) {
+            Ok(sus) => sus,
+            Err(e) => {
+                // The saved session itself is unusable (missing, damaged, or from another
+                // QEMU): a retry would fail the same way, so the session ends here.
+                self.release_memory(row.memory_mib as u64);
+                let reason = format!("the suspended session cannot be restored: {e}");
+                tracing::warn!(microvm = %id, %reason, "resume failed; terminating");
+                self.terminate(id, &reason).await?;
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    id,
+                    format!("MicroVM {id} is TERMINATED: {reason}"),
+                ));
+            }
+        };
         let result = async {
-            let sus = kiln_vmm::SuspendedVm::open(
-                &self.suspended_dir(id),
-                &self.host.vmm.qemu().version,
-            )?;
             let mut forwards = BTreeMap::new();
             for guest in old.keys().copied().chain([8080]) {
                 forwards.insert(
@@ -1013,6 +1046,24 @@ impl Microvms {
                     "MicroVM {id} could not resume (it stays SUSPENDED): {e}"
                 )))
             }
+        }
+    }
+
+    /// Forgets MicroVMs TERMINATED longer than `--terminated-retention-secs` ago and
+    /// idempotency tokens older than `--client-token-ttl-secs`.
+    fn forget_expired(&self) {
+        let t = now();
+        let retention = self.config.terminated_retention_secs as f64;
+        match self.store.expire_terminated_microvms(t - retention) {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(microvms = ?ids, "terminated MicroVMs aged out")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot age out terminated MicroVMs"),
+        }
+        let ttl = self.config.client_token_ttl_secs as f64;
+        if let Err(e) = self.store.expire_client_tokens(t - ttl) {
+            tracing::warn!(error = %e, "cannot expire idempotency tokens");
         }
     }
 
@@ -1335,6 +1386,7 @@ impl Microvms {
     pub async fn reap(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            self.forget_expired();
             let Ok(rows) = self
                 .store
                 .microvms(None, None, Some(&["RUNNING", "SUSPENDED"]))

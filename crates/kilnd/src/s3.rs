@@ -182,6 +182,11 @@ impl S3Store {
         }
     }
 
+    /// Whether `bucket` is one of this store's.
+    pub fn has_bucket(&self, bucket: &str) -> bool {
+        valid_bucket(bucket) && self.objects.join(bucket).is_dir()
+    }
+
     /// The file holding `s3://bucket/key` for `principal` (who must own the bucket).
     pub fn object_path(&self, uri: &str, principal: &str) -> Result<PathBuf, S3StoreError> {
         let rest = uri

@@ -590,6 +590,16 @@ impl Store {
             .map_err(self.err())
     }
 
+    /// Forgets the idempotency tokens recorded before `before`; how many there were.
+    pub fn expire_client_tokens(&self, before: f64) -> Result<usize, StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM client_tokens WHERE created_at < ?1",
+                params![before],
+            )
+            .map_err(self.err())
+    }
+
     /// Forgets an idempotency token, so a retry with it runs the request anew.
     pub fn forget_client_token(&self, token: &str, operation: &str) -> Result<(), StoreError> {
         self.lock()
@@ -747,6 +757,21 @@ impl Store {
             )
             .map(drop)
             .map_err(self.err())
+    }
+
+    /// Forgets the MicroVMs TERMINATED before `before`; their ids.
+    pub fn expire_terminated_microvms(&self, before: f64) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "DELETE FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1
+                 RETURNING id",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![before], |r| r.get(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// Replaces a MicroVM's forwards.
@@ -1660,5 +1685,74 @@ mod tests {
             .expect("get")
             .expect("admin's");
         assert_eq!(admins.key, "app@000000000000");
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+
+    fn microvm(id: &str, state: &str, terminated_at: Option<f64>) -> MicrovmRow {
+        MicrovmRow {
+            id: id.into(),
+            image: "web".into(),
+            version: 1,
+            state: state.into(),
+            state_reason: None,
+            request: serde_json::json!({}),
+            started_at: 1.0,
+            terminated_at,
+            max_duration: 28_800,
+            memory_mib: 512,
+            kernel: "6.1".into(),
+            dir: format!("microvms/{id}"),
+            forwards: serde_json::json!({}),
+            owner: "admin".into(),
+        }
+    }
+
+    #[test]
+    fn expire_when_terminated_or_recorded_before_the_cutoff_then_only_those_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        store
+            .insert_microvm(&microvm("mvm-old", "TERMINATED", Some(100.0)))
+            .expect("old");
+        store
+            .insert_microvm(&microvm("mvm-recent", "TERMINATED", Some(900.0)))
+            .expect("recent");
+        store
+            .insert_microvm(&microvm("mvm-running", "RUNNING", None))
+            .expect("running");
+        store
+            .put_client_token("t-old", "RunMicrovm", "h", "{}", 100.0)
+            .expect("old token");
+        store
+            .put_client_token("t-new", "RunMicrovm", "h", "{}", 900.0)
+            .expect("new token");
+
+        let gone = store.expire_terminated_microvms(500.0).expect("expire");
+        let tokens_gone = store.expire_client_tokens(500.0).expect("expire tokens");
+
+        assert_eq!(gone, vec!["mvm-old".to_string()]);
+        let left: Vec<String> = store
+            .microvms(None, None, None)
+            .expect("list")
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(
+            left,
+            vec!["mvm-recent".to_string(), "mvm-running".to_string()]
+        );
+        assert_eq!(tokens_gone, 1);
+        assert!(store
+            .client_token("t-old", "RunMicrovm")
+            .expect("get")
+            .is_none());
+        assert!(store
+            .client_token("t-new", "RunMicrovm")
+            .expect("get")
+            .is_some());
     }
 }

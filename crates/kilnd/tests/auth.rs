@@ -148,7 +148,8 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
     assert_eq!(created, 0, "{err}");
     let (_, alice) = kilnd.new_principal("alice");
     let as_alice = |args: &[&str]| kilnd.aws_with(&alice, args);
-    let create_args = |name: &str| {
+    let alices_zip = kilnd.upload(&alice, "alice-apps", &zip);
+    let create_args = |name: &str, uri: &str| {
         vec![
             "create-microvm-image".to_string(),
             "--name".into(),
@@ -158,13 +159,16 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
             "--build-role-arn".into(),
             "arn:aws:iam::000000000000:role/kiln-build".into(),
             "--code-artifact".into(),
-            format!("uri=file://{}", zip.display()),
+            format!("uri={uri}"),
         ]
     };
-    let alice_create: Vec<String> = create_args("alices");
+    let alice_create: Vec<String> = create_args("alices", &alices_zip);
     let alice_create: Vec<&str> = alice_create.iter().map(String::as_str).collect();
+    let alice_file: Vec<String> = create_args("alices-file", &format!("file://{}", zip.display()));
+    let alice_file: Vec<&str> = alice_file.iter().map(String::as_str).collect();
 
     let (alice_created, _, alice_created_err) = as_alice(&alice_create);
+    let (alice_file_code, _, alice_file_err) = as_alice(&alice_file);
     let (_, _, get_err) = as_alice(&["get-microvm-image", "--image-identifier", "admins"]);
     let (_, _, arn_err) = as_alice(&[
         "get-microvm-image",
@@ -199,6 +203,14 @@ fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_a
     );
 
     assert_eq!(alice_created, 0, "{alice_created_err}");
+    // Only the admin names files on kilnd's host; everyone else is told to upload.
+    assert_ne!(alice_file_code, 0);
+    assert!(
+        alice_file_err.contains("AccessDeniedException")
+            && alice_file_err.contains("only principal admin may name files")
+            && alice_file_err.contains("aws s3 cp"),
+        "{alice_file_err}"
+    );
     for err in [&get_err, &arn_err, &versions_err, &tags_err, &delete_err] {
         assert!(err.contains("ResourceNotFoundException"), "{err}");
     }
@@ -251,4 +263,37 @@ fn keys_api_when_caller_is_not_admin_or_the_key_is_the_last_admin_key_then_refus
     assert_eq!(last.0, 409, "{}", last.2);
     assert!(last.2.contains("last active key"), "{}", last.2);
     assert_eq!(bad_name.0, 400);
+}
+
+#[test]
+fn file_artifacts_when_outside_the_roots_or_linked_out_then_refused_naming_the_roots() {
+    let scratch = tempfile::tempdir().expect("scratch");
+    let root = scratch.path().join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    let inside = unbuildable_zip(&root);
+    let outside = scratch.path().join("outside.zip");
+    std::fs::copy(&inside, &outside).expect("copy");
+    let link = root.join("link.zip");
+    std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+    let kilnd = Daemon::start(&["--artifact-root", &root.to_string_lossy()]);
+
+    let (inside_code, _, inside_err) = kilnd.create_image("inside", &inside);
+    let (outside_code, _, outside_err) = kilnd.create_image("outside", &outside);
+    let (link_code, _, link_err) = kilnd.create_image("linked", &link);
+    let (dotdot_code, _, dotdot_err) = kilnd.create_image("dotdot", &root.join("../outside.zip"));
+
+    assert_eq!(inside_code, 0, "{inside_err}");
+    for (code, err) in [
+        (outside_code, &outside_err),
+        (link_code, &link_err),
+        (dotdot_code, &dotdot_err),
+    ] {
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("ValidationException")
+                && err.contains("is outside the directories this kilnd reads artifacts from")
+                && err.contains(&root.to_string_lossy().into_owned()),
+            "{err}"
+        );
+    }
 }

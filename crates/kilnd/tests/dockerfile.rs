@@ -77,7 +77,7 @@ fn build(
         "--code-artifact",
         &uri,
         "--resources",
-        "minimumMemoryInMiB=256",
+        "minimumMemoryInMiB=512",
         "--egress-network-connectors",
         "dl",
     ]);

@@ -142,7 +142,7 @@ fn create_when_dockerfile_uses_most_instructions_then_built_app_answers_after_re
         "--code-artifact",
         &format!("uri=file://{}", zip.display()),
         "--resources",
-        "minimumMemoryInMiB=256",
+        "minimumMemoryInMiB=512",
     ]);
     // What `kiln logs tiny --follow` asks for (the CLI's own tests drive the CLI): the
     // stream ends when the build does.
@@ -217,7 +217,7 @@ fn create_when_ready_and_validate_hooks_are_enabled_then_both_are_called() {
         "--base-image-arn", "arn:aws:lambda:local:aws:microvm-image:busybox",
         "--build-role-arn", "arn:aws:iam::000000000000:role/kiln-build",
         "--code-artifact", &format!("uri=file://{}", zip.display()),
-        "--resources", "minimumMemoryInMiB=256",
+        "--resources", "minimumMemoryInMiB=512",
         "--hooks", "port=9000,microvmImageHooks={ready=ENABLED,readyTimeoutInSeconds=60,validate=ENABLED,validateTimeoutInSeconds=30}",
     ]);
     let version = kilnd.wait_version("hooked", "1");

@@ -434,10 +434,48 @@ fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_durat
     assert!(!kilnd.qemu_running());
 }
 
-/// An app whose hooks listener (port 9000) logs every request where its web server shows it.
+#[test]
+fn suspend_when_qemu_was_killed_then_a_conflict_not_a_retry_and_the_microvm_ends_with_a_reason() {
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let vm = run(&kilnd);
+    let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
+    for pid in kilnd.qemu_pids() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kilnd.qemu_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (code, _, err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]);
+
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("ConflictException") && err.contains("TERMINATED"),
+        "{err}"
+    );
+    assert_eq!(got["state"], "TERMINATED", "{got}");
+    assert!(
+        got["stateReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ended while suspending")),
+        "{got}"
+    );
+}
+
+/// An app whose hooks listener (port 9000) logs every request where its web server shows it;
+/// with `HOOKS=once` it answers only the first request (the build's `ready` call), so its
+/// snapshot has no listener left for the run hook.
 const HOOKS_APP: &str = "#!/bin/sh
 mkdir -p /www
-(while true; do printf 'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' | nc -l -p 9000 >> /www/hooks.log; done) &
+answer() { printf 'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' | nc -l -p 9000 >> /www/hooks.log; }
+if [ \"$HOOKS\" = once ]; then (answer) & else (while true; do answer; done) & fi
 exec httpd -f -p 8080 -h /www
 ";
 
@@ -457,7 +495,7 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
             ("app.sh", HOOKS_APP.as_bytes(), 0o755),
         ],
     );
-    let create = |name: &str, port: &str| {
+    let create = |name: &str, env: &str| {
         kilnd.aws(&[
             "create-microvm-image",
             "--name",
@@ -469,15 +507,16 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
             "--code-artifact",
             &format!("uri=file://{}", zip.display()),
             "--resources",
-            "minimumMemoryInMiB=256",
+            "minimumMemoryInMiB=512",
+            "--environment-variables",
+            env,
             "--hooks",
-            &format!(
-                "port={port},microvmHooks={{run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED}}"
-            ),
+            "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED},\
+             microvmImageHooks={ready=ENABLED}",
         ])
     };
-    create("hooked", "9000");
-    create("deaf", "9001");
+    create("hooked", "HOOKS=always");
+    create("deaf", "HOOKS=once");
     kilnd.wait_version("hooked", "1");
     kilnd.wait_version("deaf", "1");
 
@@ -755,11 +794,11 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
         "--code-artifact",
         &format!("uri=file://{}", zip.display()),
         "--resources",
-        "minimumMemoryInMiB=256",
+        "minimumMemoryInMiB=512",
         "--hooks",
         "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,suspend=ENABLED,\
          suspendTimeoutInSeconds=10,resume=ENABLED,resumeTimeoutInSeconds=10,\
-         terminate=ENABLED,terminateTimeoutInSeconds=10}",
+         terminate=ENABLED,terminateTimeoutInSeconds=10},microvmImageHooks={ready=ENABLED}",
     ]);
     assert_eq!(c, 0, "{e}");
     assert_eq!(kilnd.wait_version("session", "1")["state"], "SUCCESSFUL");
@@ -812,7 +851,10 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
     assert_eq!(code, 0, "{err}");
     assert_eq!((s, t), (0, 0), "{s_err}{t_err}");
     assert!(answers.iter().all(|a| a.starts_with("200 ")), "{answers:?}");
-    let calls: Vec<&str> = log.lines().collect();
+    // The build's ready call comes first (in the image's snapshot); then the session's.
+    let (ready, calls): (Vec<&str>, Vec<&str>) =
+        log.lines().partition(|l| l.contains("/runtime/v1/ready"));
+    assert!(!ready.is_empty(), "{log}");
     assert_eq!(calls.len(), 4, "{log}");
     assert_eq!(
         calls[0],

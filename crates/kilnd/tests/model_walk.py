@@ -28,6 +28,9 @@ from botocore.model import ServiceModel
 from endpoint_client import get
 
 SERVICE = "lambda-microvms"
+# kilnd's --client-token-ttl-secs and --terminated-retention-secs in model_walk.rs.
+TOKEN_TTL = 15
+RETENTION = 30
 ROLE = "arn:aws:iam::000000000000:role/kiln-build"
 IMAGE = "walk"
 # Error kinds boto3_errors.py already checks for these operations; the walk does not repeat them.
@@ -364,10 +367,28 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
         imageIdentifier="no-such-base",
     )
 
-    # An image, built once.
+    # An image, built once; before it, what AWS refuses in an image's config.
     source = {"baseImageArn": busybox, "buildRoleArn": ROLE, "codeArtifact": code}
+    walk.fails(
+        "CreateMicrovmImage",
+        "ValidationException",
+        saying="Supported memory sizes in MiB are: [512, 1024, 2048, 4096, 8192]",
+        name="walk-small",
+        resources=[{"minimumMemoryInMiB": 256}],
+        **source,
+    )
+    for hook in ("run", "resume", "suspend", "terminate"):
+        walk.fails(
+            "CreateMicrovmImage",
+            "ValidationException",
+            saying="Value at 'hooks.microvmImageHooks.ready' failed to satisfy constraint: "
+            "Member must be ENABLED when a run, resume, suspend or terminate hook is enabled",
+            name="walk-unready",
+            hooks={"port": 9000, "microvmHooks": {hook: "ENABLED"}},
+            **source,
+        )
     created = walk.call(
-        "CreateMicrovmImage", name=IMAGE, resources=[{"minimumMemoryInMiB": 256}], **source
+        "CreateMicrovmImage", name=IMAGE, resources=[{"minimumMemoryInMiB": 512}], **source
     )
     image_arn = created["imageArn"]
     seen["created"] = [created["state"], created["imageVersion"]]
@@ -396,7 +417,7 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
         "UpdateMicrovmImage",
         imageIdentifier=IMAGE,
         description="the model walk's second version",
-        resources=[{"minimumMemoryInMiB": 256}],
+        resources=[{"minimumMemoryInMiB": 512}],
         **source,
     )
     seen["updated"] = [updated["state"], updated["imageVersion"]]
@@ -433,6 +454,7 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
 
     # One MicroVM.
     vm = walk.call("RunMicrovm", imageIdentifier=IMAGE, ingressNetworkConnectors=["SHELL_INGRESS"])
+    run_at = time.time()
     mid = vm["microvmId"]
     seen["microvm"] = mid
     seen["run"] = [vm["state"], vm["imageVersion"]]
@@ -480,6 +502,31 @@ def steps(walk, seen, endpoint_port, ca, zip_path):
     walk.fails("CreateMicrovmShellAuthToken", "ConflictException", microvmIdentifier=mid)
     walk.fails("SuspendMicrovm", "ConflictException", microvmIdentifier=mid)
     walk.fails("ResumeMicrovm", "ConflictException", microvmIdentifier=mid)
+
+    # The run's clientToken expires (kilnd --client-token-ttl-secs, shortened by the test):
+    # reused with other parameters it is no longer a conflict, the request runs anew (here
+    # it names a missing version, so nothing launches).
+    time.sleep(max(0.0, run_at + TOKEN_TTL + 2 - time.time()))
+    walk.fails(
+        "RunMicrovm",
+        "ResourceNotFoundException",
+        imageIdentifier=IMAGE,
+        imageVersion="99",
+        clientToken=walk.token("RunMicrovm"),
+    )
+    # A TERMINATED MicroVM stays visible for --terminated-retention-secs, then ages out.
+    seen["terminated_later"] = walk.call("GetMicrovm", microvmIdentifier=mid)["state"]
+    deadline = time.time() + RETENTION + 30
+    while time.time() < deadline:
+        try:
+            walk.unchecked.get_microvm(microvmIdentifier=mid)
+        except walk.unchecked.exceptions.ResourceNotFoundException:
+            break
+        time.sleep(1)
+    walk.fails("GetMicrovm", "ResourceNotFoundException", microvmIdentifier=mid)
+    seen["listed_after_retention"] = [
+        i["microvmId"] for i in walk.call("ListMicrovms")["items"]
+    ]
 
     # Tags, on the image's ARN.
     walk.call("TagResource", Resource=image_arn, Tags={"stage": "walk"})

@@ -27,7 +27,17 @@ fn names(v: &Value) -> Vec<String> {
 
 #[test]
 fn walk_when_every_model_operation_is_called_then_each_answers_as_the_model_says() {
-    let kilnd = Daemon::start(&[]);
+    // Short windows (model_walk.py's TOKEN_TTL and RETENTION), so the walk sees both end;
+    // RunMicrovm unthrottled, since the walk sends six of them within a second or so (its bad
+    // inputs, the run and its idempotent repeat) and throttling is another test's subject.
+    let kilnd = Daemon::start(&[
+        "--client-token-ttl-secs",
+        "15",
+        "--terminated-retention-secs",
+        "30",
+        "--throttle",
+        "RunMicrovm=0",
+    ]);
     let scratch = tempfile::tempdir().expect("scratch");
     let zip = scratch.path().join("walk.zip");
     make_zip(
@@ -106,6 +116,8 @@ fn walk_when_every_model_operation_is_called_then_each_answers_as_the_model_says
         "{seen}"
     );
     assert_eq!(seen["terminated"], "TERMINATED", "{seen}");
+    assert_eq!(seen["terminated_later"], "TERMINATED", "{seen}");
+    assert_eq!(seen["listed_after_retention"], json!([]), "{seen}");
     assert_eq!(seen["tagged"], json!({"stage": "walk"}), "{seen}");
     assert_eq!(seen["untagged"], json!({}), "{seen}");
     assert_eq!(seen["deleted_version"], "DELETED", "{seen}");

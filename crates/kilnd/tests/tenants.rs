@@ -53,7 +53,8 @@ fn layer_cache_when_another_principal_builds_the_same_zip_then_nothing_is_cached
     let zip = scratch.path().join("same.zip");
     common::counter_zip(&zip);
     let (_, bob) = kilnd.new_principal("bob");
-    let create = |credentials: &std::path::Path, name: &str| {
+    let bobs_zip = kilnd.upload(&bob, "bob-apps", &zip);
+    let create = |credentials: &std::path::Path, name: &str, uri: &str| {
         kilnd.aws_with(
             credentials,
             &[
@@ -65,16 +66,17 @@ fn layer_cache_when_another_principal_builds_the_same_zip_then_nothing_is_cached
                 "--build-role-arn",
                 "arn:aws:iam::000000000000:role/kiln-build",
                 "--code-artifact",
-                &format!("uri=file://{}", zip.display()),
+                &format!("uri={uri}"),
             ],
         )
     };
+    let admins_zip = format!("file://{}", zip.display());
 
-    let (admin_code, _, admin_err) = create(&kilnd.credentials(), "admins");
+    let (admin_code, _, admin_err) = create(&kilnd.credentials(), "admins", &admins_zip);
     let admins = kilnd.wait_version("admins", "1");
-    let (again_code, _, again_err) = create(&kilnd.credentials(), "admins-again");
+    let (again_code, _, again_err) = create(&kilnd.credentials(), "admins-again", &admins_zip);
     let again = kilnd.wait_version("admins-again", "1");
-    let (bob_code, _, bob_err) = create(&bob, "bobs");
+    let (bob_code, _, bob_err) = create(&bob, "bobs", &bobs_zip);
     // Bob's images are in his own account: admin names them by ARN.
     let bobs = kilnd.wait_version("arn:aws:lambda:local:000000000001:microvm-image:bobs", "1");
     let again_log = kilnd.get("/kiln/v1/images/admins-again/versions/1/build-log");

@@ -28,7 +28,7 @@ def main(api, endpoint_port, ca, uri):
         baseImageArn="arn:aws:lambda:local:aws:microvm-image:busybox",
         buildRoleArn="arn:aws:iam::000000000000:role/kiln-build",
         codeArtifact={"uri": uri},
-        resources=[{"minimumMemoryInMiB": 256}],
+        resources=[{"minimumMemoryInMiB": 512}],
     )
     deadline = time.time() + 300
     while time.time() < deadline:

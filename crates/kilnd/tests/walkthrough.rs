@@ -115,29 +115,49 @@ fn external_store_when_configured_then_s3_artifacts_are_fetched_from_it() {
         &store.url,
         "--artifact-s3-credentials",
         &store_credentials,
+        "--artifact-s3-bucket",
+        "ext=alice",
     ]);
-    let create = |name: &str, uri: &str| {
-        kilnd.aws(&[
-            "create-microvm-image",
-            "--name",
-            name,
-            "--base-image-arn",
-            "arn:aws:lambda:local:aws:microvm-image:busybox",
-            "--build-role-arn",
-            "arn:aws:iam::000000000000:role/kiln-build",
-            "--code-artifact",
-            &format!("uri={uri}"),
-        ])
+    let (_, alice) = kilnd.new_principal("alice");
+    let (_, bob) = kilnd.new_principal("bob");
+    let create_as = |credentials: &std::path::Path, name: &str, uri: &str| {
+        kilnd.aws_with(
+            credentials,
+            &[
+                "create-microvm-image",
+                "--name",
+                name,
+                "--base-image-arn",
+                "arn:aws:lambda:local:aws:microvm-image:busybox",
+                "--build-role-arn",
+                "arn:aws:iam::000000000000:role/kiln-build",
+                "--code-artifact",
+                &format!("uri={uri}"),
+            ],
+        )
     };
+    let create = |name: &str, uri: &str| create_as(&kilnd.credentials(), name, uri);
 
     let (ok_code, _, ok_err) = create("fetched", "s3://ext/app.zip");
-    let (missing_code, _, missing_err) = create("missing", "s3://ext/nope.zip");
+    // kilnd fetches with its own key: a principal names only the buckets granted to it.
+    let (missing_code, _, missing_err) = create_as(&alice, "missing", "s3://ext/nope.zip");
+    let (bob_code, _, bob_err) = create_as(&bob, "bobs", "s3://ext/app.zip");
     let fetched = kilnd.wait_version_for("fetched", "1", std::time::Duration::from_secs(120));
-    let missing = kilnd.wait_version("missing", "1");
+    // Alice's image is in her own account (the first principal made after admin's).
+    let missing = kilnd.wait_version(
+        "arn:aws:lambda:local:000000000001:microvm-image:missing",
+        "1",
+    );
 
     assert_eq!(made.0, 0, "{}", made.1);
     assert_eq!(copied.0, 0, "{}", copied.1);
     assert_eq!((ok_code, missing_code), (0, 0), "{ok_err}{missing_err}");
+    assert_ne!(bob_code, 0);
+    assert!(
+        bob_err.contains("AccessDeniedException")
+            && bob_err.contains("not granted to principal bob"),
+        "{bob_err}"
+    );
     assert_eq!(fetched["state"], "SUCCESSFUL", "{fetched}");
     assert_eq!(missing["state"], "FAILED", "{missing}");
     assert!(

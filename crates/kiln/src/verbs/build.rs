@@ -42,8 +42,8 @@ pub struct BuildArgs {
         value_name = "ARN"
     )]
     pub build_role_arn: String,
-    /// Memory the app needs, MiB.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    /// Memory the app needs, MiB: 512, 1024, 2048, 4096 or 8192.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub memory: i32,
     /// Environment of the app, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
@@ -51,7 +51,7 @@ pub struct BuildArgs {
     /// Free text describing this version.
     #[arg(long)]
     pub description: Option<String>,
-    /// Where the zip is written; kilnd must be able to read it (inside its --artifact-root, if it has one) [default: <home>/artifacts].
+    /// Where the zip is written before it is uploaded to your bucket in kilnd's S3 store [default: <home>/artifacts].
     #[arg(long, env = "KILN_ARTIFACT_DIR", value_name = "DIR")]
     pub artifact_dir: Option<PathBuf>,
     /// Start the build and return without following it.
@@ -190,6 +190,71 @@ fn write_artifact(
     Ok((path, stats))
 }
 
+/// The bucket of kilnd's S3 store that `kiln build` keeps `principal`'s zips in:
+/// `kiln-artifacts-<principal>` when that is a valid bucket name, else the name's digest.
+pub fn artifact_bucket(principal: &str) -> String {
+    let readable = (1..=40).contains(&principal.len())
+        && principal
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !principal.ends_with('-');
+    if readable {
+        format!("kiln-artifacts-{principal}")
+    } else {
+        let digest = blake3::hash(principal.as_bytes()).to_hex();
+        format!("kiln-artifacts-{}", &digest[..16])
+    }
+}
+
+/// Uploads `zip` to the signer's own bucket in kilnd's S3 store (made on first use) under
+/// `<image>/`; the `s3://` URI of the object.
+async fn upload(kilnd: &Kilnd, zip: &Path, image: &str) -> anyhow::Result<String> {
+    let who = kilnd
+        .kiln_json(Method::GET, "/kiln/v1/whoami", None)
+        .await
+        .context("asking kilnd which principal signs (GET /kiln/v1/whoami)")?;
+    let principal = who["principal"]
+        .as_str()
+        .context("kilnd's answer to GET /kiln/v1/whoami names no principal")?;
+    let bucket = artifact_bucket(principal);
+    let head = kilnd.s3(Method::HEAD, &format!("/{bucket}"), None).await?;
+    match head.status().as_u16() {
+        200 => {}
+        404 => {
+            let made = kilnd.s3(Method::PUT, &format!("/{bucket}"), None).await?;
+            // 409: made meanwhile by another `kiln build` of ours; the upload tells.
+            if !made.status().is_success() && made.status().as_u16() != 409 {
+                let status = made.status();
+                let text = made.text().await.unwrap_or_default();
+                bail!("cannot create bucket {bucket} in kilnd's S3 store: {status} {text}");
+            }
+        }
+        403 => bail!(
+            "bucket {bucket} in kilnd's S3 store belongs to another principal than {principal}; \
+             ask the admin to remove it (`aws s3 rb s3://{bucket} --force`)"
+        ),
+        status => bail!("checking bucket {bucket} in kilnd's S3 store: HTTP {status}"),
+    }
+    let file = zip
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "app.zip".into());
+    let key = format!("{image}/{file}");
+    let bytes = std::fs::read(zip).with_context(|| format!("reading {}", zip.display()))?;
+    let put = kilnd
+        .s3(Method::PUT, &format!("/{bucket}/{key}"), Some(bytes))
+        .await?;
+    if !put.status().is_success() {
+        let status = put.status();
+        let text = put.text().await.unwrap_or_default();
+        bail!(
+            "uploading {} to s3://{bucket}/{key}: {status} {text}",
+            zip.display()
+        );
+    }
+    Ok(format!("s3://{bucket}/{key}"))
+}
+
 fn env_map(pairs: &[String]) -> anyhow::Result<Option<kiln_api::shapes::EnvironmentVariables>> {
     if pairs.is_empty() {
         return Ok(None);
@@ -238,6 +303,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, a: BuildArgs) -> anyhow::Result<Exit
         .map(|s| read_secret(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (zip, stats) = write_artifact(&dir, &artifacts, &name)?;
+    let uri = upload(kilnd, &zip, &name).await?;
     if !secrets.is_empty() {
         use base64::Engine as _;
         let map: serde_json::Map<String, serde_json::Value> = secrets
@@ -262,7 +328,7 @@ pub async fn run(g: &Global, kilnd: &Kilnd, a: BuildArgs) -> anyhow::Result<Exit
         base_image_version: None,
         build_role_arn: a.build_role_arn.clone(),
         description: a.description.clone(),
-        code_artifact: CodeArtifact::Uri(format!("file://{}", zip.display())),
+        code_artifact: CodeArtifact::Uri(uri.clone()),
         logging: None,
         egress_network_connectors: None,
         cpu_configurations: None,
@@ -308,12 +374,11 @@ pub async fn run(g: &Global, kilnd: &Kilnd, a: BuildArgs) -> anyhow::Result<Exit
             .image_version
     };
     eprintln!(
-        "{} image {name} version {version} on {} ({} files, {} KiB zipped in {})",
+        "{} image {name} version {version} on {} ({} files, {} KiB zipped, uploaded to {uri})",
         if exists { "updating" } else { "creating" },
         crate::render::image_name(&base),
         stats.files,
         stats.zip_bytes.div_ceil(1024),
-        zip.display()
     );
     if a.no_wait {
         let v = version_description(kilnd, &name, &version).await?;
@@ -484,6 +549,18 @@ mod tests {
             name_from_dir(Path::new("/src/my app.v2")).expect("name"),
             "my-app-v2"
         );
+    }
+
+    #[test]
+    fn artifact_bucket_when_name_is_a_valid_bucket_then_readable_else_digest() {
+        assert_eq!(artifact_bucket("alice"), "kiln-artifacts-alice");
+        assert_eq!(artifact_bucket("admin"), "kiln-artifacts-admin");
+        let odd = artifact_bucket("Alice@example.com");
+        assert!(
+            odd.starts_with("kiln-artifacts-") && odd.len() == 31,
+            "{odd}"
+        );
+        assert_ne!(odd, artifact_bucket("alice@example.com"));
     }
 
     #[test]

@@ -79,7 +79,9 @@ fn spawn(
 }
 
 impl Daemon {
-    /// Starts kilnd with `extra` flags and waits until it listens.
+    /// Starts kilnd with `extra` flags and waits until it listens. The admin may name
+    /// `file://` artifacts under the system's temporary directory (where the tests write
+    /// their zips) unless `extra` sets its own `--artifact-root`.
     pub fn start(extra: &[&str]) -> Daemon {
         let home = tempfile::Builder::new()
             .prefix("kilnd-t")
@@ -91,7 +93,11 @@ impl Daemon {
             std::fs::create_dir_all(shared.join(dir)).expect("shared dir");
             std::os::unix::fs::symlink(shared.join(dir), home.path().join(dir)).expect("symlink");
         }
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a == "--artifact-root") {
+            extra.push("--artifact-root".into());
+            extra.push(std::env::temp_dir().to_string_lossy().into_owned());
+        }
         let endpoint_port = kiln_vmm::free_port().expect("port");
         let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra, None);
         Daemon {
@@ -201,7 +207,7 @@ impl Daemon {
             "--code-artifact",
             &format!("uri=file://{}", zip.display()),
             "--resources",
-            "minimumMemoryInMiB=256",
+            "minimumMemoryInMiB=512",
         ])
     }
 
@@ -307,6 +313,32 @@ impl Daemon {
         let path = self.home.path().join(format!("credentials-{principal}"));
         key.write(&path);
         (key, path)
+    }
+
+    /// Uploads `zip` as the principal of `credentials` to its bucket `bucket` (made if
+    /// missing) in kilnd's S3 store with the AWS CLI; the `s3://` URI.
+    pub fn upload(&self, credentials: &Path, bucket: &str, zip: &Path) -> String {
+        let uri = format!(
+            "s3://{bucket}/{}",
+            zip.file_name().expect("zip name").to_string_lossy()
+        );
+        let s3 = |args: &[&str]| {
+            aws_cli(credentials)
+                .arg("s3")
+                .args(args)
+                .args(["--endpoint-url", &self.url, "--region", "us-east-1"])
+                .output()
+                .expect("run the AWS CLI (make pyenv)")
+        };
+        let _ = s3(&["mb", &format!("s3://{bucket}")]);
+        let copied = s3(&["cp", &zip.to_string_lossy(), &uri]);
+        assert!(
+            copied.status.success(),
+            "aws s3 cp {}: {}",
+            zip.display(),
+            String::from_utf8_lossy(&copied.stderr)
+        );
+        uri
     }
 
     /// A Python from `target/pyenv` whose boto3 signs as admin.
