@@ -25,8 +25,14 @@ fn unbuildable_zip(dir: &Path) -> std::path::PathBuf {
     zip
 }
 
-/// `create-microvm-image --name app` from `zip`, signed with `credentials`.
+/// `create-microvm-image --name app` from `zip`, signed with `credentials`: the zip goes
+/// to the principal's own bucket in kiln's S3 store first (only admin may name files).
 fn create_app(kilnd: &Daemon, credentials: &Path, zip: &Path) -> (i32, Value, String) {
+    let who = credentials
+        .file_name()
+        .map(|n| n.to_string_lossy().replace('_', "-"))
+        .unwrap_or_default();
+    let uri = kilnd.upload(credentials, &format!("apps-{who}"), zip);
     kilnd.aws_with(
         credentials,
         &[
@@ -38,9 +44,9 @@ fn create_app(kilnd: &Daemon, credentials: &Path, zip: &Path) -> (i32, Value, St
             "--build-role-arn",
             "arn:aws:iam::000000000000:role/kiln-build",
             "--code-artifact",
-            &format!("uri=file://{}", zip.display()),
+            &format!("uri={uri}"),
             "--resources",
-            "minimumMemoryInMiB=256",
+            "minimumMemoryInMiB=512",
         ],
     )
 }

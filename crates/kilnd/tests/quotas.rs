@@ -73,8 +73,6 @@ fn catalogue_quotas_and_throttling_when_exceeded_then_boto3_and_the_cli_raise_th
         "--quota-overrides",
         overrides.to_str().expect("utf-8 path"),
     ]);
-    let bad_zip = scratch.path().join("not-a.zip");
-    std::fs::write(&bad_zip, b"not a zip: its build fails before any VM starts").expect("zip");
     let (alice_key, _) = kilnd.new_principal("alice");
     for who in ["bob", "carol", "dave", "erin", "frank"] {
         kilnd.new_principal(who);
@@ -85,7 +83,6 @@ fn catalogue_quotas_and_throttling_when_exceeded_then_boto3_and_the_cli_raise_th
         .arg(common::workspace().join("crates/kilnd/tests/quotas_boto3.py"))
         .arg(&kilnd.url)
         .arg(kilnd.home.path())
-        .arg(&bad_zip)
         .output()
         .expect("run python (make pyenv)");
     let frank = kilnd.home.path().join("credentials-frank");
@@ -116,7 +113,8 @@ fn catalogue_quotas_and_throttling_when_exceeded_then_boto3_and_the_cli_raise_th
             "--build-role-arn",
             "arn:aws:iam::000000000000:role/kiln-build",
             "--code-artifact",
-            &format!("uri=file://{}", bad_zip.display()),
+            // Uploaded by the Python part (an empty object: no bytes stored).
+            "uri=s3://bogus-alice/bad.zip",
         ],
     );
     let own = kilnd.request(&alice_key, "GET", "/kiln/v1/quotas", b"");
@@ -228,6 +226,9 @@ fn create_image(
     name: &str,
     zip: &Path,
 ) -> (i32, Value, String) {
+    // Only admin may name host files: the zip goes to the principal's own bucket.
+    let bucket = format!("{}-apps", name.to_ascii_lowercase());
+    let uri = kilnd.upload(credentials, &bucket, zip);
     kilnd.aws_with(
         credentials,
         &[
@@ -239,9 +240,9 @@ fn create_image(
             "--build-role-arn",
             "arn:aws:iam::000000000000:role/kiln-build",
             "--code-artifact",
-            &format!("uri=file://{}", zip.display()),
+            &format!("uri={uri}"),
             "--resources",
-            "minimumMemoryInMiB=256",
+            "minimumMemoryInMiB=512",
         ],
     )
 }
@@ -293,7 +294,7 @@ fn microvm_quotas_when_launching_past_them_then_exactly_one_wins_and_builds_are_
         "--quota-microvms",
         "2",
         "--quota-memory-mib",
-        "300",
+        "700",
         "--endpoint-max-ports-per-vm",
         "2",
         "--quota-overrides",
@@ -371,7 +372,7 @@ fn microvm_quotas_when_launching_past_them_then_exactly_one_wins_and_builds_are_
     assert_eq!(quota(&usage, "MicrovmsPerPrincipal")["used"], 1, "{usage}");
     assert_eq!(
         quota(&usage, "MicrovmMemoryMiBPerPrincipal")["used"],
-        256,
+        512,
         "{usage}"
     );
     assert!(

@@ -1,8 +1,9 @@
 """Quota and throttling errors as boto3 raises them: the typed exceptions of botocore's
 lambda-microvms model, with their modeled members and the Retry-After header.
 
-Usage: quotas_boto3.py API_URL HOME BAD_ZIP
-BAD_ZIP is a file that is no zip: builds from it fail at once, without a VM. Signs as the principals whose credentials the Rust test wrote to HOME/credentials-<name>
+Usage: quotas_boto3.py API_URL HOME
+Each principal's artifact is an empty object in its own bucket (only admin may name host files):
+no zip, so builds from it fail at once, without a VM, and it stores no bytes. Signs as the principals whose credentials the Rust test wrote to HOME/credentials-<name>
 (alice, bob, carol, dave, erin). Prints one JSON object of what each call raised; the Rust
 test asserts on it.
 """
@@ -13,7 +14,7 @@ import time
 import boto3
 from botocore.config import Config
 
-BOGUS = ""
+BOGUS = {}
 
 
 def profile(home, principal):
@@ -59,12 +60,21 @@ def raised(c, call):
     }
 
 
+def bogus(api, home, principal):
+    """Uploads the principal's empty artifact; its s3:// URI."""
+    s3 = client(api, home, principal, "s3")
+    bucket = f"bogus-{principal}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="bad.zip", Body=b"")
+    return f"s3://{bucket}/bad.zip"
+
+
 def create(c, name):
     return lambda: c.create_microvm_image(
         name=name,
         baseImageArn="arn:aws:lambda:local:aws:microvm-image:busybox",
         buildRoleArn="arn:aws:iam::000000000000:role/kiln-build",
-        codeArtifact={"uri": BOGUS},
+        codeArtifact={"uri": BOGUS[id(c)]},
     )
 
 
@@ -77,11 +87,16 @@ def settled(c, name):
     raise SystemExit(f"image {name} still building")
 
 
-def main(api, home, bad_zip):
-    global BOGUS
-    BOGUS = f"file://{bad_zip}"
+def principal_client(api, home, principal):
+    """A lambda-microvms client for `principal`, its artifact uploaded."""
+    c = client(api, home, principal)
+    BOGUS[id(c)] = bogus(api, home, principal)
+    return c
+
+
+def main(api, home):
     out = {}
-    alice = client(api, home, "alice")
+    alice = principal_client(api, home, "alice")
     out["alice1"] = raised(alice, create(alice, "a1"))
     settled(alice, "a1")
     out["alice2"] = raised(alice, create(alice, "a2"))
@@ -91,7 +106,7 @@ def main(api, home, bad_zip):
         imageIdentifier="a1",
         baseImageArn="arn:aws:lambda:local:aws:microvm-image:busybox",
         buildRoleArn="arn:aws:iam::000000000000:role/kiln-build",
-        codeArtifact={"uri": BOGUS},
+        codeArtifact={"uri": BOGUS[id(alice)]},
     )
     out["aliceUpdate"] = raised(alice, update)
     settled(alice, "a1")
@@ -103,7 +118,7 @@ def main(api, home, bad_zip):
     out["bobGet2"] = raised(bob, get(bob))
     out["aliceGet"] = raised(alice, get(alice))
 
-    carol = client(api, home, "carol")
+    carol = principal_client(api, home, "carol")
     out["carolBuilds"] = raised(carol, create(carol, "c1"))
 
     dave_s3 = client(api, home, "dave", "s3")
@@ -117,7 +132,7 @@ def main(api, home, bad_zip):
             "code": e.response["Error"]["Code"],
             "message": e.response["Error"].get("Message"),
         }
-    erin = client(api, home, "erin")
+    erin = principal_client(api, home, "erin")
     out["erinStored"] = raised(erin, create(erin, "e1"))
     print(json.dumps(out))
 
