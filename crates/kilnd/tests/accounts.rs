@@ -33,22 +33,7 @@ fn create_app(kilnd: &Daemon, credentials: &Path, zip: &Path) -> (i32, Value, St
         .map(|n| n.to_string_lossy().replace('_', "-"))
         .unwrap_or_default();
     let uri = kilnd.upload(credentials, &format!("apps-{who}"), zip);
-    kilnd.aws_with(
-        credentials,
-        &[
-            "create-microvm-image",
-            "--name",
-            "app",
-            "--base-image-arn",
-            "arn:aws:lambda:local:aws:microvm-image:busybox",
-            "--build-role-arn",
-            "arn:aws:iam::000000000000:role/kiln-build",
-            "--code-artifact",
-            &format!("uri={uri}"),
-            "--resources",
-            "minimumMemoryInMiB=512",
-        ],
-    )
+    kilnd.create_image_as(credentials, "app", &uri)
 }
 
 /// Waits (up to 5 minutes) until version 1 of the caller's `app` ends its build.
@@ -187,23 +172,7 @@ fn names_when_three_principals_each_create_app_then_each_owns_its_own_in_its_acc
 
 /// A 5-minute token for port 8080 of `id`, asked for with `credentials`.
 fn token(kilnd: &Daemon, credentials: &Path, id: &str) -> String {
-    let (code, out, err) = kilnd.aws_with(
-        credentials,
-        &[
-            "create-microvm-auth-token",
-            "--microvm-identifier",
-            id,
-            "--expiration-in-minutes",
-            "5",
-            "--allowed-ports",
-            r#"[{"port": 8080}]"#,
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-    out["authToken"]["X-aws-proxy-auth"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    kilnd.token_as(credentials, id)
 }
 
 /// The `kid` in a token's JWE header.

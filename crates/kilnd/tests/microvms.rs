@@ -268,20 +268,7 @@ fn restart_when_kilnd_is_killed_during_launches_then_each_vm_is_running_or_termi
 
 /// A 5-minute token for port 8080 of `id`.
 fn token(kilnd: &Daemon, id: &str) -> String {
-    let (code, out, err) = kilnd.aws(&[
-        "create-microvm-auth-token",
-        "--microvm-identifier",
-        id,
-        "--expiration-in-minutes",
-        "5",
-        "--allowed-ports",
-        r#"[{"port": 8080}]"#,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    out["authToken"]["X-aws-proxy-auth"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    kilnd.token_as(&kilnd.credentials(), id)
 }
 
 /// `"<status> <body>"` of a GET through the MicroVM's HTTPS endpoint.

@@ -83,19 +83,7 @@ fn build(kilnd: &Daemon, name: &str, zip: &std::path::Path, egress: &str) -> Str
 
 /// `GET path` through the MicroVM's HTTPS endpoint with a fresh token: the body.
 fn endpoint_get(kilnd: &Daemon, id: &str, path: &str) -> String {
-    let (code, out, err) = kilnd.aws(&[
-        "create-microvm-auth-token",
-        "--microvm-identifier",
-        id,
-        "--expiration-in-minutes",
-        "5",
-        "--allowed-ports",
-        r#"[{"port": 8080}]"#,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let token = out["authToken"]["X-aws-proxy-auth"]
-        .as_str()
-        .unwrap_or_default();
+    let token = kilnd.token_as(&kilnd.credentials(), id);
     let ca = kilnd.home.path().join("tls/ca.pem");
     let out = std::process::Command::new("curl")
         .args(["-sS", "--max-time", "60", "--cacert"])

@@ -229,22 +229,7 @@ fn create_image(
     // Only admin may name host files: the zip goes to the principal's own bucket.
     let bucket = format!("{}-apps", name.to_ascii_lowercase());
     let uri = kilnd.upload(credentials, &bucket, zip);
-    kilnd.aws_with(
-        credentials,
-        &[
-            "create-microvm-image",
-            "--name",
-            name,
-            "--base-image-arn",
-            "arn:aws:lambda:local:aws:microvm-image:busybox",
-            "--build-role-arn",
-            "arn:aws:iam::000000000000:role/kiln-build",
-            "--code-artifact",
-            &format!("uri={uri}"),
-            "--resources",
-            "minimumMemoryInMiB=512",
-        ],
-    )
+    kilnd.create_image_as(credentials, name, &uri)
 }
 
 /// Waits until MicroVM `id` is in `state` (admin sees every MicroVM).

@@ -55,20 +55,7 @@ fn layer_cache_when_another_principal_builds_the_same_zip_then_nothing_is_cached
     let (_, bob) = kilnd.new_principal("bob");
     let bobs_zip = kilnd.upload(&bob, "bob-apps", &zip);
     let create = |credentials: &std::path::Path, name: &str, uri: &str| {
-        kilnd.aws_with(
-            credentials,
-            &[
-                "create-microvm-image",
-                "--name",
-                name,
-                "--base-image-arn",
-                "arn:aws:lambda:local:aws:microvm-image:busybox",
-                "--build-role-arn",
-                "arn:aws:iam::000000000000:role/kiln-build",
-                "--code-artifact",
-                &format!("uri={uri}"),
-            ],
-        )
+        kilnd.create_image_as(credentials, name, uri)
     };
     let admins_zip = format!("file://{}", zip.display());
 

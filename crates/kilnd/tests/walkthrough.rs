@@ -121,20 +121,7 @@ fn external_store_when_configured_then_s3_artifacts_are_fetched_from_it() {
     let (_, alice) = kilnd.new_principal("alice");
     let (_, bob) = kilnd.new_principal("bob");
     let create_as = |credentials: &std::path::Path, name: &str, uri: &str| {
-        kilnd.aws_with(
-            credentials,
-            &[
-                "create-microvm-image",
-                "--name",
-                name,
-                "--base-image-arn",
-                "arn:aws:lambda:local:aws:microvm-image:busybox",
-                "--build-role-arn",
-                "arn:aws:iam::000000000000:role/kiln-build",
-                "--code-artifact",
-                &format!("uri={uri}"),
-            ],
-        )
+        kilnd.create_image_as(credentials, name, uri)
     };
     let create = |name: &str, uri: &str| create_as(&kilnd.credentials(), name, uri);
 

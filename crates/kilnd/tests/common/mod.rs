@@ -194,21 +194,57 @@ impl Daemon {
         path
     }
 
-    /// `aws … create-microvm-image` from a zip on the busybox base.
+    /// `aws … create-microvm-image` as admin from a zip on the host, on the busybox base.
     pub fn create_image(&self, name: &str, zip: &Path) -> (i32, Value, String) {
-        self.aws(&[
-            "create-microvm-image",
-            "--name",
-            name,
-            "--base-image-arn",
-            "arn:aws:lambda:local:aws:microvm-image:busybox",
-            "--build-role-arn",
-            "arn:aws:iam::000000000000:role/kiln-build",
-            "--code-artifact",
-            &format!("uri=file://{}", zip.display()),
-            "--resources",
-            "minimumMemoryInMiB=512",
-        ])
+        let uri = format!("file://{}", zip.display());
+        self.create_image_as(&self.credentials(), name, &uri)
+    }
+
+    /// A 5-minute endpoint token for port 8080 of MicroVM `id`, asked for with `credentials`.
+    pub fn token_as(&self, credentials: &Path, id: &str) -> String {
+        let (code, out, err) = self.aws_with(
+            credentials,
+            &[
+                "create-microvm-auth-token",
+                "--microvm-identifier",
+                id,
+                "--expiration-in-minutes",
+                "5",
+                "--allowed-ports",
+                r#"[{"port": 8080}]"#,
+            ],
+        );
+        assert_eq!(code, 0, "create-microvm-auth-token: {err}");
+        out["authToken"]["X-aws-proxy-auth"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// `aws … create-microvm-image` signed with `credentials`, from the artifact `uri`, on the
+    /// busybox base with 512 MiB.
+    pub fn create_image_as(
+        &self,
+        credentials: &Path,
+        name: &str,
+        uri: &str,
+    ) -> (i32, Value, String) {
+        self.aws_with(
+            credentials,
+            &[
+                "create-microvm-image",
+                "--name",
+                name,
+                "--base-image-arn",
+                "arn:aws:lambda:local:aws:microvm-image:busybox",
+                "--build-role-arn",
+                "arn:aws:iam::000000000000:role/kiln-build",
+                "--code-artifact",
+                &format!("uri={uri}"),
+                "--resources",
+                "minimumMemoryInMiB=512",
+            ],
+        )
     }
 
     /// Waits (up to 5 minutes) until a version's build ends; returns its description.
