@@ -8,22 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{make_zip, Daemon};
+use common::Daemon;
 use serde_json::Value;
-
-/// A zip whose build fails before any VM starts (FROM disagrees with the busybox base).
-fn unbuildable_zip(dir: &Path) -> std::path::PathBuf {
-    let zip = dir.join("unbuildable.zip");
-    make_zip(
-        &zip,
-        &[(
-            "Dockerfile",
-            b"FROM kiln/debian:12\nCMD [\"true\"]\n",
-            0o644,
-        )],
-    );
-    zip
-}
 
 /// `create-microvm-image --name app` from `zip`, signed with `credentials`: the zip goes
 /// to the principal's own bucket in kiln's S3 store first (only admin may name files).
@@ -79,7 +65,7 @@ fn app_arn(account: &str) -> String {
 fn names_when_three_principals_each_create_app_then_each_owns_its_own_in_its_account() {
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
-    let zip = unbuildable_zip(scratch.path());
+    let zip = common::unbuildable_zip(scratch.path());
     let (_, alice) = kilnd.new_principal("alice");
     let (_, bob) = kilnd.new_principal("bob");
     let admin = kilnd.credentials();

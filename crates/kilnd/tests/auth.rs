@@ -7,21 +7,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{http_request, make_zip, Daemon, Key};
-
-/// A zip whose build fails before any VM starts (FROM disagrees with the busybox base).
-fn unbuildable_zip(dir: &std::path::Path) -> std::path::PathBuf {
-    let zip = dir.join("unbuildable.zip");
-    make_zip(
-        &zip,
-        &[(
-            "Dockerfile",
-            b"FROM kiln/debian:12\nCMD [\"true\"]\n",
-            0o644,
-        )],
-    );
-    zip
-}
+use common::{http_request, Daemon, Key};
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
     headers
@@ -143,7 +129,7 @@ fn requests_when_unsigned_wrong_stale_or_revoked_then_each_gets_the_aws_error() 
 fn principals_when_admin_and_alice_create_images_then_alice_sees_only_hers_and_admin_sees_both() {
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
-    let zip = unbuildable_zip(scratch.path());
+    let zip = common::unbuildable_zip(scratch.path());
     let (created, _, err) = kilnd.create_image("admins", &zip);
     assert_eq!(created, 0, "{err}");
     let (_, alice) = kilnd.new_principal("alice");
@@ -270,7 +256,7 @@ fn file_artifacts_when_outside_the_roots_or_linked_out_then_refused_naming_the_r
     let scratch = tempfile::tempdir().expect("scratch");
     let root = scratch.path().join("root");
     std::fs::create_dir_all(&root).expect("root");
-    let inside = unbuildable_zip(&root);
+    let inside = common::unbuildable_zip(&root);
     let outside = scratch.path().join("outside.zip");
     std::fs::copy(&inside, &outside).expect("copy");
     let link = root.join("link.zip");

@@ -482,25 +482,20 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
             ("app.sh", HOOKS_APP.as_bytes(), 0o755),
         ],
     );
+    let uri = format!("file://{}", zip.display());
     let create = |name: &str, env: &str| {
-        kilnd.aws(&[
-            "create-microvm-image",
-            "--name",
+        kilnd.create_image_with(
+            &kilnd.credentials(),
             name,
-            "--base-image-arn",
-            "arn:aws:lambda:local:aws:microvm-image:busybox",
-            "--build-role-arn",
-            "arn:aws:iam::000000000000:role/kiln-build",
-            "--code-artifact",
-            &format!("uri=file://{}", zip.display()),
-            "--resources",
-            "minimumMemoryInMiB=512",
-            "--environment-variables",
-            env,
-            "--hooks",
-            "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED},\
-             microvmImageHooks={ready=ENABLED}",
-        ])
+            &uri,
+            &[
+                "--environment-variables",
+                env,
+                "--hooks",
+                "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED},\
+                 microvmImageHooks={ready=ENABLED}",
+            ],
+        )
     };
     create("hooked", "HOOKS=always");
     create("deaf", "HOOKS=once");

@@ -40,21 +40,13 @@ fn launch(kilnd: &Daemon, image: &str, extra: &[&str]) -> String {
 }
 
 fn build(kilnd: &Daemon, name: &str, zip: &std::path::Path, egress: &str) -> String {
-    let (code, _, err) = kilnd.aws(&[
-        "create-microvm-image",
-        "--name",
+    let uri = format!("file://{}", zip.display());
+    let (code, _, err) = kilnd.create_image_with(
+        &kilnd.credentials(),
         name,
-        "--base-image-arn",
-        "arn:aws:lambda:local:aws:microvm-image:busybox",
-        "--build-role-arn",
-        "arn:aws:iam::000000000000:role/kiln-build",
-        "--code-artifact",
-        &format!("uri=file://{}", zip.display()),
-        "--resources",
-        "minimumMemoryInMiB=512",
-        "--egress-network-connectors",
-        egress,
-    ]);
+        &uri,
+        &["--egress-network-connectors", egress],
+    );
     assert_eq!(code, 0, "{err}");
     let deadline = Instant::now() + Duration::from_secs(300);
     let log_path = format!("/kiln/v1/images/{name}/versions/1/build-log");

@@ -229,22 +229,33 @@ impl Daemon {
         name: &str,
         uri: &str,
     ) -> (i32, Value, String) {
-        self.aws_with(
-            credentials,
-            &[
-                "create-microvm-image",
-                "--name",
-                name,
-                "--base-image-arn",
-                "arn:aws:lambda:local:aws:microvm-image:busybox",
-                "--build-role-arn",
-                "arn:aws:iam::000000000000:role/kiln-build",
-                "--code-artifact",
-                &format!("uri={uri}"),
-                "--resources",
-                "minimumMemoryInMiB=512",
-            ],
-        )
+        self.create_image_with(credentials, name, uri, &[])
+    }
+
+    /// [`Daemon::create_image_as`] with `extra` arguments (hooks, environment, connectors…).
+    pub fn create_image_with(
+        &self,
+        credentials: &Path,
+        name: &str,
+        uri: &str,
+        extra: &[&str],
+    ) -> (i32, Value, String) {
+        let uri = format!("uri={uri}");
+        let mut args = vec![
+            "create-microvm-image",
+            "--name",
+            name,
+            "--base-image-arn",
+            "arn:aws:lambda:local:aws:microvm-image:busybox",
+            "--build-role-arn",
+            "arn:aws:iam::000000000000:role/kiln-build",
+            "--code-artifact",
+            &uri,
+            "--resources",
+            "minimumMemoryInMiB=512",
+        ];
+        args.extend_from_slice(extra);
+        self.aws_with(credentials, &args)
     }
 
     /// Waits (up to 5 minutes) until a version's build ends; returns its description.
@@ -698,6 +709,20 @@ CGI
 chmod +x /www/cgi-bin/count
 exec httpd -f -p 8080 -h /www
 ";
+
+/// A zip whose build fails before any VM starts (FROM disagrees with the busybox base).
+pub fn unbuildable_zip(dir: &Path) -> PathBuf {
+    let zip = dir.join("unbuildable.zip");
+    make_zip(
+        &zip,
+        &[(
+            "Dockerfile",
+            b"FROM kiln/debian:12\nCMD [\"true\"]\n",
+            0o644,
+        )],
+    );
+    zip
+}
 
 /// Writes the counter app's zip (busybox base) to `path`.
 pub fn counter_zip(path: &Path) {
