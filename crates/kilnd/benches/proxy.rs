@@ -19,8 +19,10 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use kiln_api::shapes::microvm::PortSpecification;
-use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream};
-use kilnd::tokens::{TokenClaims, TokenKeys, TokenKind};
+use kilnd::endpoint::proxy::{
+    self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream,
+};
+use kilnd::endpoint::tokens::{TokenClaims, TokenKeys, TokenKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
@@ -76,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let app = app().await?;
     let home = tempfile::tempdir()?;
     let keys = Arc::new(TokenKeys::load_or_create(home.path())?);
-    let tls = kilnd::tls::load_or_create(home.path(), DOMAIN)?;
+    let tls = kilnd::endpoint::tls::load_or_create(home.path(), DOMAIN)?;
     let limits = ProxyLimits {
         requests_per_second: 0,
         ..ProxyLimits::default()

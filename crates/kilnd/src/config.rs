@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::quotas::Limits;
-use crate::throttle::ThrottleRule;
+use crate::auth::quotas::Limits;
+use crate::auth::throttle::ThrottleRule;
 
 /// kilnd: the kiln daemon (API server, image builder, MicroVM supervisor).
 #[derive(Debug, Clone, Parser)]

@@ -3,40 +3,31 @@
 
 pub mod api;
 pub mod artifacts;
-pub mod audit;
 pub mod auth;
-pub mod builds;
 pub mod config;
 pub mod endpoint;
 pub mod images;
-pub mod managed;
-pub mod metrics;
-pub mod microvms;
-pub mod network;
-pub mod proxy;
-pub mod quotas;
-pub mod s3;
-pub mod s3_remote;
-pub mod sigv4;
+pub mod observe;
 pub mod store;
-pub mod throttle;
-pub mod tls;
-pub mod tokens;
-pub mod wire;
+pub mod supervisor;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_api::ArnContext;
 
-use crate::audit::AuditLog;
-use crate::auth::AccessKeys;
-use crate::builds::Builds;
+use crate::artifacts::{remote as s3_remote, s3};
+use crate::auth::keys::AccessKeys;
+use crate::auth::{keys, quotas, throttle};
 use crate::config::Config;
+use crate::endpoint::{proxy, tokens};
+use crate::images::builds::Builds;
 use crate::images::Images;
-use crate::metrics::Metrics;
-use crate::microvms::Microvms;
+use crate::observe::audit::AuditLog;
+use crate::observe::metrics::Metrics;
 use crate::store::Store;
+use crate::supervisor::network;
+use crate::supervisor::Microvms;
 
 /// Seconds since the Unix epoch.
 pub fn now() -> f64 {
@@ -88,11 +79,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     store
-        .set_account(auth::ADMIN, &config.account, now())
+        .set_account(keys::ADMIN, &config.account, now())
         .with_context(|| {
             format!(
                 "giving principal {} the account {} (--account): pick another",
-                auth::ADMIN,
+                keys::ADMIN,
                 config.account
             )
         })?;
@@ -166,7 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
-    microvms::kill_dir(&home.join("work"));
+    supervisor::kill_dir(&home.join("work"));
     resume_builds(&store, &builds)?;
     let keys = Arc::new(
         tokens::TokenKeys::load_or_create(&home)
@@ -235,11 +226,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     println!("kilnd: API on http://{addr} (data in {})", home.display());
-    let credentials = auth::credentials_path(&home);
+    let credentials = keys::credentials_path(&home);
     if let Some(id) = first_key {
         println!(
             "kilnd: created access key {id} for principal {} in {} (mode 0600)",
-            auth::ADMIN,
+            keys::ADMIN,
             credentials.display()
         );
     }
@@ -254,7 +245,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("serving the API")?;
     endpoint.shutdown();
     // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
-    microvms::kill_dir(&home.join("work"));
+    supervisor::kill_dir(&home.join("work"));
     Ok(())
 }
 

@@ -18,8 +18,10 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_api::shapes::microvm::PortSpecification;
-use kilnd::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream};
-use kilnd::tokens::{TokenClaims, TokenKeys, TokenKind};
+use kilnd::endpoint::proxy::{
+    self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream,
+};
+use kilnd::endpoint::tokens::{TokenClaims, TokenKeys, TokenKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,7 +105,7 @@ impl Endpoint {
     async fn with_limits(limits: ProxyLimits) -> Endpoint {
         let home = tempfile::tempdir().expect("temp home");
         let keys = Arc::new(TokenKeys::load_or_create(home.path()).expect("token keys"));
-        let tls = kilnd::tls::load_or_create(home.path(), DOMAIN).expect("endpoint TLS");
+        let tls = kilnd::endpoint::tls::load_or_create(home.path(), DOMAIN).expect("endpoint TLS");
         let routes = Arc::new(MapRoutes::default());
         let state = Arc::new(ProxyState::new(
             DOMAIN,

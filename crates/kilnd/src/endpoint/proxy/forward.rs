@@ -23,7 +23,7 @@ use super::body::{full, Direction, Metered, ProxyBody};
 use super::request::{self, RequestKind, Target};
 use super::upstream::{Upstream, UpstreamBook, UpstreamConnector};
 use super::{ClientConnection, InFlight, ProxyLimits, ProxyState, Reject, RouteError};
-use crate::tokens::{TokenError, TokenKind};
+use crate::endpoint::tokens::{TokenError, TokenKind};
 
 /// Pooled clients to apps: HTTP/1.1, and h2c for gRPC.
 pub(crate) struct Upstreams {

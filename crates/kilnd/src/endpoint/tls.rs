@@ -20,7 +20,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::tokens::write_file_atomically;
+use crate::endpoint::tokens::write_file_atomically;
 
 /// The endpoint domain when none is configured: `<microvm-id>.kiln.localhost`.
 pub const DEFAULT_DOMAIN: &str = "kiln.localhost";

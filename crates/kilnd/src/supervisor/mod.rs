@@ -1,6 +1,8 @@
 //! The MicroVM supervisor: launches (restores) VMs from image versions, admission control,
 //! the state machine, maximum duration, termination, and re-attaching after a restart.
 
+pub mod network;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,18 +19,18 @@ use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::audit::AuditLog;
-use crate::auth::Caller;
-use crate::builds::version_dir;
+use crate::api::wire::{internal, request_hash, to_value, ts};
+use crate::auth::keys::Caller;
 use crate::config::Config;
+use crate::endpoint::proxy::{ActivityTable, Upstream};
+use crate::endpoint::tokens::{TokenClaims, TokenKeys, TokenKind};
+use crate::images::builds::version_dir;
 use crate::images::find_image;
-use crate::metrics::Metrics;
-use crate::network::{Ingress, Network, Plan};
 use crate::now;
-use crate::proxy::{ActivityTable, Upstream};
+use crate::observe::audit::AuditLog;
+use crate::observe::metrics::Metrics;
 use crate::store::{MicrovmRow, Store, StoreError};
-use crate::tokens::{TokenClaims, TokenKeys, TokenKind};
-use crate::wire::{internal, request_hash, to_value, ts};
+use crate::supervisor::network::{Ingress, Network, Plan};
 
 /// Default and largest `maximumDurationInSeconds`: 8 hours.
 pub const MAX_DURATION_SECS: i64 = 8 * 3600;
@@ -145,7 +147,7 @@ pub struct Microvms {
     /// Connectors and the egress gateway.
     network: Arc<Network>,
     /// Per-principal quotas (MicroVMs and their memory).
-    quotas: Arc<crate::quotas::Quotas>,
+    quotas: Arc<crate::auth::quotas::Quotas>,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -199,7 +201,7 @@ impl Microvms {
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
         network: Arc<Network>,
-        quotas: Arc<crate::quotas::Quotas>,
+        quotas: Arc<crate::auth::quotas::Quotas>,
     ) -> Microvms {
         Microvms {
             quotas,

@@ -977,7 +977,7 @@ impl Store {
         let mut next: i64 = tx
             .query_row(
                 "SELECT COALESCE(MAX(CAST(account AS INTEGER)), 0) + 1 FROM accounts WHERE principal != ?1",
-                [crate::auth::ADMIN],
+                [crate::auth::keys::ADMIN],
                 |r| r.get(0),
             )
             .map_err(self.err())?;

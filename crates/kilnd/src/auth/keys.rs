@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use kiln_api::ApiError;
 use serde_json::{json, Value};
 
+use crate::api::wire::internal;
+use crate::auth::sigv4::{Signature, SignedRequest};
 use crate::now;
-use crate::sigv4::{Signature, SignedRequest};
 use crate::store::{AccessKeyRow, Revocation, Store, StoreError};
-use crate::wire::internal;
 
 /// The principal that sees everything and manages keys; kilnd creates its first key.
 pub const ADMIN: &str = "admin";
@@ -162,7 +162,7 @@ impl AccessKeys {
             .access_key(key_id)
             .map_err(internal)?
             .filter(|k| k.revoked_at.is_none())
-            .ok_or(crate::sigv4::SigV4Error::UnknownKey)?;
+            .ok_or(crate::auth::sigv4::SigV4Error::UnknownKey)?;
         signature.verify(req, &key.secret, std::time::SystemTime::now())?;
         let account = self
             .store
@@ -188,7 +188,7 @@ impl AccessKeys {
             ApiError::validation("the body must name a principal: {\"principal\": \"alice\"}")
         })?;
         check_principal(principal)?;
-        if principal == crate::audit::KILND {
+        if principal == crate::observe::audit::KILND {
             return Err(ApiError::validation(format!(
                 "principal '{principal}' is reserved: the audit log names kilnd's own actions so; pick another name"
             )));
@@ -337,7 +337,7 @@ fn write_credentials(path: &Path, key: &AccessKeyRow) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-impl crate::tokens::Minters for AccessKeys {
+impl crate::endpoint::tokens::Minters for AccessKeys {
     fn is_active(&self, access_key_id: &str) -> bool {
         let mut cache = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, active)) = cache.get(access_key_id) {
@@ -361,7 +361,7 @@ impl crate::tokens::Minters for AccessKeys {
     }
 }
 
-impl crate::s3::Keyring for AccessKeys {
+impl crate::artifacts::s3::Keyring for AccessKeys {
     fn lookup(&self, access_key_id: &str) -> Option<(String, String)> {
         match self.store.access_key(access_key_id) {
             Ok(Some(k)) if k.revoked_at.is_none() => Some((k.secret, k.principal)),
@@ -433,7 +433,7 @@ mod tests {
 
     #[test]
     fn is_active_when_key_revoked_then_false_at_once() {
-        use crate::tokens::Minters;
+        use crate::endpoint::tokens::Minters;
         let (_dir, keys) = keys();
         let bob = keys
             .create(&admin(), br#"{"principal": "bob"}"#)

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kiln_api::ApiError;
 use serde::{Deserialize, Serialize};
 
-use crate::s3::{S3Store, StorageBudget};
+use crate::api::wire::internal;
+use crate::artifacts::s3::{S3Store, StorageBudget};
+use crate::auth::throttle::SERVICE_CODE;
 use crate::store::Store;
-use crate::throttle::SERVICE_CODE;
-use crate::wire::internal;
 
 /// One principal's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

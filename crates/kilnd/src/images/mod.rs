@@ -1,6 +1,9 @@
 //! The image operations of the API: validation beyond the model, state transitions,
 //! idempotency, and the store ⇄ wire-shape mapping.
 
+pub mod builds;
+pub mod managed;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,12 +15,12 @@ use kiln_api::{ApiError, ArnContext, Request};
 use serde_json::{json, Value};
 
 use crate::artifacts::ArtifactRefusal;
-use crate::auth::Caller;
-use crate::builds::{version_dir, Builds};
-use crate::managed;
+use crate::auth::keys::Caller;
+use crate::images::builds::{version_dir, Builds};
+
+use crate::api::wire::{internal, request_hash, to_value, ts};
 use crate::now;
 use crate::store::{self, ImageRow, Store, VersionRow};
-use crate::wire::{internal, request_hash, to_value, ts};
 
 /// Image operations over the store and the build runner.
 pub struct Images {
@@ -30,7 +33,7 @@ pub struct Images {
     /// The data directory.
     pub home: PathBuf,
     /// Per-principal quotas (images, versions, builds, stored bytes).
-    pub quotas: Arc<crate::quotas::Quotas>,
+    pub quotas: Arc<crate::auth::quotas::Quotas>,
 }
 
 fn not_implemented(op: &str) -> ApiError {

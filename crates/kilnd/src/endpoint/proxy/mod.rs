@@ -36,8 +36,8 @@ pub use activity::{Activity, ActivityTable};
 pub use request::{AUTH_HEADER, DEFAULT_PORT, PORT_HEADER};
 pub use upstream::Upstream;
 
-use crate::metrics::ProxyCounters;
-use crate::tokens::TokenKeys;
+use crate::endpoint::tokens::TokenKeys;
+use crate::observe::metrics::ProxyCounters;
 use activity::ConnectionGuard;
 use forward::Upstreams;
 

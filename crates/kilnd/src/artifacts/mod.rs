@@ -9,10 +9,13 @@
 //!   granted to with `--artifact-s3-bucket BUCKET=PRINCIPAL`, and the admin; an ungranted
 //!   bucket is the admin's only.
 
+pub mod remote;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::auth::ADMIN;
+use crate::auth::keys::ADMIN;
 
 /// A bucket of the external store and the principal that may name it
 /// (`--artifact-s3-bucket BUCKET=PRINCIPAL`).

@@ -1,5 +1,9 @@
 //! Wires the endpoint proxy to the MicroVM supervisor: routes, TLS, the listener.
 
+pub mod proxy;
+pub mod tls;
+pub mod tokens;
+
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -8,17 +12,19 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::metrics::ProxyCounters;
-use crate::microvms::{Microvms, UpstreamError};
-use crate::proxy::{self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
-use crate::tokens::TokenKeys;
+use crate::endpoint::proxy::{ActivityTable, ProxyLimits, ProxyState, RouteError, Routes};
+use crate::endpoint::tokens::TokenKeys;
+use crate::observe::metrics::ProxyCounters;
+use crate::supervisor::{Microvms, UpstreamError};
 
 impl Routes for Microvms {
     fn upstream(
         &self,
         microvm_id: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<crate::proxy::Upstream, RouteError>> + Send + '_>> {
+    ) -> Pin<
+        Box<dyn Future<Output = Result<crate::endpoint::proxy::Upstream, RouteError>> + Send + '_>,
+    > {
         let id = microvm_id.to_string();
         Box::pin(async move {
             Microvms::upstream(self, &id, port)
@@ -56,7 +62,7 @@ pub async fn start(
     activity: ActivityTable,
     counters: ProxyCounters,
 ) -> anyhow::Result<Arc<ProxyState>> {
-    let tls = crate::tls::load_or_create(home, &config.endpoint_domain)
+    let tls = crate::endpoint::tls::load_or_create(home, &config.endpoint_domain)
         .context("preparing the endpoint's TLS certificate")?;
     let listener = tokio::net::TcpListener::bind(config.endpoint_listen)
         .await

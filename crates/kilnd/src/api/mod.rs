@@ -2,6 +2,8 @@
 //! Every request but the health check and `/metrics` must carry a SigV4 signature by a kiln
 //! access key.
 
+pub mod wire;
+
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -12,13 +14,13 @@ use axum::routing::{any, delete, get, put};
 use axum::Router;
 use kiln_api::{ApiError, Operation, Request};
 
-use crate::audit::AuditLog;
-use crate::auth::{AccessKeys, Caller};
+use crate::artifacts::s3::S3Store;
+use crate::auth::keys::{AccessKeys, Caller};
+use crate::auth::sigv4::SignedRequest;
 use crate::images::Images;
-use crate::metrics::Metrics;
-use crate::microvms::Microvms;
-use crate::s3::S3Store;
-use crate::sigv4::SignedRequest;
+use crate::observe::audit::AuditLog;
+use crate::observe::metrics::Metrics;
+use crate::supervisor::Microvms;
 
 /// Shared state of the API handlers.
 #[derive(Clone)]
@@ -36,11 +38,11 @@ pub struct Api {
     /// The audit log every mutating call is recorded in.
     pub audit: Arc<AuditLog>,
     /// Network connectors and the egress gateway.
-    pub network: Arc<crate::network::Network>,
+    pub network: Arc<crate::supervisor::network::Network>,
     /// Per-principal quotas.
-    pub quotas: Arc<crate::quotas::Quotas>,
+    pub quotas: Arc<crate::auth::quotas::Quotas>,
     /// Per-principal, per-operation API rates.
-    pub throttle: Arc<crate::throttle::Throttle>,
+    pub throttle: Arc<crate::auth::throttle::Throttle>,
 }
 
 /// The whole API as one router.
@@ -520,7 +522,7 @@ async fn metrics(State(api): State<Api>, req: axum::extract::Request) -> Respons
             let mut resp = (StatusCode::OK, text).into_response();
             resp.headers_mut().insert(
                 "content-type",
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                HeaderValue::from_static(crate::observe::metrics::CONTENT_TYPE),
             );
             resp
         }
@@ -563,12 +565,12 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>, signed: Si
             )),
         };
     let limit = match q.limit.as_deref().map(str::parse::<usize>) {
-        Some(Ok(n)) if (1..=crate::audit::MAX_LIMIT).contains(&n) => n,
-        None => crate::audit::DEFAULT_LIMIT,
+        Some(Ok(n)) if (1..=crate::observe::audit::MAX_LIMIT).contains(&n) => n,
+        None => crate::observe::audit::DEFAULT_LIMIT,
         Some(_) => {
             return error_response(&ApiError::validation(format!(
                 "limit must be a number from 1 to {}",
-                crate::audit::MAX_LIMIT
+                crate::observe::audit::MAX_LIMIT
             )))
         }
     };

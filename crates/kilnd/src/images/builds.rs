@@ -10,17 +10,18 @@ use kiln_api::shapes::common::CodeArtifact;
 use kiln_api::shapes::image::{ImageVersionConfig, MicrovmImageState};
 use kiln_image::build::{BuildLog, BuildSecrets, BuildSpec, HookSpec};
 
-use crate::network::Network;
+use crate::supervisor::network::Network;
 use kiln_vmm::host::Host;
 use tokio::sync::Semaphore;
 
+use crate::artifacts::remote::RemoteS3;
+use crate::artifacts::s3::S3Store;
 use crate::artifacts::{bucket_of, ArtifactPolicy};
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::s3::S3Store;
-use crate::s3_remote::RemoteS3;
+use crate::images::managed;
+use crate::now;
+use crate::observe::metrics::Metrics;
 use crate::store::Store;
-use crate::{managed, now};
 
 /// Starts and tracks image builds.
 #[derive(Clone)]
@@ -38,7 +39,7 @@ pub struct Builds {
     /// Build secrets waiting for their build.
     pub secrets: Arc<SecretsBook>,
     /// Per-principal quotas (how long a build may run).
-    quotas: Arc<crate::quotas::Quotas>,
+    quotas: Arc<crate::auth::quotas::Quotas>,
 }
 
 /// How long staged build secrets wait for the build that uses them.
@@ -87,7 +88,7 @@ impl Builds {
         remote_s3: Option<Arc<RemoteS3>>,
         metrics: Arc<Metrics>,
         network: Arc<Network>,
-        quotas: Arc<crate::quotas::Quotas>,
+        quotas: Arc<crate::auth::quotas::Quotas>,
     ) -> Builds {
         let artifacts = Arc::new(ArtifactPolicy::new(
             config.artifact_roots.clone(),
@@ -170,14 +171,14 @@ impl Builds {
                 Err(_) => {
                     // The build's future is gone; its VM and work files are not.
                     let work = home.join("work").join(format!("{image}-{version}"));
-                    crate::microvms::kill_dir(&work);
+                    crate::supervisor::kill_dir(&work);
                     let _ = std::fs::remove_dir_all(&work);
                     let why = format!(
                         "the build ran longer than {} s, the most one build of this image's owner \
                          may run (quota {}); make the build faster or ask the operator to raise \
                          --quota-build-seconds",
                         limit.as_secs(),
-                        crate::quotas::Quota::BuildSeconds.code()
+                        crate::auth::quotas::Quota::BuildSeconds.code()
                     );
                     log.line(&why);
                     Err(why)
@@ -190,7 +191,7 @@ impl Builds {
     fn duration_limit(&self, image: &str) -> Duration {
         let owner = match self.store.image(image) {
             Ok(Some(row)) => row.owner,
-            _ => crate::auth::ADMIN.to_string(),
+            _ => crate::auth::keys::ADMIN.to_string(),
         };
         Duration::from_secs(self.quotas.limits(&owner).build_seconds.max(1))
     }
@@ -344,13 +345,13 @@ impl Builds {
             // Who may read the object was checked when the version was requested.
             return self
                 .s3
-                .object_path(uri, crate::s3::ADMIN)
+                .object_path(uri, crate::artifacts::s3::ADMIN)
                 .map_err(|e| e.to_string());
         }
         // Only the admin's file:// reaches a build; the roots are checked again, since the
         // file's links may have changed since the request.
         self.artifacts
-            .file(crate::auth::ADMIN, uri)
+            .file(crate::auth::keys::ADMIN, uri)
             .map_err(|e| e.to_string())
     }
 

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use kiln_api::{ApiError, Operation};
 use serde_json::{json, Value};
 
-use crate::auth::Caller;
+use crate::api::wire::internal;
+use crate::auth::keys::Caller;
 use crate::now;
 use crate::store::{AuditQuery, AuditRow, Store};
-use crate::wire::internal;
 
 /// The principal of what kilnd does on its own; no access key may be created for it.
 pub const KILND: &str = "kilnd";
