@@ -171,19 +171,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let activity = proxy::ActivityTable::new();
-    let microvms = Arc::new(Microvms::new(
+    let microvms = Microvms::new(supervisor::Parts {
         host,
-        store.clone(),
-        config.clone(),
-        ctx.clone(),
-        config.endpoint_listen.port(),
-        keys.clone(),
-        activity.clone(),
-        metrics.clone(),
-        audit.clone(),
-        network.clone(),
-        quotas.clone(),
-    ));
+        store: store.clone(),
+        config: config.clone(),
+        ctx: ctx.clone(),
+        endpoint_port: config.endpoint_listen.port(),
+        keys: keys.clone(),
+        activity: activity.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        network: network.clone(),
+        quotas: quotas.clone(),
+    });
     microvms
         .reconcile()
         .await

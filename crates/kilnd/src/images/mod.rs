@@ -382,7 +382,7 @@ impl Images {
             .microvms(Some(&image.key), version, None)
             .map_err(internal)?
             .into_iter()
-            .filter(|m| m.state != "TERMINATED")
+            .filter(|m| m.state != kiln_api::shapes::microvm::MicrovmState::Terminated)
             .count();
         if live == 0 {
             return Ok(());

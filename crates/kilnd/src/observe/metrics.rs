@@ -14,7 +14,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -72,6 +72,8 @@ pub struct Metrics {
     builds: Family<Label, Counter>,
     build_seconds: Histogram,
     proxy: ProxyCounters,
+    admitted_microvms: Gauge,
+    admitted_memory_mib: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -224,6 +226,18 @@ impl Metrics {
             "Time an image version's build ran (its wait for a build slot excluded)",
             build_seconds.clone(),
         );
+        let admitted_microvms = Gauge::default();
+        let admitted_memory_mib = Gauge::default();
+        registry.register(
+            "admitted_microvms",
+            "MicroVMs holding a slot of this host's capacity (pending, running and suspended ones)",
+            admitted_microvms.clone(),
+        );
+        registry.register(
+            "admitted_memory_mib",
+            "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress), MiB",
+            admitted_memory_mib.clone(),
+        );
         registry.register_collector(Box::new(MicrovmStates { store }));
         Metrics {
             gateway: std::sync::OnceLock::new(),
@@ -237,7 +251,15 @@ impl Metrics {
             builds,
             build_seconds,
             proxy,
+            admitted_microvms,
+            admitted_memory_mib,
         }
+    }
+
+    /// What the supervisor has admitted now: MicroVMs and guest memory.
+    pub fn set_admitted(&self, microvms: usize, memory_mib: u64) {
+        self.admitted_microvms.set(microvms as i64);
+        self.admitted_memory_mib.set(memory_mib as i64);
     }
 
     /// Every metric in the Prometheus text exposition format.

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use kiln_api::shapes::microvm::MicrovmState;
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -612,6 +613,17 @@ impl Store {
     }
 }
 
+/// What a state change does to a MicroVM's `stateReason`.
+#[derive(Debug, Clone, Copy)]
+pub enum Reason<'a> {
+    /// Leaves it as it is.
+    Keep,
+    /// Removes it (the new state needs no explanation).
+    Clear,
+    /// Replaces it.
+    Set(&'a str),
+}
+
 /// One MicroVM row.
 #[derive(Debug, Clone)]
 pub struct MicrovmRow {
@@ -621,8 +633,8 @@ pub struct MicrovmRow {
     pub image: String,
     /// Image version it was launched from.
     pub version: i64,
-    /// `MicrovmState`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: MicrovmState,
     /// Why it is in that state, when that needs saying.
     pub state_reason: Option<String>,
     /// The RunMicrovm request (JSON).
@@ -654,7 +666,16 @@ fn microvm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MicrovmRow> {
         id: r.get(0)?,
         image: r.get(1)?,
         version: r.get(2)?,
-        state: r.get(3)?,
+        state: {
+            let s: String = r.get(3)?;
+            MicrovmState::from_wire(&s).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    3,
+                    rusqlite::types::Type::Text,
+                    format!("unknown MicroVM state {s:?}").into(),
+                )
+            })?
+        },
         state_reason: r.get(4)?,
         request: json_column(r.get(5)?),
         started_at: r.get(6)?,
@@ -675,7 +696,7 @@ impl Store {
             .execute(
                 &format!("INSERT INTO microvms ({MICROVM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
-                    m.id, m.image, m.version, m.state, m.state_reason, m.request.to_string(), m.started_at,
+                    m.id, m.image, m.version, m.state.as_str(), m.state_reason, m.request.to_string(), m.started_at,
                     m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string(),
                     m.owner
                 ],
@@ -701,7 +722,7 @@ impl Store {
         &self,
         image: Option<&str>,
         version: Option<i64>,
-        states: Option<&[&str]>,
+        states: Option<&[MicrovmState]>,
     ) -> Result<Vec<MicrovmRow>, StoreError> {
         let conn = self.lock();
         let state_filter = states
@@ -709,7 +730,7 @@ impl Store {
                 format!(
                     "AND state IN ({})",
                     s.iter()
-                        .map(|x| format!("'{x}'"))
+                        .map(|x| format!("'{}'", x.as_str()))
                         .collect::<Vec<_>>()
                         .join(",")
                 )
@@ -741,21 +762,31 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Sets a MicroVM's state (and reason; `terminated_at` when it ends).
-    pub fn set_microvm_state(
+    /// Moves a MicroVM from state `from` to `to` (compare-and-swap: nothing changes, and the
+    /// answer is false, when it is no longer in `from`), with its reason and, when it ends,
+    /// the time it ended.
+    pub fn transition_microvm(
         &self,
         id: &str,
-        state: &str,
-        reason: Option<&str>,
+        from: MicrovmState,
+        to: MicrovmState,
+        reason: Reason<'_>,
         terminated_at: Option<f64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let (keep, text) = match reason {
+            Reason::Keep => (true, None),
+            Reason::Clear => (false, None),
+            Reason::Set(r) => (false, Some(r)),
+        };
         self.lock()
             .execute(
-                "UPDATE microvms SET state = ?2, state_reason = COALESCE(?3, state_reason),
-                 terminated_at = COALESCE(?4, terminated_at) WHERE id = ?1",
-                params![id, state, reason, terminated_at],
+                "UPDATE microvms SET state = ?3,
+                   state_reason = CASE WHEN ?4 THEN state_reason ELSE ?5 END,
+                   terminated_at = COALESCE(?6, terminated_at)
+                 WHERE id = ?1 AND state = ?2",
+                params![id, from.as_str(), to.as_str(), keep, text, terminated_at],
             )
-            .map(drop)
+            .map(|n| n == 1)
             .map_err(self.err())
     }
 
@@ -1367,7 +1398,7 @@ mod tests {
             id: id.into(),
             image: "app".into(),
             version: 1,
-            state: state.into(),
+            state: MicrovmState::from_wire(state).expect("state"),
             state_reason: None,
             request: serde_json::json!({}),
             started_at: 1.0,
@@ -1697,7 +1728,7 @@ mod expiry_tests {
             id: id.into(),
             image: "web".into(),
             version: 1,
-            state: state.into(),
+            state: MicrovmState::from_wire(state).expect("state"),
             state_reason: None,
             request: serde_json::json!({}),
             started_at: 1.0,

@@ -1,12 +1,17 @@
-//! The MicroVM supervisor: launches (restores) VMs from image versions, admission control,
-//! the state machine, maximum duration, termination, and re-attaching after a restart.
+//! The MicroVM supervisor: admission control and the API's MicroVM operations. Every
+//! transition of a MicroVM is made by its owner (`owner.rs`) following one table
+//! (`transitions.rs`); re-attaching after a restart is `recovery.rs`.
 
+mod hooks;
 pub mod network;
+mod owner;
+mod recovery;
+pub mod transitions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use kiln_api::pagination::paginate;
@@ -17,7 +22,11 @@ use kiln_vmm::host::Host;
 use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
+
+use self::hooks::SessionHooks;
+use self::owner::{Command, Held, Launch};
+use self::transitions::Event;
 
 use crate::api::wire::{internal, request_hash, to_value, ts};
 use crate::auth::keys::Caller;
@@ -29,7 +38,7 @@ use crate::images::find_image;
 use crate::now;
 use crate::observe::audit::AuditLog;
 use crate::observe::metrics::Metrics;
-use crate::store::{MicrovmRow, Store, StoreError};
+use crate::store::{MicrovmRow, Store};
 use crate::supervisor::network::{Ingress, Network, Plan};
 
 /// Default and largest `maximumDurationInSeconds`: 8 hours.
@@ -47,77 +56,37 @@ struct Live {
     since: std::time::Instant,
 }
 
-/// The `microvmHooks` of an image version and the port its hooks listener uses.
-#[derive(Debug, Clone, Default)]
-struct SessionHooks {
-    port: u16,
-    hooks: kiln_api::shapes::common::MicrovmHooks,
-}
-
-impl SessionHooks {
-    /// The hooks in a stored version spec (an `ImageVersionConfig` as JSON).
-    fn of(spec: &Value) -> SessionHooks {
-        let h: kiln_api::shapes::common::Hooks =
-            serde_json::from_value(spec["hooks"].clone()).unwrap_or_default();
-        SessionHooks {
-            port: h.port.map(|p| p as u16).unwrap_or(8080),
-            hooks: h.microvm_hooks.unwrap_or_default(),
-        }
-    }
-
-    /// The timeout of `hook` when the image enables it.
-    fn enabled(&self, hook: &str) -> Option<Duration> {
-        use kiln_api::shapes::common::HookState::Enabled;
-        let h = &self.hooks;
-        let (state, secs) = match hook {
-            "run" => (h.run, h.run_timeout_in_seconds),
-            "resume" => (h.resume, h.resume_timeout_in_seconds),
-            "suspend" => (h.suspend, h.suspend_timeout_in_seconds),
-            "terminate" => (h.terminate, h.terminate_timeout_in_seconds),
-            _ => (None, None),
-        };
-        (state == Some(Enabled))
-            .then(|| Duration::from_secs(secs.unwrap_or(30).clamp(1, 60) as u64))
-    }
-
-    /// Calls `hook` with `body` through the guest agent (AWS contract: POST
-    /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success.
-    async fn call(&self, vm: &QemuVm, hook: &str, body: &[u8]) -> Result<(), String> {
-        let Some(timeout) = self.enabled(hook) else {
-            return Ok(());
-        };
-        let mut req = kiln_image::build::hook_request(self.port, hook, timeout);
-        req.body = body.to_vec();
-        match vm.agent().http_request(req).await {
-            Ok(r) if (200..300).contains(&r.status) => Ok(()),
-            Ok(r) => Err(format!(
-                "the {hook} hook answered {}: {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
-            )),
-            Err(e) => Err(format!("the {hook} hook failed: {e}")),
-        }
-    }
-}
-
-/// Where reconciliation found a MicroVM's session.
-enum Recovered {
-    /// In its suspended directory.
-    Suspended,
-    /// In a running QEMU, with the state reason to record if the row said otherwise.
-    Running(Box<QemuVm>, Option<&'static str>),
-    /// Nowhere; the reason.
-    Lost(String),
-}
-
 /// What is admitted now: VM count and memory.
 #[derive(Debug, Default)]
 struct Capacity {
     vms: usize,
     memory_mib: u64,
+}
+
+/// What a supervisor is made of.
+pub struct Parts {
+    /// The VMM and the guest assets.
+    pub host: Arc<Host>,
+    /// The metadata store.
+    pub store: Arc<Store>,
+    /// kilnd's flags.
+    pub config: Arc<Config>,
+    /// Region and account for ARNs.
+    pub ctx: ArnContext,
+    /// The endpoint proxy's port (for endpoint URLs).
+    pub endpoint_port: u16,
+    /// Keys of the endpoint tokens.
+    pub keys: Arc<TokenKeys>,
+    /// Inbound traffic per MicroVM, kept by the endpoint proxy.
+    pub activity: ActivityTable,
+    /// Launch, suspend and resume counts and times.
+    pub metrics: Arc<Metrics>,
+    /// The audit log.
+    pub audit: Arc<AuditLog>,
+    /// Connectors and the egress gateway.
+    pub network: Arc<Network>,
+    /// Per-principal quotas.
+    pub quotas: Arc<crate::auth::quotas::Quotas>,
 }
 
 /// The MicroVM supervisor.
@@ -133,11 +102,10 @@ pub struct Microvms {
     pub keys: Arc<TokenKeys>,
     /// Inbound traffic per MicroVM, kept by the endpoint proxy.
     pub activity: ActivityTable,
-    /// One lock per MicroVM for suspend and resume, so concurrent requests to a suspended
-    /// VM trigger one resume.
-    transitions: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// When each suspended session was suspended (for `suspendedDurationSeconds`).
-    suspended_at: StdMutex<HashMap<String, std::time::Instant>>,
+    /// The owner of each open MicroVM (its command queue).
+    owners: StdMutex<HashMap<String, mpsc::Sender<Command>>>,
+    /// This supervisor, for the owners it starts.
+    me: Weak<Microvms>,
     /// Held while a RunMicrovm checks its `clientToken` and records its MicroVM.
     run_claims: StdMutex<()>,
     /// Launch, suspend and resume counts and times.
@@ -189,38 +157,32 @@ fn new_microvm_id() -> String {
 
 impl Microvms {
     /// A supervisor; call [`Microvms::reconcile`] before serving.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        host: Arc<Host>,
-        store: Arc<Store>,
-        config: Arc<Config>,
-        ctx: ArnContext,
-        endpoint_port: u16,
-        keys: Arc<TokenKeys>,
-        activity: ActivityTable,
-        metrics: Arc<Metrics>,
-        audit: Arc<AuditLog>,
-        network: Arc<Network>,
-        quotas: Arc<crate::auth::quotas::Quotas>,
-    ) -> Microvms {
-        Microvms {
-            quotas,
-            network,
-            host,
-            store,
-            config,
-            ctx,
-            endpoint_port,
+    pub fn new(parts: Parts) -> Arc<Microvms> {
+        Arc::new_cyclic(|me| Microvms {
+            quotas: parts.quotas,
+            network: parts.network,
+            host: parts.host,
+            store: parts.store,
+            config: parts.config,
+            ctx: parts.ctx,
+            endpoint_port: parts.endpoint_port,
             live: Mutex::new(HashMap::new()),
             capacity: StdMutex::new(Capacity::default()),
-            keys,
-            activity,
-            transitions: StdMutex::new(HashMap::new()),
-            suspended_at: StdMutex::new(HashMap::new()),
+            keys: parts.keys,
+            activity: parts.activity,
+            owners: StdMutex::new(HashMap::new()),
+            me: me.clone(),
             run_claims: StdMutex::new(()),
-            metrics,
-            audit,
-        }
+            metrics: parts.metrics,
+            audit: parts.audit,
+        })
+    }
+
+    /// How many MicroVMs and how much guest memory (MiB) are admitted now: what the owners
+    /// hold, for `/metrics` and for tests that check nothing leaked.
+    pub fn admitted(&self) -> (usize, u64) {
+        let c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        (c.vms, c.memory_mib)
     }
 
     fn dir_of(&self, id: &str) -> PathBuf {
@@ -249,6 +211,7 @@ impl Microvms {
         }
         c.vms += 1;
         c.memory_mib += memory_mib;
+        self.metrics.set_admitted(c.vms, c.memory_mib);
         Ok(())
     }
 
@@ -261,18 +224,29 @@ impl Microvms {
             });
         }
         c.memory_mib += memory_mib;
+        self.metrics.set_admitted(c.vms, c.memory_mib);
         Ok(())
+    }
+
+    /// Counts a MicroVM found open after a restart (no limit: it holds the host already).
+    fn admit_recovered(&self, memory_mib: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.vms += 1;
+        c.memory_mib += memory_mib;
+        self.metrics.set_admitted(c.vms, c.memory_mib);
     }
 
     fn release_memory(&self, memory_mib: u64) {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
+        self.metrics.set_admitted(c.vms, c.memory_mib);
     }
 
     fn release(&self, memory_mib: u64) {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         c.vms = c.vms.saturating_sub(1);
         c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
+        self.metrics.set_admitted(c.vms, c.memory_mib);
     }
 
     /// Executes a MicroVM request for `caller`, who sees only its own MicroVMs (admin
@@ -314,7 +288,7 @@ impl Microvms {
                     .filter(|r| caller.can_access(&r.owner))
                     .map(|r| MicrovmItem {
                         microvm_id: r.id.clone(),
-                        state: r.state.parse().unwrap_or(MicrovmState::Pending),
+                        state: r.state,
                         image_arn: self.image_arn_of(r),
                         image_version: r.version.to_string(),
                         started_at: ts(r.started_at),
@@ -400,7 +374,10 @@ impl Microvms {
         ports: Vec<kiln_api::shapes::microvm::PortSpecification>,
         minutes: i32,
     ) -> Result<Value, ApiError> {
-        if matches!(row.state.as_str(), "TERMINATING" | "TERMINATED") {
+        if matches!(
+            row.state,
+            MicrovmState::Terminating | MicrovmState::Terminated
+        ) {
             return Err(ApiError::conflict(
                 "Microvm",
                 &row.id,
@@ -443,7 +420,7 @@ impl Microvms {
         let req: Option<RunMicrovmRequest> = serde_json::from_value(r.request.clone()).ok();
         MicrovmDescription {
             microvm_id: r.id.clone(),
-            state: r.state.parse().unwrap_or(MicrovmState::Pending),
+            state: r.state,
             endpoint: self.endpoint(&r.id),
             image_arn: self.image_arn_of(r),
             image_version: r.version.to_string(),
@@ -550,7 +527,7 @@ impl Microvms {
             id: id.clone(),
             image: key,
             version,
-            state: MicrovmState::Pending.as_str().into(),
+            state: MicrovmState::Pending,
             state_reason: None,
             // The run hook's payload carries the session's secrets: it is passed on, never stored.
             request: to_value(&RunMicrovmRequest {
@@ -588,25 +565,70 @@ impl Microvms {
                         .put_client_token(&t.token, &t.scope, &t.hash, &launched, now())
                 {
                     self.release(memory);
-                    let _ = self.store.set_microvm_state(
+                    let _ = self.store.transition_microvm(
                         &id,
-                        MicrovmState::Terminated.as_str(),
-                        Some("launch abandoned: its clientToken could not be recorded"),
+                        MicrovmState::Pending,
+                        MicrovmState::Terminated,
+                        crate::store::Reason::Set(
+                            "launch abandoned: its clientToken could not be recorded",
+                        ),
                         Some(now()),
                     );
                     return Err(internal(e));
                 }
             }
         }
-        let hooks = SessionHooks::of(&v.spec);
-        let outcome = self.start(&row, &snap, &config, &req, hooks).await;
-        if outcome.is_err() {
-            if let Some(t) = &token {
-                // Nothing runs for this token: a retry with it launches anew.
-                let _ = self.store.forget_client_token(&t.token, &t.scope);
-            }
+        // From here the MicroVM's owner launches it; this call only waits for the answer,
+        // so a caller that goes away cancels nothing.
+        let owner = self.spawn_owner(
+            &row,
+            Held {
+                slot: true,
+                memory: true,
+            },
+        );
+        let launch = Box::new(Launch {
+            snap,
+            config,
+            hooks: SessionHooks::of(&v.spec),
+            req,
+            token: token.map(|t| (t.token, t.scope)),
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if owner.send(Command::Launch(launch, reply)).await.is_err() {
+            return Err(ApiError::internal(format!(
+                "MicroVM {id} has no owner to launch it (kilnd is stopping)"
+            )));
         }
-        outcome
+        answer.await.unwrap_or_else(|_| {
+            Err(ApiError::internal(format!(
+                "the owner of MicroVM {id} ended before it answered"
+            )))
+        })
+    }
+
+    /// Terminates a MicroVM (idempotent): its owner stops it and frees what it held.
+    pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        let reason = reason.to_string();
+        self.ask(id, Event::Terminate, |r| Command::Terminate(reason, r))
+            .await
+    }
+
+    /// SuspendMicrovm: the suspend hook, then memory, devices and disk to the session's
+    /// directory; QEMU exits so its memory returns to the host. Idempotent.
+    pub async fn suspend(&self, id: &str) -> Result<(), ApiError> {
+        self.ask(id, Event::Suspend, Command::Suspend).await
+    }
+
+    /// ResumeMicrovm: a new QEMU from the session's directory (new forwards), clock and
+    /// entropy refreshed, then the resume hook. Idempotent.
+    pub async fn resume(&self, id: &str) -> Result<(), ApiError> {
+        self.resume_session(id).await.map(drop)
+    }
+
+    /// [`Microvms::resume`]; whether this call resumed it (false: it was running already).
+    async fn resume_session(&self, id: &str) -> Result<bool, ApiError> {
+        self.ask(id, Event::Resume, Command::Resume).await
     }
 
     /// The answer to an earlier RunMicrovm with the same token: the MicroVM it launched,
@@ -652,78 +674,6 @@ impl Microvms {
         to_value(&self.describe(&row)).map(Some)
     }
 
-    /// Launches a recorded PENDING MicroVM and calls its run hook; on failure the row is
-    /// TERMINATED with the reason and everything it held is freed.
-    /// Frees what a launch that failed held and records why it ended.
-    fn abandon_launch(&self, id: &str, dir: &Path, memory_mib: u64, why: &dyn std::fmt::Display) {
-        self.release(memory_mib);
-        let _ = std::fs::remove_dir_all(dir);
-        let reason = format!("launch failed: {why}");
-        let _ = self.store.set_microvm_state(
-            id,
-            MicrovmState::Terminated.as_str(),
-            Some(&reason),
-            Some(now()),
-        );
-    }
-
-    async fn start(
-        &self,
-        row: &MicrovmRow,
-        snap: &Snapshot,
-        config: &ImageConfig,
-        req: &RunMicrovmRequest,
-        hooks: SessionHooks,
-    ) -> Result<Value, ApiError> {
-        let (id, dir, memory) = (row.id.as_str(), self.dir_of(&row.id), row.memory_mib as u64);
-        match self.launch(id, &dir, snap, config, req, hooks).await {
-            Ok(live) => {
-                // A TerminateMicrovm that arrived during the launch wins.
-                if self.row(id)?.state != MicrovmState::Pending.as_str() {
-                    let _ = live.vm.terminate().await;
-                    self.release(memory);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(ApiError::conflict(
-                        "Microvm",
-                        id,
-                        format!("MicroVM {id} was terminated while it started"),
-                    ));
-                }
-                // The run hook is where a session gets its secrets and ids: never at build time.
-                let payload = req.run_hook_payload.clone().unwrap_or_default();
-                if let Err(e) = live.hooks.call(&live.vm, "run", payload.as_bytes()).await {
-                    let _ = live.vm.terminate().await;
-                    self.abandon_launch(id, &dir, memory, &e);
-                    return Err(ApiError::conflict(
-                        "Microvm",
-                        id,
-                        format!("MicroVM {id} did not start: {e}"),
-                    ));
-                }
-                let forwards = json!(live.forwards);
-                self.store
-                    .set_microvm_forwards(id, &forwards)
-                    .map_err(internal)?;
-                self.store
-                    .set_microvm_state(id, MicrovmState::Running.as_str(), None, None)
-                    .map_err(internal)?;
-                self.live
-                    .lock()
-                    .await
-                    .insert(id.to_string(), Arc::new(Mutex::new(live)));
-                tracing::info!(microvm = %id, image = %row.image, version = row.version, "launched");
-                to_value(&self.describe(&self.row(id)?))
-            }
-            Err(e) => {
-                self.abandon_launch(id, &dir, memory, &e);
-                tracing::warn!(microvm = %id, error = %e, "launch failed");
-                Err(ApiError::internal(format!(
-                    "MicroVM {id} could not start: {e}"
-                )))
-            }
-        }
-    }
-
     async fn launch(
         &self,
         id: &str,
@@ -764,291 +714,8 @@ impl Microvms {
         })
     }
 
-    /// Terminates a MicroVM (idempotent) and frees everything it held.
-    pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ApiError> {
-        let row = self.row(id)?;
-        if row.state == MicrovmState::Terminated.as_str() {
-            return Ok(());
-        }
-        self.store
-            .set_microvm_state(id, MicrovmState::Terminating.as_str(), None, None)
-            .map_err(internal)?;
-        let live = self.live.lock().await.remove(id);
-        if let Some(live) = live {
-            let live = Arc::try_unwrap(live).map(Mutex::into_inner);
-            match live {
-                Ok(live) => {
-                    if let Err(e) = live.hooks.call(&live.vm, "terminate", b"{}").await {
-                        tracing::info!(microvm = %id, error = %e, "terminate hook");
-                    }
-                    if let Err(e) = live.vm.terminate().await {
-                        tracing::warn!(microvm = %id, error = %e, "terminating");
-                    }
-                }
-                Err(shared) => {
-                    // Someone still holds it (a proxied request): stop QEMU through the lock.
-                    let mut l = shared.lock().await;
-                    let _ = l.vm.pause().await;
-                    kill_dir(&self.dir_of(id));
-                    l.forwards.clear();
-                }
-            }
-            self.release(row.memory_mib as u64);
-        } else if row.state == MicrovmState::Suspended.as_str() {
-            // A suspended session holds a slot but no memory.
-            self.release(0);
-        }
-        let _ = std::fs::remove_dir_all(self.dir_of(id));
-        self.activity.forget(id);
-        self.suspended_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.store
-            .set_microvm_state(
-                id,
-                MicrovmState::Terminated.as_str(),
-                Some(reason),
-                Some(now()),
-            )
-            .map_err(internal)?;
-        tracing::info!(microvm = %id, %reason, "terminated");
-        Ok(())
-    }
-
-    fn transition_lock(&self, id: &str) -> Arc<Mutex<()>> {
-        let mut t = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
-        t.entry(id.to_string()).or_default().clone()
-    }
-
     fn suspended_dir(&self, id: &str) -> PathBuf {
         self.dir_of(id).join("suspended")
-    }
-
-    /// SuspendMicrovm: the suspend hook, then memory, devices and disk to the session's
-    /// directory; QEMU exits so its memory returns to the host. Idempotent.
-    pub async fn suspend(&self, id: &str) -> Result<(), ApiError> {
-        let lock = self.transition_lock(id);
-        let _guard = lock.lock().await;
-        let row = self.row(id)?;
-        match row.state.as_str() {
-            "SUSPENDED" => return Ok(()),
-            "RUNNING" => {}
-            other => {
-                return Err(ApiError::conflict(
-                    "Microvm",
-                    id,
-                    format!("MicroVM {id} is {other}; only a RUNNING MicroVM can be suspended"),
-                ))
-            }
-        }
-        let Some(live) = self.live.lock().await.remove(id) else {
-            return Err(ApiError::conflict(
-                "Microvm",
-                id,
-                format!("MicroVM {id} is not running on this host"),
-            ));
-        };
-        let live = match Arc::try_unwrap(live) {
-            Ok(l) => l.into_inner(),
-            Err(shared) => {
-                self.live.lock().await.insert(id.to_string(), shared);
-                return Err(ApiError::conflict(
-                    "Microvm",
-                    id,
-                    "the MicroVM is busy; try again",
-                ));
-            }
-        };
-        let started = std::time::Instant::now();
-        self.store
-            .set_microvm_state(id, MicrovmState::Suspending.as_str(), None, None)
-            .map_err(internal)?;
-        if let Err(e) = live.hooks.call(&live.vm, "suspend", b"{}").await {
-            tracing::info!(microvm = %id, error = %e, "suspend hook");
-        }
-        let Live {
-            vm,
-            forwards,
-            hooks,
-            ..
-        } = live;
-        let suspended = vm.suspend(&self.suspended_dir(id)).await;
-        self.metrics
-            .suspend_finished(suspended.is_ok(), started.elapsed());
-        match suspended {
-            Ok(_) => {
-                self.release_memory(row.memory_mib as u64);
-                self.store
-                    .set_microvm_state(id, MicrovmState::Suspended.as_str(), None, None)
-                    .map_err(internal)?;
-                self.suspended_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.to_string(), std::time::Instant::now());
-                tracing::info!(microvm = %id, "suspended");
-                Ok(())
-            }
-            Err(failure) => {
-                let message = failure.to_string();
-                match failure.vm {
-                    Some(vm) => {
-                        self.live.lock().await.insert(
-                            id.to_string(),
-                            Arc::new(Mutex::new(Live {
-                                since: std::time::Instant::now(),
-                                vm,
-                                forwards,
-                                hooks,
-                            })),
-                        );
-                        self.store
-                            .set_microvm_state(
-                                id,
-                                MicrovmState::Running.as_str(),
-                                Some(&message),
-                                None,
-                            )
-                            .map_err(internal)?;
-                    }
-                    None => {
-                        // QEMU is gone, and the guest's memory with it: no retry can
-                        // suspend it, so the answer is the state it ended in, not a 500.
-                        self.release(row.memory_mib as u64);
-                        let reason = format!("the MicroVM ended while suspending: {message}");
-                        self.store
-                            .set_microvm_state(
-                                id,
-                                MicrovmState::Terminated.as_str(),
-                                Some(&reason),
-                                Some(now()),
-                            )
-                            .map_err(internal)?;
-                        self.activity.forget(id);
-                        let _ = std::fs::remove_dir_all(self.dir_of(id));
-                        return Err(ApiError::conflict(
-                            "Microvm",
-                            id,
-                            format!("MicroVM {id} is TERMINATED: {reason}"),
-                        ));
-                    }
-                }
-                Err(ApiError::internal(message))
-            }
-        }
-    }
-
-    /// ResumeMicrovm: a new QEMU from the session's directory (new forwards), clock and
-    /// entropy refreshed, then the resume hook. Idempotent.
-    pub async fn resume(&self, id: &str) -> Result<(), ApiError> {
-        self.resume_session(id).await.map(drop)
-    }
-
-    /// [`Microvms::resume`]; whether this call resumed it (false: it was running already).
-    async fn resume_session(&self, id: &str) -> Result<bool, ApiError> {
-        let lock = self.transition_lock(id);
-        let _guard = lock.lock().await;
-        let row = self.row(id)?;
-        match row.state.as_str() {
-            "RUNNING" => return Ok(false),
-            "SUSPENDED" => {}
-            other => {
-                return Err(ApiError::conflict(
-                    "Microvm",
-                    id,
-                    format!("MicroVM {id} is {other}; only a SUSPENDED MicroVM can be resumed"),
-                ))
-            }
-        }
-        self.reserve_memory(row.memory_mib as u64)?;
-        let started = std::time::Instant::now();
-        let hooks = match self
-            .store
-            .version(&row.image, row.version)
-            .map_err(internal)?
-        {
-            Some(v) => SessionHooks::of(&v.spec),
-            None => SessionHooks::default(),
-        };
-        let old: BTreeMap<u16, u16> =
-            serde_json::from_value(row.forwards.clone()).unwrap_or_default();
-        let sus = match kiln_vmm::SuspendedVm::open(
-            &self.suspended_dir(id),
-            &self.host.vmm.qemu().version,
-        ) {
-            Ok(sus) => sus,
-            Err(e) => {
-                // The saved session itself is unusable (missing, damaged, or from another
-                // QEMU): a retry would fail the same way, so the session ends here.
-                self.release_memory(row.memory_mib as u64);
-                let reason = format!("the suspended session cannot be restored: {e}");
-                tracing::warn!(microvm = %id, %reason, "resume failed; terminating");
-                self.terminate(id, &reason).await?;
-                return Err(ApiError::conflict(
-                    "Microvm",
-                    id,
-                    format!("MicroVM {id} is TERMINATED: {reason}"),
-                ));
-            }
-        };
-        let result = async {
-            let mut forwards = BTreeMap::new();
-            for guest in old.keys().copied().chain([8080]) {
-                forwards.insert(
-                    guest,
-                    kiln_vmm::free_port().map_err(|e| {
-                        kiln_vmm::VmmError::io("finding a free port for", &self.dir_of(id), e)
-                    })?,
-                );
-            }
-            let mut target = RestoreTarget::new(self.dir_of(id).join("vm"));
-            target.forwards = forwards
-                .iter()
-                .map(|(g, h)| PortForward {
-                    host_port: *h,
-                    guest_port: *g,
-                })
-                .collect();
-            let plan = self.plan_of_row(&row);
-            target.egress = self.network.vm_egress(id, &plan.egress);
-            target.restrict_egress = target.egress.is_none();
-            let vm = self.host.vmm.resume(&sus, target).await?;
-            Ok::<_, kiln_vmm::VmmError>(Live {
-                since: std::time::Instant::now(),
-                vm,
-                forwards,
-                hooks,
-            })
-        }
-        .await;
-        self.metrics
-            .resume_finished(result.is_ok(), started.elapsed());
-        match result {
-            Ok(live) => {
-                if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
-                    tracing::info!(microvm = %id, error = %e, "resume hook");
-                }
-                self.store
-                    .set_microvm_forwards(id, &json!(live.forwards))
-                    .map_err(internal)?;
-                self.store
-                    .set_microvm_state(id, MicrovmState::Running.as_str(), None, None)
-                    .map_err(internal)?;
-                self.live
-                    .lock()
-                    .await
-                    .insert(id.to_string(), Arc::new(Mutex::new(live)));
-                tracing::info!(microvm = %id, "resumed");
-                Ok(true)
-            }
-            Err(e) => {
-                self.release_memory(row.memory_mib as u64);
-                tracing::warn!(microvm = %id, error = %e, "resume failed; the session stays suspended");
-                Err(ApiError::internal(format!(
-                    "MicroVM {id} could not resume (it stays SUSPENDED): {e}"
-                )))
-            }
-        }
     }
 
     /// Forgets MicroVMs TERMINATED longer than `--terminated-retention-secs` ago and
@@ -1099,7 +766,7 @@ impl Microvms {
         Ok(json!({
             "microvmId": r.id,
             "owner": r.owner,
-            "state": r.state,
+            "state": r.state.as_str(),
             "stateReason": r.state_reason,
             "image": r.image,
             "imageVersion": r.version.to_string(),
@@ -1209,8 +876,13 @@ impl Microvms {
                     .ok()
                     .and_then(|r| r.idle_policy)
                     .is_some_and(|p| p.auto_resume_enabled);
-                if !(auto_resume && matches!(row.state.as_str(), "SUSPENDED" | "SUSPENDING")) {
-                    return Err(UpstreamError::NotRunning(row.state));
+                if !(auto_resume
+                    && matches!(
+                        row.state,
+                        MicrovmState::Suspended | MicrovmState::Suspending
+                    ))
+                {
+                    return Err(UpstreamError::NotRunning(row.state.as_str().to_string()));
                 }
                 // Hold the request while the VM resumes: the client sees a slower answer, not an error.
                 let resumed = self.resume_session(id).await;
@@ -1233,225 +905,12 @@ impl Microvms {
         Ok(live)
     }
 
-    /// Brings the store and reality together after a (re)start: running VMs are re-attached,
-    /// half-done launches and dead VMs are cleaned up, orphan directories removed.
-    pub async fn reconcile(&self) -> Result<(), StoreError> {
-        let open = self.store.microvms(
-            None,
-            None,
-            Some(&[
-                "PENDING",
-                "RUNNING",
-                "TERMINATING",
-                "SUSPENDING",
-                "SUSPENDED",
-            ]),
-        )?;
-        for r in &open {
-            let dir = self.dir_of(&r.id);
-            let outcome = self.recover(r).await;
-            let _ =
-                std::fs::remove_dir_all(kiln_vmm::suspend::staging_dir(&self.suspended_dir(&r.id)));
-            match outcome {
-                Recovered::Suspended => {
-                    // A suspended session needs no process: it stays as it is on disk.
-                    kill_dir(&dir);
-                    let _ = std::fs::remove_dir_all(dir.join("vm"));
-                    self.capacity.lock().unwrap_or_else(|p| p.into_inner()).vms += 1;
-                    self.store
-                        .set_microvm_state(&r.id, "SUSPENDED", None, None)?;
-                    // The suspended duration restarts with kilnd: a session is never cut short.
-                    self.suspended_at
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(r.id.clone(), std::time::Instant::now());
-                    tracing::info!(microvm = %r.id, "suspended session kept");
-                }
-                Recovered::Running(mut vm, note) => {
-                    // The gateway's listeners died with the previous kilnd: serve the VM's
-                    // namespace again (its rules are rewritten to the new listeners).
-                    if let Some(egress) = self.network.vm_egress(&r.id, &self.plan_of_row(r).egress)
-                    {
-                        if let Err(e) = vm.set_egress(&egress).await {
-                            tracing::warn!(microvm = %r.id, error = %e, "egress not re-attached: the guest reaches nothing");
-                        }
-                    }
-                    // Whatever the interrupted suspend or resume left on disk is not the session.
-                    let _ = std::fs::remove_dir_all(self.suspended_dir(&r.id));
-                    if r.state != "RUNNING" {
-                        self.store.set_microvm_state(&r.id, "RUNNING", note, None)?;
-                    }
-                    let hooks = match self.store.version(&r.image, r.version)? {
-                        Some(v) => SessionHooks::of(&v.spec),
-                        None => SessionHooks::default(),
-                    };
-                    // The forwards QEMU has, not the stored ones: a resume interrupted before
-                    // it stored its new ports left the old ones in the row.
-                    let forwards: BTreeMap<u16, u16> = vm
-                        .spec()
-                        .network
-                        .iter()
-                        .flat_map(|n| n.forwards.iter())
-                        .map(|f| (f.guest_port, f.host_port))
-                        .collect();
-                    self.store.set_microvm_forwards(&r.id, &json!(forwards))?;
-                    {
-                        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-                        c.vms += 1;
-                        c.memory_mib += r.memory_mib as u64;
-                    }
-                    self.live.lock().await.insert(
-                        r.id.clone(),
-                        Arc::new(Mutex::new(Live {
-                            since: std::time::Instant::now(),
-                            vm: *vm,
-                            forwards,
-                            hooks,
-                        })),
-                    );
-                    tracing::info!(microvm = %r.id, "re-attached after restart");
-                }
-                Recovered::Lost(reason) => {
-                    kill_dir(&dir);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    self.store.set_microvm_state(
-                        &r.id,
-                        "TERMINATED",
-                        Some(&reason),
-                        Some(now()),
-                    )?;
-                    self.audit
-                        .kilnd("TerminateMicrovm", &r.owner, &r.id, &Ok(()), &reason);
-                    tracing::warn!(microvm = %r.id, %reason, "terminated during reconciliation");
-                }
-            }
-        }
-        // Directories no open MicroVM owns: a crash between mkdir and the store's insert.
-        let known: std::collections::HashSet<String> = open.iter().map(|r| r.id.clone()).collect();
-        if let Ok(entries) = std::fs::read_dir(self.host.home.join("microvms")) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !known.contains(&name) {
-                    kill_dir(&e.path());
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Where the session of an open MicroVM is after a restart. A suspend is complete once its
-    /// directory is published (the QEMU left paused behind it must never run again); a resume
-    /// is complete once its guest runs (the suspended directory is then stale). One of the two
-    /// always holds the whole session, so a crash at any point loses nothing.
-    async fn recover(&self, r: &MicrovmRow) -> Recovered {
-        let suspended = || {
-            kiln_vmm::SuspendedVm::open(&self.suspended_dir(&r.id), &self.host.vmm.qemu().version)
-        };
-        let vm_dir = self.dir_of(&r.id).join("vm");
-        let attach = || self.host.vmm.attach(&vm_dir);
-        match r.state.as_str() {
-            "SUSPENDING" if suspended().is_ok() => Recovered::Suspended,
-            "SUSPENDING" => match attach().await {
-                Ok(vm) => Recovered::Running(
-                    Box::new(vm),
-                    Some("kilnd restarted during a suspend; the VM kept running"),
-                ),
-                Err(e) => {
-                    Recovered::Lost(format!("its VM stopped while kilnd was suspending it: {e}"))
-                }
-            },
-            "SUSPENDED" => match attach().await {
-                // kilnd stopped after the resumed guest started: it holds the session now.
-                Ok(vm) => Recovered::Running(Box::new(vm), None),
-                Err(_) => match suspended() {
-                    Ok(_) => Recovered::Suspended,
-                    Err(e) => Recovered::Lost(format!("its suspended state is unusable: {e}")),
-                },
-            },
-            "RUNNING" => match attach().await {
-                Ok(vm) => Recovered::Running(Box::new(vm), None),
-                Err(_) => Recovered::Lost("its VM stopped while kilnd was not running".into()),
-            },
-            _ => Recovered::Lost("kilnd restarted while it was starting or stopping".into()),
-        }
-    }
-
-    /// The reaper terminates a MicroVM; the audit log says kilnd did it, and why.
-    async fn terminate_on_own(&self, r: &MicrovmRow, reason: &str) {
-        let terminated = self.terminate(&r.id, reason).await;
-        self.audit
-            .kilnd("TerminateMicrovm", &r.owner, &r.id, &terminated, reason);
-    }
-
-    /// Terminates MicroVMs past their maximum duration; runs every second.
+    /// Ages out terminated MicroVMs and old idempotency tokens, every second. What each
+    /// MicroVM's own policy says (idle, suspended and maximum durations) its owner does.
     pub async fn reap(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             self.forget_expired();
-            let Ok(rows) = self
-                .store
-                .microvms(None, None, Some(&["RUNNING", "SUSPENDED"]))
-            else {
-                continue;
-            };
-            let t = now();
-            for r in rows {
-                if r.started_at + r.max_duration as f64 <= t {
-                    self.terminate_on_own(&r, "maximum duration reached").await;
-                    continue;
-                }
-                let Some(policy) = serde_json::from_value::<RunMicrovmRequest>(r.request.clone())
-                    .ok()
-                    .and_then(|q| q.idle_policy)
-                else {
-                    continue;
-                };
-                match r.state.as_str() {
-                    "RUNNING" => {
-                        let Some(idle) = self.idle_for(&r.id).await else {
-                            continue;
-                        };
-                        if idle.as_secs() >= policy.max_idle_duration_seconds as u64 {
-                            tracing::info!(microvm = %r.id, idle_s = idle.as_secs(), "idle: suspending");
-                            let suspended = self.suspend(&r.id).await;
-                            let reason = format!("no endpoint traffic for {} s", idle.as_secs());
-                            self.audit.kilnd(
-                                "SuspendMicrovm",
-                                &r.owner,
-                                &r.id,
-                                &suspended,
-                                &reason,
-                            );
-                            if suspended.is_ok() && policy.suspended_duration_seconds == 0 {
-                                self.terminate_on_own(
-                                    &r,
-                                    "idle, and suspendedDurationSeconds is 0",
-                                )
-                                .await;
-                            }
-                        }
-                    }
-                    "SUSPENDED" => {
-                        let since = self
-                            .suspended_at
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&r.id)
-                            .copied();
-                        if since.is_some_and(|s| {
-                            s.elapsed().as_secs() >= policy.suspended_duration_seconds as u64
-                        }) {
-                            self.terminate_on_own(
-                                &r,
-                                "suspended longer than suspendedDurationSeconds",
-                            )
-                            .await;
-                        }
-                    }
-                    _ => {}
-                }
-            }
         }
     }
 }

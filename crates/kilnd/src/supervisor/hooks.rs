@@ -1,0 +1,64 @@
+//! The image's runtime hooks (AWS contract: POST `/aws/lambda-microvms/runtime/v1/<hook>` on
+//! the hooks port inside the guest), called through the guest agent.
+
+use std::time::Duration;
+
+use kiln_vmm::qemu::QemuVm;
+use kiln_vmm::MicroVm;
+use serde_json::Value;
+
+/// The `microvmHooks` of an image version and the port its hooks listener uses.
+#[derive(Debug, Clone, Default)]
+pub(super) struct SessionHooks {
+    port: u16,
+    hooks: kiln_api::shapes::common::MicrovmHooks,
+}
+
+impl SessionHooks {
+    /// The hooks in a stored version spec (an `ImageVersionConfig` as JSON).
+    pub(super) fn of(spec: &Value) -> SessionHooks {
+        let h: kiln_api::shapes::common::Hooks =
+            serde_json::from_value(spec["hooks"].clone()).unwrap_or_default();
+        SessionHooks {
+            port: h.port.map(|p| p as u16).unwrap_or(8080),
+            hooks: h.microvm_hooks.unwrap_or_default(),
+        }
+    }
+
+    /// The timeout of `hook` when the image enables it.
+    pub(super) fn enabled(&self, hook: &str) -> Option<Duration> {
+        use kiln_api::shapes::common::HookState::Enabled;
+        let h = &self.hooks;
+        let (state, secs) = match hook {
+            "run" => (h.run, h.run_timeout_in_seconds),
+            "resume" => (h.resume, h.resume_timeout_in_seconds),
+            "suspend" => (h.suspend, h.suspend_timeout_in_seconds),
+            "terminate" => (h.terminate, h.terminate_timeout_in_seconds),
+            _ => (None, None),
+        };
+        (state == Some(Enabled))
+            .then(|| Duration::from_secs(secs.unwrap_or(30).clamp(1, 60) as u64))
+    }
+
+    /// Calls `hook` with `body` through the guest agent (AWS contract: POST
+    /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success.
+    pub(super) async fn call(&self, vm: &QemuVm, hook: &str, body: &[u8]) -> Result<(), String> {
+        let Some(timeout) = self.enabled(hook) else {
+            return Ok(());
+        };
+        let mut req = kiln_image::build::hook_request(self.port, hook, timeout);
+        req.body = body.to_vec();
+        match vm.agent().http_request(req).await {
+            Ok(r) if (200..300).contains(&r.status) => Ok(()),
+            Ok(r) => Err(format!(
+                "the {hook} hook answered {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )),
+            Err(e) => Err(format!("the {hook} hook failed: {e}")),
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! One owner per MicroVM: a task that performs every transition of its MicroVM — launch,
+//! run hook, suspend, resume, terminate, idle and maximum-duration expiry — one at a time,
+//! in the order requests arrive. API handlers, the endpoint proxy and kilnd's own policies
+//! send it a [`Command`] and await the answer; a caller that goes away never cancels a
+//! transition, it only stops waiting for the answer.
+//!
+//! The owner asks [`transitions::next`] before each step and records every state with a
+//! compare-and-swap on the state it came from. It tracks what its MicroVM holds of the
+//! host's capacity (a VM slot, a memory reservation) and gives back exactly that when the
+//! table says so, so no path can leak a reservation or give one back twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_api::shapes::microvm::{IdlePolicy, MicrovmState as S, RunMicrovmRequest};
+use kiln_api::ApiError;
+use kiln_image::build::ImageConfig;
+use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::hooks::SessionHooks;
+use super::transitions::{self, due, Effect, Event, Expiry, Refusal};
+use super::{kill_dir, Live, Microvms};
+use crate::api::wire::internal;
+use crate::now;
+use crate::store::{MicrovmRow, Reason};
+
+/// Where an owner sends its answer.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// What an owner is asked to do.
+pub(super) enum Command {
+    /// Start the recorded PENDING MicroVM and call its run hook; answers its description.
+    Launch(Box<Launch>, Reply<Value>),
+    /// Save the session and stop QEMU.
+    Suspend(Reply<()>),
+    /// Bring a saved session back; answers whether this call resumed it.
+    Resume(Reply<bool>),
+    /// End the MicroVM for the given reason.
+    Terminate(String, Reply<()>),
+}
+
+/// What a launch needs beyond the row.
+pub(super) struct Launch {
+    pub snap: Snapshot,
+    pub config: ImageConfig,
+    pub req: RunMicrovmRequest,
+    pub hooks: SessionHooks,
+    /// The launch's idempotency token (token, scope): forgotten when the launch fails, so a
+    /// retry launches anew, also when the caller has gone.
+    pub token: Option<(String, String)>,
+}
+
+/// How many requests may wait for one owner; more callers wait to send.
+const QUEUE: usize = 64;
+
+/// What a MicroVM holds of the host's capacity.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Held {
+    pub slot: bool,
+    pub memory: bool,
+}
+
+/// What never changes about a MicroVM, read once from its row.
+struct Facts {
+    principal: String,
+    started_at: f64,
+    max_duration: Duration,
+    memory_mib: u64,
+    policy: Option<IdlePolicy>,
+}
+
+/// The task that owns one MicroVM.
+struct Owner {
+    sup: Arc<Microvms>,
+    id: String,
+    state: S,
+    facts: Facts,
+    held: Held,
+    /// Since when it is suspended (since kilnd started, after a restart: a session is
+    /// never cut short).
+    suspended_since: Option<Instant>,
+}
+
+impl Microvms {
+    /// Starts the owner of `row` (which holds `held` of the host's capacity) unless it has
+    /// one; its command queue.
+    pub(super) fn spawn_owner(&self, row: &MicrovmRow, held: Held) -> mpsc::Sender<Command> {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = owners.get(&row.id) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        owners.insert(row.id.clone(), tx.clone());
+        let Some(sup) = self.me.upgrade() else {
+            // kilnd is shutting down: nothing will serve the queue.
+            return tx;
+        };
+        let owner = Owner {
+            sup,
+            id: row.id.clone(),
+            state: row.state,
+            facts: Facts {
+                principal: row.owner.clone(),
+                started_at: row.started_at,
+                max_duration: Duration::from_secs(row.max_duration.max(0) as u64),
+                memory_mib: row.memory_mib.max(0) as u64,
+                policy: serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
+                    .ok()
+                    .and_then(|q| q.idle_policy),
+            },
+            held,
+            suspended_since: (row.state == S::Suspended).then(Instant::now),
+        };
+        tokio::spawn(owner.run(rx, tx.clone()));
+        tx
+    }
+
+    /// The owner of MicroVM `id`, started if its row is open and it has none (`None`: no
+    /// such MicroVM, or it has ended).
+    fn owner_of(&self, id: &str) -> Result<Option<mpsc::Sender<Command>>, ApiError> {
+        if let Some(tx) = self
+            .owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Ok(Some(tx.clone()));
+        }
+        let row = self.row(id)?;
+        Ok((row.state != S::Terminated).then(|| {
+            let held = Held {
+                slot: true,
+                memory: matches!(row.state, S::Pending | S::Running | S::Suspending),
+            };
+            self.spawn_owner(&row, held)
+        }))
+    }
+
+    /// Sends `event`'s command to the MicroVM's owner and waits for the answer. With no
+    /// owner (the MicroVM has ended) the transition table answers from the stored state.
+    pub(super) async fn ask<T: Default>(
+        &self,
+        id: &str,
+        event: Event,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, ApiError> {
+        if let Some(tx) = self.owner_of(id)? {
+            let (reply, answer) = oneshot::channel();
+            if tx.send(make(reply)).await.is_ok() {
+                if let Ok(answer) = answer.await {
+                    return answer;
+                }
+            }
+        }
+        let row = self.row(id)?;
+        match transitions::next(row.state, event) {
+            Err(Refusal::Already) => Ok(T::default()),
+            Err(Refusal::Conflict(m)) => Err(ApiError::conflict(
+                "Microvm",
+                id,
+                format!("MicroVM {id}: {m}"),
+            )),
+            _ => Err(ApiError::internal(format!(
+                "MicroVM {id} is {} and has no owner on this host; try again",
+                row.state
+            ))),
+        }
+    }
+}
+
+impl Owner {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, me: mpsc::Sender<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.state != S::Terminated {
+            tokio::select! {
+                biased;
+                command = rx.recv() => match command {
+                    Some(c) => self.serve(c).await,
+                    None => return,
+                },
+                _ = tick.tick() => self.expire().await,
+            }
+        }
+        {
+            let mut owners = self.sup.owners.lock().unwrap_or_else(|p| p.into_inner());
+            if owners.get(&self.id).is_some_and(|tx| tx.same_channel(&me)) {
+                owners.remove(&self.id);
+            }
+        }
+        drop(me);
+        // Whoever asked before the owner left gets the ended MicroVM's answer.
+        rx.close();
+        while let Some(c) = rx.recv().await {
+            self.serve(c).await;
+        }
+    }
+
+    async fn serve(&mut self, command: Command) {
+        match command {
+            Command::Launch(launch, reply) => {
+                let _ = reply.send(self.launch(*launch).await);
+            }
+            Command::Suspend(reply) => {
+                let _ = reply.send(self.suspend().await);
+            }
+            Command::Resume(reply) => {
+                let _ = reply.send(self.resume().await);
+            }
+            Command::Terminate(reason, reply) => {
+                let _ = reply.send(self.terminate(&reason).await);
+            }
+        }
+    }
+
+    fn conflict(&self, message: impl std::fmt::Display) -> ApiError {
+        ApiError::conflict(
+            "Microvm",
+            &self.id,
+            format!("MicroVM {}: {message}", self.id),
+        )
+    }
+
+    /// Where a request leads from the current state; `Ok(None)`: already there.
+    fn ask_table(&self, event: Event) -> Result<Option<transitions::Step>, ApiError> {
+        match transitions::next(self.state, event) {
+            Ok(step) => Ok(Some(step)),
+            Err(Refusal::Already) => Ok(None),
+            Err(Refusal::Conflict(m)) => Err(self.conflict(m)),
+            Err(Refusal::Impossible) => Err(ApiError::internal(format!(
+                "MicroVM {}: {event:?} cannot happen while it is {}",
+                self.id, self.state
+            ))),
+        }
+    }
+
+    /// Records `event`'s step: the state (compare-and-swap on the current one), the reason,
+    /// and what it gives back. The step's effect is returned for the caller to perform.
+    fn record(&mut self, event: Event, reason: Reason<'_>) -> Result<Effect, ApiError> {
+        let step = transitions::next(self.state, event).map_err(|r| {
+            ApiError::internal(format!(
+                "MicroVM {}: {event:?} while {}: {r:?}",
+                self.id, self.state
+            ))
+        })?;
+        let ended = (step.to == S::Terminated).then(now);
+        let moved = self
+            .sup
+            .store
+            .transition_microvm(&self.id, self.state, step.to, reason, ended)
+            .map_err(internal)?;
+        if !moved {
+            // Only the owner writes a live MicroVM's state: this is a bug, said loudly.
+            let stored = self.sup.row(&self.id).map(|r| r.state);
+            tracing::error!(microvm = %self.id, expected = %self.state, ?stored, to = %step.to, "state changed under its owner");
+            if let Ok(s) = stored {
+                self.state = s;
+            }
+            return Err(ApiError::internal(format!(
+                "MicroVM {} changed state under its owner; try again",
+                self.id
+            )));
+        }
+        self.state = step.to;
+        match step.effect {
+            Effect::ReleaseMemory => self.give_back(false),
+            Effect::ReleaseAll => self.give_back(true),
+            _ => {}
+        }
+        if step.to == S::Terminated {
+            self.sup.activity.forget(&self.id);
+            let _ = std::fs::remove_dir_all(self.sup.dir_of(&self.id));
+        }
+        Ok(step.effect)
+    }
+
+    /// Gives back the memory reservation (and the slot when `all`), if held.
+    fn give_back(&mut self, all: bool) {
+        let memory = std::mem::take(&mut self.held.memory);
+        let slot = all && std::mem::take(&mut self.held.slot);
+        let mib = if memory { self.facts.memory_mib } else { 0 };
+        if slot {
+            self.sup.release(mib);
+        } else if memory {
+            self.sup.release_memory(mib);
+        }
+    }
+
+    /// Takes the running VM out of the shared table, waiting briefly for a proxied request
+    /// that is looking it up.
+    async fn take_live(&self) -> Result<Option<Live>, Arc<Mutex<Live>>> {
+        let Some(mut shared) = self.sup.live.lock().await.remove(&self.id) else {
+            return Ok(None);
+        };
+        for _ in 0..200 {
+            match Arc::try_unwrap(shared) {
+                Ok(l) => return Ok(Some(l.into_inner())),
+                Err(s) => shared = s,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(shared)
+    }
+
+    async fn launch(&mut self, l: Launch) -> Result<Value, ApiError> {
+        let id = self.id.clone();
+        let dir = self.sup.dir_of(&id);
+        let failed = |this: &mut Owner, why: String| {
+            let reason = format!("launch failed: {why}");
+            let _ = this.record(Event::LaunchFailed, Reason::Set(&reason));
+            if let Some((token, scope)) = &l.token {
+                // Nothing runs for this token: a retry with it launches anew.
+                let _ = this.sup.store.forget_client_token(token, scope);
+            }
+        };
+        let live = match self
+            .sup
+            .launch(&id, &dir, &l.snap, &l.config, &l.req, l.hooks.clone())
+            .await
+        {
+            Ok(live) => live,
+            Err(e) => {
+                kill_dir(&dir);
+                failed(self, e.to_string());
+                tracing::warn!(microvm = %id, error = %e, "launch failed");
+                return Err(ApiError::internal(format!(
+                    "MicroVM {id} could not start: {e}"
+                )));
+            }
+        };
+        // The run hook is where a session gets its secrets and ids: never at build time.
+        let payload = l.req.run_hook_payload.clone().unwrap_or_default();
+        if let Err(e) = live.hooks.call(&live.vm, "run", payload.as_bytes()).await {
+            let _ = live.vm.terminate().await;
+            failed(self, e.clone());
+            return Err(self.conflict(format!("did not start: {e}")));
+        }
+        self.sup
+            .store
+            .set_microvm_forwards(&id, &json!(live.forwards))
+            .map_err(internal)?;
+        self.sup
+            .live
+            .lock()
+            .await
+            .insert(id.clone(), Arc::new(Mutex::new(live)));
+        self.record(Event::Launched, Reason::Clear)?;
+        tracing::info!(microvm = %id, "launched");
+        crate::api::wire::to_value(&self.sup.describe(&self.sup.row(&id)?))
+    }
+
+    async fn suspend(&mut self) -> Result<(), ApiError> {
+        let Some(_) = self.ask_table(Event::Suspend)? else {
+            return Ok(());
+        };
+        let id = self.id.clone();
+        let live = match self.take_live().await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(self.conflict("it is not running on this host")),
+            Err(shared) => {
+                self.sup.live.lock().await.insert(id.clone(), shared);
+                return Err(self.conflict("it is busy; try again"));
+            }
+        };
+        let started = Instant::now();
+        self.record(Event::Suspend, Reason::Clear)?;
+        if let Err(e) = live.hooks.call(&live.vm, "suspend", b"{}").await {
+            tracing::info!(microvm = %id, error = %e, "suspend hook");
+        }
+        let Live {
+            vm,
+            forwards,
+            hooks,
+            ..
+        } = live;
+        let suspended = vm.suspend(&self.sup.suspended_dir(&id)).await;
+        self.sup
+            .metrics
+            .suspend_finished(suspended.is_ok(), started.elapsed());
+        match suspended {
+            Ok(_) => {
+                self.record(Event::Saved, Reason::Clear)?;
+                self.suspended_since = Some(Instant::now());
+                tracing::info!(microvm = %id, "suspended");
+                Ok(())
+            }
+            Err(failure) => {
+                let message = failure.to_string();
+                match failure.vm {
+                    Some(vm) => {
+                        self.sup.live.lock().await.insert(
+                            id.clone(),
+                            Arc::new(Mutex::new(Live {
+                                since: Instant::now(),
+                                vm,
+                                forwards,
+                                hooks,
+                            })),
+                        );
+                        self.record(Event::SuspendFailed, Reason::Set(&message))?;
+                        Err(ApiError::internal(message))
+                    }
+                    None => {
+                        // QEMU is gone, and the guest's memory with it: no retry can
+                        // suspend it, so the answer is the state it ended in, not a 500.
+                        kill_dir(&self.sup.dir_of(&id));
+                        let reason = format!("the MicroVM ended while suspending: {message}");
+                        self.record(Event::SuspendLost, Reason::Set(&reason))?;
+                        Err(self.conflict(format!("it is TERMINATED: {reason}")))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn resume(&mut self) -> Result<bool, ApiError> {
+        let Some(_) = self.ask_table(Event::Resume)? else {
+            return Ok(false);
+        };
+        let id = self.id.clone();
+        self.sup.reserve_memory(self.facts.memory_mib)?;
+        self.held.memory = true;
+        let started = Instant::now();
+        let row = self.sup.row(&id)?;
+        let hooks = match self
+            .sup
+            .store
+            .version(&row.image, row.version)
+            .map_err(internal)?
+        {
+            Some(v) => SessionHooks::of(&v.spec),
+            None => SessionHooks::default(),
+        };
+        let sus = match kiln_vmm::SuspendedVm::open(
+            &self.sup.suspended_dir(&id),
+            &self.sup.host.vmm.qemu().version,
+        ) {
+            Ok(sus) => sus,
+            Err(e) => {
+                // The saved session itself is unusable (missing, damaged, or from another
+                // QEMU): a retry would fail the same way, so the session ends here.
+                let reason = format!("the suspended session cannot be restored: {e}");
+                tracing::warn!(microvm = %id, %reason, "resume failed; terminating");
+                self.record(Event::ResumeLost, Reason::Set(&reason))?;
+                self.stop(&reason).await?;
+                return Err(self.conflict(format!("it is TERMINATED: {reason}")));
+            }
+        };
+        let old: BTreeMap<u16, u16> =
+            serde_json::from_value(row.forwards.clone()).unwrap_or_default();
+        let result = async {
+            let mut forwards = BTreeMap::new();
+            for guest in old.keys().copied().chain([8080]) {
+                forwards.insert(
+                    guest,
+                    kiln_vmm::free_port().map_err(|e| {
+                        kiln_vmm::VmmError::io("finding a free port for", &self.sup.dir_of(&id), e)
+                    })?,
+                );
+            }
+            let mut target = RestoreTarget::new(self.sup.dir_of(&id).join("vm"));
+            target.forwards = forwards
+                .iter()
+                .map(|(g, h)| PortForward {
+                    host_port: *h,
+                    guest_port: *g,
+                })
+                .collect();
+            let plan = self.sup.plan_of_row(&row);
+            target.egress = self.sup.network.vm_egress(&id, &plan.egress);
+            target.restrict_egress = target.egress.is_none();
+            let vm = self.sup.host.vmm.resume(&sus, target).await?;
+            Ok::<_, kiln_vmm::VmmError>(Live {
+                since: Instant::now(),
+                vm,
+                forwards,
+                hooks,
+            })
+        }
+        .await;
+        self.sup
+            .metrics
+            .resume_finished(result.is_ok(), started.elapsed());
+        match result {
+            Ok(live) => {
+                if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
+                    tracing::info!(microvm = %id, error = %e, "resume hook");
+                }
+                self.sup
+                    .store
+                    .set_microvm_forwards(&id, &json!(live.forwards))
+                    .map_err(internal)?;
+                self.sup
+                    .live
+                    .lock()
+                    .await
+                    .insert(id.clone(), Arc::new(Mutex::new(live)));
+                self.record(Event::Resumed, Reason::Clear)?;
+                self.suspended_since = None;
+                tracing::info!(microvm = %id, "resumed");
+                Ok(true)
+            }
+            Err(e) => {
+                // Whatever the failed QEMU left must not hold the runtime directory.
+                kill_dir(&self.sup.dir_of(&id).join("vm"));
+                let _ = std::fs::remove_dir_all(self.sup.dir_of(&id).join("vm"));
+                self.record(Event::ResumeFailed, Reason::Keep)?;
+                tracing::warn!(microvm = %id, error = %e, "resume failed; the session stays suspended");
+                Err(ApiError::internal(format!(
+                    "MicroVM {id} could not resume (it stays SUSPENDED): {e}"
+                )))
+            }
+        }
+    }
+
+    async fn terminate(&mut self, reason: &str) -> Result<(), ApiError> {
+        let Some(_) = self.ask_table(Event::Terminate)? else {
+            return Ok(());
+        };
+        self.record(Event::Terminate, Reason::Keep)?;
+        self.stop(reason).await
+    }
+
+    /// The Stop effect: the terminate hook, QEMU ended, everything on disk removed, then
+    /// TERMINATED with `reason`.
+    async fn stop(&mut self, reason: &str) -> Result<(), ApiError> {
+        let id = self.id.clone();
+        match self.take_live().await {
+            Ok(Some(live)) => {
+                if let Err(e) = live.hooks.call(&live.vm, "terminate", b"{}").await {
+                    tracing::info!(microvm = %id, error = %e, "terminate hook");
+                }
+                if let Err(e) = live.vm.terminate().await {
+                    tracing::warn!(microvm = %id, error = %e, "terminating");
+                }
+            }
+            Ok(None) => {}
+            Err(shared) => {
+                // A proxied request still holds it: stop QEMU through the lock.
+                let mut l = shared.lock().await;
+                let _ = l.vm.pause().await;
+                l.forwards.clear();
+            }
+        }
+        kill_dir(&self.sup.dir_of(&id));
+        self.record(Event::Stopped, Reason::Set(reason))?;
+        tracing::info!(microvm = %id, %reason, "terminated");
+        Ok(())
+    }
+
+    /// What the session's policy says is due, done (every second).
+    async fn expire(&mut self) {
+        if !matches!(self.state, S::Running | S::Suspended) {
+            return;
+        }
+        let age = Duration::from_secs_f64((now() - self.facts.started_at).max(0.0));
+        let idle = match self.state {
+            S::Running => self.sup.idle_for(&self.id).await,
+            _ => None,
+        };
+        let suspended_for = self.suspended_since.map(|s| s.elapsed());
+        let Some(expiry) = due(
+            self.state,
+            age,
+            self.facts.max_duration,
+            self.facts.policy.as_ref(),
+            idle,
+            suspended_for,
+        ) else {
+            return;
+        };
+        let principal = self.facts.principal.clone();
+        let id = self.id.clone();
+        match expiry {
+            Expiry::MaximumDuration => {
+                let reason = "maximum duration reached";
+                let done = self.terminate(reason).await;
+                self.sup
+                    .audit
+                    .kilnd("TerminateMicrovm", &principal, &id, &done, reason);
+            }
+            Expiry::SuspendedTooLong => {
+                let reason = if self
+                    .facts
+                    .policy
+                    .is_some_and(|p| p.suspended_duration_seconds == 0)
+                {
+                    "idle, and suspendedDurationSeconds is 0"
+                } else {
+                    "suspended longer than suspendedDurationSeconds"
+                };
+                let done = self.terminate(reason).await;
+                self.sup
+                    .audit
+                    .kilnd("TerminateMicrovm", &principal, &id, &done, reason);
+            }
+            Expiry::Idle(idle) => {
+                tracing::info!(microvm = %id, idle_s = idle.as_secs(), "idle: suspending");
+                let done = self.suspend().await;
+                let reason = format!("no endpoint traffic for {} s", idle.as_secs());
+                self.sup
+                    .audit
+                    .kilnd("SuspendMicrovm", &principal, &id, &done, &reason);
+            }
+        }
+    }
+}
