@@ -201,6 +201,17 @@ impl Timeline {
     }
 }
 
+/// Runs blocking work (files, hashing, host tools such as qemu-img) on tokio's blocking
+/// pool, so that the runtime's few workers go on serving requests meanwhile. A panic in `f`
+/// goes on in the caller.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("blocking work was cancelled (the runtime is shutting down): {e}"),
+    }
+}
+
 /// A TCP port for a forward. Forwards listen inside the VM's own network namespace, so
 /// any port is free there; one free on the host's loopback is picked so that two VMs'
 /// ports never look alike in logs.

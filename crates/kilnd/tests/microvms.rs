@@ -641,7 +641,8 @@ fn idle_policy_when_no_traffic_then_suspends_then_terminates_after_the_suspended
 }
 
 #[test]
-fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_whole_once() {
+fn crash_when_kilnd_dies_at_each_step_of_suspend_resume_and_terminate_then_the_session_is_whole_once(
+) {
     let mut kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
@@ -690,9 +691,26 @@ fn crash_when_kilnd_dies_at_each_step_of_suspend_and_resume_then_the_session_is_
     let stale_copy = suspended_dir.exists();
     // Through builds, launches, suspends, resumes and restarts, KILN_HOME stays kilnd's alone.
     let open_dirs = kiln_vmm::home::open_dirs(kilnd.home.path());
+    // Killed while terminating (TERMINATING recorded, QEMU not yet stopped): the restart
+    // finishes the job.
+    kilnd.restart_crashing_at(Some("terminate-stopping"));
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+    let died_terminating = kilnd.exits_within(wait);
+    kilnd.restart_crashing_at(None);
+    let ended = kilnd.aws(&["get-microvm", "--microvm-identifier", &id]).1;
+    let vm_dir_left = suspended_dir.parent().is_some_and(|d| d.exists());
 
     assert_eq!(code, 0, "{err}");
+    assert!(died_terminating, "the crash point before QEMU stops");
+    assert_eq!(ended["state"], "TERMINATED", "{ended}");
+    assert!(
+        ended["stateReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stopping"),
+        "{ended}"
+    );
+    assert!(!vm_dir_left);
     assert_eq!(first.trim(), "200 101");
     assert!(died_saving && died_publishing && died_loading && died_running);
     assert!(

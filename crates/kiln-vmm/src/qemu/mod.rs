@@ -311,19 +311,34 @@ impl Vmm for QemuVmm {
             tracing::debug!("restoring a networked snapshot without forwards");
         }
         create_runtime_dir(&target.dir)?;
-        let mut disks = Vec::with_capacity(m.disks.len());
-        for (i, d) in m.disks.iter().enumerate() {
-            let overlay = target.dir.join(format!("disk{i}.qcow2"));
-            if let Err(e) = create_overlay(&snap.dir.join(&d.info.file), d.format, &overlay) {
+        // qemu-img runs off the async runtime: a launch must not stall other requests.
+        let layers: Vec<(PathBuf, DiskFormat)> = m
+            .disks
+            .iter()
+            .map(|d| (snap.dir.join(&d.info.file), d.format))
+            .collect();
+        let dir = target.dir.clone();
+        let made = crate::blocking(move || {
+            let mut disks = Vec::with_capacity(layers.len());
+            for (i, (base, format)) in layers.iter().enumerate() {
+                let overlay = dir.join(format!("disk{i}.qcow2"));
+                create_overlay(base, *format, &overlay)?;
+                disks.push(DiskSpec {
+                    path: overlay,
+                    format: DiskFormat::Qcow2,
+                    read_only: false,
+                });
+            }
+            Ok::<_, VmmError>(disks)
+        })
+        .await;
+        let disks = match made {
+            Ok(disks) => disks,
+            Err(e) => {
                 remove_dir(&target.dir);
                 return Err(e);
             }
-            disks.push(DiskSpec {
-                path: overlay,
-                format: DiskFormat::Qcow2,
-                read_only: false,
-            });
-        }
+        };
         let spec = VmSpec {
             dir: target.dir.clone(),
             vcpus: m.vcpus,

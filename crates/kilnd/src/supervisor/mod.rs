@@ -510,16 +510,25 @@ impl Microvms {
             )));
         }
         let vdir = version_dir(&self.host.home, &key, version);
-        let config: ImageConfig = std::fs::read(vdir.join("image.json"))
-            .ok()
-            .and_then(|t| serde_json::from_slice(&t).ok())
-            .ok_or_else(|| {
-                ApiError::internal(format!(
-                    "image {name} version {version} has no readable image.json"
-                ))
-            })?;
-        let snap = Snapshot::open(&vdir.join("snapshot"), &self.host.vmm.qemu().version)
-            .map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
+        // Reading the version's files and checking the snapshot's checksums is blocking work.
+        let qemu_version = self.host.vmm.qemu().version.clone();
+        let (config, snap) = kiln_vmm::blocking(move || {
+            let config = std::fs::read(vdir.join("image.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<ImageConfig>(&t).ok());
+            (
+                config,
+                Snapshot::open(&vdir.join("snapshot"), &qemu_version),
+            )
+        })
+        .await;
+        let config = config.ok_or_else(|| {
+            ApiError::internal(format!(
+                "image {name} version {version} has no readable image.json"
+            ))
+        })?;
+        let snap =
+            snap.map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
         let memory = snap.manifest.memory_mib;
         let id = new_microvm_id();
         let dir = self.dir_of(&id);

@@ -434,10 +434,12 @@ impl Owner {
             Some(v) => SessionHooks::of(&v.spec),
             None => SessionHooks::default(),
         };
-        let sus = match kiln_vmm::SuspendedVm::open(
-            &self.sup.suspended_dir(&id),
-            &self.sup.host.vmm.qemu().version,
-        ) {
+        let (dir, qemu_version) = (
+            self.sup.suspended_dir(&id),
+            self.sup.host.vmm.qemu().version.clone(),
+        );
+        let opened = kiln_vmm::blocking(move || kiln_vmm::SuspendedVm::open(&dir, &qemu_version));
+        let sus = match opened.await {
             Ok(sus) => sus,
             Err(e) => {
                 // The saved session itself is unusable (missing, damaged, or from another
@@ -521,6 +523,7 @@ impl Owner {
             return Ok(());
         };
         self.record(Event::Terminate, Reason::Keep)?;
+        kiln_vmm::crash_point("terminate-stopping");
         self.stop(reason).await
     }
 
