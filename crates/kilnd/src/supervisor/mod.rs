@@ -693,26 +693,8 @@ impl Microvms {
         hooks: SessionHooks,
     ) -> Result<Live, kiln_vmm::VmmError> {
         std::fs::create_dir_all(dir).map_err(|e| kiln_vmm::VmmError::io("creating", dir, e))?;
-        let mut forwards = BTreeMap::new();
-        for port in [8080u16, config.app_port] {
-            if let std::collections::btree_map::Entry::Vacant(slot) = forwards.entry(port) {
-                slot.insert(
-                    kiln_vmm::free_port()
-                        .map_err(|e| kiln_vmm::VmmError::io("finding a free port for", dir, e))?,
-                );
-            }
-        }
-        let mut target = RestoreTarget::new(dir.join("vm"));
-        target.forwards = forwards
-            .iter()
-            .map(|(g, h)| PortForward {
-                host_port: *h,
-                guest_port: *g,
-            })
-            .collect();
-        let plan = self.plan_of(req);
-        target.egress = self.network.vm_egress(id, &plan.egress);
-        target.restrict_egress = target.egress.is_none();
+        let (target, forwards) =
+            self.restore_target(id, [8080u16, config.app_port], &self.plan_of(req))?;
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
@@ -794,6 +776,37 @@ impl Microvms {
         let live = self.running_or_resumed(id).await?;
         let l = live.lock().await;
         Ok(l.vm.agent().clone())
+    }
+
+    /// Where MicroVM `id` is restored (launch or resume): its runtime directory, a forward
+    /// from a free host port to each of `guest_ports`, and the egress its plan allows.
+    fn restore_target(
+        &self,
+        id: &str,
+        guest_ports: impl IntoIterator<Item = u16>,
+        plan: &Plan,
+    ) -> Result<(RestoreTarget, BTreeMap<u16, u16>), kiln_vmm::VmmError> {
+        let dir = self.dir_of(id);
+        let mut forwards = BTreeMap::new();
+        for port in guest_ports {
+            if let std::collections::btree_map::Entry::Vacant(slot) = forwards.entry(port) {
+                slot.insert(
+                    kiln_vmm::free_port()
+                        .map_err(|e| kiln_vmm::VmmError::io("finding a free port for", &dir, e))?,
+                );
+            }
+        }
+        let mut target = RestoreTarget::new(dir.join("vm"));
+        target.forwards = forwards
+            .iter()
+            .map(|(g, h)| PortForward {
+                host_port: *h,
+                guest_port: *g,
+            })
+            .collect();
+        target.egress = self.network.vm_egress(id, &plan.egress);
+        target.restrict_egress = target.egress.is_none();
+        Ok((target, forwards))
     }
 
     /// A MicroVM's network as its connectors decide it; a connector that no longer exists

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use kiln_api::shapes::microvm::{IdlePolicy, MicrovmState as S, RunMicrovmRequest};
 use kiln_api::ApiError;
 use kiln_image::build::ImageConfig;
-use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+use kiln_vmm::{MicroVm, Snapshot, Vmm};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -305,6 +305,20 @@ impl Owner {
         Err(shared)
     }
 
+    /// Makes a running VM reachable: its forwards stored, the VM in the shared table.
+    async fn publish(&self, live: Live) -> Result<(), ApiError> {
+        self.sup
+            .store
+            .set_microvm_forwards(&self.id, &json!(live.forwards))
+            .map_err(internal)?;
+        self.sup
+            .live
+            .lock()
+            .await
+            .insert(self.id.clone(), Arc::new(Mutex::new(live)));
+        Ok(())
+    }
+
     async fn launch(&mut self, l: Launch) -> Result<Value, ApiError> {
         let id = self.id.clone();
         let dir = self.sup.dir_of(&id);
@@ -338,15 +352,7 @@ impl Owner {
             failed(self, e.clone());
             return Err(self.conflict(format!("did not start: {e}")));
         }
-        self.sup
-            .store
-            .set_microvm_forwards(&id, &json!(live.forwards))
-            .map_err(internal)?;
-        self.sup
-            .live
-            .lock()
-            .await
-            .insert(id.clone(), Arc::new(Mutex::new(live)));
+        self.publish(live).await?;
         self.record(Event::Launched, Reason::Clear)?;
         tracing::info!(microvm = %id, "launched");
         crate::api::wire::to_value(&self.sup.describe(&self.sup.row(&id)?))
@@ -454,26 +460,10 @@ impl Owner {
         let old: BTreeMap<u16, u16> =
             serde_json::from_value(row.forwards.clone()).unwrap_or_default();
         let result = async {
-            let mut forwards = BTreeMap::new();
-            for guest in old.keys().copied().chain([8080]) {
-                forwards.insert(
-                    guest,
-                    kiln_vmm::free_port().map_err(|e| {
-                        kiln_vmm::VmmError::io("finding a free port for", &self.sup.dir_of(&id), e)
-                    })?,
-                );
-            }
-            let mut target = RestoreTarget::new(self.sup.dir_of(&id).join("vm"));
-            target.forwards = forwards
-                .iter()
-                .map(|(g, h)| PortForward {
-                    host_port: *h,
-                    guest_port: *g,
-                })
-                .collect();
-            let plan = self.sup.plan_of_row(&row);
-            target.egress = self.sup.network.vm_egress(&id, &plan.egress);
-            target.restrict_egress = target.egress.is_none();
+            let guest_ports = old.keys().copied().chain([8080]);
+            let (target, forwards) =
+                self.sup
+                    .restore_target(&id, guest_ports, &self.sup.plan_of_row(&row))?;
             let vm = self.sup.host.vmm.resume(&sus, target).await?;
             Ok::<_, kiln_vmm::VmmError>(Live {
                 since: Instant::now(),
@@ -491,15 +481,7 @@ impl Owner {
                 if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
                     tracing::info!(microvm = %id, error = %e, "resume hook");
                 }
-                self.sup
-                    .store
-                    .set_microvm_forwards(&id, &json!(live.forwards))
-                    .map_err(internal)?;
-                self.sup
-                    .live
-                    .lock()
-                    .await
-                    .insert(id.clone(), Arc::new(Mutex::new(live)));
+                self.publish(live).await?;
                 self.record(Event::Resumed, Reason::Clear)?;
                 self.suspended_since = None;
                 tracing::info!(microvm = %id, "resumed");
