@@ -62,6 +62,14 @@ pub trait Vmm: Send + Sync {
         suspended: &SuspendedVm,
         target: RestoreTarget,
     ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+
+    /// Finds the VM a previous process started in `dir` (the supervisor restarted) and
+    /// takes it over, when it still runs.
+    fn attach(&self, dir: &Path) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+
+    /// Ends whatever VM process still runs for a VM directory under `dir` (left by a crash,
+    /// or started just before one), however the backend finds its processes.
+    fn kill_leftovers(&self, dir: &Path);
 }
 
 /// A running microVM.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_api::ArnContext;
+use kiln_vmm::Vmm;
 
 use crate::artifacts::{remote as s3_remote, s3};
 use crate::auth::keys::AccessKeys;
@@ -157,7 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
-    supervisor::kill_dir(&home.join("work"));
+    host.vmm.kill_leftovers(&home.join("work"));
     resume_builds(&store, &builds)?;
     let keys = Arc::new(
         tokens::TokenKeys::load_or_create(&home)
@@ -172,7 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let activity = proxy::ActivityTable::new();
     let microvms = Microvms::new(supervisor::Parts {
-        host,
+        host: host.clone(),
         store: store.clone(),
         config: config.clone(),
         ctx: ctx.clone(),
@@ -245,7 +246,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("serving the API")?;
     endpoint.shutdown();
     // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
-    supervisor::kill_dir(&home.join("work"));
+    host.vmm.kill_leftovers(&home.join("work"));
     Ok(())
 }
 

@@ -187,7 +187,7 @@ async fn isolate(
 impl QemuVmm {
     /// Re-attaches to a VM that a previous process started in `dir` (kilnd restarted):
     /// checks that its QEMU still runs, reconnects QMP and the guest agent.
-    pub async fn attach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+    async fn reattach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();
         let spec_path = dir.join(SPEC_FILE);
         let text = std::fs::read(&spec_path).map_err(|e| VmmError::io("reading", &spec_path, e))?;
@@ -284,6 +284,14 @@ async fn settle_migration(qmp: &Qmp) {
 
 impl Vmm for QemuVmm {
     type Vm = QemuVm;
+
+    async fn attach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+        self.reattach(dir).await
+    }
+
+    fn kill_leftovers(&self, dir: &Path) {
+        process::kill_leftovers(dir)
+    }
 
     async fn boot(&self, spec: VmSpec, opts: BootOptions) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();

@@ -12,6 +12,7 @@ use kiln_image::build::{BuildLog, BuildSecrets, BuildSpec, HookSpec};
 
 use crate::supervisor::network::Network;
 use kiln_vmm::host::Host;
+use kiln_vmm::Vmm;
 use tokio::sync::Semaphore;
 
 use crate::artifacts::remote::RemoteS3;
@@ -171,7 +172,7 @@ impl Builds {
                 Err(_) => {
                     // The build's future is gone; its VM and work files are not.
                     let work = home.join("work").join(format!("{image}-{version}"));
-                    crate::supervisor::kill_dir(&work);
+                    self.host.vmm.kill_leftovers(&work);
                     let _ = std::fs::remove_dir_all(&work);
                     let why = format!(
                         "the build ran longer than {} s, the most one build of this image's owner \

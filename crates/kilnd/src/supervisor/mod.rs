@@ -947,33 +947,3 @@ pub enum UpstreamError {
     /// It runs but cannot be reached.
     Unavailable(String),
 }
-
-/// Kills every QEMU whose command line names a path under `dir`. Scanning processes rather
-/// than reading a pid file also catches a QEMU that a crashed kilnd had just started, before
-/// QEMU wrote its pid file.
-pub fn kill_dir(dir: &Path) {
-    let needle = format!("{}/", dir.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        let is_qemu = cmdline
-            .split('\0')
-            .next()
-            .is_some_and(|argv0| argv0.contains("qemu-system"));
-        if is_qemu && cmdline.contains(&needle) {
-            tracing::info!(pid, dir = %dir.display(), "killing a QEMU left behind");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}

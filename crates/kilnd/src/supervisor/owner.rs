@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::hooks::SessionHooks;
 use super::transitions::{self, due, Effect, Event, Expiry, Refusal};
-use super::{kill_dir, Live, Microvms};
+use super::{Live, Microvms};
 use crate::api::wire::internal;
 use crate::now;
 use crate::store::{MicrovmRow, Reason};
@@ -337,7 +337,7 @@ impl Owner {
         {
             Ok(live) => live,
             Err(e) => {
-                kill_dir(&dir);
+                self.sup.host.vmm.kill_leftovers(&dir);
                 failed(self, e.to_string());
                 tracing::warn!(microvm = %id, error = %e, "launch failed");
                 return Err(ApiError::internal(format!(
@@ -412,7 +412,7 @@ impl Owner {
                     None => {
                         // QEMU is gone, and the guest's memory with it: no retry can
                         // suspend it, so the answer is the state it ended in, not a 500.
-                        kill_dir(&self.sup.dir_of(&id));
+                        self.sup.host.vmm.kill_leftovers(&self.sup.dir_of(&id));
                         let reason = format!("the MicroVM ended while suspending: {message}");
                         self.record(Event::SuspendLost, Reason::Set(&reason))?;
                         Err(self.conflict(format!("it is TERMINATED: {reason}")))
@@ -489,7 +489,10 @@ impl Owner {
             }
             Err(e) => {
                 // Whatever the failed QEMU left must not hold the runtime directory.
-                kill_dir(&self.sup.dir_of(&id).join("vm"));
+                self.sup
+                    .host
+                    .vmm
+                    .kill_leftovers(&self.sup.dir_of(&id).join("vm"));
                 let _ = std::fs::remove_dir_all(self.sup.dir_of(&id).join("vm"));
                 self.record(Event::ResumeFailed, Reason::Keep)?;
                 tracing::warn!(microvm = %id, error = %e, "resume failed; the session stays suspended");
@@ -530,7 +533,7 @@ impl Owner {
                 l.forwards.clear();
             }
         }
-        kill_dir(&self.sup.dir_of(&id));
+        self.sup.host.vmm.kill_leftovers(&self.sup.dir_of(&id));
         self.record(Event::Stopped, Reason::Set(reason))?;
         tracing::info!(microvm = %id, %reason, "terminated");
         Ok(())

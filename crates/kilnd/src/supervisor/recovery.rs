@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use kiln_api::shapes::microvm::MicrovmState as S;
 use kiln_vmm::qemu::QemuVm;
+use kiln_vmm::Vmm;
 use serde_json::json;
 use tokio::sync::Mutex;
 
 use super::hooks::SessionHooks;
 use super::owner::Held;
-use super::{kill_dir, Live, Microvms};
+use super::{Live, Microvms};
 use crate::now;
 use crate::store::{MicrovmRow, Reason, StoreError};
 
@@ -49,7 +50,7 @@ impl Microvms {
             match outcome {
                 Recovered::Suspended => {
                     // A suspended session needs no process: it stays as it is on disk.
-                    kill_dir(&dir);
+                    self.host.vmm.kill_leftovers(&dir);
                     let _ = std::fs::remove_dir_all(dir.join("vm"));
                     self.admit_recovered(0);
                     self.store.transition_microvm(
@@ -128,7 +129,7 @@ impl Microvms {
                     tracing::info!(microvm = %r.id, "re-attached after restart");
                 }
                 Recovered::Lost(reason) => {
-                    kill_dir(&dir);
+                    self.host.vmm.kill_leftovers(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                     self.store.transition_microvm(
                         &r.id,
@@ -149,7 +150,7 @@ impl Microvms {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {
-                    kill_dir(&e.path());
+                    self.host.vmm.kill_leftovers(&e.path());
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
