@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod quotas;
 pub mod s3;
 pub mod s3_remote;
+pub mod sandbox;
 pub mod sigv4;
 pub mod store;
 pub mod throttle;
@@ -224,6 +225,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         network,
         quotas,
         throttle,
+        sandbox: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

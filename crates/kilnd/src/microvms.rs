@@ -221,7 +221,7 @@ impl Microvms {
         }
     }
 
-    fn dir_of(&self, id: &str) -> PathBuf {
+    pub(crate) fn dir_of(&self, id: &str) -> PathBuf {
         self.host.home.join("microvms").join(id)
     }
 
@@ -417,7 +417,7 @@ impl Microvms {
         })
     }
 
-    fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
+    pub(crate) fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
         let row = self.row(id)?;
         if caller.can_access(&row.owner) {
             Ok(row)
@@ -752,6 +752,7 @@ impl Microvms {
         let plan = self.plan_of(req);
         target.egress = self.network.vm_egress(id, &plan.egress);
         target.restrict_egress = target.egress.is_none();
+        target.discard_app_log = crate::sandbox::logging_disabled(req);
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
@@ -1010,6 +1011,9 @@ impl Microvms {
             let plan = self.plan_of_row(&row);
             target.egress = self.network.vm_egress(id, &plan.egress);
             target.restrict_egress = target.egress.is_none();
+            target.discard_app_log =
+                serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
+                    .is_ok_and(|req| crate::sandbox::logging_disabled(&req));
             let vm = self.host.vmm.resume(&sus, target).await?;
             Ok::<_, kiln_vmm::VmmError>(Live {
                 since: std::time::Instant::now(),
@@ -1111,6 +1115,11 @@ impl Microvms {
         }))
     }
 
+    /// A MicroVM's state as stored, `None` when it is unknown.
+    pub(crate) fn store_row_state(&self, id: &str) -> Option<String> {
+        self.store.microvm(id).ok().flatten().map(|r| r.state)
+    }
+
     /// The guest agent of a running MicroVM (resuming a suspended one with auto-resume).
     pub async fn agent(&self, id: &str) -> Result<kiln_agent::AgentClient, UpstreamError> {
         let live = self.running_or_resumed(id).await?;
@@ -1133,7 +1142,7 @@ impl Microvms {
             })
     }
 
-    fn plan_of_row(&self, row: &MicrovmRow) -> Plan {
+    pub(crate) fn plan_of_row(&self, row: &MicrovmRow) -> Plan {
         match serde_json::from_value::<RunMicrovmRequest>(row.request.clone()) {
             Ok(req) => self.plan_of(&req),
             Err(_) => Plan {

@@ -325,7 +325,63 @@ impl Signature {
         }
         self.check_time(signed_at, now)?;
         let payload = self.payload_hash(req)?;
-        let canonical = self.canonical_request(req, &payload);
+        self.verify_payload(req, secret, &payload)
+    }
+
+    /// Checks the signature of a request whose body is streamed to where it goes rather than
+    /// read first: the signature covers the body's SHA-256 as `x-amz-content-sha256` claims it,
+    /// which is returned so the receiver compares it with what arrived before keeping anything.
+    pub fn verify_streamed(
+        &self,
+        req: &SignedRequest<'_>,
+        secret: &str,
+        now: SystemTime,
+    ) -> Result<String, SigV4Error> {
+        let signed_at = parse_amz_date(&self.amz_date).ok_or_else(|| {
+            SigV4Error::Incomplete(format!(
+                "X-Amz-Date must have the form YYYYMMDD'T'HHMMSS'Z', not '{}'",
+                self.amz_date
+            ))
+        })?;
+        if !self.amz_date.starts_with(&self.scope.date) {
+            return Err(SigV4Error::Invalid(
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP".into(),
+            ));
+        }
+        self.check_time(signed_at, now)?;
+        let claimed = req
+            .headers
+            .get("x-amz-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| v.len() == 64 && decode_hex(v).is_some())
+            .ok_or_else(|| {
+                SigV4Error::Incomplete(
+                    "a streamed upload must carry the body's hex SHA-256 in x-amz-content-sha256 \
+                     (signed); `kiln cp` sends it"
+                        .into(),
+                )
+            })?;
+        if !self
+            .signed_headers
+            .iter()
+            .any(|h| h == "x-amz-content-sha256")
+        {
+            return Err(SigV4Error::Incomplete(
+                "x-amz-content-sha256 must be among the signed headers of a streamed upload".into(),
+            ));
+        }
+        self.verify_payload(req, secret, &claimed)?;
+        Ok(claimed)
+    }
+
+    fn verify_payload(
+        &self,
+        req: &SignedRequest<'_>,
+        secret: &str,
+        payload: &str,
+    ) -> Result<(), SigV4Error> {
+        let canonical = self.canonical_request(req, payload);
         let string_to_sign = format!(
             "{ALGORITHM}\n{}\n{}\n{}",
             self.amz_date,
