@@ -770,6 +770,27 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
     assert_eq!(as_json.status.code(), Some(2));
     assert_eq!(timed_cli.status.code(), Some(124));
 
+    // Suspended without autoResume: commands get Conflict; the app log so far stays readable
+    // and, after a resume, the newer output follows it.
+    let (code, _, err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "suspend: {err}");
+    let (suspended_exec, _, suspended_text) = call(
+        &kilnd,
+        &admin,
+        "POST",
+        &format!("/kiln/v1/microvms/{vm}/exec"),
+        &json!({"argv": ["true"]}),
+    );
+    let (_, _, kept) = kilnd.request(&admin, "GET", &format!("/kiln/v1/microvms/{vm}/logs"), b"");
+    let (code, _, err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "resume: {err}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, _, resumed) = kilnd.request(&admin, "GET", &format!("/kiln/v1/microvms/{vm}/logs"), b"");
+    assert_eq!(suspended_exec, 409, "{suspended_text}");
+    assert!(highest_tick(&kept) >= seen, "{kept}");
+    assert!(resumed.starts_with(&kept[..kept.len().min(200)]), "{resumed}");
+    assert!(highest_tick(&resumed) > highest_tick(&kept), "{resumed}");
+
     // Every sandbox call was audited, the attacker's too (with bob as the principal).
     let events = kilnd.get("/kiln/v1/events");
     assert!(
