@@ -785,10 +785,14 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
     let (code, _, err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &vm]);
     assert_eq!(code, 0, "resume: {err}");
     std::thread::sleep(Duration::from_secs(3));
-    let (_, _, resumed) = kilnd.request(&admin, "GET", &format!("/kiln/v1/microvms/{vm}/logs"), b"");
+    let (_, _, resumed) =
+        kilnd.request(&admin, "GET", &format!("/kiln/v1/microvms/{vm}/logs"), b"");
     assert_eq!(suspended_exec, 409, "{suspended_text}");
     assert!(highest_tick(&kept) >= seen, "{kept}");
-    assert!(resumed.starts_with(&kept[..kept.len().min(200)]), "{resumed}");
+    assert!(
+        resumed.starts_with(&kept[..kept.len().min(200)]),
+        "{resumed}"
+    );
     assert!(highest_tick(&resumed) > highest_tick(&kept), "{resumed}");
 
     // Every sandbox call was audited, the attacker's too (with bob as the principal).
