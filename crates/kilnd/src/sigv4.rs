@@ -866,6 +866,75 @@ mod tests {
         );
     }
 
+    /// A streamed upload as `kiln cp` sends it: the body's hash in the signed
+    /// `x-amz-content-sha256`, the body itself not yet read by kilnd.
+    fn streamed_upload(body: &[u8]) -> (Sent, String) {
+        let hash = hex(digest::digest(&digest::SHA256, body).as_ref());
+        let leaked: &'static str = Box::leak(hash.clone().into_boxed_str());
+        let mut sent = signed_by_aws(
+            "PUT",
+            "/kiln/v1/microvms/mvm-1/files?path=%2Fsrv%2Ff",
+            &[("x-amz-content-sha256", leaked)],
+            body,
+            now(),
+            None,
+        );
+        sent.body = Vec::new();
+        (sent, hash)
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_is_signed_then_accepted_and_the_hash_returned() {
+        let (sent, hash) = streamed_upload(b"file content");
+        let req = sent.as_signed();
+
+        let claimed = Signature::read(&req)
+            .and_then(|s| s.verify_streamed(&req, SECRET, now()))
+            .expect("accepted");
+
+        assert_eq!(claimed, hash);
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_is_swapped_then_mismatch() {
+        let (mut sent, _) = streamed_upload(b"file content");
+        let other = hex(digest::digest(&digest::SHA256, b"another body").as_ref());
+        sent.headers.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_str(&other).expect("value"),
+        );
+        let req = sent.as_signed();
+
+        let result = Signature::read(&req).and_then(|s| s.verify_streamed(&req, SECRET, now()));
+
+        assert!(matches!(result, Err(SigV4Error::Mismatch)), "{result:?}");
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_was_added_after_signing_then_refused() {
+        let mut sent = signed_by_aws(
+            "PUT",
+            "/kiln/v1/microvms/mvm-1/files?path=%2Fsrv%2Ff",
+            &[],
+            b"",
+            now(),
+            None,
+        );
+        let forged = hex(digest::digest(&digest::SHA256, b"forged").as_ref());
+        sent.headers.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_str(&forged).expect("value"),
+        );
+        let req = sent.as_signed();
+
+        let result = Signature::read(&req).and_then(|s| s.verify_streamed(&req, SECRET, now()));
+
+        assert!(
+            matches!(result, Err(SigV4Error::Incomplete(_))),
+            "{result:?}"
+        );
+    }
+
     #[test]
     fn verify_when_a_post_is_presigned_with_an_unsigned_payload_then_refused() {
         let sent = signed_by_aws(
