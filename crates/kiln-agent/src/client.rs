@@ -1004,6 +1004,13 @@ impl AgentClient {
             len,
         };
         match fs_result(self.request("read_range", body).await?)? {
+            // A guest answering more than asked is not believed (nor kept).
+            GuestBody::FileChunk { data, .. } if data.len() > len as usize => {
+                Err(AgentError::Protocol(format!(
+                    "read_range of {path}: the guest sent {} bytes for {len} asked",
+                    data.len()
+                )))
+            }
             GuestBody::FileChunk { data, eof } => Ok((data, eof)),
             other => Err(unexpected("read_range", &other)),
         }
