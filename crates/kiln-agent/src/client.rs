@@ -19,7 +19,10 @@ use crate::proto::{
     decode_payload, encode_frame, ExecSpec, FrameDecoder, GuestBody, GuestMessage, HostBody,
     HostMessage, OutputStream, MAX_FILE_BYTES, PROTOCOL_VERSION,
 };
-pub use crate::proto::{AppSpec, CopySpec, FetchSpec, HttpFailureKind, HttpRequestSpec, TtySize};
+pub use crate::proto::{
+    AppSpec, CopySpec, FetchSpec, FileKind, FileStat, FsErrorKind, HttpFailureKind,
+    HttpRequestSpec, TtySize, MAX_DIR_ENTRIES, MAX_RANGE_BYTES,
+};
 
 /// Default limit for one request-reply exchange.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,6 +89,14 @@ pub enum AgentError {
     Http {
         /// Refused (nothing listens yet), timed out, closed, or malformed.
         kind: HttpFailureKind,
+        /// What failed, on what, and why.
+        message: String,
+    },
+    /// A file request failed in the guest (see `kind` to answer not found, conflict, …).
+    #[error("{message}")]
+    Fs {
+        /// Why it failed.
+        kind: FsErrorKind,
         /// What failed, on what, and why.
         message: String,
     },
@@ -911,6 +922,140 @@ impl AgentClient {
         }
     }
 
+    /// What a path in the guest is (a final symbolic link is not followed).
+    pub async fn stat(&self, path: &str) -> Result<FileStat, AgentError> {
+        let body = HostBody::StatPath {
+            path: path.to_string(),
+        };
+        match fs_result(self.request("stat", body).await?)? {
+            GuestBody::Stat(stat) => Ok(stat),
+            other => Err(unexpected("stat", &other)),
+        }
+    }
+
+    /// The entries of a directory in the guest, sorted by name (at most `max_entries`, and
+    /// [`MAX_DIR_ENTRIES`]), and whether it holds more.
+    pub async fn list_dir(
+        &self,
+        path: &str,
+        max_entries: u32,
+    ) -> Result<(Vec<FileStat>, bool), AgentError> {
+        let body = HostBody::ListDir {
+            path: path.to_string(),
+            max_entries,
+        };
+        match fs_result(self.request("list_dir", body).await?)? {
+            GuestBody::DirListing { entries, truncated } => Ok((entries, truncated)),
+            other => Err(unexpected("list_dir", &other)),
+        }
+    }
+
+    /// Creates a directory in the guest (with missing parents when `parents`).
+    pub async fn make_dir(
+        &self,
+        path: &str,
+        parents: bool,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), AgentError> {
+        let body = HostBody::MakeDir {
+            path: path.to_string(),
+            parents,
+            mode,
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        self.expect_fs_ok("make_dir", body).await
+    }
+
+    /// Renames a path in the guest (within one file system).
+    pub async fn move_path(&self, from: &str, to: &str) -> Result<(), AgentError> {
+        let body = HostBody::MovePath {
+            from: from.to_string(),
+            to: to.to_string(),
+        };
+        self.expect_fs_ok("move_path", body).await
+    }
+
+    /// Removes a path in the guest, a directory with everything under it.
+    pub async fn remove_tree(&self, path: &str) -> Result<(), AgentError> {
+        let body = HostBody::RemoveTree {
+            path: path.to_string(),
+        };
+        let limit = self.timeout.unwrap_or(DEFAULT_TRANSFER_TIMEOUT);
+        let reply = self.request_within("remove_tree", body, limit).await?;
+        match fs_result(reply)? {
+            GuestBody::Ok => Ok(()),
+            other => Err(unexpected("remove_tree", &other)),
+        }
+    }
+
+    /// Up to `len` bytes (at most [`MAX_RANGE_BYTES`]) of a regular file in the guest from
+    /// `offset`, and whether the file ends after them.
+    pub async fn read_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Vec<u8>, bool), AgentError> {
+        let body = HostBody::ReadRange {
+            path: path.to_string(),
+            offset,
+            len,
+        };
+        match fs_result(self.request("read_range", body).await?)? {
+            // A guest answering more than asked is not believed (nor kept).
+            GuestBody::FileChunk { data, .. } if data.len() > len as usize => {
+                Err(AgentError::Protocol(format!(
+                    "read_range of {path}: the guest sent {} bytes for {len} asked",
+                    data.len()
+                )))
+            }
+            GuestBody::FileChunk { data, eof } => Ok((data, eof)),
+            other => Err(unexpected("read_range", &other)),
+        }
+    }
+
+    /// Writes `data` (at most [`MAX_RANGE_BYTES`]) at `offset` of a regular file in the guest;
+    /// `create` makes (or empties) the file and its missing parents, with `mode` and `owner`.
+    pub async fn write_range(
+        &self,
+        path: &str,
+        offset: u64,
+        data: Vec<u8>,
+        create: bool,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), AgentError> {
+        if data.len() > MAX_RANGE_BYTES {
+            return Err(AgentError::Protocol(format!(
+                "{path}: a piece of {} bytes is larger than {MAX_RANGE_BYTES}",
+                data.len()
+            )));
+        }
+        let body = HostBody::WriteRange {
+            path: path.to_string(),
+            offset,
+            data,
+            create,
+            mode,
+            uid: owner.map(|o| o.0),
+            gid: owner.map(|o| o.1),
+        };
+        self.expect_fs_ok("write_range", body).await
+    }
+
+    async fn expect_fs_ok(
+        &self,
+        operation: &'static str,
+        body: HostBody,
+    ) -> Result<(), AgentError> {
+        match fs_result(self.request(operation, body).await?)? {
+            GuestBody::Ok => Ok(()),
+            other => Err(unexpected(operation, &other)),
+        }
+    }
+
     async fn expect_ok(&self, operation: &'static str, body: HostBody) -> Result<(), AgentError> {
         match self.request(operation, body).await? {
             GuestBody::Ok => Ok(()),
@@ -1065,6 +1210,14 @@ fn app_state(operation: &str, reply: GuestBody) -> Result<AppState, AgentError> 
             signal,
         }),
         other => Err(unexpected(operation, &other)),
+    }
+}
+
+/// A file request's reply, its `FsFailed` turned into [`AgentError::Fs`].
+fn fs_result(reply: GuestBody) -> Result<GuestBody, AgentError> {
+    match reply {
+        GuestBody::FsFailed { kind, message } => Err(AgentError::Fs { kind, message }),
+        other => Ok(other),
     }
 }
 

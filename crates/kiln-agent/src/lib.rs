@@ -8,6 +8,7 @@ pub mod proto;
 
 pub use client::{
     AgentClient, AgentError, AppSpec, AppState, CopySpec, CopyStats, ExecEvent, ExecOutput,
-    ExecRequest, ExecStream, ExitStatus, FetchSpec, Fetched, HelloInfo, HttpFailureKind,
-    HttpRequestSpec, HttpResponse, TtySize, UserInfo, MAX_COLLECTED_OUTPUT, MAX_QUEUED_OUTPUT,
+    ExecRequest, ExecStream, ExitStatus, FetchSpec, Fetched, FileKind, FileStat, FsErrorKind,
+    HelloInfo, HttpFailureKind, HttpRequestSpec, HttpResponse, TtySize, UserInfo,
+    MAX_COLLECTED_OUTPUT, MAX_QUEUED_OUTPUT,
 };

@@ -26,6 +26,10 @@ pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 pub const MAX_FILE_BYTES: usize = MAX_PAYLOAD / 4 * 3 - 64 * 1024;
 /// Largest HTTP response body [`HostBody::HttpRequest`] returns; the rest is cut off.
 pub const MAX_HTTP_BODY: usize = 1024 * 1024;
+/// Largest piece of a file one `ReadRange` or `WriteRange` carries.
+pub const MAX_RANGE_BYTES: usize = 1024 * 1024;
+/// Most entries one `ListDir` answer carries.
+pub const MAX_DIR_ENTRIES: u32 = 10_000;
 /// PATH given to an exec whose environment names none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -194,6 +198,77 @@ pub enum HostBody {
     /// Downloads a URL inside the guest (over the guest's own network) into a file, as
     /// Docker's `ADD <url>`; answered by `Fetched`.
     Fetch(FetchSpec),
+    /// Describes one path (a final symbolic link is not followed); answered by `Stat`, or
+    /// by `FsFailed`.
+    StatPath {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Lists a directory, sorted by name; answered by `DirListing`, or by `FsFailed`.
+    ListDir {
+        /// Absolute path of the directory.
+        path: String,
+        /// Most entries returned (at most [`MAX_DIR_ENTRIES`]); the listing says when more exist.
+        max_entries: u32,
+    },
+    /// Creates a directory; answered by `Ok`, or by `FsFailed`.
+    MakeDir {
+        /// Absolute path of the directory.
+        path: String,
+        /// Create missing parents too, and accept a directory that already exists.
+        parents: bool,
+        /// Permission bits.
+        mode: u32,
+        /// Owner of what is created, root when absent.
+        #[serde(default)]
+        uid: Option<u32>,
+        /// Group of what is created, root when absent.
+        #[serde(default)]
+        gid: Option<u32>,
+    },
+    /// Renames a path (within one file system); answered by `Ok`, or by `FsFailed`.
+    MovePath {
+        /// Absolute source path.
+        from: String,
+        /// Absolute destination path; an existing file there is replaced.
+        to: String,
+    },
+    /// Removes a path, a directory with everything under it; answered by `Ok`, or by
+    /// `FsFailed` (`not_found` when nothing is there).
+    RemoveTree {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Reads part of a regular file; answered by `FileChunk`, or by `FsFailed`.
+    ReadRange {
+        /// Absolute path of the file.
+        path: String,
+        /// Where to start.
+        offset: u64,
+        /// Most bytes returned (at most [`MAX_RANGE_BYTES`]).
+        len: u32,
+    },
+    /// Writes part of a regular file; answered by `Ok`, or by `FsFailed`. Pieces are
+    /// written in order, so a large file travels in many frames and is never whole in memory.
+    WriteRange {
+        /// Absolute path of the file.
+        path: String,
+        /// Where to write `data`.
+        offset: u64,
+        /// The bytes (at most [`MAX_RANGE_BYTES`]).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        /// Create the file (and missing parent directories), emptying one that exists.
+        create: bool,
+        /// Permission bits of a created file.
+        mode: u32,
+        /// Owner of what is created, root when absent.
+        #[serde(default)]
+        uid: Option<u32>,
+        /// Group of what is created, root when absent.
+        #[serde(default)]
+        gid: Option<u32>,
+    },
 }
 
 /// What [`HostBody::Fetch`] downloads, and where.
@@ -468,6 +543,84 @@ pub enum GuestBody {
         /// What failed, on what, and why.
         message: String,
     },
+    /// What a path is.
+    Stat(FileStat),
+    /// A directory's entries.
+    DirListing {
+        /// The entries, sorted by name.
+        entries: Vec<FileStat>,
+        /// Whether the directory holds more entries than were returned.
+        truncated: bool,
+    },
+    /// Part of a file.
+    FileChunk {
+        /// The bytes.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        /// Whether the file ends after them.
+        eof: bool,
+    },
+    /// A file system request failed.
+    FsFailed {
+        /// Why, for the host to pick an answer (not found, conflict, …).
+        kind: FsErrorKind,
+        /// What failed, on what, and why.
+        message: String,
+    },
+}
+
+/// What a path in the guest is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    /// Its last component (`/` for the root).
+    pub name: String,
+    /// File, directory, symbolic link or something else.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last modification, seconds since the epoch.
+    pub mtime: i64,
+    /// Where a symbolic link points.
+    #[serde(default)]
+    pub link_target: Option<String>,
+}
+
+/// The kinds of path [`FileStat`] tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// A device, socket or pipe.
+    Other,
+}
+
+/// Why a file system request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsErrorKind {
+    /// The path (or a parent) does not exist.
+    NotFound,
+    /// Something is already there.
+    AlreadyExists,
+    /// The request needs a directory and the path is not one (or the reverse).
+    WrongKind,
+    /// The guest refused the access.
+    PermissionDenied,
+    /// The request itself is wrong (relative path, too large a range).
+    Invalid,
+    /// Anything else (I/O error, full disk).
+    Other,
 }
 
 /// Which output stream of a process.
@@ -832,6 +985,55 @@ mod tests {
     }
 
     #[test]
+    fn file_chunk_when_data_is_not_base64_then_malformed() {
+        let payload =
+            br#"{"id":4,"body":{"type":"file_chunk","data":"!!not base64!!","eof":true}}"#;
+
+        let result = decode_payload::<GuestMessage>(payload);
+
+        assert!(matches!(result, Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn fs_failed_when_encoded_then_kind_is_snake_case() {
+        let message = GuestMessage {
+            id: 2,
+            body: GuestBody::FsFailed {
+                kind: FsErrorKind::NotFound,
+                message: "cannot stat /x".into(),
+            },
+        };
+
+        let frame = encode_frame(&message).expect("encode");
+
+        let json = std::str::from_utf8(&frame[HEADER_LEN..]).expect("utf8");
+        assert_eq!(
+            json,
+            r#"{"id":2,"body":{"type":"fs_failed","kind":"not_found","message":"cannot stat /x"}}"#
+        );
+    }
+
+    #[test]
+    fn largest_write_range_when_encoded_then_fits_in_a_frame() {
+        let message = HostMessage {
+            id: u64::MAX,
+            body: HostBody::WriteRange {
+                path: format!("/{}", "a".repeat(4096)),
+                offset: u64::MAX,
+                data: vec![0xff; MAX_RANGE_BYTES],
+                create: true,
+                mode: 0o7777,
+                uid: Some(u32::MAX),
+                gid: Some(u32::MAX),
+            },
+        };
+
+        let frame = encode_frame(&message);
+
+        assert!(frame.is_ok());
+    }
+
+    #[test]
     fn exec_without_optional_fields_when_parsed_then_defaults() {
         let payload = br#"{"id":5,"body":{"type":"exec","argv":["true"]}}"#;
 
@@ -877,6 +1079,104 @@ mod tests {
                     // What waits for more bytes is at most one frame and its header.
                     prop_assert!(decoder.buf.len() - decoder.start <= HEADER_LEN + MAX_PAYLOAD);
                 }
+            }
+
+            #[test]
+            fn file_requests_when_encoded_and_decoded_then_equal(
+                path in "/[a-z0-9/._ -]{0,40}",
+                offset in any::<u64>(),
+                data in proptest::collection::vec(any::<u8>(), 0..2048),
+                create in any::<bool>(),
+                mode in 0u32..0o10000,
+                owner in proptest::option::of((any::<u32>(), any::<u32>())),
+                len in any::<u32>(),
+            ) {
+                let bodies = vec![
+                    HostBody::WriteRange {
+                        path: path.clone(),
+                        offset,
+                        data: data.clone(),
+                        create,
+                        mode,
+                        uid: owner.map(|o| o.0),
+                        gid: owner.map(|o| o.1),
+                    },
+                    HostBody::ReadRange { path: path.clone(), offset, len },
+                    HostBody::StatPath { path: path.clone() },
+                    HostBody::ListDir { path: path.clone(), max_entries: len },
+                    HostBody::MakeDir {
+                        path: path.clone(),
+                        parents: create,
+                        mode,
+                        uid: owner.map(|o| o.0),
+                        gid: None,
+                    },
+                    HostBody::MovePath { from: path.clone(), to: format!("{path}.new") },
+                    HostBody::RemoveTree { path: path.clone() },
+                ];
+                for body in bodies {
+                    let message = HostMessage { id: offset, body };
+                    let frame = encode_frame(&message).expect("encode");
+                    let mut decoder = FrameDecoder::new();
+                    decoder.push(&frame);
+                    let payload = decoder.next_frame().expect("frame").expect("valid");
+                    prop_assert_eq!(decode_payload::<HostMessage>(&payload).expect("decode"), message);
+                }
+            }
+
+            #[test]
+            fn file_replies_when_encoded_and_decoded_then_equal(
+                name in "[^/]{0,40}",
+                size in any::<u64>(),
+                mtime in any::<i64>(),
+                link in proptest::option::of("[ -~]{0,60}"),
+                data in proptest::collection::vec(any::<u8>(), 0..2048),
+                eof in any::<bool>(),
+                count in 0usize..20,
+            ) {
+                let stat = FileStat {
+                    name,
+                    kind: if link.is_some() { FileKind::Symlink } else { FileKind::File },
+                    size,
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime,
+                    link_target: link,
+                };
+                let bodies = vec![
+                    GuestBody::Stat(stat.clone()),
+                    GuestBody::DirListing { entries: vec![stat; count], truncated: eof },
+                    GuestBody::FileChunk { data, eof },
+                    GuestBody::FsFailed { kind: FsErrorKind::NotFound, message: "gone".into() },
+                ];
+                for body in bodies {
+                    let message = GuestMessage { id: size, body };
+                    let frame = encode_frame(&message).expect("encode");
+                    let payload = &frame[HEADER_LEN..];
+                    prop_assert_eq!(decode_payload::<GuestMessage>(payload).expect("decode"), message);
+                }
+            }
+
+            #[test]
+            fn file_payloads_when_mangled_then_decoding_fails_cleanly(
+                base in proptest::collection::vec(any::<u8>(), 0..64),
+                cut in 0usize..200,
+            ) {
+                // A hostile peer's half-written or garbled file frames: never a panic.
+                let good = encode_frame(&GuestMessage {
+                    id: 1,
+                    body: GuestBody::FileChunk { data: base, eof: false },
+                })
+                .expect("encode");
+                let payload = &good[HEADER_LEN..];
+                let cut = cut.min(payload.len());
+                let _ = decode_payload::<GuestMessage>(&payload[..cut]);
+                let mut flipped = payload.to_vec();
+                if let Some(b) = flipped.get_mut(cut) {
+                    *b ^= 0x55;
+                }
+                let _ = decode_payload::<GuestMessage>(&flipped);
             }
 
             #[test]

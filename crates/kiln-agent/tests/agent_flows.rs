@@ -1264,3 +1264,102 @@ async fn exec_when_run_on_a_terminal_then_typed_input_runs_and_resizes_reach_the
     assert_eq!(status.and_then(|s| s.code), Some(3));
     assert!(plain_input.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_requests_when_a_3mib_file_goes_in_pieces_then_it_comes_back_whole_and_can_be_moved_and_removed(
+) {
+    let server = Server::start();
+    let client = server.client().await;
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 7u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let file = server.path("deep/dir/data.bin");
+    let piece = kiln_agent::client::MAX_RANGE_BYTES;
+
+    for (i, chunk) in data.chunks(piece).enumerate() {
+        client
+            .write_range(
+                &file,
+                (i * piece) as u64,
+                chunk.to_vec(),
+                i == 0,
+                0o600,
+                None,
+            )
+            .await
+            .expect("write piece");
+    }
+    let mut back = Vec::new();
+    loop {
+        let (chunk, eof) = client
+            .read_range(&file, back.len() as u64, piece as u32)
+            .await
+            .expect("read piece");
+        back.extend(chunk);
+        if eof {
+            break;
+        }
+    }
+    let stat = client.stat(&file).await.expect("stat");
+    client
+        .make_dir(&server.path("other/sub"), true, 0o755, None)
+        .await
+        .expect("mkdir -p");
+    let moved = server.path("other/sub/moved.bin");
+    client.move_path(&file, &moved).await.expect("move");
+    let (listed, truncated) = client
+        .list_dir(&server.path("other/sub"), 100)
+        .await
+        .expect("list");
+    let old = client.stat(&file).await.expect_err("moved away");
+    client
+        .remove_tree(&server.path("other"))
+        .await
+        .expect("rm -r");
+    let removed = client
+        .stat(&server.path("other"))
+        .await
+        .expect_err("removed");
+    let huge = client
+        .read_range(&moved, 0, piece as u32 + 1)
+        .await
+        .expect_err("a range over the limit");
+
+    assert_eq!(back, data);
+    assert_eq!((stat.size, stat.mode), (data.len() as u64, 0o600));
+    assert_eq!(
+        listed.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["moved.bin"]
+    );
+    assert!(!truncated);
+    assert!(
+        matches!(
+            old,
+            AgentError::Fs {
+                kind: kiln_agent::FsErrorKind::NotFound,
+                ..
+            }
+        ),
+        "{old}"
+    );
+    assert!(
+        matches!(
+            removed,
+            AgentError::Fs {
+                kind: kiln_agent::FsErrorKind::NotFound,
+                ..
+            }
+        ),
+        "{removed}"
+    );
+    assert!(
+        matches!(
+            huge,
+            AgentError::Fs {
+                kind: kiln_agent::FsErrorKind::Invalid,
+                ..
+            }
+        ),
+        "{huge}"
+    );
+}

@@ -71,12 +71,42 @@ impl RequestSigner {
     /// signed, so callers set only `content-type` (when there is a body) before signing:
     /// with `host` and `x-amz-date` that is what botocore signs.
     pub fn sign(&self, req: &mut reqwest::Request, at: SystemTime) -> anyhow::Result<()> {
-        let body: &[u8] = match req.body() {
-            None => &[],
+        let body: Vec<u8> = match req.body() {
+            None => Vec::new(),
             Some(b) => b
                 .as_bytes()
-                .context("cannot sign a streamed request body (a bug in kiln)")?,
+                .context("cannot sign a streamed request body (a bug in kiln)")?
+                .to_vec(),
         };
+        self.sign_body(req, SignableBody::Bytes(&body), at)
+    }
+
+    /// Signs a request whose body is streamed, over the body's SHA-256 `payload_sha256`
+    /// (lower-case hex), which also goes in the signed `x-amz-content-sha256` header.
+    pub fn sign_streamed(
+        &self,
+        req: &mut reqwest::Request,
+        payload_sha256: &str,
+        at: SystemTime,
+    ) -> anyhow::Result<()> {
+        req.headers_mut().insert(
+            HeaderName::from_static("x-amz-content-sha256"),
+            HeaderValue::from_str(payload_sha256)
+                .context("the payload hash is not a header value")?,
+        );
+        self.sign_body(
+            req,
+            SignableBody::Precomputed(payload_sha256.to_string()),
+            at,
+        )
+    }
+
+    fn sign_body(
+        &self,
+        req: &mut reqwest::Request,
+        body: SignableBody<'_>,
+        at: SystemTime,
+    ) -> anyhow::Result<()> {
         let headers: Vec<(&str, &str)> = req
             .headers()
             .iter()
@@ -90,7 +120,7 @@ impl RequestSigner {
             req.method().as_str(),
             req.url().as_str(),
             headers.into_iter(),
-            SignableBody::Bytes(body),
+            body,
         )
         .with_context(|| format!("cannot sign a request to {}", req.url()))?;
         let identity = aws_credential_types::Credentials::new(

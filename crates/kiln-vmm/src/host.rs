@@ -58,6 +58,7 @@ impl Host {
             accel: self.accel.accel,
             tsc_khz: self.tsc_khz,
             jail: None,
+            discard_app_log: false,
         }
     }
 }

@@ -162,6 +162,8 @@ pub struct RestoreTarget {
     pub agent_timeout: Duration,
     /// The guest's way out, if any.
     pub egress: Option<VmEgress>,
+    /// Keep nothing the guest writes to its app log (RunMicrovm `logging: disabled`).
+    pub discard_app_log: bool,
 }
 
 impl RestoreTarget {
@@ -173,6 +175,7 @@ impl RestoreTarget {
             restrict_egress: false,
             agent_timeout: Duration::from_secs(20),
             egress: None,
+            discard_app_log: false,
         }
     }
 }

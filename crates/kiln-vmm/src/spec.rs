@@ -33,6 +33,10 @@ pub struct VmSpec {
     /// The uid and gid QEMU runs as, once confined (set by the backend when it starts QEMU).
     #[serde(default)]
     pub jail: Option<crate::jail::JailId>,
+    /// Discard what the guest writes to its app log port (RunMicrovm `logging: disabled`):
+    /// the port stays, so the device set matches the snapshot's, but nothing is kept.
+    #[serde(default)]
+    pub discard_app_log: bool,
 }
 
 /// One virtio block device.

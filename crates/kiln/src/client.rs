@@ -387,6 +387,33 @@ impl Kilnd {
         Ok(resp)
     }
 
+    /// A signed PUT to kiln's own API whose body `body` is streamed, not held in memory:
+    /// the signature covers `sha256` (the body's, lower-case hex), which kilnd checks before
+    /// keeping anything. The response when it succeeded.
+    pub async fn kiln_put_streamed(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        sha256: &str,
+    ) -> anyhow::Result<reqwest::Response> {
+        let what = format!("PUT {}", path.split('?').next().unwrap_or(path));
+        let url = format!("{}{path}", self.endpoint);
+        let url = reqwest::Url::parse(&url).with_context(|| format!("bad request URL {url}"))?;
+        let mut req = reqwest::Request::new(Method::PUT, url);
+        req.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        self.signer
+            .sign_streamed(&mut req, sha256, SystemTime::now())?;
+        *req.body_mut() = Some(body);
+        let resp = self.send(req).await?;
+        if !resp.status().is_success() {
+            return Err(failure(resp, what, None, self).await.into());
+        }
+        Ok(resp)
+    }
+
     /// A request to kilnd's embedded S3 store at `path` (`/bucket[/key]`), signed with the
     /// same key for the `s3` service; the answer whatever its status.
     pub async fn s3(

@@ -133,6 +133,10 @@ enum Command {
     Rm(verbs::session::Ids),
     /// Open an interactive shell in a MicroVM (run with the SHELL_INGRESS connector).
     Shell(verbs::shell::ShellArgs),
+    /// Run a command in a MicroVM (run with the SHELL_INGRESS connector); exits with its code.
+    Exec(verbs::sandbox::ExecArgs),
+    /// Copy a file into or out of a MicroVM (one side MICROVM:/path).
+    Cp(verbs::sandbox::CpArgs),
     /// Manage the access keys kilnd accepts (list, create, revoke).
     #[command(
         subcommand,
@@ -152,10 +156,14 @@ enum Command {
     Events(verbs::events::EventsArgs),
     /// Show your quotas (limit and use of each) and the API rates.
     Quotas(verbs::quotas::QuotasArgs),
-    /// Print an image version's build log (`--follow` streams it until the build ends).
-    #[command(after_help = "Example:\n  kiln logs web --follow")]
+    /// Print an image version's build log, or a MicroVM's app output (`--follow` streams it).
+    #[command(
+        after_help = "A MicroVM id (mvm-…) or ARN prints that MicroVM's app stdout and stderr;\n\
+anything else names an image and prints its build log.\n\n\
+Examples:\n  kiln logs web --follow\n  kiln logs mvm-0a1b2c --follow"
+    )]
     Logs {
-        /// The image's name.
+        /// The image's name, or a MicroVM's id or ARN.
         image: String,
         /// The version (default: the newest).
         #[arg(long)]
@@ -283,6 +291,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
         Command::Quotas(a) => block(verbs::quotas::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
+        Command::Exec(a) => block(verbs::sandbox::exec(g, &g.kilnd()?, a)),
+        Command::Cp(a) => block(verbs::sandbox::cp(g, &g.kilnd()?, a)),
+        Command::Logs {
+            image,
+            version: None,
+            follow,
+        } if verbs::sandbox::is_microvm(&image) => {
+            block(verbs::sandbox::app_logs(&g.kilnd()?, &image, follow))
+        }
         Command::Logs {
             image,
             version,

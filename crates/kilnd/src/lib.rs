@@ -8,6 +8,7 @@ pub mod config;
 pub mod endpoint;
 pub mod images;
 pub mod observe;
+pub mod sandbox;
 pub mod store;
 pub mod supervisor;
 
@@ -216,6 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         network,
         quotas,
         throttle,
+        sandbox: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await

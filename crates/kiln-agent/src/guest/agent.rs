@@ -14,7 +14,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use super::app::{AppPhase, AppSupervisor};
-use super::{archive, copy, exec, http, mounts, ops, users};
+use super::{archive, copy, exec, files, http, mounts, ops, users};
 use crate::proto::{
     decode_payload, encode_frame, payload_id, FrameDecoder, FrameError, GuestBody, GuestMessage,
     HostBody, HostMessage, PROTOCOL_VERSION,
@@ -341,6 +341,70 @@ impl Agent {
                     reply.result(id, result);
                 });
             }
+            HostBody::StatPath { path } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "stat", move || {
+                    reply.reply(id, fs_reply(files::stat(&path).map(GuestBody::Stat)));
+                });
+            }
+            HostBody::ListDir { path, max_entries } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "list", move || {
+                    let result = files::list(&path, max_entries)
+                        .map(|(entries, truncated)| GuestBody::DirListing { entries, truncated });
+                    reply.reply(id, fs_reply(result));
+                });
+            }
+            HostBody::MakeDir {
+                path,
+                parents,
+                mode,
+                uid,
+                gid,
+            } => {
+                let result = files::make_dir(&path, parents, mode, uid, gid);
+                sink.reply(id, fs_reply(result.map(|()| GuestBody::Ok)));
+            }
+            HostBody::MovePath { from, to } => {
+                let result = files::move_path(&from, &to);
+                sink.reply(id, fs_reply(result.map(|()| GuestBody::Ok)));
+            }
+            HostBody::RemoveTree { path } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "remove", move || {
+                    let result = files::remove_tree(&path);
+                    reply.reply(id, fs_reply(result.map(|()| GuestBody::Ok)));
+                });
+            }
+            HostBody::ReadRange { path, offset, len } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "read", move || {
+                    let result = files::read_range(&path, offset, len)
+                        .map(|(data, eof)| GuestBody::FileChunk { data, eof });
+                    reply.reply(id, fs_reply(result));
+                });
+            }
+            HostBody::WriteRange {
+                path,
+                offset,
+                data,
+                create,
+                mode,
+                uid,
+                gid,
+            } => {
+                let reply = sink.clone();
+                self.in_background(sink, id, "write", move || {
+                    let how = files::WriteMode {
+                        create,
+                        mode,
+                        uid,
+                        gid,
+                    };
+                    let result = files::write_range(&path, offset, &data, how);
+                    reply.reply(id, fs_reply(result.map(|()| GuestBody::Ok)));
+                });
+            }
         }
     }
 
@@ -382,6 +446,10 @@ fn app_state(phase: AppPhase) -> GuestBody {
         exit_code,
         signal,
     }
+}
+
+fn fs_reply(result: Result<GuestBody, files::FsError>) -> GuestBody {
+    result.unwrap_or_else(files::FsError::into_reply)
 }
 
 fn guest_only(what: &str) -> String {

@@ -8,6 +8,7 @@ pub mod children;
 pub mod copy;
 pub mod exec;
 pub mod fetch;
+pub mod files;
 pub mod http;
 pub mod meta;
 pub mod mounts;

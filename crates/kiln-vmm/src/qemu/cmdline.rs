@@ -111,13 +111,17 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
     );
     a.pair("-device", "virtserialport,chardev=agent0,name=agent");
     // The app's stdout and stderr: a port the guest writes, a file on the host.
-    a.pair(
-        "-chardev",
-        format!(
-            "file,id=applog0,path={},append=on",
-            opt_path(&spec.app_log())
-        ),
-    );
+    if spec.discard_app_log {
+        a.pair("-chardev", "null,id=applog0");
+    } else {
+        a.pair(
+            "-chardev",
+            format!(
+                "file,id=applog0,path={},append=on",
+                opt_path(&spec.app_log())
+            ),
+        );
+    }
     a.pair("-device", "virtserialport,chardev=applog0,name=applog");
     a.pair("-device", "virtio-rng-device");
     // Appended, so kilnd can empty the file when it passes its cap (`logcap`).
@@ -215,6 +219,7 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: 2_445_000,
             jail: None,
+            discard_app_log: false,
         }
     }
 

@@ -77,9 +77,54 @@ fn rotate_if_over(log: &Path, cap: u64) -> std::io::Result<()> {
     file.set_len(0)
 }
 
+/// Keeps a log across a suspend: the last `cap` bytes of `<log>.1` followed by `log` are
+/// written to `to` (replacing it). Nothing there is no error.
+pub fn carry(log: &Path, to: &Path, cap: u64) -> std::io::Result<()> {
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    let mut parts = Vec::new();
+    for part in [Path::new(&old), log] {
+        match std::fs::File::open(part) {
+            Ok(f) => parts.push(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let total: u64 = parts
+        .iter()
+        .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    if parts.is_empty() || total == 0 {
+        return Ok(());
+    }
+    let mut skip = total.saturating_sub(cap);
+    let mut out = std::fs::File::create(to)?;
+    for mut part in parts {
+        let len = part.metadata()?.len();
+        let from = skip.min(len);
+        skip -= from;
+        part.seek(SeekFrom::Start(from))?;
+        std::io::copy(&mut part.by_ref().take(cap), &mut out)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carry_when_both_parts_exceed_cap_then_last_cap_bytes_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        std::fs::write(dir.path().join("app.log.1"), b"0123456789").expect("old");
+        std::fs::write(&log, b"abcdef").expect("new");
+        let to = dir.path().join("carried");
+
+        carry(&log, &to, 8).expect("carry");
+
+        assert_eq!(std::fs::read(&to).expect("carried"), b"89abcdef");
+    }
 
     #[test]
     fn rotate_when_over_cap_then_tail_kept_in_dot_one_and_log_emptied() {

@@ -366,6 +366,7 @@ impl Vmm for QemuVmm {
             accel: m.accel,
             tsc_khz: m.tsc_khz,
             jail: None,
+            discard_app_log: target.discard_app_log,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
@@ -430,10 +431,20 @@ impl Vmm for QemuVmm {
             accel: m.accel,
             tsc_khz: m.tsc_khz,
             jail: None,
+            discard_app_log: target.discard_app_log,
         };
         if let Err(e) = validate(&spec) {
             remove_dir(&target.dir);
             return Err(e);
+        }
+        // What the app wrote before the suspend reads as the log's older part.
+        let carried = sus.dir.join(CARRIED_APP_LOG);
+        if carried.exists() {
+            let mut older = spec.app_log().into_os_string();
+            older.push(".1");
+            if let Err(e) = std::fs::copy(&carried, &older) {
+                tracing::warn!(error = %e, "cannot bring the app log back after the suspend");
+            }
         }
         let args = ram_backed_args(&spec, &m.ram_backend);
         let mut vm = self
@@ -935,6 +946,14 @@ impl MicroVm for QemuVm {
                 tracing::warn!(disk = %d.path.display(), error = %e, "cannot remove a suspended VM's old disk name");
             }
         }
+        // The app's output so far stays with the session (within the log cap).
+        if let Err(e) = logcap::carry(
+            &self.spec.app_log(),
+            &dest.join(CARRIED_APP_LOG),
+            logcap::log_cap(),
+        ) {
+            tracing::warn!(error = %e, "cannot keep the app log across the suspend");
+        }
         remove_dir(&self.spec.dir);
         Ok(SuspendedVm {
             dir: dest.to_owned(),
@@ -1435,6 +1454,9 @@ fn validate(spec: &VmSpec) -> Result<(), VmmError> {
     }
     Ok(())
 }
+
+/// The app log a suspended session keeps in its directory.
+const CARRIED_APP_LOG: &str = "app.log";
 
 fn create_runtime_dir(dir: &Path) -> Result<(), VmmError> {
     if dir.exists()

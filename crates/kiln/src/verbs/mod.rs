@@ -1,5 +1,5 @@
-//! kiln's own verbs over the API: build, run, ls, curl, shell, suspend/resume/rm, keys,
-//! events, quotas.
+//! kiln's own verbs over the API: build, run, ls, curl, shell, exec, cp, suspend/resume/rm,
+//! keys, events, quotas.
 
 pub mod build;
 pub mod connectors;
@@ -9,5 +9,6 @@ pub mod keys;
 pub mod ls;
 pub mod quotas;
 pub mod run;
+pub mod sandbox;
 pub mod session;
 pub mod shell;

@@ -43,6 +43,8 @@ pub struct Api {
     pub quotas: Arc<crate::auth::quotas::Quotas>,
     /// Per-principal, per-operation API rates.
     pub throttle: Arc<crate::auth::throttle::Throttle>,
+    /// Background commands of kiln's sandbox API.
+    pub sandbox: Arc<crate::sandbox::Sandbox>,
 }
 
 /// The whole API as one router.
@@ -73,6 +75,7 @@ pub fn router(api: Api) -> Router {
         .route("/kiln/v1/quotas", get(quotas))
         .route("/kiln/v1/whoami", get(whoami))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
+        .merge(crate::sandbox::routes())
         .fallback(entry)
         .with_state(api)
 }

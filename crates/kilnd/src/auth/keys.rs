@@ -175,6 +175,36 @@ impl AccessKeys {
         })
     }
 
+    /// Who signed a request whose body is streamed (not read before the check), and the
+    /// body's SHA-256 that the signature covers: the receiver must compare it with what
+    /// arrived before keeping anything.
+    pub fn authenticate_streamed(
+        &self,
+        req: &SignedRequest<'_>,
+    ) -> Result<(Caller, String), ApiError> {
+        let signature = Signature::read(req)?;
+        let key_id = &signature.scope.access_key_id;
+        let key = self
+            .store
+            .access_key(key_id)
+            .map_err(internal)?
+            .filter(|k| k.revoked_at.is_none())
+            .ok_or(crate::auth::sigv4::SigV4Error::UnknownKey)?;
+        let claimed = signature.verify_streamed(req, &key.secret, std::time::SystemTime::now())?;
+        let account = self
+            .store
+            .ensure_account(&key.principal, now())
+            .map_err(internal)?;
+        Ok((
+            Caller {
+                principal: key.principal,
+                account,
+                access_key_id: key.id,
+            },
+            claimed,
+        ))
+    }
+
     /// `POST /kiln/v1/keys` (admin only): a new key for a principal; the response is the
     /// only place its secret appears.
     pub fn create(&self, caller: &Caller, body: &[u8]) -> Result<NewKey, ApiError> {

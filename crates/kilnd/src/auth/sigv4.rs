@@ -325,7 +325,63 @@ impl Signature {
         }
         self.check_time(signed_at, now)?;
         let payload = self.payload_hash(req)?;
-        let canonical = self.canonical_request(req, &payload);
+        self.verify_payload(req, secret, &payload)
+    }
+
+    /// Checks the signature of a request whose body is streamed to where it goes rather than
+    /// read first: the signature covers the body's SHA-256 as `x-amz-content-sha256` claims it,
+    /// which is returned so the receiver compares it with what arrived before keeping anything.
+    pub fn verify_streamed(
+        &self,
+        req: &SignedRequest<'_>,
+        secret: &str,
+        now: SystemTime,
+    ) -> Result<String, SigV4Error> {
+        let signed_at = parse_amz_date(&self.amz_date).ok_or_else(|| {
+            SigV4Error::Incomplete(format!(
+                "X-Amz-Date must have the form YYYYMMDD'T'HHMMSS'Z', not '{}'",
+                self.amz_date
+            ))
+        })?;
+        if !self.amz_date.starts_with(&self.scope.date) {
+            return Err(SigV4Error::Invalid(
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP".into(),
+            ));
+        }
+        self.check_time(signed_at, now)?;
+        let claimed = req
+            .headers
+            .get("x-amz-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| v.len() == 64 && decode_hex(v).is_some())
+            .ok_or_else(|| {
+                SigV4Error::Incomplete(
+                    "a streamed upload must carry the body's hex SHA-256 in x-amz-content-sha256 \
+                     (signed); `kiln cp` sends it"
+                        .into(),
+                )
+            })?;
+        if !self
+            .signed_headers
+            .iter()
+            .any(|h| h == "x-amz-content-sha256")
+        {
+            return Err(SigV4Error::Incomplete(
+                "x-amz-content-sha256 must be among the signed headers of a streamed upload".into(),
+            ));
+        }
+        self.verify_payload(req, secret, &claimed)?;
+        Ok(claimed)
+    }
+
+    fn verify_payload(
+        &self,
+        req: &SignedRequest<'_>,
+        secret: &str,
+        payload: &str,
+    ) -> Result<(), SigV4Error> {
+        let canonical = self.canonical_request(req, payload);
         let string_to_sign = format!(
             "{ALGORITHM}\n{}\n{}\n{}",
             self.amz_date,
@@ -807,6 +863,75 @@ mod tests {
         assert_eq!(
             result.map_err(|e| e.error_type()),
             Err("InvalidSignatureException")
+        );
+    }
+
+    /// A streamed upload as `kiln cp` sends it: the body's hash in the signed
+    /// `x-amz-content-sha256`, the body itself not yet read by kilnd.
+    fn streamed_upload(body: &[u8]) -> (Sent, String) {
+        let hash = hex(digest::digest(&digest::SHA256, body).as_ref());
+        let leaked: &'static str = Box::leak(hash.clone().into_boxed_str());
+        let mut sent = signed_by_aws(
+            "PUT",
+            "/kiln/v1/microvms/mvm-1/files?path=%2Fsrv%2Ff",
+            &[("x-amz-content-sha256", leaked)],
+            body,
+            now(),
+            None,
+        );
+        sent.body = Vec::new();
+        (sent, hash)
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_is_signed_then_accepted_and_the_hash_returned() {
+        let (sent, hash) = streamed_upload(b"file content");
+        let req = sent.as_signed();
+
+        let claimed = Signature::read(&req)
+            .and_then(|s| s.verify_streamed(&req, SECRET, now()))
+            .expect("accepted");
+
+        assert_eq!(claimed, hash);
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_is_swapped_then_mismatch() {
+        let (mut sent, _) = streamed_upload(b"file content");
+        let other = hex(digest::digest(&digest::SHA256, b"another body").as_ref());
+        sent.headers.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_str(&other).expect("value"),
+        );
+        let req = sent.as_signed();
+
+        let result = Signature::read(&req).and_then(|s| s.verify_streamed(&req, SECRET, now()));
+
+        assert!(matches!(result, Err(SigV4Error::Mismatch)), "{result:?}");
+    }
+
+    #[test]
+    fn verify_streamed_when_the_hash_header_was_added_after_signing_then_refused() {
+        let mut sent = signed_by_aws(
+            "PUT",
+            "/kiln/v1/microvms/mvm-1/files?path=%2Fsrv%2Ff",
+            &[],
+            b"",
+            now(),
+            None,
+        );
+        let forged = hex(digest::digest(&digest::SHA256, b"forged").as_ref());
+        sent.headers.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_str(&forged).expect("value"),
+        );
+        let req = sent.as_signed();
+
+        let result = Signature::read(&req).and_then(|s| s.verify_streamed(&req, SECRET, now()));
+
+        assert!(
+            matches!(result, Err(SigV4Error::Incomplete(_))),
+            "{result:?}"
         );
     }
 

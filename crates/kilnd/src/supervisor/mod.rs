@@ -185,7 +185,7 @@ impl Microvms {
         (c.vms, c.memory_mib)
     }
 
-    fn dir_of(&self, id: &str) -> PathBuf {
+    pub(crate) fn dir_of(&self, id: &str) -> PathBuf {
         self.host.home.join("microvms").join(id)
     }
 
@@ -396,7 +396,7 @@ impl Microvms {
         })
     }
 
-    fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
+    pub(crate) fn owned_row(&self, caller: &Caller, id: &str) -> Result<MicrovmRow, ApiError> {
         let row = self.row(id)?;
         if caller.can_access(&row.owner) {
             Ok(row)
@@ -693,8 +693,12 @@ impl Microvms {
         hooks: SessionHooks,
     ) -> Result<Live, kiln_vmm::VmmError> {
         std::fs::create_dir_all(dir).map_err(|e| kiln_vmm::VmmError::io("creating", dir, e))?;
-        let (target, forwards) =
-            self.restore_target(id, [8080u16, config.app_port], &self.plan_of(req))?;
+        let (target, forwards) = self.restore_target(
+            id,
+            [8080u16, config.app_port],
+            &self.plan_of(req),
+            crate::sandbox::logging_disabled(req),
+        )?;
         let vm = self.host.vmm.restore(snap, target).await?;
         tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
@@ -771,6 +775,15 @@ impl Microvms {
         }))
     }
 
+    /// A MicroVM's state as stored, `None` when it is unknown.
+    pub(crate) fn store_row_state(&self, id: &str) -> Option<String> {
+        self.store
+            .microvm(id)
+            .ok()
+            .flatten()
+            .map(|r| r.state.as_str().to_string())
+    }
+
     /// The guest agent of a running MicroVM (resuming a suspended one with auto-resume).
     pub async fn agent(&self, id: &str) -> Result<kiln_agent::AgentClient, UpstreamError> {
         let live = self.running_or_resumed(id).await?;
@@ -779,12 +792,14 @@ impl Microvms {
     }
 
     /// Where MicroVM `id` is restored (launch or resume): its runtime directory, a forward
-    /// from a free host port to each of `guest_ports`, and the egress its plan allows.
+    /// from a free host port to each of `guest_ports`, the egress its plan allows, and
+    /// whether the app's output is kept.
     fn restore_target(
         &self,
         id: &str,
         guest_ports: impl IntoIterator<Item = u16>,
         plan: &Plan,
+        logging_disabled: bool,
     ) -> Result<(RestoreTarget, BTreeMap<u16, u16>), kiln_vmm::VmmError> {
         let dir = self.dir_of(id);
         let mut forwards = BTreeMap::new();
@@ -806,6 +821,8 @@ impl Microvms {
             .collect();
         target.egress = self.network.vm_egress(id, &plan.egress);
         target.restrict_egress = target.egress.is_none();
+        // `logging: disabled` keeps none of the app's output, anywhere.
+        target.discard_app_log = logging_disabled;
         Ok((target, forwards))
     }
 
@@ -824,7 +841,7 @@ impl Microvms {
             })
     }
 
-    fn plan_of_row(&self, row: &MicrovmRow) -> Plan {
+    pub(crate) fn plan_of_row(&self, row: &MicrovmRow) -> Plan {
         match serde_json::from_value::<RunMicrovmRequest>(row.request.clone()) {
             Ok(req) => self.plan_of(&req),
             Err(_) => Plan {

@@ -461,9 +461,14 @@ impl Owner {
             serde_json::from_value(row.forwards.clone()).unwrap_or_default();
         let result = async {
             let guest_ports = old.keys().copied().chain([8080]);
-            let (target, forwards) =
-                self.sup
-                    .restore_target(&id, guest_ports, &self.sup.plan_of_row(&row))?;
+            let logging_disabled = serde_json::from_value::<RunMicrovmRequest>(row.request.clone())
+                .is_ok_and(|req| crate::sandbox::logging_disabled(&req));
+            let (target, forwards) = self.sup.restore_target(
+                &id,
+                guest_ports,
+                &self.sup.plan_of_row(&row),
+                logging_disabled,
+            )?;
             let vm = self.sup.host.vmm.resume(&sus, target).await?;
             Ok::<_, kiln_vmm::VmmError>(Live {
                 since: Instant::now(),
