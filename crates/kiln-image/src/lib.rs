@@ -7,6 +7,7 @@
 //! [`build`] runs a Dockerfile in a build VM and snapshots the started app into an image.
 
 pub mod base;
+pub mod oci;
 pub mod build;
 pub mod context;
 pub mod disk;
