@@ -15,6 +15,7 @@ pub mod microvms;
 pub mod network;
 pub mod proxy;
 pub mod quotas;
+pub mod registry;
 pub mod s3;
 pub mod s3_remote;
 pub mod sigv4;
