@@ -491,11 +491,19 @@ pub async fn pull(
             return Ok(image);
         }
     }
-    Err(format!(
-        "FROM {from}: cannot pull {whole}: {} (configure a mirror with kilnd --registry-mirror {}=URL, or check the network)",
-        failures.join("; "),
-        r.registry()
-    ))
+    let all = failures.join("; ");
+    let hint = if all.contains("Not authorized") || all.contains("401") || all.contains("uthenticat") {
+        format!(
+            "the registry wants credentials: give kilnd --registry-credentials a Docker config.json with auths for {}",
+            r.registry()
+        )
+    } else {
+        format!(
+            "configure a mirror with kilnd --registry-mirror {}=URL, or check the network",
+            r.registry()
+        )
+    };
+    Err(format!("FROM {from}: cannot pull {whole}: {all} ({hint})"))
 }
 
 enum PullFailure {
