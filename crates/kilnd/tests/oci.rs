@@ -93,16 +93,13 @@ fn python_layers() -> Vec<Vec<u8>> {
         let dest = format!("usr{}", lib.trim_start_matches("/usr"));
         add_file(&mut sys, Path::new(&lib), &dest);
     }
-    sys.append_data(
-        &mut {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o644);
-            h
-        },
-        "etc/passwd",
-        &b"root:x:0:0:root:/root:/bin/sh\n"[..],
-    )
-    .expect("passwd");
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(passwd.len() as u64);
+    sys.append_data(&mut h, "etc/passwd", &passwd[..])
+        .expect("passwd");
     let mut stdlib = tar::Builder::new(Vec::new());
     add_tree(&mut stdlib, Path::new("/usr/lib/python3.11"), "usr/lib/python3.11");
     vec![
@@ -221,6 +218,8 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
         "py",
         "--idle-policy",
         "maxIdleDurationSeconds=600,suspendedDurationSeconds=600,autoResumeEnabled=true",
+        "--run-hook-payload",
+        r#"{"session":"s-1"}"#,
     ]);
     assert_eq!(code, 0, "{err}");
     let id = vm["microvmId"].as_str().unwrap_or_default().to_string();
@@ -245,7 +244,10 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
         .filter(|l| !l.starts_with("ready"))
         .collect();
     assert_eq!(calls.len(), 3, "{after_resume}");
-    assert!(calls[0].starts_with("run ") && calls[0].contains(&id), "{after_resume}");
-    assert_eq!(calls[1..], ["suspend {}", "resume {}"], "{after_resume}");
+    assert_eq!(
+        calls,
+        [r#"run {"session":"s-1"}"#, "suspend {}", "resume {}"],
+        "{after_resume}"
+    );
     assert!(!kilnd.qemu_running());
 }
