@@ -7,9 +7,9 @@
 //! [`build`] runs a Dockerfile in a build VM and snapshots the started app into an image.
 
 pub mod base;
-pub mod oci;
 pub mod build;
 pub mod context;
 pub mod disk;
 pub mod dockerfile;
 pub mod dockerignore;
+pub mod oci;

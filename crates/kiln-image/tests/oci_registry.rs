@@ -28,8 +28,15 @@ async fn simple_image(reg: &Registry, repo: &str, tag: &str, text: &str) -> (Str
         Entry::Dir("etc/", 0o755),
         Entry::File("etc/hello", text.as_bytes(), 0o644),
     ]);
-    reg.push_image(repo, tag, &[layer], json!({"Cmd": ["/bin/sh"]}), Codec::Gzip, "amd64")
-        .await
+    reg.push_image(
+        repo,
+        tag,
+        &[layer],
+        json!({"Cmd": ["/bin/sh"]}),
+        Codec::Gzip,
+        "amd64",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,9 +48,13 @@ async fn pull_when_by_tag_and_by_digest_then_same_image_and_disk_has_its_files()
     let by_tag = oci::pull(&format!("{}/team/app:1", reg.host), &opts(&cache), &quiet)
         .await
         .expect("pull by tag");
-    let by_digest = oci::pull(&format!("{}/team/app@{digest}", reg.host), &opts(&cache), &quiet)
-        .await
-        .expect("pull by digest");
+    let by_digest = oci::pull(
+        &format!("{}/team/app@{digest}", reg.host),
+        &opts(&cache),
+        &quiet,
+    )
+    .await
+    .expect("pull by digest");
     let base = oci::ensure_base_disk(&by_tag, &opts(&cache), &quiet).expect("base disk");
 
     assert_eq!(by_tag.digest, digest);
@@ -60,13 +71,23 @@ async fn pull_when_multi_arch_index_then_amd64_picked_else_platforms_listed() {
     let (amd, amd_size) = simple_image(&reg, "multi", "amd", "amd64\n").await;
     let arm_layer = tar_of(&[Entry::File("arch", b"arm64\n", 0o644)]);
     let (arm, arm_size) = reg
-        .push_image("multi", "arm", &[arm_layer], json!({}), Codec::Gzip, "arm64")
+        .push_image(
+            "multi",
+            "arm",
+            &[arm_layer],
+            json!({}),
+            Codec::Gzip,
+            "arm64",
+        )
         .await;
     let (index, _) = reg
         .push_index(
             "multi",
             "both",
-            &[(arm.clone(), arm_size, "linux", "arm64"), (amd.clone(), amd_size, "linux", "amd64")],
+            &[
+                (arm.clone(), arm_size, "linux", "arm64"),
+                (amd.clone(), amd_size, "linux", "amd64"),
+            ],
         )
         .await;
     reg.push_index("multi", "armonly", &[(arm, arm_size, "linux", "arm64")])
@@ -75,13 +96,20 @@ async fn pull_when_multi_arch_index_then_amd64_picked_else_platforms_listed() {
     let pulled = oci::pull(&format!("{}/multi:both", reg.host), &opts(&cache), &quiet)
         .await
         .expect("pull");
-    let err = oci::pull(&format!("{}/multi:armonly", reg.host), &opts(&cache), &quiet)
-        .await
-        .expect_err("no amd64");
+    let err = oci::pull(
+        &format!("{}/multi:armonly", reg.host),
+        &opts(&cache),
+        &quiet,
+    )
+    .await
+    .expect_err("no amd64");
 
     assert_eq!(pulled.digest, amd);
     assert_eq!(pulled.index_digest, Some(index));
-    assert!(err.contains("no linux/amd64 variant") && err.contains("linux/arm64"), "{err}");
+    assert!(
+        err.contains("no linux/amd64 variant") && err.contains("linux/arm64"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +131,15 @@ async fn pull_when_later_layers_white_out_then_the_files_are_absent_zstd_and_doc
     ]);
     let mut bases = Vec::new();
     for (tag, codec) in [("zstd", Codec::Zstd), ("docker", Codec::DockerGzip)] {
-        reg.push_image("wh", tag, &[lower.clone(), upper.clone()], json!({}), codec, "amd64")
-            .await;
+        reg.push_image(
+            "wh",
+            tag,
+            &[lower.clone(), upper.clone()],
+            json!({}),
+            codec,
+            "amd64",
+        )
+        .await;
         let pulled = oci::pull(&format!("{}/wh:{tag}", reg.host), &opts(&cache), &quiet)
             .await
             .expect("pull");
@@ -141,8 +176,15 @@ async fn pull_when_layer_is_hostile_then_nothing_outside_its_root_is_written_or_
         // A hard link to a host file: must not link (or read) the host's file.
         Entry::HardLink("stolen", &victim.display().to_string()),
     ]);
-    reg.push_image("evil", "1", &[first, second], json!({}), Codec::Gzip, "amd64")
-        .await;
+    reg.push_image(
+        "evil",
+        "1",
+        &[first, second],
+        json!({}),
+        Codec::Gzip,
+        "amd64",
+    )
+    .await;
 
     let pulled = oci::pull(&format!("{}/evil:1", reg.host), &opts(&cache), &quiet)
         .await
@@ -151,7 +193,10 @@ async fn pull_when_layer_is_hostile_then_nothing_outside_its_root_is_written_or_
 
     assert!(!host.path().join("planted-through-root").exists());
     assert!(!host.path().join("planted-through-link").exists());
-    assert_eq!(std::fs::read_to_string(&victim).ok().as_deref(), Some("host secret"));
+    assert_eq!(
+        std::fs::read_to_string(&victim).ok().as_deref(),
+        Some("host secret")
+    );
     assert_eq!(std::fs::metadata(&victim).expect("victim").nlink(), 1);
     let err = made.expect_err("the hard link names nothing inside the image");
     assert!(err.contains("hard-linking /stolen"), "{err}");
@@ -164,8 +209,11 @@ async fn pull_when_registry_needs_basic_auth_then_refused_without_and_pulled_wit
     simple_image(&reg, "private/app", "1", "private\n").await;
     let creds = cache.with_file_name("config.json");
     let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "kiln:s3cret");
-    std::fs::write(&creds, json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string())
-        .expect("config.json");
+    std::fs::write(
+        &creds,
+        json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string(),
+    )
+    .expect("config.json");
     let from = format!("{}/private/app:1", reg.host);
 
     let anonymous = oci::pull(&from, &opts(&cache), &quiet).await;
@@ -180,7 +228,10 @@ async fn pull_when_registry_needs_basic_auth_then_refused_without_and_pulled_wit
     .await;
 
     let err = anonymous.expect_err("anonymous");
-    assert!(err.contains("Not authorized") && err.contains("--registry-credentials"), "{err}");
+    assert!(
+        err.contains("Not authorized") && err.contains("--registry-credentials"),
+        "{err}"
+    );
     assert!(with.is_ok(), "{with:?}");
 }
 
@@ -191,7 +242,9 @@ async fn pull_when_mirror_configured_then_hub_names_come_from_it_and_offline_fro
     // What Docker Hub calls `python:3.12-slim` lives in a mirror as library/python.
     let (digest, _) = simple_image(&reg, "library/python", "3.12-slim", "py\n").await;
     let mirrored = RegistryOptions {
-        mirrors: vec![format!("docker.io=http://{}", reg.host).parse().expect("mirror")],
+        mirrors: vec![format!("docker.io=http://{}", reg.host)
+            .parse()
+            .expect("mirror")],
         ..opts(&cache)
     };
 
@@ -234,7 +287,11 @@ async fn pull_when_a_blob_is_tampered_in_the_registry_then_refused_and_not_cache
     let (_keep, cache) = registry::cache_dir();
     let layer = tar_of(&[Entry::File("f", b"original", 0o644)]);
     let desc = reg
-        .push_blob("tamper", "application/vnd.oci.image.layer.v1.tar", layer.clone())
+        .push_blob(
+            "tamper",
+            "application/vnd.oci.image.layer.v1.tar",
+            layer.clone(),
+        )
         .await;
     let digest = desc["digest"].as_str().expect("digest").to_string();
     let cfg = reg
@@ -253,7 +310,10 @@ async fn pull_when_a_blob_is_tampered_in_the_registry_then_refused_and_not_cache
     .await;
     // Same length, other bytes: only the digest check can tell.
     let mut evil = layer.clone();
-    let at = evil.windows(8).position(|w| w == b"original").expect("content");
+    let at = evil
+        .windows(8)
+        .position(|w| w == b"original")
+        .expect("content");
     evil[at..at + 8].copy_from_slice(b"tampered");
     std::fs::write(reg.blob_file(&digest), &evil).expect("tamper");
 
@@ -261,5 +321,8 @@ async fn pull_when_a_blob_is_tampered_in_the_registry_then_refused_and_not_cache
 
     let err = result.expect_err("tampered");
     assert!(err.contains(&digest), "{err}");
-    assert!(!oci::BlobCache::new(&cache).blob(&digest).expect("path").exists());
+    assert!(!oci::BlobCache::new(&cache)
+        .blob(&digest)
+        .expect("path")
+        .exists());
 }

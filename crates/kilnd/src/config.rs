@@ -149,7 +149,12 @@ pub struct Config {
     pub endpoint_max_ports_per_vm: usize,
     /// Pull REGISTRY's images (`FROM …`) through a mirror first (repeatable), e.g.
     /// `docker.io=http://127.0.0.1:5000`; an `http://` URL means plain HTTP.
-    #[arg(long = "registry-mirror", value_name = "REGISTRY=URL", env = "KILN_REGISTRY_MIRRORS", value_delimiter = ',')]
+    #[arg(
+        long = "registry-mirror",
+        value_name = "REGISTRY=URL",
+        env = "KILN_REGISTRY_MIRRORS",
+        value_delimiter = ','
+    )]
     pub registry_mirrors: Vec<kiln_image::oci::Mirror>,
     /// Registries (`host[:port]`) spoken to over plain HTTP (loopback ones always are).
     #[arg(long = "registry-insecure", value_name = "HOST[:PORT]")]

@@ -51,11 +51,21 @@ fn libraries(program: &str) -> Vec<String> {
 /// Walks the host's stdlib into the layer, leaving out tests, caches and GUI modules.
 fn add_tree(b: &mut tar::Builder<Vec<u8>>, dir: &Path, dest: &str) {
     const SKIP: [&str; 9] = [
-        "test", "__pycache__", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data",
-        "dist-packages", "turtledemo",
+        "test",
+        "__pycache__",
+        "idlelib",
+        "tkinter",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+        "dist-packages",
+        "turtledemo",
     ];
     add_dir(b, dest);
-    let mut entries: Vec<_> = std::fs::read_dir(dir).expect("read_dir").flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -76,13 +86,26 @@ fn add_tree(b: &mut tar::Builder<Vec<u8>>, dir: &Path, dest: &str) {
 /// libraries; then the standard library.
 fn python_layers() -> Vec<Vec<u8>> {
     let mut sys = tar::Builder::new(Vec::new());
-    for d in ["usr", "usr/bin", "usr/lib", "usr/lib/x86_64-linux-gnu", "usr/lib64", "etc", "tmp", "app"] {
+    for d in [
+        "usr",
+        "usr/bin",
+        "usr/lib",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "etc",
+        "tmp",
+        "app",
+    ] {
         add_dir(&mut sys, d);
     }
     add_link(&mut sys, "bin", "usr/bin");
     add_link(&mut sys, "lib", "usr/lib");
     add_link(&mut sys, "lib64", "usr/lib64");
-    add_file(&mut sys, Path::new("/usr/bin/python3.11"), "usr/bin/python3.11");
+    add_file(
+        &mut sys,
+        Path::new("/usr/bin/python3.11"),
+        "usr/bin/python3.11",
+    );
     add_link(&mut sys, "usr/bin/python3", "python3.11");
     add_file(&mut sys, Path::new("/bin/dash"), "usr/bin/sh");
     let mut libs = libraries("/usr/bin/python3.11");
@@ -101,7 +124,11 @@ fn python_layers() -> Vec<Vec<u8>> {
     sys.append_data(&mut h, "etc/passwd", &passwd[..])
         .expect("passwd");
     let mut stdlib = tar::Builder::new(Vec::new());
-    add_tree(&mut stdlib, Path::new("/usr/lib/python3.11"), "usr/lib/python3.11");
+    add_tree(
+        &mut stdlib,
+        Path::new("/usr/lib/python3.11"),
+        "usr/lib/python3.11",
+    );
     vec![
         sys.into_inner().expect("tar"),
         stdlib.into_inner().expect("tar"),
@@ -152,7 +179,14 @@ fn endpoint_get(kilnd: &Daemon, id: &str, path: &str) -> String {
     let out = kilnd
         .python()
         .arg(common::workspace().join("crates/kilnd/tests/endpoint_client.py"))
-        .args(["get", &kilnd.endpoint_port.to_string(), &ca, id, path, &token])
+        .args([
+            "get",
+            &kilnd.endpoint_port.to_string(),
+            &ca,
+            id,
+            path,
+            &token,
+        ])
         .output()
         .expect("run python");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -171,14 +205,16 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
         "OnBuild": ["COPY app.py /app/"],
         "StopSignal": "SIGINT",
     });
-    let digest = rt.block_on(reg.push_image(
-        "kiln-test/python",
-        "3.11",
-        &python_layers(),
-        config,
-        registry::Codec::Gzip,
-        "amd64",
-    )).0;
+    let digest = rt
+        .block_on(reg.push_image(
+            "kiln-test/python",
+            "3.11",
+            &python_layers(),
+            config,
+            registry::Codec::Gzip,
+            "amd64",
+        ))
+        .0;
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     let zip = scratch.path().join("py.zip");
@@ -188,7 +224,10 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
     );
     make_zip(
         &zip,
-        &[("Dockerfile", dockerfile.as_bytes(), 0o644), ("app.py", APP.as_bytes(), 0o644)],
+        &[
+            ("Dockerfile", dockerfile.as_bytes(), 0o644),
+            ("app.py", APP.as_bytes(), 0o644),
+        ],
     );
 
     let (c, _, e) = kilnd.aws(&[

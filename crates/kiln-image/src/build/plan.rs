@@ -8,11 +8,11 @@ use super::cache::{hash_tree, KeyChain};
 use super::source;
 use super::{BuildError, BuildSpec, ImageConfig};
 use crate::base::BaseImage;
-use crate::oci::{PulledImage, RunConfig};
 use crate::context::BuildContext;
 use crate::dockerfile::{
     self, Command, Healthcheck, Heredoc, InstructionKind, Port, RunMount, RunNetwork, RunSpec,
 };
+use crate::oci::{PulledImage, RunConfig};
 
 /// PATH when the Dockerfile sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -699,7 +699,11 @@ impl Plan {
             .clone()
             .filter(|e| !e.is_empty())
             .map(AppCommand::Exec);
-        self.cmd = c.cmd.clone().filter(|e| !e.is_empty()).map(AppCommand::Exec);
+        self.cmd = c
+            .cmd
+            .clone()
+            .filter(|e| !e.is_empty())
+            .map(AppCommand::Exec);
         for key in c.exposed_ports.iter().flat_map(|m| m.keys()) {
             if let Ok(p) = Port::parse(key) {
                 if !p.udp && !self.exposed.contains(&p.number) {

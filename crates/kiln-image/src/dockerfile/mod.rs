@@ -288,12 +288,21 @@ pub fn parse_trigger(text: &str, line: usize) -> Result<Instruction, ParseError>
         ));
     };
     let kind = instructions::parse_instruction(&logical, source.escape).map_err(|e| {
-        ParseError::new(line, format!("the base image's ONBUILD {text:?}: {}", e.message))
+        ParseError::new(
+            line,
+            format!("the base image's ONBUILD {text:?}: {}", e.message),
+        )
     })?;
-    if matches!(kind, InstructionKind::From { .. } | InstructionKind::Maintainer(_)) {
+    if matches!(
+        kind,
+        InstructionKind::From { .. } | InstructionKind::Maintainer(_)
+    ) {
         return Err(ParseError::new(
             line,
-            format!("the base image's ONBUILD {text:?}: {} cannot be a trigger", logical.keyword),
+            format!(
+                "the base image's ONBUILD {text:?}: {} cannot be a trigger",
+                logical.keyword
+            ),
         ));
     }
     Ok(Instruction {

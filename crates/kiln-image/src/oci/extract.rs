@@ -115,8 +115,7 @@ impl Root {
         // SAFETY: open_how is plain integers; all-zero is its documented empty value.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (flags | libc::O_CLOEXEC) as u64;
-        how.resolve =
-            libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
         // SAFETY: valid pointers to a NUL-terminated path and an open_how of the size given.
         let fd = unsafe {
             libc::syscall(
@@ -144,7 +143,8 @@ impl Root {
                     || e.raw_os_error() == Some(libc::ENOTDIR) => {}
             Err(e) => return Err(e),
         }
-        let (parent, name) = split(rel).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let (parent, name) =
+            split(rel).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let pfd = self.dir(&parent)?;
         let cname = cstr(name.as_os_str())?;
         remove_at(pfd.as_raw_fd(), &cname, true)?;
@@ -304,7 +304,8 @@ pub fn apply_layer(
         };
         let Some((parent, name)) = split(&rel) else {
             // The root itself: only its metadata.
-            let fd = root.resolve(Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)
+            let fd = root
+                .resolve(Path::new(""), libc::O_RDONLY | libc::O_DIRECTORY)
                 .map_err(fs("opening"))?;
             meta.apply(&fd).map_err(fs("setting metadata of"))?;
             continue;
@@ -401,7 +402,9 @@ pub fn apply_layer(
                 let target = entry
                     .link_name()
                     .map_err(ExtractError::Read)?
-                    .ok_or_else(|| ExtractError::Read(io::Error::other("hard link without target")))?;
+                    .ok_or_else(|| {
+                        ExtractError::Read(io::Error::other("hard link without target"))
+                    })?;
                 let target = clean(&target);
                 let (tparent, tname) = split(&target).ok_or_else(|| ExtractError::Fs {
                     doing: "linking",
@@ -538,11 +541,24 @@ impl Meta {
     fn apply_at(&self, dfd: RawFd, name: &CString) -> io::Result<()> {
         // SAFETY: valid descriptor and name; the entry itself, never a link's target.
         check(unsafe {
-            libc::fchownat(dfd, name.as_ptr(), self.uid, self.gid, libc::AT_SYMLINK_NOFOLLOW)
+            libc::fchownat(
+                dfd,
+                name.as_ptr(),
+                self.uid,
+                self.gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         })?;
         let times = self.times();
         // SAFETY: as above, with a two-element timespec array.
-        unsafe { libc::utimensat(dfd, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+        unsafe {
+            libc::utimensat(
+                dfd,
+                name.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
         Ok(())
     }
 }
@@ -584,7 +600,12 @@ mod tests {
 
     fn apply(root_dir: &Path, tar: &[u8]) -> Result<(), ExtractError> {
         let root = Root::open(root_dir).expect("root");
-        apply_layer(&root, tar, &ExtractLimits::default(), &mut ExtractTotals::default())
+        apply_layer(
+            &root,
+            tar,
+            &ExtractLimits::default(),
+            &mut ExtractTotals::default(),
+        )
     }
 
     use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as L};
@@ -618,7 +639,10 @@ mod tests {
         assert!(!root.path().join("etc/gone").exists());
         assert!(root.path().join("etc/kept").exists());
         assert!(!root.path().join("opt/old").exists());
-        assert_eq!(std::fs::read_to_string(root.path().join("opt/new")).ok(), Some("n".into()));
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("opt/new")).ok(),
+            Some("n".into())
+        );
         assert!(!root.path().join("etc/.wh.gone").exists());
     }
 
@@ -642,7 +666,10 @@ mod tests {
         let tool = std::fs::metadata(root.path().join("bin/tool")).expect("tool");
         let app = std::fs::metadata(root.path().join("home/app/f")).expect("f");
         assert_eq!(tool.permissions().mode() & 0o7777, 0o4755);
-        assert_eq!((app.uid(), app.gid(), app.mode() & 0o777), (1000, 1000, 0o600));
+        assert_eq!(
+            (app.uid(), app.gid(), app.mode() & 0o777),
+            (1000, 1000, 0o600)
+        );
         assert_eq!(tool.nlink(), 2);
         assert_eq!(
             std::fs::read_link(root.path().join("bin/sh")).ok(),
@@ -676,8 +703,16 @@ mod tests {
 
         assert!(!outside.path().join("planted").exists());
         assert!(!Path::new("/tmp-planted").exists());
-        assert!(!outside.path().parent().expect("parent").join("climbed").exists());
-        assert_eq!(std::fs::read_to_string(&secret).ok(), Some("host data".into()));
+        assert!(!outside
+            .path()
+            .parent()
+            .expect("parent")
+            .join("climbed")
+            .exists());
+        assert_eq!(
+            std::fs::read_to_string(&secret).ok(),
+            Some("host data".into())
+        );
         // The link resolved inside the root, where no such file exists: refused.
         assert!(result.is_err(), "{result:?}");
         assert_eq!(std::fs::metadata(&secret).expect("secret").nlink(), 1);

@@ -251,7 +251,10 @@ mod tests {
 
         assert_eq!(run.on_build, Some(vec!["RUN echo hi".to_string()]));
         assert_eq!(run.working_dir.as_deref(), Some("/app"));
-        assert_eq!(run.healthcheck.and_then(|h| h.test).map(|t| t.len()), Some(2));
+        assert_eq!(
+            run.healthcheck.and_then(|h| h.test).map(|t| t.len()),
+            Some(2)
+        );
         assert_eq!(c.rootfs.map(|r| r.diff_ids.len()), Some(1));
     }
 }

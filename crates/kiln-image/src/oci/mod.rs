@@ -224,7 +224,11 @@ pub fn credentials_for(config: &[u8], registry: &str) -> Result<Option<(String, 
             .next()
             .unwrap_or_default();
         let matches = host == registry
-            || (hub && matches!(host, "index.docker.io" | "docker.io" | "registry-1.docker.io"));
+            || (hub
+                && matches!(
+                    host,
+                    "index.docker.io" | "docker.io" | "registry-1.docker.io"
+                ));
         matches.then_some(e)
     });
     let Some(e) = entry else { return Ok(None) };
@@ -235,7 +239,8 @@ pub fn credentials_for(config: &[u8], registry: &str) -> Result<Option<(String, 
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|_| format!("auths.{registry}.auth is not base64"))?;
-    let text = String::from_utf8(decoded).map_err(|_| format!("auths.{registry}.auth is not UTF-8"))?;
+    let text =
+        String::from_utf8(decoded).map_err(|_| format!("auths.{registry}.auth is not UTF-8"))?;
     let (u, p) = text
         .split_once(':')
         .ok_or_else(|| format!("auths.{registry}.auth is not base64 of user:password"))?;
@@ -278,7 +283,8 @@ fn endpoints(r: &Reference, opts: &RegistryOptions) -> Result<Vec<Endpoint>, Str
     };
     let client_for = |host: &str, plain: bool| {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let plain = plain || reference::is_loopback(host) || opts.insecure.iter().any(|h| h == host);
+        let plain =
+            plain || reference::is_loopback(host) || opts.insecure.iter().any(|h| h == host);
         Client::new(ClientConfig {
             protocol: if plain {
                 ClientProtocol::HttpsExcept(vec![host.to_string()])
@@ -348,7 +354,11 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<W> {
 const MAX_DOCUMENT: u64 = 4 << 20;
 
 async fn fetch_manifest(ep: &Endpoint, r: &Reference) -> Result<(Vec<u8>, String), String> {
-    let accept: Vec<&str> = INDEX_TYPES.iter().chain(MANIFEST_TYPES.iter()).copied().collect();
+    let accept: Vec<&str> = INDEX_TYPES
+        .iter()
+        .chain(MANIFEST_TYPES.iter())
+        .copied()
+        .collect();
     let (bytes, digest) = ep
         .client
         .pull_manifest_raw(r, &ep.auth, &accept)
@@ -361,7 +371,10 @@ async fn fetch_manifest(ep: &Endpoint, r: &Reference) -> Result<(Vec<u8>, String
     let actual = sha256_digest(&bytes);
     if let Some(want) = r.digest() {
         if want != actual {
-            return Err(format!("{}: manifest digest {actual}, not {want}", ep.label));
+            return Err(format!(
+                "{}: manifest digest {actual}, not {want}",
+                ep.label
+            ));
         }
     }
     let _ = digest;
@@ -484,15 +497,15 @@ pub async fn pull(
             image.from = from.to_string();
             image.reference = whole;
             image.index_digest = index_digest;
-            image.source = format!(
-                "the cache (registry unreachable: {})",
-                failures.join("; ")
-            );
+            image.source = format!("the cache (registry unreachable: {})", failures.join("; "));
             return Ok(image);
         }
     }
     let all = failures.join("; ");
-    let hint = if all.contains("Not authorized") || all.contains("401") || all.contains("uthenticat") {
+    let hint = if all.contains("Not authorized")
+        || all.contains("401")
+        || all.contains("uthenticat")
+    {
         format!(
             "the registry wants credentials: give kilnd --registry-credentials a Docker config.json with auths for {}",
             r.registry()
@@ -520,7 +533,9 @@ async fn pull_from(
     log: &(dyn Fn(String) + Sync),
 ) -> Result<PulledImage, PullFailure> {
     use PullFailure::{Fatal, Unreachable};
-    let (bytes, digest) = fetch_manifest(ep, &ep.reference).await.map_err(Unreachable)?;
+    let (bytes, digest) = fetch_manifest(ep, &ep.reference)
+        .await
+        .map_err(Unreachable)?;
     let top: AnyManifest = serde_json::from_slice(&bytes)
         .map_err(|e| Fatal(format!("the registry's manifest is not valid JSON: {e}")))?;
     if top.schema_version != 2 {
@@ -552,7 +567,9 @@ async fn pull_from(
         .config
         .clone()
         .ok_or_else(|| Fatal(format!("manifest {digest} has no config")))?;
-    let config = fetch_document(ep, cache, &config_d).await.map_err(Unreachable)?;
+    let config = fetch_document(ep, cache, &config_d)
+        .await
+        .map_err(Unreachable)?;
     let layers = m.layers.clone().unwrap_or_default();
     for l in &layers {
         layer_codec(&l.media_type).map_err(Fatal)?;
@@ -710,7 +727,8 @@ pub fn ensure_base_disk(
     let stage = Staging::dir_in(&bases).map_err(|e| e.to_string())?;
     let rootfs = stage.path().join("rootfs");
     std::fs::create_dir(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
-    let root = extract::Root::open(&rootfs).map_err(|e| format!("opening {}: {e}", rootfs.display()))?;
+    let root =
+        extract::Root::open(&rootfs).map_err(|e| format!("opening {}: {e}", rootfs.display()))?;
     let limits = extract::ExtractLimits::default();
     let mut totals = extract::ExtractTotals::default();
     for (i, (digest, media_type)) in image.layers.iter().enumerate() {
@@ -747,7 +765,12 @@ pub fn ensure_base_disk(
         }
     }
     // What kiln-init mounts over and Docker always provides.
-    for (dir, mode) in [("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777)] {
+    for (dir, mode) in [
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("dev", 0o755),
+        ("tmp", 0o1777),
+    ] {
         let p = rootfs.join(dir);
         if std::fs::symlink_metadata(&p).is_err() {
             use std::os::unix::fs::PermissionsExt;

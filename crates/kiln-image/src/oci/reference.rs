@@ -38,9 +38,11 @@ impl FromStr for Mirror {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Mirror, String> {
-        let (registry, url) = s
-            .split_once('=')
-            .ok_or_else(|| format!("registry mirror {s:?}: write REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000"))?;
+        let (registry, url) = s.split_once('=').ok_or_else(|| {
+            format!(
+                "registry mirror {s:?}: write REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000"
+            )
+        })?;
         let registry = match registry.trim() {
             "index.docker.io" | "registry-1.docker.io" => "docker.io",
             r => r,
@@ -117,14 +119,21 @@ mod tests {
         let bad = parse("app@sha256:abc").expect_err("short digest");
         let worse = parse("UPPER/Case").expect_err("bad name");
 
-        assert!(bad.contains("sha256:<64 hex digits>") || bad.contains("not an image reference"), "{bad}");
+        assert!(
+            bad.contains("sha256:<64 hex digits>") || bad.contains("not an image reference"),
+            "{bad}"
+        );
         assert!(worse.contains("python:3.12-slim"), "{worse}");
     }
 
     #[test]
     fn mirror_when_http_then_plain_and_hub_aliases_folded() {
-        let m: Mirror = "index.docker.io=http://127.0.0.1:5000/".parse().expect("mirror");
-        let tls: Mirror = "ghcr.io=https://mirror.example:8443".parse().expect("mirror");
+        let m: Mirror = "index.docker.io=http://127.0.0.1:5000/"
+            .parse()
+            .expect("mirror");
+        let tls: Mirror = "ghcr.io=https://mirror.example:8443"
+            .parse()
+            .expect("mirror");
 
         assert_eq!(
             m,
@@ -141,7 +150,9 @@ mod tests {
 
     #[test]
     fn is_loopback_when_localhost_or_127_then_true() {
-        assert!(is_loopback("localhost:5000") && is_loopback("127.0.0.1:1") && is_loopback("[::1]:5"));
+        assert!(
+            is_loopback("localhost:5000") && is_loopback("127.0.0.1:1") && is_loopback("[::1]:5")
+        );
         assert!(!is_loopback("ghcr.io") && !is_loopback("10.0.0.1:5000"));
     }
 }

@@ -44,7 +44,11 @@ fn bcrypt(password: &str) -> String {
         .output()
         .expect("python3");
     let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(hash.starts_with("$2"), "no bcrypt hash: {hash} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        hash.starts_with("$2"),
+        "no bcrypt hash: {hash} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     hash
 }
 
@@ -119,11 +123,18 @@ impl Registry {
     }
 
     fn reference(&self, repo: &str, tag: &str) -> Reference {
-        format!("{}/{repo}:{tag}", self.host).parse().expect("reference")
+        format!("{}/{repo}:{tag}", self.host)
+            .parse()
+            .expect("reference")
     }
 
     /// Pushes a blob; returns its descriptor JSON.
-    pub async fn push_blob(&self, repo: &str, media_type: &str, data: Vec<u8>) -> serde_json::Value {
+    pub async fn push_blob(
+        &self,
+        repo: &str,
+        media_type: &str,
+        data: Vec<u8>,
+    ) -> serde_json::Value {
         let (client, auth) = self.client();
         let r = self.reference(repo, "x");
         client
@@ -132,12 +143,20 @@ impl Registry {
             .expect("auth");
         let digest = kiln_image::oci::sha256_digest(&data);
         let size = data.len();
-        client.push_blob(&r, data, &digest).await.expect("push blob");
+        client
+            .push_blob(&r, data, &digest)
+            .await
+            .expect("push blob");
         serde_json::json!({"mediaType": media_type, "digest": digest, "size": size})
     }
 
     /// Pushes a manifest document under `tag`; returns its digest and size.
-    pub async fn push_manifest(&self, repo: &str, tag: &str, body: &serde_json::Value) -> (String, usize) {
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        body: &serde_json::Value,
+    ) -> (String, usize) {
         let (client, auth) = self.client();
         let r = self.reference(repo, tag);
         client
@@ -149,7 +168,11 @@ impl Registry {
         let digest = kiln_image::oci::sha256_digest(&bytes);
         let size = bytes.len();
         client
-            .push_manifest_raw(&r, bytes, reqwest::header::HeaderValue::from_str(&media).expect("header"))
+            .push_manifest_raw(
+                &r,
+                bytes,
+                reqwest::header::HeaderValue::from_str(&media).expect("header"),
+            )
             .await
             .expect("push manifest");
         (digest, size)
@@ -172,18 +195,29 @@ impl Registry {
             diff_ids.push(kiln_image::oci::sha256_digest(tar));
             let (media, data) = match codec {
                 Codec::Gzip => {
-                    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    let mut enc =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                     enc.write_all(tar).expect("gzip");
-                    ("application/vnd.oci.image.layer.v1.tar+gzip", enc.finish().expect("gzip"))
+                    (
+                        "application/vnd.oci.image.layer.v1.tar+gzip",
+                        enc.finish().expect("gzip"),
+                    )
                 }
                 Codec::DockerGzip => {
-                    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    let mut enc =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                     enc.write_all(tar).expect("gzip");
-                    ("application/vnd.docker.image.rootfs.diff.tar.gzip", enc.finish().expect("gzip"))
+                    (
+                        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                        enc.finish().expect("gzip"),
+                    )
                 }
                 Codec::Zstd => (
                     "application/vnd.oci.image.layer.v1.tar+zstd",
-                    ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest),
+                    ruzstd::encoding::compress_to_vec(
+                        &tar[..],
+                        ruzstd::encoding::CompressionLevel::Fastest,
+                    ),
                 ),
             };
             descs.push(self.push_blob(repo, media, data).await);
@@ -211,7 +245,12 @@ impl Registry {
     }
 
     /// Pushes an index of `(digest, size, os, arch)` entries as `repo:tag`.
-    pub async fn push_index(&self, repo: &str, tag: &str, entries: &[(String, usize, &str, &str)]) -> (String, usize) {
+    pub async fn push_index(
+        &self,
+        repo: &str,
+        tag: &str,
+        entries: &[(String, usize, &str, &str)],
+    ) -> (String, usize) {
         let manifests: Vec<_> = entries
             .iter()
             .map(|(d, s, os, arch)| {

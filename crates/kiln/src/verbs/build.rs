@@ -158,11 +158,13 @@ fn base_arn(base: Option<&str>, dockerfile: &str) -> anyhow::Result<String> {
         .map(|(_, name)| *name)
         // A registry image (`FROM python:3.12-slim`) runs on kiln's default VM base, as AWS's
         // templates name it; an unknown `kiln/…` or no FROM stays on busybox.
-        .unwrap_or(if from.is_empty() || from == "scratch" || from.starts_with("kiln/") {
-            "busybox"
-        } else {
-            "al2023-1"
-        });
+        .unwrap_or(
+            if from.is_empty() || from == "scratch" || from.starts_with("kiln/") {
+                "busybox"
+            } else {
+                "al2023-1"
+            },
+        );
     Ok(arn(name))
 }
 
