@@ -23,6 +23,7 @@ pub mod store;
 pub mod throttle;
 pub mod tls;
 pub mod tokens;
+pub mod version_details;
 pub mod wire;
 
 use std::sync::Arc;

@@ -251,6 +251,7 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
     let version = kilnd.wait_version_for("py", "1", Duration::from_secs(600));
     let log = kilnd.get("/kiln/v1/images/py/versions/1/build-log");
     assert_eq!(version["state"], "SUCCESSFUL", "{version}\n{log}");
+    let details = kilnd.get("/kiln/v1/images/py/versions/1/details");
     let (code, vm, err) = kilnd.aws(&[
         "run-microvm",
         "--image-identifier",
@@ -269,6 +270,10 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
 
     assert!(log.contains(&digest), "{log}");
     assert!(log.contains("ONBUILD COPY app.py /app/"), "{log}");
+    assert!(
+        details.contains(&format!(r#""baseDigest": "{digest}""#)),
+        "{details}"
+    );
     assert!(
         first.starts_with("200 ")
             && first.contains(r#""cwd": "/app""#)
