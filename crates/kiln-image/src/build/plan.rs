@@ -919,4 +919,121 @@ mod tests {
             ]
         );
     }
+
+    fn pulled(config: serde_json::Value) -> ResolvedBase {
+        ResolvedBase {
+            image: BaseImage {
+                name: "127.0.0.1:5000/py:1".into(),
+                version: format!("sha256:{}", "a".repeat(64)),
+                disk: "/nonexistent/disk.ext4".into(),
+                size_bytes: 1 << 30,
+            },
+            pulled: Some(PulledImage {
+                from: "py".into(),
+                reference: "127.0.0.1:5000/py:1".into(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                index_digest: None,
+                config: serde_json::from_value(config).expect("config"),
+                layers: Vec::new(),
+                diff_ids: Vec::new(),
+                source: "test".into(),
+                previous_digest: None,
+            }),
+        }
+    }
+
+    fn context(dockerfile: &str) -> (tempfile::TempDir, BuildContext) {
+        let dir = tempfile::tempdir().expect("ctx");
+        std::fs::write(dir.path().join("app.py"), "print(1)").expect("write");
+        let ctx = BuildContext {
+            dir: dir.path().to_path_buf(),
+            dockerfile: dockerfile.into(),
+            files: 1,
+            bytes: 8,
+        };
+        (dir, ctx)
+    }
+
+    fn spec_for(ctx: &BuildContext) -> BuildSpec {
+        BuildSpec {
+            context: ctx.clone(),
+            env: Vec::new(),
+            hooks: Default::default(),
+            memory_mib: 512,
+            build_memory_mib: 512,
+            cache_dir: "/x".into(),
+            work_dir: "/x".into(),
+            output_dir: "/x".into(),
+            extra_ca: None,
+            ready_timeout: std::time::Duration::from_secs(1),
+            step_timeout: std::time::Duration::from_secs(1),
+            egress: None,
+            owner: "t".into(),
+            image: "t".into(),
+            mount_cache_dir: "/x".into(),
+            secrets: Default::default(),
+            registry: Default::default(),
+        }
+    }
+
+    #[test]
+    fn make_when_registry_base_then_its_config_seeds_state_and_onbuild_runs_first() {
+        let (_d, ctx) = context("ARG TAG=1\nFROM py:${TAG}\nENV B=2\n");
+        let base = pulled(serde_json::json!({
+            "Env": ["PATH=/opt/py/bin:/usr/bin", "A=1"],
+            "WorkingDir": "/srv",
+            "User": "app",
+            "Cmd": ["python3", "app.py"],
+            "ExposedPorts": {"9090/tcp": {}},
+            "Healthcheck": {"Test": ["CMD-SHELL", "true"]},
+            "StopSignal": "SIGINT",
+            "OnBuild": ["COPY app.py /srv/"]
+        }));
+
+        let plan = Plan::make(&ctx, &[], base).expect("plan");
+        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+
+        assert_eq!(plan.steps[1].text, "ONBUILD COPY app.py /srv/");
+        assert!(plan.steps[1].key.is_some());
+        assert_eq!(config.app_argv, ["python3", "app.py"]);
+        assert_eq!(config.workdir, "/srv");
+        assert_eq!(plan.last.user, "app");
+        assert_eq!(config.app_port, 9090);
+        assert_eq!(config.stop_signal, "SIGINT");
+        assert_eq!(
+            plan.healthcheck,
+            Some(vec!["/bin/sh".into(), "-c".into(), "true".into()])
+        );
+        assert!(config
+            .env
+            .contains(&("PATH".into(), "/opt/py/bin:/usr/bin".into())));
+        assert!(
+            config.env.contains(&("A".into(), "1".into()))
+                && config.env.contains(&("B".into(), "2".into()))
+        );
+        assert_eq!(
+            config.base_digest,
+            Some(format!("sha256:{}", "a".repeat(64)))
+        );
+    }
+
+    #[test]
+    fn make_when_dockerfile_sets_entrypoint_then_the_base_cmd_is_reset() {
+        let (_d, ctx) = context("FROM py\nENTRYPOINT [\"/serve\"]\n");
+        let base = pulled(serde_json::json!({"Cmd": ["python3"], "Entrypoint": ["/old"]}));
+
+        let plan = Plan::make(&ctx, &[], base).expect("plan");
+        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+
+        assert_eq!(config.app_argv, ["/serve"]);
+    }
+
+    #[test]
+    fn from_word_when_args_before_from_then_expanded() {
+        let (_d, ctx) = context("ARG REG=127.0.0.1:5000\nARG IMG=$REG/py\nFROM ${IMG}:1 AS app\n");
+
+        let (line, word) = from_word(&ctx).expect("from");
+
+        assert_eq!((line, word.as_str()), (3, "127.0.0.1:5000/py:1"));
+    }
 }
