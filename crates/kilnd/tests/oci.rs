@@ -1,7 +1,9 @@
 //! `FROM <registry image>` through kilnd: an image that ships python3 (made by the test from
 //! the host's Debian python3 and pushed to a registry the test runs on loopback) seeds the
 //! build (Cmd, WorkingDir, Env, ExposedPorts) and its ONBUILD trigger copies the app in; the
-//! app answers through the endpoint and serves the AWS hooks on port 9000.
+//! Dockerfile names it as a Docker Hub image (`ARG` before `FROM`), which kilnd pulls through
+//! `--registry-mirror docker.io=http://…`; the app answers through the endpoint and serves the
+//! AWS hooks on port 9000.
 
 mod common;
 #[path = "../../kiln-image/tests/registry/mod.rs"]
@@ -215,13 +217,12 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
             "amd64",
         ))
         .0;
-    let kilnd = Daemon::start(&[]);
+    // Docker Hub names come from the test's registry, as kilnd's mirror of docker.io.
+    let mirror = format!("docker.io=http://{}", reg.host);
+    let kilnd = Daemon::start(&["--registry-mirror", &mirror]);
     let scratch = tempfile::tempdir().expect("scratch");
     let zip = scratch.path().join("py.zip");
-    let dockerfile = format!(
-        "ARG REG={}\nFROM ${{REG}}/kiln-test/python:3.11\nRUN [\"python3\", \"-c\", \"open('built','w').write('yes')\"]\n",
-        reg.host
-    );
+    let dockerfile = "ARG NS=kiln-test\nFROM ${NS}/python:3.11\nRUN [\"python3\", \"-c\", \"open('built','w').write('yes')\"]\n";
     make_zip(
         &zip,
         &[
@@ -269,6 +270,10 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
     let (t, _, t_err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
 
     assert!(log.contains(&digest), "{log}");
+    assert!(
+        log.contains("docker.io/kiln-test/python:3.11") && log.contains("from mirror"),
+        "{log}"
+    );
     assert!(log.contains("ONBUILD COPY app.py /app/"), "{log}");
     assert!(
         details.contains(&format!(r#""baseDigest": "{digest}""#)),
