@@ -58,6 +58,7 @@ fn spec(root: &Path, ctx: BuildContext, out: &str) -> BuildSpec {
         owner: "bench".into(),
         image: out.into(),
         mount_cache_dir: root.join("mounts"),
+        registry: Default::default(),
         secrets: Default::default(),
     }
 }

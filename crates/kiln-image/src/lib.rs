@@ -12,3 +12,4 @@ pub mod context;
 pub mod disk;
 pub mod dockerfile;
 pub mod dockerignore;
+pub mod oci;

@@ -147,6 +147,25 @@ pub struct Config {
     /// Endpoint: most distinct guest ports one MicroVM may be reached on (0 = no cap).
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub endpoint_max_ports_per_vm: usize,
+    /// Pull REGISTRY's images (`FROM …`) through a mirror first (repeatable), e.g.
+    /// `docker.io=http://127.0.0.1:5000`; an `http://` URL means plain HTTP.
+    #[arg(
+        long = "registry-mirror",
+        value_name = "REGISTRY=URL",
+        env = "KILN_REGISTRY_MIRRORS",
+        value_delimiter = ','
+    )]
+    pub registry_mirrors: Vec<kiln_image::oci::Mirror>,
+    /// Registries (`host[:port]`) spoken to over plain HTTP (loopback ones always are).
+    #[arg(long = "registry-insecure", value_name = "HOST[:PORT]")]
+    pub registry_insecure: Vec<String>,
+    /// Registry credentials: a Docker config.json (`auths`) [default:
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json of kilnd's user, when present].
+    #[arg(long, value_name = "FILE", env = "KILN_REGISTRY_CREDENTIALS")]
+    pub registry_credentials: Option<PathBuf>,
+    /// Registry blob cache per principal, MiB; the least recently used blobs go first.
+    #[arg(long, default_value_t = 20 * 1024, value_name = "MIB")]
+    pub registry_cache_mib: u64,
 }
 
 impl Config {

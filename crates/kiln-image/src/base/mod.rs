@@ -38,7 +38,7 @@ pub struct BaseImage {
 #[derive(Debug, thiserror::Error)]
 pub enum BaseError {
     /// A Dockerfile names a base kiln does not have.
-    #[error("FROM {0}: kiln has no such base image; use FROM kiln/busybox or FROM kiln/debian:12 (images from registries are not supported yet)")]
+    #[error("FROM {0}: kiln has no such base image; use FROM kiln/busybox, FROM kiln/debian:12, or a registry image (e.g. FROM python:3.12-slim)")]
     UnknownBase(String),
     /// A host tool is missing, cannot start or failed.
     #[error(transparent)]
@@ -253,6 +253,11 @@ pub(crate) fn version_dir_name(version: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Whether FROM's word names one of kiln's own bases (`kiln/…`) rather than a registry image.
+pub fn is_managed(from: &str) -> bool {
+    from.starts_with("kiln/")
 }
 
 /// The managed base a Dockerfile's FROM names, built on first use.

@@ -30,4 +30,10 @@ pub struct ImageConfig {
     pub readiness: String,
     /// The base image the build started from (`name version`).
     pub base: String,
+    /// The registry image's manifest digest (linux/amd64), when FROM named a registry image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_digest: Option<String>,
+    /// The digest of the index its tag named, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_index_digest: Option<String>,
 }

@@ -32,7 +32,7 @@ pub use config::ImageConfig;
 pub use log::BuildLog;
 pub use mounts::BuildSecrets;
 use mounts::CacheDisks;
-use plan::{AppCommand, Plan, PlannedStep, StepAction};
+use plan::{AppCommand, Plan, PlannedStep, ResolvedBase, StepAction};
 
 /// Where, in the build VM, the context disk is mounted.
 const CONTEXT_MOUNT: &str = "/dev/kiln/context";
@@ -79,6 +79,8 @@ pub struct BuildSpec {
     pub mount_cache_dir: PathBuf,
     /// Secrets for `RUN --mount=type=secret`, by id; never logged, never in a layer.
     pub secrets: BuildSecrets,
+    /// How `FROM <registry image>` pulls (mirrors, credentials, the owner's blob cache).
+    pub registry: crate::oci::RegistryOptions,
 }
 
 /// The image's lifecycle hooks as far as the build is concerned.
@@ -188,12 +190,8 @@ pub async fn build(
 
 async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<BuiltImage, BuildError> {
     let started = Instant::now();
-    let plan = Plan::make(
-        &host.home,
-        &spec.context,
-        &spec.env,
-        spec.extra_ca.as_deref(),
-    )?;
+    let base = resolve_base(host, spec, log).await?;
+    let plan = Plan::make(&spec.context, &spec.env, base)?;
     log.line(format!(
         "building from {} {} ({} steps, {} change the filesystem)",
         plan.base.name,
@@ -222,6 +220,75 @@ async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<Built
         snapshot,
         config,
         code_bytes: spec.context.bytes,
+    })
+}
+
+/// The base FROM names: a managed kiln base, or a registry image pulled into the owner's
+/// cache and made into a base disk.
+async fn resolve_base(
+    host: &Host,
+    spec: &BuildSpec,
+    log: &BuildLog,
+) -> Result<ResolvedBase, BuildError> {
+    let (line, word) = plan::from_word(&spec.context)?;
+    if crate::base::is_managed(&word) {
+        let image = crate::base::resolve(&host.home, &word, spec.extra_ca.as_deref())
+            .map_err(|e| BuildError::Base(e.to_string()))?;
+        return Ok(ResolvedBase {
+            image,
+            pulled: None,
+        });
+    }
+    let mut opts = spec.registry.clone();
+    if opts.cache_dir.as_os_str().is_empty() {
+        opts.cache_dir = host
+            .home
+            .join("cache")
+            .join("registry")
+            .join(mounts::safe_name(&spec.owner));
+    }
+    log.line(format!("FROM {word}: resolving in its registry"));
+    let say = |l: String| log.line(l);
+    let pulled = crate::oci::pull(&word, &opts, &say)
+        .await
+        .map_err(|e| BuildError::Dockerfile { line, message: e })?;
+    log.line(format!(
+        "FROM {word}: {} at {}{} (from {})",
+        pulled.reference,
+        pulled.digest,
+        pulled
+            .index_digest
+            .as_ref()
+            .map(|d| format!(", index {d}"))
+            .unwrap_or_default(),
+        pulled.source
+    ));
+    if let Some(prev) = &pulled.previous_digest {
+        log.line(format!(
+            "FROM {word}: the tag now points elsewhere: {} (the previous build used {prev})",
+            pulled.digest
+        ));
+    }
+    let image = {
+        let pulled = pulled.clone();
+        let opts = opts.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let task = tokio::task::spawn_blocking(move || {
+            crate::oci::ensure_base_disk(&pulled, &opts, &move |l| {
+                let _ = tx.send(l);
+            })
+        });
+        let made = task
+            .await
+            .map_err(|e| BuildError::Base(format!("making the base disk: {e}")))?;
+        for l in rx.try_iter() {
+            log.line(l);
+        }
+        made.map_err(|e| BuildError::Base(format!("FROM {word}: {e}")))?
+    };
+    Ok(ResolvedBase {
+        image,
+        pulled: Some(pulled),
     })
 }
 

@@ -12,6 +12,7 @@ use crate::context::BuildContext;
 use crate::dockerfile::{
     self, Command, Healthcheck, Heredoc, InstructionKind, Port, RunMount, RunNetwork, RunSpec,
 };
+use crate::oci::{PulledImage, RunConfig};
 
 /// PATH when the Dockerfile sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -252,6 +253,8 @@ pub struct PlannedStep {
 pub struct Plan {
     /// The base image (FROM).
     pub base: BaseImage,
+    /// The registry image the base was made from, when FROM named one.
+    pub pulled: Option<PulledImage>,
     /// Every instruction.
     pub steps: Vec<PlannedStep>,
     /// The HEALTHCHECK command, if any.
@@ -356,28 +359,77 @@ fn to_app(c: &Command) -> AppCommand {
     }
 }
 
+/// The base a build starts from: the disk, and the registry image it came from, if any.
+#[derive(Debug, Clone)]
+pub struct ResolvedBase {
+    /// The base disk.
+    pub image: BaseImage,
+    /// The registry image, when FROM named one.
+    pub pulled: Option<PulledImage>,
+}
+
+/// The image FROM names, with ARGs declared before it expanded (their defaults).
+pub fn from_word(context: &BuildContext) -> Result<(usize, String), BuildError> {
+    let file = dockerfile::parse(&context.dockerfile).map_err(|e| err(e.line, e.message))?;
+    let escape = file.escape;
+    let mut args: Vec<(String, String)> = Vec::new();
+    for ins in &file.instructions {
+        match &ins.kind {
+            InstructionKind::Arg(decls) => {
+                for d in decls {
+                    let v = match &d.default {
+                        Some(v) => dockerfile::expand(v, &|n| lookup_in(&args, n), escape)
+                            .map_err(|e| err(ins.line, e.message))?,
+                        None => String::new(),
+                    };
+                    StepState::set(&mut args, &d.name, v);
+                }
+            }
+            InstructionKind::From { image, .. } => {
+                let word = dockerfile::expand(image, &|n| lookup_in(&args, n), escape)
+                    .map_err(|e| err(ins.line, e.message))?;
+                if word.is_empty() {
+                    return Err(err(ins.line, format!("FROM {image} expands to nothing")));
+                }
+                return Ok((ins.line, word));
+            }
+            _ => break,
+        }
+    }
+    Err(err(
+        1,
+        "the Dockerfile has no FROM: start it with FROM kiln/busybox, FROM kiln/debian:12 or a registry image",
+    ))
+}
+
+fn lookup_in(list: &[(String, String)], name: &str) -> Option<String> {
+    list.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
 impl Plan {
-    /// Parses the Dockerfile, resolves the base, and plans every step.
+    /// Parses the Dockerfile and plans every step on `base` (resolved by [`from_word`]); a
+    /// registry image's config seeds the state and its ONBUILD triggers run first.
     pub fn make(
-        home: &Path,
         context: &BuildContext,
         api_env: &[(String, String)],
-        extra_ca: Option<&Path>,
+        resolved: ResolvedBase,
     ) -> Result<Plan, BuildError> {
         let file = dockerfile::parse(&context.dockerfile).map_err(|e| err(e.line, e.message))?;
         let escape = file.escape;
-        let mut instructions = file.instructions.into_iter();
+        let mut instructions = file
+            .instructions
+            .into_iter()
+            .skip_while(|i| matches!(i.kind, InstructionKind::Arg(_)));
         let from = instructions.next().ok_or_else(|| {
             err(
                 1,
                 "the Dockerfile is empty: start it with FROM kiln/busybox or FROM kiln/debian:12",
             )
         })?;
-        let InstructionKind::From { image, .. } = &from.kind else {
+        if !matches!(from.kind, InstructionKind::From { .. }) {
             return Err(err(from.line, "the first instruction must be FROM"));
-        };
-        let base = crate::base::resolve(home, image, extra_ca)
-            .map_err(|e| BuildError::Base(e.to_string()))?;
+        }
+        let base = resolved.image;
         // Like a Docker base image's config, the state starts with PATH set, so that
         // `ENV PATH=/opt/bin:$PATH` extends it.
         let mut state = StepState {
@@ -404,6 +456,7 @@ impl Plan {
                 state: state.clone(),
             }],
             base,
+            pulled: None,
             healthcheck: None,
             last: state.clone(),
             entrypoint: None,
@@ -412,6 +465,19 @@ impl Plan {
             labels: Vec::new(),
             stop_signal: "SIGTERM".into(),
         };
+        let mut cmd_from_base = false;
+        let mut triggers = Vec::new();
+        if let Some(pulled) = resolved.pulled {
+            cmd_from_base = plan.seed(&mut state, &pulled.config);
+            for t in pulled.config.on_build.iter().flatten() {
+                triggers.push(
+                    dockerfile::parse_trigger(t, from.line).map_err(|e| err(e.line, e.message))?,
+                );
+            }
+            plan.steps[0].state = state.clone();
+            plan.pulled = Some(pulled);
+        }
+        let instructions = triggers.into_iter().chain(instructions);
         for (i, ins) in instructions.enumerate() {
             let line = ins.line;
             let x = |s: &str, st: &StepState| {
@@ -555,10 +621,15 @@ impl Plan {
                 }
                 InstructionKind::Cmd(c) => {
                     plan.cmd = Some(to_app(c));
+                    cmd_from_base = false;
                     StepAction::Metadata
                 }
                 InstructionKind::Entrypoint(c) => {
                     plan.entrypoint = Some(to_app(c));
+                    if cmd_from_base {
+                        plan.cmd = None;
+                        cmd_from_base = false;
+                    }
                     // Docker: a new ENTRYPOINT resets an inherited CMD; within one file, CMD after it stays.
                     StepAction::Metadata
                 }
@@ -607,6 +678,59 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Seeds the state from a registry image's config (Env, WorkingDir, User, Entrypoint,
+    /// Cmd, ExposedPorts, Healthcheck, StopSignal, Labels); returns whether a Cmd came from it
+    /// (a Dockerfile ENTRYPOINT then resets it, as Docker does).
+    fn seed(&mut self, state: &mut StepState, c: &RunConfig) -> bool {
+        for kv in c.env.iter().flatten() {
+            let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+            if !k.is_empty() {
+                StepState::set(&mut state.env, k, v.to_string());
+            }
+        }
+        if let Some(w) = c.working_dir.as_deref().filter(|w| !w.is_empty()) {
+            state.workdir = join("/", w);
+        }
+        if let Some(u) = &c.user {
+            state.user = u.clone();
+        }
+        self.entrypoint = c
+            .entrypoint
+            .clone()
+            .filter(|e| !e.is_empty())
+            .map(AppCommand::Exec);
+        self.cmd = c
+            .cmd
+            .clone()
+            .filter(|e| !e.is_empty())
+            .map(AppCommand::Exec);
+        for key in c.exposed_ports.iter().flat_map(|m| m.keys()) {
+            if let Ok(p) = Port::parse(key) {
+                if !p.udp && !self.exposed.contains(&p.number) {
+                    self.exposed.push(p.number);
+                }
+            }
+        }
+        self.healthcheck = c
+            .healthcheck
+            .as_ref()
+            .and_then(|h| h.test.as_deref())
+            .and_then(|t| match t {
+                [kind, rest @ ..] if kind == "CMD" && !rest.is_empty() => Some(rest.to_vec()),
+                [kind, line] if kind == "CMD-SHELL" => {
+                    Some(state.shell.iter().cloned().chain([line.clone()]).collect())
+                }
+                _ => None,
+            });
+        if let Some(sig) = c.stop_signal.as_deref().filter(|s| !s.is_empty()) {
+            self.stop_signal = sig.to_string();
+        }
+        for (k, v) in c.labels.iter().flatten() {
+            StepState::set(&mut self.labels, k, v.clone());
+        }
+        self.cmd.is_some()
+    }
+
     /// How the app runs, from ENTRYPOINT/CMD and the final state (uid/gid resolved later).
     pub fn image_config(&self, spec: &BuildSpec) -> Result<ImageConfig, BuildError> {
         let shell = &self.last.shell;
@@ -642,6 +766,8 @@ impl Plan {
             labels: self.labels.clone(),
             readiness: String::new(),
             base: format!("{} {}", self.base.name, self.base.version),
+            base_digest: self.pulled.as_ref().map(|p| p.digest.clone()),
+            base_index_digest: self.pulled.as_ref().and_then(|p| p.index_digest.clone()),
         })
     }
 }
@@ -792,5 +918,122 @@ mod tests {
                 "python3 <<A && cat <<'B'\nprint(1)\nA\n$x\nB\n"
             ]
         );
+    }
+
+    fn pulled(config: serde_json::Value) -> ResolvedBase {
+        ResolvedBase {
+            image: BaseImage {
+                name: "127.0.0.1:5000/py:1".into(),
+                version: format!("sha256:{}", "a".repeat(64)),
+                disk: "/nonexistent/disk.ext4".into(),
+                size_bytes: 1 << 30,
+            },
+            pulled: Some(PulledImage {
+                from: "py".into(),
+                reference: "127.0.0.1:5000/py:1".into(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                index_digest: None,
+                config: serde_json::from_value(config).expect("config"),
+                layers: Vec::new(),
+                diff_ids: Vec::new(),
+                source: "test".into(),
+                previous_digest: None,
+            }),
+        }
+    }
+
+    fn context(dockerfile: &str) -> (tempfile::TempDir, BuildContext) {
+        let dir = tempfile::tempdir().expect("ctx");
+        std::fs::write(dir.path().join("app.py"), "print(1)").expect("write");
+        let ctx = BuildContext {
+            dir: dir.path().to_path_buf(),
+            dockerfile: dockerfile.into(),
+            files: 1,
+            bytes: 8,
+        };
+        (dir, ctx)
+    }
+
+    fn spec_for(ctx: &BuildContext) -> BuildSpec {
+        BuildSpec {
+            context: ctx.clone(),
+            env: Vec::new(),
+            hooks: Default::default(),
+            memory_mib: 512,
+            build_memory_mib: 512,
+            cache_dir: "/x".into(),
+            work_dir: "/x".into(),
+            output_dir: "/x".into(),
+            extra_ca: None,
+            ready_timeout: std::time::Duration::from_secs(1),
+            step_timeout: std::time::Duration::from_secs(1),
+            egress: None,
+            owner: "t".into(),
+            image: "t".into(),
+            mount_cache_dir: "/x".into(),
+            secrets: Default::default(),
+            registry: Default::default(),
+        }
+    }
+
+    #[test]
+    fn make_when_registry_base_then_its_config_seeds_state_and_onbuild_runs_first() {
+        let (_d, ctx) = context("ARG TAG=1\nFROM py:${TAG}\nENV B=2\n");
+        let base = pulled(serde_json::json!({
+            "Env": ["PATH=/opt/py/bin:/usr/bin", "A=1"],
+            "WorkingDir": "/srv",
+            "User": "app",
+            "Cmd": ["python3", "app.py"],
+            "ExposedPorts": {"9090/tcp": {}},
+            "Healthcheck": {"Test": ["CMD-SHELL", "true"]},
+            "StopSignal": "SIGINT",
+            "OnBuild": ["COPY app.py /srv/"]
+        }));
+
+        let plan = Plan::make(&ctx, &[], base).expect("plan");
+        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+
+        assert_eq!(plan.steps[1].text, "ONBUILD COPY app.py /srv/");
+        assert!(plan.steps[1].key.is_some());
+        assert_eq!(config.app_argv, ["python3", "app.py"]);
+        assert_eq!(config.workdir, "/srv");
+        assert_eq!(plan.last.user, "app");
+        assert_eq!(config.app_port, 9090);
+        assert_eq!(config.stop_signal, "SIGINT");
+        assert_eq!(
+            plan.healthcheck,
+            Some(vec!["/bin/sh".into(), "-c".into(), "true".into()])
+        );
+        assert!(config
+            .env
+            .contains(&("PATH".into(), "/opt/py/bin:/usr/bin".into())));
+        assert!(
+            config.env.contains(&("A".into(), "1".into()))
+                && config.env.contains(&("B".into(), "2".into()))
+        );
+        assert_eq!(
+            config.base_digest,
+            Some(format!("sha256:{}", "a".repeat(64)))
+        );
+    }
+
+    #[test]
+    fn make_when_dockerfile_sets_entrypoint_then_the_base_cmd_is_reset() {
+        let (_d, ctx) = context("FROM py\nENTRYPOINT [\"/serve\"]\n");
+        let base = pulled(serde_json::json!({"Cmd": ["python3"], "Entrypoint": ["/old"]}));
+
+        let plan = Plan::make(&ctx, &[], base).expect("plan");
+        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+
+        assert_eq!(config.app_argv, ["/serve"]);
+    }
+
+    #[test]
+    fn from_word_when_args_before_from_then_expanded() {
+        let (_d, ctx) = context("ARG REG=127.0.0.1:5000\nARG IMG=$REG/py\nFROM ${IMG}:1 AS app\n");
+
+        let (line, word) = from_word(&ctx).expect("from");
+
+        assert_eq!((line, word.as_str()), (3, "127.0.0.1:5000/py:1"));
     }
 }

@@ -276,6 +276,42 @@ pub enum Healthcheck {
     },
 }
 
+/// Parses one ONBUILD trigger of a base image (`RUN make`, `COPY . /app`) as the instruction
+/// it names; FROM, ONBUILD and MAINTAINER cannot be triggers (as in Docker).
+pub fn parse_trigger(text: &str, line: usize) -> Result<Instruction, ParseError> {
+    let source = parser::split(text).map_err(|e| ParseError::new(line, e.message))?;
+    let mut lines = source.lines.into_iter();
+    let (Some(logical), None) = (lines.next(), lines.next()) else {
+        return Err(ParseError::new(
+            line,
+            format!("the base image's ONBUILD trigger {text:?} is not one instruction"),
+        ));
+    };
+    let kind = instructions::parse_instruction(&logical, source.escape).map_err(|e| {
+        ParseError::new(
+            line,
+            format!("the base image's ONBUILD {text:?}: {}", e.message),
+        )
+    })?;
+    if matches!(
+        kind,
+        InstructionKind::From { .. } | InstructionKind::Maintainer(_)
+    ) {
+        return Err(ParseError::new(
+            line,
+            format!(
+                "the base image's ONBUILD {text:?}: {} cannot be a trigger",
+                logical.keyword
+            ),
+        ));
+    }
+    Ok(Instruction {
+        line,
+        text: format!("ONBUILD {}", logical.text),
+        kind,
+    })
+}
+
 /// Parses a Dockerfile's text (single-stage: one FROM).
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     let source = parser::split(text)?;

@@ -156,7 +156,15 @@ fn base_arn(base: Option<&str>, dockerfile: &str) -> anyhow::Result<String> {
                 .any(|n| from == *n || from.starts_with(&format!("{n}:")))
         })
         .map(|(_, name)| *name)
-        .unwrap_or("busybox");
+        // A registry image (`FROM python:3.12-slim`) runs on kiln's default VM base, as AWS's
+        // templates name it; an unknown `kiln/…` or no FROM stays on busybox.
+        .unwrap_or(
+            if from.is_empty() || from == "scratch" || from.starts_with("kiln/") {
+                "busybox"
+            } else {
+                "al2023-1"
+            },
+        );
     Ok(arn(name))
 }
 
@@ -529,6 +537,10 @@ mod tests {
         assert_eq!(debian, "arn:aws:lambda:local:aws:microvm-image:debian-12");
         assert_eq!(busybox, "arn:aws:lambda:local:aws:microvm-image:busybox");
         assert_eq!(other, busybox);
+        assert_eq!(
+            base_arn(None, "FROM python:3.12-slim\n").expect("arn"),
+            "arn:aws:lambda:local:aws:microvm-image:al2023-1"
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub fn router(api: Api) -> Router {
             "/kiln/v1/images/{name}/versions/{version}/build-log",
             get(build_log),
         )
+        .route(
+            "/kiln/v1/images/{name}/versions/{version}/details",
+            get(crate::images::version_details::version_details),
+        )
         .route("/kiln/v1/health", get(|| async { "ok\n" }))
         .route("/kiln/v1/events", get(events))
         .route("/metrics", any(metrics))

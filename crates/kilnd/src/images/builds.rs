@@ -282,6 +282,7 @@ impl Builds {
             .map(|r| r.minimum_memory_in_mib as u64)
             .unwrap_or(self.config.default_memory_mib)
             .max(128);
+        let registry = crate::images::registry::options(&self.config, &self.host.home, &owner);
         let build_spec = BuildSpec {
             context,
             env: spec
@@ -300,6 +301,7 @@ impl Builds {
             owner,
             image: image.to_string(),
             mount_cache_dir: self.host.home.join("cache").join("mounts"),
+            registry,
             secrets,
             build_memory_mib: self.config.build_memory_mib,
             cache_dir: self.host.home.join("cache").join("layers"),

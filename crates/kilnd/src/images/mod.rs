@@ -3,6 +3,8 @@
 
 pub mod builds;
 pub mod managed;
+pub mod registry;
+pub mod version_details;
 
 use std::path::PathBuf;
 use std::sync::Arc;
