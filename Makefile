@@ -21,11 +21,11 @@ all: build
 deps:
 	@./scripts/install-deps.sh
 
-## pyenv: the AWS CLI and boto3 (and so botocore's lambda-microvms model) for the tests.
+## pyenv: the AWS CLI and boto3 (and so botocore's lambda-microvms model), and E2B's SDK, for the tests.
 pyenv: $(PYENV)/.done
 $(PYENV)/.done:
 	python3 -m venv $(PYENV)
-	$(PYENV)/bin/pip install -q --disable-pip-version-check 'botocore>=1.44.8' 'boto3>=1.42' awscli
+	$(PYENV)/bin/pip install -q --disable-pip-version-check 'botocore>=1.44.8' 'boto3>=1.42' awscli 'e2b>=2.63'
 	touch $@
 
 ## init: the guest's PID 1, a static binary.
