@@ -297,6 +297,13 @@ fn route<R: std::io::BufRead>(
             )
         }
         ("POST", "/init") => init(state, body, out),
+        ("GET", "/metrics") => http1::respond(
+            out,
+            200,
+            "application/json",
+            &[],
+            metrics().to_string().as_bytes(),
+        ),
         ("GET", "/files") => download(state, head, user.as_deref(), out),
         ("POST", "/files") => upload(state, head, body, user.as_deref(), out),
         ("POST", path)
@@ -311,6 +318,66 @@ fn route<R: std::io::BufRead>(
         ),
     };
     result.is_ok()
+}
+
+/// The guest's resources as envd's `/metrics` reports them (bytes; CPU over 100 ms).
+fn metrics() -> Value {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let cpu_times = || -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        (fields.iter().sum(), idle)
+    };
+    let (total0, idle0) = cpu_times();
+    std::thread::sleep(Duration::from_millis(100));
+    let (total1, idle1) = cpu_times();
+    let busy = (total1 - total0).saturating_sub(idle1 - idle0);
+    let cpu_used_pct = if total1 > total0 {
+        busy as f64 * 100.0 / (total1 - total0) as f64
+    } else {
+        0.0
+    };
+    let (disk_total, disk_used) = match nix::sys::statvfs::statvfs("/") {
+        Ok(v) => {
+            let frag = v.fragment_size() as u64;
+            let total = v.blocks() as u64 * frag;
+            (total, total.saturating_sub(v.blocks_free() as u64 * frag))
+        }
+        Err(_) => (0, 0),
+    };
+    let mem_total = kib("MemTotal:");
+    json!({
+        "ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_used_pct": (cpu_used_pct * 100.0).round() / 100.0,
+        "mem_total": mem_total,
+        "mem_used": mem_total.saturating_sub(kib("MemAvailable:")),
+        "mem_cache": kib("Cached:"),
+        "disk_total": disk_total,
+        "disk_used": disk_used,
+    })
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
