@@ -103,6 +103,7 @@ impl E2b {
             .route("/sandboxes/{id}/connect", post(connect))
             .route("/v2/sandboxes/{id}/connect", post(connect))
             .route("/sandboxes/{id}/metrics", get(metrics_one))
+            .route("/kiln/config", get(kiln_config))
             .fallback(|| async { error(StatusCode::NOT_FOUND, "kiln's E2B API has no such route") })
             .with_state(self.clone())
     }
@@ -904,6 +905,18 @@ async fn resume(
         Ok(caller) => bring_up(&e2b, &caller, &id, &body, true).await,
         Err(r) => r,
     }
+}
+
+/// What `kiln e2b env` needs to know (nothing secret): the endpoint's domain and port.
+async fn kiln_config(State(e2b): State<Arc<E2b>>) -> Response {
+    let (domain, port) = match e2b.domain.rsplit_once(':') {
+        Some((d, p)) => (d.to_string(), p.parse::<u16>().unwrap_or(443)),
+        None => (e2b.domain.clone(), 443),
+    };
+    reply(
+        StatusCode::OK,
+        json!({"domain": domain, "endpointPort": port}),
+    )
 }
 
 /// One sample of a running sandbox's resources, read by envd in the guest.
