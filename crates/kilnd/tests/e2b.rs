@@ -72,4 +72,28 @@ fn python_sdk_drives_a_base_sandbox_and_a_second_principal_sees_none_of_it() {
         "the SDK script failed:\n{stdout}\n{stderr}\n(kilnd log: {}/kilnd.log)",
         daemon.home.path().display()
     );
+
+    // E2B's JS SDK, on the `base` the Python run built: create, run, kill.
+    let js = workspace().join("target/e2b-js");
+    assert!(
+        js.join("node_modules/e2b").is_dir(),
+        "E2B's JS SDK is missing: run `make jsenv`"
+    );
+    std::fs::copy(
+        workspace().join("crates/kilnd/tests/e2b_sdk.mjs"),
+        js.join("e2b_sdk.mjs"),
+    )
+    .expect("copy the JS script next to its node_modules");
+    let out = Command::new("node")
+        .arg("e2b_sdk.mjs")
+        .current_dir(&js)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("JS OK"),
+        "the JS SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

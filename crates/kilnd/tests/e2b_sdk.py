@@ -45,7 +45,7 @@ counter = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count
 check(any(p.pid == counter.pid for p in sbx.commands.list()), "the background process is listed")
 
 sbx.files.write("/home/user/notes/a.txt", "first file")
-sbx.files.write([{"path": "/home/user/notes/b.bin", "data": bytes(range(256)) * 400}])
+sbx.files.write_files([{"path": "/home/user/notes/b.bin", "data": bytes(range(256)) * 400}])
 check(sbx.files.read("/home/user/notes/a.txt") == "first file", "files.write then read")
 check(sbx.files.read("/home/user/notes/b.bin", format="bytes") == bytes(range(256)) * 400, "a 100 KiB binary file round-trips")
 names = sorted(e.name for e in sbx.files.list("/home/user/notes"))

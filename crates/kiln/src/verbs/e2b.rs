@@ -12,7 +12,7 @@ use crate::{Global, Output};
 #[derive(Subcommand, Debug)]
 pub enum E2bCommand {
     /// Print `export` lines for E2B's SDKs: E2B_API_URL, E2B_API_KEY (your access key as an
-    /// E2B key), E2B_DOMAIN, E2B_SANDBOX_URL and SSL_CERT_FILE (kiln's CA).
+    /// E2B key), E2B_DOMAIN, E2B_SANDBOX_URL, and kiln's CA as SSL_CERT_FILE (Python) and NODE_EXTRA_CA_CERTS (Node).
     #[command(
         after_help = "Example:\n  eval \"$(kiln e2b env)\"\n  python3 -c 'from e2b import Sandbox; print(Sandbox.create().commands.run(\"uname -a\").stdout)'"
     )]
@@ -57,6 +57,8 @@ async fn env(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
         ("E2B_DOMAIN", domain),
         ("E2B_SANDBOX_URL", sandbox_url),
         ("SSL_CERT_FILE", ca.display().to_string()),
+        // Node (E2B's JS SDK) reads extra CAs from here, not from SSL_CERT_FILE.
+        ("NODE_EXTRA_CA_CERTS", ca.display().to_string()),
     ];
     match g.output {
         Output::Json => {

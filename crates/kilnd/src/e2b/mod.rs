@@ -541,6 +541,8 @@ struct ListQuery {
     #[serde(rename = "nextToken")]
     next_token: Option<String>,
     limit: Option<usize>,
+    /// `asc` (oldest first) or `desc` (newest first, the default).
+    order: Option<String>,
 }
 
 fn metadata_filter(raw: Option<&str>) -> Result<Vec<(String, String)>, Response> {
@@ -667,7 +669,17 @@ async fn list_v2(
         }
     };
     let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-    let all = visible(&e2b, &caller, &states, &metadata);
+    let mut all = visible(&e2b, &caller, &states, &metadata);
+    match q.order.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") | Some("desc") => {}
+        Some("asc") => all.reverse(),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("order {other:?}: use asc or desc"),
+            )
+        }
+    }
     let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         None => 0,
         Some(token) => match all.iter().position(|(s, _)| s.id == token) {

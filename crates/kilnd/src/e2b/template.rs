@@ -22,7 +22,8 @@ const BASE_BUILD_WAIT: Duration = Duration::from_secs(30 * 60);
 /// for commands, the `user` account and its home as the default user and directory). The
 /// "app" is a sleeper; the image is ready when envd (in kiln-init) accepts connections.
 pub const BASE_DOCKERFILE: &str = "FROM kiln/debian:12
-RUN apt-get update && apt-get install -y --no-install-recommends python3 ca-certificates procps \\
+RUN export DEBIAN_FRONTEND=noninteractive && apt-get update \\
+ && apt-get install -y --no-install-recommends python3 procps \\
  && rm -rf /var/lib/apt/lists/* \\
  && useradd --create-home --shell /bin/bash --uid 1000 user
 EXPOSE 49983

@@ -234,10 +234,23 @@ fn serve_connection(state: &Arc<EnvdState>, stream: TcpStream) {
         };
         let mut body = Body::new(&mut reader, framing);
         let keep = route(state, &head, &mut body, &mut writer);
-        if !keep || head.wants_close() || !body.finished() {
+        if !keep || head.wants_close() {
+            return;
+        }
+        // What the handler left unread (a stream's terminating chunk, a refused body) is
+        // read away so the connection can carry the next request: clients (kiln's proxy
+        // among them) pool it. A large remainder closes it instead.
+        if !body.finished() && (drain_bounded(&mut body, MAX_DRAIN).is_err() || !body.finished()) {
             return;
         }
     }
+}
+
+/// Most bytes of an unread request body read away to keep a connection.
+const MAX_DRAIN: u64 = 1024 * 1024;
+
+fn drain_bounded<R: std::io::BufRead>(body: &mut Body<'_, R>, limit: u64) -> std::io::Result<()> {
+    std::io::copy(&mut std::io::Read::take(body, limit), &mut std::io::sink()).map(|_| ())
 }
 
 /// The user named by `Authorization: Basic base64(user:)`.
