@@ -374,9 +374,9 @@ fn metrics() -> Value {
     };
     let (disk_total, disk_used) = match nix::sys::statvfs::statvfs("/") {
         Ok(v) => {
-            let frag = v.fragment_size() as u64;
-            let total = v.blocks() as u64 * frag;
-            (total, total.saturating_sub(v.blocks_free() as u64 * frag))
+            let frag = v.fragment_size();
+            let total = v.blocks() * frag;
+            (total, total.saturating_sub(v.blocks_free() * frag))
         }
         Err(_) => (0, 0),
     };
