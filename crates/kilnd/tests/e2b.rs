@@ -48,7 +48,8 @@ fn python_sdk_drives_a_base_sandbox_and_a_second_principal_sees_none_of_it() {
             "E2B_API_KEY",
             "E2B_DOMAIN",
             "E2B_SANDBOX_URL",
-            "SSL_CERT_FILE"
+            "SSL_CERT_FILE",
+            "NODE_EXTRA_CA_CERTS"
         ]
     );
     let (bob, _) = daemon.new_principal("bob");
