@@ -13,7 +13,7 @@ export KILN_INIT_BIN := $(CURDIR)/$(INIT_BIN)
 
 PYENV := target/pyenv
 
-.PHONY: all deps build init pyenv demo test fuzz bench lint clean
+.PHONY: all deps build init pyenv jsenv demo test fuzz bench lint clean
 
 all: build
 
@@ -21,11 +21,18 @@ all: build
 deps:
 	@./scripts/install-deps.sh
 
-## pyenv: the AWS CLI and boto3 (and so botocore's lambda-microvms model) for the tests.
+## pyenv: the AWS CLI and boto3 (and so botocore's lambda-microvms model), and E2B's SDK, for the tests.
 pyenv: $(PYENV)/.done
 $(PYENV)/.done:
 	python3 -m venv $(PYENV)
-	$(PYENV)/bin/pip install -q --disable-pip-version-check 'botocore>=1.44.8' 'boto3>=1.42' awscli
+	$(PYENV)/bin/pip install -q --disable-pip-version-check 'botocore>=1.44.8' 'boto3>=1.42' awscli 'e2b>=2.63'
+	touch $@
+
+## jsenv: E2B's JS SDK (npm `e2b`) for the E2B test's smoke run.
+jsenv: target/e2b-js/.done
+target/e2b-js/.done:
+	mkdir -p target/e2b-js
+	cd target/e2b-js && npm install --silent --no-audit --no-fund e2b
 	touch $@
 
 ## init: the guest's PID 1, a static binary.
@@ -38,7 +45,7 @@ build: deps init
 demo: build
 	./scripts/demo.sh
 
-test: deps init pyenv
+test: deps init pyenv jsenv
 	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
 	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
 	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace --no-fail-fast

@@ -253,7 +253,12 @@ impl Kilnd {
         })
     }
 
-    /// kilnd's address.
+    /// The credentials requests are signed with.
+    pub fn credentials(&self) -> &kiln_sigv4::Credentials {
+        self.signer.credentials()
+    }
+
+    /// kilnd's API address.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

@@ -180,6 +180,9 @@ Examples:\n  kiln logs web --follow\n  kiln logs mvm-0a1b2c --follow"
     /// Boot a microVM, snapshot it while a process runs, and restore it twice.
     #[command(after_help = "Example:\n  kiln demo")]
     Demo,
+    /// Point E2B's SDKs at this kilnd (`eval "$(kiln e2b env)"`).
+    #[command(subcommand, after_help = "Example:\n  eval \"$(kiln e2b env)\"")]
+    E2b(verbs::e2b::E2bCommand),
     /// Print the path of the local CA that signs MicroVM endpoints (give it to HTTPS clients).
     #[command(
         after_help = "Example:\n  curl --cacert \"$(kiln ca)\" https://mvm-….kiln.localhost:7443/"
@@ -291,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
         Command::Quotas(a) => block(verbs::quotas::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
+        Command::E2b(c) => block(verbs::e2b::run(g, &g.kilnd()?, c)),
         Command::Exec(a) => block(verbs::sandbox::exec(g, &g.kilnd()?, a)),
         Command::Cp(a) => block(verbs::sandbox::cp(g, &g.kilnd()?, a)),
         Command::Logs {

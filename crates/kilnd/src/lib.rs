@@ -5,6 +5,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod config;
+pub mod e2b;
 pub mod endpoint;
 pub mod images;
 pub mod observe;
@@ -191,6 +192,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
+    let sandboxes = Arc::new(
+        e2b::registry::Registry::open(home.join("e2b").join("sandboxes"))
+            .context("opening the E2B sandbox records")?,
+    );
     let endpoint = endpoint::start(
         &home,
         &config,
@@ -198,15 +203,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         keys,
         activity,
         metrics.proxy_counters(),
+        Some(sandboxes.clone()),
     )
     .await?;
     let images = Arc::new(Images {
-        store,
+        store: store.clone(),
         builds,
         ctx,
         home: home.clone(),
         quotas: quotas.clone(),
     });
+    let e2b = e2b::E2b::new(
+        sandboxes,
+        store.clone(),
+        microvms.clone(),
+        images.clone(),
+        s3.clone(),
+        &config.endpoint_domain,
+        config.endpoint_listen.port(),
+    );
+    tokio::spawn(e2b.clone().reap());
     let app = api::router(api::Api {
         images,
         microvms,
@@ -218,7 +234,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         quotas,
         throttle,
         sandbox: Arc::default(),
-    });
+    })
+    .nest("/e2b", e2b.router());
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .with_context(|| {

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod connectors;
 pub mod curl;
+pub mod e2b;
 pub mod events;
 pub mod keys;
 pub mod ls;

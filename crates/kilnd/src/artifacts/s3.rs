@@ -54,6 +54,9 @@ pub enum S3StoreError {
     /// The object does not exist.
     #[error("codeArtifact.uri {0}: no such object in kiln's S3 store; upload it with `aws s3 cp app.zip {0} --endpoint-url <kilnd>`")]
     NoObject(String),
+    /// kilnd could not write an object of its own.
+    #[error("writing to kiln's S3 store: {0}")]
+    Io(String),
 }
 
 /// Bucket owners, kept beside the objects in `owners.json`.
@@ -185,6 +188,41 @@ impl S3Store {
     /// Whether `bucket` is one of this store's.
     pub fn has_bucket(&self, bucket: &str) -> bool {
         valid_bucket(bucket) && self.objects.join(bucket).is_dir()
+    }
+
+    /// Stores `bytes` as `s3://bucket/key` on kilnd's own behalf for `principal`, creating the
+    /// bucket as theirs when it does not exist (E2B's `base` template source, `e2b/template.rs`);
+    /// refuses a bucket someone else owns.
+    pub fn put_for(
+        &self,
+        principal: &str,
+        bucket: &str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<String, S3StoreError> {
+        let uri = format!("s3://{bucket}/{key}");
+        if !valid_bucket(bucket) || !valid_key(key) {
+            return Err(S3StoreError::BadUri(uri));
+        }
+        match self.owners.owner(bucket) {
+            Some(owner) if owner != principal => {
+                return Err(S3StoreError::NoBucket {
+                    uri,
+                    bucket: bucket.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => self
+                .owners
+                .set(bucket, principal)
+                .map_err(|e| S3StoreError::Io(e.to_string()))?,
+        }
+        let path = self.objects.join(bucket).join(key);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| S3StoreError::Io(e.to_string()))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| S3StoreError::Io(e.to_string()))?;
+        Ok(uri)
     }
 
     /// The file holding `s3://bucket/key` for `principal` (who must own the bucket).

@@ -61,6 +61,7 @@ pub async fn start(
     keys: Arc<TokenKeys>,
     activity: ActivityTable,
     counters: ProxyCounters,
+    sandboxes: Option<Arc<dyn proxy::sandbox::SandboxAccess>>,
 ) -> anyhow::Result<Arc<ProxyState>> {
     let tls = crate::endpoint::tls::load_or_create(home, &config.endpoint_domain)
         .context("preparing the endpoint's TLS certificate")?;
@@ -85,7 +86,8 @@ pub async fn start(
                 ..ProxyLimits::default()
             },
         )
-        .with_counters(counters),
+        .with_counters(counters)
+        .with_sandboxes(sandboxes),
     );
     println!(
         "kilnd: MicroVM endpoints on https://<microvm-id>.{}:{} ({addr}; clients trust {})",

@@ -102,8 +102,19 @@ async fn proxy(
             ),
         ));
     }
-    let target = request::target(&req, &state.domain)?;
-    let opens = authorize(state, &req, &target)?;
+    let sandbox = match &state.sandboxes {
+        Some(access) => super::sandbox::target(&req, &state.domain, access.as_ref())?,
+        None => None,
+    };
+    let (target, opens) = match sandbox {
+        // An E2B sandbox's access token opens its ports, never a shell.
+        Some(target) => (target, TokenKind::Proxy),
+        None => {
+            let target = request::target(&req, &state.domain)?;
+            let opens = authorize(state, &req, &target)?;
+            (target, opens)
+        }
+    };
     let vm = state.activity.entry(&target.microvm_id);
     vm.admit(limits.requests_per_second, limits.burst)
         .map_err(|wait| Reject {

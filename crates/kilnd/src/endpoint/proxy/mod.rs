@@ -12,6 +12,7 @@ mod activity;
 mod body;
 mod forward;
 mod request;
+pub mod sandbox;
 mod shell;
 mod upstream;
 
@@ -138,6 +139,8 @@ pub struct ProxyState {
     pub activity: ActivityTable,
     /// Limits and timeouts.
     pub limits: ProxyLimits,
+    /// E2B sandboxes and their access tokens (`sandbox.rs`), when kilnd serves E2B's API.
+    pub sandboxes: Option<Arc<dyn sandbox::SandboxAccess>>,
     /// What every answer and refusal adds to (`kiln_proxy_*` metrics).
     counters: ProxyCounters,
     upstreams: Upstreams,
@@ -163,12 +166,19 @@ impl ProxyState {
             routes,
             activity,
             limits,
+            sandboxes: None,
             counters: ProxyCounters::default(),
             upstreams,
             book,
             clients: Arc::default(),
             stop: watch::Sender::new(false),
         }
+    }
+
+    /// The same state, routing E2B sandboxes with `sandboxes`.
+    pub fn with_sandboxes(mut self, sandboxes: Option<Arc<dyn sandbox::SandboxAccess>>) -> Self {
+        self.sandboxes = sandboxes;
+        self
     }
 
     /// The same state, counting its answers in `counters` (kilnd's registry).

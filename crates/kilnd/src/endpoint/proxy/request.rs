@@ -77,6 +77,17 @@ pub fn target<B>(req: &Request<B>, domain: &str) -> Result<Target, Reject> {
     })
 }
 
+/// The target of a request whose MicroVM and port were found by other rules (E2B's sandbox
+/// routing, `sandbox.rs`); the host is left for the caller to set.
+pub fn target_for<B>(req: &Request<B>, microvm_id: String, port: u16) -> Result<Target, Reject> {
+    Ok(Target {
+        microvm_id,
+        host: String::new(),
+        port,
+        kind: request_kind(req)?,
+    })
+}
+
 /// The host of the request: HTTP/2 `:authority` (or an absolute-form URI), else `Host`.
 fn request_host<B>(req: &Request<B>) -> Result<String, Reject> {
     let bad = |why: &str| Reject::new(StatusCode::BAD_REQUEST, why.to_string());

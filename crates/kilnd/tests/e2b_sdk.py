@@ -1,0 +1,104 @@
+# Drives kilnd with E2B's own Python SDK, unchanged: the environment comes from `kiln e2b env`
+# (E2B_API_URL, E2B_API_KEY, E2B_DOMAIN, E2B_SANDBOX_URL, SSL_CERT_FILE); OTHER_E2B_API_KEY is
+# a second principal's key. Every check raises with what it saw.
+import os
+import ssl
+import time
+import urllib.request
+
+from e2b import Sandbox
+from e2b.exceptions import NotFoundException, SandboxException
+from e2b.sandbox.commands.command_handle import CommandExitException
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print("ok:", what.split(":")[0], flush=True)
+
+
+# The first use of `base` builds it: allow the build its minutes.
+t = time.time()
+sbx = Sandbox.create("base", timeout=900, metadata={"suite": "e2b"}, envs={"GREETING": "hi"},
+                     request_timeout=1800)
+print(f"created {sbx.sandbox_id} in {time.time() - t:.1f} s", flush=True)
+check(sbx.sandbox_id.isalnum() and sbx.sandbox_id == sbx.sandbox_id.lower(), f"sandbox id is [a-z0-9]: {sbx.sandbox_id}")
+
+r = sbx.commands.run("echo out; echo err >&2; echo $GREETING; python3 -c 'print(6*7)'; whoami")
+check(r.stdout.split() == ["out", "hi", "42", "user"], f"stdout, envVars, python3, default user: {r.stdout!r}")
+check(r.stderr == "err\n", f"stderr: {r.stderr!r}")
+check(r.exit_code == 0, f"exit code 0: {r.exit_code}")
+
+try:
+    sbx.commands.run("echo failing; exit 3")
+    raise AssertionError("a non-zero exit raises")
+except CommandExitException as e:
+    check(e.exit_code == 3 and "failing" in e.stdout, f"non-zero exit raises with its exit_code: {e.exit_code}")
+
+# stdin to a background process.
+h = sbx.commands.run("read line; echo got:$line", background=True, stdin=True)
+sbx.commands.send_stdin(h.pid, "hello\n")
+check(h.wait().stdout.strip() == "got:hello", "stdin reaches a background process")
+
+# A background process that keeps counting across pause and resume.
+counter = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 1; done", background=True)
+check(any(p.pid == counter.pid for p in sbx.commands.list()), "the background process is listed")
+
+sbx.files.write("/home/user/notes/a.txt", "first file")
+sbx.files.write_files([{"path": "/home/user/notes/b.bin", "data": bytes(range(256)) * 400}])
+check(sbx.files.read("/home/user/notes/a.txt") == "first file", "files.write then read")
+check(sbx.files.read("/home/user/notes/b.bin", format="bytes") == bytes(range(256)) * 400, "a 100 KiB binary file round-trips")
+names = sorted(e.name for e in sbx.files.list("/home/user/notes"))
+check(names == ["a.txt", "b.bin"], f"files.list: {names}")
+sbx.files.write("/home/user/notes/gone.txt", "x")
+sbx.files.remove("/home/user/notes/gone.txt")
+check(not sbx.files.exists("/home/user/notes/gone.txt"), "files.remove")
+
+# The proxy refuses an attacker who routes to the sandbox without its access token.
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+for token in (None, "0" * 48):
+    req = urllib.request.Request(os.environ["E2B_SANDBOX_URL"] + "/envs",
+                                 headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983",
+                                          **({"X-Access-Token": token} if token else {})})
+    try:
+        urllib.request.urlopen(req, context=ctx)
+        raise AssertionError(f"envd answered without the sandbox's token ({token!r})")
+    except urllib.error.HTTPError as e:
+        check(e.code == 403, f"no envd without the access token: {e.code}")
+
+other = os.environ["OTHER_E2B_API_KEY"]
+check(Sandbox.list(api_key=other).next_items() == [], "a second principal lists none of it")
+try:
+    Sandbox.connect(sbx.sandbox_id, api_key=other)
+    raise AssertionError("the second principal connected")
+except (NotFoundException, SandboxException) as e:
+    check("not found" in str(e).lower(), f"a second principal cannot connect: {e}")
+
+listed = Sandbox.list().next_items()
+check([s.sandbox_id for s in listed] == [sbx.sandbox_id] and listed[0].metadata == {"suite": "e2b"},
+      f"Sandbox.list() shows it with its metadata: {listed}")
+
+time.sleep(3)
+before = int(sbx.files.read("/tmp/count"))
+sbx.pause()
+# The SDK treats a 409 as "already paused"; ask the API itself.
+req = urllib.request.Request(f"{os.environ['E2B_API_URL']}/sandboxes/{sbx.sandbox_id}/pause", method="POST",
+                             headers={"X-API-Key": os.environ["E2B_API_KEY"]})
+try:
+    urllib.request.urlopen(req)
+    raise AssertionError("pausing a paused sandbox succeeded")
+except urllib.error.HTTPError as e:
+    check(e.code == 409, f"pausing twice is a conflict: {e.code}")
+check(Sandbox.list(query=None).next_items()[0].state.value == "paused", "the list shows it paused")
+
+again = Sandbox.connect(sbx.sandbox_id)
+check(again.files.read("/home/user/notes/a.txt") == "first file", "files intact after pause and connect")
+time.sleep(3)
+after = int(again.files.read("/tmp/count"))
+check(after > before, f"the background process kept counting: {before} -> {after}")
+info = again.get_info()
+check(info.end_at.timestamp() > time.time() + 600, f"connect did not shorten the timeout: {info.end_at}")
+
+again.kill()
+check(Sandbox.list().next_items() == [], "kill removes it")
+print("ALL OK", flush=True)
