@@ -66,6 +66,23 @@ for token in (None, "0" * 48):
     except urllib.error.HTTPError as e:
         check(e.code == 403, f"no envd without the access token: {e.code}")
 
+# From inside the guest, as its unprivileged user: envd on loopback wants the token too
+# (it had it from its start), and the token is nowhere in the environment envd gave.
+probe = sbx.commands.run(
+    "python3 - <<'EOF'\n"
+    "import os, urllib.request, urllib.error\n"
+    "print('token in env:', any('ENVD' in k for k in os.environ))\n"
+    "for path in ('/envs', '/init'):\n"
+    "    try:\n"
+    "        r = urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:49983' + path, data=b'{}' if path == '/init' else None, headers={'Content-Type': 'application/json'}))\n"
+    "        print(path, r.status)\n"
+    "    except urllib.error.HTTPError as e:\n"
+    "        print(path, e.code)\n"
+    "EOF"
+)
+check(probe.stdout.split() == ["token", "in", "env:", "False", "/envs", "401", "/init", "401"],
+      f"a guest user gets nothing from envd without the token: {probe.stdout!r}")
+
 other = os.environ["OTHER_E2B_API_KEY"]
 check(Sandbox.list(api_key=other).next_items() == [], "a second principal lists none of it")
 try:

@@ -247,6 +247,14 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         &vm,
         json!({"command": "id -u; id -g", "user": "1234:4321"}),
     );
+    // Not an E2B sandbox: nothing listens on envd's port, so no guest user reaches one.
+    let (envd_probe, _, _, _) = exec(
+        &kilnd,
+        &admin,
+        &vm,
+        json!({"command": "wget -q -T 3 -O- http://127.0.0.1:49983/health >/dev/null 2>&1 && echo open || echo closed"}),
+    );
+    assert_eq!(envd_probe.trim(), "closed", "envd runs in a plain MicroVM");
     let started = Instant::now();
     let (_, _, timed, _) = exec(
         &kilnd,

@@ -1,7 +1,7 @@
 //! kiln-init: the guest's PID 1. It boots the guest (mounts, modules, root switch,
 //! network), then serves the agent protocol on the virtio-serial port.
 //! `kiln-init --serve-unix PATH` serves the agent on a unix socket instead, for development;
-//! `kiln-init --serve-envd ADDR` serves E2B's envd alone on a TCP address.
+//! `kiln-init --serve-envd ADDR [--detach]` serves E2B's envd (token in KILN_ENVD_TOKEN).
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -19,18 +19,17 @@ fn main() {
             }
         }
         (Some("--serve-envd"), Some(addr)) => {
-            // envd alone on ADDR, for development against E2B's SDKs.
-            match std::net::TcpListener::bind(addr.as_str()) {
-                Ok(listener) => kiln_agent::guest::envd::serve(listener, Default::default()),
-                Err(e) => {
-                    console!("cannot listen on {addr}: {e}");
-                    std::process::exit(1);
-                }
+            // envd on ADDR with the token in KILN_ENVD_TOKEN; `--detach` (kilnd's way, over
+            // the agent) returns once it listens.
+            let detach = args.get(3).map(String::as_str) == Some("--detach");
+            if let Err(e) = kiln_agent::guest::envd::serve_from_command_line(addr, detach) {
+                eprintln!("{e}");
+                std::process::exit(1);
             }
         }
         _ if std::process::id() == 1 => kiln_agent::guest::boot::run_as_pid1(),
         _ => {
-            eprintln!("usage: kiln-init (as PID 1) | kiln-init --serve-unix PATH | kiln-init --serve-envd ADDR");
+            eprintln!("usage: kiln-init (as PID 1) | kiln-init --serve-unix PATH | kiln-init --serve-envd ADDR [--detach]");
             std::process::exit(2);
         }
     }

@@ -158,7 +158,6 @@ fn boot_and_serve() -> Result<std::convert::Infallible, BootError> {
     switch_root()?;
     mount_runtime();
     configure_system(&config);
-    super::envd::spawn();
 
     let agent = Agent::new(AgentConfig { guest_ops: true });
     forward_signals(&agent);

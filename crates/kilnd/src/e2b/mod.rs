@@ -444,7 +444,12 @@ async fn create_sandbox(e2b: &Arc<E2b>, caller: &Caller, body: &Bytes) -> Result
         "accessToken": sandbox.access_token,
         "timestamp": rfc3339(crate::now()),
     });
-    if let Err(message) = init_envd(&e2b.microvms, &microvm_id, &init).await {
+    let started = start_envd(&e2b.microvms, &microvm_id, &sandbox.access_token).await;
+    let initialised = match started {
+        Ok(()) => init_envd(&e2b.microvms, &microvm_id, &sandbox.access_token, &init).await,
+        Err(e) => Err(e),
+    };
+    if let Err(message) = initialised {
         let params = MicrovmParams {
             microvm_identifier: microvm_id.clone(),
         };
@@ -466,13 +471,55 @@ async fn create_sandbox(e2b: &Arc<E2b>, caller: &Caller, body: &Bytes) -> Result
     Ok(e2b.created(&sandbox))
 }
 
-/// Sends envd's `/init` (env vars and the access token) until envd answers, for up to 30 s.
-async fn init_envd(microvms: &Microvms, microvm_id: &str, body: &Value) -> Result<(), String> {
+/// Starts envd in a new sandbox, with its access token from the start, through the guest
+/// agent (root-only, never reachable from inside the guest): kiln-init itself, run again as
+/// `--serve-envd 0.0.0.0:49983 --detach`, the token in its environment (not its command
+/// line, which any guest user can read). MicroVMs that are not sandboxes never run envd.
+async fn start_envd(microvms: &Microvms, microvm_id: &str, token: &str) -> Result<(), String> {
+    let agent = microvms
+        .agent(microvm_id)
+        .await
+        .map_err(|e| format!("the guest agent is unreachable: {e:?}"))?;
+    let listen = format!("0.0.0.0:{ENVD_PORT}");
+    let request =
+        kiln_agent::ExecRequest::new(["/proc/1/exe", "--serve-envd", &listen, "--detach"])
+            .env(kiln_agent::guest::envd::TOKEN_ENV, token)
+            .timeout(Duration::from_secs(20));
+    let out = agent
+        .run(request)
+        .await
+        .map_err(|e| format!("starting envd: {e}"))?;
+    if out.code != Some(0) {
+        return Err(format!(
+            "envd did not start ({:?}): {}",
+            out.code,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Sends envd's `/init` (env vars) until envd answers, for up to 30 s.
+async fn init_envd(
+    microvms: &Microvms,
+    microvm_id: &str,
+    token: &str,
+    body: &Value,
+) -> Result<(), String> {
     let body = body.to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut last = String::from("no answer");
     while std::time::Instant::now() < deadline {
-        match envd_call(microvms, microvm_id, "POST", "/init", None, Some(&body)).await {
+        match envd_call(
+            microvms,
+            microvm_id,
+            "POST",
+            "/init",
+            Some(token),
+            Some(&body),
+        )
+        .await
+        {
             Ok((204 | 200, _)) => return Ok(()),
             Ok((status, text)) => {
                 return Err(format!(

@@ -5,9 +5,10 @@
 //! and `StreamInput`'s client stream), and plain HTTP for `/health`, `/files`, `/envs` and
 //! `/init`. Each connection gets a thread; at most [`MAX_CONNECTIONS`] at once.
 //!
-//! Access: once `/init` set an access token (kilnd does so right after it launches a
-//! sandbox), every request but `/health` must carry it in `X-Access-Token`. kiln's endpoint
-//! proxy checks the same token before a request reaches the guest, so envd is never open.
+//! Access: envd runs only where kilnd started it (E2B sandboxes), with the sandbox's access
+//! token from the start ([`serve_from_command_line`]); every request but `/health` must
+//! carry it in `X-Access-Token`. kiln's endpoint proxy checks the same token before a
+//! request reaches the guest, so envd is never open, not even to the guest's own users.
 
 pub mod connect;
 pub mod files;
@@ -147,18 +148,52 @@ fn filesystem_user_name(uid: u32) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
-/// Starts envd on `PORT` in a thread of its own; failures are logged, never fatal.
-pub fn spawn() {
-    let spawned = std::thread::Builder::new().name("envd".into()).spawn(|| {
-        let listener = match TcpListener::bind(("0.0.0.0", PORT)) {
-            Ok(l) => l,
-            Err(e) => return crate::console!("envd: cannot listen on port {PORT}: {e}"),
-        };
-        serve(listener, Arc::new(EnvdState::default()));
-    });
-    if let Err(e) = spawned {
-        crate::console!("envd: cannot start: {e}");
+/// The environment variable that hands envd its access token when kilnd starts it.
+pub const TOKEN_ENV: &str = "KILN_ENVD_TOKEN";
+
+/// `kiln-init --serve-envd ADDR`: envd on ADDR, guarded by the access token in
+/// [`TOKEN_ENV`] from its first request on. kilnd starts it this way, over the root-only
+/// agent channel, only in E2B sandboxes: no other MicroVM runs envd, and no process in the
+/// guest can reach an envd that has no token yet. The token leaves the environment at once,
+/// so the commands envd runs do not inherit it. With `detach`, the listener is bound, then
+/// envd forks into a session of its own and the caller returns (the agent's exec ends).
+pub fn serve_from_command_line(addr: &str, detach: bool) -> Result<(), String> {
+    let token = std::env::var(TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("envd needs its access token in {TOKEN_ENV}; it never runs open"))?;
+    std::env::remove_var(TOKEN_ENV);
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("envd cannot listen on {addr}: {e}"))?;
+    if detach {
+        // SAFETY: no thread has been started yet; the child only calls async-signal-safe
+        // functions before it goes on as a plain single-threaded process.
+        match unsafe { libc::fork() } {
+            -1 => {
+                return Err(format!(
+                    "envd cannot fork: {}",
+                    std::io::Error::last_os_error()
+                ))
+            }
+            0 => {
+                // SAFETY: plain syscalls on descriptors this process owns.
+                unsafe {
+                    libc::setsid();
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                    if null >= 0 {
+                        libc::dup2(null, 0);
+                        libc::dup2(null, 1);
+                        libc::dup2(null, 2);
+                    }
+                }
+            }
+            _ => return Ok(()),
+        }
     }
+    let state = EnvdState::default();
+    state.config().token = Some(token);
+    serve(listener, Arc::new(state));
+    Ok(())
 }
 
 /// Serves envd on `listener` forever.
