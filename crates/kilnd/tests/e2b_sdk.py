@@ -1,6 +1,7 @@
 # Drives kilnd with E2B's own Python SDK, unchanged: the environment comes from `kiln e2b env`
 # (E2B_API_URL, E2B_API_KEY, E2B_DOMAIN, E2B_SANDBOX_URL, SSL_CERT_FILE); OTHER_E2B_API_KEY is
 # a second principal's key. Every check raises with what it saw.
+import json
 import os
 import ssl
 import time
@@ -116,6 +117,28 @@ check(after > before, f"the background process kept counting: {before} -> {after
 info = again.get_info()
 check(info.end_at.timestamp() > time.time() + 600, f"connect did not shorten the timeout: {info.end_at}")
 
+metrics = again.get_metrics()
+check(isinstance(metrics, list), f"the sandbox's metrics: {metrics!r}")
 again.kill()
 check(Sandbox.list().next_items() == [], "kill removes it")
+
+# E2B's timeout: a sandbox past its end is killed, or paused when it asked for autoPause
+# (sent through the API itself: the SDK's name for it differs between versions).
+short = Sandbox.create("base", timeout=3)
+create = urllib.request.Request(
+    f"{os.environ['E2B_API_URL']}/sandboxes",
+    data=json.dumps({"templateID": "base", "timeout": 3, "autoPause": True}).encode(),
+    method="POST",
+    headers={"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"},
+)
+keeper = json.load(urllib.request.urlopen(create))["sandboxID"]
+deadline = time.time() + 90
+while time.time() < deadline:
+    states = {s.sandbox_id: s.state.value for s in Sandbox.list(query=None).next_items()}
+    if short.sandbox_id not in states and states.get(keeper) == "paused":
+        break
+    time.sleep(1)
+check(short.sandbox_id not in states, f"the timeout killed a sandbox: {states}")
+check(states.get(keeper) == "paused", f"the timeout paused the autoPause one: {states}")
+Sandbox.kill(keeper)
 print("ALL OK", flush=True)

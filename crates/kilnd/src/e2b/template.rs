@@ -20,13 +20,14 @@ const BASE_BUILD_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// The `base` template: what E2B's own base offers that its SDK relies on (`/bin/bash -l -c`
 /// for commands, the `user` account and its home as the default user and directory). The
-/// "app" is a sleeper; the image is ready when envd (in kiln-init) accepts connections.
+/// "app" is a sleeper, ready at once (a HEALTHCHECK that always passes); envd is not part of
+/// the image: kilnd starts it in each sandbox, with that sandbox's token.
 pub const BASE_DOCKERFILE: &str = "FROM kiln/debian:12
 RUN export DEBIAN_FRONTEND=noninteractive && apt-get update \\
  && apt-get install -y --no-install-recommends python3 procps \\
  && rm -rf /var/lib/apt/lists/* \\
  && useradd --create-home --shell /bin/bash --uid 1000 user
-EXPOSE 49983
+HEALTHCHECK --interval=1s --timeout=2s CMD true
 CMD [\"sleep\", \"infinity\"]
 ";
 
