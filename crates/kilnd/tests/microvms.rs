@@ -458,16 +458,21 @@ fn suspend_when_qemu_was_killed_then_a_conflict_not_a_retry_and_the_microvm_ends
 
 /// An app whose hooks listener (port 9000) logs every request where its web server shows it;
 /// with `HOOKS=once` it answers only the first request (the build's `ready` call), so its
-/// snapshot has no listener left for the run hook.
+/// snapshot has no listener left for the run hook. A run payload saying `refuse-next` makes
+/// it answer 500 to every later hook.
 const HOOKS_APP: &str = "#!/bin/sh
 mkdir -p /www
-answer() { printf 'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok' | nc -l -p 9000 >> /www/hooks.log; }
+answer() {
+  status='200 OK'; grep -q refuse-next /www/hooks.log 2>/dev/null && status='500 Refused'
+  printf \"HTTP/1.0 $status\\r\\nContent-Length: 2\\r\\n\\r\\nok\" | nc -l -p 9000 >> /www/hooks.log
+}
 if [ \"$HOOKS\" = once ]; then (answer) & else (while true; do answer; done) & fi
 exec httpd -f -p 8080 -h /www
 ";
 
 #[test]
-fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fails_the_launch() {
+fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_or_failing_hook_ends_the_microvm(
+) {
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
     let zip = scratch.path().join("hooks.zip");
@@ -492,8 +497,8 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
                 "--environment-variables",
                 env,
                 "--hooks",
-                "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,terminate=ENABLED},\
-                 microvmImageHooks={ready=ENABLED}",
+                "port=9000,microvmHooks={run=ENABLED,runTimeoutInSeconds=10,resume=ENABLED,\
+                 resumeTimeoutInSeconds=10,terminate=ENABLED},microvmImageHooks={ready=ENABLED}",
             ],
         )
     };
@@ -519,16 +524,33 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
         .to_string();
     let (_, deaf_vm, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &deaf_id]);
     kilnd.aws(&["terminate-microvm", "--microvm-identifier", &id]);
+    // A session whose app refuses to come back: its resume hook answers 500.
+    let (_, refusing, _) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "hooked",
+        "--run-hook-payload",
+        "refuse-next",
+    ]);
+    let refusing = refusing["microvmId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (s, _, s_err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &refusing]);
+    let (r, _, r_err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &refusing]);
+    let (_, refused, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", &refusing]);
 
     assert_eq!(code, 0, "{err}");
     assert!(
         log.contains("POST /aws/lambda-microvms/runtime/v1/run"),
         "{log}"
     );
-    assert!(
-        log.contains(r#"{"session":"s-42","secret":"only-at-run"}"#),
-        "{log}"
-    );
+    // AWS's contract: the MicroVM's id and the payload as the caller gave it, a string.
+    let body = serde_json::json!({
+        "microvmId": id,
+        "runHookPayload": r#"{"session":"s-42","secret":"only-at-run"}"#,
+    });
+    assert!(log.contains(&body.to_string()), "{log}");
     assert_ne!(deaf_code, 0);
     assert!(deaf_err.contains("run hook"), "{deaf_err}");
     assert_eq!(deaf_vm["state"], "TERMINATED");
@@ -538,6 +560,16 @@ fn run_when_the_run_hook_is_enabled_then_it_gets_the_payload_and_a_dead_hook_fai
             .unwrap_or_default()
             .contains("run hook"),
         "{deaf_vm}"
+    );
+    assert_eq!(s, 0, "{s_err}");
+    assert_ne!(r, 0);
+    assert!(r_err.contains("resume hook answered 500"), "{r_err}");
+    assert_eq!(refused["state"], "TERMINATED", "{refused}");
+    assert!(
+        refused["stateReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("resume hook")),
+        "{refused}"
     );
     assert!(!kilnd.qemu_running());
 }
@@ -755,8 +787,8 @@ body=$(head -c "$len")
 echo "$method $path $body" >> /www/hooks.log
 case "$path" in
   */terminate)
-    port=$(sed -n 's/.*"notify":\([0-9]*\).*/\1/p' /www/hooks.log | head -n 1)
-    host=$(sed -n 's/.*"host":"\([0-9.]*\)".*/\1/p' /www/hooks.log | head -n 1)
+    port=$(sed -n 's/.*notify[^0-9]*\([0-9][0-9]*\).*/\1/p' /www/hooks.log | head -n 1)
+    host=$(sed -n 's/.*host[^0-9]*\([0-9][0-9.]*\).*/\1/p' /www/hooks.log | head -n 1)
     [ -n "$port" ] && nc -w 5 "$host" "$port" < /www/hooks.log ;;
 esac
 printf 'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
@@ -856,11 +888,13 @@ fn hooks_when_a_session_suspends_resumes_and_ends_then_each_hook_is_called_once_
         log.lines().partition(|l| l.contains("/runtime/v1/ready"));
     assert!(!ready.is_empty(), "{log}");
     assert_eq!(calls.len(), 4, "{log}");
+    let run = serde_json::json!({
+        "microvmId": id,
+        "runHookPayload": format!(r#"{{"notify":{notify},"host":"{host}","secret":"s-7"}}"#),
+    });
     assert_eq!(
         calls[0],
-        format!(
-            r#"POST /aws/lambda-microvms/runtime/v1/run {{"notify":{notify},"host":"{host}","secret":"s-7"}}"#
-        )
+        format!("POST /aws/lambda-microvms/runtime/v1/run {run}")
     );
     assert_eq!(calls[1], "POST /aws/lambda-microvms/runtime/v1/suspend {}");
     assert_eq!(calls[2], "POST /aws/lambda-microvms/runtime/v1/resume {}");

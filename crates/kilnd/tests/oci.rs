@@ -295,7 +295,15 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
     assert_eq!(calls.len(), 3, "{after_resume}");
     assert_eq!(
         calls,
-        [r#"run {"session":"s-1"}"#, "suspend {}", "resume {}"],
+        [
+            format!(
+                "run {}",
+                serde_json::json!({"microvmId": id, "runHookPayload": r#"{"session":"s-1"}"#})
+            )
+            .as_str(),
+            "suspend {}",
+            "resume {}"
+        ],
         "{after_resume}"
     );
     assert!(!kilnd.qemu_running());

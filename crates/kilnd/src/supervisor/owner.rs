@@ -346,8 +346,13 @@ impl Owner {
             }
         };
         // The run hook is where a session gets its secrets and ids: never at build time.
-        let payload = l.req.run_hook_payload.clone().unwrap_or_default();
-        if let Err(e) = live.hooks.call(&live.vm, "run", payload.as_bytes()).await {
+        // AWS's contract: the MicroVM's id and the caller's payload, as given (a string).
+        let mut body = serde_json::json!({ "microvmId": id });
+        if let Some(payload) = &l.req.run_hook_payload {
+            body["runHookPayload"] = payload.clone().into();
+        }
+        let body = body.to_string();
+        if let Err(e) = live.hooks.call(&live.vm, "run", body.as_bytes()).await {
             let _ = live.vm.terminate().await;
             failed(self, e.clone());
             return Err(self.conflict(format!("did not start: {e}")));
@@ -484,7 +489,16 @@ impl Owner {
         match result {
             Ok(live) => {
                 if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
-                    tracing::info!(microvm = %id, error = %e, "resume hook");
+                    // The app refused the session back: AWS ends the MicroVM. It was never
+                    // published, so no request reaches an app that said it cannot serve.
+                    let reason = format!("resume failed: {e}");
+                    tracing::warn!(microvm = %id, %reason, "terminating");
+                    if let Err(e) = live.vm.terminate().await {
+                        tracing::warn!(microvm = %id, error = %e, "terminating");
+                    }
+                    self.record(Event::ResumeLost, Reason::Set(&reason))?;
+                    self.stop(&reason).await?;
+                    return Err(self.conflict(format!("it is TERMINATED: {reason}")));
                 }
                 self.publish(live).await?;
                 self.record(Event::Resumed, Reason::Clear)?;

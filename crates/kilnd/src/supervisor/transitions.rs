@@ -34,7 +34,8 @@ pub enum Event {
     Resumed,
     /// Resuming failed; the saved session is whole and can be resumed again.
     ResumeFailed,
-    /// The saved session cannot be opened at all.
+    /// The saved session cannot be opened at all, or the app refused it back (its resume
+    /// hook failed).
     ResumeLost,
     /// Everything the MicroVM held is gone.
     Stopped,
