@@ -41,6 +41,12 @@ const CA_BUNDLE: &str = "/dev/kiln/ca-bundle.crt";
 /// The path prefix of the AWS lifecycle hooks.
 pub const HOOKS_PATH: &str = "/aws/lambda-microvms/runtime/v1";
 
+/// The vCPUs of an app VM with `memory_mib` of baseline memory: one per 2 GiB, at least one
+/// (AWS's sizing: 512–2048 MiB get 1, 4096 MiB 2, 8192 MiB 4).
+pub fn vcpus_for(memory_mib: u64) -> u32 {
+    u32::try_from(memory_mib / 2048).unwrap_or(u32::MAX).max(1)
+}
+
 /// Everything one build needs.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -769,6 +775,9 @@ async fn capture_app(
         .map_err(vm_err("creating the app disk"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
     vm_spec.memory_mib = spec.memory_mib;
+    // AWS's sizing: a vCPU per 2 GiB of baseline memory, at least one. The snapshot fixes
+    // the count for every MicroVM restored from it.
+    vm_spec.vcpus = vcpus_for(spec.memory_mib);
     vm_spec.disks = vec![DiskSpec {
         path: top,
         format: DiskFormat::Qcow2,
@@ -1009,5 +1018,11 @@ mod tests {
         );
         assert_eq!(url_dest("http://h/a", "/opt", 2), Ok("/opt/a".to_string()));
         assert!(url_dest("http://h/", "/opt/", 1).is_err());
+    }
+
+    #[test]
+    fn vcpus_for_when_aws_memory_sizes_then_one_per_two_gib_at_least_one() {
+        let sizes = [128, 512, 1024, 2048, 4096, 8192].map(vcpus_for);
+        assert_eq!(sizes, [1, 1, 1, 1, 2, 4]);
     }
 }
