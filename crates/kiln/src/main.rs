@@ -156,6 +156,8 @@ enum Command {
     Events(verbs::events::EventsArgs),
     /// Show your quotas (limit and use of each) and the API rates.
     Quotas(verbs::quotas::QuotasArgs),
+    /// Show what MicroVMs used: vCPU-seconds, GiB-seconds, suspended seconds, snapshot bytes.
+    Usage(verbs::usage::UsageArgs),
     /// Print an image version's build log, or a MicroVM's app output (`--follow` streams it).
     #[command(
         after_help = "A MicroVM id (mvm-…) or ARN prints that MicroVM's app stdout and stderr;\n\
@@ -293,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Flows(a) => block(verbs::connectors::flows(g, &g.kilnd()?, a)),
         Command::Events(a) => block(verbs::events::run(g, &g.kilnd()?, a)),
         Command::Quotas(a) => block(verbs::quotas::run(g, &g.kilnd()?, a)),
+        Command::Usage(a) => block(verbs::usage::run(g, &g.kilnd()?, a)),
         Command::Shell(a) => block(verbs::shell::run(g, &g.kilnd()?, a)),
         Command::E2b(c) => block(verbs::e2b::run(g, &g.kilnd()?, c)),
         Command::Exec(a) => block(verbs::sandbox::exec(g, &g.kilnd()?, a)),

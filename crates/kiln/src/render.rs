@@ -117,6 +117,22 @@ pub fn duration(s: u64) -> String {
     }
 }
 
+/// A byte count as people read it: `512 B`, `1.5 KiB`, `100.0 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// The last part of an image ARN (`…:microvm-image:web` → `web`).
 pub fn image_name(arn: &str) -> &str {
     arn.rsplit(':').next().unwrap_or(arn)
@@ -242,6 +258,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn bytes_when_sizes_then_readable_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(100 << 30), "100.0 GiB");
+    }
 
     #[test]
     fn table_when_cells_differ_in_width_then_columns_aligned() {

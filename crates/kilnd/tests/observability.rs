@@ -169,7 +169,23 @@ fn observability_when_an_app_is_built_run_and_reached_then_metrics_and_events_sh
     let served = endpoint_get(&kilnd, &id, &token);
     let forged = endpoint_get(&kilnd, &id, &format!("{token}x"));
     let (_, _, while_running) = scrape(&kilnd);
+    // Usage: time running, then suspended with its saved session on disk.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (suspended, _, suspend_err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &id]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let usage_of = |key: &common::Key, query: &str| {
+        let (status, _, text) = kilnd.request(key, "GET", &format!("/kiln/v1/usage{query}"), b"");
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        )
+    };
+    let (usage_status, usage) = usage_of(&admin, "");
+    let (_, _, usage_metrics) = scrape(&kilnd);
     let (alice, _) = kilnd.new_principal("alice");
+    let (alice_usage_status, alice_usage) = usage_of(&alice, "");
+    let (alice_all_status, _) = usage_of(&alice, "?all=true");
+    let (alice_admin_status, _) = usage_of(&alice, "?principal=admin");
     let (alice_terminate, _, _) =
         kilnd.request(&alice, "DELETE", &format!("/2025-09-09/microvms/{id}"), b"");
     let (terminated, _, terminate_err) =
@@ -233,6 +249,35 @@ fn observability_when_an_app_is_built_run_and_reached_then_metrics_and_events_sh
     );
     assert!(metrics.contains_key("kiln_microvm_suspends_total{result=\"ok\"}"));
     assert!(metrics.contains_key("kiln_microvm_resumes_total{result=\"ok\"}"));
+    // Usage of the suspended MicroVM: what it held while running, then its saved session.
+    assert_eq!(suspended, 0, "{suspend_err}");
+    assert_eq!(usage_status, 200, "{usage}");
+    let mine = &usage["microvms"][0];
+    assert_eq!(mine["microvmId"], id.as_str(), "{usage}");
+    assert_eq!(mine["state"], "SUSPENDED", "{usage}");
+    let number = |v: &Value| v.as_f64().unwrap_or(-1.0);
+    assert!(number(&mine["vcpuSeconds"]) >= 1.0, "{usage}");
+    assert!(
+        (number(&mine["memoryGiBSeconds"])
+            - number(&mine["vcpuSeconds"]) * number(&mine["memoryMiB"]) / 1024.0)
+            .abs()
+            < 1e-6,
+        "one vCPU: GiB-seconds are vCPU-seconds times GiB: {usage}"
+    );
+    assert!(number(&mine["suspendedSeconds"]) >= 1.0, "{usage}");
+    assert!(number(&mine["snapshotBytes"]) > 0.0, "{usage}");
+    assert_eq!(usage["totals"]["microvms"], 1, "{usage}");
+    assert!(value(&usage_metrics, "kiln_usage_vcpu_seconds_total") >= 1.0);
+    assert!(value(&usage_metrics, "kiln_usage_suspended_seconds_total") >= 1.0);
+    assert!(value(&usage_metrics, "kiln_usage_snapshot_bytes") > 0.0);
+    // Another principal sees its own usage only.
+    assert_eq!(alice_usage_status, 200, "{alice_usage}");
+    assert_eq!(
+        alice_usage["microvms"],
+        serde_json::json!([]),
+        "{alice_usage}"
+    );
+    assert_eq!((alice_all_status, alice_admin_status), (403, 403));
     // Low-cardinality labels only: no ids, principals or keys.
     for private in [id.as_str(), "admin", "alice", admin.id.as_str(), "hello"] {
         assert!(

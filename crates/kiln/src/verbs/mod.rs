@@ -1,5 +1,5 @@
 //! kiln's own verbs over the API: build, run, ls, curl, shell, exec, cp, suspend/resume/rm,
-//! keys, events, quotas.
+//! keys, events, quotas, usage.
 
 pub mod build;
 pub mod connectors;
@@ -13,3 +13,4 @@ pub mod run;
 pub mod sandbox;
 pub mod session;
 pub mod shell;
+pub mod usage;

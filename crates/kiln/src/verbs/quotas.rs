@@ -23,26 +23,10 @@ pub struct QuotasArgs {
     pub principal: Option<String>,
 }
 
-/// A byte count as people read it.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// One cell of the limit or used column.
 fn amount(code: &str, v: &Value) -> String {
     match v.as_u64() {
-        Some(n) if code.starts_with("StoredBytes") => bytes(n),
+        Some(n) if code.starts_with("StoredBytes") => crate::render::bytes(n),
         Some(n) => n.to_string(),
         None => "-".to_string(),
     }
@@ -102,13 +86,6 @@ pub async fn run(g: &Global, kilnd: &Kilnd, args: QuotasArgs) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_when_sizes_then_readable_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(100 << 30), "100.0 GiB");
-    }
 
     #[test]
     fn amount_when_no_usage_then_dash() {

@@ -77,6 +77,7 @@ pub fn router(api: Api) -> Router {
         )
         .route("/kiln/v1/keys", get(list_keys).post(create_key))
         .route("/kiln/v1/quotas", get(quotas))
+        .route("/kiln/v1/usage", get(usage))
         .route("/kiln/v1/whoami", get(whoami))
         .route("/kiln/v1/keys/{id}", delete(revoke_key))
         .merge(crate::sandbox::routes())
@@ -509,6 +510,37 @@ async fn quotas(State(api): State<Api>, Query(q): Query<QuotasQuery>, signed: Si
             v["throttles"] = serde_json::Value::Array(throttles);
             json_response(200, v)
         }
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Query of `GET /kiln/v1/usage`.
+#[derive(serde::Deserialize)]
+struct UsageQuery {
+    principal: Option<String>,
+    all: Option<bool>,
+}
+
+/// `GET /kiln/v1/usage[?principal=NAME | ?all=true]`: what the caller's MicroVMs used (see
+/// `observe::usage`); admin may ask for any principal or everyone.
+async fn usage(State(api): State<Api>, Query(q): Query<UsageQuery>, signed: Signed) -> Response {
+    let everyone = q.all.unwrap_or(false);
+    let asks_another = q
+        .principal
+        .as_ref()
+        .is_some_and(|p| *p != signed.caller.principal);
+    if (everyone || asks_another) && !signed.caller.is_admin() {
+        return error_response(&ApiError::access_denied(
+            "only the admin principal reads another principal's usage",
+        ));
+    }
+    let principal = match (everyone, q.principal) {
+        (true, _) => None,
+        (false, Some(p)) => Some(p),
+        (false, None) => Some(signed.caller.principal.clone()),
+    };
+    match api.microvms.usage(principal.as_deref()) {
+        Ok(v) => json_response(200, v),
         Err(e) => error_response(&e),
     }
 }

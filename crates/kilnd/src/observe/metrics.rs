@@ -238,7 +238,10 @@ impl Metrics {
             "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress), MiB",
             admitted_memory_mib.clone(),
         );
-        registry.register_collector(Box::new(MicrovmStates { store }));
+        registry.register_collector(Box::new(MicrovmStates {
+            store: store.clone(),
+        }));
+        registry.register_collector(Box::new(crate::observe::usage::UsageTotals { store }));
         Metrics {
             gateway: std::sync::OnceLock::new(),
             registry,

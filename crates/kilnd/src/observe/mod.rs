@@ -1,4 +1,5 @@
-//! What operators see: Prometheus metrics and the audit log.
+//! What operators see: Prometheus metrics, the audit log and usage.
 
 pub mod audit;
 pub mod metrics;
+pub mod usage;

@@ -113,6 +113,21 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE images ADD COLUMN label TEXT NOT NULL DEFAULT '';
     UPDATE images SET label = name;
     CREATE UNIQUE INDEX images_by_owner_label ON images (owner, label);",
+    // 7: usage. Each MicroVM adds up its time resident (holding vCPUs and memory) and
+    // suspended, closed at every state change; `state_since` is when its state began.
+    // MicroVMs that age out leave their usage to their principal's `retired_usage`.
+    "ALTER TABLE microvms ADD COLUMN state_since REAL NOT NULL DEFAULT 0;
+    ALTER TABLE microvms ADD COLUMN resident_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE microvms ADD COLUMN suspended_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE microvms ADD COLUMN snapshot_bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE microvms SET state_since = COALESCE(terminated_at, started_at);
+    CREATE TABLE retired_usage (
+        owner TEXT PRIMARY KEY,
+        microvms INTEGER NOT NULL,
+        vcpu_seconds REAL NOT NULL,
+        memory_gib_seconds REAL NOT NULL,
+        suspended_seconds REAL NOT NULL
+    );",
 ];
 
 /// The store key of a new image `label` in `account`. Keys are opaque: read an image's
@@ -657,6 +672,70 @@ pub struct MicrovmRow {
     pub owner: String,
 }
 
+/// The states in which a MicroVM holds its vCPUs and memory on the host.
+const RESIDENT_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'TERMINATING')";
+
+/// A MicroVM's vCPUs in SQL, as its image's app VM was sized (see
+/// `kiln_image::build::vcpus_for`): one per 2 GiB of memory, at least one.
+const VCPUS: &str = "MAX(memory_mib / 2048, 1)";
+
+/// What one MicroVM has used so far.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrovmUsage {
+    /// Its id.
+    #[serde(rename = "microvmId")]
+    pub id: String,
+    /// Whose it is.
+    #[serde(rename = "principal")]
+    pub owner: String,
+    /// Its state now.
+    pub state: String,
+    /// Its baseline memory.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: i64,
+    /// Its vCPUs.
+    pub vcpus: i64,
+    /// Seconds it held vCPUs and memory (launching, running, suspending, terminating).
+    pub resident_seconds: f64,
+    /// `resident_seconds` × vCPUs.
+    pub vcpu_seconds: f64,
+    /// `resident_seconds` × memory in GiB.
+    #[serde(rename = "memoryGiBSeconds")]
+    pub memory_gib_seconds: f64,
+    /// Seconds it spent SUSPENDED.
+    pub suspended_seconds: f64,
+    /// The size on disk of its saved session while SUSPENDED (0 otherwise).
+    pub snapshot_bytes: u64,
+}
+
+/// What the MicroVMs of one principal that aged out of the store used, in total.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiredUsage {
+    /// Whose they were.
+    #[serde(rename = "principal")]
+    pub owner: String,
+    /// How many.
+    pub microvms: u64,
+    /// vCPU-seconds.
+    pub vcpu_seconds: f64,
+    /// GiB-seconds of memory.
+    #[serde(rename = "memoryGiBSeconds")]
+    pub memory_gib_seconds: f64,
+    /// Seconds suspended.
+    pub suspended_seconds: f64,
+}
+
+/// [`Store::usage`]'s answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageReport {
+    /// Every MicroVM the store remembers.
+    pub microvms: Vec<MicrovmUsage>,
+    /// Those it forgot, summed by principal.
+    pub retired: Vec<RetiredUsage>,
+}
+
 const MICROVM_COLUMNS: &str =
     "id, image, version, state, state_reason, request, started_at, terminated_at,
     max_duration, memory_mib, kernel, dir, forwards, owner";
@@ -694,7 +773,7 @@ impl Store {
     pub fn insert_microvm(&self, m: &MicrovmRow) -> Result<(), StoreError> {
         self.lock()
             .execute(
-                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}, state_since) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?7)"),
                 params![
                     m.id, m.image, m.version, m.state.as_str(), m.state_reason, m.request.to_string(), m.started_at,
                     m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string(),
@@ -773,36 +852,160 @@ impl Store {
         reason: Reason<'_>,
         terminated_at: Option<f64>,
     ) -> Result<bool, StoreError> {
+        self.transition_microvm_at(id, from, to, reason, terminated_at, crate::now())
+    }
+
+    /// [`Store::transition_microvm`] at time `now` (its usage is counted up to then).
+    fn transition_microvm_at(
+        &self,
+        id: &str,
+        from: MicrovmState,
+        to: MicrovmState,
+        reason: Reason<'_>,
+        terminated_at: Option<f64>,
+        now: f64,
+    ) -> Result<bool, StoreError> {
         let (keep, text) = match reason {
             Reason::Keep => (true, None),
             Reason::Clear => (false, None),
             Reason::Set(r) => (false, Some(r)),
         };
+        // The time in the state it leaves goes to its usage (SQLite reads the old row on
+        // the right of every `=`); a saved session's size counts only while SUSPENDED.
         self.lock()
             .execute(
-                "UPDATE microvms SET state = ?3,
+                &format!(
+                    "UPDATE microvms SET state = ?3,
                    state_reason = CASE WHEN ?4 THEN state_reason ELSE ?5 END,
-                   terminated_at = COALESCE(?6, terminated_at)
-                 WHERE id = ?1 AND state = ?2",
-                params![id, from.as_str(), to.as_str(), keep, text, terminated_at],
+                   terminated_at = COALESCE(?6, terminated_at),
+                   resident_seconds = resident_seconds
+                     + CASE WHEN state IN {RESIDENT_STATES} THEN MAX(?7 - state_since, 0) ELSE 0 END,
+                   suspended_seconds = suspended_seconds
+                     + CASE WHEN state = 'SUSPENDED' THEN MAX(?7 - state_since, 0) ELSE 0 END,
+                   snapshot_bytes = CASE WHEN ?3 = 'SUSPENDED' THEN snapshot_bytes ELSE 0 END,
+                   state_since = ?7
+                 WHERE id = ?1 AND state = ?2"
+                ),
+                params![
+                    id,
+                    from.as_str(),
+                    to.as_str(),
+                    keep,
+                    text,
+                    terminated_at,
+                    now
+                ],
             )
             .map(|n| n == 1)
             .map_err(self.err())
     }
 
-    /// Forgets the MicroVMs TERMINATED before `before`; their ids.
+    /// Forgets the MicroVMs TERMINATED before `before`, their usage kept in their
+    /// principals' retired totals; their ids.
     pub fn expire_terminated_microvms(&self, before: f64) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(self.err())?;
+        tx.execute(
+            &format!(
+                "INSERT INTO retired_usage
+                   (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
+                 SELECT owner, COUNT(*), SUM(resident_seconds * {VCPUS}),
+                        SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
+                   FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1
+                   GROUP BY owner
+                 ON CONFLICT (owner) DO UPDATE SET
+                   microvms = microvms + excluded.microvms,
+                   vcpu_seconds = vcpu_seconds + excluded.vcpu_seconds,
+                   memory_gib_seconds = memory_gib_seconds + excluded.memory_gib_seconds,
+                   suspended_seconds = suspended_seconds + excluded.suspended_seconds"
+            ),
+            params![before],
+        )
+        .map_err(self.err())?;
+        let ids = {
+            let mut stmt = tx
+                .prepare(
+                    "DELETE FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1
+                     RETURNING id",
+                )
+                .map_err(self.err())?;
+            let rows = stmt
+                .query_map(params![before], |r| r.get(0))
+                .map_err(self.err())?;
+            rows.collect::<Result<Vec<String>, _>>()
+                .map_err(self.err())?
+        };
+        tx.commit().map_err(self.err())?;
+        Ok(ids)
+    }
+
+    /// Records the size on disk of a MicroVM's saved session (counted while SUSPENDED).
+    pub fn set_microvm_snapshot_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE microvms SET snapshot_bytes = ?2 WHERE id = ?1 AND state = 'SUSPENDED'",
+                params![id, i64::try_from(bytes).unwrap_or(i64::MAX)],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// The usage of `owner`'s MicroVMs (everyone's for `None`) up to `now`: each one the
+    /// store remembers, and the totals of those that aged out, by principal.
+    pub fn usage(&self, owner: Option<&str>, now: f64) -> Result<UsageReport, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, owner, state, memory_mib, {VCPUS},
+                   resident_seconds
+                     + CASE WHEN state IN {RESIDENT_STATES} THEN MAX(?2 - state_since, 0) ELSE 0 END,
+                   suspended_seconds
+                     + CASE WHEN state = 'SUSPENDED' THEN MAX(?2 - state_since, 0) ELSE 0 END,
+                   snapshot_bytes
+                 FROM microvms WHERE ?1 IS NULL OR owner = ?1 ORDER BY started_at, id"
+            ))
+            .map_err(self.err())?;
+        let microvms = stmt
+            .query_map(params![owner, now], |r| {
+                let resident: f64 = r.get(5)?;
+                let memory_mib: i64 = r.get(3)?;
+                let vcpus: i64 = r.get(4)?;
+                Ok(MicrovmUsage {
+                    id: r.get(0)?,
+                    owner: r.get(1)?,
+                    state: r.get(2)?,
+                    memory_mib,
+                    vcpus,
+                    resident_seconds: resident,
+                    vcpu_seconds: resident * vcpus as f64,
+                    memory_gib_seconds: resident * memory_mib as f64 / 1024.0,
+                    suspended_seconds: r.get(6)?,
+                    snapshot_bytes: r.get::<_, i64>(7)?.max(0) as u64,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut stmt = conn
             .prepare(
-                "DELETE FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1
-                 RETURNING id",
+                "SELECT owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds
+                 FROM retired_usage WHERE ?1 IS NULL OR owner = ?1 ORDER BY owner",
             )
             .map_err(self.err())?;
-        let rows = stmt
-            .query_map(params![before], |r| r.get(0))
+        let retired = stmt
+            .query_map(params![owner], |r| {
+                Ok(RetiredUsage {
+                    owner: r.get(0)?,
+                    microvms: r.get::<_, i64>(1)?.max(0) as u64,
+                    vcpu_seconds: r.get(2)?,
+                    memory_gib_seconds: r.get(3)?,
+                    suspended_seconds: r.get(4)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+        Ok(UsageReport { microvms, retired })
     }
 
     /// Replaces a MicroVM's forwards.
@@ -1785,5 +1988,66 @@ mod expiry_tests {
             .client_token("t-new", "RunMicrovm")
             .expect("get")
             .is_some());
+    }
+
+    #[test]
+    fn usage_when_a_microvm_runs_suspends_and_ages_out_then_each_second_counts_once() {
+        use MicrovmState as S;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let mut vm = microvm("mvm-a", "PENDING", None);
+        vm.memory_mib = 4096;
+        vm.started_at = 1000.0;
+        store.insert_microvm(&vm).expect("insert");
+        let step = |from, to, at| {
+            assert!(store
+                .transition_microvm_at("mvm-a", from, to, Reason::Keep, None, at)
+                .expect("transition"));
+        };
+        step(S::Pending, S::Running, 1010.0);
+        step(S::Running, S::Suspending, 1040.0);
+        step(S::Suspending, S::Suspended, 1045.0);
+        store
+            .set_microvm_snapshot_bytes("mvm-a", 7 << 20)
+            .expect("bytes");
+
+        let suspended = store.usage(Some("admin"), 1065.0).expect("usage");
+        let nobody = store.usage(Some("bob"), 1065.0).expect("usage");
+        step(S::Suspended, S::Terminating, 1070.0);
+        assert!(store
+            .transition_microvm_at(
+                "mvm-a",
+                S::Terminating,
+                S::Terminated,
+                Reason::Keep,
+                Some(1071.0),
+                1071.0
+            )
+            .expect("terminated"));
+        let ended = store.usage(None, 5000.0).expect("usage");
+        store.expire_terminated_microvms(f64::MAX).expect("expire");
+        let retired = store.usage(None, 5000.0).expect("usage");
+
+        let u = &suspended.microvms[0];
+        assert_eq!((u.vcpus, u.resident_seconds), (2, 45.0));
+        assert_eq!((u.vcpu_seconds, u.memory_gib_seconds), (90.0, 180.0));
+        assert_eq!((u.suspended_seconds, u.snapshot_bytes), (20.0, 7 << 20));
+        assert!(nobody.microvms.is_empty() && nobody.retired.is_empty());
+        let u = &ended.microvms[0];
+        assert_eq!(
+            (u.resident_seconds, u.suspended_seconds, u.snapshot_bytes),
+            (46.0, 25.0, 0)
+        );
+        assert!(retired.microvms.is_empty());
+        assert_eq!(
+            retired.retired,
+            vec![RetiredUsage {
+                owner: "admin".into(),
+                microvms: 1,
+                vcpu_seconds: 92.0,
+                memory_gib_seconds: 184.0,
+                suspended_seconds: 25.0,
+            }]
+        );
     }
 }

@@ -189,6 +189,11 @@ impl Microvms {
         self.host.home.join("microvms").join(id)
     }
 
+    /// What `principal`'s MicroVMs (everyone's for `None`) used until now.
+    pub fn usage(&self, principal: Option<&str>) -> Result<serde_json::Value, ApiError> {
+        crate::observe::usage::report(&self.store, principal, crate::now())
+    }
+
     /// The HTTPS endpoint of a MicroVM.
     pub fn endpoint(&self, id: &str) -> String {
         match self.endpoint_port {

@@ -392,8 +392,16 @@ impl Owner {
             .metrics
             .suspend_finished(suspended.is_ok(), started.elapsed());
         match suspended {
-            Ok(_) => {
+            Ok(saved) => {
                 self.record(Event::Saved, Reason::Clear)?;
+                // Usage: what the saved session occupies (a few files, read at once).
+                if let Err(e) = self
+                    .sup
+                    .store
+                    .set_microvm_snapshot_bytes(&id, saved.allocated_bytes())
+                {
+                    tracing::warn!(microvm = %id, error = %e, "recording the session's size");
+                }
                 self.suspended_since = Some(Instant::now());
                 tracing::info!(microvm = %id, "suspended");
                 Ok(())
