@@ -57,8 +57,11 @@ fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p kiln-agent -p kiln-vmm -p kiln-net --lib
 
 bench: build
+	@./scripts/install-deps.sh --bench
 	$(CARGO) bench -p kiln-vmm --bench restore
 	$(CARGO) bench -p kiln-image --bench build
+	$(CARGO) bench -p kilnd --bench proxy
+	KILN_HOME=$(TEST_HOME) $(CARGO) bench -p kilnd --bench launch
 
 lint:
 	$(CARGO) fmt --all -- --check

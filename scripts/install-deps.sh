@@ -2,7 +2,8 @@
 # Installs the host packages kiln needs, when missing. Safe to run again.
 #
 # What to install comes from scripts/host-tools.tsv, the one table of host tools (kiln
-# reads the same file): every line but the optional ones.
+# reads the same file): every line but the optional and bench ones; `--bench` adds the
+# bench ones (what `make bench` compares kiln with).
 #
 # Installing one package can remove another (Debian's qemu-system-x86 7.2 replaces a
 # backported qemu-utils), so this checks every line again after each round of installs.
@@ -10,6 +11,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TABLE=$ROOT/scripts/host-tools.tsv
+
+BENCH=0
+[ "${1:-}" = --bench ] && BENCH=1
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -26,11 +30,13 @@ present() {
     esac
 }
 
-# The packages of the table's lines (optional ones left out) whose command is absent.
+# The packages of the table's lines (optional ones left out, bench ones unless --bench)
+# whose command is absent.
 missing() {
     local out=() cmd pkg needed _why
     while IFS=$'\t' read -r cmd pkg needed _why; do
         [[ -z $cmd || $cmd == \#* || $needed == optional ]] && continue
+        [[ $needed == bench && $BENCH == 0 ]] && continue
         present "$cmd" || out+=("$pkg")
     done <"$TABLE"
     printf '%s\n' "${out[@]}" | sort -u | tr '\n' ' '

@@ -23,6 +23,8 @@ pub enum NeededFor {
     Build,
     /// Only `make test`.
     Test,
+    /// Only `make bench` (the baselines benchmarks compare against).
+    Bench,
     /// Used when present, never installed.
     Optional,
 }
@@ -34,6 +36,7 @@ impl NeededFor {
             NeededFor::Runtime => "runtime",
             NeededFor::Build => "build",
             NeededFor::Test => "test",
+            NeededFor::Bench => "bench",
             NeededFor::Optional => "optional",
         }
     }
@@ -101,6 +104,7 @@ impl HostTool {
     pub fn install_hint(&self) -> String {
         match self.needed_for {
             NeededFor::Optional => format!("apt-get install {}", self.package),
+            NeededFor::Bench => format!("apt-get install {} (or `make bench`)", self.package),
             _ => format!("apt-get install {} (or `make deps`)", self.package),
         }
     }
@@ -150,10 +154,11 @@ pub fn parse(text: &'static str) -> Result<Vec<HostTool>, String> {
             "runtime" => NeededFor::Runtime,
             "build" => NeededFor::Build,
             "test" => NeededFor::Test,
+            "bench" => NeededFor::Bench,
             "optional" => NeededFor::Optional,
             other => {
                 return Err(format!(
-                    "host-tools.tsv line {}: needed-for {other:?} is not runtime, build, test or optional",
+                    "host-tools.tsv line {}: needed-for {other:?} is not runtime, build, test, bench or optional",
                     n + 1
                 ))
             }

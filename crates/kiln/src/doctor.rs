@@ -53,7 +53,7 @@ impl ToolLine {
         match (self.found, self.tool.needed_for) {
             (true, _) => "ok  ",
             (false, NeededFor::Runtime) => "MISS",
-            (false, NeededFor::Optional) => "-   ",
+            (false, NeededFor::Optional | NeededFor::Bench) => "-   ",
             (false, _) => "warn",
         }
     }

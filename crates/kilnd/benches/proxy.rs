@@ -1,9 +1,11 @@
 //! Endpoint proxy overhead: requests/s and latency through the proxy (TLS, token check,
-//! routing, HTTP/1.1 to the app) against the same clients talking to the app directly.
+//! routing, HTTP/1.1 to the app) against the same clients talking to the app directly, and
+//! against nginx as a TLS reverse proxy to the same app (same certificate, keep-alive
+//! upstream, one worker per core) — the baseline a proxy should match.
 //!
 //! Run: `cargo bench -p kilnd --bench proxy` (`KILN_BENCH_CLIENTS`, `KILN_BENCH_SECONDS`
-//! change the load). Clients, proxy and app share this process and the machine's cores,
-//! so the figures are for comparing, not absolute capacity.
+//! change the load; `make bench` installs nginx). Clients, proxies and app share the
+//! machine's cores, so the figures are for comparing, not absolute capacity.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -132,12 +134,39 @@ async fn main() -> anyhow::Result<()> {
     ));
     let namespaced = measure(Path::Proxy(ns_proxy, connector, token), clients, run).await?;
     print_figures("proxy→netns", &namespaced);
+    let nginx = match Nginx::start(home.path(), app) {
+        Ok(nginx) => {
+            let figures = measure(
+                Path::Proxy(nginx.addr, client_tls(&tls.ca_pem_path)?, String::new()),
+                clients,
+                run,
+            )
+            .await;
+            drop(nginx);
+            Some(figures?)
+        }
+        Err(e) => {
+            println!("nginx         not measured: {e:#}");
+            None
+        }
+    };
+    if let Some(n) = &nginx {
+        print_figures("nginx (TLS)", n);
+    }
     println!(
-        "ratio         {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency",
+        "ratio         {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency (proxy / direct)",
         proxied.requests_per_second / direct.requests_per_second,
         proxied.p50.as_secs_f64() / direct.p50.as_secs_f64(),
         proxied.p99.as_secs_f64() / direct.p99.as_secs_f64(),
     );
+    if let Some(n) = &nginx {
+        println!(
+            "kiln proxy / nginx throughput  {:.2}x   p99 {:.3} ms (kiln) vs {:.3} ms (nginx)",
+            proxied.requests_per_second / n.requests_per_second,
+            proxied.p99.as_secs_f64() * 1e3,
+            n.p99.as_secs_f64() * 1e3,
+        );
+    }
     println!("reproduce: cargo bench -p kilnd --bench proxy  (KILN_BENCH_CLIENTS={clients} KILN_BENCH_SECONDS={seconds})");
     Ok(())
 }
@@ -190,6 +219,93 @@ fn serve_app(listener: TcpListener) -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// nginx as a TLS reverse proxy in front of the app, on a free loopback port, with the
+/// endpoint's own certificate; stopped when dropped.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(home: &std::path::Path, app: SocketAddr) -> anyhow::Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let tls = home.join("tls");
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes auto;\n\
+             daemon off;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+               access_log off;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               upstream app {{ server {app}; keepalive 64; }}\n\
+               server {{\n\
+                 listen {addr} ssl;\n\
+                 ssl_certificate {cert};\n\
+                 ssl_certificate_key {key};\n\
+                 keepalive_requests 1000000;\n\
+                 location / {{\n\
+                   proxy_pass http://app;\n\
+                   proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n\
+                   proxy_set_header Host $host;\n\
+                 }}\n\
+               }}\n\
+             }}\n",
+            cert = tls.join("endpoint.pem").display(),
+            key = tls.join("endpoint.key").display(),
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = match std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                "nginx is not installed (`make bench` installs it: apt-get install nginx)"
+            ),
+            Err(e) => return Err(e).context("starting nginx"),
+        };
+        let nginx = Nginx {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(nginx._dir.path().join("error.log"))
+                    .unwrap_or_default();
+                anyhow::bail!("nginx did not listen on {addr} within 10 s: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers too.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
 }
 
 fn client_tls(ca: &std::path::Path) -> anyhow::Result<TlsConnector> {
@@ -253,7 +369,7 @@ async fn client(path: Path, deadline: Instant) -> anyhow::Result<Vec<Duration>> 
     let mut latencies = Vec::new();
     while Instant::now() < deadline {
         let mut req = Request::get("/").header("host", &host);
-        if let Some(token) = &token {
+        if let Some(token) = token.as_ref().filter(|t| !t.is_empty()) {
             req = req.header("x-aws-proxy-auth", token);
         }
         let req = req.body(Full::new(Bytes::new()))?;
