@@ -1,13 +1,14 @@
 # Drives kilnd with E2B's own Python SDK, unchanged: the environment comes from `kiln e2b env`
 # (E2B_API_URL, E2B_API_KEY, E2B_DOMAIN, E2B_SANDBOX_URL, SSL_CERT_FILE); OTHER_E2B_API_KEY is
 # a second principal's key. Every check raises with what it saw.
+import asyncio
 import json
 import os
 import ssl
 import time
 import urllib.request
 
-from e2b import Sandbox
+from e2b import AsyncSandbox, PtySize, Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 from e2b.sandbox.commands.command_handle import CommandExitException
 
@@ -54,6 +55,48 @@ check(names == ["a.txt", "b.bin"], f"files.list: {names}")
 sbx.files.write("/home/user/notes/gone.txt", "x")
 sbx.files.remove("/home/user/notes/gone.txt")
 check(not sbx.files.exists("/home/user/notes/gone.txt"), "files.remove")
+
+# Watching a directory: the polled watcher (the sync SDK) and the streamed WatchDir (async).
+watch = sbx.files.watch_dir("/home/user/notes")
+sbx.files.write("/home/user/notes/c.txt", "watched")
+time.sleep(1)
+events = watch.get_new_events()
+watch.stop()
+check(any(e.name == "c.txt" for e in events), f"a polled watcher sees a new file: {events}")
+
+
+async def streamed_watch():
+    a = await AsyncSandbox.connect(sbx.sandbox_id)
+    seen = []
+    handle = await a.files.watch_dir("/home/user/notes", on_event=seen.append)
+    await a.files.write("/home/user/notes/d.txt", "streamed")
+    for _ in range(50):
+        if any(e.name == "d.txt" for e in seen):
+            break
+        await asyncio.sleep(0.1)
+    await handle.stop()
+    return seen
+
+
+seen = asyncio.run(streamed_watch())
+check(any(e.name == "d.txt" for e in seen), f"a streamed WatchDir sees a new file: {seen}")
+
+# A terminal: input, a resize (Process.Update) and its output.
+term = sbx.pty.create(PtySize(rows=24, cols=80))
+sbx.pty.resize(term.pid, PtySize(rows=30, cols=101))
+sbx.pty.send_stdin(term.pid, b"stty size; tty; exit 0\n")
+chunks = []
+try:
+    term.wait(on_pty=chunks.append)
+except CommandExitException:
+    pass
+screen = b"".join(chunks).decode(errors="replace")
+check("30 101" in screen and "/dev/pts/" in screen, f"a terminal answers, resized: {screen!r}")
+
+# Attaching to a process that is already running (Process.Connect).
+later = sbx.commands.run("sleep 2; echo done-later", background=True)
+attached = sbx.commands.connect(later.pid).wait()
+check(attached.stdout.strip() == "done-later", f"commands.connect follows a running process: {attached.stdout!r}")
 
 # The proxy refuses an attacker who routes to the sandbox without its access token.
 ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])

@@ -675,9 +675,9 @@ pub struct MicrovmRow {
 /// The states in which a MicroVM holds its vCPUs and memory on the host.
 const RESIDENT_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'TERMINATING')";
 
-/// A MicroVM's vCPUs in SQL, as its image's app VM was sized (see
+/// A MicroVM's vCPUs in SQL (portable: no two-argument MAX), as its image's app VM was sized (see
 /// `kiln_image::build::vcpus_for`): one per 2 GiB of memory, at least one.
-const VCPUS: &str = "MAX(memory_mib / 2048, 1)";
+const VCPUS: &str = "(CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END)";
 
 /// What one MicroVM has used so far.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -879,9 +879,9 @@ impl Store {
                    state_reason = CASE WHEN ?4 THEN state_reason ELSE ?5 END,
                    terminated_at = COALESCE(?6, terminated_at),
                    resident_seconds = resident_seconds
-                     + CASE WHEN state IN {RESIDENT_STATES} THEN MAX(?7 - state_since, 0) ELSE 0 END,
+                     + CASE WHEN state IN {RESIDENT_STATES} AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
                    suspended_seconds = suspended_seconds
-                     + CASE WHEN state = 'SUSPENDED' THEN MAX(?7 - state_since, 0) ELSE 0 END,
+                     + CASE WHEN state = 'SUSPENDED' AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
                    snapshot_bytes = CASE WHEN ?3 = 'SUSPENDED' THEN snapshot_bytes ELSE 0 END,
                    state_since = ?7
                  WHERE id = ?1 AND state = ?2"
@@ -914,10 +914,10 @@ impl Store {
                    FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1
                    GROUP BY owner
                  ON CONFLICT (owner) DO UPDATE SET
-                   microvms = microvms + excluded.microvms,
-                   vcpu_seconds = vcpu_seconds + excluded.vcpu_seconds,
-                   memory_gib_seconds = memory_gib_seconds + excluded.memory_gib_seconds,
-                   suspended_seconds = suspended_seconds + excluded.suspended_seconds"
+                   microvms = retired_usage.microvms + excluded.microvms,
+                   vcpu_seconds = retired_usage.vcpu_seconds + excluded.vcpu_seconds,
+                   memory_gib_seconds = retired_usage.memory_gib_seconds + excluded.memory_gib_seconds,
+                   suspended_seconds = retired_usage.suspended_seconds + excluded.suspended_seconds"
             ),
             params![before],
         )
@@ -958,9 +958,9 @@ impl Store {
             .prepare(&format!(
                 "SELECT id, owner, state, memory_mib, {VCPUS},
                    resident_seconds
-                     + CASE WHEN state IN {RESIDENT_STATES} THEN MAX(?2 - state_since, 0) ELSE 0 END,
+                     + CASE WHEN state IN {RESIDENT_STATES} AND ?2 > state_since THEN ?2 - state_since ELSE 0 END,
                    suspended_seconds
-                     + CASE WHEN state = 'SUSPENDED' THEN MAX(?2 - state_since, 0) ELSE 0 END,
+                     + CASE WHEN state = 'SUSPENDED' AND ?2 > state_since THEN ?2 - state_since ELSE 0 END,
                    snapshot_bytes
                  FROM microvms WHERE ?1 IS NULL OR owner = ?1 ORDER BY started_at, id"
             ))
