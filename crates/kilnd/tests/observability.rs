@@ -181,6 +181,7 @@ fn observability_when_an_app_is_built_run_and_reached_then_metrics_and_events_sh
         )
     };
     let (usage_status, usage) = usage_of(&admin, "");
+    let (usage_cli_ok, usage_table, usage_cli_err) = kilnd.kiln(&["usage"]);
     let (_, _, usage_metrics) = scrape(&kilnd);
     let (alice, _) = kilnd.new_principal("alice");
     let (alice_usage_status, alice_usage) = usage_of(&alice, "");
@@ -267,6 +268,13 @@ fn observability_when_an_app_is_built_run_and_reached_then_metrics_and_events_sh
     assert!(number(&mine["suspendedSeconds"]) >= 1.0, "{usage}");
     assert!(number(&mine["snapshotBytes"]) > 0.0, "{usage}");
     assert_eq!(usage["totals"]["microvms"], 1, "{usage}");
+    assert!(usage_cli_ok, "{usage_cli_err}");
+    assert!(
+        usage_table.contains(&id)
+            && usage_table.contains("SUSPENDED")
+            && usage_table.contains("total (1)"),
+        "{usage_table}"
+    );
     assert!(value(&usage_metrics, "kiln_usage_vcpu_seconds_total") >= 1.0);
     assert!(value(&usage_metrics, "kiln_usage_suspended_seconds_total") >= 1.0);
     assert!(value(&usage_metrics, "kiln_usage_snapshot_bytes") > 0.0);

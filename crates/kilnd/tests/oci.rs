@@ -253,6 +253,7 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
     let log = kilnd.get("/kiln/v1/images/py/versions/1/build-log");
     assert_eq!(version["state"], "SUCCESSFUL", "{version}\n{log}");
     let details = kilnd.get("/kiln/v1/images/py/versions/1/details");
+    let (images_ok, images, images_err) = kilnd.kiln(&["images"]);
     let (code, vm, err) = kilnd.aws(&[
         "run-microvm",
         "--image-identifier",
@@ -279,6 +280,9 @@ fn python_app_when_from_a_registry_image_then_built_from_its_config_and_onbuild_
         details.contains(&format!(r#""baseDigest": "{digest}""#)),
         "{details}"
     );
+    // `kiln images` shows what the newest version was built from.
+    assert!(images_ok, "{images_err}");
+    assert!(images.contains(&digest[..7 + 12]), "{images}");
     assert!(
         first.starts_with("200 ")
             && first.contains(r#""cwd": "/app""#)

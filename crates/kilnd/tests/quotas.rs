@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Daemon;
@@ -17,31 +16,6 @@ fn overrides_file(dir: &Path, overrides: Value) -> PathBuf {
     let path = dir.join("quota-overrides.json");
     std::fs::write(&path, overrides.to_string()).expect("overrides file");
     path
-}
-
-/// The `kiln` CLI beside this test's kilnd, signing as admin with the daemon's credentials.
-fn kiln(kilnd: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln");
-    let out = Command::new(&bin)
-        .args(args)
-        .env("KILN_HOME", kilnd.home.path())
-        .env("HOME", kilnd.home.path())
-        .env("KILN_ENDPOINT", &kilnd.url)
-        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "run {} (cargo build --release --workspace --bins): {e}",
-                bin.display()
-            )
-        });
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `quota` from a `/kiln/v1/quotas` answer.
@@ -119,11 +93,9 @@ fn catalogue_quotas_and_throttling_when_exceeded_then_boto3_and_the_cli_raise_th
     );
     let own = kilnd.request(&alice_key, "GET", "/kiln/v1/quotas", b"");
     let others = kilnd.request(&alice_key, "GET", "/kiln/v1/quotas?principal=bob", b"");
-    let (cli_ok, cli_json, cli_err) = kiln(
-        &kilnd,
-        &["quotas", "--principal", "alice", "--output", "json"],
-    );
-    let (table_ok, table, table_err) = kiln(&kilnd, &["quotas", "--principal", "alice"]);
+    let (cli_ok, cli_json, cli_err) =
+        kilnd.kiln(&["quotas", "--principal", "alice", "--output", "json"]);
+    let (table_ok, table, table_err) = kilnd.kiln(&["quotas", "--principal", "alice"]);
 
     assert!(
         out.status.success(),

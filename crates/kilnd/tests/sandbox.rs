@@ -8,9 +8,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -43,39 +43,6 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// The `kiln` binary beside kilnd.
-fn kiln_bin() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln")
-}
-
-/// `kiln ARGS` against `kilnd`, signing with `credentials`, stdin from `input` (none: /dev/null).
-fn kiln(kilnd: &Daemon, credentials: &Path, args: &[&str], input: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(kiln_bin());
-    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
-        cmd.env_remove(var);
-    }
-    cmd.args(args)
-        .env("KILN_ENDPOINT", &kilnd.url)
-        .env("KILN_HOME", kilnd.home.path())
-        .env("AWS_SHARED_CREDENTIALS_FILE", credentials)
-        .env("AWS_REGION", "us-east-1")
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .expect("run kiln (cargo build --release --workspace --bins)");
-    if let Some(data) = input {
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(data).expect("write stdin");
-    }
-    child.wait_with_output().expect("kiln output")
-}
-
-/// An API call as `key`: (status, body as JSON or Null, raw body).
 fn call(kilnd: &Daemon, key: &Key, method: &str, path: &str, body: &Value) -> (u16, Value, String) {
     let bytes = if body.is_null() {
         Vec::new()
@@ -360,8 +327,7 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         &json!({"path": "/srv/a/b", "parents": true}),
     );
     assert_eq!(mk_status, 200, "{mk_text}");
-    let up = kiln(
-        &kilnd,
+    let up = kilnd.kiln_as(
         &admin_creds,
         &[
             "cp",
@@ -376,8 +342,7 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         String::from_utf8_lossy(&up.stderr)
     );
     let back = scratch.path().join("back.bin");
-    let down = kiln(
-        &kilnd,
+    let down = kilnd.kiln_as(
         &admin_creds,
         &[
             "cp",
@@ -605,14 +570,12 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         );
         attempts.push((format!("PUT {target} files"), status, text));
     }
-    let cli_exec = kiln(
-        &kilnd,
+    let cli_exec = kilnd.kiln_as(
         &bob_creds,
         &["exec", &vm, "--", "touch", "/tmp/pwned"],
         None,
     );
-    let cli_cp = kiln(
-        &kilnd,
+    let cli_cp = kilnd.kiln_as(
         &bob_creds,
         &[
             "cp",
@@ -621,7 +584,7 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         ],
         None,
     );
-    let cli_logs = kiln(&kilnd, &bob_creds, &["logs", &vm], None);
+    let cli_logs = kilnd.kiln_as(&bob_creds, &["logs", &vm], None);
     let (untouched, _, _, _) = exec(
         &kilnd,
         &admin,
@@ -682,7 +645,7 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         "{log_text}"
     );
     let seen = highest_tick(&log_text);
-    let mut follow = Command::new(kiln_bin())
+    let mut follow = Command::new(Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln"))
         .args(["logs", &vm, "--follow"])
         .env("KILN_ENDPOINT", &kilnd.url)
         .env("KILN_HOME", kilnd.home.path())
@@ -718,10 +681,9 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         "kiln logs --follow showed nothing past tick {seen}"
     );
 
-    let cli_logs = kiln(&kilnd, &admin_creds, &["logs", &vm], None);
-    let build_log = kiln(&kilnd, &admin_creds, &["logs", "sbx"], None);
-    let failing = kiln(
-        &kilnd,
+    let cli_logs = kilnd.kiln_as(&admin_creds, &["logs", &vm], None);
+    let build_log = kilnd.kiln_as(&admin_creds, &["logs", "sbx"], None);
+    let failing = kilnd.kiln_as(
         &admin_creds,
         &[
             "exec",
@@ -733,20 +695,17 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
         ],
         None,
     );
-    let typed = kiln(
-        &kilnd,
+    let typed = kilnd.kiln_as(
         &admin_creds,
         &["exec", &vm, "--", "tr", "a-z", "A-Z"],
         Some(b"forwarded stdin\n"),
     );
-    let as_json = kiln(
-        &kilnd,
+    let as_json = kilnd.kiln_as(
         &admin_creds,
         &["exec", &vm, "--output", "json", "--sh", "echo j; exit 2"],
         None,
     );
-    let timed_cli = kiln(
-        &kilnd,
+    let timed_cli = kilnd.kiln_as(
         &admin_creds,
         &["exec", &vm, "--timeout", "1", "--", "sleep", "60"],
         None,

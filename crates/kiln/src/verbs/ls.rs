@@ -108,7 +108,18 @@ fn text(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
-/// Runs `kiln images`: each image with its newest version and that version's state.
+/// A version's base as a cell: its name and, for a registry image, the digest it resolved
+/// to, shortened (`python:3.12-slim 0 @sha256:0a1b2c3d4e5f`).
+fn base_cell(base: &Value, digest: &Value) -> String {
+    let mut cell = base.as_str().unwrap_or("-").to_string();
+    if let Some(d) = digest.as_str() {
+        let short: String = d.chars().take("sha256:".len() + 12).collect();
+        cell = format!("{cell} @{short}");
+    }
+    cell
+}
+
+/// Runs `kiln images`: each image with its newest version, that version's state and base.
 pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
     let list: ListMicrovmImagesResponse = serde_json::from_value(
         kilnd
@@ -128,6 +139,22 @@ pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
             .items
             .iter()
             .max_by_key(|v| v.image_version.parse::<u64>().unwrap_or(0));
+        // What the newest version was built from (drift: a tag may point elsewhere now).
+        let details = match newest {
+            Some(v) => {
+                let path = format!(
+                    "/kiln/v1/images/{}/versions/{}/details",
+                    kiln_api::uri::percent_encode(&image.name),
+                    kiln_api::uri::percent_encode(&v.image_version)
+                );
+                kilnd
+                    .kiln_json(reqwest::Method::GET, &path, None)
+                    .await
+                    .ok()
+            }
+            None => None,
+        }
+        .unwrap_or(Value::Null);
         rows.push(json!({
             "name": image.name,
             "imageArn": image.image_arn,
@@ -136,6 +163,8 @@ pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
             "latestVersionState": newest.map(|v| v.state),
             "latestActiveImageVersion": image.latest_active_image_version,
             "createdAt": image.created_at,
+            "base": details["base"],
+            "baseDigest": details["baseDigest"],
         }));
     }
     match g.output {
@@ -145,7 +174,15 @@ pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
                 eprintln!("no images yet; build one with `kiln build DIR`");
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut t = Table::new(&["name", "latest", "build", "active", "image state", "age"]);
+            let mut t = Table::new(&[
+                "name",
+                "latest",
+                "build",
+                "active",
+                "image state",
+                "base (latest)",
+                "age",
+            ]);
             for r in &rows {
                 t.row(vec![
                     text(&r["name"]),
@@ -153,6 +190,7 @@ pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
                     text(&r["latestVersionState"]),
                     text(&r["latestActiveImageVersion"]),
                     text(&r["state"]),
+                    base_cell(&r["base"], &r["baseDigest"]),
                     r["createdAt"].as_f64().map(age).unwrap_or_default(),
                 ]);
             }
@@ -160,4 +198,20 @@ pub async fn images(g: &Global, kilnd: &Kilnd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_cell_when_registry_base_then_short_digest_else_name() {
+        let digest = json!(format!("sha256:{}", "0a1b2c3d4e5f".repeat(5)));
+        assert_eq!(
+            base_cell(&json!("docker.io/library/python:3.12-slim 0"), &digest),
+            "docker.io/library/python:3.12-slim 0 @sha256:0a1b2c3d4e5f"
+        );
+        assert_eq!(base_cell(&json!("busybox 1"), &Value::Null), "busybox 1");
+        assert_eq!(base_cell(&Value::Null, &Value::Null), "-");
+    }
 }

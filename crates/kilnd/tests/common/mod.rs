@@ -388,6 +388,54 @@ impl Daemon {
         uri
     }
 
+    /// Runs the `kiln` CLI beside this test's kilnd, signing with `credentials`, with
+    /// `input` on its stdin.
+    pub fn kiln_as(
+        &self,
+        credentials: &Path,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> std::process::Output {
+        let bin = Path::new(env!("CARGO_BIN_EXE_kilnd")).with_file_name("kiln");
+        let mut cmd = Command::new(&bin);
+        for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
+            cmd.env_remove(var);
+        }
+        cmd.args(args)
+            .env("KILN_ENDPOINT", &self.url)
+            .env("KILN_HOME", self.home.path())
+            .env("AWS_SHARED_CREDENTIALS_FILE", credentials)
+            .env("AWS_REGION", "us-east-1")
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "run {} (cargo build --release --workspace --bins): {e}",
+                bin.display()
+            )
+        });
+        if let Some(data) = input {
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(data).expect("write stdin");
+        }
+        child.wait_with_output().expect("kiln output")
+    }
+
+    /// Runs the `kiln` CLI as admin: (success, stdout, stderr).
+    pub fn kiln(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.kiln_as(&self.credentials(), args, None);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// A Python from `target/pyenv` whose boto3 signs as admin.
     pub fn python(&self) -> Command {
         let mut cmd = Command::new(workspace().join("target/pyenv/bin/python"));
