@@ -65,9 +65,20 @@ pub struct Config {
     /// Most MicroVMs running (or being launched) at once.
     #[arg(long, default_value_t = 32)]
     pub max_microvms: usize,
-    /// Most guest memory, MiB, all MicroVMs together (default: 75% of the host's memory).
+    /// Most guest memory, MiB, all MicroVMs together (default: 75% of the host's memory),
+    /// before `--memory-overcommit`.
     #[arg(long)]
     pub max_memory_mib: Option<u64>,
+    /// How many times `--max-memory-mib` the MicroVMs' memory may add up to. Idle guests
+    /// touch little of what they are given (measure with `cargo bench -p kilnd --bench
+    /// density`), so e.g. 4 admits four times as many; `--min-available-mib` still guards
+    /// the host's real memory.
+    #[arg(long, default_value_t = 1.0, value_parser = overcommit_ratio, value_name = "RATIO")]
+    pub memory_overcommit: f64,
+    /// Refuse launches and resumes while the host has less memory available than this
+    /// (MemAvailable), MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    pub min_available_mib: u64,
     /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
     #[arg(long, default_value_t = 60)]
     pub min_idle_seconds: i32,
@@ -177,20 +188,13 @@ impl Config {
     pub fn ready_timeout(&self) -> Duration {
         Duration::from_secs(self.ready_timeout_secs)
     }
-    /// The memory budget for MicroVMs, MiB.
+    /// The memory budget for MicroVMs, MiB: `--max-memory-mib` (or 75 % of the host's
+    /// memory) times `--memory-overcommit`.
     pub fn memory_budget_mib(&self) -> u64 {
-        self.max_memory_mib.unwrap_or_else(|| {
-            let total_kib = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|m| {
-                    m.lines()
-                        .find(|l| l.starts_with("MemTotal:"))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|n| n.parse::<u64>().ok())
-                })
-                .unwrap_or(4 << 20);
-            total_kib / 1024 * 3 / 4
-        })
+        let base = self
+            .max_memory_mib
+            .unwrap_or_else(|| meminfo_kib("MemTotal:").unwrap_or(4 << 20) / 1024 * 3 / 4);
+        (base as f64 * self.memory_overcommit) as u64
     }
     /// The default per-principal quotas from the `--quota-*` flags.
     pub fn quota_limits(&self) -> Limits {
@@ -207,5 +211,48 @@ impl Config {
     /// [`Config::step_timeout_secs`] as a duration.
     pub fn step_timeout(&self) -> Duration {
         Duration::from_secs(self.step_timeout_secs)
+    }
+}
+
+/// A `/proc/meminfo` figure (`MemTotal:`, `MemAvailable:` …), KiB.
+pub fn meminfo_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `--memory-overcommit`: a finite ratio from 1 to 16.
+fn overcommit_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (1.0..=16.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 1 to 16 (e.g. --memory-overcommit 4)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_budget_when_overcommitted_then_scaled_and_bad_ratios_refused() {
+        let budget = |args: &[&str]| {
+            let argv = ["kilnd", "--max-memory-mib", "1000"].iter().chain(args);
+            Config::try_parse_from(argv).map(|c| c.memory_budget_mib())
+        };
+
+        assert_eq!(budget(&[]).ok(), Some(1000));
+        assert_eq!(budget(&["--memory-overcommit", "4"]).ok(), Some(4000));
+        assert_eq!(budget(&["--memory-overcommit", "1.5"]).ok(), Some(1500));
+        for bad in ["0.5", "17", "NaN", "inf", "four"] {
+            let e = budget(&["--memory-overcommit", bad]).expect_err(bad);
+            assert!(e.to_string().contains("ratio from 1 to 16"), "{e}");
+        }
     }
 }

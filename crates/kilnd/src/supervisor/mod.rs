@@ -202,7 +202,25 @@ impl Microvms {
         }
     }
 
+    /// Refuses when the host itself is short of memory, whatever the budget says (guests
+    /// may touch more than measured, other processes share the host).
+    fn host_has_room(&self) -> Result<(), ApiError> {
+        let Some(available) = crate::config::meminfo_kib("MemAvailable:").map(|k| k / 1024) else {
+            return Ok(());
+        };
+        if available < self.config.min_available_mib {
+            return Err(ApiError::InsufficientCapacity {
+                message: format!(
+                    "this kiln host has {available} MiB of memory available, under its floor of {} MiB                      (--min-available-mib); terminate or suspend some MicroVMs, or try later",
+                    self.config.min_available_mib
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn reserve(&self, memory_mib: u64) -> Result<(), ApiError> {
+        self.host_has_room()?;
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         let budget = self.config.memory_budget_mib();
         if c.vms + 1 > self.config.max_microvms || c.memory_mib + memory_mib > budget {
@@ -221,6 +239,7 @@ impl Microvms {
     }
 
     fn reserve_memory(&self, memory_mib: u64) -> Result<(), ApiError> {
+        self.host_has_room()?;
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         let budget = self.config.memory_budget_mib();
         if c.memory_mib + memory_mib > budget {
