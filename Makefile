@@ -62,6 +62,7 @@ bench: build
 	$(CARGO) bench -p kiln-image --bench build
 	$(CARGO) bench -p kilnd --bench proxy
 	KILN_HOME=$(TEST_HOME) $(CARGO) bench -p kilnd --bench launch
+	KILN_HOME=$(TEST_HOME) $(CARGO) bench -p kilnd --bench density
 
 lint:
 	$(CARGO) fmt --all -- --check
