@@ -48,12 +48,17 @@ const APP: &str =
 fn main() -> anyhow::Result<()> {
     let launches: usize = env_or("KILN_BENCH_LAUNCHES", 20);
     ensure!(launches > 0, "KILN_BENCH_LAUNCHES must be at least 1");
-    let kilnd = Kilnd::start(&["--max-microvms", &(CONCURRENT + 3).to_string()])?;
+    let mut kilnd = Kilnd::start(&[
+        "--max-microvms",
+        &(CONCURRENT + 3).to_string(),
+        "--warm-pool",
+        "0",
+    ])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(bench(&kilnd, launches));
+    let result = runtime.block_on(bench(&mut kilnd, launches));
     drop(runtime);
     if result.is_err() {
         eprintln!("kilnd's log: {}", kilnd.log_tail());
@@ -61,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn bench(kilnd: &Kilnd, launches: usize) -> anyhow::Result<()> {
+async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     let api = Api::new(&kilnd.url, &kilnd.home.path().join("credentials"))?;
     let endpoint = Endpoint::new(kilnd)?;
     let home = kilnd.home.path().to_owned();
@@ -152,6 +157,26 @@ async fn bench(kilnd: &Kilnd, launches: usize) -> anyhow::Result<()> {
         return Err(e.context("a concurrent launch failed"));
     }
 
+    // The same launches with a warm pool of one: kilnd restarted with `--warm-pool 1`; one
+    // launch tells it the version is in use, then each launch waits until the pool holds a
+    // VM again, so every measured launch takes one.
+    kilnd.restart(&[
+        "--max-microvms",
+        &(CONCURRENT + 3).to_string(),
+        "--warm-pool",
+        "1",
+    ])?;
+    let api = Api::new(&kilnd.url, &kilnd.home.path().join("credentials"))?;
+    let first = launch(&api, &endpoint, Instant::now()).await?;
+    terminate(&api, &first.id).await?;
+    let mut pooled = Vec::with_capacity(launches);
+    for _ in 0..launches {
+        wait_for_pool(&api).await?;
+        let l = launch(&api, &endpoint, Instant::now()).await?;
+        terminate(&api, &l.id).await?;
+        pooled.push(l);
+    }
+
     println!();
     println!("cold boot: kiln-vmm boots a fresh VM from the built image's disk (the snapshot's flattened");
     println!(
@@ -233,6 +258,28 @@ async fn bench(kilnd: &Kilnd, launches: usize) -> anyhow::Result<()> {
         "cold boot / launch-to-first-200 (medians)   {:>6.1}× token excluded, {:.1}× included (aim: ≥ 20×)",
         cold_median.as_secs_f64() / launch_median.as_secs_f64(),
         cold_median.as_secs_f64() / with_token.as_secs_f64()
+    );
+    println!();
+    println!("with a warm pool (kilnd --warm-pool 1): RunMicrovm continues a restored, paused VM");
+    let from_pool = |f: fn(&Launch) -> Duration| pooled.iter().map(f).collect::<Vec<_>>();
+    row(
+        "RunMicrovm → returned",
+        &from_pool(|l| l.returned),
+        Stat::Tail,
+    );
+    row(
+        "GET with the token in hand → 200",
+        &from_pool(|l| l.request),
+        Stat::Tail,
+    );
+    let pooled_median = row(
+        "launch → first 200 (token excluded)",
+        &from_pool(|l| l.returned + l.request),
+        Stat::Tail,
+    );
+    println!(
+        "cold boot / launch-to-first-200 with a warm pool (medians)   {:>6.1}× token excluded (aim: ≥ 50×)",
+        cold_median.as_secs_f64() / pooled_median.as_secs_f64(),
     );
     println!(
         "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} cargo bench -p kilnd --bench launch"
@@ -523,6 +570,28 @@ struct Measured {
     second: Duration,
     /// TerminateMicrovm took.
     terminated: Duration,
+}
+
+/// Waits until kilnd's warm pool holds a VM (`kiln_warm_pool_microvms` in `/metrics`).
+async fn wait_for_pool(api: &Api) -> anyhow::Result<()> {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    loop {
+        let metrics = api.text("/metrics").await?;
+        let pooled = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_warm_pool_microvms "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if pooled >= 1.0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the warm pool held no VM after {} s",
+            ANSWER_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 async fn terminate(api: &Api, id: &str) -> anyhow::Result<()> {

@@ -79,6 +79,15 @@ pub struct Config {
     /// (MemAvailable), MiB.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub min_available_mib: u64,
+    /// MicroVMs kept restored and paused for each image version launched in the last ten
+    /// minutes, so RunMicrovm only continues one (0: no warm pool). They hold VM slots and
+    /// memory like running MicroVMs and give them up first when a launch needs room.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub warm_pool: usize,
+    /// The most pooled MicroVMs one version gets when its launch rate is high (its launches
+    /// in the last minute, at least `--warm-pool`).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub warm_pool_max: usize,
     /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
     #[arg(long, default_value_t = 60)]
     pub min_idle_seconds: i32,

@@ -192,6 +192,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
+    tokio::spawn(microvms.clone().keep_warm());
     let sandboxes = Arc::new(
         e2b::registry::Registry::open(home.join("e2b").join("sandboxes"))
             .context("opening the E2B sandbox records")?,

@@ -421,6 +421,102 @@ fn run_when_ten_launch_at_once_then_each_succeeds_or_fails_cleanly_and_max_durat
     assert!(!kilnd.qemu_running());
 }
 
+/// A figure of kilnd's `/metrics` (0 when absent).
+fn metric(kilnd: &Daemon, name: &str) -> f64 {
+    common::http_get(&kilnd.url, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls until `metric` reads `want` (60 s at most); what it read last.
+fn wait_metric(kilnd: &Daemon, name: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = metric(kilnd, name);
+        if v == want || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_and_empties() {
+    let kilnd = Daemon::start(&["--warm-pool", "1"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    counter_image(&kilnd, scratch.path());
+    let idle_before_use = kilnd.qemu_count();
+
+    // The first launch restores the snapshot and puts the version in use; the pool fills.
+    let a = run(&kilnd);
+    let pooled_after_first = wait_metric(&kilnd, "kiln_warm_pool_microvms", 1.0);
+    let qemus_with_pool = kilnd.qemu_count();
+    // The second takes the pooled VM: a session of its own, fresh from the snapshot.
+    let b = run(&kilnd);
+    let from_pool = metric(&kilnd, "kiln_microvm_launches_from_pool_total");
+    let (id_a, id_b) = (
+        a["microvmId"].as_str().unwrap_or_default(),
+        b["microvmId"].as_str().unwrap_or_default(),
+    );
+    let first_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/cgi-bin/count");
+    let second_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/cgi-bin/count");
+    let first_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/cgi-bin/count");
+    let refilled = wait_metric(&kilnd, "kiln_warm_pool_microvms", 1.0);
+    let (_, listed, _) = kilnd.aws(&["list-microvms"]);
+    // Retiring the version empties its pool; nothing stays admitted.
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_a]);
+    kilnd.aws(&["terminate-microvm", "--microvm-identifier", id_b]);
+    let (retired, _, retire_err) = kilnd.aws(&[
+        "update-microvm-image-version",
+        "--image-identifier",
+        "counter",
+        "--image-version",
+        "1",
+        "--status",
+        "INACTIVE",
+    ]);
+    let emptied = wait_metric(&kilnd, "kiln_warm_pool_microvms", 0.0);
+    let admitted = wait_metric(&kilnd, "kiln_admitted_microvms", 0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kilnd.qemu_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    assert_eq!(
+        idle_before_use, 0,
+        "nothing is pooled before a version is used"
+    );
+    assert_eq!(pooled_after_first, 1.0);
+    assert_eq!(qemus_with_pool, 2, "the launched VM and the pooled one");
+    assert_eq!(
+        (a["state"].as_str(), b["state"].as_str()),
+        (Some("RUNNING"), Some("RUNNING"))
+    );
+    assert_ne!(id_a, id_b);
+    assert_eq!(from_pool, 1.0, "the second launch took the pooled VM");
+    assert_eq!(
+        (first_a.trim(), second_a.trim(), first_b.trim()),
+        ("200 101", "200 102", "200 101"),
+        "each session has its own app state"
+    );
+    assert_eq!(
+        refilled, 1.0,
+        "the pool refills after a launch takes from it"
+    );
+    // A pooled VM is no one's MicroVM: the list shows the two launched ones only.
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    assert_eq!(retired, 0, "{retire_err}");
+    assert_eq!(emptied, 0.0, "an INACTIVE version's pool is emptied");
+    assert_eq!(admitted, 0.0, "nothing stays admitted");
+    assert!(!kilnd.qemu_running(), "no QEMU left");
+}
+
 #[test]
 fn suspend_when_qemu_was_killed_then_a_conflict_not_a_retry_and_the_microvm_ends_with_a_reason() {
     let kilnd = Daemon::start(&[]);

@@ -1344,8 +1344,8 @@ impl QemuVm {
 }
 
 /// Sets the guest's clock from the host and feeds it fresh entropy: a snapshot restored twice
-/// must not share its RNG state, and its clock stood still while it was saved.
-async fn refresh_guest(agent: &AgentClient) -> Result<(), VmmError> {
+/// must not share its RNG state, and its clock stood still while it was saved (or paused).
+pub async fn refresh_guest(agent: &AgentClient) -> Result<(), VmmError> {
     agent
         .set_clock(SystemTime::now())
         .await

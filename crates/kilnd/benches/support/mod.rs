@@ -35,6 +35,7 @@ pub struct Kilnd {
     pub url: String,
     /// Its endpoint port on loopback.
     pub endpoint_port: u16,
+    binary: PathBuf,
 }
 
 impl Kilnd {
@@ -74,30 +75,44 @@ impl Kilnd {
                 .with_context(|| format!("linking {dir} into {}", home.path().display()))?;
         }
         let endpoint_port = kiln_vmm::free_port()?;
-        let log = std::fs::File::create(home.path().join("kilnd.log"))?;
-        let mut child = Command::new(&binary)
-            .arg("--home")
-            .arg(home.path())
-            .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
-            .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("kilnd's stdout")?;
+        let child = spawn(&binary, home.path(), endpoint_port, extra)?;
         let mut kilnd = Kilnd {
             child,
             home,
             url: String::new(),
             endpoint_port,
+            binary,
         };
+        kilnd.url = kilnd.listening()?;
+        Ok(kilnd)
+    }
+
+    /// Stops kilnd and starts it again on the same home and endpoint port with `extra`
+    /// flags (its API address changes). MicroVMs left running are reconciled by kilnd.
+    pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.stop();
+        self.child = spawn(&self.binary, self.home.path(), self.endpoint_port, extra)?;
+        self.url = self.listening()?;
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// The API address kilnd prints once it listens.
+    fn listening(&mut self) -> anyhow::Result<String> {
+        let stdout = self.child.stdout.take().context("kilnd's stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        kilnd.url = loop {
+        let url = loop {
             let Some(line) = lines.next() else {
                 bail!(
                     "kilnd exited before listening; its log: {}",
-                    kilnd.log_tail()
+                    self.log_tail()
                 );
             };
             if let Some(rest) = line?.strip_prefix("kilnd: API on ") {
@@ -109,7 +124,7 @@ impl Kilnd {
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        Ok(kilnd)
+        Ok(url)
     }
 
     /// The last lines of kilnd's log.
@@ -122,12 +137,26 @@ impl Kilnd {
 
 impl Drop for Kilnd {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// The release kilnd on `home`, its log appended to `<home>/kilnd.log`.
+fn spawn(binary: &Path, home: &Path, endpoint_port: u16, extra: &[&str]) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("kilnd.log"))?;
+    Command::new(binary)
+        .arg("--home")
+        .arg(home)
+        .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
+        .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 /// kilnd's AWS-shaped API over plain HTTP (loopback), signed with the admin key kilnd
@@ -195,6 +224,12 @@ impl Api {
             .collect())
     }
 
+    /// A signed GET; the answer as text. Fails on any status but 2xx.
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let bytes = self.send(Method::GET, path, String::new()).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// One call; the answer's JSON (null when empty). Fails on any status but 2xx.
     pub async fn call(
         &self,
@@ -203,6 +238,16 @@ impl Api {
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let bytes = self.send(method.clone(), path, body).await?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{method} {path}: answer is not JSON"))
+    }
+
+    /// Sends one signed request; the answer's body. Fails on any status but 2xx.
+    async fn send(&self, method: Method, path: &str, body: String) -> anyhow::Result<Bytes> {
         let uri = format!("{}{path}", self.url);
         let mut req = Request::builder()
             .method(method.clone())
@@ -224,11 +269,7 @@ impl Api {
             "{method} {path}: {status} {}",
             String::from_utf8_lossy(&bytes)
         );
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{method} {path}: answer is not JSON"))
+        Ok(bytes)
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Metrics {
     proxy: ProxyCounters,
     admitted_microvms: Gauge,
     admitted_memory_mib: Gauge,
+    warm_pool: Gauge,
+    pooled_launches: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -238,6 +240,18 @@ impl Metrics {
             "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress), MiB",
             admitted_memory_mib.clone(),
         );
+        let warm_pool = Gauge::default();
+        registry.register(
+            "warm_pool_microvms",
+            "MicroVMs restored and paused ahead of demand (held in the admitted figures too)",
+            warm_pool.clone(),
+        );
+        let pooled_launches = Counter::default();
+        registry.register(
+            "microvm_launches_from_pool",
+            "Launches that took a MicroVM from the warm pool instead of restoring one",
+            pooled_launches.clone(),
+        );
         registry.register_collector(Box::new(MicrovmStates {
             store: store.clone(),
         }));
@@ -256,7 +270,19 @@ impl Metrics {
             proxy,
             admitted_microvms,
             admitted_memory_mib,
+            warm_pool,
+            pooled_launches,
         }
+    }
+
+    /// How many MicroVMs the warm pool holds now.
+    pub fn set_warm_pool(&self, microvms: usize) {
+        self.warm_pool.set(microvms as i64);
+    }
+
+    /// A launch took a pooled MicroVM.
+    pub fn launched_from_pool(&self) {
+        self.pooled_launches.inc();
     }
 
     /// What the supervisor has admitted now: MicroVMs and guest memory.

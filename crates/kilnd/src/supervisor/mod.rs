@@ -5,6 +5,7 @@
 mod hooks;
 pub mod network;
 mod owner;
+mod pool;
 mod recovery;
 pub mod transitions;
 
@@ -25,7 +26,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
 use self::hooks::SessionHooks;
-use self::owner::{Command, Held, Launch};
+use self::owner::{Command, Held, Launch, LaunchFrom};
+use self::pool::{Pool, Pooled, VersionKey};
 use self::transitions::Event;
 
 use crate::api::wire::{internal, request_hash, to_value, ts};
@@ -116,6 +118,8 @@ pub struct Microvms {
     network: Arc<Network>,
     /// Per-principal quotas (MicroVMs and their memory).
     quotas: Arc<crate::auth::quotas::Quotas>,
+    /// MicroVMs restored ahead of demand.
+    pool: Pool,
 }
 
 /// A RunMicrovm's idempotency token, scoped to its principal, with the hash of the request.
@@ -175,6 +179,7 @@ impl Microvms {
             run_claims: StdMutex::new(()),
             metrics: parts.metrics,
             audit: parts.audit,
+            pool: Pool::default(),
         })
     }
 
@@ -533,8 +538,203 @@ impl Microvms {
                 "maximumDurationInSeconds must be between 1 and {MAX_DURATION_SECS}"
             )));
         }
-        let vdir = version_dir(&self.host.home, &key, version);
-        // Reading the version's files and checking the snapshot's checksums is blocking work.
+        // The run hook's payload carries the session's secrets: it is passed on, never stored.
+        let stored_request = to_value(&RunMicrovmRequest {
+            run_hook_payload: None,
+            ..req.clone()
+        })?;
+        let version_key: VersionKey = (key.clone(), version);
+        self.pool.noted(&version_key, std::time::Instant::now());
+        // A pooled VM is the version's snapshot restored already; only launches whose
+        // network and console are the pool's defaults take one.
+        let poolable = self.plan_of(&req).egress == kiln_net::Egress::None
+            && !crate::sandbox::logging_disabled(&req);
+        let mut pooled = if poolable {
+            self.pool.take(&version_key)
+        } else {
+            None
+        };
+        let from = match &pooled {
+            Some(p) => {
+                tracing::debug!(microvm = %p.id, image = %name, version, "launch from the warm pool");
+                None
+            }
+            None => Some(self.open_version(&key, &name, version).await?),
+        };
+        let (id, memory) = match (&pooled, &from) {
+            (Some(p), _) => (p.id.clone(), p.memory_mib),
+            (None, Some((_, snap))) => (new_microvm_id(), snap.manifest.memory_mib),
+            (None, None) => unreachable!("a launch has a pooled VM or a snapshot"),
+        };
+        let dir = self.dir_of(&id);
+        let row = MicrovmRow {
+            id: id.clone(),
+            image: key,
+            version,
+            state: MicrovmState::Pending,
+            state_reason: None,
+            request: stored_request,
+            started_at: now(),
+            terminated_at: None,
+            max_duration,
+            memory_mib: memory as i64,
+            kernel: self.host.assets.kernel.version.clone(),
+            dir: dir.display().to_string(),
+            forwards: json!({}),
+            owner: caller.principal.clone(),
+        };
+        let recorded = self.record_launch(caller, token.as_ref(), &row, &mut pooled, &version_key);
+        self.metrics.set_warm_pool(self.pool.total());
+        if let Some(answer) = recorded? {
+            return Ok(answer);
+        }
+        if pooled.is_some() {
+            self.metrics.launched_from_pool();
+        }
+        // From here the MicroVM's owner launches it; this call only waits for the answer,
+        // so a caller that goes away cancels nothing.
+        let owner = self.spawn_owner(
+            &row,
+            Held {
+                slot: true,
+                memory: true,
+            },
+        );
+        let from = match (pooled, from) {
+            (Some(p), _) => LaunchFrom::Pool(p.live),
+            (None, Some((config, snap))) => LaunchFrom::Snapshot { snap, config },
+            (None, None) => unreachable!("a launch has a pooled VM or a snapshot"),
+        };
+        let launch = Box::new(Launch {
+            from,
+            hooks: SessionHooks::of(&v.spec),
+            req,
+            token: token.map(|t| (t.token, t.scope)),
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if owner.send(Command::Launch(launch, reply)).await.is_err() {
+            return Err(ApiError::internal(format!(
+                "MicroVM {id} has no owner to launch it (kilnd is stopping)"
+            )));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ApiError::internal(format!(
+                "the owner of MicroVM {id} ended before it answered"
+            )))
+        })
+    }
+
+    /// Records a launch while no other RunMicrovm can: the token's replay check, the
+    /// principal's quotas, the host's capacity (a pooled VM brings its own), the row and the
+    /// token. `Ok(Some(answer))` is a replay: nothing recorded. A pooled VM goes back to the
+    /// pool when nothing was recorded, and is discarded when its id was.
+    fn record_launch(
+        &self,
+        caller: &Caller,
+        token: Option<&RunToken>,
+        row: &MicrovmRow,
+        pooled: &mut Option<Pooled>,
+        version: &VersionKey,
+    ) -> Result<Option<Value>, ApiError> {
+        let memory = row.memory_mib as u64;
+        let give_back = |pooled: &mut Option<Pooled>| {
+            if let Some(p) = pooled.take() {
+                self.pool.put(version.clone(), p);
+            }
+        };
+        // Checked again while no other RunMicrovm can record a row: of two calls with
+        // one token, exactly one launches.
+        let _claims = self.run_claims.lock().unwrap_or_else(|p| p.into_inner());
+        let admitted = self.replay_run(caller, token).and_then(|replay| {
+            if replay.is_none() {
+                // Under the same lock as the insert: of two launches racing for the last
+                // slot, exactly one is recorded.
+                self.quotas.admit_microvm(&caller.principal, memory)?;
+                if pooled.is_none() {
+                    self.reserve_evicting(memory, version)?;
+                }
+            }
+            Ok(replay)
+        });
+        match admitted {
+            Ok(None) => {}
+            Ok(Some(answer)) => {
+                give_back(pooled);
+                return Ok(Some(answer));
+            }
+            Err(e) => {
+                give_back(pooled);
+                return Err(e);
+            }
+        }
+        let abandon = |pooled: &mut Option<Pooled>| match pooled.take() {
+            Some(p) => self.discard_pooled(p),
+            None => self.release(memory),
+        };
+        if let Err(e) = self.store.insert_microvm(row) {
+            abandon(pooled);
+            return Err(internal(e));
+        }
+        if let Some(t) = token {
+            let launched = json!({ "microvmId": row.id }).to_string();
+            if let Err(e) =
+                self.store
+                    .put_client_token(&t.token, &t.scope, &t.hash, &launched, now())
+            {
+                abandon(pooled);
+                let _ = self.store.transition_microvm(
+                    &row.id,
+                    MicrovmState::Pending,
+                    MicrovmState::Terminated,
+                    crate::store::Reason::Set(
+                        "launch abandoned: its clientToken could not be recorded",
+                    ),
+                    Some(now()),
+                );
+                return Err(internal(e));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reserves capacity for a launch, giving pooled VMs up (others' first) while the host
+    /// is full.
+    fn reserve_evicting(&self, memory_mib: u64, keep: &VersionKey) -> Result<(), ApiError> {
+        loop {
+            match self.reserve(memory_mib) {
+                Ok(()) => return Ok(()),
+                Err(full) => match self.pool.evict_one(keep) {
+                    Some(p) => self.discard_pooled(p),
+                    None => return Err(full),
+                },
+            }
+        }
+    }
+
+    /// Ends a pooled VM and gives its capacity back at once (its QEMU ends in the background).
+    fn discard_pooled(&self, p: Pooled) {
+        self.release(p.memory_mib);
+        self.metrics.set_warm_pool(self.pool.total());
+        let host = self.host.clone();
+        let dir = self.dir_of(&p.id);
+        tokio::spawn(async move {
+            if let Err(e) = p.live.vm.terminate().await {
+                tracing::debug!(microvm = %p.id, error = %e, "ending a pooled VM");
+            }
+            host.vmm.kill_leftovers(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+    }
+
+    /// The image.json and snapshot of a version (reading them and checking the snapshot's
+    /// checksums is blocking work).
+    async fn open_version(
+        &self,
+        key: &str,
+        name: &str,
+        version: i64,
+    ) -> Result<(ImageConfig, Snapshot), ApiError> {
+        let vdir = version_dir(&self.host.home, key, version);
         let qemu_version = self.host.vmm.qemu().version.clone();
         let (config, snap) = kiln_vmm::blocking(move || {
             let config = std::fs::read(vdir.join("image.json"))
@@ -553,91 +753,97 @@ impl Microvms {
         })?;
         let snap =
             snap.map_err(|e| ApiError::internal(format!("image {name} version {version}: {e}")))?;
-        let memory = snap.manifest.memory_mib;
-        let id = new_microvm_id();
-        let dir = self.dir_of(&id);
-        let row = MicrovmRow {
-            id: id.clone(),
-            image: key,
-            version,
-            state: MicrovmState::Pending,
-            state_reason: None,
-            // The run hook's payload carries the session's secrets: it is passed on, never stored.
-            request: to_value(&RunMicrovmRequest {
-                run_hook_payload: None,
-                ..req.clone()
-            })?,
-            started_at: now(),
-            terminated_at: None,
-            max_duration,
-            memory_mib: memory as i64,
-            kernel: self.host.assets.kernel.version.clone(),
-            dir: dir.display().to_string(),
-            forwards: json!({}),
-            owner: caller.principal.clone(),
-        };
-        {
-            // Checked again while no other RunMicrovm can record a row: of two calls with
-            // one token, exactly one launches.
-            let _claims = self.run_claims.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(answer) = self.replay_run(caller, token.as_ref())? {
-                return Ok(answer);
+        Ok((config, snap))
+    }
+
+    /// Keeps the warm pool filled (every quarter second): each version in use gets its
+    /// target of restored, paused VMs while admission allows; versions no longer runnable
+    /// or in use are emptied. See `pool.rs`.
+    pub async fn keep_warm(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let least = self.config.warm_pool;
+            let targets = match least {
+                0 => Vec::new(),
+                _ => self
+                    .pool
+                    .targets(std::time::Instant::now(), least, self.config.warm_pool_max),
+            };
+            for version in self.pool.pooled_versions() {
+                if !targets.iter().any(|(k, _)| *k == version) {
+                    self.pool
+                        .drain(&version)
+                        .into_iter()
+                        .for_each(|p| self.discard_pooled(p));
+                }
             }
-            // Under the same lock as the insert: of two launches racing for the last slot,
-            // exactly one is recorded.
-            self.quotas.admit_microvm(&caller.principal, memory)?;
-            self.reserve(memory)?;
-            if let Err(e) = self.store.insert_microvm(&row) {
-                self.release(memory);
-                return Err(internal(e));
-            }
-            if let Some(t) = &token {
-                let launched = json!({ "microvmId": id }).to_string();
-                if let Err(e) =
-                    self.store
-                        .put_client_token(&t.token, &t.scope, &t.hash, &launched, now())
-                {
-                    self.release(memory);
-                    let _ = self.store.transition_microvm(
-                        &id,
-                        MicrovmState::Pending,
-                        MicrovmState::Terminated,
-                        crate::store::Reason::Set(
-                            "launch abandoned: its clientToken could not be recorded",
-                        ),
-                        Some(now()),
-                    );
-                    return Err(internal(e));
+            for (version, target) in targets {
+                let runnable = self
+                    .store
+                    .version(&version.0, version.1)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| v.state == "SUCCESSFUL" && v.status == "ACTIVE");
+                if !runnable {
+                    self.pool
+                        .drain(&version)
+                        .into_iter()
+                        .for_each(|p| self.discard_pooled(p));
+                    continue;
+                }
+                while self.pool.count(&version) < target {
+                    match self.fill(&version).await {
+                        Ok(p) => {
+                            self.pool.put(version.clone(), p);
+                            self.metrics.set_warm_pool(self.pool.total());
+                        }
+                        Err(e) => {
+                            tracing::debug!(image = %version.0, version = version.1, error = %e, "warm pool not filled");
+                            break;
+                        }
+                    }
                 }
             }
         }
-        // From here the MicroVM's owner launches it; this call only waits for the answer,
-        // so a caller that goes away cancels nothing.
-        let owner = self.spawn_owner(
-            &row,
-            Held {
-                slot: true,
-                memory: true,
-            },
-        );
-        let launch = Box::new(Launch {
-            snap,
-            config,
-            hooks: SessionHooks::of(&v.spec),
-            req,
-            token: token.map(|t| (t.token, t.scope)),
-        });
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if owner.send(Command::Launch(launch, reply)).await.is_err() {
-            return Err(ApiError::internal(format!(
-                "MicroVM {id} has no owner to launch it (kilnd is stopping)"
-            )));
+    }
+
+    /// One pooled VM of `version`: admitted, restored as a launch with no egress would be,
+    /// then paused.
+    async fn fill(&self, version: &VersionKey) -> Result<Pooled, ApiError> {
+        let (key, number) = (&version.0, version.1);
+        let spec = self
+            .store
+            .version(key, number)
+            .map_err(internal)?
+            .map(|v| v.spec)
+            .unwrap_or_default();
+        let (config, snap) = self.open_version(key, key, number).await?;
+        let memory = snap.manifest.memory_mib;
+        self.reserve(memory)?;
+        let id = new_microvm_id();
+        let dir = self.dir_of(&id);
+        let req: RunMicrovmRequest = serde_json::from_value(json!({ "imageIdentifier": key }))
+            .map_err(|e| ApiError::internal(format!("a pooled VM's request: {e}")))?;
+        let restored = match self
+            .launch(&id, &dir, &snap, &config, &req, SessionHooks::of(&spec))
+            .await
+        {
+            Ok(live) => live.vm.pause().await.map(|()| live),
+            Err(e) => Err(e),
+        };
+        match restored {
+            Ok(live) => Ok(Pooled {
+                id,
+                live,
+                memory_mib: memory,
+            }),
+            Err(e) => {
+                self.release(memory);
+                self.host.vmm.kill_leftovers(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(ApiError::internal(format!("restoring a pooled VM: {e}")))
+            }
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(ApiError::internal(format!(
-                "the owner of MicroVM {id} ended before it answered"
-            )))
-        })
     }
 
     /// Terminates a MicroVM (idempotent): its owner stops it and frees what it held.

@@ -42,15 +42,31 @@ pub(super) enum Command {
     Terminate(String, Reply<()>),
 }
 
+/// Where a launch's VM comes from.
+pub(super) enum LaunchFrom {
+    /// Restored now from the version's snapshot.
+    Snapshot { snap: Snapshot, config: ImageConfig },
+    /// A paused VM from the warm pool, restored from that snapshot before.
+    Pool(Live),
+}
+
 /// What a launch needs beyond the row.
 pub(super) struct Launch {
-    pub snap: Snapshot,
-    pub config: ImageConfig,
+    pub from: LaunchFrom,
     pub req: RunMicrovmRequest,
     pub hooks: SessionHooks,
     /// The launch's idempotency token (token, scope): forgotten when the launch fails, so a
     /// retry launches anew, also when the caller has gone.
     pub token: Option<(String, String)>,
+}
+
+/// A pooled VM made a launch's own: its vCPUs continued, its clock set and its entropy
+/// fed anew (it stood paused since its restore).
+async fn claim(mut live: Live) -> Result<Live, kiln_vmm::VmmError> {
+    live.vm.resume().await?;
+    kiln_vmm::qemu::refresh_guest(live.vm.agent()).await?;
+    live.since = Instant::now();
+    Ok(live)
 }
 
 /// How many requests may wait for one owner; more callers wait to send.
@@ -330,11 +346,15 @@ impl Owner {
                 let _ = this.sup.store.forget_client_token(token, scope);
             }
         };
-        let live = match self
-            .sup
-            .launch(&id, &dir, &l.snap, &l.config, &l.req, l.hooks.clone())
-            .await
-        {
+        let started = match l.from {
+            LaunchFrom::Snapshot { snap, config } => {
+                self.sup
+                    .launch(&id, &dir, &snap, &config, &l.req, l.hooks.clone())
+                    .await
+            }
+            LaunchFrom::Pool(live) => claim(live).await,
+        };
+        let live = match started {
             Ok(live) => live,
             Err(e) => {
                 self.sup.host.vmm.kill_leftovers(&dir);

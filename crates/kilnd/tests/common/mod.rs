@@ -81,7 +81,8 @@ fn spawn(
 impl Daemon {
     /// Starts kilnd with `extra` flags and waits until it listens. The admin may name
     /// `file://` artifacts under the system's temporary directory (where the tests write
-    /// their zips) unless `extra` sets its own `--artifact-root`.
+    /// their zips) unless `extra` sets its own `--artifact-root`. No warm pool unless
+    /// `extra` asks for one (`--warm-pool N`): the tests count QEMU processes.
     pub fn start(extra: &[&str]) -> Daemon {
         let home = tempfile::Builder::new()
             .prefix("kilnd-t")
@@ -97,6 +98,9 @@ impl Daemon {
         if !extra.iter().any(|a| a == "--artifact-root") {
             extra.push("--artifact-root".into());
             extra.push(std::env::temp_dir().to_string_lossy().into_owned());
+        }
+        if !extra.iter().any(|a| a == "--warm-pool") {
+            extra.extend(["--warm-pool".into(), "0".into()]);
         }
         let endpoint_port = kiln_vmm::free_port().expect("port");
         let (child, url) = spawn(home.path(), "127.0.0.1:0", endpoint_port, &extra, None);
