@@ -757,6 +757,7 @@ async fn upload(
         Ok(c) => c,
         Err(e) => return error_response(&e),
     };
+    let mut body = Some(body);
     let result = async {
         let path = absolute(q.path, "path")?;
         let mode = parse_mode(q.mode.as_deref(), 0o644)?;
@@ -771,6 +772,7 @@ async fn upload(
             "{dir}/.{name}.kiln-upload-{}",
             crate::auth::sigv4::hex(&raw)
         );
+        let body = body.take().unwrap_or_default();
         let written = stream_into(&agent, &temp, mode, body, &claimed).await;
         let moved = match written {
             Ok(_bytes) => agent
@@ -790,6 +792,9 @@ async fn upload(
         Ok((id, path, stat))
     }
     .await;
+    if let Some(unread) = body {
+        drain(unread).await;
+    }
     let target = result
         .as_ref()
         .map(|(id, path, _)| format!("{id} {path}"))
@@ -800,6 +805,25 @@ async fn upload(
         Ok((_, path, stat)) => json_response(StatusCode::CREATED, stat_json(&stat, Some(&path))),
         Err(e) => error_response(&e),
     }
+}
+
+/// Most of a refused upload's body read (and dropped) before the refusal is sent.
+const DRAIN_LIMIT: usize = 16 << 20;
+
+/// Reads and drops what is left of a refused upload (at most [`DRAIN_LIMIT`] bytes, for at
+/// most five seconds), so its client reads the refusal instead of a broken pipe.
+async fn drain(body: Body) {
+    let mut data = body.into_data_stream();
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(chunk)) = data.next().await {
+            seen += chunk.len();
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Writes `body` to `temp` in the guest in pieces, hashing as it goes; fails unless the hash is
