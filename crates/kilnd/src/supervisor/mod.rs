@@ -546,13 +546,10 @@ impl Microvms {
         let version_key: VersionKey = (key.clone(), version);
         self.pool.noted(&version_key, std::time::Instant::now());
         // A pooled VM is the version's snapshot restored already; only launches whose
-        // network and console are the pool's defaults take one.
-        let poolable = self.plan_of(&req).egress == kiln_net::Egress::None
-            && !crate::sandbox::logging_disabled(&req);
-        let mut pooled = if poolable {
-            self.pool.take(&version_key)
-        } else {
-            None
+        // egress and console are what it was restored with take one.
+        let mut pooled = match crate::sandbox::logging_disabled(&req) {
+            true => None,
+            false => self.pool.take(&version_key, &self.plan_of(&req).egress),
         };
         let from = match &pooled {
             Some(p) => {
@@ -769,6 +766,12 @@ impl Microvms {
                     .pool
                     .targets(std::time::Instant::now(), least, self.config.warm_pool_max),
             };
+            if let Ok(plan) = self.network.runtime_plan(None, None) {
+                self.pool
+                    .stale(&plan.egress)
+                    .into_iter()
+                    .for_each(|p| self.discard_pooled(p));
+            }
             for version in self.pool.pooled_versions() {
                 if !targets.iter().any(|(k, _)| *k == version) {
                     self.pool
@@ -807,8 +810,8 @@ impl Microvms {
         }
     }
 
-    /// One pooled VM of `version`: admitted, restored as a launch with no egress would be,
-    /// then paused.
+    /// One pooled VM of `version`: admitted, restored as a launch without connectors would
+    /// be, then paused.
     async fn fill(&self, version: &VersionKey) -> Result<Pooled, ApiError> {
         let (key, number) = (&version.0, version.1);
         let spec = self
@@ -836,6 +839,7 @@ impl Microvms {
                 id,
                 live,
                 memory_mib: memory,
+                egress: self.plan_of(&req).egress,
             }),
             Err(e) => {
                 self.release(memory);

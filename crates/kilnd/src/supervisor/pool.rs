@@ -7,8 +7,9 @@
 //!
 //! Which versions are "in use": launched within the last [`DEMAND_WINDOW`]. How many each
 //! gets: its launches in the last minute, at least `--warm-pool` and at most
-//! `--warm-pool-max`. Only launches without egress and with default logging take a pooled
-//! VM, since those decide how a VM's network and console are set up at restore.
+//! `--warm-pool-max`. Pooled VMs are restored as a launch without connectors would be
+//! (HTTP ingress, internet egress and the operator's allowances) with default logging; only
+//! launches whose egress and logging match take one, since those are set up at restore.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex as StdMutex;
@@ -33,6 +34,8 @@ pub(super) struct Pooled {
     pub live: Live,
     /// Its guest memory, held in the host's admission.
     pub memory_mib: u64,
+    /// The egress it was restored with (a launch's own connectors must match it).
+    pub egress: kiln_net::Egress,
 }
 
 /// The pooled VMs and the recent launches of each version.
@@ -64,10 +67,12 @@ impl Pool {
         }
     }
 
-    /// A pooled VM of `version`, if one is ready.
-    pub fn take(&self, version: &VersionKey) -> Option<Pooled> {
+    /// A pooled VM of `version` restored with `egress`, if one is ready.
+    pub fn take(&self, version: &VersionKey, egress: &kiln_net::Egress) -> Option<Pooled> {
         let mut ready = lock(&self.ready);
-        let pooled = ready.get_mut(version)?.pop();
+        let vms = ready.get_mut(version)?;
+        let at = vms.iter().position(|p| p.egress == *egress)?;
+        let pooled = Some(vms.swap_remove(at));
         if ready.get(version).is_some_and(Vec::is_empty) {
             ready.remove(version);
         }
@@ -92,6 +97,21 @@ impl Pool {
     /// Takes every VM of `version` out (its version is no longer runnable).
     pub fn drain(&self, version: &VersionKey) -> Vec<Pooled> {
         lock(&self.ready).remove(version).unwrap_or_default()
+    }
+
+    /// Takes out every VM restored with another egress than `current` (the operator changed
+    /// what a launch without connectors may reach).
+    pub fn stale(&self, current: &kiln_net::Egress) -> Vec<Pooled> {
+        let mut ready = lock(&self.ready);
+        let mut out = Vec::new();
+        for vms in ready.values_mut() {
+            let (keep, gone): (Vec<Pooled>, Vec<Pooled>) =
+                vms.drain(..).partition(|p| p.egress == *current);
+            *vms = keep;
+            out.extend(gone);
+        }
+        ready.retain(|_, vms| !vms.is_empty());
+        out
     }
 
     /// Takes one VM out to give its capacity to a launch: from the version with the most
