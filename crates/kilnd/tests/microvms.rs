@@ -444,7 +444,8 @@ fn wait_metric(kilnd: &Daemon, name: &str, want: f64) -> f64 {
 
 #[test]
 fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_and_empties() {
-    let kilnd = Daemon::start(&["--warm-pool", "1"]);
+    // One pooled VM whatever the launch rate, so the figures below are exact.
+    let kilnd = Daemon::start(&["--warm-pool", "1", "--warm-pool-max", "1"]);
     let scratch = tempfile::tempdir().expect("scratch");
     counter_image(&kilnd, scratch.path());
     let idle_before_use = kilnd.qemu_count();
