@@ -33,11 +33,19 @@ fn main() -> anyhow::Result<()> {
     let max: usize = env_or("KILN_BENCH_DENSITY_MAX", 100);
     let overcommit: f64 = env_or("KILN_BENCH_OVERCOMMIT", 4.0);
     anyhow::ensure!(max > 0, "KILN_BENCH_DENSITY_MAX must be at least 1");
+    let most = (max + 1).to_string();
     let kilnd = Kilnd::start(&[
         "--max-microvms",
-        &(max + 1).to_string(),
+        &most,
         "--memory-overcommit",
         &overcommit.to_string(),
+        // One principal launches them all: its quotas must not be what stops the count.
+        "--quota-microvms",
+        &most,
+        "--quota-memory-mib",
+        &(1u64 << 30).to_string(),
+        "--warm-pool",
+        "0",
     ])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

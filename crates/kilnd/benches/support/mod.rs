@@ -138,6 +138,21 @@ impl Kilnd {
 impl Drop for Kilnd {
     fn drop(&mut self) {
         self.stop();
+        // kilnd leaves its VMs running when it stops (a restart takes them over); a bench
+        // that ends, however it ends, leaves none.
+        let home = self.home.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("qemu-system") && cmdline.contains(&home) {
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -152,6 +167,8 @@ fn spawn(binary: &Path, home: &Path, endpoint_port: u16, extra: &[&str]) -> anyh
         .arg(home)
         .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
         .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
+        // The benches write their image zips under /tmp and name them as file:// URIs.
+        .args(["--artifact-root", "/tmp"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
