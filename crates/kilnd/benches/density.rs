@@ -17,13 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hyper::Method;
 use serde_json::json;
-use support::{build_image, env_or, Api, Kilnd};
+use support::{build_httpd_image, env_or, Api, Kilnd};
 
 const IMAGE: &str = "density-bench";
-const DOCKERFILE: &str =
-    "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n";
-const APP: &str =
-    "#!/bin/sh\nmkdir -p /www\necho ok > /www/index.html\nexec httpd -f -p 8080 -h /www\n";
 /// How long the MicroVMs idle before their memory and CPU are read.
 const SETTLE: Duration = Duration::from_secs(10);
 /// The window idle CPU is measured over.
@@ -140,14 +136,7 @@ async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64) -> anyhow::Result<()>
     let scratch = tempfile::Builder::new()
         .prefix("kiln-density")
         .tempdir_in("/tmp")?;
-    build_image(
-        &api,
-        scratch.path(),
-        IMAGE,
-        &[("Dockerfile", DOCKERFILE, 0o644), ("app.sh", APP, 0o755)],
-        512,
-    )
-    .await?;
+    build_httpd_image(&api, scratch.path(), IMAGE).await?;
     println!(
         "kiln density benchmark: idle busybox httpd MicroVMs of 512 MiB, launched one at a time \
          until admission refuses or {max} run (kilnd --memory-overcommit {overcommit})"

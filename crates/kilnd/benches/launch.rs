@@ -26,7 +26,7 @@ use kiln_vmm::{BootOptions, DiskFormat, DiskSpec, MicroVm, NetSpec, PortForward,
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
-use support::{build_image, env_or, Api, Kilnd};
+use support::{build_httpd_image, env_or, Api, Kilnd};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -38,12 +38,6 @@ const CONCURRENT: usize = 5;
 const POLL: Duration = Duration::from_millis(10);
 /// Longest wait for an app's first 200.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-
-const DOCKERFILE: &str =
-    "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n";
-/// busybox httpd serving one small page from the image's disk.
-const APP: &str =
-    "#!/bin/sh\nmkdir -p /www\necho ok > /www/index.html\nexec httpd -f -p 8080 -h /www\n";
 
 fn main() -> anyhow::Result<()> {
     let launches: usize = env_or("KILN_BENCH_LAUNCHES", 20);
@@ -87,14 +81,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         .tempdir_in("/tmp")?;
 
     let t = Instant::now();
-    build_image(
-        &api,
-        scratch.path(),
-        IMAGE,
-        &[("Dockerfile", DOCKERFILE, 0o644), ("app.sh", APP, 0o755)],
-        512,
-    )
-    .await?;
+    build_httpd_image(&api, scratch.path(), IMAGE).await?;
     let build = t.elapsed();
     let build_log = std::fs::read_to_string(home.join("images").join(IMAGE).join("1/build.log"))
         .unwrap_or_default();

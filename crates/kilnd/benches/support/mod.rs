@@ -290,6 +290,27 @@ impl Api {
     }
 }
 
+/// The benches' app: busybox httpd serving one small page from the image's disk.
+const HTTPD_DOCKERFILE: &str =
+    "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n";
+const HTTPD_APP: &str =
+    "#!/bin/sh\nmkdir -p /www\necho ok > /www/index.html\nexec httpd -f -p 8080 -h /www\n";
+
+/// Builds version 1 of image `name`: the benches' httpd app, 512 MiB (AWS's smallest).
+pub async fn build_httpd_image(api: &Api, dir: &Path, name: &str) -> anyhow::Result<()> {
+    build_image(
+        api,
+        dir,
+        name,
+        &[
+            ("Dockerfile", HTTPD_DOCKERFILE, 0o644),
+            ("app.sh", HTTPD_APP, 0o755),
+        ],
+        512,
+    )
+    .await
+}
+
 /// Builds version 1 of image `name` from `files` (name, content, mode) with
 /// `memory_mib` of guest memory, and waits until it succeeded.
 pub async fn build_image(
