@@ -71,7 +71,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     .await?
     .context("preparing the host (QEMU, accelerator, guest kernel) on the bench's home")?;
     println!(
-        "kiln launch benchmark: QEMU {}, accel {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 256 MiB guests",
+        "kiln launch benchmark: QEMU {}, accel {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 512 MiB guests",
         host.vmm.qemu().version,
         host.accel.accel,
         host.assets.kernel.version,
