@@ -329,9 +329,12 @@ async fn resolve_image(
     let pulled = crate::oci::pull(word, &opts, &say)
         .await
         .map_err(|e| BuildError::Dockerfile { line, message: e })?;
+    let full = match pulled.reference == word {
+        true => String::new(),
+        false => format!(" {}", pulled.reference),
+    };
     log.line(format!(
-        "{word}: {} at {}{} (from {})",
-        pulled.reference,
+        "{word}:{full} at {}{} (from {})",
         pulled.digest,
         pulled
             .index_digest
