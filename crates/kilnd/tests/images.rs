@@ -1,10 +1,15 @@
-//! Images end to end: the AWS CLI against a real kilnd, real builds on the busybox base.
+//! Images end to end: the AWS CLI against a real kilnd, real builds on the busybox base
+//! (one of them multi-stage, copying from a stage and from an image the test's own registry
+//! on loopback serves).
 
 mod common;
+#[path = "../../kiln-image/tests/registry/mod.rs"]
+mod registry;
 
 use std::path::Path;
 
 use common::{make_zip, Daemon};
+use registry::{Entry, Registry};
 
 /// A Dockerfile that uses most instructions.
 const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
@@ -231,4 +236,135 @@ fn create_when_ready_and_validate_hooks_are_enabled_then_both_are_called() {
         "{log}"
     );
     assert!(log.contains("validate hook answered 200"), "{log}");
+}
+
+/// Stages: `runtime` (no filesystem step: its ENV and CMD carry over to the image, which
+/// starts FROM it), `builder` (FROM runtime; a RUN writes the page and a link to its own
+/// /etc/kiln), `unused` (a RUN that would fail: skipped), and the image, which copies from
+/// the builder by name and by index (through `..` and the link, resolved in the builder's
+/// root) and from a registry image (through its `/escape -> /etc` link, resolved in that
+/// image's root, so its passwd and not the build VM's).
+fn stages_dockerfile(image: &str) -> String {
+    format!(
+        r#"# syntax=docker/dockerfile:1
+ARG BASE=kiln/busybox
+FROM --platform=$BUILDPLATFORM ${{BASE}} AS runtime
+ENV GREETING=hello
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+
+FROM runtime AS Builder
+ARG BASE
+RUN mkdir -p /out /etc/kiln && echo "$GREETING from the builder on $BASE" > /out/page.txt \
+ && echo builder-etc > /etc/kiln/marker && ln -s /etc/kiln /out/etc-link
+
+FROM kiln/busybox AS unused
+RUN false
+
+FROM runtime
+COPY --from=builder --chown=nobody /out/page.txt /www/
+COPY --from=1 --chmod=640 ../../out/etc-link/marker /www/marker.txt
+COPY --from={image} /escape/passwd /www/passwd.txt
+"#
+    )
+}
+
+/// `update-microvm-image` from `zip` on the busybox base; waits; (state, build log).
+fn update(kilnd: &Daemon, name: &str, version: &str, zip: &Path) -> (String, String) {
+    let (code, _, err) = kilnd.aws(&[
+        "update-microvm-image",
+        "--image-identifier",
+        name,
+        "--base-image-arn",
+        "arn:aws:lambda:local:aws:microvm-image:busybox",
+        "--build-role-arn",
+        "arn:aws:iam::000000000000:role/kiln-build",
+        "--code-artifact",
+        &format!("uri=file://{}", zip.display()),
+        "--resources",
+        "minimumMemoryInMiB=512",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = kilnd.wait_version(name, version);
+    let log = kilnd.get(&format!(
+        "/kiln/v1/images/{name}/versions/{version}/build-log"
+    ));
+    (v["state"].as_str().unwrap_or_default().to_string(), log)
+}
+
+#[test]
+fn create_when_dockerfile_has_stages_then_the_image_holds_what_it_copied_and_a_rebuild_is_cached() {
+    let reg = Registry::start(None);
+    let layer = registry::tar_of(&[
+        Entry::Dir("etc", 0o755),
+        Entry::File("etc/passwd", b"image-passwd\n", 0o644),
+        Entry::Symlink("escape", "/etc"),
+    ]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(reg.push_image(
+        "kiln-test/files",
+        "1",
+        &[layer],
+        serde_json::json!({}),
+        registry::Codec::Gzip,
+        "amd64",
+    ));
+    let image = format!("{}/kiln-test/files:1", reg.host);
+    let kilnd = Daemon::start(&[]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("stages.zip");
+    let dockerfile = stages_dockerfile(&image);
+    make_zip(&zip, &[("Dockerfile", dockerfile.as_bytes(), 0o644)]);
+    let missing = scratch.path().join("missing.zip");
+    make_zip(
+        &missing,
+        &[(
+            "Dockerfile",
+            b"FROM kiln/busybox AS b\nFROM kiln/busybox\nCOPY --from=b /nope/x /x\nCMD [\"sh\"]\n",
+            0o644,
+        )],
+    );
+
+    let (code, _, err) = kilnd.create_image("stages", &zip);
+    let version = kilnd.wait_version("stages", "1");
+    let log = kilnd.get("/kiln/v1/images/stages/versions/1/build-log");
+    let vm = common::Restored::start(&kilnd.home.path().join("images/stages/1/snapshot"));
+    let (page, marker, passwd) = (
+        vm.get("/page.txt"),
+        vm.get("/marker.txt"),
+        vm.get("/passwd.txt"),
+    );
+    let owners = vm.sh("stat -c '%U %a' /www/page.txt /www/marker.txt");
+    drop(vm);
+    let (state2, log2) = update(&kilnd, "stages", "2", &zip);
+    let (state3, log3) = update(&kilnd, "stages", "3", &missing);
+
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(version["state"], "SUCCESSFUL", "{version}\n{log}");
+    assert!(
+        log.contains("stage unused (Dockerfile line 12) skipped: the image does not need it"),
+        "{log}"
+    );
+    assert!(!log.contains("RUN false"), "{log}");
+    assert!(
+        log.contains("stage builder: building from stage runtime"),
+        "{log}"
+    );
+    assert_eq!(page, "hello from the builder on kiln/busybox\n");
+    assert_eq!(marker, "builder-etc\n");
+    assert_eq!(passwd, "image-passwd\n");
+    assert_eq!(owners, "nobody 644\nroot 640\n");
+    // The second build of the same zip: every filesystem step (the builder's RUN, the three
+    // COPYs) is cached, and no build VM boots.
+    assert_eq!(state2, "SUCCESSFUL", "{log2}");
+    assert_eq!(log2.matches("    cached").count(), 4, "{log2}");
+    assert!(!log2.contains("booting the build VM"), "{log2}");
+    assert_eq!(state3, "FAILED", "{log3}");
+    assert!(
+        log3.contains(
+            "(Dockerfile line 3: COPY --from=b /nope/x /x) failed: /nope/x is not in stage b \
+             (looked for /nope/x in its filesystem)"
+        ),
+        "{log3}"
+    );
+    assert!(!kilnd.qemu_running());
 }

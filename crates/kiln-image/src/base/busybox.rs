@@ -131,6 +131,10 @@ pub(crate) fn stage_rootfs(
     for (name, content) in etc_files(version) {
         let path = rootfs.join("etc").join(name);
         fs::write(&path, content).map_err(io_err("write", &path))?;
+        // Readable by every user whatever the builder's umask (kilnd's is 077): an app that
+        // runs as nobody looks itself up in /etc/passwd.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod", &path))?;
     }
     Ok(applets)
 }
@@ -198,6 +202,7 @@ mod tests {
             "nameserver 10.0.2.3\n"
         );
         assert!(debugfs(&base.disk, "cat /etc/passwd").starts_with("root:x:0:0:"));
+        assert!(debugfs(&base.disk, "stat /etc/passwd").contains("Mode:  0644"));
         let meta = fs::metadata(&base.disk).expect("stat disk");
         assert_eq!((meta.len(), meta.mode() & 0o777), (256 << 20, 0o444));
         assert!(meta.blocks() * 512 < 64 << 20, "disk is not sparse");

@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod config;
+mod copy_from;
 pub mod log;
 pub mod mounts;
 mod plan;
@@ -29,10 +30,11 @@ use kiln_vmm::{
 use crate::context::BuildContext;
 use cache::LayerCache;
 pub use config::ImageConfig;
+use copy_from::SourceDisks;
 pub use log::BuildLog;
 pub use mounts::BuildSecrets;
 use mounts::CacheDisks;
-use plan::{AppCommand, Plan, PlannedStep, ResolvedBase, StepAction};
+use plan::{AppCommand, Plan, PlannedStep, ResolvedBase, Stage, StageBase, StageGraph, StepAction};
 
 /// Where, in the build VM, the context disk is mounted.
 const CONTEXT_MOUNT: &str = "/dev/kiln/context";
@@ -196,26 +198,65 @@ pub async fn build(
 
 async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<BuiltImage, BuildError> {
     let started = Instant::now();
-    let base = resolve_base(host, spec, log).await?;
-    let plan = Plan::make(&spec.context, &spec.env, base)?;
-    log.line(format!(
-        "building from {} {} ({} steps, {} change the filesystem)",
-        plan.base.name,
-        plan.base.version,
-        plan.steps.len(),
-        plan.steps.iter().filter(|s| s.key.is_some()).count()
-    ));
+    let graph = StageGraph::parse(&spec.context.dockerfile)?;
+    for skipped in graph.skipped() {
+        log.line(format!("{skipped} skipped: the image does not need it"));
+    }
+    let mut images = Vec::new();
+    for (line, reference) in graph.images() {
+        let resolved = resolve_image(host, spec, line, &reference, log)
+            .await
+            .map_err(|e| match (e, graph.not_a_stage(&reference)) {
+                (BuildError::Dockerfile { line, message }, Some(hint)) => BuildError::Dockerfile {
+                    line,
+                    message: format!("{hint}: {message}"),
+                },
+                (e, _) => e,
+            })?;
+        images.push((reference, resolved));
+    }
+    let plan = Plan::make(&spec.context, &spec.env, &graph, images)?;
     let cache_dir = spec.cache_dir.join(mounts::safe_name(&spec.owner));
     let cache =
         LayerCache::open(&cache_dir).map_err(io_err("opening the layer cache", &cache_dir))?;
-    let final_layer = run_build_vm(host, spec, &plan, &cache, log).await?;
+    // Each stage's final layer, by stage position, as later stages start from or copy it.
+    let mut built: Vec<(usize, Layer)> = Vec::new();
+    for stage in plan.all() {
+        log_stage(&plan, stage, log);
+        let below = match &stage.from {
+            StageBase::Image(_) => Layer {
+                path: stage.base.disk.clone(),
+                format: DiskFormat::Raw,
+            },
+            StageBase::Stage(p) => built
+                .iter()
+                .find(|(s, _)| s == p)
+                .map(|(_, l)| l.clone())
+                .ok_or_else(|| {
+                    BuildError::Base(format!("stage {p} is not built before its use"))
+                })?,
+        };
+        let job = StageJob {
+            plan: &plan,
+            stage,
+            below,
+            built: &built,
+        };
+        let layer = run_build_vm(host, spec, &job, &cache, log).await?;
+        built.push((stage.index, layer));
+    }
+    let final_layer = built
+        .pop()
+        .map(|(_, l)| l)
+        .ok_or_else(|| BuildError::Base("the build has no stage".into()))?;
     log.line(format!(
         "filesystem built in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
 
-    let mut config = plan.image_config(spec)?;
-    let snapshot = capture_app(host, spec, &plan, &mut config, &final_layer, log).await?;
+    let image = &plan.image;
+    let mut config = image.image_config(spec)?;
+    let snapshot = capture_app(host, spec, image, &mut config, &final_layer, log).await?;
     if let Some(timeout) = spec.hooks.validate {
         validate(host, spec, &snapshot, timeout, log).await?;
     }
@@ -229,16 +270,44 @@ async fn build_in(host: &Host, spec: &BuildSpec, log: &BuildLog) -> Result<Built
     })
 }
 
-/// The base FROM names: a managed kiln base, or a registry image pulled into the owner's
-/// cache and made into a base disk.
-async fn resolve_base(
+/// The reference the image's filesystem descends from: the last stage's FROM, followed
+/// through earlier stages, ARGs expanded (kilnd checks it against `baseImageArn`).
+pub fn image_base(dockerfile: &str) -> Result<String, BuildError> {
+    StageGraph::parse(dockerfile)?.image_base()
+}
+
+/// Says what a stage builds on before its steps: one line for a one-stage build (as ever),
+/// the stage's name and base otherwise.
+fn log_stage(plan: &Plan, stage: &Stage, log: &BuildLog) {
+    let steps = stage.steps.len();
+    let fs = stage.steps.iter().filter(|s| s.key.is_some()).count();
+    let base = match &stage.from {
+        StageBase::Image(_) => format!("{} {}", stage.base.name, stage.base.version),
+        StageBase::Stage(p) => plan.describe(&plan::CopyFrom::Stage(*p)),
+    };
+    if plan.stages.is_empty() {
+        log.line(format!(
+            "building from {base} ({steps} steps, {fs} change the filesystem)"
+        ));
+    } else {
+        log.line(format!(
+            "stage {}: building from {base} ({steps} steps, {fs} change the filesystem)",
+            stage.label()
+        ));
+    }
+}
+
+/// An image a FROM or `COPY --from` names (at Dockerfile `line`): a managed kiln base, or
+/// a registry image pulled into the owner's cache and made into a base disk.
+async fn resolve_image(
     host: &Host,
     spec: &BuildSpec,
+    line: usize,
+    word: &str,
     log: &BuildLog,
 ) -> Result<ResolvedBase, BuildError> {
-    let (line, word) = plan::from_word(&spec.context)?;
-    if crate::base::is_managed(&word) {
-        let image = crate::base::resolve(&host.home, &word, spec.extra_ca.as_deref())
+    if crate::base::is_managed(word) {
+        let image = crate::base::resolve(&host.home, word, spec.extra_ca.as_deref())
             .map_err(|e| BuildError::Base(e.to_string()))?;
         return Ok(ResolvedBase {
             image,
@@ -253,14 +322,19 @@ async fn resolve_base(
             .join("registry")
             .join(mounts::safe_name(&spec.owner));
     }
-    log.line(format!("FROM {word}: resolving in its registry"));
+    log.line(format!(
+        "{word} (Dockerfile line {line}): resolving in its registry"
+    ));
     let say = |l: String| log.line(l);
-    let pulled = crate::oci::pull(&word, &opts, &say)
+    let pulled = crate::oci::pull(word, &opts, &say)
         .await
         .map_err(|e| BuildError::Dockerfile { line, message: e })?;
+    let full = match pulled.reference == word {
+        true => String::new(),
+        false => format!(" {}", pulled.reference),
+    };
     log.line(format!(
-        "FROM {word}: {} at {}{} (from {})",
-        pulled.reference,
+        "{word}:{full} at {}{} (from {})",
         pulled.digest,
         pulled
             .index_digest
@@ -271,7 +345,7 @@ async fn resolve_base(
     ));
     if let Some(prev) = &pulled.previous_digest {
         log.line(format!(
-            "FROM {word}: the tag now points elsewhere: {} (the previous build used {prev})",
+            "{word}: the tag now points elsewhere: {} (the previous build used {prev})",
             pulled.digest
         ));
     }
@@ -290,7 +364,7 @@ async fn resolve_base(
         for l in rx.try_iter() {
             log.line(l);
         }
-        made.map_err(|e| BuildError::Base(format!("FROM {word}: {e}")))?
+        made.map_err(|e| BuildError::Base(format!("{word}: {e}")))?
     };
     Ok(ResolvedBase {
         image,
@@ -305,24 +379,32 @@ struct Layer {
     format: DiskFormat,
 }
 
-/// Runs the uncached steps in a build VM; returns the final layer.
+/// One stage to build: what it starts on, and the stages built before it.
+struct StageJob<'a> {
+    plan: &'a Plan,
+    stage: &'a Stage,
+    /// Its FROM's filesystem: a base disk, or an earlier stage's final layer.
+    below: Layer,
+    /// Earlier stages' final layers, by stage position.
+    built: &'a [(usize, Layer)],
+}
+
+/// Runs a stage's uncached steps in a build VM; returns its final layer.
 async fn run_build_vm(
     host: &Host,
     spec: &BuildSpec,
-    plan: &Plan,
+    job: &StageJob<'_>,
     cache: &LayerCache,
     log: &BuildLog,
 ) -> Result<Layer, BuildError> {
-    let total = plan.steps.len();
-    let fs_steps: Vec<&PlannedStep> = plan.steps.iter().filter(|s| s.key.is_some()).collect();
+    let stage = job.stage;
+    let total = job.plan.total_steps();
+    let fs_steps: Vec<&PlannedStep> = stage.steps.iter().filter(|s| s.key.is_some()).collect();
     let cached = fs_steps
         .iter()
         .take_while(|s| s.key.as_deref().is_some_and(|k| cache.is_done(k)))
         .count();
-    let base_layer = Layer {
-        path: plan.base.disk.clone(),
-        format: DiskFormat::Raw,
-    };
+    let base_layer = job.below.clone();
     let layer_of = |s: &PlannedStep| Layer {
         path: cache.layer(s.key.as_deref().unwrap_or_default()),
         format: DiskFormat::Qcow2,
@@ -333,32 +415,37 @@ async fn run_build_vm(
         layer_of(fs_steps[cached - 1])
     };
     // Steps up to the first uncached filesystem step are logged as cached.
-    let first_run = fs_steps.get(cached).map(|s| s.index).unwrap_or(total);
-    for s in plan.steps.iter().take_while(|s| s.index < first_run) {
+    let first_run = fs_steps.get(cached).map(|s| s.index).unwrap_or(usize::MAX);
+    for s in stage.steps.iter().take_while(|s| s.index < first_run) {
         log.step(s.index + 1, total, s.line, &s.text);
         if s.key.is_some() {
             log.line("    cached");
         }
     }
     if cached == fs_steps.len() {
-        // Everything that touches the disk is cached; metadata steps need no VM.
-        for s in plan.steps.iter().filter(|s| s.index >= first_run) {
-            log.step(s.index + 1, total, s.line, &s.text);
-        }
         return Ok(below);
     }
 
-    // The build VM: root = a new layer on the last cached one, context disk read-only.
+    // The build VM: root = a new layer on the last cached one, context disk read-only (made
+    // once per build, shared by its stages).
     let context_disk = spec.work_dir.join("context.ext4");
-    let size = (spec.context.bytes * 2).max(16 << 20) + (16 << 20);
-    crate::disk::mkfs_ext4_from_dir(&spec.context.dir, &context_disk, size, "kiln-ctx")
-        .map_err(|e| BuildError::Base(format!("cannot make the context disk: {e}")))?;
+    if !context_disk.exists() {
+        let size = (spec.context.bytes * 2).max(16 << 20) + (16 << 20);
+        crate::disk::mkfs_ext4_from_dir(&spec.context.dir, &context_disk, size, "kiln-ctx")
+            .map_err(|e| BuildError::Base(format!("cannot make the context disk: {e}")))?;
+    }
+    let to_run: Vec<&PlannedStep> = stage
+        .steps
+        .iter()
+        .filter(|s| s.index >= first_run)
+        .collect();
+    let sources = SourceDisks::prepare(job.plan, &to_run, job.built, &spec.work_dir, stage.index)?;
     let first_key = fs_steps[cached].key.clone().unwrap_or_default();
     let top = cache.layer(&first_key);
     cache.discard(&first_key);
     kiln_vmm::qemu::create_overlay(&below.path, below.format, &top)
         .map_err(vm_err("creating a layer"))?;
-    let mut vm_spec = host.vm_spec(spec.work_dir.join("build-vm"));
+    let mut vm_spec = host.vm_spec(spec.work_dir.join(format!("build-vm-{}", stage.index)));
     vm_spec.memory_mib = spec.build_memory_mib;
     vm_spec.disks = vec![
         DiskSpec {
@@ -373,7 +460,7 @@ async fn run_build_vm(
         },
     ];
     let caches =
-        CacheDisks::open(&spec.mount_cache_dir, &spec.owner, &spec.image, plan).map_err(|e| {
+        CacheDisks::open(&spec.mount_cache_dir, &spec.owner, &spec.image, stage).map_err(|e| {
             cache.discard(&first_key);
             BuildError::Base(e)
         })?;
@@ -384,6 +471,10 @@ async fn run_build_vm(
             read_only: false,
         });
     }
+    vm_spec
+        .disks
+        .extend(sources.disks.iter().map(|d| d.disk.clone()));
+    let disks = VmDisks { caches, sources };
     vm_spec.network = Some(NetSpec::default());
     log.line("booting the build VM");
     let opts = BootOptions {
@@ -398,7 +489,13 @@ async fn run_build_vm(
         }
     };
     let mut vm = vm;
-    let result = run_steps(&mut vm, spec, plan, cache, &caches, cached, log).await;
+    let run = StepRun {
+        stage,
+        total,
+        cached,
+        disks: &disks,
+    };
+    let result = run_steps(&mut vm, spec, &run, cache, log).await;
     let active = result.as_ref().err().map(|(key, _)| key.clone());
     if let Err(e) = vm.terminate().await {
         tracing::warn!(error = %e, "terminating the build VM");
@@ -423,19 +520,38 @@ async fn run_build_vm(
     }
 }
 
+/// The extra disks of a build VM: cache mounts, then the filesystems `COPY --from` reads.
+struct VmDisks {
+    caches: CacheDisks,
+    sources: SourceDisks,
+}
+
+/// The steps one build VM runs: a stage's, from its first uncached filesystem step on.
+struct StepRun<'a> {
+    stage: &'a Stage,
+    /// Steps in the whole build.
+    total: usize,
+    /// The stage's filesystem steps already cached.
+    cached: usize,
+    disks: &'a VmDisks,
+}
+
 /// Runs every step from the first uncached filesystem step on. On error, returns the key of
 /// the layer that was being written (to be discarded) with the error.
 async fn run_steps(
     vm: &mut kiln_vmm::qemu::QemuVm,
     spec: &BuildSpec,
-    plan: &Plan,
+    run: &StepRun<'_>,
     cache: &LayerCache,
-    caches: &CacheDisks,
-    cached: usize,
     log: &BuildLog,
 ) -> Result<(), (String, BuildError)> {
-    let total = plan.steps.len();
-    let fs_keys: Vec<String> = plan.steps.iter().filter_map(|s| s.key.clone()).collect();
+    let (total, cached) = (run.total, run.cached);
+    let fs_keys: Vec<String> = run
+        .stage
+        .steps
+        .iter()
+        .filter_map(|s| s.key.clone())
+        .collect();
     let mut active = fs_keys[cached].clone();
     let agent = vm.agent().clone();
     let fail = |key: &str, e: BuildError| (key.to_string(), e);
@@ -448,11 +564,16 @@ async fn run_steps(
                 BuildError::Base(format!("cannot mount the build context: {e}")),
             )
         })?;
+    run.disks
+        .sources
+        .mount(&agent, run.disks.caches.disks.len())
+        .await
+        .map_err(|e| fail(&active, e))?;
     let ca_env = install_ca(&agent, spec)
         .await
         .map_err(|e| fail(&active, e))?;
     let mut fs_index = 0usize;
-    for step in &plan.steps {
+    for step in &run.stage.steps {
         if step.key.is_some() {
             fs_index += 1;
         }
@@ -468,7 +589,7 @@ async fn run_steps(
             text: step.text.clone(),
             cause,
         };
-        execute(&agent, spec, step, &ca_env, caches, log)
+        execute(&agent, spec, step, &ca_env, run.disks, log)
             .await
             .map_err(|cause| fail(&active, step_err(cause)))?;
         if step.key.is_some() {
@@ -540,7 +661,7 @@ async fn execute(
     spec: &BuildSpec,
     step: &PlannedStep,
     ca_env: &[(String, String)],
-    caches: &CacheDisks,
+    disks: &VmDisks,
     log: &BuildLog,
 ) -> Result<(), String> {
     match &step.action {
@@ -588,7 +709,7 @@ async fn execute(
                     .await
                     .map_err(|e| format!("cannot write the here-document script: {e}"))?;
             }
-            let mounted = mounts::mount(agent, step_mounts, caches, &spec.secrets).await?;
+            let mounted = mounts::mount(agent, step_mounts, &disks.caches, &spec.secrets).await?;
             for (k, v) in env.iter().chain(mounted.env.iter()) {
                 req = req.env(k, v);
             }
@@ -600,6 +721,7 @@ async fn execute(
             result.and(unmounted)
         }
         StepAction::Copy {
+            from,
             sources,
             dest,
             chown,
@@ -616,6 +738,26 @@ async fn execute(
                 }
                 None => (None, None),
             };
+            if let Some(from) = from {
+                let disk = disks
+                    .sources
+                    .get(from)
+                    .ok_or_else(|| format!("no disk is attached for COPY --from ({from:?})"))?;
+                for src in sources {
+                    let guest_src = copy_from::resolve(agent, disk, src).await?;
+                    agent
+                        .copy(CopySpec {
+                            src: guest_src,
+                            dest: dest.clone(),
+                            uid,
+                            gid,
+                            mode: *chmod,
+                        })
+                        .await
+                        .map_err(|e| format!("copying {src} from {} to {dest}: {e}", disk.label))?;
+                }
+                return Ok(());
+            }
             for src in sources {
                 let guest_src = format!("{CONTEXT_MOUNT}/{}", src.trim_start_matches('/'));
                 if *unpack && plan::is_archive(src) {
@@ -764,7 +906,7 @@ async fn lookup(agent: &AgentClient, user: &str) -> Result<(u32, u32, String), S
 async fn capture_app(
     host: &Host,
     spec: &BuildSpec,
-    plan: &Plan,
+    stage: &Stage,
     config: &mut ImageConfig,
     layer: &Layer,
     log: &BuildLog,
@@ -799,16 +941,16 @@ async fn capture_app(
         .await
         .map_err(vm_err("booting the app VM"))?;
     let app_log = vm.spec().app_log();
-    config.readiness = readiness_method(spec, plan, config);
-    let ready = match lookup(vm.agent(), &plan.last.user).await {
+    config.readiness = readiness_method(spec, stage, config);
+    let ready = match lookup(vm.agent(), &stage.last.user).await {
         Ok((uid, gid, _)) => {
             config.uid = uid;
             config.gid = gid;
-            start_and_wait(vm.agent(), spec, plan, config, log).await
+            start_and_wait(vm.agent(), spec, stage, config, log).await
         }
         Err(e) => Err(BuildError::NotReady(format!(
             "cannot run the app as USER {}: {e}",
-            plan.last.user
+            stage.last.user
         ))),
     };
     if let Err(e) = ready {
@@ -838,7 +980,7 @@ async fn capture_app(
 async fn start_and_wait(
     agent: &AgentClient,
     spec: &BuildSpec,
-    plan: &Plan,
+    stage: &Stage,
     config: &ImageConfig,
     log: &BuildLog,
 ) -> Result<(), BuildError> {
@@ -880,7 +1022,7 @@ async fn start_and_wait(
                 }
             )));
         }
-        if probe(agent, spec, plan, config).await {
+        if probe(agent, spec, stage, config).await {
             log.line(format!("ready after {:.1} s", t.elapsed().as_secs_f64()));
             return Ok(());
         }
@@ -894,27 +1036,27 @@ async fn start_and_wait(
     }
 }
 
-fn readiness_method(spec: &BuildSpec, plan: &Plan, config: &ImageConfig) -> String {
+fn readiness_method(spec: &BuildSpec, stage: &Stage, config: &ImageConfig) -> String {
     if spec.hooks.ready.is_some() {
         format!(
             "POST {HOOKS_PATH}/ready on port {} until 200",
             spec.hooks.port
         )
-    } else if let Some(hc) = &plan.healthcheck {
+    } else if let Some(hc) = &stage.healthcheck {
         format!("HEALTHCHECK {}", shell_words(hc))
     } else {
         format!("TCP port {} accepting connections", config.app_port)
     }
 }
 
-async fn probe(agent: &AgentClient, spec: &BuildSpec, plan: &Plan, config: &ImageConfig) -> bool {
+async fn probe(agent: &AgentClient, spec: &BuildSpec, stage: &Stage, config: &ImageConfig) -> bool {
     if spec.hooks.ready.is_some() {
         return matches!(
             agent.http_request(hook_request(spec.hooks.port, "ready", Duration::from_secs(5))).await,
             Ok(r) if r.status == 200
         );
     }
-    if let Some(hc) = &plan.healthcheck {
+    if let Some(hc) = &stage.healthcheck {
         let mut req = ExecRequest::new(hc.iter().map(String::as_str))
             .cwd(&config.workdir)
             .user(config.uid, config.gid)

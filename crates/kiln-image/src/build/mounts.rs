@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_agent::client::AgentClient;
 
-use super::plan::{Plan, StepAction, StepMount};
+use super::plan::{Stage, StepAction, StepMount};
 
 /// Size of a new cache disk (sparse: only what is written takes host disk).
 const CACHE_DISK_BYTES: u64 = 8 << 30;
@@ -57,12 +57,17 @@ pub struct CacheDisks {
 }
 
 impl CacheDisks {
-    /// Opens (creating when missing) every cache the plan's RUN steps mount, under
+    /// Opens (creating when missing) every cache the stage's RUN steps mount, under
     /// `root/<owner>/<image>/`.
-    pub fn open(root: &Path, owner: &str, image: &str, plan: &Plan) -> Result<CacheDisks, String> {
+    pub fn open(
+        root: &Path,
+        owner: &str,
+        image: &str,
+        stage: &Stage,
+    ) -> Result<CacheDisks, String> {
         let dir = root.join(safe_name(owner)).join(safe_name(image));
         let mut disks: Vec<(String, PathBuf)> = Vec::new();
-        for step in &plan.steps {
+        for step in &stage.steps {
             let StepAction::Run { mounts, .. } = &step.action else {
                 continue;
             };
@@ -90,12 +95,17 @@ impl CacheDisks {
 
     /// The guest device of cache `id`: disks follow the root (`vda`) and the context (`vdb`).
     pub fn device(&self, id: &str) -> Option<String> {
-        let index = self.disks.iter().position(|(known, _)| known == id)?;
-        let letter = char::from(b'c' + u8::try_from(index).ok()?);
-        letter
-            .is_ascii_lowercase()
-            .then(|| format!("/dev/vd{letter}"))
+        extra_device(self.disks.iter().position(|(known, _)| known == id)?)
     }
+}
+
+/// The guest device of the `n`th disk attached after the root (`vda`) and the context
+/// (`vdb`): cache disks first, then the filesystems `COPY --from` reads.
+pub fn extra_device(n: usize) -> Option<String> {
+    let letter = char::from(b'c'.checked_add(u8::try_from(n).ok()?)?);
+    letter
+        .is_ascii_lowercase()
+        .then(|| format!("/dev/vd{letter}"))
 }
 
 /// A name as one path component, one-to-one (two principals or images never share a

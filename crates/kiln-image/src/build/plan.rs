@@ -10,7 +10,8 @@ use super::{BuildError, BuildSpec, ImageConfig};
 use crate::base::BaseImage;
 use crate::context::BuildContext;
 use crate::dockerfile::{
-    self, Command, Healthcheck, Heredoc, InstructionKind, Port, RunMount, RunNetwork, RunSpec,
+    self, Command, CopySpec, Healthcheck, Heredoc, Instruction, InstructionKind, Port, RunMount,
+    RunNetwork, RunSpec,
 };
 use crate::oci::{PulledImage, RunConfig};
 
@@ -108,9 +109,12 @@ pub enum StepAction {
         /// `--network=none`: the step runs without network.
         no_network: bool,
     },
-    /// COPY or ADD from the build context.
+    /// COPY or ADD from the build context, or `COPY --from` another stage or an image.
     Copy {
-        /// Source paths relative to the context root.
+        /// `--from`: the sources are in that stage's or image's filesystem.
+        from: Option<CopyFrom>,
+        /// Source paths: relative to the context root; with `from`, as written (expanded),
+        /// resolved inside that filesystem in the build VM.
         sources: Vec<String>,
         /// Absolute destination in the guest.
         dest: String,
@@ -248,24 +252,91 @@ pub struct PlannedStep {
     pub state: StepState,
 }
 
-/// The whole build, planned.
+/// The whole build, planned: the stages the image needs, in Dockerfile order.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The base image (FROM).
+    /// The stages before the image's that it needs (through FROM or `COPY --from`).
+    pub stages: Vec<Stage>,
+    /// The last stage: the image.
+    pub image: Stage,
+    /// The images FROM lines and `COPY --from` name, by the reference as expanded.
+    pub images: Vec<(String, ResolvedBase)>,
+}
+
+/// One stage, planned.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Its position among the Dockerfile's stages (what `COPY --from=N` names).
+    pub index: usize,
+    /// Its `AS` name (lowercase), if any.
+    pub name: Option<String>,
+    /// What its FROM names.
+    pub from: StageBase,
+    /// The base image its filesystem descends from (through earlier stages, if so).
     pub base: BaseImage,
-    /// The registry image the base was made from, when FROM named one.
+    /// The registry image that base was made from, when it was one.
     pub pulled: Option<PulledImage>,
-    /// Every instruction.
+    /// Every instruction, FROM first.
     pub steps: Vec<PlannedStep>,
     /// The HEALTHCHECK command, if any.
     pub healthcheck: Option<Vec<String>>,
     /// State after the last step.
     pub last: StepState,
+    /// What its final filesystem is, for the cache keys of steps that copy from it: the
+    /// key of its last filesystem step, else what it started from.
+    pub layer_id: String,
     entrypoint: Option<AppCommand>,
     cmd: Option<AppCommand>,
     exposed: Vec<u16>,
     labels: Vec<(String, String)>,
     stop_signal: String,
+}
+
+impl Stage {
+    /// How build logs and errors call it: its name, or its position.
+    pub fn label(&self) -> String {
+        stage_label(self.index, self.name.as_deref())
+    }
+}
+
+fn stage_label(index: usize, name: Option<&str>) -> String {
+    name.map_or_else(|| index.to_string(), str::to_string)
+}
+
+impl Plan {
+    /// Every stage to build, in order; the image last.
+    pub fn all(&self) -> impl Iterator<Item = &Stage> {
+        self.stages.iter().chain([&self.image])
+    }
+
+    /// The planned stage at `index` (a stage the image needs).
+    pub fn stage(&self, index: usize) -> Option<&Stage> {
+        self.all().find(|s| s.index == index)
+    }
+
+    /// Steps of every stage to build, FROMs included.
+    pub fn total_steps(&self) -> usize {
+        self.all().map(|s| s.steps.len()).sum()
+    }
+
+    /// The base disk of an image FROM or `COPY --from` named.
+    pub fn image_base(&self, reference: &str) -> Option<&BaseImage> {
+        self.images
+            .iter()
+            .find(|(r, _)| r == reference)
+            .map(|(_, b)| &b.image)
+    }
+
+    /// How build logs and errors call a `COPY --from` source.
+    pub fn describe(&self, from: &CopyFrom) -> String {
+        match from {
+            CopyFrom::Stage(i) => format!(
+                "stage {}",
+                self.stage(*i).map_or_else(|| i.to_string(), Stage::label)
+            ),
+            CopyFrom::Image(reference) => format!("image {reference}"),
+        }
+    }
 }
 
 fn err(line: usize, message: impl Into<String>) -> BuildError {
@@ -299,21 +370,9 @@ fn join(dir: &str, path: &str) -> String {
 /// root) and the path whose content decides the step's cache key; a glob keeps its pattern
 /// after its longest glob-free directory prefix, which is what is hashed.
 fn context_source(root: &Path, src: &str) -> Result<(String, String), String> {
-    let clean = source::clean(src);
-    let parts: Vec<&str> = clean.split('/').collect();
-    let literal = parts
-        .iter()
-        .position(|p| p.contains(['*', '?', '[']))
-        .unwrap_or(parts.len());
-    let dir = source::resolve(root, &parts[..literal].join("/"))
-        .map_err(|e| e.for_source(src).to_string())?;
-    let pattern = parts[literal..].join("/");
-    let rel = match (dir.is_empty(), pattern.is_empty()) {
-        (_, true) => dir.clone(),
-        (true, false) => pattern,
-        (false, false) => format!("{dir}/{pattern}"),
-    };
-    Ok((rel, dir))
+    let (literal, pattern) = source::split_glob(src);
+    let dir = source::resolve(root, &literal).map_err(|e| e.for_source(src).to_string())?;
+    Ok((source::join_pattern(&dir, &pattern), dir))
 }
 
 /// A RUN `--mount` with its words expanded and its target made absolute.
@@ -368,116 +427,518 @@ pub struct ResolvedBase {
     pub pulled: Option<PulledImage>,
 }
 
-/// The image FROM names, with ARGs declared before it expanded (their defaults).
-pub fn from_word(context: &BuildContext) -> Result<(usize, String), BuildError> {
-    let file = dockerfile::parse(&context.dockerfile).map_err(|e| err(e.line, e.message))?;
-    let escape = file.escape;
-    let mut args: Vec<(String, String)> = Vec::new();
-    for ins in &file.instructions {
-        match &ins.kind {
-            InstructionKind::Arg(decls) => {
-                for d in decls {
-                    let v = match &d.default {
-                        Some(v) => dockerfile::expand(v, &|n| lookup_in(&args, n), escape)
-                            .map_err(|e| err(ins.line, e.message))?,
-                        None => String::new(),
-                    };
-                    StepState::set(&mut args, &d.name, v);
+/// What a stage's FROM names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageBase {
+    /// An image (the expanded reference): a kiln base or a registry image.
+    Image(String),
+    /// An earlier stage's result (its position).
+    Stage(usize),
+}
+
+/// Where a `COPY --from` reads.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CopyFrom {
+    /// An earlier stage's filesystem (its position).
+    Stage(usize),
+    /// An image's filesystem (the expanded reference), pulled like a FROM base.
+    Image(String),
+}
+
+/// The platform kiln builds for and runs: what `$BUILDPLATFORM` and `$TARGETPLATFORM` are.
+pub const PLATFORM: &str = "linux/amd64";
+
+/// The ARGs Docker defines in the global scope: usable in FROM lines, and in a stage once
+/// declared there (`ARG TARGETARCH`).
+fn platform_args() -> Vec<(String, String)> {
+    [
+        ("BUILDPLATFORM", PLATFORM),
+        ("BUILDOS", "linux"),
+        ("BUILDARCH", "amd64"),
+        ("BUILDVARIANT", ""),
+        ("TARGETPLATFORM", PLATFORM),
+        ("TARGETOS", "linux"),
+        ("TARGETARCH", "amd64"),
+        ("TARGETVARIANT", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Refuses a `FROM --platform` other than linux/amd64 (`amd64`, `x86_64`, a `vN` variant
+/// are the same platform).
+fn check_platform(platform: &str) -> Result<(), String> {
+    let lower = platform.to_ascii_lowercase();
+    let parts: Vec<&str> = lower.split('/').collect();
+    let (os, arch, variant) = match parts.as_slice() {
+        [arch] => ("linux", *arch, None),
+        [os, arch] => (*os, *arch, None),
+        [os, arch, variant] => (*os, *arch, Some(*variant)),
+        _ => ("", "", None),
+    };
+    let amd64 = os == "linux"
+        && matches!(arch, "amd64" | "x86_64" | "x86-64")
+        && variant.is_none_or(|v| matches!(v, "v1" | "v2" | "v3" | "v4"));
+    match amd64 {
+        true => Ok(()),
+        false => Err(format!(
+            "FROM --platform={platform}: kiln builds and runs {PLATFORM} only; use \
+             --platform={PLATFORM} (or $BUILDPLATFORM), or no --platform"
+        )),
+    }
+}
+
+/// One stage as the Dockerfile writes it.
+#[derive(Debug, Clone)]
+struct StageOutline {
+    /// Its `AS` name (lowercase).
+    name: Option<String>,
+    /// Its FROM instruction.
+    from: Instruction,
+    /// What FROM names.
+    base: StageBase,
+    /// The instructions after FROM.
+    instructions: Vec<Instruction>,
+    /// Every `COPY --from` in it: line and source.
+    copies: Vec<(usize, CopyFrom)>,
+    /// Whether the image needs it.
+    needed: bool,
+}
+
+impl StageOutline {
+    fn label(&self, index: usize) -> String {
+        stage_label(index, self.name.as_deref())
+    }
+}
+
+/// The Dockerfile cut into stages: what each starts from and copies from, and which of them
+/// the image needs (the last stage, and what it uses through FROM or `COPY --from`, as far
+/// as that goes; BuildKit skips the rest too). Read from the text alone, before anything is
+/// pulled, so a wrong reference fails at once.
+#[derive(Debug, Clone)]
+pub struct StageGraph {
+    escape: char,
+    /// The platform's ARGs and those declared before the first FROM, with their values.
+    global_args: Vec<(String, String)>,
+    stages: Vec<StageOutline>,
+}
+
+impl StageGraph {
+    /// Parses the Dockerfile into its stages; refuses a stage that refers to itself or to a
+    /// later stage, a repeated stage name, a stage index that names no earlier stage, and a
+    /// `--platform` kiln does not run.
+    pub fn parse(dockerfile: &str) -> Result<StageGraph, BuildError> {
+        let file = dockerfile::parse(dockerfile).map_err(|e| err(e.line, e.message))?;
+        let mut graph = StageGraph {
+            escape: file.escape,
+            global_args: platform_args(),
+            stages: Vec::new(),
+        };
+        for ins in file.instructions {
+            if let InstructionKind::From { alias, .. } = &ins.kind {
+                if let Some(other) = graph
+                    .stages
+                    .iter()
+                    .find(|s| s.name.is_some() && s.name == *alias)
+                {
+                    return Err(err(
+                        ins.line,
+                        format!(
+                            "FROM … AS {}: the stage on line {} has that name already; give each stage its own",
+                            alias.as_deref().unwrap_or_default(),
+                            other.from.line
+                        ),
+                    ));
+                }
+                graph.stages.push(StageOutline {
+                    name: alias.clone(),
+                    from: ins,
+                    base: StageBase::Image(String::new()),
+                    instructions: Vec::new(),
+                    copies: Vec::new(),
+                    needed: false,
+                });
+                continue;
+            }
+            match (graph.stages.last_mut(), &ins.kind) {
+                (Some(stage), _) => stage.instructions.push(ins),
+                (None, InstructionKind::Arg(decls)) => {
+                    for d in decls {
+                        let v = match &d.default {
+                            Some(v) => graph.expand(v, ins.line)?,
+                            None => String::new(),
+                        };
+                        StepState::set(&mut graph.global_args, &d.name, v);
+                    }
+                }
+                (None, _) => return Err(err(ins.line, "only ARG may come before FROM")),
+            }
+        }
+        for i in 0..graph.stages.len() {
+            graph.stages[i].base = graph.stage_base(i)?;
+            let mut copies = Vec::new();
+            for ins in &graph.stages[i].instructions {
+                if let InstructionKind::Copy(CopySpec {
+                    from: Some(from), ..
+                }) = &ins.kind
+                {
+                    copies.push((ins.line, graph.copy_from(i, from, ins.line)?));
                 }
             }
-            InstructionKind::From { image, .. } => {
-                let word = dockerfile::expand(image, &|n| lookup_in(&args, n), escape)
-                    .map_err(|e| err(ins.line, e.message))?;
-                if word.is_empty() {
-                    return Err(err(ins.line, format!("FROM {image} expands to nothing")));
-                }
-                return Ok((ins.line, word));
+            graph.stages[i].copies = copies;
+        }
+        // Stages only ever use earlier ones, so one pass from the end finds every need.
+        for i in (0..graph.stages.len()).rev() {
+            let stage = &graph.stages[i];
+            if !(stage.needed || i + 1 == graph.stages.len()) {
+                continue;
             }
-            _ => break,
+            let mut uses: Vec<usize> = stage
+                .copies
+                .iter()
+                .filter_map(|(_, c)| match c {
+                    CopyFrom::Stage(s) => Some(*s),
+                    CopyFrom::Image(_) => None,
+                })
+                .collect();
+            if let StageBase::Stage(s) = stage.base {
+                uses.push(s);
+            }
+            graph.stages[i].needed = true;
+            for s in uses {
+                graph.stages[s].needed = true;
+            }
+        }
+        Ok(graph)
+    }
+
+    /// The images the needed stages read (FROM bases, `COPY --from` images), each once, with
+    /// the line that first names it.
+    pub fn images(&self) -> Vec<(usize, String)> {
+        let mut found: Vec<(usize, String)> = Vec::new();
+        for stage in self.stages.iter().filter(|s| s.needed) {
+            let base = match &stage.base {
+                StageBase::Image(r) => Some((stage.from.line, r)),
+                StageBase::Stage(_) => None,
+            };
+            let copied = stage.copies.iter().filter_map(|(line, c)| match c {
+                CopyFrom::Image(r) => Some((*line, r)),
+                CopyFrom::Stage(_) => None,
+            });
+            for (line, reference) in base.into_iter().chain(copied) {
+                if !found.iter().any(|(_, r)| r == reference) {
+                    found.push((line, reference.clone()));
+                }
+            }
+        }
+        found
+    }
+
+    /// The reference the image's filesystem descends from: the last stage's FROM, followed
+    /// through the stages it names.
+    pub fn image_base(&self) -> Result<String, BuildError> {
+        let mut base = self.stages.last().map(|s| &s.base);
+        while let Some(StageBase::Stage(i)) = base {
+            base = self.stages.get(*i).map(|s| &s.base);
+        }
+        match base {
+            Some(StageBase::Image(reference)) => Ok(reference.clone()),
+            _ => Err(err(1, "the Dockerfile has no FROM")),
         }
     }
-    Err(err(
-        1,
-        "the Dockerfile has no FROM: start it with FROM kiln/busybox, FROM kiln/debian:12 or a registry image",
-    ))
+
+    /// The stages the image does not need: `stage NAME (Dockerfile line N)`.
+    pub fn skipped(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.needed)
+            .map(|(i, s)| format!("stage {} (Dockerfile line {})", s.label(i), s.from.line))
+            .collect()
+    }
+
+    /// Said when pulling `reference` failed and it could have meant a stage: no stage has
+    /// that name, and which ones there are.
+    pub fn not_a_stage(&self, reference: &str) -> Option<String> {
+        let names: Vec<&str> = self
+            .stages
+            .iter()
+            .filter_map(|s| s.name.as_deref())
+            .collect();
+        let plain = !reference.contains(['/', ':', '@']);
+        (plain && !names.is_empty()).then(|| {
+            format!(
+                "no stage is named {reference} (the stages are {}), so it was taken for an image",
+                names.join(", ")
+            )
+        })
+    }
+
+    fn expand(&self, raw: &str, line: usize) -> Result<String, BuildError> {
+        dockerfile::expand(raw, &|n| lookup_in(&self.global_args, n), self.escape)
+            .map_err(|e| err(line, e.message))
+    }
+
+    /// A global ARG's value, which a stage's `ARG NAME` without a default takes.
+    fn global(&self, name: &str) -> Option<String> {
+        lookup_in(&self.global_args, name)
+    }
+
+    /// The stage named `word` (Docker compares names lowercased).
+    fn named(&self, word: &str) -> Option<usize> {
+        let lower = word.to_ascii_lowercase();
+        self.stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    }
+
+    /// What stage `index`'s FROM names: an earlier stage, or an image.
+    fn stage_base(&self, index: usize) -> Result<StageBase, BuildError> {
+        let from = &self.stages[index].from;
+        let line = from.line;
+        let InstructionKind::From {
+            image, platform, ..
+        } = &from.kind
+        else {
+            return Err(err(line, "a stage must start with FROM"));
+        };
+        if let Some(platform) = platform {
+            check_platform(&self.expand(platform, line)?).map_err(|m| err(line, m))?;
+        }
+        let word = self.expand(image, line)?;
+        if word.is_empty() {
+            return Err(err(line, format!("FROM {image} expands to nothing")));
+        }
+        match self.named(&word) {
+            None => Ok(StageBase::Image(word)),
+            Some(i) if i < index => Ok(StageBase::Stage(i)),
+            Some(i) if i == index => Err(err(
+                line,
+                format!(
+                    "FROM {word} AS {word}: a stage cannot start from itself; to use the image \
+                     {word}, give the stage another name"
+                ),
+            )),
+            Some(i) => Err(err(
+                line,
+                format!(
+                    "FROM {word}: stage {word} is defined later (Dockerfile line {}); a stage \
+                     can only start from an earlier one",
+                    self.stages[i].from.line
+                ),
+            )),
+        }
+    }
+
+    /// Where `COPY --from=<raw>` in stage `index` reads: an earlier stage (by name or
+    /// position), else an image.
+    pub fn copy_from(&self, index: usize, raw: &str, line: usize) -> Result<CopyFrom, BuildError> {
+        let word = self.expand(raw, line)?;
+        if word.is_empty() {
+            return Err(err(line, format!("COPY --from={raw} expands to nothing")));
+        }
+        let found = match word.parse::<usize>() {
+            Ok(n) if n < self.stages.len() => Some(n),
+            Ok(_) => {
+                return Err(err(
+                    line,
+                    format!(
+                        "COPY --from={word}: there is no stage {word} (stages count from 0; \
+                         this Dockerfile has {})",
+                        self.stages.len()
+                    ),
+                ))
+            }
+            Err(_) => self.named(&word),
+        };
+        match found {
+            None => Ok(CopyFrom::Image(word)),
+            Some(i) if i < index => Ok(CopyFrom::Stage(i)),
+            Some(i) if i == index => Err(err(
+                line,
+                format!("COPY --from={word}: a stage cannot copy from itself"),
+            )),
+            Some(i) => Err(err(
+                line,
+                format!(
+                    "COPY --from={word}: stage {} comes later (Dockerfile line {}); copy only \
+                     from an earlier stage",
+                    self.stages[i].label(i),
+                    self.stages[i].from.line
+                ),
+            )),
+        }
+    }
 }
 
 fn lookup_in(list: &[(String, String)], name: &str) -> Option<String> {
     list.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
 
+/// What identifies a base disk in cache keys.
+fn base_identity(base: &BaseImage) -> String {
+    format!("{} {} {}", base.name, base.version, base.disk.display())
+}
+
 impl Plan {
-    /// Parses the Dockerfile and plans every step on `base` (resolved by [`from_word`]); a
-    /// registry image's config seeds the state and its ONBUILD triggers run first.
+    /// Plans every stage the image needs (see [`StageGraph`]) on the images the graph named,
+    /// resolved (`images`, by reference): each step's state, action and cache key.
     pub fn make(
         context: &BuildContext,
         api_env: &[(String, String)],
-        resolved: ResolvedBase,
+        graph: &StageGraph,
+        images: Vec<(String, ResolvedBase)>,
     ) -> Result<Plan, BuildError> {
-        let file = dockerfile::parse(&context.dockerfile).map_err(|e| err(e.line, e.message))?;
-        let escape = file.escape;
-        let mut instructions = file
-            .instructions
-            .into_iter()
-            .skip_while(|i| matches!(i.kind, InstructionKind::Arg(_)));
-        let from = instructions.next().ok_or_else(|| {
+        let mut planner = Planner {
+            context,
+            api_env,
+            graph,
+            images: &images,
+            planned: Vec::new(),
+        };
+        for (i, outline) in graph.stages.iter().enumerate() {
+            if outline.needed {
+                let first = planner.planned.iter().map(|s| s.steps.len()).sum();
+                let stage = planner.stage(i, first)?;
+                planner.planned.push(stage);
+            }
+        }
+        let mut stages = planner.planned;
+        let image = stages.pop().ok_or_else(|| {
             err(
                 1,
-                "the Dockerfile is empty: start it with FROM kiln/busybox or FROM kiln/debian:12",
+                "the Dockerfile has no FROM: start it with FROM kiln/busybox, FROM kiln/debian:12 or a registry image",
             )
         })?;
-        if !matches!(from.kind, InstructionKind::From { .. }) {
-            return Err(err(from.line, "the first instruction must be FROM"));
-        }
-        let base = resolved.image;
+        Ok(Plan {
+            stages,
+            image,
+            images,
+        })
+    }
+}
+
+/// Plans stages one after another; each sees the stages planned before it.
+struct Planner<'a> {
+    context: &'a BuildContext,
+    api_env: &'a [(String, String)],
+    graph: &'a StageGraph,
+    images: &'a [(String, ResolvedBase)],
+    planned: Vec<Stage>,
+}
+
+impl Planner<'_> {
+    fn image(&self, reference: &str, line: usize) -> Result<&ResolvedBase, BuildError> {
+        self.images
+            .iter()
+            .find(|(r, _)| r == reference)
+            .map(|(_, b)| b)
+            .ok_or_else(|| {
+                err(
+                    line,
+                    format!("{reference} was not resolved before planning"),
+                )
+            })
+    }
+
+    fn planned(&self, index: usize, line: usize) -> Result<&Stage, BuildError> {
+        self.planned
+            .iter()
+            .find(|s| s.index == index)
+            .ok_or_else(|| err(line, format!("stage {index} is not planned before its use")))
+    }
+
+    /// The identity of what a `COPY --from` reads, for cache keys: the stage's final layer
+    /// key, or the image's digest and disk.
+    fn source_identity(&self, from: &CopyFrom, line: usize) -> Result<String, BuildError> {
+        Ok(match from {
+            CopyFrom::Stage(i) => format!("stage {}", self.planned(*i, line)?.layer_id),
+            CopyFrom::Image(r) => format!("image {}", base_identity(&self.image(r, line)?.image)),
+        })
+    }
+
+    /// Plans stage `index`, numbering its steps from `first`: a stage FROM an earlier one
+    /// starts from that stage's state and image config (not its ARGs); a registry image's
+    /// config seeds the state and its ONBUILD triggers run first.
+    fn stage(&self, index: usize, first: usize) -> Result<Stage, BuildError> {
+        let outline = &self.graph.stages[index];
+        let escape = self.graph.escape;
+        let from = &outline.from;
         // Like a Docker base image's config, the state starts with PATH set, so that
         // `ENV PATH=/opt/bin:$PATH` extends it.
         let mut state = StepState {
             env: vec![("PATH".to_string(), DEFAULT_PATH.to_string())],
             args: Vec::new(),
-            api_env: api_env.to_vec(),
+            api_env: self.api_env.to_vec(),
             workdir: "/".into(),
             user: String::new(),
             shell: vec!["/bin/sh".into(), "-c".into()],
         };
-        let mut keys = KeyChain::new(&format!(
-            "{} {} {}",
-            base.name,
-            base.version,
-            base.disk.display()
-        ));
-        let mut plan = Plan {
-            steps: vec![PlannedStep {
-                index: 0,
-                line: from.line,
-                text: from.text.clone(),
-                key: None,
-                action: StepAction::Metadata,
-                state: state.clone(),
-            }],
-            base,
-            pulled: None,
-            healthcheck: None,
-            last: state.clone(),
-            entrypoint: None,
-            cmd: None,
-            exposed: Vec::new(),
-            labels: Vec::new(),
-            stop_signal: "SIGTERM".into(),
-        };
-        let mut cmd_from_base = false;
         let mut triggers = Vec::new();
-        if let Some(pulled) = resolved.pulled {
-            cmd_from_base = plan.seed(&mut state, &pulled.config);
-            for t in pulled.config.on_build.iter().flatten() {
-                triggers.push(
-                    dockerfile::parse_trigger(t, from.line).map_err(|e| err(e.line, e.message))?,
-                );
+        let (mut stage, mut keys, mut cmd_from_base) = match &outline.base {
+            StageBase::Image(reference) => {
+                let resolved = self.image(reference, from.line)?;
+                let identity = base_identity(&resolved.image);
+                let mut stage = Stage {
+                    index,
+                    name: outline.name.clone(),
+                    from: outline.base.clone(),
+                    base: resolved.image.clone(),
+                    pulled: None,
+                    steps: Vec::new(),
+                    healthcheck: None,
+                    last: state.clone(),
+                    layer_id: identity.clone(),
+                    entrypoint: None,
+                    cmd: None,
+                    exposed: Vec::new(),
+                    labels: Vec::new(),
+                    stop_signal: "SIGTERM".into(),
+                };
+                let mut cmd_from_base = false;
+                if let Some(pulled) = &resolved.pulled {
+                    cmd_from_base = stage.seed(&mut state, &pulled.config);
+                    for t in pulled.config.on_build.iter().flatten() {
+                        triggers.push(
+                            dockerfile::parse_trigger(t, from.line)
+                                .map_err(|e| err(e.line, e.message))?,
+                        );
+                    }
+                    stage.pulled = Some(pulled.clone());
+                }
+                (stage, KeyChain::new(&identity), cmd_from_base)
             }
-            plan.steps[0].state = state.clone();
-            plan.pulled = Some(pulled);
-        }
-        let instructions = triggers.into_iter().chain(instructions);
+            StageBase::Stage(p) => {
+                let parent = self.planned(*p, from.line)?;
+                state = StepState {
+                    args: Vec::new(),
+                    ..parent.last.clone()
+                };
+                let stage = Stage {
+                    index,
+                    name: outline.name.clone(),
+                    from: outline.base.clone(),
+                    steps: Vec::new(),
+                    last: state.clone(),
+                    ..parent.clone()
+                };
+                let keys = KeyChain::new(&format!("stage {}", parent.layer_id));
+                // Docker: an ENTRYPOINT resets the CMD the base stage gave.
+                (stage, keys, parent.cmd.is_some())
+            }
+        };
+        stage.steps.push(PlannedStep {
+            index: first,
+            line: from.line,
+            text: from.text.clone(),
+            key: None,
+            action: StepAction::Metadata,
+            state: state.clone(),
+        });
+        let instructions = triggers
+            .into_iter()
+            .chain(outline.instructions.iter().cloned());
         for (i, ins) in instructions.enumerate() {
             let line = ins.line;
             let x = |s: &str, st: &StepState| {
@@ -487,7 +948,7 @@ impl Plan {
                 InstructionKind::From { .. } => {
                     return Err(err(
                         line,
-                        "a second FROM: multi-stage builds are not supported yet",
+                        "FROM inside a stage: a FROM starts the next stage",
                     ))
                 }
                 InstructionKind::Run(spec) => {
@@ -508,6 +969,15 @@ impl Plan {
                 }
                 InstructionKind::Copy(spec) | InstructionKind::Add(spec) => {
                     let unpack = matches!(ins.kind, InstructionKind::Add(_));
+                    let from = match &spec.from {
+                        Some(raw) => Some(self.graph.copy_from(index, raw, line)?),
+                        None => None,
+                    };
+                    if let Some(from) = &from {
+                        // What the source stage's final layer (or the image) is, and the
+                        // paths: the text fed below has them as written, this as expanded.
+                        keys.feed(self.source_identity(from, line)?.as_bytes());
+                    }
                     let mut sources = Vec::new();
                     let mut urls = Vec::new();
                     let mut inline = Vec::new();
@@ -525,6 +995,11 @@ impl Plan {
                     }
                     for s in &spec.sources {
                         let s = x(s, &state)?;
+                        if from.is_some() {
+                            keys.feed(s.as_bytes());
+                            sources.push(s);
+                            continue;
+                        }
                         if unpack && dockerfile::is_http(&s) {
                             // The content is not known before the download: the URL (and
                             // the checksum, in the instruction's text) make the key, as
@@ -535,8 +1010,8 @@ impl Plan {
                         }
                         // Only ever a link-free path inside the context (see `source`).
                         let (rel, hashed) =
-                            context_source(&context.dir, &s).map_err(|e| err(line, e))?;
-                        let digest = hash_tree(&context.dir.join(hashed)).map_err(|e| {
+                            context_source(&self.context.dir, &s).map_err(|e| err(line, e))?;
+                        let digest = hash_tree(&self.context.dir.join(hashed)).map_err(|e| {
                             err(line, format!("reading {s} in the build context: {e}"))
                         })?;
                         keys.feed(digest.as_bytes());
@@ -571,6 +1046,7 @@ impl Plan {
                         })
                         .transpose()?;
                     StepAction::Copy {
+                        from,
                         sources,
                         dest,
                         chown,
@@ -590,9 +1066,10 @@ impl Plan {
                 }
                 InstructionKind::Arg(decls) => {
                     for d in decls {
+                        // Docker: a global ARG reaches a stage only through `ARG NAME`.
                         let v = match &d.default {
                             Some(v) => x(v, &state)?,
-                            None => String::new(),
+                            None => self.graph.global(&d.name).unwrap_or_default(),
                         };
                         StepState::set(&mut state.args, &d.name, v);
                     }
@@ -613,21 +1090,21 @@ impl Plan {
                 InstructionKind::Expose(ports) => {
                     for p in ports {
                         let p = Port::parse(&x(p, &state)?).map_err(|e| err(line, e))?;
-                        if !p.udp && !plan.exposed.contains(&p.number) {
-                            plan.exposed.push(p.number);
+                        if !p.udp && !stage.exposed.contains(&p.number) {
+                            stage.exposed.push(p.number);
                         }
                     }
                     StepAction::Metadata
                 }
                 InstructionKind::Cmd(c) => {
-                    plan.cmd = Some(to_app(c));
+                    stage.cmd = Some(to_app(c));
                     cmd_from_base = false;
                     StepAction::Metadata
                 }
                 InstructionKind::Entrypoint(c) => {
-                    plan.entrypoint = Some(to_app(c));
+                    stage.entrypoint = Some(to_app(c));
                     if cmd_from_base {
-                        plan.cmd = None;
+                        stage.cmd = None;
                         cmd_from_base = false;
                     }
                     // Docker: a new ENTRYPOINT resets an inherited CMD; within one file, CMD after it stays.
@@ -636,12 +1113,12 @@ impl Plan {
                 InstructionKind::Label(pairs) => {
                     for (k, v) in pairs {
                         let v = x(v, &state)?;
-                        StepState::set(&mut plan.labels, k, v);
+                        StepState::set(&mut stage.labels, k, v);
                     }
                     StepAction::Metadata
                 }
                 InstructionKind::Healthcheck(h) => {
-                    plan.healthcheck = match h {
+                    stage.healthcheck = match h {
                         Healthcheck::None => None,
                         Healthcheck::Check { test, .. } => Some(match test {
                             Command::Exec(v) => v.clone(),
@@ -657,7 +1134,7 @@ impl Plan {
                     StepAction::Metadata
                 }
                 InstructionKind::StopSignal(sig) => {
-                    plan.stop_signal = x(sig, &state)?;
+                    stage.stop_signal = x(sig, &state)?;
                     StepAction::Metadata
                 }
                 InstructionKind::Volume(_) | InstructionKind::Maintainer(_) => StepAction::Metadata,
@@ -665,8 +1142,11 @@ impl Plan {
             keys.feed(ins.text.as_bytes());
             keys.feed(state.key_material().as_bytes());
             let key = (!matches!(action, StepAction::Metadata)).then(|| keys.key());
-            plan.steps.push(PlannedStep {
-                index: i + 1,
+            if let Some(key) = &key {
+                stage.layer_id = key.clone();
+            }
+            stage.steps.push(PlannedStep {
+                index: first + i + 1,
                 line,
                 text: ins.text.clone(),
                 key,
@@ -674,10 +1154,12 @@ impl Plan {
                 state: state.clone(),
             });
         }
-        plan.last = state;
-        Ok(plan)
+        stage.last = state;
+        Ok(stage)
     }
+}
 
+impl Stage {
     /// Seeds the state from a registry image's config (Env, WorkingDir, User, Entrypoint,
     /// Cmd, ExposedPorts, Healthcheck, StopSignal, Labels); returns whether a Cmd came from it
     /// (a Dockerfile ENTRYPOINT then resets it, as Docker does).
@@ -990,18 +1472,19 @@ mod tests {
             "OnBuild": ["COPY app.py /srv/"]
         }));
 
-        let plan = Plan::make(&ctx, &[], base).expect("plan");
-        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+        let graph = StageGraph::parse(&ctx.dockerfile).expect("graph");
+        let plan = Plan::make(&ctx, &[], &graph, vec![("py:1".into(), base)]).expect("plan");
+        let config = plan.image.image_config(&spec_for(&ctx)).expect("config");
 
-        assert_eq!(plan.steps[1].text, "ONBUILD COPY app.py /srv/");
-        assert!(plan.steps[1].key.is_some());
+        assert_eq!(plan.image.steps[1].text, "ONBUILD COPY app.py /srv/");
+        assert!(plan.image.steps[1].key.is_some());
         assert_eq!(config.app_argv, ["python3", "app.py"]);
         assert_eq!(config.workdir, "/srv");
-        assert_eq!(plan.last.user, "app");
+        assert_eq!(plan.image.last.user, "app");
         assert_eq!(config.app_port, 9090);
         assert_eq!(config.stop_signal, "SIGINT");
         assert_eq!(
-            plan.healthcheck,
+            plan.image.healthcheck,
             Some(vec!["/bin/sh".into(), "-c".into(), "true".into()])
         );
         assert!(config
@@ -1022,18 +1505,256 @@ mod tests {
         let (_d, ctx) = context("FROM py\nENTRYPOINT [\"/serve\"]\n");
         let base = pulled(serde_json::json!({"Cmd": ["python3"], "Entrypoint": ["/old"]}));
 
-        let plan = Plan::make(&ctx, &[], base).expect("plan");
-        let config = plan.image_config(&spec_for(&ctx)).expect("config");
+        let graph = StageGraph::parse(&ctx.dockerfile).expect("graph");
+        let plan = Plan::make(&ctx, &[], &graph, vec![("py".into(), base)]).expect("plan");
+        let config = plan.image.image_config(&spec_for(&ctx)).expect("config");
 
         assert_eq!(config.app_argv, ["/serve"]);
     }
 
     #[test]
-    fn from_word_when_args_before_from_then_expanded() {
-        let (_d, ctx) = context("ARG REG=127.0.0.1:5000\nARG IMG=$REG/py\nFROM ${IMG}:1 AS app\n");
+    fn images_when_args_before_from_then_expanded() {
+        let graph =
+            StageGraph::parse("ARG REG=127.0.0.1:5000\nARG IMG=$REG/py\nFROM ${IMG}:1 AS app\n")
+                .expect("graph");
 
-        let (line, word) = from_word(&ctx).expect("from");
+        assert_eq!(graph.images(), [(3, "127.0.0.1:5000/py:1".to_string())]);
+    }
 
-        assert_eq!((line, word.as_str()), (3, "127.0.0.1:5000/py:1"));
+    // Stages.
+
+    /// A base disk named after `reference`, as if resolved (nothing is read from it).
+    fn resolved(reference: &str, version: &str) -> ResolvedBase {
+        ResolvedBase {
+            image: BaseImage {
+                name: reference.into(),
+                version: version.into(),
+                disk: format!("/nonexistent/{reference}.ext4").into(),
+                size_bytes: 1 << 30,
+            },
+            pulled: None,
+        }
+    }
+
+    /// Plans `dockerfile` with every image it names resolved at `version`.
+    fn plan_at(dockerfile: &str, version: &str) -> Result<Plan, BuildError> {
+        let (_d, ctx) = context(dockerfile);
+        let graph = StageGraph::parse(dockerfile)?;
+        let images = graph
+            .images()
+            .into_iter()
+            .map(|(_, r)| (r.clone(), resolved(&r, version)))
+            .collect();
+        Plan::make(&ctx, &[], &graph, images)
+    }
+
+    fn plan_of(dockerfile: &str) -> Plan {
+        plan_at(dockerfile, "1").expect("plan")
+    }
+
+    fn message(dockerfile: &str) -> (usize, String) {
+        match StageGraph::parse(dockerfile).expect_err("refused") {
+            BuildError::Dockerfile { line, message } => (line, message),
+            other => panic!("not a Dockerfile error: {other}"),
+        }
+    }
+
+    fn key_of(plan: &Plan, text: &str) -> Option<String> {
+        plan.all()
+            .flat_map(|s| &s.steps)
+            .find(|s| s.text == text)
+            .and_then(|s| s.key.clone())
+    }
+
+    const STAGES: &str = "ARG V=1
+FROM kiln/busybox AS Base
+RUN echo base
+FROM kiln/debian:12 AS unused
+RUN false
+FROM registry.example/tools:${V} AS tools
+FROM base AS builder
+COPY --from=TOOLS /bin/tool /bin/
+FROM kiln/busybox
+COPY --from=builder /out /srv/
+";
+
+    #[test]
+    fn graph_when_stages_use_each_other_then_only_what_the_image_needs_is_kept() {
+        let graph = StageGraph::parse(STAGES).expect("graph");
+
+        assert_eq!(graph.skipped(), ["stage unused (Dockerfile line 4)"]);
+        assert_eq!(
+            graph.images(),
+            [
+                (2, "kiln/busybox".to_string()),
+                (6, "registry.example/tools:1".to_string())
+            ]
+        );
+        assert_eq!(graph.image_base().expect("base"), "kiln/busybox");
+    }
+
+    #[test]
+    fn make_when_stages_then_needed_ones_in_order_numbered_across_the_build() {
+        let plan = plan_of(STAGES);
+
+        let planned: Vec<(usize, String)> = plan.all().map(|s| (s.index, s.label())).collect();
+        assert_eq!(
+            planned,
+            [
+                (0, "base".to_string()),
+                (2, "tools".to_string()),
+                (3, "builder".to_string()),
+                (4, "4".to_string())
+            ]
+        );
+        let indices: Vec<usize> = plan.all().flat_map(|s| &s.steps).map(|s| s.index).collect();
+        assert_eq!(indices, (0..plan.total_steps()).collect::<Vec<_>>());
+        assert_eq!(plan.image.from, StageBase::Image("kiln/busybox".into()));
+        let builder = plan.stage(3).expect("builder");
+        assert_eq!(builder.from, StageBase::Stage(0));
+        assert!(matches!(
+            &builder.steps[1].action,
+            StepAction::Copy { from: Some(CopyFrom::Stage(2)), sources, .. }
+                if sources == &["/bin/tool"]
+        ));
+        assert_eq!(plan.describe(&CopyFrom::Stage(3)), "stage builder");
+    }
+
+    #[test]
+    fn make_when_from_an_earlier_stage_then_its_state_and_config_carry_over_but_not_args() {
+        let plan = plan_of(
+            "FROM kiln/busybox AS base\nARG A=1\nENV E=2\nWORKDIR /w\nUSER nobody\nCMD [\"serve\"]\nFROM base\nRUN true\n",
+        );
+
+        let config = plan
+            .image
+            .image_config(&spec_for(&context("").1))
+            .expect("config");
+        let run = &plan.image.steps[1];
+
+        assert_eq!(config.app_argv, ["serve"]);
+        assert_eq!(config.workdir, "/w");
+        assert!(config.env.contains(&("E".into(), "2".into())));
+        assert_eq!(run.state.user, "nobody");
+        assert!(run.state.args.is_empty(), "{:?}", run.state.args);
+        assert_eq!(plan.image.base.name, "kiln/busybox");
+    }
+
+    #[test]
+    fn make_when_copy_from_then_its_key_covers_the_source_stage_and_the_image_digest() {
+        let df = |run: &str| {
+            format!(
+                "FROM kiln/busybox AS b\nRUN {run}\nFROM kiln/busybox\nCOPY --from=b /out /o\nCOPY --from=reg.example/f:1 /f /f\n"
+            )
+        };
+        let base = plan_of(&df("make"));
+        let same = plan_of(&df("make"));
+        let changed = plan_of(&df("make all"));
+        let other_digest = plan_at(&df("make"), "2").expect("plan");
+        let copy_b = "COPY --from=b /out /o";
+        let copy_f = "COPY --from=reg.example/f:1 /f /f";
+
+        assert!(key_of(&base, copy_b).is_some());
+        assert_eq!(key_of(&base, copy_b), key_of(&same, copy_b));
+        assert_eq!(key_of(&base, copy_f), key_of(&same, copy_f));
+        assert_ne!(key_of(&base, copy_b), key_of(&changed, copy_b));
+        assert_ne!(key_of(&base, copy_f), key_of(&other_digest, copy_f));
+    }
+
+    #[test]
+    fn make_when_a_global_arg_is_redeclared_in_a_stage_then_it_has_the_global_value() {
+        let plan = plan_of(
+            "ARG V=7\nARG W=8\nFROM kiln/busybox\nARG V\nARG TARGETPLATFORM\nARG X\nRUN echo\n",
+        );
+
+        let args = &plan.image.steps[4].state.args;
+
+        assert_eq!(
+            args,
+            &[
+                ("V".to_string(), "7".to_string()),
+                ("TARGETPLATFORM".to_string(), PLATFORM.to_string()),
+                ("X".to_string(), String::new())
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_when_platform_then_amd64_accepted_and_others_refused_naming_kilns() {
+        let amd64 = StageGraph::parse("FROM --platform=$BUILDPLATFORM kiln/busybox\n");
+        let aliases = StageGraph::parse("FROM --platform=linux/x86_64/v2 kiln/busybox AS a\n");
+        let (line, arm) = message("ARG P=linux/arm64\nFROM --platform=$P kiln/busybox\n");
+
+        assert!(amd64.is_ok() && aliases.is_ok());
+        assert_eq!(line, 2);
+        assert!(
+            arm.contains("--platform=linux/arm64") && arm.contains("linux/amd64 only"),
+            "{arm}"
+        );
+    }
+
+    #[test]
+    fn parse_when_a_stage_refers_to_itself_or_a_later_one_then_error_with_the_line() {
+        let cases = [
+            (
+                "FROM kiln/busybox AS a\nFROM A AS a2\nFROM a2 AS A2x\nFROM b AS b\n",
+                4,
+                "cannot start from itself",
+            ),
+            (
+                "FROM c\nFROM kiln/busybox AS c\n",
+                1,
+                "stage c is defined later (Dockerfile line 2)",
+            ),
+            (
+                "FROM kiln/busybox AS a\nCOPY --from=b /x /x\nFROM kiln/busybox AS b\n",
+                2,
+                "stage b comes later (Dockerfile line 3)",
+            ),
+            (
+                "FROM kiln/busybox AS a\nCOPY --from=A /x /x\n",
+                2,
+                "a stage cannot copy from itself",
+            ),
+            (
+                "FROM kiln/busybox\nFROM kiln/busybox\nCOPY --from=1 /x /x\n",
+                3,
+                "a stage cannot copy from itself",
+            ),
+            (
+                "FROM kiln/busybox\nCOPY --from=3 /x /x\n",
+                2,
+                "there is no stage 3",
+            ),
+            (
+                "FROM kiln/busybox AS a\nFROM kiln/busybox AS A\n",
+                2,
+                "the stage on line 1 has that name already",
+            ),
+        ];
+
+        for (dockerfile, line, expected) in cases {
+            let (got_line, got) = message(dockerfile);
+
+            assert_eq!(got_line, line, "{dockerfile:?}: {got}");
+            assert!(got.contains(expected), "{dockerfile:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn not_a_stage_when_a_plain_name_fails_to_pull_then_the_stages_are_named() {
+        let graph = StageGraph::parse(
+            "FROM kiln/busybox AS builder\nFROM kiln/busybox\nCOPY --from=buildr /x /x\n",
+        )
+        .expect("graph");
+
+        let hint = graph.not_a_stage("buildr");
+
+        assert_eq!(graph.images()[1], (3, "buildr".to_string()));
+        assert_eq!(
+            hint.as_deref(),
+            Some("no stage is named buildr (the stages are builder), so it was taken for an image")
+        );
+        assert_eq!(graph.not_a_stage("alpine:3"), None);
     }
 }

@@ -1,4 +1,5 @@
-//! COPY/ADD sources as paths inside the unpacked build context, never outside it.
+//! COPY/ADD sources as paths inside the unpacked build context (or, for `COPY --from`, inside
+//! another stage's filesystem), never outside it.
 //!
 //! As BuildKit does, a source is first cleaned lexically against the context root (`../x` is
 //! `x`, `/etc/passwd` is `etc/passwd` in the context), then looked up one component at a time
@@ -80,35 +81,55 @@ pub fn clean(src: &str) -> String {
     parts.join("/")
 }
 
+/// `src` cleaned, split at its first wildcard component: the glob-free directory prefix
+/// (what is resolved) and the pattern after it (`""` when there is none).
+pub fn split_glob(src: &str) -> (String, String) {
+    let clean = clean(src);
+    let parts: Vec<&str> = clean.split('/').collect();
+    let literal = parts
+        .iter()
+        .position(|p| p.contains(['*', '?', '[']))
+        .unwrap_or(parts.len());
+    (parts[..literal].join("/"), parts[literal..].join("/"))
+}
+
+/// A resolved directory and a pattern below it as one relative path.
+pub fn join_pattern(dir: &str, pattern: &str) -> String {
+    match (dir.is_empty(), pattern.is_empty()) {
+        (_, true) => dir.to_string(),
+        (true, false) => pattern.to_string(),
+        (false, false) => format!("{dir}/{pattern}"),
+    }
+}
+
 /// Resolves `src` inside `root`: the clean, link-free relative path it names (`""` for the
 /// root), following symbolic links within the context only.
 pub fn resolve(root: &Path, src: &str) -> Result<String, SourceError> {
-    let mut pending: VecDeque<String> = clean(src).split('/').map(str::to_string).collect();
-    let mut resolved: Vec<String> = Vec::new();
-    let mut hops = 0;
-    while let Some(part) = pending.pop_front() {
-        match part.as_str() {
-            "" | "." => continue,
-            ".." => {
-                resolved.pop();
-                continue;
+    let mut walk = InRootWalk::new(src);
+    while let Some(rel) = walk.next_lookup() {
+        // `rel`'s parent holds only real directories, so this stat follows no link on the way.
+        let path = root.join(&rel);
+        let found = match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path).map_err(|e| SourceError::Io {
+                    src: src.into(),
+                    path: path.clone(),
+                    cause: e.to_string(),
+                })?;
+                Found::Link(target.to_string_lossy().into_owned())
             }
-            _ => {}
-        }
-        // `resolved` holds only real directories, so this stat follows no link on the way.
-        let path = root.join(resolved.join("/")).join(&part);
-        let meta = match std::fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
+            Ok(meta) if meta.is_dir() => Found::Dir,
+            Ok(meta) => match special_kind(&meta) {
+                Some(kind) => Found::Special(kind),
+                None => Found::File,
+            },
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                 ) =>
             {
-                return Err(SourceError::NotFound {
-                    src: src.into(),
-                    rel: clean(src),
-                })
+                Found::Missing
             }
             Err(e) => {
                 return Err(SourceError::Io {
@@ -118,40 +139,118 @@ pub fn resolve(root: &Path, src: &str) -> Result<String, SourceError> {
                 })
             }
         };
-        if meta.file_type().is_symlink() {
-            hops += 1;
-            if hops > MAX_LINK_HOPS {
-                return Err(SourceError::Loops { src: src.into() });
-            }
-            let target = std::fs::read_link(&path).map_err(|e| SourceError::Io {
-                src: src.into(),
-                path: path.clone(),
-                cause: e.to_string(),
-            })?;
-            let target = target.to_string_lossy();
-            if target.starts_with('/') {
-                resolved.clear();
-            }
-            for c in target.split('/').rev() {
-                pending.push_front(c.to_string());
-            }
-            continue;
-        }
-        if !meta.is_dir() && pending.iter().any(|c| !c.is_empty() && c != ".") {
-            return Err(SourceError::NotFound {
-                src: src.into(),
-                rel: clean(src),
-            });
-        }
-        if let Some(kind) = special_kind(&meta) {
-            return Err(SourceError::Special {
-                src: src.into(),
-                kind,
-            });
-        }
-        resolved.push(part);
+        walk.found(found)?;
     }
-    Ok(resolved.join("/"))
+    Ok(walk.finish())
+}
+
+/// What one path component turned out to be, as [`InRootWalk`] needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing there.
+    Missing,
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symbolic link, and where it points.
+    Link(String),
+    /// A device, fifo or socket.
+    Special(&'static str),
+}
+
+/// The lookup of a path inside a root, one component at a time, with symbolic links
+/// followed as if the root were `/` and `..` never climbing above it. The walk only decides;
+/// its driver looks each component up where the root is (the host's unpacked context, or a
+/// disk mounted in the build VM), so one set of rules serves both.
+#[derive(Debug)]
+pub struct InRootWalk {
+    src: String,
+    pending: VecDeque<String>,
+    resolved: Vec<String>,
+    current: Option<String>,
+    hops: u32,
+}
+
+impl InRootWalk {
+    /// A walk for `src` (cleaned lexically first).
+    pub fn new(src: &str) -> InRootWalk {
+        InRootWalk {
+            src: src.to_string(),
+            pending: clean(src).split('/').map(str::to_string).collect(),
+            resolved: Vec::new(),
+            current: None,
+            hops: 0,
+        }
+    }
+
+    /// The next path to look up, relative to the root (its parent is link-free), or `None`
+    /// when the walk is over.
+    pub fn next_lookup(&mut self) -> Option<String> {
+        while let Some(part) = self.pending.pop_front() {
+            match part.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    self.resolved.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let mut rel = self.resolved.join("/");
+            if !rel.is_empty() {
+                rel.push('/');
+            }
+            rel.push_str(&part);
+            self.current = Some(part);
+            return Some(rel);
+        }
+        None
+    }
+
+    /// Takes what the last looked-up path is.
+    pub fn found(&mut self, what: Found) -> Result<(), SourceError> {
+        let part = self.current.take().unwrap_or_default();
+        let more = self.pending.iter().any(|c| !c.is_empty() && c != ".");
+        match what {
+            Found::Missing => Err(self.not_found()),
+            Found::Link(target) => {
+                self.hops += 1;
+                if self.hops > MAX_LINK_HOPS {
+                    return Err(SourceError::Loops {
+                        src: self.src.clone(),
+                    });
+                }
+                if target.starts_with('/') {
+                    self.resolved.clear();
+                }
+                for c in target.split('/').rev() {
+                    self.pending.push_front(c.to_string());
+                }
+                Ok(())
+            }
+            Found::File | Found::Special(_) if more => Err(self.not_found()),
+            Found::Special(kind) => Err(SourceError::Special {
+                src: self.src.clone(),
+                kind,
+            }),
+            Found::Dir | Found::File => {
+                self.resolved.push(part);
+                Ok(())
+            }
+        }
+    }
+
+    /// The clean, link-free path the walk ended on (`""` for the root).
+    pub fn finish(self) -> String {
+        self.resolved.join("/")
+    }
+
+    fn not_found(&self) -> SourceError {
+        SourceError::NotFound {
+            src: self.src.clone(),
+            rel: clean(&self.src),
+        }
+    }
 }
 
 /// What a device, fifo or socket is called, or `None` for a file, directory or link.
@@ -272,6 +371,53 @@ mod tests {
             err.to_string(),
             "COPY source pipe is a fifo: only regular files, directories and symbolic links can be copied"
         );
+    }
+
+    /// Drives a walk with a made-up filesystem, as the build VM's agent drives it.
+    fn walk(entries: &[(&str, Found)], src: &str) -> Result<String, SourceError> {
+        let mut walk = InRootWalk::new(src);
+        while let Some(rel) = walk.next_lookup() {
+            let found = entries
+                .iter()
+                .find(|(path, _)| *path == rel)
+                .map_or(Found::Missing, |(_, f)| f.clone());
+            walk.found(found)?;
+        }
+        Ok(walk.finish())
+    }
+
+    #[test]
+    fn walk_when_links_and_dot_dot_climb_then_they_stay_in_that_root() {
+        let fs = [
+            ("out", Found::Dir),
+            ("out/etc", Found::Link("/etc".into())),
+            ("out/up", Found::Link("../../../..".into())),
+            ("etc", Found::Dir),
+            ("etc/passwd", Found::File),
+            ("app", Found::File),
+        ];
+
+        assert_eq!(walk(&fs, "/out/etc/passwd"), Ok("etc/passwd".into()));
+        assert_eq!(walk(&fs, "../../out/up/app"), Ok("app".into()));
+        assert!(matches!(
+            walk(&fs, "out/etc/shadow"),
+            Err(SourceError::NotFound { .. })
+        ));
+        assert!(matches!(
+            walk(&fs, "app/x"),
+            Err(SourceError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn split_glob_when_a_wildcard_then_the_literal_directory_and_the_pattern() {
+        assert_eq!(
+            split_glob("/out/../bin/*.so"),
+            ("bin".to_string(), "*.so".to_string())
+        );
+        assert_eq!(split_glob("a/b"), ("a/b".to_string(), String::new()));
+        assert_eq!(join_pattern("", "*.so"), "*.so");
+        assert_eq!(join_pattern("bin", "*.so"), "bin/*.so");
     }
 
     #[test]

@@ -59,19 +59,22 @@ pub(crate) fn parse_instruction(
         "FROM" => {
             let (found, rest) = flags(rest);
             allow_flags(&keyword, &found, &["platform"], line)?;
+            let platform = flag_value(&keyword, &found, "platform", line)?;
             let parts = words(rest, escape);
             match parts.as_slice() {
                 [image] => Ok(InstructionKind::From {
                     image: image.clone(),
                     alias: None,
+                    platform,
                 }),
                 [image, as_kw, alias] if as_kw.eq_ignore_ascii_case("as") => {
                     Ok(InstructionKind::From {
                         image: image.clone(),
-                        alias: Some(alias.clone()),
+                        alias: Some(stage_name(alias, line)?),
+                        platform,
                     })
                 }
-                _ => Err(err("FROM takes `image [AS name]`".into())),
+                _ => Err(err("FROM takes `[--platform=…] image [AS name]`".into())),
             }
         }
         "RUN" => run(logical).map(InstructionKind::Run),
@@ -218,6 +221,42 @@ fn allow_flags(
             ))
         }
         None => Ok(()),
+    }
+}
+
+/// The value of flag `--flag=…` if given; given without a value is an error.
+fn flag_value(
+    keyword: &str,
+    found: &[(String, Option<String>)],
+    flag: &str,
+    line: usize,
+) -> Result<Option<String>, ParseError> {
+    match found.iter().find(|(name, _)| name == flag) {
+        Some((_, Some(value))) if !value.is_empty() => Ok(Some(value.clone())),
+        Some(_) => Err(ParseError::new(
+            line,
+            format!("{keyword} --{flag} needs a value, e.g. --{flag}=…"),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A stage name (`FROM … AS name`) as Docker takes it: lowercased, then a letter followed
+/// by letters, digits, `-`, `_` and `.`.
+fn stage_name(alias: &str, line: usize) -> Result<String, ParseError> {
+    let name = alias.to_ascii_lowercase();
+    let mut chars = name.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    match valid {
+        true => Ok(name),
+        false => Err(ParseError::new(
+            line,
+            format!(
+                "FROM … AS {alias}: a stage name starts with a letter and holds only letters, \
+                 digits, '-', '_' and '.'"
+            ),
+        )),
     }
 }
 
@@ -455,27 +494,13 @@ fn parse_size(text: &str) -> Option<u64> {
 fn copy_spec(keyword: &str, logical: &Logical, escape: char) -> Result<CopySpec, ParseError> {
     let line = logical.line;
     let (found, rest) = flags(&logical.rest);
-    if found.iter().any(|(name, _)| name == "from") {
-        return Err(ParseError::new(
-            line,
-            format!("{keyword} --from: multi-stage builds are not supported yet"),
-        ));
-    }
     let allowed: &[&str] = match keyword {
         "ADD" => &["chown", "chmod", "link", "checksum"],
-        _ => &["chown", "chmod", "link"],
+        _ => &["from", "chown", "chmod", "link"],
     };
     allow_flags(keyword, &found, allowed, line)?;
-    let value = |flag: &str| -> Result<Option<String>, ParseError> {
-        match found.iter().find(|(name, _)| name == flag) {
-            Some((_, Some(value))) if !value.is_empty() => Ok(Some(value.clone())),
-            Some(_) => Err(ParseError::new(
-                line,
-                format!("{keyword} --{flag} needs a value, e.g. --{flag}=…"),
-            )),
-            None => Ok(None),
-        }
-    };
+    let value = |flag: &str| flag_value(keyword, &found, flag, line);
+    let from = value("from")?;
     let chown = value("chown")?;
     let chmod = value("chmod")?;
     let checksum = value("checksum")?;
@@ -530,7 +555,14 @@ fn copy_spec(keyword: &str, logical: &Logical, escape: char) -> Result<CopySpec,
             ));
         }
     }
+    if from.is_some() && !heredocs.is_empty() {
+        return Err(ParseError::new(
+            line,
+            "COPY --from copies files of another stage or image: here-documents cannot be among its sources",
+        ));
+    }
     Ok(CopySpec {
+        from,
         sources,
         heredocs,
         checksum,

@@ -1,4 +1,4 @@
-//! Dockerfiles: the parser (single-stage, Docker's syntax) and variable expansion.
+//! Dockerfiles: the parser (Docker's syntax, any number of stages) and variable expansion.
 //!
 //! [`parse`] turns the text into [`Instruction`]s, each keeping its 1-based line and its
 //! logical text (continuations joined) for logs and cache keys. Arguments that Docker
@@ -69,12 +69,16 @@ pub struct Instruction {
 /// What an instruction says. Strings documented as *raw words* still need [`expand`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstructionKind {
-    /// `FROM [--platform=…] image [AS name]`; `--platform` is accepted and ignored.
+    /// `FROM [--platform=…] image [AS name]`: starts a stage.
     From {
-        /// The image (raw word: may use ARGs declared before FROM).
+        /// The image or an earlier stage's name (raw word: may use ARGs declared before
+        /// the first FROM).
         image: String,
-        /// The stage name after `AS`.
+        /// The stage name after `AS`, lowercased (checked: a letter, then letters, digits,
+        /// `-`, `_`, `.`).
         alias: Option<String>,
+        /// `--platform=…` (raw word, like the image).
+        platform: Option<String>,
     },
     /// `RUN`: a command for the shell, or an exec-form argument list, with its flags.
     Run(RunSpec),
@@ -233,6 +237,9 @@ pub struct SecretMount {
 /// Sources and destination of a COPY or ADD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopySpec {
+    /// `COPY --from=…`: a stage name or index, or an image (raw word); the sources are
+    /// then paths in that stage's or image's filesystem.
+    pub from: Option<String>,
     /// Paths in the build context (raw words), and for ADD `http(s)://` URLs.
     pub sources: Vec<String>,
     /// Inline files given as here-documents (`COPY <<EOF /dest`), in order.
@@ -312,7 +319,7 @@ pub fn parse_trigger(text: &str, line: usize) -> Result<Instruction, ParseError>
     })
 }
 
-/// Parses a Dockerfile's text (single-stage: one FROM).
+/// Parses a Dockerfile's text: ARGs, then one or more stages, each starting at a FROM.
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     let source = parser::split(text)?;
     let mut instructions = Vec::with_capacity(source.lines.len());
@@ -321,12 +328,6 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         let kind = instructions::parse_instruction(&logical, source.escape)?;
         if matches!(kind, InstructionKind::From { .. }) {
             froms += 1;
-            if froms > 1 {
-                return Err(ParseError::new(
-                    logical.line,
-                    "a second FROM: multi-stage builds are not supported yet; use one FROM",
-                ));
-            }
         } else if froms == 0 && !matches!(kind, InstructionKind::Arg(_)) {
             return Err(ParseError::new(
                 logical.line,
@@ -423,7 +424,8 @@ CMD --port $PORT
                 }]),
                 InstructionKind::From {
                     image: s("${BASE}"),
-                    alias: Some(s("app"))
+                    alias: Some(s("app")),
+                    platform: Some(s("linux/amd64")),
                 },
                 InstructionKind::Label(vec![
                     (s("org.example.team"), s("\"web platform\"")),
@@ -440,6 +442,7 @@ CMD --port $PORT
                 }]),
                 InstructionKind::Workdir(s("/srv/app")),
                 InstructionKind::Copy(CopySpec {
+                    from: None,
                     sources: vec![s("requirements.txt"), s("run.sh")],
                     dest: s("./"),
                     heredocs: vec![],
@@ -448,6 +451,7 @@ CMD --port $PORT
                     chmod: Some(s("755")),
                 }),
                 InstructionKind::Add(CopySpec {
+                    from: None,
                     sources: vec![s("vendor.tar")],
                     heredocs: vec![],
                     checksum: None,
@@ -557,6 +561,7 @@ CMD --port $PORT
         assert_eq!(
             kinds[1],
             InstructionKind::Copy(CopySpec {
+                from: None,
                 sources: vec![s("a b.txt")],
                 heredocs: vec![],
                 checksum: None,
@@ -576,11 +581,33 @@ CMD --port $PORT
     }
 
     #[test]
-    fn parse_when_two_froms_then_multi_stage_error() {
-        let err = error("FROM a AS build\nRUN make\nFROM b\n");
+    fn parse_when_two_froms_then_two_stages_with_lowercased_names() {
+        let kinds = kinds("FROM --platform=$BUILDPLATFORM a AS Build\nRUN make\nFROM b\n");
 
-        assert_eq!(err.line, 3);
-        assert!(err.message.contains("multi-stage"), "{err}");
+        assert_eq!(
+            kinds[0],
+            InstructionKind::From {
+                image: s("a"),
+                alias: Some(s("build")),
+                platform: Some(s("$BUILDPLATFORM")),
+            }
+        );
+        assert_eq!(
+            kinds[2],
+            InstructionKind::From {
+                image: s("b"),
+                alias: None,
+                platform: None,
+            }
+        );
+    }
+
+    #[test]
+    fn parse_when_stage_name_is_not_a_name_then_error() {
+        let err = error("FROM a AS 1st\n");
+
+        assert_eq!(err.line, 1);
+        assert!(err.message.contains("starts with a letter"), "{err}");
     }
 
     #[test]
@@ -599,14 +626,28 @@ CMD --port $PORT
     }
 
     #[test]
-    fn parse_when_copy_from_then_multi_stage_error() {
-        let err = error("FROM x\nCOPY --from=build /out /app\n");
+    fn parse_when_copy_from_then_recorded_with_its_flags() {
+        let kinds = kinds("FROM x\nCOPY --from=build --chmod=755 /out/a /out/b /app/\n");
 
-        assert!(
-            err.message
-                .contains("multi-stage builds are not supported yet"),
-            "{err}"
+        assert_eq!(
+            kinds[1],
+            InstructionKind::Copy(CopySpec {
+                from: Some(s("build")),
+                sources: vec![s("/out/a"), s("/out/b")],
+                heredocs: vec![],
+                checksum: None,
+                dest: s("/app/"),
+                chown: None,
+                chmod: Some(s("755")),
+            })
         );
+    }
+
+    #[test]
+    fn parse_when_add_from_then_unknown_flag() {
+        let err = error("FROM x\nADD --from=build /out /app\n");
+
+        assert!(err.message.contains("unknown flag: from"), "{err}");
     }
 
     #[test]

@@ -141,12 +141,10 @@ fn base_arn(base: Option<&str>, dockerfile: &str) -> anyhow::Result<String> {
                 format!("unknown base {b}: use busybox, debian, or a managed image ARN (`kiln list-managed-microvm-images`)")
             });
     }
-    let from = dockerfile
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case("FROM "))
-        .and_then(|l| l[5..].split_whitespace().find(|w| !w.starts_with("--")))
-        .unwrap_or_default();
+    // The image's own base: the last stage's FROM, through the stages it builds on (what
+    // kilnd checks `baseImageArn` against).
+    let from = kiln_image::build::image_base(dockerfile).unwrap_or_default();
+    let from = from.as_str();
     let name = BASES
         .iter()
         .find(|(names, _)| {
@@ -541,6 +539,15 @@ mod tests {
             base_arn(None, "FROM python:3.12-slim\n").expect("arn"),
             "arn:aws:lambda:local:aws:microvm-image:al2023-1"
         );
+    }
+
+    #[test]
+    fn base_arn_when_stages_then_the_image_stages_base() {
+        let dockerfile = "FROM kiln/debian:12 AS tools\nFROM kiln/busybox AS app\nFROM app\n";
+
+        let arn = base_arn(None, dockerfile).expect("arn");
+
+        assert_eq!(arn, "arn:aws:lambda:local:aws:microvm-image:busybox");
     }
 
     #[test]

@@ -70,12 +70,12 @@ pub fn validate_base(arn: &str) -> Result<&'static Managed, ApiError> {
 pub fn check_base(base_arn: &str, dockerfile: &str) -> Result<(), String> {
     let managed = by_arn(base_arn)
         .ok_or_else(|| format!("baseImageArn {base_arn} is not a managed image"))?;
-    let from = dockerfile
-        .lines()
-        .map(str::trim)
-        .find(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case("FROM "))
-        .and_then(|l| l[5..].split_whitespace().find(|w| !w.starts_with("--")))
-        .unwrap_or_default();
+    // The image's own base (the last stage's, through the stages it builds on); a Dockerfile
+    // that does not parse fails its build with the parser's words instead.
+    let Ok(from) = kiln_image::build::image_base(dockerfile) else {
+        return Ok(());
+    };
+    let from = from.as_str();
     if managed.from.is_empty() || managed.from.contains(&from) {
         Ok(())
     } else {
@@ -127,6 +127,16 @@ mod tests {
 
         assert!(ok.is_ok());
         assert!(wrong.contains("use FROM kiln/busybox"), "{wrong}");
+    }
+
+    #[test]
+    fn check_base_when_stages_then_the_image_stages_base_counts() {
+        let arn = ArnContext::default().managed_image_arn("busybox");
+        let dockerfile = "FROM kiln/debian:12 AS tools\nFROM kiln/busybox AS app\nFROM app\n";
+
+        let checked = check_base(&arn, dockerfile);
+
+        assert!(checked.is_ok(), "{checked:?}");
     }
 
     #[test]
