@@ -193,6 +193,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("reconciling MicroVMs with what runs")?;
     tokio::spawn(microvms.clone().reap());
     tokio::spawn(microvms.clone().keep_warm());
+    let supervisor = microvms.clone();
     let sandboxes = Arc::new(
         e2b::registry::Registry::open(home.join("e2b").join("sandboxes"))
             .context("opening the E2B sandbox records")?,
@@ -265,8 +266,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving the API")?;
     endpoint.shutdown();
-    // MicroVMs outlive kilnd; builds in flight do not (they start again on the next start).
+    // MicroVMs outlive kilnd; builds in flight and the warm pool do not (builds start again
+    // on the next start, the pool fills again on demand).
     host.vmm.kill_leftovers(&home.join("work"));
+    supervisor.empty_pool();
     Ok(())
 }
 

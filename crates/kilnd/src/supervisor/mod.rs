@@ -810,6 +810,19 @@ impl Microvms {
         }
     }
 
+    /// Ends every pooled VM now (kilnd stops: they belong to no one, and a restart would
+    /// only find them as orphans).
+    pub fn empty_pool(&self) {
+        for version in self.pool.pooled_versions() {
+            for p in self.pool.drain(&version) {
+                let dir = self.dir_of(&p.id);
+                self.host.vmm.kill_leftovers(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                self.release(p.memory_mib);
+            }
+        }
+    }
+
     /// One pooled VM of `version`: admitted, restored as a launch without connectors would
     /// be, then paused.
     async fn fill(&self, version: &VersionKey) -> Result<Pooled, ApiError> {
