@@ -210,6 +210,8 @@ impl Daemon {
             .arg(home.path())
             .args(["--api-listen", "127.0.0.1:0", "--build-memory-mib", "256"])
             .args(["--endpoint-listen", &format!("127.0.0.1:{endpoint_port}")])
+            // No warm pool: the tests count QEMU processes.
+            .args(["--warm-pool", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
