@@ -7,6 +7,9 @@ use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::MicroVm;
 use serde_json::Value;
 
+/// How long a hook call waits before trying again when nothing listens on the hooks port.
+const REFUSED_RETRY: Duration = Duration::from_millis(50);
+
 /// The `microvmHooks` of an image version and the port its hooks listener uses.
 #[derive(Debug, Clone, Default)]
 pub(super) struct SessionHooks {
@@ -41,14 +44,27 @@ impl SessionHooks {
     }
 
     /// Calls `hook` with `body` through the guest agent (AWS contract: POST
-    /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success.
+    /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success. While
+    /// nothing listens on the port (a listener between two connections when the snapshot
+    /// was taken) the call is tried again until the hook's timeout: the platform polls.
     pub(super) async fn call(&self, vm: &QemuVm, hook: &str, body: &[u8]) -> Result<(), String> {
         let Some(timeout) = self.enabled(hook) else {
             return Ok(());
         };
-        let mut req = kiln_image::build::hook_request(self.port, hook, timeout);
-        req.body = body.to_vec();
-        match vm.agent().http_request(req).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let answer = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let mut req = kiln_image::build::hook_request(self.port, hook, left);
+            req.body = body.to_vec();
+            match vm.agent().http_request(req).await {
+                Err(kiln_agent::AgentError::Http {
+                    kind: kiln_agent::proto::HttpFailureKind::Refused,
+                    ..
+                }) if left > REFUSED_RETRY => tokio::time::sleep(REFUSED_RETRY).await,
+                answer => break answer,
+            }
+        };
+        match answer {
             Ok(r) if (200..300).contains(&r.status) => Ok(()),
             Ok(r) => Err(format!(
                 "the {hook} hook answered {}: {}",
