@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hyper::Method;
 use serde_json::json;
-use support::{build_httpd_image, env_or, Api, Kilnd};
+use support::{build_httpd_image, env_or, qemu_processes, Api, Kilnd};
 
 const IMAGE: &str = "density-bench";
 /// How long the MicroVMs idle before their memory and CPU are read.
@@ -67,21 +67,7 @@ struct Memory {
 /// Reads `/proc` for the QEMU processes whose command line names `home`.
 fn qemu_memory(home: &str) -> Memory {
     let mut m = Memory::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return m;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if !cmdline.starts_with("qemu-system") && !cmdline.contains("/qemu-system") {
-            continue;
-        }
-        if !cmdline.contains(home) {
-            continue;
-        }
+    for dir in qemu_processes(home) {
         let rollup = std::fs::read_to_string(dir.join("smaps_rollup")).unwrap_or_default();
         let field = |name: &str| {
             rollup

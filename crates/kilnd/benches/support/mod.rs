@@ -140,20 +140,34 @@ impl Drop for Kilnd {
         self.stop();
         // kilnd leaves its VMs running when it stops (a restart takes them over); a bench
         // that ends, however it ends, leaves none.
-        let home = self.home.path().display().to_string();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("qemu-system") && cmdline.contains(&home) {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+        for proc_dir in qemu_processes(&self.home.path().display().to_string()) {
+            if let Some(pid) = proc_dir
+                .file_name()
+                .and_then(|n| n.to_str()?.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
+}
+
+/// The `/proc/<pid>` directories of the QEMU processes whose command line names `home`.
+pub fn qemu_processes(home: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|dir| {
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("qemu-system") && cmdline.contains(home)
+        })
+        .collect()
 }
 
 /// The release kilnd on `home`, its log appended to `<home>/kilnd.log`.
