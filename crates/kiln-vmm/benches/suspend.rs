@@ -1,9 +1,10 @@
-//! Suspend to disk and resume (design 1: guest RAM inside the migration stream), for an idle
-//! VM restored from an image and for one that filled 256 MiB of tmpfs.
+//! Suspend to disk and resume (a suspended VM is a session snapshot: its RAM in a sparse
+//! memory file that resume maps lazily), for an idle VM restored from an image and for one
+//! that filled 256 MiB of tmpfs, with two idle clones of the same image running alongside.
 //!
 //! Reproduce: `cargo bench -p kiln-vmm --bench suspend`; `KILN_BENCH_RUNS=N` sets the number
-//! of warm suspend/resume cycles per case (default 3); one more cycle resumes with the stream
-//! evicted from the host's page cache.
+//! of warm suspend/resume cycles per case (default 3); one more cycle resumes with the
+//! session's files evicted from the host's page cache.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -21,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Guest memory for this benchmark: room for a 256 MiB fill plus the guest itself.
 const MEMORY_MIB: u64 = 512;
 
-fn stats(name: &str, unit: &str, mut v: Vec<f64>) {
+fn stats(name: &str, unit: &str, v: &[f64]) {
+    let mut v = v.to_vec();
     if v.is_empty() {
         return;
     }
@@ -102,8 +104,10 @@ struct Figures {
     rss_before: Vec<f64>,
     suspend: Vec<f64>,
     saved: Vec<f64>,
-    stream_apparent: Vec<f64>,
-    stream_allocated: Vec<f64>,
+    converted: Vec<f64>,
+    flushed: Vec<f64>,
+    memory_apparent: Vec<f64>,
+    memory_allocated: Vec<f64>,
     resume_agent: Vec<f64>,
     resume_ready: Vec<f64>,
     resume_http: Vec<f64>,
@@ -144,19 +148,24 @@ async fn measure(snap: &Snapshot, dir: &Path, prepare: &str, runs: usize) -> Fig
             .expect("suspend");
         let suspend_time = ms(t.elapsed());
         if cold {
-            evict(&suspended.state_path());
+            let snap = &suspended.snapshot;
+            evict(&snap.memory_path());
+            evict(&snap.state_path());
+            for d in &snap.manifest.disks {
+                evict(&snap.disk_path(d));
+            }
         } else {
+            let step = |from: &str, to: &str| {
+                let at = |name: &str| suspended.timeline.get(name).unwrap_or_default();
+                ms(at(to).saturating_sub(at(from)))
+            };
             f.suspend.push(suspend_time);
-            f.saved.push(ms(suspended
-                .timeline
-                .get("saved")
-                .unwrap_or_default()
-                .saturating_sub(
-                    suspended.timeline.get("synced").unwrap_or_default(),
-                )));
-            f.stream_apparent.push(mib(suspended.manifest.state.size));
-            f.stream_allocated
-                .push(mib(suspended.manifest.state.allocated));
+            f.saved.push(step("synced", "saved"));
+            f.converted.push(step("saved", "converted"));
+            f.flushed.push(step("converted", "flushed"));
+            let memory = &suspended.snapshot.manifest.memory;
+            f.memory_apparent.push(mib(memory.size));
+            f.memory_allocated.push(mib(memory.allocated));
         }
         let (t_target, port) = target(&dir.join(format!("run{cycle}")));
         let t = Instant::now();
@@ -180,20 +189,40 @@ async fn measure(snap: &Snapshot, dir: &Path, prepare: &str, runs: usize) -> Fig
     f
 }
 
-fn report(name: &str, f: Figures) {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(name: &str, f: &Figures) {
     println!("\n{name}");
-    stats("QEMU RSS before suspend", "MiB", f.rss_before);
-    stats("suspend (sync, save, fsync, quit)", "ms", f.suspend);
-    stats("  of which migration (stop → completed)", "ms", f.saved);
-    stats("stream size, apparent", "MiB", f.stream_apparent);
-    stats("stream size, on disk", "MiB", f.stream_allocated);
-    stats("resume → agent answers", "ms", f.resume_agent);
-    stats("resume → ready (clock + entropy set)", "ms", f.resume_ready);
-    stats("resume → first HTTP 200 from the app", "ms", f.resume_http);
-    stats("QEMU RSS after resume", "MiB", f.rss_after);
-    stats("QEMU Pss after resume", "MiB", f.pss_after);
-    stats("cold cache: resume → ready", "ms", f.cold_ready);
-    stats("cold cache: resume → first HTTP 200", "ms", f.cold_http);
+    stats("QEMU RSS before suspend", "MiB", &f.rss_before);
+    stats(
+        "suspend (receiver, sync, save, fsync, quit)",
+        "ms",
+        &f.suspend,
+    );
+    stats("  of which migration (stop → received)", "ms", &f.saved);
+    stats(
+        "  of which device state saved by receiver",
+        "ms",
+        &f.converted,
+    );
+    stats("  of which fsync of memory, disks, state", "ms", &f.flushed);
+    stats("memory file, apparent", "MiB", &f.memory_apparent);
+    stats("memory file, on disk", "MiB", &f.memory_allocated);
+    stats("resume → agent answers", "ms", &f.resume_agent);
+    stats(
+        "resume → ready (clock + entropy set)",
+        "ms",
+        &f.resume_ready,
+    );
+    stats("resume → first HTTP 200 from the app", "ms", &f.resume_http);
+    stats("QEMU RSS after resume", "MiB", &f.rss_after);
+    stats("QEMU Pss after resume", "MiB", &f.pss_after);
+    stats("cold cache: resume → ready", "ms", &f.cold_ready);
+    stats("cold cache: resume → first HTTP 200", "ms", &f.cold_http);
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -204,7 +233,7 @@ async fn main() {
         .unwrap_or(3);
     let (h, _) = host();
     println!(
-        "kiln suspend/resume benchmark (design 1, RAM in the stream): QEMU {}, accel {}, guest \
+        "kiln suspend/resume benchmark (session snapshots, lazy resume): QEMU {}, accel {}, guest \
          kernel {}, busybox base, {MEMORY_MIB} MiB guests, {runs} warm cycles + 1 cold per case",
         h.vmm.qemu().version,
         h.accel.accel,
@@ -228,8 +257,17 @@ async fn main() {
         .await
         .expect("snapshot");
 
+    // Two idle clones of the image beside the measured VM: what a resumed session's pages
+    // cost next to theirs.
+    let mut clones = Vec::new();
+    for i in 0..2 {
+        let (t, port) = target(&dir.path().join(format!("clone{i}")));
+        let clone: QemuVm = h.vmm.restore(&snap, t).await.expect("restore a clone");
+        first_response(&clone, port, Instant::now()).await;
+        clones.push(clone);
+    }
     let idle = measure(&snap, &dir.path().join("idle"), "true", runs).await;
-    report("idle VM (restored from the image, httpd serving)", idle);
+    report("idle VM (restored from the image, httpd serving)", &idle);
     let t = Instant::now();
     let filled = measure(
         &snap,
@@ -239,10 +277,33 @@ async fn main() {
         runs,
     )
     .await;
-    report("VM that filled 256 MiB of tmpfs with random data", filled);
+    report("VM that filled 256 MiB of tmpfs with random data", &filled);
     println!(
         "  (whole case incl. the guest fill: {:.1} s)",
         t.elapsed().as_secs_f64()
     );
+    let clone_pss: Vec<f64> = clones
+        .iter()
+        .map(|c| proc_mib(c.pid(), "smaps_rollup", "Pss:"))
+        .collect();
+    println!("\nnext to each other");
+    stats("QEMU Pss of an idle clone of the image", "MiB", &clone_pss);
+    stats("QEMU Pss of a resumed idle session", "MiB", &idle.pss_after);
+    stats(
+        "QEMU Pss of a resumed filled session",
+        "MiB",
+        &filled.pss_after,
+    );
+    println!(
+        "  resume → first 200, filled / idle (medians)  {:.2}×",
+        median(&filled.resume_http) / median(&idle.resume_http)
+    );
+    println!(
+        "  cold cache: resume → first 200, filled / idle  {:.2}×",
+        median(&filled.cold_http) / median(&idle.cold_http)
+    );
+    for c in clones {
+        c.terminate().await.expect("terminate a clone");
+    }
     println!("\nreproduce: KILN_BENCH_RUNS={runs} cargo bench -p kiln-vmm --bench suspend");
 }

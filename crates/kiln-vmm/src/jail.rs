@@ -250,7 +250,8 @@ pub fn release(dir: &Path) {
 
 /// Makes what QEMU writes this VM's: its runtime directory (0700, so no other VM's uid reaches
 /// its sockets) and everything in it, its writable disks, its memory file. A restored VM's
-/// memory file (an image's, mapped privately) becomes `root:<shared group>` 0660.
+/// memory file (an image's, mapped privately) becomes `root:<shared group>` 0660; a resumed
+/// session's (linked into its runtime directory) is its own.
 pub fn prepare_files(spec: &VmSpec, id: JailId, config: &JailConfig) -> Result<(), VmmError> {
     let own = |path: &Path| {
         std::os::unix::fs::chown(path, Some(id.uid), Some(id.gid))
@@ -278,6 +279,9 @@ pub fn prepare_files(spec: &VmSpec, id: JailId, config: &JailConfig) -> Result<(
                 std::fs::File::create(&m.path).map_err(|e| VmmError::io("creating", &m.path, e))?;
             }
             own(&m.path)?;
+        } else if m.path.starts_with(&spec.dir) {
+            // A resumed session's own memory file, linked into its runtime directory: owned
+            // above with everything else there, and no other VM ever maps it.
         } else {
             share_sealed(&m.path, config.shared_gid())?;
         }
@@ -708,20 +712,12 @@ fn readable_by_all(path: &Path) -> Result<(), VmmError> {
 
 /// The size a disk can grow to: a qcow2's virtual size, a raw file's length.
 fn virtual_size(path: &Path, format: DiskFormat) -> u64 {
-    use std::io::Read;
     let len = std::fs::metadata(path).map_or(0, |m| m.len());
-    if format == DiskFormat::Raw {
-        return len;
-    }
-    let mut header = [0u8; 32];
-    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header)) {
-        Ok(()) if &header[..4] == b"QFI\xfb" => {
-            let mut size = [0u8; 8];
-            size.copy_from_slice(&header[24..32]);
-            // Metadata on top of the data: a few percent at most.
-            u64::from_be_bytes(size).saturating_mul(11) / 10
-        }
-        _ => len,
+    match crate::suspend::virtual_size(path, format) {
+        // Metadata on top of the data: a few percent at most.
+        Ok(size) if format == DiskFormat::Qcow2 => size.saturating_mul(11) / 10,
+        Ok(size) => size,
+        Err(_) => len,
     }
 }
 

@@ -1,10 +1,18 @@
 //! Snapshot directories: device state, guest memory and disks of a paused VM, with a
-//! versioned manifest that says what can restore them.
+//! versioned manifest that says what can restore them. One format for both uses:
+//!
+//! - an **image** ([`SnapshotKind::Image`]): taken once from a build VM, immutable, restored
+//!   many times; each restore maps `mem.img` privately (copy-on-write, loaded lazily, clean
+//!   pages shared by every clone through the page cache) and puts a qcow2 overlay on each disk;
+//! - a **session** ([`SnapshotKind::Session`]): a suspended MicroVM, restored once by its
+//!   resume, which takes its disks and memory file over (hard links into the new runtime
+//!   directory) and maps the memory the same lazy way, so resume time does not grow with the
+//!   memory the guest touched.
 //!
 //! Layout: `state.bin` (QEMU device state, migrated with `x-ignore-shared`), `mem.img`
 //! (the guest RAM file, sparse), `disk<N>.<fmt>` (the VM's disks), `manifest.json`.
-//! A snapshot is immutable once written: restores map `mem.img` privately and put a qcow2
-//! overlay on each disk.
+//! The manifest names files inside the directory by name; only the guest kernel and
+//! initramfs are outside it, named with their digests.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -16,8 +24,12 @@ use serde::{Deserialize, Serialize};
 use crate::spec::DiskFormat;
 use crate::VmmError;
 
-/// Version of the snapshot layout and manifest; bump on incompatible change.
+/// Version of the snapshot layout and manifest; bump on incompatible change. (Sessions used a
+/// separate, eager format before; [`SnapshotManifest::kind`] and [`SnapshotManifest::backend`]
+/// were added with defaults that describe every version-1 image.)
 pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The backend name this crate's QEMU backend writes into manifests.
+pub const QEMU_BACKEND: &str = "qemu";
 /// Name of the manifest file.
 pub const MANIFEST: &str = "manifest.json";
 /// Name of the device-state file.
@@ -30,6 +42,12 @@ pub const MEMORY: &str = "mem.img";
 pub struct SnapshotManifest {
     /// Layout version ([`SNAPSHOT_FORMAT`]).
     pub format: u32,
+    /// The VMM backend that wrote it ([`QEMU_BACKEND`]); restores need the same one.
+    #[serde(default = "qemu_backend")]
+    pub backend: String,
+    /// An image or a suspended session.
+    #[serde(default)]
+    pub kind: SnapshotKind,
     /// Seconds since the Unix epoch when the snapshot was taken.
     pub created_unix: u64,
     /// QEMU version that wrote the device state; restores need the same one.
@@ -62,6 +80,21 @@ pub struct SnapshotManifest {
     pub disks: Vec<SnapshotDisk>,
 }
 
+fn qemu_backend() -> String {
+    QEMU_BACKEND.to_string()
+}
+
+/// What a snapshot is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    /// Immutable, restored by every launch of an image version.
+    #[default]
+    Image,
+    /// A suspended session, restored once by its resume (which takes its files over).
+    Session,
+}
+
 /// A file outside the snapshot that it depends on, with its digest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileRef {
@@ -80,8 +113,10 @@ pub struct FileInfo {
     pub size: u64,
     /// Bytes actually allocated on disk (sparse files are smaller).
     pub allocated: u64,
-    /// BLAKE3 of the contents.
-    pub blake3: String,
+    /// BLAKE3 of the contents; `None` for a session's memory and disks, which are private,
+    /// short-lived and checked by size (hashing them would sit on the suspend path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 /// One disk of a snapshot.
@@ -127,6 +162,12 @@ impl Snapshot {
                 manifest.format
             )));
         }
+        if manifest.backend != QEMU_BACKEND {
+            return Err(bad(format!(
+                "it was written by the {} backend; this host restores {QEMU_BACKEND} snapshots",
+                manifest.backend
+            )));
+        }
         if manifest.qemu_version != qemu_version {
             return Err(bad(format!(
                 "it was taken with QEMU {}, this host runs QEMU {qemu_version}; device state does \
@@ -142,7 +183,7 @@ impl Snapshot {
                 state.file
             ))
         })?;
-        if blake3::hash(&bytes).to_hex().as_str() != state.blake3 {
+        if state.blake3.as_deref() != Some(blake3::hash(&bytes).to_hex().as_str()) {
             return Err(bad(format!(
                 "device state {} does not match its checksum (corrupt or modified); take the snapshot again",
                 state.file
@@ -200,6 +241,28 @@ impl Snapshot {
         self.dir.join(&self.manifest.state.file)
     }
 
+    /// Path of disk `disk`.
+    pub fn disk_path(&self, disk: &SnapshotDisk) -> PathBuf {
+        self.dir.join(&disk.info.file)
+    }
+
+    /// Whether this is a suspended session (restored once, its files taken over).
+    pub fn is_session(&self) -> bool {
+        self.manifest.kind == SnapshotKind::Session
+    }
+
+    /// Bytes the snapshot occupies on disk (every file in its directory).
+    pub fn allocated_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Rewrites every qcow2 disk that has a backing chain as a standalone image, so the
     /// snapshot no longer depends on the layers it was built from (same contents), and
     /// updates the manifest.
@@ -244,9 +307,12 @@ impl Snapshot {
         for info in std::iter::once(&self.manifest.memory)
             .chain(self.manifest.disks.iter().map(|d| &d.info))
         {
+            let Some(expected) = &info.blake3 else {
+                continue;
+            };
             let path = self.dir.join(&info.file);
             let digest = digest_file(&path).map_err(|e| VmmError::io("hashing", &path, e))?;
-            if digest != info.blake3 {
+            if &digest != expected {
                 return Err(VmmError::BadSnapshot {
                     dir: self.dir.clone(),
                     reason: format!("{} does not match its checksum", info.file),
@@ -260,13 +326,22 @@ impl Snapshot {
 /// Size, allocation and digest of a file.
 pub fn file_info(dir: &Path, file: &str) -> Result<FileInfo, VmmError> {
     let path = dir.join(file);
-    let meta = std::fs::metadata(&path).map_err(|e| VmmError::io("reading", &path, e))?;
     let blake3 = digest_file(&path).map_err(|e| VmmError::io("hashing", &path, e))?;
+    Ok(FileInfo {
+        blake3: Some(blake3),
+        ..sized_file_info(dir, file)?
+    })
+}
+
+/// Size and allocation of a file, without a digest (a session's private files).
+pub fn sized_file_info(dir: &Path, file: &str) -> Result<FileInfo, VmmError> {
+    let path = dir.join(file);
+    let meta = std::fs::metadata(&path).map_err(|e| VmmError::io("reading", &path, e))?;
     Ok(FileInfo {
         file: file.to_string(),
         size: meta.len(),
         allocated: meta.blocks() * 512,
-        blake3,
+        blake3: None,
     })
 }
 

@@ -1,127 +1,43 @@
 //! Suspended VMs: a running VM saved whole to disk so that its QEMU can end and give the host
 //! its memory back, then resumed later with memory, disk and processes intact.
 //!
-//! This is design 1 of `DESIGN.md` ("Suspend and resume, two measured designs"): the guest RAM
-//! travels *inside* the migration stream (`x-ignore-shared` off), because a VM restored from
-//! an image maps the image's memory file privately (`share=off`) and its own changes live only
-//! in QEMU's anonymous copy-on-write pages.
+//! A suspended VM is a [`Snapshot`] of kind [`Session`](crate::snapshot::SnapshotKind): the
+//! same layout and manifest as an image, so launch and resume share one restore path. A VM
+//! restored from an image maps the image's memory file privately (`share=off`); its own
+//! changes live only in QEMU's anonymous copy-on-write pages. Suspend therefore migrates the
+//! whole RAM — not into a stream on disk, but straight into a second QEMU (the *receiver*)
+//! that waits with `-incoming` and holds guest RAM in a new, sparse, shared memory file in
+//! the session directory; the receiver then saves only the device state with
+//! `x-ignore-shared`, as a build VM does for an image. Resume maps that file privately and
+//! loads pages as the guest touches them, so its time does not grow with the memory the
+//! guest used, and the VM runs with no writeback of its memory file (DESIGN's hybrid).
 //!
-//! Layout of a suspended directory:
-//! - `state.bin`: QEMU's migration stream: every RAM page that is not zero, then devices.
-//! - `disk<N>.qcow2` (or `.raw`): the VM's writable disks (its session's writes), moved here.
-//!   A qcow2 overlay keeps its backing chain: the image's read-only disk, by absolute path.
-//! - `manifest.json`: [`SuspendManifest`].
+//! Layout of a suspended directory: `state.bin` (device state), `mem.img` (guest RAM),
+//! `disk<N>.qcow2` (the VM's writable disks, moved here by hard links; a qcow2 overlay keeps
+//! its backing chain, the image's read-only disk), `app.log` (the app's output so far),
+//! `manifest.json`.
 //!
-//! Read-only disks are not moved; the manifest names them where they are.
-//!
-//! Crash safety. Suspend writes everything into `<dest>.partial` while QEMU is paused, fsyncs
-//! it, renames it to `<dest>` and only then ends QEMU. Resume hard-links the disks into the new
-//! runtime directory (or copies them across file systems), so the suspended directory stays
-//! whole until the resumed guest runs; it is removed once resume succeeds. A supervisor that
-//! restarts after a crash therefore applies one rule: a published suspended directory is the
-//! session, unless a VM in the runtime directory has already been resumed from it and runs
-//! (then the suspended directory is stale); a `.partial` directory is always garbage.
-//!
-//! The stream is checked by size only: it is private, short-lived and written by kiln, and
-//! hashing hundreds of MiB would sit on the resume path.
-//!
-//! Not yet (DESIGN's hybrid): resume here is eager (the whole stream is read before the guest
-//! runs, so it grows with touched memory) and the resumed VM shares no pages with its image.
-//! The hybrid would, off the client's path, load this stream once into a per-VM sparse memory
-//! file (`share=on`) and re-save it with `x-ignore-shared`, turning this directory into a small
-//! private image that resumes like a launch (`share=off`, lazy). kilnd opens the stream's
-//! file and QEMU gets only its descriptor (`getfd` with SCM_RIGHTS, then `fd:` migration).
+//! Crash safety. Suspend writes everything into `<dest>.partial` while the source QEMU is
+//! paused (the receiver runs in `<dest>.rx`), fsyncs it, renames it to `<dest>` and only then
+//! ends the source QEMU. Resume hard-links the disks and memory file into the new runtime
+//! directory, so the suspended directory stays whole until the resumed guest runs; it is
+//! removed once resume succeeds. A supervisor that restarts after a crash therefore applies
+//! one rule: a published suspended directory is the session, unless a VM in the runtime
+//! directory has already been resumed from it and runs (then the suspended directory is
+//! stale); `.partial` and `.rx` are always garbage (kill what runs in `.rx` first).
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use kiln_api::Accel;
-use serde::{Deserialize, Serialize};
-
-use crate::snapshot::{digest_file_cached, FileRef};
+use crate::snapshot::{Snapshot, SnapshotKind};
 use crate::spec::DiskFormat;
 use crate::{Timeline, VmmError};
-
-/// Version of the suspended layout and manifest; bump on incompatible change.
-pub const SUSPEND_FORMAT: u32 = 1;
-/// Name of the manifest file.
-pub const MANIFEST: &str = "manifest.json";
-/// Name of the migration stream (RAM and devices).
-pub const STATE: &str = "state.bin";
-
-/// What a suspended directory holds and what resuming it requires.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SuspendManifest {
-    /// Layout version ([`SUSPEND_FORMAT`]).
-    pub format: u32,
-    /// Seconds since the Unix epoch when the VM was suspended.
-    pub suspended_unix: u64,
-    /// QEMU version that wrote the stream; resume needs the same one.
-    pub qemu_version: String,
-    /// Accelerator the VM ran under.
-    pub accel: Accel,
-    /// CPU model.
-    pub cpu: String,
-    /// Machine signature (machine options and device layout).
-    pub machine: String,
-    /// Guest memory in MiB.
-    pub memory_mib: u64,
-    /// Id of the guest RAM backend the stream names; resume recreates it, anonymous, with
-    /// this id and `memory_mib`.
-    pub ram_backend: String,
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// TSC frequency the guest was booted with.
-    pub tsc_khz: u64,
-    /// Guest kernel the VM was booted from.
-    pub kernel: FileRef,
-    /// Initramfs the VM was booted from.
-    pub initramfs: FileRef,
-    /// Extra kernel command-line words the guest was booted with.
-    pub cmdline_extra: Vec<String>,
-    /// Whether the VM had a network device.
-    pub network: bool,
-    /// The migration stream, guest RAM included.
-    pub state: StoredFile,
-    /// The disks in guest order.
-    pub disks: Vec<SuspendedDisk>,
-}
-
-/// A file inside the suspended directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredFile {
-    /// File name inside the directory.
-    pub file: String,
-    /// Apparent size in bytes.
-    pub size: u64,
-    /// Bytes allocated on disk.
-    pub allocated: u64,
-}
-
-/// One disk of a suspended VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SuspendedDisk {
-    /// Where the disk is: a file name inside the suspended directory (a writable disk moved
-    /// there), or an absolute path (a read-only disk left in place).
-    pub path: PathBuf,
-    /// Its format.
-    pub format: DiskFormat,
-    /// Attached read-only.
-    pub read_only: bool,
-    /// Size in bytes when suspended.
-    pub size: u64,
-    /// The qcow2 backing file it depends on, if any.
-    pub backing: Option<PathBuf>,
-}
 
 /// A suspended VM whose manifest has been read and checked.
 #[derive(Debug, Clone)]
 pub struct SuspendedVm {
-    /// The directory.
-    pub dir: PathBuf,
-    /// Its manifest.
-    pub manifest: SuspendManifest,
+    /// The session's snapshot.
+    pub snapshot: Snapshot,
     /// When each suspend step finished (empty for a directory opened later).
     pub timeline: Timeline,
 }
@@ -129,108 +45,78 @@ pub struct SuspendedVm {
 /// Where a suspend into `dest` writes before it publishes `dest` with a rename; what is left
 /// there after a crash is never a session and can be removed.
 pub fn staging_dir(dest: &Path) -> PathBuf {
+    sibling(dest, ".partial")
+}
+
+/// The runtime directory of the receiver QEMU of a suspend into `dest`: a QEMU found running
+/// there after a crash is garbage and must be killed.
+pub fn receiver_dir(dest: &Path) -> PathBuf {
+    sibling(dest, ".rx")
+}
+
+/// Removes what an unpublished suspend into `dest` left (its staging and receiver
+/// directories, the receiver's jail id and cgroup). Kill the receiver first
+/// ([`Vmm::kill_leftovers`](crate::Vmm::kill_leftovers) on [`receiver_dir`]).
+pub fn remove_unpublished(dest: &Path) {
+    let rx = receiver_dir(dest);
+    crate::jail::release(&rx);
+    crate::cgroup::remove_for(&rx);
+    for dir in [staging_dir(dest), rx] {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an unpublished suspend");
+            }
+        }
+    }
+}
+
+fn sibling(dest: &Path, suffix: &str) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
+    name.push(suffix);
     dest.with_file_name(name)
 }
 
 impl SuspendedVm {
     /// Opens a suspended directory and checks that it is whole and that this host can resume
-    /// it (same QEMU, same kernel and initramfs, every disk and backing file present).
+    /// it (same backend and QEMU, same kernel and initramfs, every file present at its size).
     pub fn open(dir: &Path, qemu_version: &str) -> Result<SuspendedVm, VmmError> {
-        let bad = |reason: String| VmmError::BadSnapshot {
-            dir: dir.to_owned(),
-            reason,
-        };
-        let manifest_path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
-            bad(format!(
-                "cannot read {MANIFEST} ({e}); the suspend did not finish, so the session is lost"
-            ))
-        })?;
-        let manifest: SuspendManifest = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("{MANIFEST} is not a kiln suspend manifest: {e}")))?;
-        if manifest.format != SUSPEND_FORMAT {
-            return Err(bad(format!(
-                "it has layout version {}, this kiln reads version {SUSPEND_FORMAT}",
-                manifest.format
-            )));
+        let legacy = std::fs::read_to_string(dir.join(crate::snapshot::MANIFEST))
+            .is_ok_and(|text| text.contains("\"ram_backend\""));
+        if legacy {
+            return Err(VmmError::BadSnapshot {
+                dir: dir.to_owned(),
+                reason: "it was suspended by an older kiln into a migration stream, which this \
+                         kiln no longer resumes; resume it with that kiln, or terminate it"
+                    .into(),
+            });
         }
-        if manifest.qemu_version != qemu_version {
-            return Err(bad(format!(
-                "it was suspended by QEMU {}, this host runs QEMU {qemu_version}; the migration \
-                 stream does not cross QEMU versions: resume it with that QEMU",
-                manifest.qemu_version
-            )));
+        let snapshot = Snapshot::open(dir, qemu_version)?;
+        if snapshot.manifest.kind != SnapshotKind::Session {
+            return Err(VmmError::BadSnapshot {
+                dir: dir.to_owned(),
+                reason: "it is an image snapshot, not a suspended session".into(),
+            });
         }
-        let vm = SuspendedVm {
-            dir: dir.to_owned(),
-            manifest,
+        Ok(SuspendedVm {
+            snapshot,
             timeline: Timeline::default(),
-        };
-        let m = &vm.manifest;
-        let sized = std::iter::once((vm.state_path(), m.state.size, "migration stream"))
-            .chain(m.disks.iter().map(|d| (vm.disk_path(d), d.size, "disk")));
-        for (path, size, what) in sized {
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| bad(format!("its {what} {} is missing ({e})", path.display())))?;
-            if meta.len() != size {
-                return Err(bad(format!(
-                    "its {what} {} is {} bytes, the manifest says {size}; it was modified or \
-                     truncated",
-                    path.display(),
-                    meta.len()
-                )));
-            }
-        }
-        for backing in m.disks.iter().filter_map(|d| d.backing.as_ref()) {
-            if !backing.exists() {
-                return Err(bad(format!(
-                    "its disk is an overlay on {}, which is gone (was the image deleted while \
-                     the VM was suspended?)",
-                    backing.display()
-                )));
-            }
-        }
-        for (what, r) in [("kernel", &m.kernel), ("initramfs", &m.initramfs)] {
-            let same = digest_file_cached(&r.path).is_ok_and(|d| d == r.blake3);
-            if !same {
-                return Err(bad(format!(
-                    "the {what} it runs, {}, is gone or changed; a suspended guest resumes only \
-                     on the exact same {what}",
-                    r.path.display()
-                )));
-            }
-        }
-        Ok(vm)
+        })
     }
 
-    /// Path of the migration stream.
-    pub fn state_path(&self) -> PathBuf {
-        self.dir.join(&self.manifest.state.file)
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.snapshot.dir
     }
 
-    /// Where a disk of this VM is now.
-    pub fn disk_path(&self, disk: &SuspendedDisk) -> PathBuf {
-        // `join` keeps an absolute path as it is (read-only disks left in place).
-        self.dir.join(&disk.path)
-    }
-
-    /// Bytes the suspended VM occupies on disk (stream and moved disks).
+    /// Bytes the suspended VM occupies on disk (memory, device state and disks).
     pub fn allocated_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.blocks() * 512)
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.snapshot.allocated_bytes()
     }
 
     /// Deletes the suspended VM (the session ends without resuming).
     pub fn discard(self) -> Result<(), VmmError> {
-        std::fs::remove_dir_all(&self.dir).map_err(|e| VmmError::io("removing", &self.dir, e))
+        let dir = &self.snapshot.dir;
+        std::fs::remove_dir_all(dir).map_err(|e| VmmError::io("removing", dir, e))
     }
 }
 
@@ -274,6 +160,26 @@ impl<V> From<SuspendError<V>> for VmmError {
     }
 }
 
+/// The size the guest sees of a disk: a qcow2 image's virtual size, a raw file's length.
+pub fn virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
+    use std::io::Read;
+    let len = std::fs::metadata(path)?.len();
+    if format == DiskFormat::Raw {
+        return Ok(len);
+    }
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)?.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a qcow2 image",
+        ));
+    }
+    Ok(u64::from_be_bytes(
+        header[24..32].try_into().unwrap_or_default(),
+    ))
+}
+
 /// The backing file named in a qcow2 header, as written there (a relative name is relative
 /// to the overlay's directory), if the file is qcow2 and has one.
 pub fn qcow2_backing(path: &Path) -> std::io::Result<Option<PathBuf>> {
@@ -309,8 +215,10 @@ mod tests {
 
         let found = qcow2_backing(&overlay).expect("read header");
         let raw = qcow2_backing(&base).expect("read raw");
+        let size = virtual_size(&overlay, DiskFormat::Qcow2).expect("virtual size");
 
         assert_eq!(found, Some(base));
         assert_eq!(raw, None);
+        assert_eq!(size, 1 << 20);
     }
 }

@@ -109,7 +109,7 @@ async fn suspend_when_resumed_three_times_then_processes_disk_tmpfs_and_clock_su
         let suspended = vm.suspend(&sus_dir).await.expect("suspend");
         tokio::time::sleep(pause).await;
         let qemu_gone = !process_exists(pid);
-        let reopened = SuspendedVm::open(&suspended.dir, &vmm.qemu().version).expect("reopen");
+        let reopened = SuspendedVm::open(suspended.dir(), &vmm.qemu().version).expect("reopen");
         let (t, port) = target(dir.path().join(format!("run{}", round + 1)));
         let host_before = now_secs();
         vm = vmm.resume(&reopened, t).await.expect("resume");

@@ -5,9 +5,9 @@ pub mod cmdline;
 pub mod logcap;
 pub mod process;
 pub mod qmp;
+mod session;
 
 use std::ffi::OsString;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,9 +18,7 @@ use serde_json::json;
 use crate::jail::{self, Jail, JailConfig};
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
-use crate::suspend::{
-    self, StoredFile, SuspendError, SuspendManifest, SuspendedDisk, SuspendedVm, SUSPEND_FORMAT,
-};
+use crate::suspend::{SuspendError, SuspendedVm};
 use crate::{
     BootOptions, MicroVm, Netns, RestoreTarget, Timeline, VmEgress, VmStatus, Vmm, VmmError,
 };
@@ -120,6 +118,7 @@ impl QemuVmm {
         timeline.mark("qmp", t0);
         let (spec_console, spec_app_log) = (spec.console_log(), spec.app_log());
         Ok(QemuVm {
+            qemu: self.qemu.clone(),
             spec,
             process,
             qmp,
@@ -217,6 +216,7 @@ impl QemuVmm {
         };
         let logs = vec![spec.console_log(), spec.app_log()];
         let mut vm = QemuVm {
+            qemu: self.qemu.clone(),
             spec,
             process,
             qmp,
@@ -313,35 +313,87 @@ impl Vmm for QemuVmm {
     }
 
     async fn restore(&self, snap: &Snapshot, target: RestoreTarget) -> Result<QemuVm, VmmError> {
+        self.restore_snapshot(snap, target).await
+    }
+
+    async fn resume(&self, sus: &SuspendedVm, target: RestoreTarget) -> Result<QemuVm, VmmError> {
+        let vm = self.restore_snapshot(&sus.snapshot, target).await?;
+        crate::crash_point("resume-running");
+        // The session now lives in the running VM (its disks and memory file keep their new
+        // names in the runtime directory).
+        if let Err(e) = std::fs::remove_dir_all(sus.dir()) {
+            tracing::warn!(dir = %sus.dir().display(), error = %e, "cannot remove a resumed session's directory");
+        }
+        Ok(vm)
+    }
+}
+
+impl QemuVmm {
+    /// The one restore path, for a launch (an image: an overlay on each disk, its memory file
+    /// mapped privately) and for a resume (a session: its disks and memory file linked into
+    /// the new runtime directory and taken over, the memory mapped privately all the same).
+    async fn restore_snapshot(
+        &self,
+        snap: &Snapshot,
+        target: RestoreTarget,
+    ) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();
         let m = &snap.manifest;
-        if m.network && target.forwards.is_empty() && !target.restrict_egress {
-            tracing::debug!("restoring a networked snapshot without forwards");
+        let session = snap.is_session();
+        if m.qemu_version != self.qemu.version {
+            return Err(VmmError::BadSnapshot {
+                dir: snap.dir.clone(),
+                reason: format!(
+                    "it was saved by QEMU {}, this host runs QEMU {}; device state does not \
+                     cross QEMU versions",
+                    m.qemu_version, self.qemu.version
+                ),
+            });
         }
         create_runtime_dir(&target.dir)?;
-        // qemu-img runs off the async runtime: a launch must not stall other requests.
+        // qemu-img and links run off the async runtime: a launch must not stall other requests.
         let layers: Vec<(PathBuf, DiskFormat)> = m
             .disks
             .iter()
-            .map(|d| (snap.dir.join(&d.info.file), d.format))
+            .map(|d| (snap.disk_path(d), d.format))
             .collect();
+        let memory = snap.memory_path();
         let dir = target.dir.clone();
         let made = crate::blocking(move || {
             let mut disks = Vec::with_capacity(layers.len());
             for (i, (base, format)) in layers.iter().enumerate() {
-                let overlay = dir.join(format!("disk{i}.qcow2"));
-                create_overlay(base, *format, &overlay)?;
-                disks.push(DiskSpec {
-                    path: overlay,
-                    format: DiskFormat::Qcow2,
-                    read_only: false,
-                });
+                let disk = if session {
+                    // Links, not moves: the session stays whole until the resumed guest runs.
+                    let to = dir.join(snapshot::disk_file_name(i, *format));
+                    link_or_copy(base, &to)?;
+                    DiskSpec {
+                        path: to,
+                        format: *format,
+                        read_only: false,
+                    }
+                } else {
+                    let overlay = dir.join(format!("disk{i}.qcow2"));
+                    create_overlay(base, *format, &overlay)?;
+                    DiskSpec {
+                        path: overlay,
+                        format: DiskFormat::Qcow2,
+                        read_only: false,
+                    }
+                };
+                disks.push(disk);
             }
-            Ok::<_, VmmError>(disks)
+            let memory = if session {
+                let to = dir.join(snapshot::MEMORY);
+                link_or_copy(&memory, &to)?;
+                to
+            } else {
+                memory
+            };
+            Ok::<_, VmmError>((disks, memory))
         })
         .await;
-        let disks = match made {
-            Ok(disks) => disks,
+        let (disks, memory) = match made {
+            Ok(made) => made,
             Err(e) => {
                 remove_dir(&target.dir);
                 return Err(e);
@@ -360,7 +412,7 @@ impl Vmm for QemuVmm {
                 restrict_egress: target.restrict_egress || target.egress.is_none(),
             }),
             memory_file: Some(MemoryFile {
-                path: snap.memory_path(),
+                path: memory,
                 shared: false,
             }),
             accel: m.accel,
@@ -368,11 +420,26 @@ impl Vmm for QemuVmm {
             jail: None,
             discard_app_log: target.discard_app_log,
         };
-        if let Err(e) = validate(&spec) {
+        let checked = validate(&spec).and_then(|()| compatible(snap, &spec));
+        if let Err(e) = checked {
             remove_dir(&target.dir);
             return Err(e);
         }
+        if session {
+            // What the app wrote before the suspend reads as the log's older part.
+            let carried = snap.dir.join(CARRIED_APP_LOG);
+            if carried.exists() {
+                let mut older = spec.app_log().into_os_string();
+                older.push(".1");
+                if let Err(e) = std::fs::copy(&carried, &older) {
+                    tracing::warn!(error = %e, "cannot bring the app log back after the suspend");
+                }
+            }
+        }
         let mut vm = self.start(spec, true, t0, target.egress.as_ref()).await?;
+        if session {
+            crate::crash_point("resume-loading");
+        }
         match vm.finish_restore(snap, &target).await {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -381,115 +448,28 @@ impl Vmm for QemuVmm {
             }
         }
     }
-
-    async fn resume(&self, sus: &SuspendedVm, target: RestoreTarget) -> Result<QemuVm, VmmError> {
-        let t0 = Instant::now();
-        let m = &sus.manifest;
-        if m.qemu_version != self.qemu.version {
-            return Err(VmmError::BadSnapshot {
-                dir: sus.dir.clone(),
-                reason: format!(
-                    "it was suspended by QEMU {}, this host runs QEMU {}; resume it with that QEMU",
-                    m.qemu_version, self.qemu.version
-                ),
-            });
-        }
-        let stream = sus.state_path();
-        create_runtime_dir(&target.dir)?;
-        // Links, not moves: the suspended directory stays whole until the resumed guest runs.
-        let mut disks = Vec::with_capacity(m.disks.len());
-        for (i, d) in m.disks.iter().enumerate() {
-            let mut path = sus.disk_path(d);
-            if !d.read_only {
-                let to = target.dir.join(snapshot::disk_file_name(i, d.format));
-                if let Err(e) = link_or_copy(&path, &to) {
-                    remove_dir(&target.dir);
-                    return Err(e);
-                }
-                path = to;
-            }
-            disks.push(DiskSpec {
-                path,
-                format: d.format,
-                read_only: d.read_only,
-            });
-        }
-        let spec = VmSpec {
-            dir: target.dir.clone(),
-            vcpus: m.vcpus,
-            memory_mib: m.memory_mib,
-            kernel: m.kernel.path.clone(),
-            initramfs: m.initramfs.path.clone(),
-            cmdline_extra: m.cmdline_extra.clone(),
-            disks,
-            network: m.network.then(|| NetSpec {
-                forwards: target.forwards.clone(),
-                restrict_egress: target.restrict_egress || target.egress.is_none(),
-            }),
-            // The RAM comes in the stream; `ram_backed_args` adds its anonymous backend.
-            memory_file: None,
-            accel: m.accel,
-            tsc_khz: m.tsc_khz,
-            jail: None,
-            discard_app_log: target.discard_app_log,
-        };
-        if let Err(e) = validate(&spec) {
-            remove_dir(&target.dir);
-            return Err(e);
-        }
-        // What the app wrote before the suspend reads as the log's older part.
-        let carried = sus.dir.join(CARRIED_APP_LOG);
-        if carried.exists() {
-            let mut older = spec.app_log().into_os_string();
-            older.push(".1");
-            if let Err(e) = std::fs::copy(&carried, &older) {
-                tracing::warn!(error = %e, "cannot bring the app log back after the suspend");
-            }
-        }
-        let args = ram_backed_args(&spec, &m.ram_backend);
-        let mut vm = self
-            .start_with(spec, args, t0, target.egress.as_ref())
-            .await?;
-        crate::crash_point("resume-loading");
-        let doing = format!("resuming {}", sus.dir.display());
-        let loaded = vm
-            .load_and_run(
-                &stream,
-                "loading the suspended VM",
-                &doing,
-                target.agent_timeout,
-            )
-            .await;
-        match loaded {
-            Ok(()) => {
-                crate::crash_point("resume-running");
-                // The session now lives in the running VM; its disks keep their new names.
-                remove_dir(&sus.dir);
-                Ok(vm)
-            }
-            Err(e) => {
-                vm.abort().await;
-                Err(e)
-            }
-        }
-    }
 }
 
-/// The command line for a VM whose RAM arrives in a migration stream: anonymous memory in a
-/// backend with the id the stream names, instead of a memory file.
-fn ram_backed_args(spec: &VmSpec, ram_backend: &str) -> Vec<OsString> {
-    let mut args = cmdline::args(spec, true);
-    if let Some(i) = args.iter().position(|a| a == "-M") {
-        let mut machine = args[i + 1].clone();
-        machine.push(format!(",memory-backend={ram_backend}"));
-        args[i + 1] = machine;
-        let backend = format!(
-            "memory-backend-ram,id={ram_backend},size={}M",
-            spec.memory_mib
-        );
-        args.splice(i + 2..i + 2, ["-object".into(), backend.into()]);
+/// Whether `spec` rebuilds the machine `snap` was saved from: same CPU model and machine
+/// signature (machine options, memory, vCPUs, device layout). Device state loads only into
+/// the same machine; a mismatch would fail deep inside QEMU with a less helpful message.
+fn compatible(snap: &Snapshot, spec: &VmSpec) -> Result<(), VmmError> {
+    let m = &snap.manifest;
+    let (cpu, machine) = (
+        cmdline::cpu_model(spec.accel),
+        cmdline::machine_signature(spec),
+    );
+    if m.cpu != cpu || m.machine != machine {
+        return Err(VmmError::BadSnapshot {
+            dir: snap.dir.clone(),
+            reason: format!(
+                "it was saved from a different machine (CPU {}, {}) than this kiln builds for it \
+                 (CPU {cpu}, {machine}); rebuild the image with this kiln",
+                m.cpu, m.machine
+            ),
+        });
     }
-    args
+    Ok(())
 }
 
 /// Hard-links `from` to `to`, or copies it (sparsely) when they are on different file systems.
@@ -540,6 +520,8 @@ fn sync_path(path: &Path) -> Result<(), VmmError> {
 
 /// One QEMU microVM.
 pub struct QemuVm {
+    /// The binary it runs (a suspend starts its receiver with the same one).
+    qemu: QemuBinary,
     spec: VmSpec,
     process: QemuProcess,
     qmp: Qmp,
@@ -683,16 +665,6 @@ impl QemuVm {
         self.timeline.mark("refreshed", self.t0);
         self.agent = Some(agent);
         Ok(())
-    }
-
-    /// Gives QEMU the migration stream's descriptor: kilnd opens the file, QEMU only reads or
-    /// writes the descriptor (no shell, no path, whatever its uid and sandbox allow).
-    async fn pass_migration_fd(&self, file: &std::fs::File, doing: &str) -> Result<(), VmmError> {
-        use std::os::fd::AsFd;
-        self.qmp
-            .pass_fd(MIGRATION_FD, file.as_fd())
-            .await
-            .map_err(VmmError::qmp(doing))
     }
 
     /// Migration leaves guest RAM out of the stream: it lives in the shared memory file.
@@ -922,44 +894,8 @@ impl MicroVm for QemuVm {
         })
     }
 
-    async fn suspend(mut self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
-        let staging = crate::suspend::staging_dir(dest);
-        let t0 = Instant::now();
-        let mut timeline = Timeline::default();
-        let manifest = match self.suspend_into(dest, &staging, &mut timeline, t0).await {
-            Ok(m) => m,
-            Err(error) => return Err(self.survive_failed_suspend(&staging, error).await),
-        };
-        // Published: the suspended directory is the session now. This QEMU, paused with its
-        // disks handed over, must never run again.
-        let _ = self
-            .qmp
-            .execute_timeout("quit", None, Duration::from_secs(2))
-            .await;
-        if !self.process.wait_exit(Duration::from_secs(5)).await {
-            self.process.kill(Duration::from_secs(1)).await;
-        }
-        timeline.mark("ended", t0);
-        for d in self.spec.disks.iter().filter(|d| !d.read_only) {
-            // Disks outside the runtime directory keep a second name; the suspended one rules.
-            if let Err(e) = std::fs::remove_file(&d.path) {
-                tracing::warn!(disk = %d.path.display(), error = %e, "cannot remove a suspended VM's old disk name");
-            }
-        }
-        // The app's output so far stays with the session (within the log cap).
-        if let Err(e) = logcap::carry(
-            &self.spec.app_log(),
-            &dest.join(CARRIED_APP_LOG),
-            logcap::log_cap(),
-        ) {
-            tracing::warn!(error = %e, "cannot keep the app log across the suspend");
-        }
-        remove_dir(&self.spec.dir);
-        Ok(SuspendedVm {
-            dir: dest.to_owned(),
-            manifest,
-            timeline,
-        })
+    async fn suspend(self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
+        self.suspend_session(dest).await
     }
 
     async fn terminate(mut self) -> Result<(), VmmError> {
@@ -970,158 +906,6 @@ impl MicroVm for QemuVm {
 }
 
 impl QemuVm {
-    /// Syncs and pauses the guest, migrates all of it into `staging`, links its writable disks
-    /// there, writes the manifest, flushes everything and publishes `staging` as `dest`.
-    /// QEMU stays alive (paused) so a failure at any step can still continue the guest.
-    async fn suspend_into(
-        &mut self,
-        dest: &Path,
-        staging: &Path,
-        timeline: &mut Timeline,
-        t0: Instant,
-    ) -> Result<SuspendManifest, VmmError> {
-        if dest.exists() {
-            return Err(VmmError::InvalidSpec(format!(
-                "suspend destination {} already exists; remove it or pick another directory",
-                dest.display()
-            )));
-        }
-        let mut backings = Vec::with_capacity(self.spec.disks.len());
-        for d in &self.spec.disks {
-            let backing = match d.format {
-                DiskFormat::Qcow2 => suspend::qcow2_backing(&d.path)
-                    .map_err(|e| VmmError::io("reading", &d.path, e))?,
-                DiskFormat::Raw => None,
-            };
-            if !d.read_only && backing.as_deref().is_some_and(Path::is_relative) {
-                return Err(VmmError::InvalidSpec(format!(
-                    "disk {} names its backing file by a relative path, so it cannot move into \
-                     {}; create overlays with absolute backing paths",
-                    d.path.display(),
-                    dest.display()
-                )));
-            }
-            backings.push(backing);
-        }
-        let state_path = staging.join(suspend::STATE);
-        let ram_backend = self.ram_backend().await?;
-        let _ = std::fs::remove_dir_all(staging);
-        std::fs::create_dir_all(staging).map_err(|e| VmmError::io("creating", staging, e))?;
-        let state = create_stream_file(&state_path)?;
-
-        // Sync so the disks hold what the guest wrote; keep the page cache, the session resumes
-        // with it.
-        self.agent().sync(false).await.map_err(VmmError::agent(
-            "syncing the guest's disks before suspending",
-        ))?;
-        timeline.mark("synced", t0);
-        self.qmp
-            .execute("stop", None)
-            .await
-            .map_err(VmmError::qmp("pausing"))?;
-        self.qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": false}]})),
-            )
-            .await
-            .map_err(VmmError::qmp("including guest RAM in the stream"))?;
-        // QEMU 7.2 caps migration at 128 MiB/s by default, which triples suspend time.
-        self.qmp
-            .execute(
-                "migrate-set-parameters",
-                Some(json!({ "max-bandwidth": SUSPEND_BANDWIDTH })),
-            )
-            .await
-            .map_err(VmmError::qmp("raising the migration bandwidth"))?;
-        // Only what QEMU prints from here on explains a failure.
-        let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
-        self.pass_migration_fd(&state, "saving the VM").await?;
-        drop(state);
-        self.qmp
-            .execute(
-                "migrate",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(VmmError::qmp("saving the VM"))?;
-        self.wait_migration(dest, log_mark).await?;
-        timeline.mark("saved", t0);
-        crate::crash_point("suspend-saved");
-
-        let mut disks = Vec::with_capacity(self.spec.disks.len());
-        for (i, (d, backing)) in self.spec.disks.iter().zip(backings).enumerate() {
-            let path = if d.read_only {
-                d.path.clone()
-            } else {
-                let name = snapshot::disk_file_name(i, d.format);
-                link_or_copy(&d.path, &staging.join(&name))?;
-                PathBuf::from(name)
-            };
-            let on_disk = staging.join(&path);
-            let size = std::fs::metadata(&on_disk)
-                .map_err(|e| VmmError::io("reading", &on_disk, e))?
-                .len();
-            disks.push(SuspendedDisk {
-                path,
-                format: d.format,
-                read_only: d.read_only,
-                size,
-                backing,
-            });
-        }
-        let meta =
-            std::fs::metadata(&state_path).map_err(|e| VmmError::io("reading", &state_path, e))?;
-        let spec = &self.spec;
-        let manifest = SuspendManifest {
-            format: SUSPEND_FORMAT,
-            suspended_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            qemu_version: QemuBinary::find()?.version,
-            accel: spec.accel,
-            cpu: cmdline::cpu_model(spec.accel).to_string(),
-            machine: cmdline::machine_signature(spec),
-            memory_mib: spec.memory_mib,
-            ram_backend,
-            vcpus: spec.vcpus,
-            tsc_khz: spec.tsc_khz,
-            kernel: file_ref(&spec.kernel)?,
-            initramfs: file_ref(&spec.initramfs)?,
-            cmdline_extra: spec.cmdline_extra.clone(),
-            network: spec.network.is_some(),
-            state: StoredFile {
-                file: suspend::STATE.to_string(),
-                size: meta.len(),
-                allocated: meta.blocks() * 512,
-            },
-            disks,
-        };
-        let manifest_path = staging.join(suspend::MANIFEST);
-        let text = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
-        std::fs::write(&manifest_path, text)
-            .map_err(|e| VmmError::io("writing", &manifest_path, e))?;
-        // QEMU is about to end and take the only other copy of the guest's memory with it: the
-        // stream must survive a host crash from here on.
-        for d in manifest.disks.iter().filter(|d| !d.read_only) {
-            sync_path(&staging.join(&d.path))?;
-        }
-        sync_path(&state_path)?;
-        sync_path(&manifest_path)?;
-        sync_path(staging)?;
-        std::fs::rename(staging, dest).map_err(|e| VmmError::io("publishing", dest, e))?;
-        if let Some(parent) = dest.parent() {
-            if let Err(e) = sync_path(parent) {
-                tracing::warn!(error = %e, "cannot sync the suspended VM's parent directory");
-            }
-        }
-        timeline.mark("published", t0);
-        crate::crash_point("suspend-published");
-        Ok(manifest)
-    }
-
     /// Waits for an outgoing migration to complete; cancels it on timeout. Errors say what
     /// QEMU said, and whether the file system is full.
     async fn wait_migration(&mut self, dest: &Path, log_mark: u64) -> Result<(), VmmError> {
@@ -1173,57 +957,6 @@ impl QemuVm {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
-        }
-    }
-
-    /// After a failed suspend: removes the partial directory and continues the guest if QEMU
-    /// lives; otherwise cleans up after the dead VM.
-    async fn survive_failed_suspend(
-        mut self,
-        staging: &Path,
-        error: VmmError,
-    ) -> SuspendError<QemuVm> {
-        let _ = std::fs::remove_dir_all(staging);
-        if self.process.is_alive() {
-            // A cancelled migration must settle before the guest may continue.
-            settle_migration(&self.qmp).await;
-            match self.qmp.execute("cont", None).await {
-                Ok(_) => {
-                    return SuspendError {
-                        error,
-                        vm: Some(self),
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot continue the VM after a failed suspend")
-                }
-            }
-        }
-        let error = if self.process.is_alive() {
-            error
-        } else {
-            prefer_death(&mut self.process, &self.spec, "suspending", error).await
-        };
-        self.abort().await;
-        SuspendError { error, vm: None }
-    }
-
-    /// The id of the memory backend holding guest RAM (the migration stream names it).
-    async fn ram_backend(&self) -> Result<String, VmmError> {
-        let devs = self
-            .qmp
-            .execute("query-memdev", None)
-            .await
-            .map_err(VmmError::qmp("finding the guest RAM backend"))?;
-        let ids: Vec<&str> = devs
-            .as_array()
-            .map(|a| a.iter().filter_map(|d| d["id"].as_str()).collect())
-            .unwrap_or_default();
-        match ids.as_slice() {
-            [id] => Ok((*id).to_string()),
-            _ => Err(VmmError::InvalidSpec(format!(
-                "suspend needs exactly one guest RAM backend, QEMU reports {devs}"
-            ))),
         }
     }
 
@@ -1308,11 +1041,13 @@ impl QemuVm {
         let spec = &self.spec;
         let manifest = SnapshotManifest {
             format: SNAPSHOT_FORMAT,
+            backend: snapshot::QEMU_BACKEND.to_string(),
+            kind: snapshot::SnapshotKind::Image,
             created_unix: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            qemu_version: QemuBinary::find()?.version,
+            qemu_version: self.qemu.version.clone(),
             accel: spec.accel,
             cpu: cmdline::cpu_model(spec.accel).to_string(),
             machine: cmdline::machine_signature(spec),

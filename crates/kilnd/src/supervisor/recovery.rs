@@ -44,9 +44,13 @@ impl Microvms {
         )?;
         for r in &open {
             let dir = self.dir_of(&r.id);
+            // A suspend's receiver left running holds nothing of the session.
+            let suspended = self.suspended_dir(&r.id);
+            self.host
+                .vmm
+                .kill_leftovers(&kiln_vmm::suspend::receiver_dir(&suspended));
             let outcome = self.recover(r).await;
-            let _ =
-                std::fs::remove_dir_all(kiln_vmm::suspend::staging_dir(&self.suspended_dir(&r.id)));
+            kiln_vmm::suspend::remove_unpublished(&suspended);
             match outcome {
                 Recovered::Suspended => {
                     // A suspended session needs no process: it stays as it is on disk.
