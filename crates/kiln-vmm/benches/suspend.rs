@@ -104,7 +104,9 @@ struct Figures {
     rss_before: Vec<f64>,
     suspend: Vec<f64>,
     saved: Vec<f64>,
+    receiver: Vec<f64>,
     converted: Vec<f64>,
+    copied: Vec<f64>,
     flushed: Vec<f64>,
     memory_apparent: Vec<f64>,
     memory_allocated: Vec<f64>,
@@ -160,9 +162,12 @@ async fn measure(snap: &Snapshot, dir: &Path, prepare: &str, runs: usize) -> Fig
                 ms(at(to).saturating_sub(at(from)))
             };
             f.suspend.push(suspend_time);
+            f.receiver
+                .push(ms(suspended.timeline.get("receiver").unwrap_or_default()));
             f.saved.push(step("synced", "saved"));
             f.converted.push(step("saved", "converted"));
-            f.flushed.push(step("converted", "flushed"));
+            f.copied.push(step("converted", "copied"));
+            f.flushed.push(step("copied", "flushed"));
             let memory = &suspended.snapshot.manifest.memory;
             f.memory_apparent.push(mib(memory.size));
             f.memory_allocated.push(mib(memory.allocated));

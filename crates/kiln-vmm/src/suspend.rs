@@ -54,10 +54,25 @@ pub fn receiver_dir(dest: &Path) -> PathBuf {
     sibling(dest, ".rx")
 }
 
+/// Where the receiver of a suspend into `dest` keeps guest RAM when the host has a RAM file
+/// system (`/dev/shm`): a name of its own, made from `dest`.
+pub fn receiver_memory(dest: &Path) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return None;
+    }
+    let digest = blake3::hash(dest.as_os_str().as_bytes()).to_hex();
+    Some(shm.join(format!("kiln-suspend-{}.mem", &digest[..24])))
+}
+
 /// Removes what an unpublished suspend into `dest` left (its staging and receiver
-/// directories, the receiver's jail id and cgroup). Kill the receiver first
+/// directories, the receiver's memory, jail id and cgroup). Kill the receiver first
 /// ([`Vmm::kill_leftovers`](crate::Vmm::kill_leftovers) on [`receiver_dir`]).
 pub fn remove_unpublished(dest: &Path) {
+    if let Some(memory) = receiver_memory(dest) {
+        let _ = std::fs::remove_file(memory);
+    }
     let rx = receiver_dir(dest);
     crate::jail::release(&rx);
     crate::cgroup::remove_for(&rx);
