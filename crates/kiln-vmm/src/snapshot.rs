@@ -98,10 +98,61 @@ pub enum SnapshotKind {
 /// A file outside the snapshot that it depends on, with its digest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileRef {
-    /// Absolute path.
+    /// Where it is, relative to the snapshot directory (within the same kiln home, so a home
+    /// moved or copied whole keeps its snapshots); manifests written before were absolute.
     pub path: PathBuf,
     /// BLAKE3 of the contents.
     pub blake3: String,
+}
+
+impl FileRef {
+    /// A reference from a manifest in `dir` (or a sibling of it) to the file at `path`.
+    pub fn new(dir: &Path, path: &Path) -> Result<FileRef, VmmError> {
+        Ok(FileRef {
+            path: relative_path(dir, path),
+            blake3: digest_file_cached(path).map_err(|e| VmmError::io("hashing", path, e))?,
+        })
+    }
+
+    /// Where the file is, for the manifest of the snapshot in `dir`.
+    pub fn locate(&self, dir: &Path) -> PathBuf {
+        normalize(&dir.join(&self.path))
+    }
+}
+
+/// `to` as a path relative to directory `from` (both absolute), by their components alone;
+/// `to` itself when either is relative.
+fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    if !from.is_absolute() || !to.is_absolute() {
+        return to.to_owned();
+    }
+    let (from, to) = (normalize(from), normalize(to));
+    let (a, b): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::new();
+    for _ in common..a.len() {
+        rel.push("..");
+    }
+    for c in &b[common..] {
+        rel.push(c.as_os_str());
+    }
+    rel
+}
+
+/// `path` with `.` and `..` resolved by their components (no file system access).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// A file inside the snapshot directory.
@@ -210,18 +261,19 @@ impl Snapshot {
             ("kernel", &manifest.kernel),
             ("initramfs", &manifest.initramfs),
         ] {
-            let digest = digest_file_cached(&r.path).map_err(|e| {
+            let path = r.locate(dir);
+            let digest = digest_file_cached(&path).map_err(|e| {
                 bad(format!(
                     "the {what} it was booted from, {}, is gone ({e}); restore needs the exact \
                      same {what}: rebuild the snapshot",
-                    r.path.display()
+                    path.display()
                 ))
             })?;
             if digest != r.blake3 {
                 return Err(bad(format!(
                     "the {what} at {} changed since the snapshot was taken (another kernel \
                      version?); rebuild the snapshot",
-                    r.path.display()
+                    path.display()
                 )));
             }
         }
@@ -239,6 +291,16 @@ impl Snapshot {
     /// Path of the device state.
     pub fn state_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.state.file)
+    }
+
+    /// Path of the guest kernel it was booted from.
+    pub fn kernel_path(&self) -> PathBuf {
+        self.manifest.kernel.locate(&self.dir)
+    }
+
+    /// Path of the initramfs it was booted from.
+    pub fn initramfs_path(&self) -> PathBuf {
+        self.manifest.initramfs.locate(&self.dir)
     }
 
     /// Path of disk `disk`.
@@ -433,4 +495,40 @@ pub fn make_read_only(path: &Path) -> Result<(), VmmError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
         .map_err(|e| VmmError::io("making read-only", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_ref_when_under_one_home_then_relative_and_located_back() {
+        let dir = Path::new("/home/k/images/app/v1/snapshot.partial");
+        let kernel = Path::new("/home/k/kernels/6.1/vmlinuz");
+        let published = Path::new("/home/k/images/app/v1/snapshot");
+
+        let rel = relative_path(dir, kernel);
+        let located = FileRef {
+            path: rel.clone(),
+            blake3: String::new(),
+        }
+        .locate(published);
+
+        assert_eq!(rel, Path::new("../../../../kernels/6.1/vmlinuz"));
+        assert_eq!(located, kernel);
+        assert_eq!(relative_path(dir, Path::new("rel/x")), Path::new("rel/x"));
+    }
+
+    #[test]
+    fn file_ref_when_absolute_as_older_manifests_then_located_as_is() {
+        let old = FileRef {
+            path: PathBuf::from("/home/k/kernels/6.1/vmlinuz"),
+            blake3: String::new(),
+        };
+
+        assert_eq!(
+            old.locate(Path::new("/elsewhere/snap")),
+            Path::new("/home/k/kernels/6.1/vmlinuz")
+        );
+    }
 }

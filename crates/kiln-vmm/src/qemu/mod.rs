@@ -403,8 +403,8 @@ impl QemuVmm {
             dir: target.dir.clone(),
             vcpus: m.vcpus,
             memory_mib: m.memory_mib,
-            kernel: m.kernel.path.clone(),
-            initramfs: m.initramfs.path.clone(),
+            kernel: snap.kernel_path(),
+            initramfs: snap.initramfs_path(),
             cmdline_extra: m.cmdline_extra.clone(),
             disks,
             network: m.network.then(|| NetSpec {
@@ -1054,8 +1054,8 @@ impl QemuVm {
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             tsc_khz: spec.tsc_khz,
-            kernel: file_ref(&spec.kernel)?,
-            initramfs: file_ref(&spec.initramfs)?,
+            kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
+            initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
             cmdline_extra: spec.cmdline_extra.clone(),
             network: spec.network.is_some(),
             state: snapshot::file_info(staging, snapshot::STATE)?,
@@ -1215,13 +1215,6 @@ fn remove_dir(dir: &Path) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a VM directory");
         }
     }
-}
-
-fn file_ref(path: &Path) -> Result<snapshot::FileRef, VmmError> {
-    Ok(snapshot::FileRef {
-        path: path.to_owned(),
-        blake3: snapshot::digest_file_cached(path).map_err(|e| VmmError::io("hashing", path, e))?,
-    })
 }
 
 /// Creates a qcow2 overlay at `overlay` on the read-only `base`.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use super::{
-    cmdline, create_runtime_dir, create_stream_file, file_ref, link_or_copy, log_since, remove_dir,
+    cmdline, create_runtime_dir, create_stream_file, link_or_copy, log_since, remove_dir,
     settle_migration, sync_path, QemuVm, QemuVmm, CARRIED_APP_LOG, MIGRATION_FD, SUSPEND_BANDWIDTH,
 };
 use crate::snapshot::{
@@ -253,8 +253,8 @@ impl QemuVm {
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,
             tsc_khz: spec.tsc_khz,
-            kernel: file_ref(&spec.kernel)?,
-            initramfs: file_ref(&spec.initramfs)?,
+            kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
+            initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
             cmdline_extra: spec.cmdline_extra.clone(),
             network: spec.network.is_some(),
             state: snapshot::file_info(staging, snapshot::STATE)?,
