@@ -1,6 +1,6 @@
 //! What MicroVMs use, as a bill would count it: vCPU-seconds and GiB-seconds while they hold
 //! the host's CPUs and memory, seconds suspended, and the size of saved sessions. The store
-//! closes each MicroVM's account at every state change (`Store::transition_microvm`); this
+//! closes each MicroVM's account at every state change (`MicrovmStore::transition_microvm`); this
 //! module sums it up for `GET /kiln/v1/usage` (per MicroVM, signed) and `/metrics` (totals
 //! only, no ids or principals).
 
