@@ -111,6 +111,11 @@ pub struct Config {
     /// other principal gets its own, allocated with its first key.
     #[arg(long, default_value = "000000000000")]
     pub account: String,
+    /// This host's id in the metadata store (its MicroVMs and image versions are filed
+    /// under it, and a restart picks up only those): 1-64 letters, digits, '.', '_', '-'.
+    /// Default: the one kept in <home>/host-id, generated on the first start.
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
     /// Endpoint token keys rotate when the newest is this many seconds old (0: never).
     /// Retired keys keep verifying the tokens they issued until those have all expired
     /// (the longest token lifetime, 60 minutes, plus 5), then are dropped.

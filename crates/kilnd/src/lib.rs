@@ -28,7 +28,8 @@ use crate::images::builds::Builds;
 use crate::images::Images;
 use crate::observe::audit::AuditLog;
 use crate::observe::metrics::Metrics;
-use crate::store::Store;
+use crate::store::host::HostId;
+use crate::store::{SqliteStore, Store};
 use crate::supervisor::network;
 use crate::supervisor::Microvms;
 
@@ -74,7 +75,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             home.display()
         )
     })?;
-    let store = Arc::new(Store::open(&home.join("kiln.db")).context("opening the metadata store")?);
+    let host_id = HostId::resolve(&home, config.host_id.as_deref())?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&home.join("kiln.db"), host_id.as_str())
+            .context("opening the metadata store")?,
+    );
+    tracing::info!(host = %host_id, "metadata store open");
     if config.account.len() != 12 || !config.account.bytes().all(|b| b.is_ascii_digit()) {
         anyhow::bail!(
             "--account {}: an account id is 12 digits, e.g. 000000000000",
@@ -161,7 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Build VMs do not outlive a build: whatever a previous kilnd left running is stopped
     // before its builds start again.
     host.vmm.kill_leftovers(&home.join("work"));
-    resume_builds(&store, &builds)?;
+    resume_builds(store.as_ref(), &builds)?;
     let keys = Arc::new(
         tokens::TokenKeys::load_or_create(&home)
             .context("loading the endpoint token keys")?
@@ -293,8 +299,8 @@ async fn rotate_token_keys(keys: Arc<tokens::TokenKeys>, period: u64) {
 }
 
 /// Builds that were pending or running when kilnd stopped start again from scratch.
-fn resume_builds(store: &Store, builds: &Builds) -> anyhow::Result<()> {
-    for v in store.versions_in_states(&["PENDING", "IN_PROGRESS"])? {
+fn resume_builds(store: &dyn Store, builds: &Builds) -> anyhow::Result<()> {
+    for v in store.host_versions(&["PENDING", "IN_PROGRESS"])? {
         let spec = serde_json::from_value(v.spec.clone())
             .with_context(|| format!("reading the spec of {} version {}", v.image, v.version))?;
         tracing::info!(image = %v.image, version = v.version, "restarting an interrupted build");

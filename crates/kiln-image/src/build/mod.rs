@@ -154,6 +154,13 @@ pub enum BuildError {
     },
 }
 
+/// A qcow2 overlay at `top` over `below`, made by qemu-img on the blocking pool.
+async fn overlay(below: &Layer, top: &Path) -> Result<(), kiln_vmm::VmmError> {
+    let (below, top) = (below.clone(), top.to_path_buf());
+    kiln_vmm::blocking(move || kiln_vmm::qemu::create_overlay(&below.path, below.format, &top))
+        .await
+}
+
 fn vm_err(doing: &str) -> impl FnOnce(kiln_vmm::VmmError) -> BuildError + '_ {
     move |source| BuildError::Vm {
         doing: doing.to_string(),
@@ -307,8 +314,12 @@ async fn resolve_image(
     log: &BuildLog,
 ) -> Result<ResolvedBase, BuildError> {
     if crate::base::is_managed(word) {
-        let image = crate::base::resolve(&host.home, word, spec.extra_ca.as_deref())
-            .map_err(|e| BuildError::Base(e.to_string()))?;
+        // A first use builds the base (debootstrap, mkfs): minutes of blocking work.
+        let (home, from, extra_ca) = (host.home.clone(), word.to_string(), spec.extra_ca.clone());
+        let image =
+            kiln_vmm::blocking(move || crate::base::resolve(&home, &from, extra_ca.as_deref()))
+                .await
+                .map_err(|e| BuildError::Base(e.to_string()))?;
         return Ok(ResolvedBase {
             image,
             pulled: None,
@@ -431,7 +442,9 @@ async fn run_build_vm(
     let context_disk = spec.work_dir.join("context.ext4");
     if !context_disk.exists() {
         let size = (spec.context.bytes * 2).max(16 << 20) + (16 << 20);
-        crate::disk::mkfs_ext4_from_dir(&spec.context.dir, &context_disk, size, "kiln-ctx")
+        let (dir, disk) = (spec.context.dir.clone(), context_disk.clone());
+        kiln_vmm::blocking(move || crate::disk::mkfs_ext4_from_dir(&dir, &disk, size, "kiln-ctx"))
+            .await
             .map_err(|e| BuildError::Base(format!("cannot make the context disk: {e}")))?;
     }
     let to_run: Vec<&PlannedStep> = stage
@@ -443,7 +456,8 @@ async fn run_build_vm(
     let first_key = fs_steps[cached].key.clone().unwrap_or_default();
     let top = cache.layer(&first_key);
     cache.discard(&first_key);
-    kiln_vmm::qemu::create_overlay(&below.path, below.format, &top)
+    overlay(&below, &top)
+        .await
         .map_err(vm_err("creating a layer"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join(format!("build-vm-{}", stage.index)));
     vm_spec.memory_mib = spec.build_memory_mib;
@@ -459,11 +473,21 @@ async fn run_build_vm(
             read_only: true,
         },
     ];
-    let caches =
-        CacheDisks::open(&spec.mount_cache_dir, &spec.owner, &spec.image, stage).map_err(|e| {
-            cache.discard(&first_key);
-            BuildError::Base(e)
-        })?;
+    let caches = {
+        // A missing cache disk is made here (mkfs).
+        let (root, owner, image) = (
+            spec.mount_cache_dir.clone(),
+            spec.owner.clone(),
+            spec.image.clone(),
+        );
+        let stage = stage.clone();
+        kiln_vmm::blocking(move || CacheDisks::open(&root, &owner, &image, &stage))
+            .await
+            .map_err(|e| {
+                cache.discard(&first_key);
+                BuildError::Base(e)
+            })?
+    };
     for (_, disk) in &caches.disks {
         vm_spec.disks.push(DiskSpec {
             path: disk.clone(),
@@ -913,7 +937,8 @@ async fn capture_app(
 ) -> Result<Snapshot, BuildError> {
     let top = spec.work_dir.join("app-disk.qcow2");
     let _ = std::fs::remove_file(&top);
-    kiln_vmm::qemu::create_overlay(&layer.path, layer.format, &top)
+    overlay(layer, &top)
+        .await
         .map_err(vm_err("creating the app disk"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
     vm_spec.memory_mib = spec.memory_mib;

@@ -492,7 +492,13 @@ async fn quotas(State(api): State<Api>, Query(q): Query<QuotasQuery>, signed: Si
         Some(p) => p,
         None => signed.caller.principal.clone(),
     };
-    match api.quotas.report(&principal) {
+    // The stored-bytes figure walks the principal's directories: off the runtime.
+    let quotas = api.quotas.clone();
+    let report = {
+        let principal = principal.clone();
+        kiln_vmm::blocking(move || quotas.report(&principal)).await
+    };
+    match report {
         Ok(mut v) => {
             let rates = api.throttle.rates();
             let mut throttles: Vec<serde_json::Value> = rates

@@ -324,14 +324,16 @@ impl BucketAccess {
     }
 
     /// Whether an upload of `bytes` (as declared) fits the caller's stored-bytes quota.
-    fn may_store(&self, creds: Option<&Credentials>, bytes: Option<i64>) -> S3Result<()> {
-        let Some(budget) = self.budget.get() else {
+    /// Asked on the blocking pool: the budget measures what the principal stores by walking
+    /// its directories.
+    async fn may_store(&self, creds: Option<&Credentials>, bytes: Option<i64>) -> S3Result<()> {
+        let Some(budget) = self.budget.get().cloned() else {
             return Ok(());
         };
         let principal = self.principal(creds)?;
         let bytes = bytes.map(|b| b.max(0) as u64).unwrap_or(0);
-        budget
-            .admit(&principal, bytes)
+        kiln_vmm::blocking(move || budget.admit(&principal, bytes))
+            .await
             .map_err(|why| s3_error!(AccessDenied, "{why}"))
     }
 
@@ -375,20 +377,22 @@ impl S3Access for BucketAccess {
 
     async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
         self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)?;
-        self.may_store(req.credentials.as_ref(), None)
+        self.may_store(req.credentials.as_ref(), None).await
     }
 
     async fn upload_part_copy(&self, req: &mut S3Request<UploadPartCopyInput>) -> S3Result<()> {
         self.may_copy_from(req.credentials.as_ref(), &req.input.copy_source)?;
-        self.may_store(req.credentials.as_ref(), None)
+        self.may_store(req.credentials.as_ref(), None).await
     }
 
     async fn put_object(&self, req: &mut S3Request<PutObjectInput>) -> S3Result<()> {
         self.may_store(req.credentials.as_ref(), req.input.content_length)
+            .await
     }
 
     async fn upload_part(&self, req: &mut S3Request<UploadPartInput>) -> S3Result<()> {
         self.may_store(req.credentials.as_ref(), req.input.content_length)
+            .await
     }
 }
 

@@ -98,7 +98,7 @@ impl std::fmt::Debug for NewKey {
 
 /// kilnd's access keys, kept in the store.
 pub struct AccessKeys {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     /// Whether a key is active, as last read, and when: the endpoint asks for every
     /// request a token carries. Revoking through [`AccessKeys::revoke`] forgets the entry
     /// at once; [`ACTIVE_CACHE_FOR`] bounds how stale any other answer may be.
@@ -115,7 +115,7 @@ pub fn credentials_path(home: &Path) -> PathBuf {
 
 impl AccessKeys {
     /// The keys in `store`.
-    pub fn new(store: Arc<Store>) -> AccessKeys {
+    pub fn new(store: Arc<dyn Store>) -> AccessKeys {
         AccessKeys {
             store,
             active: Mutex::new(HashMap::new()),
@@ -410,7 +410,8 @@ mod tests {
 
     fn keys() -> (tempfile::TempDir, AccessKeys) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("kiln.db")).expect("store");
+        let store =
+            crate::store::SqliteStore::open(&dir.path().join("kiln.db"), "host-a").expect("store");
         (dir, AccessKeys::new(Arc::new(store)))
     }
 

@@ -253,7 +253,7 @@ pub struct Admission<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
 pub struct Quotas {
     defaults: Limits,
     overrides: HashMap<String, LimitOverrides>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     home: PathBuf,
     s3: Arc<S3Store>,
     admission: Mutex<()>,
@@ -265,7 +265,7 @@ impl Quotas {
     pub fn new(
         defaults: Limits,
         overrides: HashMap<String, LimitOverrides>,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         home: PathBuf,
         s3: Arc<S3Store>,
     ) -> Quotas {

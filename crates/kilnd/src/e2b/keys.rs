@@ -41,7 +41,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The caller an `X-API-Key` stands for: its access key must exist, be active, and match.
-pub fn authenticate(store: &Store, key: &str) -> Result<Caller, String> {
+pub fn authenticate(store: &std::sync::Arc<dyn Store>, key: &str) -> Result<Caller, String> {
     let refused = || "invalid API key: use the key `kiln e2b env` prints (E2B_API_KEY)".to_string();
     let (id, secret) = decode(key.trim()).ok_or_else(refused)?;
     let row = store

@@ -58,7 +58,7 @@ const MAX_BODY: usize = 1024 * 1024;
 
 /// The control plane's state.
 pub struct E2b {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     microvms: Arc<Microvms>,
     images: Arc<Images>,
     s3: Arc<S3Store>,
@@ -72,7 +72,7 @@ impl E2b {
     /// The control plane over kilnd's parts and the sandboxes of `registry`.
     pub fn new(
         registry: Arc<Registry>,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         microvms: Arc<Microvms>,
         images: Arc<Images>,
         s3: Arc<S3Store>,

@@ -28,7 +28,7 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct Builds {
     host: Arc<Host>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     config: Arc<Config>,
     s3: Arc<S3Store>,
     remote_s3: Option<Arc<RemoteS3>>,
@@ -83,7 +83,7 @@ impl Builds {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         host: Arc<Host>,
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         config: Arc<Config>,
         s3: Arc<S3Store>,
         remote_s3: Option<Arc<RemoteS3>>,

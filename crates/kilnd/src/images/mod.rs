@@ -27,7 +27,7 @@ use crate::store::{self, ImageRow, Store, VersionRow};
 /// Image operations over the store and the build runner.
 pub struct Images {
     /// The metadata store.
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     /// The build runner.
     pub builds: Builds,
     /// ARN region and account.
@@ -596,7 +596,7 @@ impl Images {
 /// anyone else's image is not found, exactly like a missing one, so neither its existence
 /// nor its owner leaks. Managed images are not the caller's to act on: not found either.
 pub fn find_image(
-    store: &Store,
+    store: &Arc<dyn Store>,
     ctx: &ArnContext,
     caller: &Caller,
     identifier: &str,

@@ -32,7 +32,7 @@ const MAX_TARGET: usize = 256;
 
 /// The audit log in the store.
 pub struct AuditLog {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
 }
 
 /// Whether an operation changes something, and so is audited.
@@ -174,7 +174,7 @@ pub fn rfc3339(secs: f64) -> String {
 
 impl AuditLog {
     /// The audit log in `store`.
-    pub fn new(store: Arc<Store>) -> AuditLog {
+    pub fn new(store: Arc<dyn Store>) -> AuditLog {
         AuditLog { store }
     }
 
@@ -273,7 +273,8 @@ mod tests {
 
     fn log() -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("kiln.db")).expect("store");
+        let store =
+            crate::store::SqliteStore::open(&dir.path().join("kiln.db"), "host-a").expect("store");
         (dir, AuditLog::new(Arc::new(store)))
     }
 

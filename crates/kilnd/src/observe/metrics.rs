@@ -113,7 +113,7 @@ impl ProxyCounters {
 
 /// `kiln_microvms{state}`: read from the store at each scrape, so it is never out of date.
 struct MicrovmStates {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
 }
 
 impl std::fmt::Debug for MicrovmStates {
@@ -162,7 +162,7 @@ fn result(ok: bool) -> Label {
 
 impl Metrics {
     /// The metrics, registered under the `kiln_` prefix; MicroVM states are read from `store`.
-    pub fn new(store: Arc<Store>) -> Metrics {
+    pub fn new(store: Arc<dyn Store>) -> Metrics {
         let mut registry = Registry::with_prefix("kiln");
         let launches = results();
         let launch_seconds = Histogram::new(SESSION_BUCKETS);
@@ -385,7 +385,8 @@ mod tests {
 
     fn metrics() -> (tempfile::TempDir, Metrics) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("kiln.db")).expect("store");
+        let store =
+            crate::store::SqliteStore::open(&dir.path().join("kiln.db"), "host-a").expect("store");
         (dir, Metrics::new(Arc::new(store)))
     }
 

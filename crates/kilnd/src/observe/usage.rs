@@ -1,6 +1,6 @@
 //! What MicroVMs use, as a bill would count it: vCPU-seconds and GiB-seconds while they hold
 //! the host's CPUs and memory, seconds suspended, and the size of saved sessions. The store
-//! closes each MicroVM's account at every state change (`Store::transition_microvm`); this
+//! closes each MicroVM's account at every state change (`MicrovmStore::transition_microvm`); this
 //! module sums it up for `GET /kiln/v1/usage` (per MicroVM, signed) and `/metrics` (totals
 //! only, no ids or principals).
 
@@ -53,7 +53,11 @@ impl Totals {
 
 /// The answer of `GET /kiln/v1/usage`: `principal`'s MicroVMs (everyone's for `None`) up to
 /// `now`, those that aged out of the store by principal, and the totals.
-pub fn report(store: &Store, principal: Option<&str>, now: f64) -> Result<Value, ApiError> {
+pub fn report(
+    store: &Arc<dyn Store>,
+    principal: Option<&str>,
+    now: f64,
+) -> Result<Value, ApiError> {
     let report = store
         .usage(principal, now)
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -75,7 +79,7 @@ pub fn report(store: &Store, principal: Option<&str>, now: f64) -> Result<Value,
 
 /// `kiln_usage_*`: everyone's totals, read from the store at each scrape.
 pub(crate) struct UsageTotals {
-    pub(crate) store: Arc<Store>,
+    pub(crate) store: Arc<dyn Store>,
 }
 
 impl std::fmt::Debug for UsageTotals {

@@ -70,7 +70,7 @@ pub struct Parts {
     /// The VMM and the guest assets.
     pub host: Arc<Host>,
     /// The metadata store.
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     /// kilnd's flags.
     pub config: Arc<Config>,
     /// Region and account for ARNs.
@@ -94,7 +94,7 @@ pub struct Parts {
 /// The MicroVM supervisor.
 pub struct Microvms {
     host: Arc<Host>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     config: Arc<Config>,
     ctx: ArnContext,
     endpoint_port: u16,

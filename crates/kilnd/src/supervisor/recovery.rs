@@ -31,17 +31,13 @@ impl Microvms {
     /// Brings the store and reality together after a (re)start: running VMs are re-attached,
     /// half-done launches and dead VMs are cleaned up, orphan directories removed.
     pub async fn reconcile(&self) -> Result<(), StoreError> {
-        let open = self.store.microvms(
-            None,
-            None,
-            Some(&[
-                S::Pending,
-                S::Running,
-                S::Terminating,
-                S::Suspending,
-                S::Suspended,
-            ]),
-        )?;
+        let open = self.store.host_microvms(&[
+            S::Pending,
+            S::Running,
+            S::Terminating,
+            S::Suspending,
+            S::Suspended,
+        ])?;
         for r in &open {
             let dir = self.dir_of(&r.id);
             // A suspend's receiver left running holds nothing of the session.
