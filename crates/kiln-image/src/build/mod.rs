@@ -24,7 +24,7 @@ use kiln_agent::client::{
 };
 use kiln_vmm::host::Host;
 use kiln_vmm::{
-    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot, Vmm,
+    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot,
 };
 
 use crate::context::BuildContext;
@@ -439,11 +439,19 @@ async fn run_build_vm(
         .iter()
         .filter(|s| s.index >= first_run)
         .collect();
-    let sources = SourceDisks::prepare(job.plan, &to_run, job.built, &spec.work_dir, stage.index)?;
+    let sources = SourceDisks::prepare(
+        host.vmm.as_ref(),
+        job.plan,
+        &to_run,
+        job.built,
+        &spec.work_dir,
+        stage.index,
+    )?;
     let first_key = fs_steps[cached].key.clone().unwrap_or_default();
     let top = cache.layer(&first_key);
     cache.discard(&first_key);
-    kiln_vmm::qemu::create_overlay(&below.path, below.format, &top)
+    host.vmm
+        .create_overlay(&below.path, below.format, &top)
         .map_err(vm_err("creating a layer"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join(format!("build-vm-{}", stage.index)));
     vm_spec.memory_mib = spec.build_memory_mib;
@@ -495,7 +503,7 @@ async fn run_build_vm(
         cached,
         disks: &disks,
     };
-    let result = run_steps(&mut vm, spec, &run, cache, log).await;
+    let result = run_steps(vm.as_mut(), spec, &run, cache, log).await;
     let active = result.as_ref().err().map(|(key, _)| key.clone());
     if let Err(e) = vm.terminate().await {
         tracing::warn!(error = %e, "terminating the build VM");
@@ -539,7 +547,7 @@ struct StepRun<'a> {
 /// Runs every step from the first uncached filesystem step on. On error, returns the key of
 /// the layer that was being written (to be discarded) with the error.
 async fn run_steps(
-    vm: &mut kiln_vmm::qemu::QemuVm,
+    vm: &mut dyn MicroVm,
     spec: &BuildSpec,
     run: &StepRun<'_>,
     cache: &LayerCache,
@@ -913,7 +921,8 @@ async fn capture_app(
 ) -> Result<Snapshot, BuildError> {
     let top = spec.work_dir.join("app-disk.qcow2");
     let _ = std::fs::remove_file(&top);
-    kiln_vmm::qemu::create_overlay(&layer.path, layer.format, &top)
+    host.vmm
+        .create_overlay(&layer.path, layer.format, &top)
         .map_err(vm_err("creating the app disk"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
     vm_spec.memory_mib = spec.memory_mib;
@@ -940,7 +949,6 @@ async fn capture_app(
         .boot(vm_spec, opts)
         .await
         .map_err(vm_err("booting the app VM"))?;
-    let app_log = vm.spec().app_log();
     config.readiness = readiness_method(spec, stage, config);
     let ready = match lookup(vm.agent(), &stage.last.user).await {
         Ok((uid, gid, _)) => {
@@ -955,12 +963,12 @@ async fn capture_app(
     };
     if let Err(e) = ready {
         log.line("app log (last lines):");
-        log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
+        log.output(vm.app_log_tail(30).as_bytes());
         let _ = vm.terminate().await;
         return Err(e);
     }
     log.line("app output so far:");
-    log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
+    log.output(vm.app_log_tail(30).as_bytes());
     let dest = spec.output_dir.join("snapshot");
     let t = Instant::now();
     let mut snapshot = vm
