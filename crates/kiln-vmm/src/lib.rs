@@ -3,14 +3,17 @@
 //! A [`VmSpec`] describes one microVM; a [`Vmm`] boots it or restores a [`Snapshot`] into a
 //! new one; a [`MicroVm`] is driven through the backend and the guest agent, snapshotted, and
 //! terminated. Both traits are object-safe: callers hold `Arc<dyn Vmm>` and
-//! `Box<dyn MicroVm>` and never name a backend. The QEMU backend lives in [`qemu`]; another
-//! VMM would implement the same traits. What kiln tells a guest whatever runs it (clock, entropy) is in [`guest`].
+//! `Box<dyn MicroVm>` and never name a backend. The QEMU backend lives in [`qemu`]; an
+//! in-memory one for tests in `fake` (feature `fake`); another VMM would implement the same
+//! traits. What kiln tells a guest whatever runs it (clock, entropy) is in [`guest`].
 
 pub mod accel;
 pub mod assets;
 pub mod cgroup;
 pub mod crash;
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod guest;
 pub mod home;
 pub mod host;
