@@ -164,9 +164,9 @@ impl FakeControl {
         self.state().live.values().sum()
     }
 
-    /// How many suspended sessions exist now.
+    /// How many suspended sessions exist now (a session whose directory was removed is gone).
     pub fn suspended(&self) -> usize {
-        self.state().suspended.len()
+        self.state().suspended.keys().filter(|d| d.exists()).count()
     }
 
     /// The HTTP paths the fake guests were asked for, in order (hook calls).
@@ -362,7 +362,7 @@ impl Vmm for FakeVmm {
 
     fn open_suspended(&self, dir: &Path) -> Result<SuspendedVm, VmmError> {
         let state = self.control.state();
-        let found = state.suspended.get(dir).cloned();
+        let found = state.suspended.get(dir).filter(|_| dir.exists()).cloned();
         found.ok_or_else(|| not_there(dir, "no suspended session"))
     }
 

@@ -7,6 +7,8 @@ pub mod network;
 mod owner;
 mod pool;
 mod recovery;
+#[cfg(test)]
+mod tests;
 pub mod transitions;
 
 use std::collections::{BTreeMap, HashMap};
