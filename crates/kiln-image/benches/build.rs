@@ -74,7 +74,8 @@ async fn main() {
     let host = tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&h))
         .await
         .expect("join")
-        .expect("host (run `make test` once, or `kiln doctor`)");
+        .expect("host (run `make test` once, or `kiln doctor`)")
+        .into_dyn();
     let root = tempfile::Builder::new()
         .prefix("kiln-bench")
         .tempdir_in("/tmp")
@@ -82,8 +83,8 @@ async fn main() {
     let app_v1 = "echo v1; exec httpd -f -p 8080 -h /app/www\n";
     let app_v2 = "echo v2; exec httpd -f -p 8080 -h /app/www\n";
     println!(
-        "kiln build benchmark: QEMU {}, accel {}, busybox base, 256 MiB VMs",
-        host.vmm.qemu().version,
+        "kiln build benchmark: {}, accel {}, busybox base, 256 MiB VMs",
+        host.vmm.describe(),
         host.accel.accel
     );
     let mut rows = Vec::new();

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{busybox_spec, host, scratch, sh};
-use kiln_vmm::{BootOptions, MicroVm, RestoreTarget, Vmm};
+use kiln_vmm::{BootOptions, RestoreTarget};
 
 fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

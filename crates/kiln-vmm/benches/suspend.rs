@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{busybox_spec, host, scratch, sh};
 use kiln_agent::client::ExecRequest;
 use kiln_vmm::qemu::QemuVm;
-use kiln_vmm::{free_port, BootOptions, MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+use kiln_vmm::{free_port, BootOptions, MicroVm, PortForward, RestoreTarget, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Guest memory for this benchmark: room for a 256 MiB fill plus the guest itself.

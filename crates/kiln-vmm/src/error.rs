@@ -69,6 +69,10 @@ pub enum VmmError {
         #[source]
         source: QmpError,
     },
+    /// A failure a test asked the fake backend for.
+    #[cfg(feature = "fake")]
+    #[error("{0} (a failure injected by the fake backend)")]
+    Injected(String),
     /// A snapshot directory cannot be used.
     #[error("snapshot {dir} cannot be restored: {reason}")]
     BadSnapshot { dir: PathBuf, reason: String },

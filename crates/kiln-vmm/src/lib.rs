@@ -1,14 +1,20 @@
 //! The `Vmm` seam and its QEMU backend.
 //!
 //! A [`VmSpec`] describes one microVM; a [`Vmm`] boots it or restores a [`Snapshot`] into a
-//! new one; a [`MicroVm`] is driven through QMP and the guest agent, snapshotted, and
-//! terminated. The QEMU backend lives in [`qemu`]; another VMM would implement the same traits.
+//! new one; a [`MicroVm`] is driven through the backend and the guest agent, snapshotted, and
+//! terminated. Both traits are object-safe: callers hold `Arc<dyn Vmm>` and
+//! `Box<dyn MicroVm>` and never name a backend. The QEMU backend lives in [`qemu`]; an
+//! in-memory one for tests in `fake` (feature `fake`); another VMM would implement the same
+//! traits. What kiln tells a guest whatever runs it (clock, entropy) is in [`guest`].
 
 pub mod accel;
 pub mod assets;
 pub mod cgroup;
 pub mod crash;
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
+pub mod guest;
 pub mod home;
 pub mod host;
 pub mod host_tools;
@@ -19,12 +25,15 @@ pub mod spec;
 pub mod suspend;
 pub mod tsc;
 
+use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use kiln_agent::client::AgentClient;
 pub use kiln_net::{Netns, VmEgress};
+use tokio::net::TcpStream;
 
 pub use crash::crash_point;
 pub use error::VmmError;
@@ -32,102 +41,135 @@ pub use snapshot::Snapshot;
 pub use spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
 pub use suspend::{SuspendError, SuspendedVm};
 
-/// A virtual machine monitor: boots VMs and restores snapshots into new ones.
-pub trait Vmm: Send + Sync {
-    /// The VM handle this backend returns.
-    type Vm: MicroVm;
+/// A boxed future, so that the seam's traits stay object-safe (`Arc<dyn Vmm>`,
+/// `Box<dyn MicroVm>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a backend makes of a boot, restore, resume or attach: a running VM.
+pub type VmResult = Result<Box<dyn MicroVm>, VmmError>;
+
+/// A virtual machine monitor: boots VMs and restores snapshots into new ones. Its callers
+/// (kilnd, kiln-image) hold an `Arc<dyn Vmm>`; everything specific to one VMM (processes,
+/// disk layering, compatibility of saved state) stays behind it.
+pub trait Vmm: Send + Sync + fmt::Debug {
+    /// Which VMM this is and its version (saved state is tied to it).
+    fn describe(&self) -> Backend;
 
     /// Boots `spec` and returns once the guest agent answers.
-    fn boot(
-        &self,
-        spec: VmSpec,
-        opts: BootOptions,
-    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    fn boot(&self, spec: VmSpec, opts: BootOptions) -> BoxFuture<'_, VmResult>;
 
     /// Restores `snapshot` into a new VM with its own disk overlays and forwards, sets the
     /// guest's clock, feeds it entropy, and returns once the agent answers.
-    fn restore(
-        &self,
-        snapshot: &Snapshot,
+    fn restore<'a>(
+        &'a self,
+        snapshot: &'a Snapshot,
         target: RestoreTarget,
-    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    ) -> BoxFuture<'a, VmResult>;
 
     /// Resumes a VM that [`MicroVm::suspend`] saved: a new process loads its memory and
     /// devices, takes over its disks and gets `target`'s forwards; the guest's clock is set and
     /// its RNG reseeded. Returns once the agent answers. On success the suspended directory is
     /// removed (the session lives on in the returned VM); on failure it is left whole, so the
     /// resume can be retried.
-    fn resume(
-        &self,
-        suspended: &SuspendedVm,
+    fn resume<'a>(
+        &'a self,
+        suspended: &'a SuspendedVm,
         target: RestoreTarget,
-    ) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    ) -> BoxFuture<'a, VmResult>;
 
     /// Finds the VM a previous process started in `dir` (the supervisor restarted) and
     /// takes it over, when it still runs.
-    fn attach(&self, dir: &Path) -> impl Future<Output = Result<Self::Vm, VmmError>> + Send;
+    fn attach<'a>(&'a self, dir: &'a Path) -> BoxFuture<'a, VmResult>;
 
     /// Ends whatever VM process still runs for a VM directory under `dir` (left by a crash,
     /// or started just before one), however the backend finds its processes.
     fn kill_leftovers(&self, dir: &Path);
+
+    /// Opens a snapshot directory and checks that this backend can restore it. Blocking
+    /// (reads and hashes files): call it through [`blocking`].
+    fn open_snapshot(&self, dir: &Path) -> Result<Snapshot, VmmError>;
+
+    /// Opens a suspended directory and checks that this backend can resume it. Blocking:
+    /// call it through [`blocking`].
+    fn open_suspended(&self, dir: &Path) -> Result<SuspendedVm, VmmError>;
+
+    /// Creates a writable disk at `top` layered on the read-only `base` (in `format`): its
+    /// writes stay in `top`. Blocking.
+    fn create_overlay(&self, base: &Path, format: DiskFormat, top: &Path) -> Result<(), VmmError>;
+}
+
+/// Which VMM a backend runs, for logs, `kiln doctor` and compatibility checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// The VMM's name, e.g. `QEMU`.
+    pub name: &'static str,
+    /// Its version, as saved state records it.
+    pub version: String,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.name, self.version)
+    }
 }
 
 /// A running microVM.
-pub trait MicroVm: Send {
+pub trait MicroVm: Send + Sync {
     /// The guest agent.
     fn agent(&self) -> &AgentClient;
     /// When each start-up step finished, measured from the start of boot or restore.
     fn timeline(&self) -> &Timeline;
+    /// The host process running the VM, if it has one of its own.
+    fn process_id(&self) -> Option<u32>;
+    /// The last `lines` lines of what the guest's app wrote (its app log), cut to a size fit
+    /// for an error message.
+    fn app_log_tail(&self, lines: usize) -> String;
+    /// The host→guest forwards the VM has now.
+    fn forwards(&self) -> Vec<PortForward>;
     /// Pauses the vCPUs.
-    fn pause(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues paused vCPUs.
-    fn resume(&self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Whether the VM runs, is paused, or has exited.
-    fn status(&mut self) -> impl Future<Output = VmStatus> + Send;
+    fn status(&mut self) -> BoxFuture<'_, VmStatus>;
     /// The network namespace the VM's forwards listen in (`None`: no network device).
     fn netns(&self) -> Option<std::sync::Arc<Netns>>;
     /// Connects to a forward's host port (inside the VM's namespace).
-    fn connect_forward(
-        &self,
-        host_port: u16,
-    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
+    fn connect_forward(&self, host_port: u16) -> BoxFuture<'_, std::io::Result<TcpStream>> {
         let netns = self.netns();
-        async move {
+        Box::pin(async move {
             let netns =
                 netns.ok_or_else(|| std::io::Error::other("this VM has no network device"))?;
             netns
                 .connect(std::net::SocketAddr::from(([127, 0, 0, 1], host_port)))
                 .await
-        }
+        })
     }
+    /// Attaches (or re-attaches, after kilnd restarted) the egress gateway to the VM's
+    /// namespace, replacing any earlier attachment.
+    fn set_egress<'a>(&'a mut self, egress: &'a VmEgress) -> BoxFuture<'a, Result<(), VmmError>>;
     /// Adds a host→guest TCP forward while the VM runs.
-    fn add_forward(
-        &mut self,
-        forward: PortForward,
-    ) -> impl Future<Output = Result<(), VmmError>> + Send;
-    /// Freezes disk `index` as it is now and continues writing to a new qcow2 overlay at
+    fn add_forward(&mut self, forward: PortForward) -> BoxFuture<'_, Result<(), VmmError>>;
+    /// Freezes disk `index` as it is now and continues writing to a new overlay at
     /// `new_top` (a live external snapshot). The frozen file becomes a read-only layer.
     /// Sync the guest first, or the layer misses data still in its page cache.
-    fn freeze_disk_layer(
-        &mut self,
+    fn freeze_disk_layer<'a>(
+        &'a mut self,
         index: usize,
-        new_top: &Path,
-    ) -> impl Future<Output = Result<(), VmmError>> + Send;
+        new_top: &'a Path,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
     /// Syncs the guest, pauses it and saves memory, devices and disks into `dest`; the VM is
     /// consumed (it must never run again, its memory file now belongs to the snapshot).
-    fn snapshot(self, dest: &Path) -> impl Future<Output = Result<Snapshot, VmmError>> + Send;
+    fn snapshot<'a>(self: Box<Self>, dest: &'a Path) -> BoxFuture<'a, Result<Snapshot, VmmError>>;
     /// Syncs the guest (keeping its page cache), pauses it and saves all of it (RAM, devices,
     /// writable disks) into `dest`, then ends the VM's process so the host gets its memory back.
     /// On failure the VM is handed back running when its process survived.
-    fn suspend(
-        self,
-        dest: &Path,
-    ) -> impl Future<Output = Result<SuspendedVm, SuspendError<Self>>> + Send
-    where
-        Self: Sized;
-    /// Stops the VM (guest power-off, then QMP quit, then signals) and removes its runtime
-    /// directory.
-    fn terminate(self) -> impl Future<Output = Result<(), VmmError>> + Send;
+    fn suspend<'a>(
+        self: Box<Self>,
+        dest: &'a Path,
+    ) -> BoxFuture<'a, Result<SuspendedVm, SuspendError<Box<dyn MicroVm>>>>;
+    /// Stops the VM (guest power-off, then signals) and removes its runtime directory.
+    fn terminate(self: Box<Self>) -> BoxFuture<'static, Result<(), VmmError>>;
 }
 
 /// Options for a cold boot.
@@ -187,9 +229,9 @@ pub enum VmStatus {
     Running,
     /// vCPUs are stopped.
     Paused,
-    /// QEMU has exited (with this status).
+    /// The VM has exited (with this status).
     Exited(String),
-    /// Another QEMU run state.
+    /// Another run state the backend reports.
     Other(String),
 }
 

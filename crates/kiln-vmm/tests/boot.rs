@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{busybox_spec, host, process_exists, scratch, sh};
 use kiln_agent::client::ExecRequest;
-use kiln_vmm::{BootOptions, MicroVm, PortForward, VmStatus, Vmm, VmmError};
+use kiln_vmm::{BootOptions, MicroVm, PortForward, VmStatus, VmmError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET / through the VM's forward on `port` (inside its network namespace); the whole

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{busybox_spec, host, scratch, sh};
 use kiln_vmm::qemu::QemuVm;
-use kiln_vmm::{BootOptions, MicroVm, RestoreTarget, Vmm};
+use kiln_vmm::{BootOptions, RestoreTarget};
 
 /// The lines of `/proc/<pid>/status` that tell the confinement, as `name: value`.
 fn confinement(pid: u32) -> Vec<(String, String)> {

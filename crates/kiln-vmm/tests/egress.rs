@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use common::{busybox_spec, host, scratch, sh};
 use kiln_net::{Egress, Gateway, GatewayConfig, VmEgress};
-use kiln_vmm::{BootOptions, MicroVm, NetSpec, Vmm};
+use kiln_vmm::{BootOptions, NetSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_when_names_are_allowed_then_only_they_resolve() {

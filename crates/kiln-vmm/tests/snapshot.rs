@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{busybox_spec, host, process_exists, scratch, sh};
 use kiln_vmm::snapshot::{digest_file, Snapshot};
-use kiln_vmm::{BootOptions, MicroVm, RestoreTarget, Vmm, VmmError};
+use kiln_vmm::{BootOptions, RestoreTarget, VmmError};
 
 const COUNTER: &str =
     "(n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &";

@@ -11,7 +11,7 @@ use common::{busybox_spec, host, process_exists, scratch, sh};
 use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::{
     free_port, BootOptions, MicroVm, PortForward, RestoreTarget, SuspendError, SuspendedVm,
-    VmStatus, Vmm,
+    VmStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -9,8 +9,7 @@ use anyhow::{bail, Context};
 use kiln_agent::client::{AgentClient, ExecRequest};
 use kiln_vmm::host::Host;
 use kiln_vmm::{
-    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, PortForward, RestoreTarget,
-    Vmm,
+    BootOptions, DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, RestoreTarget,
 };
 use serde_json::json;
 

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use kiln_agent::client::AppSpec;
 use kiln_image::build::ImageConfig;
 use kiln_vmm::host::Host;
-use kiln_vmm::{BootOptions, DiskFormat, DiskSpec, MicroVm, NetSpec, PortForward, Snapshot, Vmm};
+use kiln_vmm::{BootOptions, DiskFormat, DiskSpec, MicroVm, NetSpec, PortForward, Snapshot};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
@@ -422,7 +422,11 @@ struct ColdBoot {
 }
 
 /// Boots the built image's disk in a fresh VM, starts its app and waits for a 200.
-async fn cold_boot(host: &Host, home: &Path, dir: &Path) -> anyhow::Result<ColdBoot> {
+async fn cold_boot(
+    host: &Host<kiln_vmm::qemu::QemuVmm>,
+    home: &Path,
+    dir: &Path,
+) -> anyhow::Result<ColdBoot> {
     let version = home.join("images").join(IMAGE).join("1");
     let snap = Snapshot::open(&version.join("snapshot"), &host.vmm.qemu().version)?;
     let disk = snap

@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_api::ArnContext;
-use kiln_vmm::Vmm;
 
 use crate::artifacts::{remote as s3_remote, s3};
 use crate::auth::keys::AccessKeys;
@@ -104,12 +103,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("creating the first access key")?;
     let host = {
         let home = home.clone();
-        tokio::task::spawn_blocking(move || kiln_vmm::host::Host::prepare(&home))
-            .await
-            .context("preparing the host")?
-            .context("this host cannot run microVMs (run `kiln doctor` for details)")?
+        tokio::task::spawn_blocking(move || {
+            kiln_vmm::host::Host::prepare(&home).map(kiln_vmm::host::Host::into_dyn)
+        })
+        .await
+        .context("preparing the host")?
+        .context("this host cannot run microVMs (run `kiln doctor` for details)")?
     };
-    tracing::info!(accel = %host.accel.accel, qemu = %host.vmm.qemu().version, kernel = %host.assets.kernel.version, "host ready");
+    tracing::info!(accel = %host.accel.accel, vmm = %host.vmm.describe(), kernel = %host.assets.kernel.version, "host ready");
     kiln_api::validate::MIN_IDLE_SECONDS.store(
         config.min_idle_seconds.max(1),
         std::sync::atomic::Ordering::Relaxed,

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use kiln_agent::client::{AgentClient, AgentError, FileKind, FsErrorKind};
-use kiln_vmm::{DiskFormat, DiskSpec};
+use kiln_vmm::{DiskFormat, DiskSpec, Vmm};
 
 use super::mounts::extra_device;
 use super::plan::{CopyFrom, Plan, PlannedStep, StepAction};
@@ -48,8 +48,9 @@ pub struct SourceDisks {
 
 impl SourceDisks {
     /// The filesystems `steps` copy from: a built stage's final layer (from `built`, by stage
-    /// position) behind a throwaway overlay made in `work_dir`, or an image's base disk.
+    /// position) behind a throwaway overlay `vmm` makes in `work_dir`, or an image's base disk.
     pub fn prepare(
+        vmm: &dyn Vmm,
         plan: &Plan,
         steps: &[&PlannedStep],
         built: &[(usize, Layer)],
@@ -86,7 +87,7 @@ impl SourceDisks {
                             let overlay =
                                 work_dir.join(format!("from-{stage}-{}.qcow2", disks.len()));
                             let _ = std::fs::remove_file(&overlay);
-                            kiln_vmm::qemu::create_overlay(&layer.path, layer.format, &overlay)
+                            vmm.create_overlay(&layer.path, layer.format, &overlay)
                                 .map_err(vm_err("creating an overlay to read a stage"))?;
                             DiskSpec {
                                 path: overlay,

@@ -24,7 +24,7 @@ use kiln_agent::client::{
 };
 use kiln_vmm::host::Host;
 use kiln_vmm::{
-    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot, Vmm,
+    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot,
 };
 
 use crate::context::BuildContext;
@@ -155,10 +155,9 @@ pub enum BuildError {
 }
 
 /// A qcow2 overlay at `top` over `below`, made by qemu-img on the blocking pool.
-async fn overlay(below: &Layer, top: &Path) -> Result<(), kiln_vmm::VmmError> {
-    let (below, top) = (below.clone(), top.to_path_buf());
-    kiln_vmm::blocking(move || kiln_vmm::qemu::create_overlay(&below.path, below.format, &top))
-        .await
+async fn overlay(host: &Host, below: &Layer, top: &Path) -> Result<(), kiln_vmm::VmmError> {
+    let (vmm, below, top) = (host.vmm.clone(), below.clone(), top.to_path_buf());
+    kiln_vmm::blocking(move || vmm.create_overlay(&below.path, below.format, &top)).await
 }
 
 fn vm_err(doing: &str) -> impl FnOnce(kiln_vmm::VmmError) -> BuildError + '_ {
@@ -452,11 +451,18 @@ async fn run_build_vm(
         .iter()
         .filter(|s| s.index >= first_run)
         .collect();
-    let sources = SourceDisks::prepare(job.plan, &to_run, job.built, &spec.work_dir, stage.index)?;
+    let sources = SourceDisks::prepare(
+        host.vmm.as_ref(),
+        job.plan,
+        &to_run,
+        job.built,
+        &spec.work_dir,
+        stage.index,
+    )?;
     let first_key = fs_steps[cached].key.clone().unwrap_or_default();
     let top = cache.layer(&first_key);
     cache.discard(&first_key);
-    overlay(&below, &top)
+    overlay(host, &below, &top)
         .await
         .map_err(vm_err("creating a layer"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join(format!("build-vm-{}", stage.index)));
@@ -519,7 +525,7 @@ async fn run_build_vm(
         cached,
         disks: &disks,
     };
-    let result = run_steps(&mut vm, spec, &run, cache, log).await;
+    let result = run_steps(vm.as_mut(), spec, &run, cache, log).await;
     let active = result.as_ref().err().map(|(key, _)| key.clone());
     if let Err(e) = vm.terminate().await {
         tracing::warn!(error = %e, "terminating the build VM");
@@ -563,7 +569,7 @@ struct StepRun<'a> {
 /// Runs every step from the first uncached filesystem step on. On error, returns the key of
 /// the layer that was being written (to be discarded) with the error.
 async fn run_steps(
-    vm: &mut kiln_vmm::qemu::QemuVm,
+    vm: &mut dyn MicroVm,
     spec: &BuildSpec,
     run: &StepRun<'_>,
     cache: &LayerCache,
@@ -937,7 +943,7 @@ async fn capture_app(
 ) -> Result<Snapshot, BuildError> {
     let top = spec.work_dir.join("app-disk.qcow2");
     let _ = std::fs::remove_file(&top);
-    overlay(layer, &top)
+    overlay(host, layer, &top)
         .await
         .map_err(vm_err("creating the app disk"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
@@ -965,7 +971,6 @@ async fn capture_app(
         .boot(vm_spec, opts)
         .await
         .map_err(vm_err("booting the app VM"))?;
-    let app_log = vm.spec().app_log();
     config.readiness = readiness_method(spec, stage, config);
     let ready = match lookup(vm.agent(), &stage.last.user).await {
         Ok((uid, gid, _)) => {
@@ -980,12 +985,12 @@ async fn capture_app(
     };
     if let Err(e) = ready {
         log.line("app log (last lines):");
-        log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
+        log.output(vm.app_log_tail(30).as_bytes());
         let _ = vm.terminate().await;
         return Err(e);
     }
     log.line("app output so far:");
-    log.output(kiln_vmm::qemu::process::tail(&app_log, 30).as_bytes());
+    log.output(vm.app_log_tail(30).as_bytes());
     let dest = spec.output_dir.join("snapshot");
     let t = Instant::now();
     let mut snapshot = vm

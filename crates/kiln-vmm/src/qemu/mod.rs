@@ -5,6 +5,7 @@ pub mod cmdline;
 pub mod logcap;
 pub mod process;
 pub mod qmp;
+mod seam;
 mod session;
 
 use std::ffi::OsString;
@@ -19,9 +20,7 @@ use crate::jail::{self, Jail, JailConfig};
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
 use crate::suspend::{SuspendError, SuspendedVm};
-use crate::{
-    BootOptions, MicroVm, Netns, RestoreTarget, Timeline, VmEgress, VmStatus, Vmm, VmmError,
-};
+use crate::{BootOptions, Netns, RestoreTarget, Timeline, VmEgress, VmStatus, VmmError};
 use process::{QemuBinary, QemuProcess};
 use qmp::Qmp;
 
@@ -31,8 +30,6 @@ const SOCKET_PATH_MAX: usize = 107;
 const QMP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a snapshot's or restore's migration may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bytes of host entropy fed to every restored guest.
-const ENTROPY_BYTES: usize = 64;
 /// Migration bandwidth for suspends (bytes/s): no cap, the guest is paused anyway.
 const SUSPEND_BANDWIDTH: u64 = 1 << 40;
 /// The name under which QEMU holds the descriptor of a migration stream (QMP `getfd`).
@@ -282,18 +279,20 @@ async fn settle_migration(qmp: &Qmp) {
     }
 }
 
-impl Vmm for QemuVmm {
-    type Vm = QemuVm;
-
-    async fn attach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+/// The [`Vmm`](crate::Vmm) operations; `seam.rs` implements the trait with these.
+impl QemuVmm {
+    /// See [`Vmm::attach`](crate::Vmm::attach).
+    pub async fn attach(&self, dir: &Path) -> Result<QemuVm, VmmError> {
         self.reattach(dir).await
     }
 
-    fn kill_leftovers(&self, dir: &Path) {
+    /// See [`Vmm::kill_leftovers`](crate::Vmm::kill_leftovers).
+    pub fn kill_leftovers(&self, dir: &Path) {
         process::kill_leftovers(dir)
     }
 
-    async fn boot(&self, spec: VmSpec, opts: BootOptions) -> Result<QemuVm, VmmError> {
+    /// See [`Vmm::boot`](crate::Vmm::boot).
+    pub async fn boot(&self, spec: VmSpec, opts: BootOptions) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();
         validate(&spec)?;
         create_runtime_dir(&spec.dir)?;
@@ -312,11 +311,21 @@ impl Vmm for QemuVmm {
         }
     }
 
-    async fn restore(&self, snap: &Snapshot, target: RestoreTarget) -> Result<QemuVm, VmmError> {
+    /// See [`Vmm::restore`](crate::Vmm::restore).
+    pub async fn restore(
+        &self,
+        snap: &Snapshot,
+        target: RestoreTarget,
+    ) -> Result<QemuVm, VmmError> {
         self.restore_snapshot(snap, target).await
     }
 
-    async fn resume(&self, sus: &SuspendedVm, target: RestoreTarget) -> Result<QemuVm, VmmError> {
+    /// See [`Vmm::resume`](crate::Vmm::resume).
+    pub async fn resume(
+        &self,
+        sus: &SuspendedVm,
+        target: RestoreTarget,
+    ) -> Result<QemuVm, VmmError> {
         let vm = self.restore_snapshot(&sus.snapshot, target).await?;
         crate::crash_point("resume-running");
         // The session now lives in the running VM (its disks and memory file keep their new
@@ -326,9 +335,7 @@ impl Vmm for QemuVmm {
         }
         Ok(vm)
     }
-}
 
-impl QemuVmm {
     /// The one restore path, for a launch (an image: an overlay on each disk, its memory file
     /// mapped privately) and for a resume (a session: its disks and memory file linked into
     /// the new runtime directory and taken over, the memory mapped privately all the same).
@@ -661,7 +668,7 @@ impl QemuVm {
             }
         };
         self.timeline.mark("agent", self.t0);
-        refresh_guest(&agent).await?;
+        crate::guest::refresh(&agent).await?;
         self.timeline.mark("refreshed", self.t0);
         self.agent = Some(agent);
         Ok(())
@@ -740,23 +747,28 @@ impl QemuVm {
     }
 }
 
-impl MicroVm for QemuVm {
-    fn netns(&self) -> Option<Arc<Netns>> {
+/// The [`MicroVm`](crate::MicroVm) operations; `seam.rs` implements the trait with these.
+impl QemuVm {
+    /// See [`MicroVm::netns`](crate::MicroVm::netns).
+    pub fn netns(&self) -> Option<Arc<Netns>> {
         self.netns.clone()
     }
 
-    fn agent(&self) -> &AgentClient {
+    /// See [`MicroVm::agent`](crate::MicroVm::agent).
+    pub fn agent(&self) -> &AgentClient {
         // An agent is always connected once boot or restore returned.
         self.agent
             .as_ref()
             .expect("agent connected after boot/restore")
     }
 
-    fn timeline(&self) -> &Timeline {
+    /// See [`MicroVm::timeline`](crate::MicroVm::timeline).
+    pub fn timeline(&self) -> &Timeline {
         &self.timeline
     }
 
-    async fn pause(&self) -> Result<(), VmmError> {
+    /// See [`MicroVm::pause`](crate::MicroVm::pause).
+    pub async fn pause(&self) -> Result<(), VmmError> {
         self.qmp
             .execute("stop", None)
             .await
@@ -764,7 +776,8 @@ impl MicroVm for QemuVm {
             .map_err(VmmError::qmp("pausing"))
     }
 
-    async fn resume(&self) -> Result<(), VmmError> {
+    /// See [`MicroVm::resume`](crate::MicroVm::resume).
+    pub async fn resume(&self) -> Result<(), VmmError> {
         self.qmp
             .execute("cont", None)
             .await
@@ -772,7 +785,8 @@ impl MicroVm for QemuVm {
             .map_err(VmmError::qmp("continuing"))
     }
 
-    async fn status(&mut self) -> VmStatus {
+    /// See [`MicroVm::status`](crate::MicroVm::status).
+    pub async fn status(&mut self) -> VmStatus {
         if !self.process.is_alive() {
             return VmStatus::Exited(self.process.exit_status().unwrap_or_else(|| "gone".into()));
         }
@@ -784,7 +798,12 @@ impl MicroVm for QemuVm {
         }
     }
 
-    async fn freeze_disk_layer(&mut self, index: usize, new_top: &Path) -> Result<(), VmmError> {
+    /// See [`MicroVm::freeze_disk_layer`](crate::MicroVm::freeze_disk_layer).
+    pub async fn freeze_disk_layer(
+        &mut self,
+        index: usize,
+        new_top: &Path,
+    ) -> Result<(), VmmError> {
         if index >= self.spec.disks.len() {
             return Err(VmmError::InvalidSpec(format!(
                 "the VM has {} disks, there is no disk {index}",
@@ -839,7 +858,8 @@ impl MicroVm for QemuVm {
         Ok(())
     }
 
-    async fn add_forward(&mut self, f: PortForward) -> Result<(), VmmError> {
+    /// See [`MicroVm::add_forward`](crate::MicroVm::add_forward).
+    pub async fn add_forward(&mut self, f: PortForward) -> Result<(), VmmError> {
         if self.spec.network.is_none() {
             return Err(VmmError::InvalidSpec(
                 "this VM has no network device, so it cannot forward ports".into(),
@@ -858,7 +878,8 @@ impl MicroVm for QemuVm {
         write_spec(&self.spec)
     }
 
-    async fn snapshot(mut self, dest: &Path) -> Result<Snapshot, VmmError> {
+    /// See [`MicroVm::snapshot`](crate::MicroVm::snapshot).
+    pub async fn snapshot(mut self, dest: &Path) -> Result<Snapshot, VmmError> {
         let mem = match &self.spec.memory_file {
             Some(m) if m.shared => m.path.clone(),
             _ => {
@@ -894,11 +915,13 @@ impl MicroVm for QemuVm {
         })
     }
 
-    async fn suspend(self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
+    /// See [`MicroVm::suspend`](crate::MicroVm::suspend).
+    pub async fn suspend(self, dest: &Path) -> Result<SuspendedVm, SuspendError<QemuVm>> {
         self.suspend_session(dest).await
     }
 
-    async fn terminate(mut self) -> Result<(), VmmError> {
+    /// See [`MicroVm::terminate`](crate::MicroVm::terminate).
+    pub async fn terminate(mut self) -> Result<(), VmmError> {
         self.stop_process().await;
         remove_dir(&self.spec.dir);
         Ok(())
@@ -1076,22 +1099,6 @@ impl QemuVm {
         }
         Ok(manifest)
     }
-}
-
-/// Sets the guest's clock from the host and feeds it fresh entropy: a snapshot restored twice
-/// must not share its RNG state, and its clock stood still while it was saved (or paused).
-pub async fn refresh_guest(agent: &AgentClient) -> Result<(), VmmError> {
-    agent
-        .set_clock(SystemTime::now())
-        .await
-        .map_err(VmmError::agent("setting the guest clock"))?;
-    let mut seed = [0u8; ENTROPY_BYTES];
-    getrandom::fill(&mut seed)
-        .map_err(|e| VmmError::InvalidSpec(format!("host RNG failed: {e}")))?;
-    agent
-        .add_entropy(&seed)
-        .await
-        .map_err(VmmError::agent("reseeding the guest RNG"))
 }
 
 /// Resolves when the QEMU process exits, with an error describing what it said.

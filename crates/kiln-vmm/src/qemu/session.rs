@@ -22,7 +22,7 @@ use crate::snapshot::{
 };
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
 use crate::suspend::{self, SuspendError, SuspendedVm};
-use crate::{MicroVm, Timeline, VmmError};
+use crate::{Timeline, VmmError};
 
 use super::logcap;
 

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use kiln_agent::client::{AgentClient, ExecRequest};
 use kiln_vmm::host::Host;
+use kiln_vmm::qemu::QemuVmm;
 use kiln_vmm::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
 
 /// The data directory the tests share: `KILN_HOME` (the Makefile points it into `target/`),
@@ -20,8 +21,8 @@ pub fn test_home() -> PathBuf {
 }
 
 /// The prepared host and the busybox base disk, made once per test binary.
-pub fn host() -> &'static (Host, PathBuf) {
-    static HOST: OnceLock<(Host, PathBuf)> = OnceLock::new();
+pub fn host() -> &'static (Host<QemuVmm>, PathBuf) {
+    static HOST: OnceLock<(Host<QemuVmm>, PathBuf)> = OnceLock::new();
     HOST.get_or_init(|| {
         let home = test_home();
         let host = Host::prepare(&home).expect("host can run VMs (run `make test`)");

@@ -12,7 +12,6 @@ use kiln_image::build::{BuildLog, BuildSecrets, BuildSpec, HookSpec};
 
 use crate::supervisor::network::Network;
 use kiln_vmm::host::Host;
-use kiln_vmm::Vmm;
 use tokio::sync::Semaphore;
 
 use crate::artifacts::remote::RemoteS3;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::MicroVm;
 use serde_json::Value;
 
@@ -47,7 +46,12 @@ impl SessionHooks {
     /// `/aws/lambda-microvms/runtime/v1/<hook>` on the hooks port); 2xx is success. While
     /// nothing listens on the port (a listener between two connections when the snapshot
     /// was taken) the call is tried again until the hook's timeout: the platform polls.
-    pub(super) async fn call(&self, vm: &QemuVm, hook: &str, body: &[u8]) -> Result<(), String> {
+    pub(super) async fn call(
+        &self,
+        vm: &dyn MicroVm,
+        hook: &str,
+        body: &[u8],
+    ) -> Result<(), String> {
         let Some(timeout) = self.enabled(hook) else {
             return Ok(());
         };

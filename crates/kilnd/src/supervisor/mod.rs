@@ -7,6 +7,8 @@ pub mod network;
 mod owner;
 mod pool;
 mod recovery;
+#[cfg(test)]
+mod tests;
 pub mod transitions;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,8 +22,7 @@ use kiln_api::shapes::microvm::*;
 use kiln_api::{ApiError, ArnContext, Request};
 use kiln_image::build::ImageConfig;
 use kiln_vmm::host::Host;
-use kiln_vmm::qemu::QemuVm;
-use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot, Vmm};
+use kiln_vmm::{MicroVm, PortForward, RestoreTarget, Snapshot};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex};
 
@@ -48,7 +49,7 @@ pub const MAX_DURATION_SECS: i64 = 8 * 3600;
 
 /// A running VM and its forwards.
 struct Live {
-    vm: QemuVm,
+    vm: Box<dyn MicroVm>,
     /// Guest port → host port on 127.0.0.1.
     forwards: BTreeMap<u16, u16>,
     /// The image's lifecycle hooks: their port and which are enabled.
@@ -732,15 +733,12 @@ impl Microvms {
         version: i64,
     ) -> Result<(ImageConfig, Snapshot), ApiError> {
         let vdir = version_dir(&self.host.home, key, version);
-        let qemu_version = self.host.vmm.qemu().version.clone();
+        let vmm = self.host.vmm.clone();
         let (config, snap) = kiln_vmm::blocking(move || {
             let config = std::fs::read(vdir.join("image.json"))
                 .ok()
                 .and_then(|t| serde_json::from_slice::<ImageConfig>(&t).ok());
-            (
-                config,
-                Snapshot::open(&vdir.join("snapshot"), &qemu_version),
-            )
+            (config, vmm.open_snapshot(&vdir.join("snapshot")))
         })
         .await;
         let config = config.ok_or_else(|| {
@@ -993,7 +991,7 @@ impl Microvms {
     pub async fn details(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
         let r = self.owned_row(caller, id)?;
         let pid = match self.live.lock().await.get(id) {
-            Some(l) => Some(l.lock().await.vm.pid()),
+            Some(l) => l.lock().await.vm.process_id(),
             None => None,
         };
         let activity = self.activity.snapshot(id).map(|a| {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use kiln_api::shapes::microvm::{IdlePolicy, MicrovmState as S, RunMicrovmRequest};
 use kiln_api::ApiError;
 use kiln_image::build::ImageConfig;
-use kiln_vmm::{MicroVm, Snapshot, Vmm};
+use kiln_vmm::Snapshot;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -43,6 +43,8 @@ pub(super) enum Command {
 }
 
 /// Where a launch's VM comes from.
+// The snapshot's manifest dwarfs a boxed VM; a `Launch` travels boxed in its `Command`.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum LaunchFrom {
     /// Restored now from the version's snapshot.
     Snapshot { snap: Snapshot, config: ImageConfig },
@@ -64,7 +66,7 @@ pub(super) struct Launch {
 /// fed anew (it stood paused since its restore).
 async fn claim(mut live: Live) -> Result<Live, kiln_vmm::VmmError> {
     live.vm.resume().await?;
-    kiln_vmm::qemu::refresh_guest(live.vm.agent()).await?;
+    kiln_vmm::guest::refresh(live.vm.agent()).await?;
     live.since = Instant::now();
     Ok(live)
 }
@@ -372,7 +374,11 @@ impl Owner {
             body["runHookPayload"] = payload.clone().into();
         }
         let body = body.to_string();
-        if let Err(e) = live.hooks.call(&live.vm, "run", body.as_bytes()).await {
+        if let Err(e) = live
+            .hooks
+            .call(live.vm.as_ref(), "run", body.as_bytes())
+            .await
+        {
             let _ = live.vm.terminate().await;
             failed(self, e.clone());
             return Err(self.conflict(format!("did not start: {e}")));
@@ -398,7 +404,7 @@ impl Owner {
         };
         let started = Instant::now();
         self.record(Event::Suspend, Reason::Clear)?;
-        if let Err(e) = live.hooks.call(&live.vm, "suspend", b"{}").await {
+        if let Err(e) = live.hooks.call(live.vm.as_ref(), "suspend", b"{}").await {
             tracing::info!(microvm = %id, error = %e, "suspend hook");
         }
         let Live {
@@ -473,11 +479,8 @@ impl Owner {
             Some(v) => SessionHooks::of(&v.spec),
             None => SessionHooks::default(),
         };
-        let (dir, qemu_version) = (
-            self.sup.suspended_dir(&id),
-            self.sup.host.vmm.qemu().version.clone(),
-        );
-        let opened = kiln_vmm::blocking(move || kiln_vmm::SuspendedVm::open(&dir, &qemu_version));
+        let (dir, vmm) = (self.sup.suspended_dir(&id), self.sup.host.vmm.clone());
+        let opened = kiln_vmm::blocking(move || vmm.open_suspended(&dir));
         let sus = match opened.await {
             Ok(sus) => sus,
             Err(e) => {
@@ -516,7 +519,7 @@ impl Owner {
             .resume_finished(result.is_ok(), started.elapsed());
         match result {
             Ok(live) => {
-                if let Err(e) = live.hooks.call(&live.vm, "resume", b"{}").await {
+                if let Err(e) = live.hooks.call(live.vm.as_ref(), "resume", b"{}").await {
                     // The app refused the session back: AWS ends the MicroVM. It was never
                     // published, so no request reaches an app that said it cannot serve.
                     let reason = format!("resume failed: {e}");
@@ -565,7 +568,7 @@ impl Owner {
         let id = self.id.clone();
         match self.take_live().await {
             Ok(Some(live)) => {
-                if let Err(e) = live.hooks.call(&live.vm, "terminate", b"{}").await {
+                if let Err(e) = live.hooks.call(live.vm.as_ref(), "terminate", b"{}").await {
                     tracing::info!(microvm = %id, error = %e, "terminate hook");
                 }
                 if let Err(e) = live.vm.terminate().await {

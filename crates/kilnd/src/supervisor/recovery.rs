@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_api::shapes::microvm::MicrovmState as S;
-use kiln_vmm::qemu::QemuVm;
-use kiln_vmm::Vmm;
+use kiln_vmm::MicroVm;
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -22,7 +21,7 @@ enum Recovered {
     /// In its suspended directory.
     Suspended,
     /// In a running QEMU, with the state reason to record if the row said otherwise.
-    Running(Box<QemuVm>, Option<&'static str>),
+    Running(Box<dyn MicroVm>, Option<&'static str>),
     /// Nowhere; the reason.
     Lost(String),
 }
@@ -98,10 +97,8 @@ impl Microvms {
                     // The forwards QEMU has, not the stored ones: a resume interrupted before
                     // it stored its new ports left the old ones in the row.
                     let forwards: BTreeMap<u16, u16> = vm
-                        .spec()
-                        .network
+                        .forwards()
                         .iter()
-                        .flat_map(|n| n.forwards.iter())
                         .map(|f| (f.guest_port, f.host_port))
                         .collect();
                     self.store.set_microvm_forwards(&r.id, &json!(forwards))?;
@@ -110,7 +107,7 @@ impl Microvms {
                         r.id.clone(),
                         Arc::new(Mutex::new(Live {
                             since: std::time::Instant::now(),
-                            vm: *vm,
+                            vm,
                             forwards,
                             hooks,
                         })),
@@ -163,16 +160,14 @@ impl Microvms {
     /// is complete once its guest runs (the suspended directory is then stale). One of the two
     /// always holds the whole session, so a crash at any point loses nothing.
     async fn recover(&self, r: &MicrovmRow) -> Recovered {
-        let suspended = || {
-            kiln_vmm::SuspendedVm::open(&self.suspended_dir(&r.id), &self.host.vmm.qemu().version)
-        };
+        let suspended = || self.host.vmm.open_suspended(&self.suspended_dir(&r.id));
         let vm_dir = self.dir_of(&r.id).join("vm");
         let attach = || self.host.vmm.attach(&vm_dir);
         match r.state {
             S::Suspending if suspended().is_ok() => Recovered::Suspended,
             S::Suspending => match attach().await {
                 Ok(vm) => Recovered::Running(
-                    Box::new(vm),
+                    vm,
                     Some("kilnd restarted during a suspend; the VM kept running"),
                 ),
                 Err(e) => {
@@ -181,14 +176,14 @@ impl Microvms {
             },
             S::Suspended => match attach().await {
                 // kilnd stopped after the resumed guest started: it holds the session now.
-                Ok(vm) => Recovered::Running(Box::new(vm), None),
+                Ok(vm) => Recovered::Running(vm, None),
                 Err(_) => match suspended() {
                     Ok(_) => Recovered::Suspended,
                     Err(e) => Recovered::Lost(format!("its suspended state is unusable: {e}")),
                 },
             },
             S::Running => match attach().await {
-                Ok(vm) => Recovered::Running(Box::new(vm), None),
+                Ok(vm) => Recovered::Running(vm, None),
                 Err(_) => Recovered::Lost("its VM stopped while kilnd was not running".into()),
             },
             _ => Recovered::Lost("kilnd restarted while it was starting or stopping".into()),

@@ -689,7 +689,6 @@ pub struct Restored {
 impl Restored {
     /// Restores `snapshot_dir` into a new VM.
     pub fn start(snapshot_dir: &Path) -> Restored {
-        use kiln_vmm::Vmm;
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let dir = tempfile::Builder::new()
             .prefix("kiln-r")
@@ -726,7 +725,6 @@ impl Restored {
 
     /// Runs `sh -c script` in the guest; its stdout.
     pub fn sh(&self, script: &str) -> String {
-        use kiln_vmm::MicroVm;
         let vm = self.vm.as_ref().expect("vm");
         let out = self
             .rt
@@ -741,7 +739,6 @@ impl Restored {
 
 impl Drop for Restored {
     fn drop(&mut self) {
-        use kiln_vmm::MicroVm;
         if let Some(vm) = self.vm.take() {
             let _ = self.rt.block_on(vm.terminate());
         }
