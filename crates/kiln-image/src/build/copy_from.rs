@@ -14,6 +14,7 @@
 //! ([`source::InRootWalk`]), so neither `..` nor a link reaches the build VM's own files.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use kiln_agent::client::{AgentClient, AgentError, FileKind, FsErrorKind};
 use kiln_vmm::{DiskFormat, DiskSpec, Vmm};
@@ -48,9 +49,10 @@ pub struct SourceDisks {
 
 impl SourceDisks {
     /// The filesystems `steps` copy from: a built stage's final layer (from `built`, by stage
-    /// position) behind a throwaway overlay `vmm` makes in `work_dir`, or an image's base disk.
-    pub fn prepare(
-        vmm: &dyn Vmm,
+    /// position) behind a throwaway overlay `vmm` makes in `work_dir` (on the blocking pool),
+    /// or an image's base disk.
+    pub async fn prepare(
+        vmm: &Arc<dyn Vmm>,
         plan: &Plan,
         steps: &[&PlannedStep],
         built: &[(usize, Layer)],
@@ -86,9 +88,18 @@ impl SourceDisks {
                         DiskFormat::Qcow2 => {
                             let overlay =
                                 work_dir.join(format!("from-{stage}-{}.qcow2", disks.len()));
-                            let _ = std::fs::remove_file(&overlay);
-                            vmm.create_overlay(&layer.path, layer.format, &overlay)
-                                .map_err(vm_err("creating an overlay to read a stage"))?;
+                            let (vmm, base, format, top) = (
+                                vmm.clone(),
+                                layer.path.clone(),
+                                layer.format,
+                                overlay.clone(),
+                            );
+                            kiln_vmm::blocking(move || {
+                                let _ = std::fs::remove_file(&top);
+                                vmm.create_overlay(&base, format, &top)
+                            })
+                            .await
+                            .map_err(vm_err("creating an overlay to read a stage"))?;
                             DiskSpec {
                                 path: overlay,
                                 format: DiskFormat::Qcow2,

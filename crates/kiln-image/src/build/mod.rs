@@ -452,13 +452,14 @@ async fn run_build_vm(
         .filter(|s| s.index >= first_run)
         .collect();
     let sources = SourceDisks::prepare(
-        host.vmm.as_ref(),
+        &host.vmm,
         job.plan,
         &to_run,
         job.built,
         &spec.work_dir,
         stage.index,
-    )?;
+    )
+    .await?;
     let first_key = fs_steps[cached].key.clone().unwrap_or_default();
     let top = cache.layer(&first_key);
     cache.discard(&first_key);

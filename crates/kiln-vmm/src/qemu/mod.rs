@@ -1049,56 +1049,69 @@ impl QemuVm {
         if !self.process.wait_exit(Duration::from_secs(5)).await {
             self.process.kill(Duration::from_secs(1)).await;
         }
-        let mem_file = staging.join(snapshot::MEMORY);
-        snapshot::move_file(mem, &mem_file)?;
-        snapshot::dig_holes(&mem_file);
-        let mut disks = Vec::new();
-        for (i, d) in self.spec.disks.iter().enumerate() {
-            let name = snapshot::disk_file_name(i, d.format);
-            snapshot::move_file(&d.path, &staging.join(&name))?;
-            disks.push(SnapshotDisk {
-                info: snapshot::file_info(staging, &name)?,
-                format: d.format,
-            });
-        }
-        let spec = &self.spec;
-        let manifest = SnapshotManifest {
-            format: SNAPSHOT_FORMAT,
-            backend: snapshot::QEMU_BACKEND.to_string(),
-            kind: snapshot::SnapshotKind::Image,
-            created_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            qemu_version: self.qemu.version.clone(),
-            accel: spec.accel,
-            cpu: cmdline::cpu_model(spec.accel).to_string(),
-            machine: cmdline::machine_signature(spec),
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            tsc_khz: spec.tsc_khz,
-            kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
-            initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
-            cmdline_extra: spec.cmdline_extra.clone(),
-            network: spec.network.is_some(),
-            state: snapshot::file_info(staging, snapshot::STATE)?,
-            memory: snapshot::file_info(staging, snapshot::MEMORY)?,
-            disks,
-        };
-        let manifest_path = staging.join(snapshot::MANIFEST);
-        let text = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
-        std::fs::write(&manifest_path, text)
-            .map_err(|e| VmmError::io("writing", &manifest_path, e))?;
-        for f in [snapshot::STATE, snapshot::MEMORY, snapshot::MANIFEST]
-            .into_iter()
-            .map(str::to_string)
-            .chain(manifest.disks.iter().map(|d| d.info.file.clone()))
-        {
-            snapshot::make_read_only(&staging.join(f))?;
-        }
-        Ok(manifest)
+        // Moving, hashing (BLAKE3 over the memory file) and hole-digging run off the async
+        // runtime: a build's snapshot must not stall other requests.
+        let (spec, staging, mem) = (self.spec.clone(), staging.to_owned(), mem.to_owned());
+        let qemu_version = self.qemu.version.clone();
+        crate::blocking(move || write_image_snapshot(&spec, &staging, &mem, qemu_version)).await
     }
+}
+
+/// Moves the memory file and disks of a snapshotted (ended) VM into `staging` and writes the
+/// image manifest beside them; every file is made read-only.
+fn write_image_snapshot(
+    spec: &VmSpec,
+    staging: &Path,
+    mem: &Path,
+    qemu_version: String,
+) -> Result<SnapshotManifest, VmmError> {
+    let mem_file = staging.join(snapshot::MEMORY);
+    snapshot::move_file(mem, &mem_file)?;
+    snapshot::dig_holes(&mem_file);
+    let mut disks = Vec::new();
+    for (i, d) in spec.disks.iter().enumerate() {
+        let name = snapshot::disk_file_name(i, d.format);
+        snapshot::move_file(&d.path, &staging.join(&name))?;
+        disks.push(SnapshotDisk {
+            info: snapshot::file_info(staging, &name)?,
+            format: d.format,
+        });
+    }
+    let manifest = SnapshotManifest {
+        format: SNAPSHOT_FORMAT,
+        backend: snapshot::QEMU_BACKEND.to_string(),
+        kind: snapshot::SnapshotKind::Image,
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        qemu_version,
+        accel: spec.accel,
+        cpu: cmdline::cpu_model(spec.accel).to_string(),
+        machine: cmdline::machine_signature(spec),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        tsc_khz: spec.tsc_khz,
+        kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
+        initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
+        cmdline_extra: spec.cmdline_extra.clone(),
+        network: spec.network.is_some(),
+        state: snapshot::file_info(staging, snapshot::STATE)?,
+        memory: snapshot::file_info(staging, snapshot::MEMORY)?,
+        disks,
+    };
+    let manifest_path = staging.join(snapshot::MANIFEST);
+    let text =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
+    std::fs::write(&manifest_path, text).map_err(|e| VmmError::io("writing", &manifest_path, e))?;
+    for f in [snapshot::STATE, snapshot::MEMORY, snapshot::MANIFEST]
+        .into_iter()
+        .map(str::to_string)
+        .chain(manifest.disks.iter().map(|d| d.info.file.clone()))
+    {
+        snapshot::make_read_only(&staging.join(f))?;
+    }
+    Ok(manifest)
 }
 
 /// Resolves when the QEMU process exits, with an error describing what it said.

@@ -228,62 +228,23 @@ impl QemuVm {
             timeline.mark("copied", t0);
         }
 
-        let mut disks = Vec::with_capacity(self.spec.disks.len());
-        for (i, d) in self.spec.disks.iter().enumerate() {
-            let name = snapshot::disk_file_name(i, d.format);
-            link_or_copy(&d.path, &staging.join(&name))?;
-            disks.push(SnapshotDisk {
-                info: snapshot::sized_file_info(staging, &name)?,
-                format: d.format,
-            });
-        }
-        let spec = &self.spec;
-        let manifest = SnapshotManifest {
-            format: SNAPSHOT_FORMAT,
-            backend: QEMU_BACKEND.to_string(),
-            kind: SnapshotKind::Session,
-            created_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            qemu_version: self.qemu.version.clone(),
-            accel: spec.accel,
-            cpu: cmdline::cpu_model(spec.accel).to_string(),
-            machine: cmdline::machine_signature(spec),
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            tsc_khz: spec.tsc_khz,
-            kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
-            initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
-            cmdline_extra: spec.cmdline_extra.clone(),
-            network: spec.network.is_some(),
-            state: snapshot::file_info(staging, snapshot::STATE)?,
-            memory: snapshot::sized_file_info(staging, snapshot::MEMORY)?,
-            disks,
-        };
-        let manifest_path = staging.join(snapshot::MANIFEST);
-        let text = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
-        std::fs::write(&manifest_path, text)
-            .map_err(|e| VmmError::io("writing", &manifest_path, e))?;
-        // The source QEMU is about to end and take the only other copy of the guest's memory
-        // with it: the session must survive a host crash from here on. Flushing the memory
-        // file writes the pages the receiver filled (never the zero ones: they stay holes).
-        let staged = [snapshot::MEMORY, snapshot::STATE, snapshot::MANIFEST]
-            .into_iter()
-            .map(str::to_string)
-            .chain(manifest.disks.iter().map(|d| d.info.file.clone()));
-        for file in staged {
-            sync_path(&staging.join(file))?;
-        }
-        sync_path(staging)?;
-        timeline.mark("flushed", t0);
-        std::fs::rename(staging, dest).map_err(|e| VmmError::io("publishing", dest, e))?;
-        if let Some(parent) = dest.parent() {
-            if let Err(e) = sync_path(parent) {
-                tracing::warn!(error = %e, "cannot sync the suspended VM's parent directory");
+        // Links, the manifest and the fsyncs run off the async runtime (flushing the memory
+        // file writes every page the guest used).
+        let (spec, staged, published) = (self.spec.clone(), staging.to_owned(), dest.to_owned());
+        let qemu_version = self.qemu.version.clone();
+        let manifest = crate::blocking(move || {
+            let manifest = write_session(&spec, &staged, qemu_version)?;
+            std::fs::rename(&staged, &published)
+                .map_err(|e| VmmError::io("publishing", &published, e))?;
+            if let Some(parent) = published.parent() {
+                if let Err(e) = sync_path(parent) {
+                    tracing::warn!(error = %e, "cannot sync the suspended VM's parent directory");
+                }
             }
-        }
+            Ok::<_, VmmError>(manifest)
+        })
+        .await?;
+        timeline.mark("flushed", t0);
         timeline.mark("published", t0);
         crate::crash_point("suspend-published");
         Ok(manifest)
@@ -467,6 +428,63 @@ pub(crate) fn copy_nonzero_pages(from: &Path, to: &Path) -> std::io::Result<u64>
         at += n as u64;
     }
     Ok(written)
+}
+
+/// Links the (ended) source VM's disks into `staging`, writes the session manifest and
+/// flushes everything to stable storage: the source QEMU is about to end and take the only
+/// other copy of the guest's memory with it, so the session must survive a host crash from
+/// here on. Flushing the memory file writes the pages it holds (never the zero ones: they
+/// stay holes).
+fn write_session(
+    spec: &VmSpec,
+    staging: &Path,
+    qemu_version: String,
+) -> Result<SnapshotManifest, VmmError> {
+    let mut disks = Vec::with_capacity(spec.disks.len());
+    for (i, d) in spec.disks.iter().enumerate() {
+        let name = snapshot::disk_file_name(i, d.format);
+        link_or_copy(&d.path, &staging.join(&name))?;
+        disks.push(SnapshotDisk {
+            info: snapshot::sized_file_info(staging, &name)?,
+            format: d.format,
+        });
+    }
+    let manifest = SnapshotManifest {
+        format: SNAPSHOT_FORMAT,
+        backend: QEMU_BACKEND.to_string(),
+        kind: SnapshotKind::Session,
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        qemu_version,
+        accel: spec.accel,
+        cpu: cmdline::cpu_model(spec.accel).to_string(),
+        machine: cmdline::machine_signature(spec),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        tsc_khz: spec.tsc_khz,
+        kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
+        initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
+        cmdline_extra: spec.cmdline_extra.clone(),
+        network: spec.network.is_some(),
+        state: snapshot::file_info(staging, snapshot::STATE)?,
+        memory: snapshot::sized_file_info(staging, snapshot::MEMORY)?,
+        disks,
+    };
+    let manifest_path = staging.join(snapshot::MANIFEST);
+    let text =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
+    std::fs::write(&manifest_path, text).map_err(|e| VmmError::io("writing", &manifest_path, e))?;
+    let staged = [snapshot::MEMORY, snapshot::STATE, snapshot::MANIFEST]
+        .into_iter()
+        .map(str::to_string)
+        .chain(manifest.disks.iter().map(|d| d.info.file.clone()));
+    for file in staged {
+        sync_path(&staging.join(file))?;
+    }
+    sync_path(staging)?;
+    Ok(manifest)
 }
 
 fn receiver_log(rx_dir: &Path) -> PathBuf {
