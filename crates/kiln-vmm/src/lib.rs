@@ -19,6 +19,7 @@ pub mod home;
 pub mod host;
 pub mod host_tools;
 pub mod jail;
+pub mod ksm;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;

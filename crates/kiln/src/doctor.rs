@@ -194,6 +194,20 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
         "run kiln and kilnd as root, and leave KILN_JAIL unset",
     );
     checks.push(c);
+    let (c, _) = check(
+        "ksm",
+        false,
+        kiln_vmm::ksm::stats().ok_or_else(|| "this kernel has no KSM".to_string()),
+        |k| match k.running {
+            true => format!(
+                "on: {} pages merged into {} (kilnd --ksm)",
+                k.pages_sharing, k.pages_shared
+            ),
+            false => "off (kilnd --ksm turns it on to merge identical guest pages)".to_string(),
+        },
+        "optional: a kernel with CONFIG_KSM lets kilnd --ksm merge identical guest pages",
+    );
+    checks.push(c);
     let open = kiln_vmm::home::open_dirs(home);
     checks.push(Check {
         name: "data directory",

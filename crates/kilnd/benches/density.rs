@@ -7,8 +7,9 @@
 //!
 //! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench density`
 //! (`KILN_BENCH_DENSITY_MAX=N`, default 100; `KILN_BENCH_OVERCOMMIT=R` starts kilnd with
-//! `--memory-overcommit R`, default 4). It shares the test home's guest kernel and busybox
-//! base (`target/kiln-test-home`, or `KILN_HOME`).
+//! `--memory-overcommit R`, default 4; `KILN_BENCH_KSM=1` starts it with `--ksm` and waits
+//! for two full KSM scans before measuring). It shares the test home's guest kernel and
+//! busybox base (`target/kiln-test-home`, or `KILN_HOME`).
 
 mod support;
 
@@ -28,26 +29,32 @@ const CPU_WINDOW: Duration = Duration::from_secs(10);
 fn main() -> anyhow::Result<()> {
     let max: usize = env_or("KILN_BENCH_DENSITY_MAX", 100);
     let overcommit: f64 = env_or("KILN_BENCH_OVERCOMMIT", 4.0);
+    let ksm: u8 = env_or("KILN_BENCH_KSM", 0);
     anyhow::ensure!(max > 0, "KILN_BENCH_DENSITY_MAX must be at least 1");
     let most = (max + 1).to_string();
-    let kilnd = Kilnd::start(&[
+    let (ratio, quota_memory) = (overcommit.to_string(), (1u64 << 30).to_string());
+    let mut args = vec![
         "--max-microvms",
         &most,
         "--memory-overcommit",
-        &overcommit.to_string(),
+        &ratio,
         // One principal launches them all: its quotas must not be what stops the count.
         "--quota-microvms",
         &most,
         "--quota-memory-mib",
-        &(1u64 << 30).to_string(),
+        &quota_memory,
         "--warm-pool",
         "0",
-    ])?;
+    ];
+    if ksm == 1 {
+        args.push("--ksm");
+    }
+    let kilnd = Kilnd::start(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = runtime.block_on(bench(&kilnd, max, overcommit));
+    let result = runtime.block_on(bench(&kilnd, max, overcommit, ksm == 1));
     drop(runtime);
     if result.is_err() {
         eprintln!("kilnd's log: {}", kilnd.log_tail());
@@ -116,7 +123,15 @@ async fn settled(home: &str) -> (Memory, f64, u64) {
     (after, cpu, mem_available_kib())
 }
 
-async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64) -> anyhow::Result<()> {
+/// A KSM counter of `/sys/kernel/mm/ksm`.
+fn ksm(name: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64, with_ksm: bool) -> anyhow::Result<()> {
     let api = Api::new(&kilnd.url, &kilnd.home.path().join("credentials"))?;
     let home = kilnd.home.path().display().to_string();
     let scratch = tempfile::Builder::new()
@@ -166,6 +181,14 @@ async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64) -> anyhow::Result<()>
         }
     }
     let (one, one_cpu, one_available) = alone.context("no MicroVM launched")?;
+    if with_ksm {
+        // Merging needs the scanner to pass over every VM's pages; two full scans see them all.
+        let start = ksm("full_scans");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while ksm("full_scans") < start + 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
     let (all, all_cpu, all_available) = settled(&home).await;
     for id in &ids {
         let _ = api
@@ -210,6 +233,13 @@ async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64) -> anyhow::Result<()>
         all_cpu / all.processes.max(1) as f64
     );
     println!("RunMicrovm → returned, median over {n}: {median:.0} ms");
+    if with_ksm {
+        println!(
+            "KSM (kilnd --ksm): {:.1} MiB deduplicated into {:.1} MiB of merged pages",
+            ksm("pages_sharing") as f64 * 4.0 / 1024.0,
+            ksm("pages_shared") as f64 * 4.0 / 1024.0
+        );
+    }
     let gib_per_vm = per(all.pss_kib, all.processes) / 1024.0;
     println!(
         "idle MicroVMs per GiB (by Pss)  {:.1}   → on a 24 GiB host, memory for ~{:.0} idle sessions",
@@ -218,7 +248,8 @@ async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64) -> anyhow::Result<()>
     );
     println!(
         "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_DENSITY_MAX={max} \
-         KILN_BENCH_OVERCOMMIT={overcommit} cargo bench -p kilnd --bench density"
+         KILN_BENCH_OVERCOMMIT={overcommit} KILN_BENCH_KSM={} cargo bench -p kilnd --bench density",
+        u8::from(with_ksm)
     );
     Ok(())
 }

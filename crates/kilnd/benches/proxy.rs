@@ -3,6 +3,10 @@
 //! against nginx as a TLS reverse proxy to the same app (same certificate, keep-alive
 //! upstream, one worker per core) — the baseline a proxy should match.
 //!
+//! kiln's proxy is measured twice: inside the bench process, and as a process of its own (this
+//! bench re-executed, serving kilnd's `endpoint::proxy` with kilnd's runtime: a worker per
+//! core), which is how kilnd runs it and how nginx runs — the fair comparison.
+//!
 //! Run: `cargo bench -p kilnd --bench proxy` (`KILN_BENCH_CLIENTS`, `KILN_BENCH_SECONDS`
 //! change the load; `make bench` installs nginx). Clients, proxies and app share the
 //! machine's cores, so the figures are for comparing, not absolute capacity.
@@ -71,8 +75,93 @@ enum Path {
     Proxy(SocketAddr, TlsConnector, String),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Set in the environment of the re-executed bench that serves the proxy on its own.
+const CHILD: &str = "KILN_BENCH_PROXY_CHILD";
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match std::env::var(CHILD) {
+        Ok(spec) => runtime.block_on(serve_proxy_child(&spec)),
+        Err(_) => runtime.block_on(bench()),
+    }
+}
+
+/// The proxy as its own process: `spec` is `<home>|<app addr>|host` or `<home>||netns` (an
+/// app of its own in a new namespace). Prints the address it listens on, then serves.
+async fn serve_proxy_child(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.split('|');
+    let (home, app, place) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let home = std::path::Path::new(home);
+    let upstream = match place {
+        "netns" => app_in_namespace()?,
+        _ => Upstream::host(app.parse().context("the app's address")?),
+    };
+    let keys = Arc::new(TokenKeys::load_or_create(home)?);
+    let tls = kilnd::endpoint::tls::load_or_create(home, DOMAIN)?;
+    let state = Arc::new(ProxyState::new(
+        DOMAIN,
+        keys,
+        Arc::new(OneApp(upstream)),
+        ActivityTable::new(),
+        ProxyLimits {
+            requests_per_second: 0,
+            ..ProxyLimits::default()
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    proxy::serve(listener, tls.server_config.clone(), state)
+        .await
+        .context("serving the proxy")?;
+    Ok(())
+}
+
+/// The proxy in a process of its own; killed when dropped.
+struct ProxyProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    fn start(home: &std::path::Path, app: Option<SocketAddr>) -> anyhow::Result<ProxyProcess> {
+        use std::io::BufRead;
+        let spec = match app {
+            Some(app) => format!("{}|{app}|host", home.display()),
+            None => format!("{}||netns", home.display()),
+        };
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .env(CHILD, spec)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the proxy process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("the proxy process's stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = match line.trim().parse() {
+            Ok(addr) => addr,
+            Err(e) => {
+                let _ = child.kill();
+                anyhow::bail!("the proxy process said {line:?} instead of its address: {e}");
+            }
+        };
+        Ok(ProxyProcess { child, addr })
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn bench() -> anyhow::Result<()> {
     let clients: usize = env_or("KILN_BENCH_CLIENTS", 16);
     let seconds: u64 = env_or("KILN_BENCH_SECONDS", 3);
     let run = Duration::from_secs(seconds);
@@ -107,33 +196,27 @@ async fn main() -> anyhow::Result<()> {
     println!("endpoint proxy: {clients} keep-alive HTTP/1.1 clients, {seconds} s per path, GET with a 5-byte answer");
     let direct = measure(Path::Direct(app), clients, run).await?;
     print_figures("direct", &direct);
-    let proxied = measure(
+    let in_process = measure(
         Path::Proxy(proxy_addr, connector.clone(), token.clone()),
         clients,
         run,
     )
     .await?;
-    print_figures("proxy (TLS)", &proxied);
-    // The same proxy path to an app in its own namespace (how a VM's forward is reached).
-    let ns_state = Arc::new(ProxyState::new(
-        DOMAIN,
-        keys.clone(),
-        Arc::new(OneApp(app_in_namespace()?)),
-        ActivityTable::new(),
-        ProxyLimits {
-            requests_per_second: 0,
-            ..ProxyLimits::default()
-        },
-    ));
-    let ns_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let ns_proxy = ns_listener.local_addr()?;
-    tokio::spawn(proxy::serve(
-        ns_listener,
-        tls.server_config.clone(),
-        ns_state,
-    ));
-    let namespaced = measure(Path::Proxy(ns_proxy, connector, token), clients, run).await?;
-    print_figures("proxy→netns", &namespaced);
+    print_figures("proxy, in the bench process (TLS)", &in_process);
+    let own = ProxyProcess::start(home.path(), Some(app))?;
+    let proxied = measure(
+        Path::Proxy(own.addr, connector.clone(), token.clone()),
+        clients,
+        run,
+    )
+    .await?;
+    drop(own);
+    print_figures("proxy, own process (TLS)", &proxied);
+    // The same path to an app in its own namespace (how a VM's forward is reached).
+    let own_ns = ProxyProcess::start(home.path(), None)?;
+    let namespaced = measure(Path::Proxy(own_ns.addr, connector, token), clients, run).await?;
+    drop(own_ns);
+    print_figures("proxy, own process → netns", &namespaced);
     let nginx = match Nginx::start(home.path(), app) {
         Ok(nginx) => {
             let figures = measure(
@@ -146,22 +229,23 @@ async fn main() -> anyhow::Result<()> {
             Some(figures?)
         }
         Err(e) => {
-            println!("nginx         not measured: {e:#}");
+            println!("nginx (TLS)                          not measured: {e:#}");
             None
         }
     };
     if let Some(n) = &nginx {
-        print_figures("nginx (TLS)", n);
+        print_figures("nginx, own processes (TLS)", n);
     }
     println!(
-        "ratio         {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency (proxy / direct)",
+        "ratio {:.2}x the throughput, p50 {:.1}x, p99 {:.1}x the latency (proxy / direct)",
         proxied.requests_per_second / direct.requests_per_second,
         proxied.p50.as_secs_f64() / direct.p50.as_secs_f64(),
         proxied.p99.as_secs_f64() / direct.p99.as_secs_f64(),
     );
     if let Some(n) = &nginx {
         println!(
-            "kiln proxy / nginx throughput  {:.2}x   p99 {:.3} ms (kiln) vs {:.3} ms (nginx)",
+            "kiln proxy / nginx throughput  {:.2}x   p99 {:.3} ms (kiln) vs {:.3} ms (nginx)   \
+             (both in processes of their own)",
             proxied.requests_per_second / n.requests_per_second,
             proxied.p99.as_secs_f64() * 1e3,
             n.p99.as_secs_f64() * 1e3,
@@ -180,7 +264,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn print_figures(name: &str, f: &Figures) {
     println!(
-        "{name:<13} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
+        "{name:<36} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
         f.requests_per_second,
         f.p50.as_secs_f64() * 1e3,
         f.p99.as_secs_f64() * 1e3,

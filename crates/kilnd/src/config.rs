@@ -88,6 +88,12 @@ pub struct Config {
     /// in the last minute, at least `--warm-pool`).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub warm_pool_max: usize,
+    /// Turn the kernel's same-page merging (KSM) on at start: identical guest pages of
+    /// different MicroVMs become one copy-on-write page (more idle sessions per GiB, some host
+    /// CPU for scanning). Host-wide, and merged pages are a timing side channel between the
+    /// VMs sharing them: leave it off where tenants distrust each other.
+    #[arg(long)]
+    pub ksm: bool,
     /// Smallest `idlePolicy.maxIdleDurationSeconds` accepted (AWS: 60). Lower only for tests.
     #[arg(long, default_value_t = 60)]
     pub min_idle_seconds: i32,

@@ -95,6 +95,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.account
             )
         })?;
+    if config.ksm {
+        kiln_vmm::ksm::enable().context("--ksm")?;
+        tracing::warn!(
+            "KSM is on (--ksm): identical guest pages are merged across MicroVMs, a timing \
+             side channel between the VMs that share them"
+        );
+    }
     let access_keys = Arc::new(AccessKeys::new(store.clone()));
     let metrics = Arc::new(Metrics::new(store.clone()));
     let audit = Arc::new(AuditLog::new(store.clone()));
