@@ -15,6 +15,7 @@
 //! [`TokenKeys::verify`] checks the framing, header and key itself first: whatever josekit
 //! rejects after that is a token that failed its integrity check.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -283,7 +284,16 @@ pub struct TokenKeys {
     keys: RwLock<Vec<TokenKey>>,
     /// Checks a token's minting access key; without it, any key is taken as active.
     minters: Option<Arc<dyn Minters>>,
+    /// Tokens already decrypted and found whole: the BLAKE3 of the token's text → the `kid`
+    /// it was sealed under and its claims. The endpoint sees the same token on every request
+    /// of a session, and decrypting it (josekit over OpenSSL) cost more than the rest of the
+    /// proxy's work; expiry, revocation and the key still being held are checked on every
+    /// use. Only tokens that passed every check get in, and at most [`VERIFIED_CACHE`].
+    verified: RwLock<HashMap<[u8; 32], (String, TokenClaims)>>,
 }
+
+/// How many decrypted tokens [`TokenKeys`] remembers; it forgets them all when full.
+const VERIFIED_CACHE: usize = 4096;
 
 impl fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -323,6 +333,7 @@ impl TokenKeys {
             path,
             keys: RwLock::new(keys),
             minters: None,
+            verified: RwLock::new(HashMap::new()),
         })
     }
 
@@ -407,6 +418,18 @@ impl TokenKeys {
     /// Decrypts and checks `token` as of `now_unix`: framing, algorithm, key, integrity and
     /// expiry. What the token permits is [`TokenClaims::permits`]'s job.
     pub fn verify(&self, token: &str, now_unix: i64) -> Result<TokenClaims, TokenError> {
+        let digest = *blake3::hash(token.as_bytes()).as_bytes();
+        let known = self
+            .verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned();
+        if let Some((kid, claims)) = known {
+            if self.read().iter().any(|k| k.kid == kid) {
+                return self.still_valid(claims, now_unix);
+            }
+        }
         let kid = check_framing(token)?;
         let decrypter = {
             let keys = self.read();
@@ -422,6 +445,17 @@ impl TokenKeys {
             josekit::jwe::deserialize_compact(token, &decrypter).map_err(|_| TokenError::Forged)?;
         let claims: TokenClaims = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("claims are not kiln's"))?;
+        let claims = self.still_valid(claims, now_unix)?;
+        let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CACHE {
+            verified.clear();
+        }
+        verified.insert(digest, (kid, claims.clone()));
+        Ok(claims)
+    }
+
+    /// `claims` unless they expired by `now_unix` or their minting access key was revoked.
+    fn still_valid(&self, claims: TokenClaims, now_unix: i64) -> Result<TokenClaims, TokenError> {
         if claims.exp <= now_unix {
             return Err(TokenError::Expired { exp: claims.exp });
         }
@@ -828,6 +862,42 @@ mod tests {
             matches!(result, Err(TokenError::Expired { exp }) if exp == NOW + 600),
             "{result:?}"
         );
+    }
+
+    /// Revokes whatever it is told to, when it is told to.
+    struct RevokeLater(std::sync::Mutex<Option<&'static str>>);
+
+    impl Minters for RevokeLater {
+        fn is_active(&self, access_key_id: &str) -> bool {
+            *self.0.lock().expect("lock") != Some(access_key_id)
+        }
+    }
+
+    #[test]
+    fn verify_when_a_remembered_token_expires_or_its_key_is_revoked_then_refused() {
+        let home = tempfile::tempdir().expect("temp dir");
+        let minters = Arc::new(RevokeLater(std::sync::Mutex::new(None)));
+        let keys = TokenKeys::load_or_create(home.path())
+            .expect("keys")
+            .with_minters(minters.clone());
+        let token = keys
+            .issue(&proxy_claims().minted_by("AKIABOB"))
+            .expect("issue");
+
+        let first = keys.verify(&token, NOW);
+        let again = keys.verify(&token, NOW + 1);
+        let expired = keys.verify(&token, NOW + 600);
+        *minters.0.lock().expect("lock") = Some("AKIABOB");
+        let revoked = keys.verify(&token, NOW + 2);
+        let forged = keys.verify(&flip_bit(&token, 3), NOW + 2);
+
+        assert!(first.is_ok() && again.is_ok(), "{first:?} {again:?}");
+        assert!(
+            matches!(expired, Err(TokenError::Expired { .. })),
+            "{expired:?}"
+        );
+        assert!(matches!(revoked, Err(TokenError::Revoked)), "{revoked:?}");
+        assert!(matches!(forged, Err(TokenError::Forged)), "{forged:?}");
     }
 
     #[test]
