@@ -214,8 +214,14 @@ pub(crate) fn route_refusal(microvm_id: &str, e: RouteError) -> Reject {
 }
 
 async fn route(state: &ProxyState, target: &Target) -> Result<Upstream, Reject> {
-    let lookup = state.routes.upstream(&target.microvm_id, target.port);
-    match tokio::time::timeout(state.limits.route_timeout, lookup).await {
+    let mut lookup = state.routes.upstream(&target.microvm_id, target.port);
+    // A running MicroVM's route is known at once: no timer for it (one per request showed in
+    // the proxy's profile). Only a lookup that waits (a resume) gets the deadline.
+    let found = match futures_util::FutureExt::now_or_never(&mut lookup) {
+        Some(found) => Ok(found),
+        None => tokio::time::timeout(state.limits.route_timeout, lookup).await,
+    };
+    match found {
         Ok(Ok(upstream)) => {
             state.book.note(&target.microvm_id, &upstream);
             Ok(upstream)

@@ -68,7 +68,17 @@ impl UpstreamBook {
     pub(crate) fn note(&self, microvm_id: &str, upstream: &Upstream) {
         if upstream.netns.is_some() {
             let mut book = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            book.insert(microvm_id.to_string(), upstream.clone());
+            // Every request notes its route: keep the entry when it is the same one.
+            let same = book.get(microvm_id).is_some_and(|known| {
+                known.addr == upstream.addr
+                    && match (&known.netns, &upstream.netns) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+            });
+            if !same {
+                book.insert(microvm_id.to_string(), upstream.clone());
+            }
         }
     }
 
