@@ -208,12 +208,18 @@ fn report(name: &str, f: &Figures) {
         "ms",
         &f.suspend,
     );
+    stats(
+        "  of which receiver started (guest running)",
+        "ms",
+        &f.receiver,
+    );
     stats("  of which migration (stop → received)", "ms", &f.saved);
     stats(
         "  of which device state saved by receiver",
         "ms",
         &f.converted,
     );
+    stats("  of which non-zero pages written to disk", "ms", &f.copied);
     stats("  of which fsync of memory, disks, state", "ms", &f.flushed);
     stats("memory file, apparent", "MiB", &f.memory_apparent);
     stats("memory file, on disk", "MiB", &f.memory_allocated);
