@@ -626,15 +626,9 @@ impl QemuVm {
         agent_timeout: Duration,
     ) -> Result<(), VmmError> {
         let file = std::fs::File::open(stream).map_err(|e| VmmError::io("opening", stream, e))?;
-        self.pass_migration_fd(&file, loading).await?;
+        self.migrate_through("migrate-incoming", &file, loading)
+            .await?;
         drop(file);
-        self.qmp
-            .execute(
-                "migrate-incoming",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(VmmError::qmp(loading))?;
         let status = self.wait_while_status("inmigrate", loading).await?;
         if status != "paused" {
             return Err(VmmError::Migration {
@@ -1002,16 +996,9 @@ impl QemuVm {
         self.ignore_shared_memory().await?;
         let state_path = staging.join(snapshot::STATE);
         let state = create_stream_file(&state_path)?;
-        self.pass_migration_fd(&state, "saving the device state")
+        self.migrate_through("migrate", &state, "saving the device state")
             .await?;
         drop(state);
-        self.qmp
-            .execute(
-                "migrate",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(VmmError::qmp("saving the device state"))?;
         loop {
             let st = self
                 .qmp
@@ -1057,6 +1044,41 @@ impl QemuVm {
     }
 }
 
+/// The manifest of a snapshot of the VM `spec` describes, written into `staging` (or a
+/// sibling of it: file references are relative), whose device state is there already.
+fn manifest_for(
+    spec: &VmSpec,
+    staging: &Path,
+    kind: snapshot::SnapshotKind,
+    qemu_version: String,
+    memory: snapshot::FileInfo,
+    disks: Vec<SnapshotDisk>,
+) -> Result<SnapshotManifest, VmmError> {
+    Ok(SnapshotManifest {
+        format: SNAPSHOT_FORMAT,
+        backend: snapshot::QEMU_BACKEND.to_string(),
+        kind,
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        qemu_version,
+        accel: spec.accel,
+        cpu: cmdline::cpu_model(spec.accel).to_string(),
+        machine: cmdline::machine_signature(spec),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        tsc_khz: spec.tsc_khz,
+        kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
+        initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
+        cmdline_extra: spec.cmdline_extra.clone(),
+        network: spec.network.is_some(),
+        state: snapshot::file_info(staging, snapshot::STATE)?,
+        memory,
+        disks,
+    })
+}
+
 /// Moves the memory file and disks of a snapshotted (ended) VM into `staging` and writes the
 /// image manifest beside them; every file is made read-only.
 fn write_image_snapshot(
@@ -1077,29 +1099,14 @@ fn write_image_snapshot(
             format: d.format,
         });
     }
-    let manifest = SnapshotManifest {
-        format: SNAPSHOT_FORMAT,
-        backend: snapshot::QEMU_BACKEND.to_string(),
-        kind: snapshot::SnapshotKind::Image,
-        created_unix: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+    let manifest = manifest_for(
+        spec,
+        staging,
+        snapshot::SnapshotKind::Image,
         qemu_version,
-        accel: spec.accel,
-        cpu: cmdline::cpu_model(spec.accel).to_string(),
-        machine: cmdline::machine_signature(spec),
-        memory_mib: spec.memory_mib,
-        vcpus: spec.vcpus,
-        tsc_khz: spec.tsc_khz,
-        kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
-        initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
-        cmdline_extra: spec.cmdline_extra.clone(),
-        network: spec.network.is_some(),
-        state: snapshot::file_info(staging, snapshot::STATE)?,
-        memory: snapshot::file_info(staging, snapshot::MEMORY)?,
+        snapshot::file_info(staging, snapshot::MEMORY)?,
         disks,
-    };
+    )?;
     let manifest_path = staging.join(snapshot::MANIFEST);
     let text =
         serde_json::to_vec_pretty(&manifest).map_err(|e| VmmError::InvalidSpec(e.to_string()))?;

@@ -9,17 +9,15 @@
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::{
-    cmdline, create_runtime_dir, create_stream_file, link_or_copy, log_since, remove_dir,
+    create_runtime_dir, create_stream_file, link_or_copy, log_since, manifest_for, remove_dir,
     settle_migration, sync_path, QemuVm, QemuVmm, CARRIED_APP_LOG, MIGRATION_FD, SUSPEND_BANDWIDTH,
 };
-use crate::snapshot::{
-    self, SnapshotDisk, SnapshotKind, SnapshotManifest, QEMU_BACKEND, SNAPSHOT_FORMAT,
-};
+use crate::snapshot::{self, SnapshotDisk, SnapshotKind, SnapshotManifest};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
 use crate::suspend::{self, SuspendError, SuspendedVm};
 use crate::{Timeline, VmmError};
@@ -161,25 +159,15 @@ impl QemuVm {
         let (out, inc) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| VmmError::io("creating a socket pair for", dest, e))?;
         receiver
-            .pass_migration_fd(&inc, "handing the receiver its stream")
-            .await?;
-        receiver
-            .qmp
-            .execute(
+            .migrate_through(
                 "migrate-incoming",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+                &inc,
+                "starting the receiver's migration",
             )
-            .await
-            .map_err(VmmError::qmp("starting the receiver's migration"))?;
-        self.pass_migration_fd(&out, "saving the VM").await?;
+            .await?;
+        self.migrate_through("migrate", &out, "saving the VM")
+            .await?;
         drop((out, inc));
-        self.qmp
-            .execute(
-                "migrate",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(VmmError::qmp("saving the VM"))?;
         let sent = self.wait_migration(dest, log_mark).await;
         let received = receiver
             .wait_while_status("inmigrate", "receiving the suspended VM")
@@ -301,17 +289,10 @@ impl QemuVm {
     async fn save_device_state(&mut self, path: &Path, dest: &Path) -> Result<(), VmmError> {
         self.ignore_shared_memory().await?;
         let file = create_stream_file(path)?;
-        self.pass_migration_fd(&file, "saving the device state")
+        let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
+        self.migrate_through("migrate", &file, "saving the device state")
             .await?;
         drop(file);
-        let log_mark = std::fs::metadata(self.spec.qemu_log()).map_or(0, |m| m.len());
-        self.qmp
-            .execute(
-                "migrate",
-                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
-            )
-            .await
-            .map_err(VmmError::qmp("saving the device state"))?;
         self.wait_migration(dest, log_mark).await
     }
 
@@ -356,6 +337,25 @@ impl QemuVm {
         };
         self.abort().await;
         SuspendError { error, vm: None }
+    }
+
+    /// Starts a migration (`command`: `migrate` or `migrate-incoming`) through `fd`, which
+    /// QEMU gets first (see [`QemuVm::pass_migration_fd`]).
+    pub(super) async fn migrate_through(
+        &self,
+        command: &str,
+        fd: &impl AsFd,
+        doing: &str,
+    ) -> Result<(), VmmError> {
+        self.pass_migration_fd(fd, doing).await?;
+        self.qmp
+            .execute(
+                command,
+                Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+            )
+            .await
+            .map(drop)
+            .map_err(VmmError::qmp(doing))
     }
 
     /// Gives QEMU the migration stream's descriptor: kilnd opens the file (or socket), QEMU
@@ -449,29 +449,14 @@ fn write_session(
             format: d.format,
         });
     }
-    let manifest = SnapshotManifest {
-        format: SNAPSHOT_FORMAT,
-        backend: QEMU_BACKEND.to_string(),
-        kind: SnapshotKind::Session,
-        created_unix: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+    let manifest = manifest_for(
+        spec,
+        staging,
+        SnapshotKind::Session,
         qemu_version,
-        accel: spec.accel,
-        cpu: cmdline::cpu_model(spec.accel).to_string(),
-        machine: cmdline::machine_signature(spec),
-        memory_mib: spec.memory_mib,
-        vcpus: spec.vcpus,
-        tsc_khz: spec.tsc_khz,
-        kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
-        initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,
-        cmdline_extra: spec.cmdline_extra.clone(),
-        network: spec.network.is_some(),
-        state: snapshot::file_info(staging, snapshot::STATE)?,
-        memory: snapshot::sized_file_info(staging, snapshot::MEMORY)?,
+        snapshot::sized_file_info(staging, snapshot::MEMORY)?,
         disks,
-    };
+    )?;
     let manifest_path = staging.join(snapshot::MANIFEST);
     let text =
         serde_json::to_vec_pretty(&manifest).map_err(|e| VmmError::InvalidSpec(e.to_string()))?;
