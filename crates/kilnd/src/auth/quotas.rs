@@ -350,24 +350,39 @@ impl Quotas {
 
     /// Admits a new image (and its first build) for `principal`; hold the answer until
     /// the image is recorded.
-    pub fn admit_image(&self, principal: &str, name: &str) -> Result<Admission<'_>, ApiError> {
+    /// `stored` is [`Quotas::stored_bytes`] of `principal`, read before (off the async
+    /// runtime: it walks directories).
+    pub fn admit_image(
+        &self,
+        principal: &str,
+        name: &str,
+        stored: u64,
+    ) -> Result<Admission<'_>, ApiError> {
         let admission = self.admission();
         let limits = self.limits(principal);
         let counts = self.store.owner_counts(principal).map_err(internal)?;
         let resource = ("MicrovmImage", name);
         fits(Quota::Images, counts.images, 1, limits.images, resource)?;
-        self.admit_build(principal, &limits, counts.building, resource)?;
+        self.admit_build(&limits, counts.building, stored, resource)?;
         Ok(admission)
+    }
+
+    /// [`Quotas::stored_bytes`] on the blocking pool.
+    pub async fn stored_bytes_of(self: &Arc<Self>, principal: &str) -> Result<u64, ApiError> {
+        let (quotas, principal) = (self.clone(), principal.to_string());
+        kiln_vmm::blocking(move || quotas.stored_bytes(&principal)).await
     }
 
     /// Admits a new version (and its build) of `image` for `principal`; hold the answer
     /// until the version is recorded.
     /// `key` is the image's store key, `name` what its owner calls it.
+    /// `stored` as for [`Quotas::admit_image`].
     pub fn admit_version(
         &self,
         principal: &str,
         key: &str,
         name: &str,
+        stored: u64,
     ) -> Result<Admission<'_>, ApiError> {
         let admission = self.admission();
         let limits = self.limits(principal);
@@ -381,15 +396,15 @@ impl Quotas {
             limits.versions_per_image,
             resource,
         )?;
-        self.admit_build(principal, &limits, counts.building, resource)?;
+        self.admit_build(&limits, counts.building, stored, resource)?;
         Ok(admission)
     }
 
     fn admit_build(
         &self,
-        principal: &str,
         limits: &Limits,
         building: u64,
+        stored: u64,
         resource: (&str, &str),
     ) -> Result<(), ApiError> {
         fits(
@@ -400,7 +415,6 @@ impl Quotas {
             resource,
         )?;
         // A build adds bytes of a size unknown yet: it starts while any room is left.
-        let stored = self.stored_bytes(principal)?;
         if stored >= limits.stored_bytes {
             return fits(Quota::StoredBytes, stored, 1, limits.stored_bytes, resource);
         }

@@ -49,9 +49,9 @@ impl Images {
     /// sees all) and the managed ones.
     pub async fn handle(&self, caller: &Caller, request: Request) -> Result<Value, ApiError> {
         match request {
-            Request::CreateMicrovmImage { body } => self.create(caller, *body),
+            Request::CreateMicrovmImage { body } => self.create(caller, *body).await,
             Request::UpdateMicrovmImage { params, body } => {
-                self.update(caller, &params.image_identifier, *body)
+                self.update(caller, &params.image_identifier, *body).await
             }
             Request::GetMicrovmImage { params } => {
                 let image = self.image(caller, &params.image_identifier)?;
@@ -253,7 +253,11 @@ impl Images {
         }
     }
 
-    fn create(&self, caller: &Caller, req: CreateMicrovmImageRequest) -> Result<Value, ApiError> {
+    async fn create(
+        &self,
+        caller: &Caller,
+        req: CreateMicrovmImageRequest,
+    ) -> Result<Value, ApiError> {
         let op = token_scope(caller, "CreateMicrovmImage");
         if let Some(saved) = self.replay(&op, req.client_token.as_deref(), &req)? {
             return Ok(saved);
@@ -270,7 +274,10 @@ impl Images {
             tags: json!(req.tags.clone().unwrap_or_default()),
             owner: caller.principal.clone(),
         };
-        let admitted = self.quotas.admit_image(&caller.principal, &req.name)?;
+        let stored = self.quotas.stored_bytes_of(&caller.principal).await?;
+        let admitted = self
+            .quotas
+            .admit_image(&caller.principal, &req.name, stored)?;
         let mut created = false;
         for key in store::image_keys(&req.name, &caller.account, caller.is_admin()) {
             image.key = key;
@@ -305,7 +312,7 @@ impl Images {
         Ok(out)
     }
 
-    fn update(
+    async fn update(
         &self,
         caller: &Caller,
         identifier: &str,
@@ -330,9 +337,10 @@ impl Images {
         let t = now();
         let row = pending_version(&image.key, 0, &req.config, t)?;
         // Counted against the image's owner (admin may update anyone's image).
+        let stored = self.quotas.stored_bytes_of(&image.owner).await?;
         let admitted = self
             .quotas
-            .admit_version(&image.owner, &image.key, &image.label)?;
+            .admit_version(&image.owner, &image.key, &image.label, stored)?;
         let v = self
             .store
             .add_version(&image.key, MicrovmImageState::Updating.as_str(), row)
