@@ -46,6 +46,8 @@ fn main() -> anyhow::Result<()> {
         "--warm-pool",
         "0",
     ];
+    // kilnd never turns KSM off (it is host-wide); the bench puts back what it found.
+    let ksm_before = std::fs::read_to_string("/sys/kernel/mm/ksm/run").unwrap_or_default();
     if ksm == 1 {
         args.push("--ksm");
     }
@@ -56,6 +58,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let result = runtime.block_on(bench(&kilnd, max, overcommit, ksm == 1));
     drop(runtime);
+    if ksm == 1 && ksm_before.trim() == "0" {
+        // 2: unmerge every page, then stop.
+        let _ = std::fs::write("/sys/kernel/mm/ksm/run", "2");
+    }
     if result.is_err() {
         eprintln!("kilnd's log: {}", kilnd.log_tail());
     }
