@@ -95,17 +95,20 @@ impl SuspendedVm {
     /// Opens a suspended directory and checks that it is whole and that this host can resume
     /// it (same backend and QEMU, same kernel and initramfs, every file present at its size).
     pub fn open(dir: &Path, qemu_version: &str) -> Result<SuspendedVm, VmmError> {
-        let legacy = std::fs::read_to_string(dir.join(crate::snapshot::MANIFEST))
-            .is_ok_and(|text| text.contains("\"ram_backend\""));
-        if legacy {
-            return Err(VmmError::BadSnapshot {
+        let snapshot = Snapshot::open(dir, qemu_version).map_err(|e| {
+            // Read again only when it failed: an older kiln's eager stream says why better.
+            let legacy = std::fs::read_to_string(dir.join(crate::snapshot::MANIFEST))
+                .is_ok_and(|text| text.contains("\"ram_backend\""));
+            if !legacy {
+                return e;
+            }
+            VmmError::BadSnapshot {
                 dir: dir.to_owned(),
                 reason: "it was suspended by an older kiln into a migration stream, which this \
                          kiln no longer resumes; resume it with that kiln, or terminate it"
                     .into(),
-            });
-        }
-        let snapshot = Snapshot::open(dir, qemu_version)?;
+            }
+        })?;
         if snapshot.manifest.kind != SnapshotKind::Session {
             return Err(VmmError::BadSnapshot {
                 dir: dir.to_owned(),

@@ -1029,19 +1029,33 @@ impl QemuVm {
             }
         }
         self.timeline.mark("snapshot-saved", self.t0);
-        let _ = self
-            .qmp
-            .execute_timeout("quit", None, Duration::from_secs(2))
-            .await;
-        if !self.process.wait_exit(Duration::from_secs(5)).await {
-            self.process.kill(Duration::from_secs(1)).await;
-        }
+        self.quit().await;
         // Moving, hashing (BLAKE3 over the memory file) and hole-digging run off the async
         // runtime: a build's snapshot must not stall other requests.
         let (spec, staging, mem) = (self.spec.clone(), staging.to_owned(), mem.to_owned());
         let qemu_version = self.qemu.version.clone();
         crate::blocking(move || write_image_snapshot(&spec, &staging, &mem, qemu_version)).await
     }
+}
+
+/// Puts each disk of `spec` into `staging` under its snapshot name with `place`, and
+/// describes it with `describe`.
+fn stage_disks(
+    spec: &VmSpec,
+    staging: &Path,
+    place: fn(&Path, &Path) -> Result<(), VmmError>,
+    describe: fn(&Path, &str) -> Result<snapshot::FileInfo, VmmError>,
+) -> Result<Vec<SnapshotDisk>, VmmError> {
+    let mut disks = Vec::with_capacity(spec.disks.len());
+    for (i, d) in spec.disks.iter().enumerate() {
+        let name = snapshot::disk_file_name(i, d.format);
+        place(&d.path, &staging.join(&name))?;
+        disks.push(SnapshotDisk {
+            info: describe(staging, &name)?,
+            format: d.format,
+        });
+    }
+    Ok(disks)
 }
 
 /// The manifest of a snapshot of the VM `spec` describes, written into `staging` (or a
@@ -1090,15 +1104,8 @@ fn write_image_snapshot(
     let mem_file = staging.join(snapshot::MEMORY);
     snapshot::move_file(mem, &mem_file)?;
     snapshot::dig_holes(&mem_file);
-    let mut disks = Vec::new();
-    for (i, d) in spec.disks.iter().enumerate() {
-        let name = snapshot::disk_file_name(i, d.format);
-        snapshot::move_file(&d.path, &staging.join(&name))?;
-        disks.push(SnapshotDisk {
-            info: snapshot::file_info(staging, &name)?,
-            format: d.format,
-        });
-    }
+    // An image's disks move in and are hashed: it is restored many times.
+    let disks = stage_disks(spec, staging, snapshot::move_file, snapshot::file_info)?;
     let manifest = manifest_for(
         spec,
         staging,

@@ -8,16 +8,17 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::{
     create_runtime_dir, create_stream_file, link_or_copy, log_since, manifest_for, remove_dir,
-    settle_migration, sync_path, QemuVm, QemuVmm, CARRIED_APP_LOG, MIGRATION_FD, SUSPEND_BANDWIDTH,
+    settle_migration, stage_disks, sync_path, QemuVm, QemuVmm, CARRIED_APP_LOG, MIGRATION_FD,
+    SUSPEND_BANDWIDTH,
 };
-use crate::snapshot::{self, SnapshotDisk, SnapshotKind, SnapshotManifest};
+use crate::snapshot::{self, SnapshotKind, SnapshotManifest};
 use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, VmSpec};
 use crate::suspend::{self, SuspendError, SuspendedVm};
 use crate::{Timeline, VmmError};
@@ -40,20 +41,14 @@ impl QemuVm {
         let manifest = match saved {
             Ok(m) => m,
             Err(error) => {
-                remove_dir(&rx_dir);
+                // The receiver, its directory and memory, and the staging directory.
                 suspend::remove_unpublished(dest);
                 return Err(self.survive_failed_suspend(&staging, error).await);
             }
         };
         // Published: the suspended directory is the session now. This QEMU, paused with its
         // disks handed over, must never run again.
-        let _ = self
-            .qmp
-            .execute_timeout("quit", None, Duration::from_secs(2))
-            .await;
-        if !self.process.wait_exit(Duration::from_secs(5)).await {
-            self.process.kill(Duration::from_secs(1)).await;
-        }
+        self.quit().await;
         timeline.mark("ended", t0);
         for d in self.spec.disks.iter().filter(|d| !d.read_only) {
             // Disks outside the runtime directory keep a second name; the suspended one rules.
@@ -175,12 +170,12 @@ impl QemuVm {
         match (sent, received) {
             (Ok(()), Ok(status)) if status == "paused" => {}
             (Err(e), _) | (Ok(()), Err(e)) => {
-                let e = full_disk_hint(e, rx_log_mark, &receiver_log(rx_dir), dest);
+                let e = full_disk_hint(e, rx_log_mark, &receiver.spec.qemu_log(), dest);
                 receiver.abort().await;
                 return Err(e);
             }
             (Ok(()), Ok(status)) => {
-                let detail = log_since(&receiver_log(rx_dir), rx_log_mark);
+                let detail = log_since(&receiver.spec.qemu_log(), rx_log_mark);
                 receiver.abort().await;
                 return Err(VmmError::Migration {
                     doing: format!("suspending into {}", dest.display()),
@@ -296,8 +291,8 @@ impl QemuVm {
         self.wait_migration(dest, log_mark).await
     }
 
-    /// Ends a QEMU that must never run its guest (QMP `quit`, then a kill).
-    async fn quit(&mut self) {
+    /// Ends a QEMU that must never run its guest again (QMP `quit`, then a kill).
+    pub(super) async fn quit(&mut self) {
         let _ = self
             .qmp
             .execute_timeout("quit", None, Duration::from_secs(2))
@@ -440,15 +435,8 @@ fn write_session(
     staging: &Path,
     qemu_version: String,
 ) -> Result<SnapshotManifest, VmmError> {
-    let mut disks = Vec::with_capacity(spec.disks.len());
-    for (i, d) in spec.disks.iter().enumerate() {
-        let name = snapshot::disk_file_name(i, d.format);
-        link_or_copy(&d.path, &staging.join(&name))?;
-        disks.push(SnapshotDisk {
-            info: snapshot::sized_file_info(staging, &name)?,
-            format: d.format,
-        });
-    }
+    // A session's disks are linked in (the VM's own files) and checked by size only.
+    let disks = stage_disks(spec, staging, link_or_copy, snapshot::sized_file_info)?;
     let manifest = manifest_for(
         spec,
         staging,
@@ -470,10 +458,6 @@ fn write_session(
     }
     sync_path(staging)?;
     Ok(manifest)
-}
-
-fn receiver_log(rx_dir: &Path) -> PathBuf {
-    rx_dir.join("qemu.log")
 }
 
 /// Refuses a suspend that the file system holding `staging` cannot take: the memory file may
