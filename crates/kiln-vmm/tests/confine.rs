@@ -132,6 +132,140 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
     );
 }
 
+/// `sh -c script arg0` with the identity of the QEMU process `pid` (uid, gid, groups): what a
+/// guest that took its QEMU over could run.
+fn as_qemu_of(pid: u32, script: &str, arg0: &str) -> std::process::Command {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let id_of = |field: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("id")
+    };
+    let (uid, gid) = (id_of("Uid:"), id_of("Gid:"));
+    let groups: Vec<libc::gid_t> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script, arg0]);
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_when_suspended_and_resumed_then_another_vm_cannot_read_its_memory() {
+    as_kilnd();
+    let dir = scratch();
+    let vmm = &host().0.vmm;
+    let booted = vmm
+        .boot(busybox_spec(dir.path(), true), BootOptions::default())
+        .await
+        .expect("boot");
+    let snap = booted
+        .snapshot(&dir.path().join("snap"))
+        .await
+        .expect("snapshot");
+    let attacker = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("attacker")))
+        .await
+        .expect("the attacker's VM");
+    let victim = vmm
+        .restore(&snap, RestoreTarget::new(dir.path().join("victim")))
+        .await
+        .expect("the victim's VM");
+    sh(victim.agent(), "echo secret-of-the-victim > /dev/shm/s").await;
+    let dest = dir.path().join("suspended");
+    let suspended = match victim.suspend(&dest).await {
+        Ok(s) => s,
+        Err(e) => panic!("suspend: {}", e.error),
+    };
+    let saved_memory = suspended.snapshot.memory_path();
+    let saved = std::fs::metadata(&saved_memory).expect("the session's memory file");
+    let receiver_memory = kiln_vmm::suspend::receiver_memory(&dest);
+    // Read the saved session as the attacker's QEMU: through its own root, then by the host path.
+    let through_root = format!("/proc/{}/root{}", attacker.pid(), saved_memory.display());
+    let read_saved = as_qemu_of(attacker.pid(), "cat \"$0\" > /dev/null", &through_root)
+        .status()
+        .expect("sh");
+    let read_saved_direct = as_qemu_of(
+        attacker.pid(),
+        "cat \"$0\" > /dev/null",
+        &saved_memory.display().to_string(),
+    )
+    .status()
+    .expect("sh");
+    let resumed = vmm
+        .resume(&suspended, RestoreTarget::new(dir.path().join("again")))
+        .await
+        .expect("resume");
+    let (secret, _) = sh(resumed.agent(), "cat /dev/shm/s").await;
+    let live_memory = resumed.spec().dir.join("mem.img");
+    let live = std::fs::metadata(&live_memory).expect("the resumed VM's memory file");
+    let read_live = as_qemu_of(
+        attacker.pid(),
+        "cat \"$0\" > /dev/null",
+        &live_memory.display().to_string(),
+    )
+    .status()
+    .expect("sh");
+    let resumed_uid = value(&confinement(resumed.pid()), "Uid");
+    resumed.terminate().await.expect("terminate");
+    attacker.terminate().await.expect("terminate");
+
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(secret.trim(), "secret-of-the-victim");
+    assert!(
+        !read_saved.success(),
+        "the saved session is not in another VM's root"
+    );
+    assert!(
+        !read_saved_direct.success(),
+        "nor readable by its host path"
+    );
+    assert!(
+        !read_live.success(),
+        "another VM reads a resumed session's memory"
+    );
+    assert_eq!(
+        saved.mode() & 0o077,
+        0,
+        "a saved session's memory is its owner's alone"
+    );
+    assert_eq!(
+        live.mode() & 0o077,
+        0,
+        "a resumed session's memory is its VM's alone"
+    );
+    assert_eq!(
+        resumed_uid.split(' ').next().map(str::to_string),
+        Some(live.uid().to_string()),
+        "the resumed VM's own uid owns its memory file"
+    );
+    assert!(
+        receiver_memory.is_none_or(|p| !p.exists()),
+        "the receiver's RAM file is gone"
+    );
+}
+
 /// A small cap, so a flood reaches it quickly (the same for every test of this binary).
 const LOG_CAP: u64 = 64 * 1024;
 
@@ -296,41 +430,9 @@ async fn memory_file_when_a_restored_qemu_writes_it_then_the_next_restore_refuse
 
     // The attacker owns the first VM's QEMU: its uid and groups, the files in its root.
     let pid = first.pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let id_of = |field: &str| -> u32 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("id")
-    };
-    let (uid, gid) = (id_of("Uid:"), id_of("Gid:"));
-    let groups = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(Vec::new);
     let seen_by_qemu = format!("/proc/{pid}/root{}", snap.memory_path().display());
-    let mut poison = std::process::Command::new("sh");
     // `1<>` opens the file read-write without truncating it, as QEMU does.
-    poison.args(["-c", "printf poison 1<>\"$0\"", &seen_by_qemu]);
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        poison.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
+    let mut poison = as_qemu_of(pid, "printf poison 1<>\"$0\"", &seen_by_qemu);
     let written = poison.status().expect("sh");
     first.terminate().await.expect("terminate");
     let third = vmm
