@@ -897,6 +897,20 @@ impl AgentClient {
         }
     }
 
+    /// Walks the guest's process and TCP paths once (nothing of the app runs), so a restored
+    /// VM's first request does not pay for translating them; how long it took.
+    pub async fn warm(&self, timeout: Duration) -> Result<Duration, AgentError> {
+        let start = Instant::now();
+        let body = HostBody::Warm {
+            timeout_ms: millis(timeout),
+        };
+        let limit = timeout.saturating_add(REPLY_GRACE);
+        match self.request_within("warm", body, limit).await? {
+            GuestBody::Ok => Ok(start.elapsed()),
+            other => Err(unexpected("warm", &other)),
+        }
+    }
+
     /// Makes an HTTP/1.1 request to 127.0.0.1:`spec.port` inside the guest. A request
     /// that got no response fails with [`AgentError::Http`], whose kind tells "nothing
     /// listens yet" ([`HttpFailureKind::Refused`]) from a timeout or a broken exchange.

@@ -180,6 +180,14 @@ pub enum HostBody {
         /// Connect timeout.
         timeout_ms: u64,
     },
+    /// Walks the guest's process and TCP paths once (a new process makes one HTTP exchange
+    /// with a listener the agent opens on the guest's loopback; the app is not involved), so
+    /// that a restored VM's first request does not pay for their first translation; answered
+    /// by `Ok`, or an error.
+    Warm {
+        /// Limit for the whole walk.
+        timeout_ms: u64,
+    },
     /// Makes an HTTP/1.1 request to 127.0.0.1 in the guest; answered by `HttpResponse`,
     /// or by `HttpFailed` when no response could be had.
     HttpRequest(HttpRequestSpec),

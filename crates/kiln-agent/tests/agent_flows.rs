@@ -1363,3 +1363,53 @@ async fn file_requests_when_a_3mib_file_goes_in_pieces_then_it_comes_back_whole_
         "{huge}"
     );
 }
+
+/// Pids of the live children of `pid` (every thread's).
+fn children_of(pid: u32) -> Vec<String> {
+    let mut kids = vec![];
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let path = task.expect("task").path().join("children");
+        let listed = std::fs::read_to_string(path).unwrap_or_default();
+        kids.extend(listed.split_whitespace().map(str::to_string));
+    }
+    kids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_when_asked_then_a_probe_process_is_answered_and_nothing_is_left_running() {
+    let server = Server::start();
+    let client = server.client().await;
+
+    let took = client.warm(Duration::from_secs(20)).await;
+
+    assert!(took.is_ok(), "{took:?}");
+    assert!(
+        children_of(server.child.id()).is_empty(),
+        "the warm-up left a process behind"
+    );
+}
+
+#[test]
+fn warm_probe_when_the_listener_answers_an_error_then_the_probe_fails() {
+    use std::net::TcpListener;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+    });
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-init"))
+        .args(["--warm-probe", &port.to_string()])
+        .output()
+        .expect("run the probe");
+
+    server.join().expect("server");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("500"),
+        "{out:?}"
+    );
+}

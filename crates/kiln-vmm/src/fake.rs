@@ -645,9 +645,10 @@ fn answer(request: HostBody, control: &FakeControl) -> GuestBody {
             uptime_ms: 1,
         },
         HostBody::Ping => GuestBody::Pong,
-        HostBody::SetClock { .. } | HostBody::AddEntropy { .. } | HostBody::Sync { .. } => {
-            GuestBody::Ok
-        }
+        HostBody::SetClock { .. }
+        | HostBody::AddEntropy { .. }
+        | HostBody::Sync { .. }
+        | HostBody::Warm { .. } => GuestBody::Ok,
         HostBody::HttpRequest(spec) => {
             control.state().http_paths.push(spec.path);
             GuestBody::HttpResponse {

@@ -27,9 +27,16 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        (Some(kiln_agent::guest::warm::PROBE_FLAG), Some(port)) => {
+            // The agent's warm-up: one HTTP exchange with the agent on the guest's loopback.
+            if let Err(e) = kiln_agent::guest::warm::probe(port) {
+                eprintln!("warm-up probe: {e}");
+                std::process::exit(1);
+            }
+        }
         _ if std::process::id() == 1 => kiln_agent::guest::boot::run_as_pid1(),
         _ => {
-            eprintln!("usage: kiln-init (as PID 1) | kiln-init --serve-unix PATH | kiln-init --serve-envd ADDR [--detach]");
+            eprintln!("usage: kiln-init (as PID 1) | kiln-init --serve-unix PATH | kiln-init --serve-envd ADDR [--detach] | kiln-init --warm-probe PORT");
             std::process::exit(2);
         }
     }

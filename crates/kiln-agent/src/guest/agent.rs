@@ -14,7 +14,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use super::app::{AppPhase, AppSupervisor};
-use super::{archive, copy, exec, files, http, mounts, ops, users};
+use super::{archive, copy, exec, files, http, mounts, ops, users, warm};
 use crate::proto::{
     decode_payload, encode_frame, payload_id, FrameDecoder, FrameError, GuestBody, GuestMessage,
     HostBody, HostMessage, PROTOCOL_VERSION,
@@ -305,6 +305,17 @@ impl Agent {
                     reply.reply(id, GuestBody::TcpProbe { open });
                 });
             }
+            HostBody::Warm { timeout_ms } => {
+                let reply = sink.clone();
+                // Only kiln-init in a guest touches the network device (on a host, in
+                // development, the gateway's address is nobody's to ping).
+                let in_guest = self.config.guest_ops;
+                self.in_background(sink, id, "warm", move || {
+                    let timeout = Duration::from_millis(timeout_ms.min(MAX_WARM_MS));
+                    let walked = warm::warm("/proc/self/exe", timeout, in_guest);
+                    reply.result(id, walked.map(|()| GuestBody::Ok));
+                });
+            }
             HostBody::HttpRequest(spec) => {
                 let reply = sink.clone();
                 self.in_background(sink, id, "http", move || {
@@ -423,6 +434,9 @@ impl Agent {
         }
     }
 }
+
+/// Longest warm-up the agent runs, whatever the host asks.
+const MAX_WARM_MS: u64 = 60_000;
 
 /// Grace period between StopApp's signal and SIGKILL when the host names none.
 const DEFAULT_STOP_GRACE_MS: u64 = 10_000;

@@ -17,6 +17,7 @@ pub mod net;
 pub mod ops;
 pub mod port;
 pub mod users;
+pub mod warm;
 
 /// kiln's own runtime files in the guest (the app log, the build context mount, the build's
 /// CA bundle): a tmpfs kiln-init mounts under `/dev`, which the guest's devtmpfs already

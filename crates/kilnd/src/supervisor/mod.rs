@@ -822,7 +822,7 @@ impl Microvms {
     }
 
     /// One pooled VM of `version`: admitted, restored as a launch without connectors would
-    /// be, then paused.
+    /// be, warmed, then paused.
     async fn fill(&self, version: &VersionKey) -> Result<Pooled, ApiError> {
         let (key, number) = (&version.0, version.1);
         let spec = self
@@ -842,7 +842,10 @@ impl Microvms {
             .launch(&id, &dir, &snap, &config, &req, SessionHooks::of(&spec))
             .await
         {
-            Ok(live) => live.vm.pause().await.map(|()| live),
+            Ok(live) => {
+                warm(&id, &live).await;
+                live.vm.pause().await.map(|()| live)
+            }
             Err(e) => Err(e),
         };
         match restored {
@@ -1208,4 +1211,19 @@ pub enum UpstreamError {
     NotRunning(String),
     /// It runs but cannot be reached.
     Unavailable(String),
+}
+
+/// Longest a pooled VM's warm-up may take.
+const WARM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Has the guest walk its process and TCP paths once (the agent's warm-up; the app sees
+/// nothing), so the first request after a pooled launch does not pay for translating them
+/// under TCG. Best effort: a guest that cannot (an older agent) is pooled as it is.
+async fn warm(id: &str, live: &Live) {
+    match live.vm.agent().warm(WARM_TIMEOUT).await {
+        Ok(took) => {
+            tracing::debug!(microvm = %id, ms = took.as_millis() as u64, "pooled VM warmed")
+        }
+        Err(e) => tracing::debug!(microvm = %id, error = %e, "pooled VM not warmed"),
+    }
 }
