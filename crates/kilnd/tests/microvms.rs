@@ -457,6 +457,7 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
     // The second takes the pooled VM: a session of its own, fresh from the snapshot.
     let b = run(&kilnd);
     let from_pool = metric(&kilnd, "kiln_microvm_launches_from_pool_total");
+    let warmed = metric(&kilnd, r#"kiln_warm_pool_warmups_total{result="ok"}"#);
     let (id_a, id_b) = (
         a["microvmId"].as_str().unwrap_or_default(),
         b["microvmId"].as_str().unwrap_or_default(),
@@ -497,10 +498,14 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
     );
     assert_ne!(id_a, id_b);
     assert_eq!(from_pool, 1.0, "the second launch took the pooled VM");
+    assert!(
+        warmed >= 1.0,
+        "the pooled VM's guest was warmed before it was paused"
+    );
     assert_eq!(
         (first_a.trim(), second_a.trim(), first_b.trim()),
         ("200 101", "200 102", "200 101"),
-        "each session has its own app state"
+        "each session has its own app state, and the warm-up sent the app nothing"
     );
     assert_eq!(
         refilled, 1.0,

@@ -76,6 +76,7 @@ pub struct Metrics {
     admitted_memory_mib: Gauge,
     warm_pool: Gauge,
     pooled_launches: Counter,
+    warmups: Family<Label, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -282,6 +283,12 @@ impl Metrics {
             "Launches that took a MicroVM from the warm pool instead of restoring one",
             pooled_launches.clone(),
         );
+        let warmups = results();
+        registry.register(
+            "warm_pool_warmups",
+            "Pooled MicroVMs whose guest walked its process and network paths before being paused, by result",
+            warmups.clone(),
+        );
         registry.register_collector(Box::new(MicrovmStates {
             store: store.clone(),
         }));
@@ -303,6 +310,7 @@ impl Metrics {
             admitted_memory_mib,
             warm_pool,
             pooled_launches,
+            warmups,
         }
     }
 
@@ -314,6 +322,11 @@ impl Metrics {
     /// A launch took a pooled MicroVM.
     pub fn launched_from_pool(&self) {
         self.pooled_launches.inc();
+    }
+
+    /// A pooled VM's warm-up ended (`ok`: its guest walked the paths).
+    pub fn warmed(&self, ok: bool) {
+        self.warmups.get_or_create(&result(ok)).inc();
     }
 
     /// What the supervisor has admitted now: MicroVMs and guest memory.

@@ -843,7 +843,7 @@ impl Microvms {
             .await
         {
             Ok(live) => {
-                warm(&id, &live).await;
+                self.metrics.warmed(warm(&id, &live).await);
                 live.vm.pause().await.map(|()| live)
             }
             Err(e) => Err(e),
@@ -1219,11 +1219,16 @@ const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Has the guest walk its process and TCP paths once (the agent's warm-up; the app sees
 /// nothing), so the first request after a pooled launch does not pay for translating them
 /// under TCG. Best effort: a guest that cannot (an older agent) is pooled as it is.
-async fn warm(id: &str, live: &Live) {
+/// Whether it was warmed.
+async fn warm(id: &str, live: &Live) -> bool {
     match live.vm.agent().warm(WARM_TIMEOUT).await {
         Ok(took) => {
-            tracing::debug!(microvm = %id, ms = took.as_millis() as u64, "pooled VM warmed")
+            tracing::debug!(microvm = %id, ms = took.as_millis() as u64, "pooled VM warmed");
+            true
         }
-        Err(e) => tracing::debug!(microvm = %id, error = %e, "pooled VM not warmed"),
+        Err(e) => {
+            tracing::debug!(microvm = %id, error = %e, "pooled VM not warmed");
+            false
+        }
     }
 }
