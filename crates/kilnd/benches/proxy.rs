@@ -5,11 +5,14 @@
 //!
 //! kiln's proxy is measured twice: inside the bench process, and as a process of its own (this
 //! bench re-executed, serving kilnd's `endpoint::proxy` with kilnd's runtime: a worker per
-//! core), which is how kilnd runs it and how nginx runs — the fair comparison.
+//! core), which is how kilnd runs it and how nginx runs — the fair comparison. That one and
+//! nginx get the same requests (the token header too) in interleaved rounds, and the CPU
+//! time each spent per request is read from /proc: this machine's speed drifts by tens of
+//! percent between runs, so only figures from the same round compare.
 //!
-//! Run: `cargo bench -p kilnd --bench proxy` (`KILN_BENCH_CLIENTS`, `KILN_BENCH_SECONDS`
-//! change the load; `make bench` installs nginx). Clients, proxies and app share the
-//! machine's cores, so the figures are for comparing, not absolute capacity.
+//! Run: `cargo bench -p kilnd --bench proxy` (`KILN_BENCH_CLIENTS`, `KILN_BENCH_SECONDS`,
+//! `KILN_BENCH_ROUNDS` change the load; `make bench` installs nginx). Clients, proxies and
+//! app share the machine's cores, so the figures are for comparing, not absolute capacity.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -66,6 +69,8 @@ struct Figures {
     requests_per_second: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time the proxy's processes spent per request (user + system), when measured.
+    cpu_per_request: Option<Duration>,
 }
 
 /// Where a client connects and how it wraps the socket.
@@ -129,6 +134,7 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// The proxy serving `app`, or an app in a namespace of its own.
     fn start(home: &std::path::Path, app: Option<SocketAddr>) -> anyhow::Result<ProxyProcess> {
         use std::io::BufRead;
         let spec = match app {
@@ -164,6 +170,7 @@ impl Drop for ProxyProcess {
 async fn bench() -> anyhow::Result<()> {
     let clients: usize = env_or("KILN_BENCH_CLIENTS", 16);
     let seconds: u64 = env_or("KILN_BENCH_SECONDS", 3);
+    let rounds: usize = env_or::<usize>("KILN_BENCH_ROUNDS", 5).max(1);
     let run = Duration::from_secs(seconds);
 
     let app = app().await?;
@@ -203,36 +210,43 @@ async fn bench() -> anyhow::Result<()> {
     )
     .await?;
     print_figures("proxy, in the bench process (TLS)", &in_process);
-    let own = ProxyProcess::start(home.path(), Some(app))?;
-    let proxied = measure(
-        Path::Proxy(own.addr, connector.clone(), token.clone()),
+    // The same path to an app in its own namespace (how a VM's forward is reached).
+    let own_ns = ProxyProcess::start(home.path(), None)?;
+    let namespaced = measure_process(
+        own_ns.child.id(),
+        Path::Proxy(own_ns.addr, connector.clone(), token.clone()),
         clients,
         run,
     )
     .await?;
-    drop(own);
-    print_figures("proxy, own process (TLS)", &proxied);
-    // The same path to an app in its own namespace (how a VM's forward is reached).
-    let own_ns = ProxyProcess::start(home.path(), None)?;
-    let namespaced = measure(Path::Proxy(own_ns.addr, connector, token), clients, run).await?;
     drop(own_ns);
     print_figures("proxy, own process → netns", &namespaced);
+
+    // kiln's proxy against nginx, in interleaved rounds: this machine's speed drifts by tens of percent from one run to
+    // the next, so each comparison is taken within a round and the medians are reported.
+    let own = ProxyProcess::start(home.path(), Some(app))?;
     let nginx = match Nginx::start(home.path(), app) {
-        Ok(nginx) => {
-            let figures = measure(
-                Path::Proxy(nginx.addr, client_tls(&tls.ca_pem_path)?, String::new()),
-                clients,
-                run,
-            )
-            .await;
-            drop(nginx);
-            Some(figures?)
-        }
+        Ok(nginx) => Some(nginx),
         Err(e) => {
             println!("nginx (TLS)                          not measured: {e:#}");
             None
         }
     };
+    let (mut kiln, mut by_nginx) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let path = Path::Proxy(own.addr, connector.clone(), token.clone());
+        kiln.push(measure_process(own.child.id(), path, clients, run).await?);
+        if let Some(nginx) = &nginx {
+            // The same requests as kiln's proxy gets, token header included (nginx drops
+            // it on the way to the app, as kiln does).
+            let path = Path::Proxy(nginx.addr, connector.clone(), token.clone());
+            by_nginx.push(measure_process(nginx.child.id(), path, clients, run).await?);
+        }
+    }
+    drop((own, nginx));
+    let proxied = median_figures(&kiln);
+    print_figures("proxy, own process (TLS)", &proxied);
+    let nginx = (!by_nginx.is_empty()).then(|| median_figures(&by_nginx));
     if let Some(n) = &nginx {
         print_figures("nginx, own processes (TLS)", n);
     }
@@ -243,15 +257,21 @@ async fn bench() -> anyhow::Result<()> {
         proxied.p99.as_secs_f64() / direct.p99.as_secs_f64(),
     );
     if let Some(n) = &nginx {
+        let per_round: Vec<String> = kiln
+            .iter()
+            .zip(&by_nginx)
+            .map(|(k, n)| format!("{:.2}", k.requests_per_second / n.requests_per_second))
+            .collect();
         println!(
             "kiln proxy / nginx throughput  {:.2}x   p99 {:.3} ms (kiln) vs {:.3} ms (nginx)   \
-             (both in processes of their own)",
+             (medians of {rounds} rounds; per round {})",
             proxied.requests_per_second / n.requests_per_second,
             proxied.p99.as_secs_f64() * 1e3,
             n.p99.as_secs_f64() * 1e3,
+            per_round.join(" "),
         );
     }
-    println!("reproduce: cargo bench -p kilnd --bench proxy  (KILN_BENCH_CLIENTS={clients} KILN_BENCH_SECONDS={seconds})");
+    println!("reproduce: cargo bench -p kilnd --bench proxy  (KILN_BENCH_CLIENTS={clients} KILN_BENCH_SECONDS={seconds} KILN_BENCH_ROUNDS={rounds})");
     Ok(())
 }
 
@@ -263,12 +283,75 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn print_figures(name: &str, f: &Figures) {
+    let cpu = f
+        .cpu_per_request
+        .map(|c| format!("   CPU {:>5.1} µs/req", c.as_secs_f64() * 1e6))
+        .unwrap_or_default();
     println!(
-        "{name:<36} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
+        "{name:<36} {:>9.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms{cpu}",
         f.requests_per_second,
         f.p50.as_secs_f64() * 1e3,
         f.p99.as_secs_f64() * 1e3,
     );
+}
+
+/// CPU time (user + system) `pid` and its children have used so far: the proxy's
+/// process, or nginx's master and workers.
+fn cpu_of_tree(pid: u32) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut pids = vec![pid.to_string()];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let kids = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(kids.split_whitespace().map(str::to_string));
+        }
+    }
+    let total: f64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command (which may hold spaces) start after its ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        })
+        .sum();
+    Duration::from_secs_f64(total / ticks)
+}
+
+/// Each figure's median over rounds (taken separately: throughput, p50, p99, CPU).
+fn median_figures(rounds: &[Figures]) -> Figures {
+    fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied()
+    }
+    Figures {
+        requests_per_second: median(rounds.iter().map(|f| f.requests_per_second).collect())
+            .unwrap_or_default(),
+        p50: median(rounds.iter().map(|f| f.p50).collect()).unwrap_or_default(),
+        p99: median(rounds.iter().map(|f| f.p99).collect()).unwrap_or_default(),
+        cpu_per_request: median(rounds.iter().filter_map(|f| f.cpu_per_request).collect()),
+    }
+}
+
+/// `measure`, with the CPU the processes under `pid` spent per request.
+async fn measure_process(
+    pid: u32,
+    path: Path,
+    clients: usize,
+    run: Duration,
+) -> anyhow::Result<Figures> {
+    let before = cpu_of_tree(pid);
+    let mut figures = measure(path, clients, run).await?;
+    let used = cpu_of_tree(pid).saturating_sub(before);
+    let requests = figures.requests_per_second * run.as_secs_f64();
+    if requests >= 1.0 {
+        figures.cpu_per_request = Some(used.div_f64(requests));
+    }
+    Ok(figures)
 }
 
 /// The app: answers every request with `hello`.
@@ -340,6 +423,7 @@ impl Nginx {
                    proxy_http_version 1.1;\n\
                    proxy_set_header Connection \"\";\n\
                    proxy_set_header Host $host;\n\
+                   proxy_set_header X-Aws-Proxy-Auth \"\";\n\
                  }}\n\
                }}\n\
              }}\n",
@@ -427,6 +511,7 @@ async fn measure(path: Path, clients: usize, run: Duration) -> anyhow::Result<Fi
         requests_per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: at(0.50),
         p99: at(0.99),
+        cpu_per_request: None,
     })
 }
 
@@ -453,7 +538,7 @@ async fn client(path: Path, deadline: Instant) -> anyhow::Result<Vec<Duration>> 
     let mut latencies = Vec::new();
     while Instant::now() < deadline {
         let mut req = Request::get("/").header("host", &host);
-        if let Some(token) = token.as_ref().filter(|t| !t.is_empty()) {
+        if let Some(token) = token.as_ref() {
             req = req.header("x-aws-proxy-auth", token);
         }
         let req = req.body(Full::new(Bytes::new()))?;
