@@ -376,6 +376,23 @@ pub fn dirs_for(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Whether this host can hold MicroVMs to a changing vCPU grant and count what they use
+/// (what vCPU growth needs), said for `kiln doctor`.
+pub fn growth_support() -> Result<String, String> {
+    match version() {
+        Some(CgroupVersion::V2) => {
+            Ok("cgroup v2: cpu.max holds each VM to its grant, cpu.stat counts its use".into())
+        }
+        Some(CgroupVersion::V1) if v1_controllers().contains(&"cpuacct") => Ok(
+            "cgroup v1: cpu.cfs_quota_us holds each VM to its grant, cpuacct counts its use".into(),
+        ),
+        Some(CgroupVersion::V1) => {
+            Err("cgroup v1 without cpuacct: MicroVMs keep their baseline vCPUs".into())
+        }
+        None => Err("no cgroup file system: MicroVMs keep their baseline vCPUs".into()),
+    }
+}
+
 /// The directory of `controller` (`cpu`, `cpuacct`) in the group of the VM in `dir`, when
 /// the group exists.
 fn controller_dir(dir: &Path, controller: &str) -> Option<(CgroupVersion, PathBuf)> {
