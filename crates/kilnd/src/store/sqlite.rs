@@ -757,19 +757,17 @@ impl MicrovmStore for SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(self.err())?;
         tx.execute(
-            &format!(
-                "INSERT INTO retired_usage
-                   (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
-                 SELECT owner, COUNT(*), SUM(vcpu_seconds),
-                        SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
-                   FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1 AND host = ?2
-                   GROUP BY owner
-                 ON CONFLICT (owner) DO UPDATE SET
-                   microvms = retired_usage.microvms + excluded.microvms,
-                   vcpu_seconds = retired_usage.vcpu_seconds + excluded.vcpu_seconds,
-                   memory_gib_seconds = retired_usage.memory_gib_seconds + excluded.memory_gib_seconds,
-                   suspended_seconds = retired_usage.suspended_seconds + excluded.suspended_seconds"
-            ),
+            "INSERT INTO retired_usage
+               (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
+             SELECT owner, COUNT(*), SUM(vcpu_seconds),
+                    SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
+               FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1 AND host = ?2
+               GROUP BY owner
+             ON CONFLICT (owner) DO UPDATE SET
+               microvms = retired_usage.microvms + excluded.microvms,
+               vcpu_seconds = retired_usage.vcpu_seconds + excluded.vcpu_seconds,
+               memory_gib_seconds = retired_usage.memory_gib_seconds + excluded.memory_gib_seconds,
+               suspended_seconds = retired_usage.suspended_seconds + excluded.suspended_seconds",
             params![before, self.host],
         )
         .map_err(self.err())?;
