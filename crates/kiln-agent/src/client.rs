@@ -741,6 +741,24 @@ impl AgentClient {
         self.expect_ok("sync", HostBody::Sync { drop_caches }).await
     }
 
+    /// Onlines or offlines the guest's vCPUs until `count` are online; what is online after.
+    /// An agent older than this request answers an error (its guest is of fixed size).
+    pub async fn set_online_cpus(&self, count: u32) -> Result<GuestCpus, AgentError> {
+        let body = HostBody::SetOnlineCpus { count };
+        match self.request("set_online_cpus", body).await? {
+            GuestBody::Cpus { online, present } => Ok(GuestCpus { online, present }),
+            other => Err(unexpected("set_online_cpus", &other)),
+        }
+    }
+
+    /// How many vCPUs the guest has online and present.
+    pub async fn cpus(&self) -> Result<GuestCpus, AgentError> {
+        match self.request("cpu_status", HostBody::CpuStatus).await? {
+            GuestBody::Cpus { online, present } => Ok(GuestCpus { online, present }),
+            other => Err(unexpected("cpu_status", &other)),
+        }
+    }
+
     /// Asks the guest to sync and power off; returns once it acknowledged.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.expect_ok("power_off", HostBody::PowerOff).await
@@ -1135,6 +1153,15 @@ async fn connect_until(
             }
         }
     }
+}
+
+/// The guest's vCPUs, as its agent counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCpus {
+    /// Online now.
+    pub online: u32,
+    /// Present (online or not).
+    pub present: u32,
 }
 
 /// Sends Hello every [`HELLO_INTERVAL`] until the guest answers or `deadline` passes:

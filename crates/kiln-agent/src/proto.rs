@@ -277,6 +277,16 @@ pub enum HostBody {
         #[serde(default)]
         gid: Option<u32>,
     },
+    /// Sets how many vCPUs the guest has online: cpu0 and then the lowest-numbered others,
+    /// the rest taken offline; answered by `Cpus`, or by `Error` for a count outside
+    /// 1..=present. Added within version 1: an older agent answers an `Error`, and the host
+    /// then treats the guest as one of fixed size.
+    SetOnlineCpus {
+        /// vCPUs to have online.
+        count: u32,
+    },
+    /// How many vCPUs are online and present; answered by `Cpus`.
+    CpuStatus,
 }
 
 /// What [`HostBody::Fetch`] downloads, and where.
@@ -574,6 +584,13 @@ pub enum GuestBody {
         kind: FsErrorKind,
         /// What failed, on what, and why.
         message: String,
+    },
+    /// The guest's vCPUs now.
+    Cpus {
+        /// How many are online.
+        online: u32,
+        /// How many exist (online or not): the most it can have online.
+        present: u32,
     },
 }
 

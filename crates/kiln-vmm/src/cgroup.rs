@@ -1,8 +1,10 @@
 //! A cgroup per VM: a memory ceiling, a pids limit and a CPU weight for its QEMU.
 //!
 //! Both hierarchies are supported: cgroup v2 (one tree, `memory.max`, `pids.max`,
-//! `cpu.weight`) and v1 (a tree per controller, `memory.limit_in_bytes`, `pids.max`,
-//! `cpu.shares`). A VM's group sits under the group kilnd itself is in, in `kiln/<name>`, so
+//! `cpu.weight`, `cpu.max`) and v1 (a tree per controller, `memory.limit_in_bytes`,
+//! `pids.max`, `cpu.shares`, `cpu.cfs_quota_us`, and `cpuacct` for the CPU time used when
+//! the host mounts it). The CPU quota is the VM's vCPU grant: kilnd changes it while the VM
+//! runs ([`set_cpu_grant`]) and reads what the VM used ([`cpu_usage`]). A VM's group sits under the group kilnd itself is in, in `kiln/<name>`, so
 //! limits set on kilnd (by systemd, a container runtime) still hold its VMs. QEMU joins its
 //! group from the forked child before it executes (descriptors to `cgroup.procs` are opened
 //! here, before the fork), so it never runs a single instruction outside it.
@@ -70,16 +72,32 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 pub const CPU_OVERHEAD_US: u64 = CPU_PERIOD_US / 2;
 
 impl Limits {
-    /// The limits for a VM with `vcpus` vCPUs and `memory_mib` of guest RAM: it may use its
-    /// vCPUs' worth of host CPU plus half a CPU, whatever its guest runs.
+    /// The limits for a VM granted `vcpus` vCPUs with `memory_mib` of guest RAM: it may use
+    /// its vCPUs' worth of host CPU plus half a CPU, whatever its guest runs.
     pub fn for_guest(vcpus: u32, memory_mib: u64) -> Limits {
         Limits {
             memory_bytes: (memory_mib + MEMORY_OVERHEAD_MIB) << 20,
             pids: PIDS_MAX,
             cpu_weight: CPU_WEIGHT,
-            cpu_quota_us: u64::from(vcpus.max(1)) * CPU_PERIOD_US + CPU_OVERHEAD_US,
+            cpu_quota_us: cpu_quota_for(vcpus),
         }
     }
+}
+
+/// The CPU quota per [`CPU_PERIOD_US`] of a VM granted `vcpus` vCPUs (at least one).
+pub fn cpu_quota_for(vcpus: u32) -> u64 {
+    u64::from(vcpus.max(1)) * CPU_PERIOD_US + CPU_OVERHEAD_US
+}
+
+/// The v1 controllers a VM's group is made in, in this order; `cpuacct` only where the host
+/// mounts it (it counts the CPU time the sizer reads; where it is mounted with `cpu`, both
+/// names lead to the same directory).
+fn v1_controllers() -> Vec<&'static str> {
+    let mut controllers = vec!["memory", "pids", "cpu"];
+    if Path::new(CGROUP_ROOT).join("cpuacct").exists() {
+        controllers.push("cpuacct");
+    }
+    controllers
 }
 
 /// A VM's cgroup: its directories (one per controller under v1) and open `cgroup.procs`
@@ -117,7 +135,7 @@ fn parents(version: CgroupVersion) -> Result<Vec<PathBuf>, VmmError> {
             let own = path_of("").unwrap_or_default();
             Ok(vec![root.join(v2_group(&own)).join("kiln")])
         }
-        CgroupVersion::V1 => Ok(["memory", "pids", "cpu"]
+        CgroupVersion::V1 => Ok(v1_controllers()
             .into_iter()
             .map(|c| {
                 root.join(c)
@@ -356,6 +374,93 @@ pub fn dirs_for(dir: &Path) -> Vec<PathBuf> {
     parents(version)
         .map(|ps| ps.into_iter().map(|p| p.join(&name)).collect())
         .unwrap_or_default()
+}
+
+/// Whether this host can hold MicroVMs to a changing vCPU grant and count what they use
+/// (what vCPU growth needs), said for `kiln doctor`.
+pub fn growth_support() -> Result<String, String> {
+    match version() {
+        Some(CgroupVersion::V2) => {
+            Ok("cgroup v2: cpu.max holds each VM to its grant, cpu.stat counts its use".into())
+        }
+        Some(CgroupVersion::V1) if v1_controllers().contains(&"cpuacct") => Ok(
+            "cgroup v1: cpu.cfs_quota_us holds each VM to its grant, cpuacct counts its use".into(),
+        ),
+        Some(CgroupVersion::V1) => {
+            Err("cgroup v1 without cpuacct: MicroVMs keep their baseline vCPUs".into())
+        }
+        None => Err("no cgroup file system: MicroVMs keep their baseline vCPUs".into()),
+    }
+}
+
+/// The directory of `controller` (`cpu`, `cpuacct`) in the group of the VM in `dir`, when
+/// the group exists.
+fn controller_dir(dir: &Path, controller: &str) -> Option<(CgroupVersion, PathBuf)> {
+    let version = version()?;
+    let dirs = dirs_for(dir);
+    let group = match version {
+        CgroupVersion::V2 => dirs.into_iter().next(),
+        CgroupVersion::V1 => {
+            let i = v1_controllers().iter().position(|c| *c == controller)?;
+            dirs.into_iter().nth(i)
+        }
+    }?;
+    group.is_dir().then_some((version, group))
+}
+
+/// Grants the VM in `dir` `vcpus` vCPUs' worth of host CPU from now on ([`cpu_quota_for`]):
+/// its cgroup's `cpu.max` (v2) or `cpu.cfs_quota_us` (v1). This, not the guest, is what
+/// holds the VM to its grant: the guest may online every vCPU it has. Fails when the VM has
+/// no group.
+pub fn set_cpu_grant(dir: &Path, vcpus: u32) -> Result<(), VmmError> {
+    let (version, group) = controller_dir(dir, "cpu").ok_or_else(|| {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        VmmError::io("finding the CPU cgroup of the VM in", dir, missing)
+    })?;
+    let quota = cpu_quota_for(vcpus);
+    let (path, value) = match version {
+        CgroupVersion::V2 => (group.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}")),
+        CgroupVersion::V1 => (group.join("cpu.cfs_quota_us"), quota.to_string()),
+    };
+    std::fs::write(&path, &value)
+        .map_err(|e| VmmError::io(&format!("setting {value} in"), &path, e))
+}
+
+/// The CPU quota per [`CPU_PERIOD_US`] the group of the VM in `dir` has now, µs (`None`: no
+/// group, or no quota).
+pub fn cpu_quota_us(dir: &Path) -> Option<u64> {
+    let (version, group) = controller_dir(dir, "cpu")?;
+    match version {
+        CgroupVersion::V2 => std::fs::read_to_string(group.join("cpu.max"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok(),
+        CgroupVersion::V1 => std::fs::read_to_string(group.join("cpu.cfs_quota_us"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok(),
+    }
+}
+
+/// The host CPU time the VM in `dir` has used so far (all its QEMU's threads): `usage_usec`
+/// of `cpu.stat` (v2) or `cpuacct.usage` (v1). `None` without a group to count it.
+pub fn cpu_usage(dir: &Path) -> Option<Duration> {
+    match controller_dir(dir, "cpuacct").or_else(|| controller_dir(dir, "cpu"))? {
+        (CgroupVersion::V2, group) => {
+            let stat = std::fs::read_to_string(group.join("cpu.stat")).ok()?;
+            let usec = stat.lines().find_map(|l| l.strip_prefix("usage_usec "))?;
+            usec.trim().parse().ok().map(Duration::from_micros)
+        }
+        (CgroupVersion::V1, group) => std::fs::read_to_string(group.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+            .map(Duration::from_nanos),
+    }
 }
 
 #[cfg(test)]

@@ -33,8 +33,8 @@ use crate::host::Host;
 use crate::snapshot::{FileInfo, FileRef, SnapshotKind, SnapshotManifest};
 use crate::{
     Backend, BootOptions, BoxFuture, DiskFormat, MicroVm, Netns, PortForward, RestoreTarget,
-    Snapshot, SuspendError, SuspendedVm, Timeline, VmEgress, VmResult, VmSpec, VmStatus, Vmm,
-    VmmError,
+    Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult, VmSpec, VmStatus,
+    Vmm, VmmError,
 };
 
 /// The operations a test can hold at a gate or count.
@@ -417,6 +417,22 @@ impl MicroVm for FakeVm {
         self.forwards.clone()
     }
 
+    fn vcpu_range(&self) -> VcpuRange {
+        VcpuRange {
+            baseline: 1,
+            ceiling: 1,
+        }
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        None
+    }
+
+    fn set_cpu_grant(&self, _vcpus: u32) -> Result<(), VmmError> {
+        let missing = std::io::Error::from(std::io::ErrorKind::Unsupported);
+        Err(VmmError::io("granting vCPUs to", &self.dir, missing))
+    }
+
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
         Box::pin(async { Ok(()) })
     }
@@ -563,6 +579,7 @@ fn snapshot_manifest(memory_mib: u64, kind: SnapshotKind) -> SnapshotManifest {
         machine: "fake".into(),
         memory_mib,
         vcpus: 1,
+        baseline_vcpus: None,
         tsc_khz: 0,
         kernel: nothing(),
         initramfs: nothing(),

@@ -78,6 +78,7 @@ impl<V: ?Sized> Host<V> {
         VmSpec {
             dir,
             vcpus: 1,
+            baseline_vcpus: None,
             memory_mib: DEFAULT_MEMORY_MIB,
             kernel: self.assets.kernel.vmlinuz.clone(),
             initramfs: self.assets.initramfs.path.clone(),

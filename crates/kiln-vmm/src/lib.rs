@@ -127,6 +127,15 @@ pub trait MicroVm: Send + Sync {
     fn app_log_tail(&self, lines: usize) -> String;
     /// The host→guest forwards the VM has now.
     fn forwards(&self) -> Vec<PortForward>;
+    /// Its vCPUs: the baseline it is granted at start and the ceiling it can grow to.
+    fn vcpu_range(&self) -> VcpuRange;
+    /// The host CPU time the VM has used so far, all its threads (`None`: nothing on the host
+    /// counts it, e.g. it runs without a cgroup).
+    fn cpu_time(&self) -> Option<Duration>;
+    /// Grants the VM `vcpus` vCPUs' worth of host CPU from now on. The host holds it to that
+    /// whatever its guest onlines; fails where nothing on the host would (then the VM must
+    /// not grow).
+    fn set_cpu_grant(&self, vcpus: u32) -> Result<(), VmmError>;
     /// Pauses the vCPUs.
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues paused vCPUs.
@@ -171,6 +180,31 @@ pub trait MicroVm: Send + Sync {
     ) -> BoxFuture<'a, Result<SuspendedVm, SuspendError<Box<dyn MicroVm>>>>;
     /// Stops the VM (guest power-off, then signals) and removes its runtime directory.
     fn terminate(self: Box<Self>) -> BoxFuture<'static, Result<(), VmmError>>;
+}
+
+/// The vCPUs of a VM: present from the start are `ceiling` (`-smp`), of which `baseline`
+/// are online and granted when it starts; the rest wait offline for the host to grant them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuRange {
+    /// Online and granted at start.
+    pub baseline: u32,
+    /// The most it can have online.
+    pub ceiling: u32,
+}
+
+impl VcpuRange {
+    /// The range of the VM `spec` describes.
+    pub fn of(spec: &VmSpec) -> VcpuRange {
+        VcpuRange {
+            baseline: spec.baseline(),
+            ceiling: spec.vcpus.max(1),
+        }
+    }
+
+    /// Whether it can grow at all.
+    pub fn can_grow(&self) -> bool {
+        self.ceiling > self.baseline
+    }
 }
 
 /// Options for a cold boot.

@@ -60,8 +60,12 @@ pub struct SnapshotManifest {
     pub machine: String,
     /// Guest memory in MiB.
     pub memory_mib: u64,
-    /// Virtual CPUs.
+    /// Virtual CPUs (`-smp`): the ceiling the guest may grow to.
     pub vcpus: u32,
+    /// vCPUs online at boot, the baseline every restore is granted at start; absent in
+    /// manifests written before guests could grow (then all of `vcpus`: a fixed size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_vcpus: Option<u32>,
     /// TSC frequency the guest was booted with.
     pub tsc_khz: u64,
     /// Guest kernel the memory image was booted from.

@@ -10,8 +10,13 @@ use serde::{Deserialize, Serialize};
 pub struct VmSpec {
     /// Runtime directory of this VM: sockets, pid file, console and QEMU logs live here.
     pub dir: PathBuf,
-    /// Number of virtual CPUs.
+    /// Number of virtual CPUs (`-smp`): the most the guest can ever have online.
     pub vcpus: u32,
+    /// vCPUs online when the guest boots (kernel `maxcpus=`) and granted by the VM's cgroup
+    /// when it starts; the rest of [`VmSpec::vcpus`] are present but offline, for the guest
+    /// to grow into once the host grants them. `None`: all of them (a VM of fixed size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_vcpus: Option<u32>,
     /// Guest memory in MiB.
     pub memory_mib: u64,
     /// Guest kernel (`vmlinuz`).
@@ -99,6 +104,12 @@ pub struct MemoryFile {
 }
 
 impl VmSpec {
+    /// The vCPUs online at boot and granted at start: [`VmSpec::baseline_vcpus`], within
+    /// 1 and [`VmSpec::vcpus`].
+    pub fn baseline(&self) -> u32 {
+        let ceiling = self.vcpus.max(1);
+        self.baseline_vcpus.unwrap_or(ceiling).clamp(1, ceiling)
+    }
     /// The QMP socket inside the runtime directory.
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")

@@ -102,8 +102,8 @@ fn assert_confined(vm: &QemuVm, other_vm_dir: &Path) {
         .unwrap_or_default();
     assert_eq!(
         cpu_quota.trim(),
-        (u64::from(vm.spec().vcpus) * 100_000 + 50_000).to_string(),
-        "the VM may use its vCPUs' worth of CPU and half a CPU more"
+        (u64::from(vm.spec().baseline()) * 100_000 + 50_000).to_string(),
+        "the VM may use its granted vCPUs' worth of CPU and half a CPU more"
     );
     let spec = vm.spec();
     let used: Vec<&Path> = [spec.dir.as_path(), &spec.kernel, &spec.initramfs]

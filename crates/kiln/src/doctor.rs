@@ -195,6 +195,21 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     );
     checks.push(c);
     let (c, _) = check(
+        "vcpu growth",
+        false,
+        kiln_vmm::cgroup::growth_support(),
+        |s| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            format!(
+                "{s}; busy MicroVMs grow to 4x their baseline within a budget of {} vCPUs \
+                 (16 per host CPU; kilnd --max-vcpus, --vcpu-growth off)",
+                16 * cpus
+            )
+        },
+        "optional: mount the cpu and cpuacct cgroup controllers (or cgroup v2) for MicroVMs to grow",
+    );
+    checks.push(c);
+    let (c, _) = check(
         "ksm",
         false,
         kiln_vmm::ksm::stats().ok_or_else(|| "this kernel has no KSM".to_string()),

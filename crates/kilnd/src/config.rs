@@ -79,6 +79,17 @@ pub struct Config {
     /// (MemAvailable), MiB.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     pub min_available_mib: u64,
+    /// Most vCPUs all MicroVMs together may be granted: each holds its baseline (a vCPU per
+    /// 2 GiB of memory, at least one) while resident, and what the sizer grants on top under
+    /// load (default: 16 per host CPU; CPU time is shared by weight and every VM's cgroup
+    /// quota caps it at its grant, so the budget bounds what is promised, not what idles).
+    #[arg(long, value_name = "N")]
+    pub max_vcpus: Option<u64>,
+    /// Whether a busy MicroVM grows: `on` grants a vCPU at a time, up to four times its
+    /// baseline, while it uses nearly all it has (and takes them back when it idles);
+    /// `off` keeps every MicroVM at its baseline.
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off)]
+    pub vcpu_growth: bool,
     /// MicroVMs kept restored and paused for each image version launched in the last ten
     /// minutes, so RunMicrovm only continues one (0: no warm pool). They hold VM slots and
     /// memory like running MicroVMs and give them up first when a launch needs room.
@@ -216,6 +227,13 @@ impl Config {
             .unwrap_or_else(|| meminfo_kib("MemTotal:").unwrap_or(4 << 20) / 1024 * 3 / 4);
         (base as f64 * self.memory_overcommit) as u64
     }
+    /// The vCPU budget for MicroVMs: `--max-vcpus`, or 16 per host CPU.
+    pub fn vcpu_budget(&self) -> u64 {
+        self.max_vcpus.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            16 * cpus as u64
+        })
+    }
     /// The default per-principal quotas from the `--quota-*` flags.
     pub fn quota_limits(&self) -> Limits {
         Limits {
@@ -244,6 +262,15 @@ pub fn meminfo_kib(field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `on` or `off`.
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
 }
 
 /// `--memory-overcommit`: a finite ratio from 1 to 16.

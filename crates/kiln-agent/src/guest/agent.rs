@@ -337,6 +337,17 @@ impl Agent {
             HostBody::RemovePath { path } => {
                 sink.result(id, ops::remove_path(&path).map(|()| GuestBody::Ok));
             }
+            HostBody::SetOnlineCpus { count } => {
+                if !self.config.guest_ops {
+                    return sink.error(id, guest_only("set_online_cpus"));
+                }
+                // Bringing a vCPU up takes the kernel a while: off the reader thread.
+                let reply = sink.clone();
+                self.in_background(sink, id, "cpus", move || {
+                    reply.result(id, super::cpus::set_online(count).map(cpus_body));
+                });
+            }
+            HostBody::CpuStatus => sink.result(id, super::cpus::status().map(cpus_body)),
             HostBody::PathExists { path } => {
                 let exists = std::fs::symlink_metadata(&path).is_ok();
                 sink.reply(id, GuestBody::Exists { exists });
@@ -440,6 +451,13 @@ const MAX_WARM_MS: u64 = 60_000;
 
 /// Grace period between StopApp's signal and SIGKILL when the host names none.
 const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+
+fn cpus_body(c: super::cpus::CpuCount) -> GuestBody {
+    GuestBody::Cpus {
+        online: c.online,
+        present: c.present,
+    }
+}
 
 fn copied(stats: copy::CopyStats) -> GuestBody {
     GuestBody::Copied {

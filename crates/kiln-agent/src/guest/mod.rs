@@ -6,6 +6,7 @@ pub mod archive;
 pub mod boot;
 pub mod children;
 pub mod copy;
+pub mod cpus;
 pub mod envd;
 pub mod exec;
 pub mod fetch;

@@ -49,6 +49,15 @@ pub fn vcpus_for(memory_mib: u64) -> u32 {
     u32::try_from(memory_mib / 2048).unwrap_or(u32::MAX).max(1)
 }
 
+/// How many times its baseline vCPUs an app VM may grow to under load (AWS's 4×).
+pub const VCPU_GROWTH: u32 = 4;
+
+/// The vCPUs an app VM with `memory_mib` of baseline memory is built with (`-smp`): its
+/// baseline ([`vcpus_for`]) online, [`VCPU_GROWTH`] times that present.
+pub fn vcpu_ceiling_for(memory_mib: u64) -> u32 {
+    vcpus_for(memory_mib).saturating_mul(VCPU_GROWTH)
+}
+
 /// Everything one build needs.
 #[derive(Debug, Clone)]
 pub struct BuildSpec {
@@ -949,9 +958,11 @@ async fn capture_app(
         .map_err(vm_err("creating the app disk"))?;
     let mut vm_spec = host.vm_spec(spec.work_dir.join("app-vm"));
     vm_spec.memory_mib = spec.memory_mib;
-    // AWS's sizing: a vCPU per 2 GiB of baseline memory, at least one. The snapshot fixes
-    // the count for every MicroVM restored from it.
-    vm_spec.vcpus = vcpus_for(spec.memory_mib);
+    // AWS's sizing: a vCPU per 2 GiB of baseline memory, at least one, online; four times
+    // that present, offline until kilnd grants them under load (microvm has no vCPU
+    // hotplug, so the snapshot fixes both counts for every MicroVM restored from it).
+    vm_spec.vcpus = vcpu_ceiling_for(spec.memory_mib);
+    vm_spec.baseline_vcpus = Some(vcpus_for(spec.memory_mib));
     vm_spec.disks = vec![DiskSpec {
         path: top,
         format: DiskFormat::Qcow2,
@@ -1196,6 +1207,8 @@ mod tests {
     #[test]
     fn vcpus_for_when_aws_memory_sizes_then_one_per_two_gib_at_least_one() {
         let sizes = [128, 512, 1024, 2048, 4096, 8192].map(vcpus_for);
+        let ceilings = [512, 4096, 8192].map(vcpu_ceiling_for);
+        assert_eq!(ceilings, [4, 8, 16]);
         assert_eq!(sizes, [1, 1, 1, 1, 2, 4]);
     }
 }

@@ -48,6 +48,11 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
     if spec.network.is_none() {
         words.push("kiln.net=0".into());
     }
+    if spec.baseline() < spec.vcpus {
+        // Only the baseline comes up at boot; the others stay present and offline (sysfs
+        // onlines them later), which also spares the boot their bring-up.
+        words.push(format!("maxcpus={}", spec.baseline()));
+    }
     words.extend(spec.cmdline_extra.iter().cloned());
     words.join(" ")
 }
@@ -196,6 +201,7 @@ mod tests {
         VmSpec {
             dir: "/run/kiln/vm1".into(),
             vcpus: 1,
+            baseline_vcpus: None,
             memory_mib: 256,
             kernel: "/k/vmlinuz".into(),
             initramfs: "/k/initramfs.cpio".into(),
@@ -262,5 +268,21 @@ mod tests {
     #[test]
     fn kernel_cmdline_when_tcg_then_has_tsc_early_khz() {
         assert!(kernel_cmdline(&spec()).contains("tsc_early_khz=2445000"));
+    }
+
+    #[test]
+    fn args_when_baseline_below_ceiling_then_smp_is_the_ceiling_and_maxcpus_the_baseline() {
+        let grown = VmSpec {
+            vcpus: 4,
+            baseline_vcpus: Some(1),
+            ..spec()
+        };
+
+        let line = joined(&grown, false);
+
+        assert!(line.contains("-smp 4 "), "{line}");
+        assert!(kernel_cmdline(&grown).contains("maxcpus=1"));
+        assert!(!kernel_cmdline(&spec()).contains("maxcpus"));
+        assert!(machine_signature(&grown).contains("smp=4"));
     }
 }

@@ -140,7 +140,7 @@ fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmErro
     spec.jail = Some(id);
     write_spec(spec)?;
     jail::prepare_files(spec, id, config)?;
-    let limits = crate::cgroup::Limits::for_guest(spec.vcpus, spec.memory_mib);
+    let limits = crate::cgroup::Limits::for_guest(spec.baseline(), spec.memory_mib);
     let cgroup = match crate::cgroup::VmCgroup::create(&spec.dir, limits) {
         Ok(cg) => cg,
         Err(e) => {
@@ -409,6 +409,7 @@ impl QemuVmm {
         let spec = VmSpec {
             dir: target.dir.clone(),
             vcpus: m.vcpus,
+            baseline_vcpus: m.baseline_vcpus,
             memory_mib: m.memory_mib,
             kernel: snap.kernel_path(),
             initramfs: snap.initramfs_path(),
@@ -1082,6 +1083,7 @@ fn manifest_for(
         machine: cmdline::machine_signature(spec),
         memory_mib: spec.memory_mib,
         vcpus: spec.vcpus,
+        baseline_vcpus: spec.baseline_vcpus,
         tsc_khz: spec.tsc_khz,
         kernel: snapshot::FileRef::new(staging, &spec.kernel)?,
         initramfs: snapshot::FileRef::new(staging, &spec.initramfs)?,

@@ -3,14 +3,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_agent::client::AgentClient;
 
 use super::{process, QemuVm, QemuVmm};
 use crate::{
     Backend, BootOptions, BoxFuture, DiskFormat, MicroVm, Netns, PortForward, RestoreTarget,
-    Snapshot, SuspendError, SuspendedVm, Timeline, VmEgress, VmResult, VmSpec, VmStatus, Vmm,
-    VmmError,
+    Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult, VmSpec, VmStatus,
+    Vmm, VmmError,
 };
 
 /// A QEMU VM as the seam hands it out.
@@ -90,6 +91,18 @@ impl MicroVm for QemuVm {
             .iter()
             .flat_map(|n| n.forwards.iter().cloned())
             .collect()
+    }
+
+    fn vcpu_range(&self) -> VcpuRange {
+        VcpuRange::of(self.spec())
+    }
+
+    fn cpu_time(&self) -> Option<Duration> {
+        crate::cgroup::cpu_usage(&self.spec().dir)
+    }
+
+    fn set_cpu_grant(&self, vcpus: u32) -> Result<(), VmmError> {
+        crate::cgroup::set_cpu_grant(&self.spec().dir, vcpus)
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {

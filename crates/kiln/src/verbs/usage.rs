@@ -70,7 +70,10 @@ pub async fn run(g: &Global, kilnd: &Kilnd, args: UsageArgs) -> anyhow::Result<E
             m["microvmId"].as_str().unwrap_or_default().to_string(),
             m["principal"].as_str().unwrap_or_default().to_string(),
             m["state"].as_str().unwrap_or_default().to_string(),
-            m["vcpus"].to_string(),
+            match (&m["vcpus"], &m["baselineVcpus"]) {
+                (now, base) if now == base || base.is_null() => now.to_string(),
+                (now, base) => format!("{now} (baseline {base})"),
+            },
             format!("{} MiB", m["memoryMiB"]),
             seconds(&m["vcpuSeconds"]),
             seconds(&m["memoryGiBSeconds"]),

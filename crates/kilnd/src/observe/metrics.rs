@@ -74,6 +74,8 @@ pub struct Metrics {
     proxy: ProxyCounters,
     admitted_microvms: Gauge,
     admitted_memory_mib: Gauge,
+    admitted_vcpus: Gauge,
+    vcpu_changes: Family<Label, Counter>,
     warm_pool: Gauge,
     pooled_launches: Counter,
     warmups: Family<Label, Counter>,
@@ -271,6 +273,18 @@ impl Metrics {
             "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress), MiB",
             admitted_memory_mib.clone(),
         );
+        let admitted_vcpus = Gauge::default();
+        registry.register(
+            "admitted_vcpus",
+            "vCPUs granted on this host: resident MicroVMs' baselines and what the sizer added under load",
+            admitted_vcpus.clone(),
+        );
+        let vcpu_changes = Family::<Label, Counter>::default();
+        registry.register(
+            "microvm_vcpu_changes",
+            "The sizer's changes to MicroVMs' vCPUs (change=grow|shrink) and growth the vCPU budget refused (change=refused)",
+            vcpu_changes.clone(),
+        );
         let warm_pool = Gauge::default();
         registry.register(
             "warm_pool_microvms",
@@ -308,6 +322,8 @@ impl Metrics {
             proxy,
             admitted_microvms,
             admitted_memory_mib,
+            admitted_vcpus,
+            vcpu_changes,
             warm_pool,
             pooled_launches,
             warmups,
@@ -329,10 +345,18 @@ impl Metrics {
         self.warmups.get_or_create(&result(ok)).inc();
     }
 
-    /// What the supervisor has admitted now: MicroVMs and guest memory.
-    pub fn set_admitted(&self, microvms: usize, memory_mib: u64) {
+    /// What the supervisor has admitted now: MicroVMs, guest memory and vCPUs.
+    pub fn set_admitted(&self, microvms: usize, memory_mib: u64, vcpus: u64) {
         self.admitted_microvms.set(microvms as i64);
         self.admitted_memory_mib.set(memory_mib as i64);
+        self.admitted_vcpus
+            .set(i64::try_from(vcpus).unwrap_or(i64::MAX));
+    }
+
+    /// The sizer changed a MicroVM's vCPUs, or the budget refused growth: `grow`, `shrink`,
+    /// `refused`.
+    pub fn vcpu_change(&self, change: &'static str) {
+        self.vcpu_changes.get_or_create(&[("change", change)]).inc();
     }
 
     /// Every metric in the Prometheus text exposition format.

@@ -245,6 +245,10 @@ pub trait MicrovmStore {
     /// Records the size on disk of a MicroVM's saved session (counted while SUSPENDED).
     fn set_microvm_snapshot_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError>;
 
+    /// Records that a RUNNING MicroVM is granted `vcpus` from `now` on: its vCPU-seconds so
+    /// far are counted at the grant it had. (Leaving RUNNING puts it back at its baseline.)
+    fn set_microvm_vcpus(&self, id: &str, vcpus: u32, now: f64) -> Result<(), StoreError>;
+
     /// The usage of `owner`'s MicroVMs (everyone's for `None`) up to `now`: each one the
     /// store remembers, and the totals of those that aged out, by principal.
     fn usage(&self, owner: Option<&str>, now: f64) -> Result<UsageReport, StoreError>;
@@ -474,11 +478,14 @@ pub struct MicrovmUsage {
     /// Its baseline memory.
     #[serde(rename = "memoryMiB")]
     pub memory_mib: i64,
-    /// Its vCPUs.
+    /// Its baseline vCPUs (a vCPU per 2 GiB of memory, at least one).
+    pub baseline_vcpus: i64,
+    /// The vCPUs it is granted now: its baseline, plus what it grew to under load while
+    /// RUNNING.
     pub vcpus: i64,
     /// Seconds it held vCPUs and memory (launching, running, suspending, terminating).
     pub resident_seconds: f64,
-    /// `resident_seconds` × vCPUs.
+    /// The vCPUs it was granted, integrated over its resident seconds.
     pub vcpu_seconds: f64,
     /// `resident_seconds` × memory in GiB.
     #[serde(rename = "memoryGiBSeconds")]

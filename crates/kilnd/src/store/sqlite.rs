@@ -143,6 +143,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE image_versions ADD COLUMN host TEXT NOT NULL DEFAULT '';
     CREATE INDEX microvms_by_host ON microvms (host, state);
     CREATE INDEX image_versions_by_host ON image_versions (host, state);",
+    // 8: vCPU growth. `vcpus` is what a MicroVM is granted now (its baseline unless it grew
+    // while RUNNING), `vcpu_seconds` what it was granted over time, closed at every state
+    // change and grant change; rows from before had their baseline all along.
+    "ALTER TABLE microvms ADD COLUMN vcpus INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE microvms ADD COLUMN vcpu_seconds REAL NOT NULL DEFAULT 0;
+    UPDATE microvms SET vcpus = (CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END),
+        vcpu_seconds = resident_seconds * (CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END);",
 ];
 
 /// The migration that added `host` columns (its number): the rows that existed before get
@@ -566,6 +573,17 @@ const RESIDENT_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'TERMINATING
 /// `kiln_image::build::vcpus_for`): one per 2 GiB of memory, at least one.
 const VCPUS: &str = "(CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END)";
 
+/// [`VCPUS`] of the MicroVM an insert records (its memory is parameter 10).
+const BASELINE_OF_NEW: &str = "(CASE WHEN ?10 >= 4096 THEN ?10 / 2048 ELSE 1 END)";
+
+/// The resident seconds a row has not counted yet at time `at` (an SQL parameter): its time
+/// in a resident state since `state_since`.
+fn open_resident(at: &str) -> String {
+    format!(
+        "(CASE WHEN state IN {RESIDENT_STATES} AND {at} > state_since THEN {at} - state_since ELSE 0 END)"
+    )
+}
+
 const MICROVM_COLUMNS: &str =
     "id, image, version, state, state_reason, request, started_at, terminated_at,
     max_duration, memory_mib, kernel, dir, forwards, owner";
@@ -603,7 +621,7 @@ impl MicrovmStore for SqliteStore {
     fn insert_microvm(&self, m: &MicrovmRow) -> Result<(), StoreError> {
         self.lock()
             .execute(
-                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}, state_since, host) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?7, ?15)"),
+                &format!("INSERT INTO microvms ({MICROVM_COLUMNS}, state_since, host, vcpus) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?7, ?15, {BASELINE_OF_NEW})"),
                 params![
                     m.id, m.image, m.version, m.state.as_str(), m.state_reason, m.request.to_string(), m.started_at,
                     m.terminated_at, m.max_duration, m.memory_mib, m.kernel, m.dir, m.forwards.to_string(),
@@ -709,13 +727,15 @@ impl MicrovmStore for SqliteStore {
                     "UPDATE microvms SET state = ?3,
                    state_reason = CASE WHEN ?4 = 1 THEN state_reason ELSE ?5 END,
                    terminated_at = COALESCE(?6, terminated_at),
-                   resident_seconds = resident_seconds
-                     + CASE WHEN state IN {RESIDENT_STATES} AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
+                   resident_seconds = resident_seconds + {open},
+                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
+                   vcpus = CASE WHEN ?3 = 'RUNNING' THEN vcpus ELSE {VCPUS} END,
                    suspended_seconds = suspended_seconds
                      + CASE WHEN state = 'SUSPENDED' AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
                    snapshot_bytes = CASE WHEN ?3 = 'SUSPENDED' THEN snapshot_bytes ELSE 0 END,
                    state_since = ?7
-                 WHERE id = ?1 AND state = ?2"
+                 WHERE id = ?1 AND state = ?2",
+                    open = open_resident("?7")
                 ),
                 params![
                     id,
@@ -737,19 +757,17 @@ impl MicrovmStore for SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(self.err())?;
         tx.execute(
-            &format!(
-                "INSERT INTO retired_usage
-                   (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
-                 SELECT owner, COUNT(*), SUM(resident_seconds * {VCPUS}),
-                        SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
-                   FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1 AND host = ?2
-                   GROUP BY owner
-                 ON CONFLICT (owner) DO UPDATE SET
-                   microvms = retired_usage.microvms + excluded.microvms,
-                   vcpu_seconds = retired_usage.vcpu_seconds + excluded.vcpu_seconds,
-                   memory_gib_seconds = retired_usage.memory_gib_seconds + excluded.memory_gib_seconds,
-                   suspended_seconds = retired_usage.suspended_seconds + excluded.suspended_seconds"
-            ),
+            "INSERT INTO retired_usage
+               (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
+             SELECT owner, COUNT(*), SUM(vcpu_seconds),
+                    SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
+               FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1 AND host = ?2
+               GROUP BY owner
+             ON CONFLICT (owner) DO UPDATE SET
+               microvms = retired_usage.microvms + excluded.microvms,
+               vcpu_seconds = retired_usage.vcpu_seconds + excluded.vcpu_seconds,
+               memory_gib_seconds = retired_usage.memory_gib_seconds + excluded.memory_gib_seconds,
+               suspended_seconds = retired_usage.suspended_seconds + excluded.suspended_seconds",
             params![before, self.host],
         )
         .map_err(self.err())?;
@@ -781,19 +799,39 @@ impl MicrovmStore for SqliteStore {
             .map_err(self.err())
     }
 
+    /// Closes a RUNNING MicroVM's account at its old grant and counts `vcpus` from `now` on
+    /// (`state_since` moves: it marks where the uncounted time starts).
+    fn set_microvm_vcpus(&self, id: &str, vcpus: u32, now: f64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                &format!(
+                    "UPDATE microvms SET
+                   resident_seconds = resident_seconds + {open},
+                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
+                   vcpus = ?2,
+                   state_since = MAX(state_since, ?3)
+                 WHERE id = ?1 AND state = 'RUNNING'",
+                    open = open_resident("?3")
+                ),
+                params![id, vcpus, now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
     /// The usage of `owner`'s MicroVMs (everyone's for `None`) up to `now`: each one the
     /// store remembers, and the totals of those that aged out, by principal.
     fn usage(&self, owner: Option<&str>, now: f64) -> Result<UsageReport, StoreError> {
         let conn = self.lock();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT id, owner, state, memory_mib, {VCPUS},
-                   resident_seconds
-                     + CASE WHEN state IN {RESIDENT_STATES} AND ?2 > state_since THEN ?2 - state_since ELSE 0 END,
+                "SELECT id, owner, state, memory_mib, vcpus,
+                   resident_seconds + {open},
                    suspended_seconds
                      + CASE WHEN state = 'SUSPENDED' AND ?2 > state_since THEN ?2 - state_since ELSE 0 END,
-                   snapshot_bytes
-                 FROM microvms WHERE ?1 IS NULL OR owner = ?1 ORDER BY started_at, id"
+                   snapshot_bytes, vcpu_seconds + {open} * vcpus, {VCPUS}
+                 FROM microvms WHERE ?1 IS NULL OR owner = ?1 ORDER BY started_at, id",
+                open = open_resident("?2")
             ))
             .map_err(self.err())?;
         let microvms = stmt
@@ -806,9 +844,10 @@ impl MicrovmStore for SqliteStore {
                     owner: r.get(1)?,
                     state: r.get(2)?,
                     memory_mib,
+                    baseline_vcpus: r.get(9)?,
                     vcpus,
                     resident_seconds: resident,
-                    vcpu_seconds: resident * vcpus as f64,
+                    vcpu_seconds: r.get(8)?,
                     memory_gib_seconds: resident * memory_mib as f64 / 1024.0,
                     suspended_seconds: r.get(6)?,
                     snapshot_bytes: r.get::<_, i64>(7)?.max(0) as u64,
@@ -1864,6 +1903,48 @@ mod expiry_tests {
             store.client_token("t-new", "RunMicrovm").expect("get"),
             Some(("h2".to_string(), "{\"again\":1}".to_string()))
         );
+    }
+
+    #[test]
+    fn usage_when_a_running_microvm_grows_and_shrinks_then_vcpu_seconds_follow_the_grant() {
+        use MicrovmState as S;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
+        let mut vm = microvm("mvm-g", "PENDING", None);
+        vm.started_at = 1000.0;
+        store.insert_microvm(&vm).expect("insert");
+        store
+            .transition_microvm_at("mvm-g", S::Pending, S::Running, Reason::Keep, None, 1000.0)
+            .expect("running");
+
+        store.set_microvm_vcpus("mvm-g", 3, 1010.0).expect("grow");
+        let grown = store.usage(None, 1020.0).expect("usage");
+        store.set_microvm_vcpus("mvm-g", 2, 1020.0).expect("shrink");
+        store
+            .transition_microvm_at(
+                "mvm-g",
+                S::Running,
+                S::Suspending,
+                Reason::Keep,
+                None,
+                1030.0,
+            )
+            .expect("suspending");
+        let suspending = store.usage(None, 1040.0).expect("usage");
+        let refused = store.set_microvm_vcpus("mvm-g", 4, 1040.0);
+        let after = store.usage(None, 1040.0).expect("usage");
+
+        let u = &grown.microvms[0];
+        assert_eq!((u.baseline_vcpus, u.vcpus), (1, 3));
+        assert_eq!((u.resident_seconds, u.vcpu_seconds), (20.0, 10.0 + 30.0));
+        let u = &suspending.microvms[0];
+        assert_eq!(u.vcpus, 1, "leaving RUNNING puts it back at its baseline");
+        assert_eq!(
+            (u.resident_seconds, u.vcpu_seconds),
+            (40.0, 10.0 + 30.0 + 20.0 + 10.0)
+        );
+        assert!(refused.is_ok());
+        assert_eq!(after.microvms[0].vcpus, 1, "only a RUNNING MicroVM grows");
     }
 
     #[test]

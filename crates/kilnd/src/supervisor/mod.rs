@@ -7,6 +7,7 @@ pub mod network;
 mod owner;
 mod pool;
 mod recovery;
+pub mod sizer;
 #[cfg(test)]
 mod tests;
 pub mod transitions;
@@ -59,11 +60,23 @@ struct Live {
     since: std::time::Instant,
 }
 
-/// What is admitted now: VM count and memory.
+/// What is admitted now: VM count, memory, and vCPUs (every resident MicroVM's baseline
+/// plus what the sizer granted on top).
 #[derive(Debug, Default)]
 struct Capacity {
     vms: usize,
     memory_mib: u64,
+    vcpus: u64,
+}
+
+/// The baseline vCPUs a reservation of `memory_mib` holds: a resident MicroVM's (AWS's
+/// sizing, as its image was built), none for a reservation without memory (a suspended
+/// MicroVM's slot).
+fn baseline_vcpus(memory_mib: u64) -> u64 {
+    match memory_mib {
+        0 => 0,
+        m => u64::from(kiln_image::build::vcpus_for(m)),
+    }
 }
 
 /// What a supervisor is made of.
@@ -191,6 +204,16 @@ impl Microvms {
         (c.vms, c.memory_mib)
     }
 
+    /// The vCPUs admitted now (baselines and growth) and the budget, `--max-vcpus`.
+    pub fn admitted_vcpus(&self) -> (u64, u64) {
+        let c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        (c.vcpus, self.config.vcpu_budget())
+    }
+
+    fn publish_admitted(&self, c: &Capacity) {
+        self.metrics.set_admitted(c.vms, c.memory_mib, c.vcpus);
+    }
+
     pub(crate) fn dir_of(&self, id: &str) -> PathBuf {
         self.host.home.join("microvms").join(id)
     }
@@ -229,18 +252,24 @@ impl Microvms {
         self.host_has_room()?;
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         let budget = self.config.memory_budget_mib();
-        if c.vms + 1 > self.config.max_microvms || c.memory_mib + memory_mib > budget {
+        let (vcpus, vcpu_budget) = (baseline_vcpus(memory_mib), self.config.vcpu_budget());
+        if c.vms + 1 > self.config.max_microvms
+            || c.memory_mib + memory_mib > budget
+            || c.vcpus + vcpus > vcpu_budget
+        {
             return Err(ApiError::InsufficientCapacity {
                 message: format!(
-                    "this kiln host is full: {} MicroVMs using {} of {} MiB; a {} MiB MicroVM does not fit \
-                     (at most {} MicroVMs); terminate some or try later",
-                    c.vms, c.memory_mib, budget, memory_mib, self.config.max_microvms
+                    "this kiln host is full: {} MicroVMs using {} of {} MiB and {} of {} vCPUs; a {} MiB \
+                     MicroVM ({} vCPUs) does not fit (at most {} MicroVMs); terminate some or try later",
+                    c.vms, c.memory_mib, budget, c.vcpus, vcpu_budget, memory_mib, vcpus,
+                    self.config.max_microvms
                 ),
             });
         }
         c.vms += 1;
         c.memory_mib += memory_mib;
-        self.metrics.set_admitted(c.vms, c.memory_mib);
+        c.vcpus += vcpus;
+        self.publish_admitted(&c);
         Ok(())
     }
 
@@ -248,13 +277,19 @@ impl Microvms {
         self.host_has_room()?;
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         let budget = self.config.memory_budget_mib();
-        if c.memory_mib + memory_mib > budget {
+        let (vcpus, vcpu_budget) = (baseline_vcpus(memory_mib), self.config.vcpu_budget());
+        if c.memory_mib + memory_mib > budget || c.vcpus + vcpus > vcpu_budget {
             return Err(ApiError::InsufficientCapacity {
-                message: format!("this kiln host has {} of {budget} MiB in use; resuming needs {memory_mib} MiB more; try later", c.memory_mib),
+                message: format!(
+                    "this kiln host has {} of {budget} MiB and {} of {vcpu_budget} vCPUs in use; \
+                     resuming needs {memory_mib} MiB and {vcpus} vCPUs more; try later",
+                    c.memory_mib, c.vcpus
+                ),
             });
         }
         c.memory_mib += memory_mib;
-        self.metrics.set_admitted(c.vms, c.memory_mib);
+        c.vcpus += vcpus;
+        self.publish_admitted(&c);
         Ok(())
     }
 
@@ -263,20 +298,46 @@ impl Microvms {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         c.vms += 1;
         c.memory_mib += memory_mib;
-        self.metrics.set_admitted(c.vms, c.memory_mib);
+        c.vcpus += baseline_vcpus(memory_mib);
+        self.publish_admitted(&c);
     }
 
     fn release_memory(&self, memory_mib: u64) {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
-        self.metrics.set_admitted(c.vms, c.memory_mib);
+        c.vcpus = c.vcpus.saturating_sub(baseline_vcpus(memory_mib));
+        self.publish_admitted(&c);
     }
 
     fn release(&self, memory_mib: u64) {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         c.vms = c.vms.saturating_sub(1);
         c.memory_mib = c.memory_mib.saturating_sub(memory_mib);
-        self.metrics.set_admitted(c.vms, c.memory_mib);
+        c.vcpus = c.vcpus.saturating_sub(baseline_vcpus(memory_mib));
+        self.publish_admitted(&c);
+    }
+
+    /// Reserves `n` vCPUs on top of a running MicroVM's baseline (the sizer grows it); Err
+    /// with the budget when they do not fit, and the MicroVM stays as it is.
+    fn reserve_growth(&self, n: u64) -> Result<(), String> {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.config.vcpu_budget();
+        if c.vcpus + n > budget {
+            return Err(format!(
+                "{} of {budget} vCPUs (--max-vcpus) are admitted",
+                c.vcpus
+            ));
+        }
+        c.vcpus += n;
+        self.publish_admitted(&c);
+        Ok(())
+    }
+
+    /// Gives back `n` vCPUs [`Microvms::reserve_growth`] reserved.
+    fn release_growth(&self, n: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.vcpus = c.vcpus.saturating_sub(n);
+        self.publish_admitted(&c);
     }
 
     /// Executes a MicroVM request for `caller`, who sees only its own MicroVMs (admin
@@ -596,6 +657,7 @@ impl Microvms {
             Held {
                 slot: true,
                 memory: true,
+                growth: 0,
             },
         );
         let from = match (pooled, from) {

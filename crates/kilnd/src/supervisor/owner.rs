@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::hooks::SessionHooks;
+use super::sizer::{Decision, Sizing};
 use super::transitions::{self, due, Effect, Event, Expiry, Refusal};
 use super::{Live, Microvms};
 use crate::api::wire::internal;
@@ -78,8 +79,14 @@ const QUEUE: usize = 64;
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Held {
     pub slot: bool,
+    /// Its memory and baseline vCPUs (while resident).
     pub memory: bool,
+    /// vCPUs the sizer granted on top of its baseline (while RUNNING).
+    pub growth: u32,
 }
+
+/// How long the sizer waits for the guest to online or offline a vCPU.
+const CPU_SWITCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What never changes about a MicroVM, read once from its row.
 struct Facts {
@@ -100,6 +107,8 @@ struct Owner {
     /// Since when it is suspended (since kilnd started, after a restart: a session is
     /// never cut short).
     suspended_since: Option<Instant>,
+    /// Its vCPUs while RUNNING (`None`: not sized since it last started running).
+    sizing: Option<Sizing>,
 }
 
 impl Microvms {
@@ -131,6 +140,7 @@ impl Microvms {
             },
             held,
             suspended_since: (row.state == S::Suspended).then(Instant::now),
+            sizing: None,
         };
         tokio::spawn(owner.run(rx, tx.clone()));
         tx
@@ -152,6 +162,7 @@ impl Microvms {
             let held = Held {
                 slot: true,
                 memory: matches!(row.state, S::Pending | S::Running | S::Suspending),
+                growth: 0,
             };
             self.spawn_owner(&row, held)
         }))
@@ -200,7 +211,10 @@ impl Owner {
                     Some(c) => self.serve(c).await,
                     None => return,
                 },
-                _ = tick.tick() => self.expire().await,
+                _ = tick.tick() => {
+                    self.expire().await;
+                    self.size().await;
+                }
             }
         }
         {
@@ -283,6 +297,10 @@ impl Owner {
             )));
         }
         self.state = step.to;
+        if step.to != S::Running {
+            // Growth is a running VM's only: the store reset its vCPUs with this swap.
+            self.shed_growth();
+        }
         match step.effect {
             Effect::ReleaseMemory => self.give_back(false),
             Effect::ReleaseAll => self.give_back(true),
@@ -304,6 +322,154 @@ impl Owner {
             self.sup.release(mib);
         } else if memory {
             self.sup.release_memory(mib);
+        }
+    }
+
+    /// Gives back the vCPUs the sizer granted on top of the baseline; the next time the VM
+    /// runs it is sized from its baseline again.
+    fn shed_growth(&mut self) {
+        let growth = std::mem::take(&mut self.held.growth);
+        if growth > 0 {
+            self.sup.release_growth(u64::from(growth));
+        }
+        self.sizing = None;
+    }
+
+    /// The sizer's second: samples the running VM's CPU time and grows or shrinks it by one
+    /// vCPU when [`Sizing::observe`] says so. Skipped while a request holds the VM.
+    async fn size(&mut self) {
+        if !self.sup.config.vcpu_growth || self.state != S::Running {
+            return;
+        }
+        let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
+            return;
+        };
+        let Ok(live) = shared.try_lock() else {
+            return;
+        };
+        let vm = live.vm.as_ref();
+        if self.sizing.is_none() {
+            self.sizing = Some(self.start_sizing(vm).await);
+        }
+        let Some(sizing) = self.sizing.as_mut() else {
+            return;
+        };
+        let Some(used) = vm.cpu_time() else {
+            return;
+        };
+        match sizing.observe(Instant::now(), used) {
+            Decision::Hold => {}
+            Decision::Grow => self.grow(vm).await,
+            Decision::Shrink => self.shrink(vm).await,
+        }
+    }
+
+    /// Puts a VM that has just started running (launched, resumed, claimed from the pool,
+    /// re-attached) at its baseline — host grant, guest and the store alike, whatever its
+    /// session had before — and says whether it may grow: only with a cgroup to hold it to
+    /// its grant and a guest agent that can switch vCPUs (an older one answers an error).
+    async fn start_sizing(&mut self, vm: &dyn kiln_vmm::MicroVm) -> Sizing {
+        let range = vm.vcpu_range();
+        if let Err(e) = self
+            .sup
+            .store
+            .set_microvm_vcpus(&self.id, range.baseline, now())
+        {
+            tracing::warn!(microvm = %self.id, error = %e, "recording the vCPU grant");
+        }
+        if !range.can_grow() {
+            return Sizing::fixed(range);
+        }
+        if let Err(e) = vm.set_cpu_grant(range.baseline) {
+            tracing::info!(microvm = %self.id, error = %e, "no vCPU growth: nothing on the host would hold it to a grant");
+            return Sizing::fixed(range);
+        }
+        let switched = tokio::time::timeout(
+            CPU_SWITCH_TIMEOUT,
+            vm.agent().set_online_cpus(range.baseline),
+        )
+        .await;
+        match switched {
+            Ok(Ok(_)) if vm.cpu_time().is_some() => Sizing::at_baseline(range),
+            Ok(Ok(_)) => Sizing::fixed(range),
+            Ok(Err(e)) => {
+                tracing::info!(microvm = %self.id, error = %e, "no vCPU growth: the guest cannot switch vCPUs");
+                Sizing::fixed(range)
+            }
+            Err(_) => Sizing::fixed(range),
+        }
+    }
+
+    /// One vCPU more: reserved in admission, granted by the cgroup, then onlined in the
+    /// guest; any step that fails undoes the ones before (the VM keeps what it had).
+    async fn grow(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+        let Some(granted) = self.sizing.as_ref().map(|s| s.granted) else {
+            return;
+        };
+        let next = granted + 1;
+        if let Err(full) = self.sup.reserve_growth(1) {
+            self.sup.metrics.vcpu_change("refused");
+            tracing::debug!(microvm = %self.id, %full, "busy, but the vCPU budget is full");
+            return;
+        }
+        self.held.growth += 1;
+        let undo = |this: &mut Owner, why: String| {
+            let _ = vm.set_cpu_grant(granted);
+            this.held.growth -= 1;
+            this.sup.release_growth(1);
+            if let Some(s) = this.sizing.as_mut() {
+                s.fixed = true;
+            }
+            tracing::warn!(microvm = %this.id, %why, "cannot grow; it keeps {granted} vCPUs");
+        };
+        if let Err(e) = vm.set_cpu_grant(next) {
+            return undo(self, e.to_string());
+        }
+        match tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(next)).await {
+            Ok(Ok(cpus)) if cpus.online >= next => {}
+            Ok(Ok(cpus)) => return undo(self, format!("the guest has {} online", cpus.online)),
+            Ok(Err(e)) => return undo(self, e.to_string()),
+            Err(_) => return undo(self, "the guest did not answer".into()),
+        }
+        self.set_granted(next);
+        self.sup.metrics.vcpu_change("grow");
+        tracing::info!(microvm = %self.id, vcpus = next, "busy: grown");
+    }
+
+    /// One vCPU fewer: offlined in the guest (best effort: the cgroup is what holds it),
+    /// taken back by the cgroup, then released in admission.
+    async fn shrink(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+        let Some(granted) = self.sizing.as_ref().map(|s| s.granted) else {
+            return;
+        };
+        let next = granted - 1;
+        match tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(next)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::info!(microvm = %self.id, error = %e, "the guest kept a vCPU online; the host takes its grant back anyway")
+            }
+            Err(_) => {
+                tracing::info!(microvm = %self.id, "the guest did not answer; the host takes the vCPU's grant back anyway")
+            }
+        }
+        if let Err(e) = vm.set_cpu_grant(next) {
+            tracing::warn!(microvm = %self.id, error = %e, "cannot lower the VM's CPU quota; it keeps {granted} vCPUs");
+            return;
+        }
+        self.held.growth = self.held.growth.saturating_sub(1);
+        self.sup.release_growth(1);
+        self.set_granted(next);
+        self.sup.metrics.vcpu_change("shrink");
+        tracing::info!(microvm = %self.id, vcpus = next, "idle: shrunk");
+    }
+
+    /// Records a new grant: the sizer's view and the store's (usage counts from now on).
+    fn set_granted(&mut self, vcpus: u32) {
+        if let Some(s) = self.sizing.as_mut() {
+            s.granted = vcpus;
+        }
+        if let Err(e) = self.sup.store.set_microvm_vcpus(&self.id, vcpus, now()) {
+            tracing::warn!(microvm = %self.id, error = %e, "recording the vCPU grant");
         }
     }
 

@@ -70,6 +70,7 @@ impl Microvms {
                         Held {
                             slot: true,
                             memory: false,
+                            growth: 0,
                         },
                     );
                     tracing::info!(microvm = %r.id, "suspended session kept");
@@ -121,6 +122,7 @@ impl Microvms {
                         Held {
                             slot: true,
                             memory: true,
+                            growth: 0,
                         },
                     );
                     tracing::info!(microvm = %r.id, "re-attached after restart");

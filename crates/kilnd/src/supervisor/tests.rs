@@ -124,6 +124,7 @@ impl Bed {
             Held {
                 slot: true,
                 memory: true,
+                growth: 0,
             },
         );
         let req: RunMicrovmRequest = serde_json::from_value(row.request.clone()).expect("request");

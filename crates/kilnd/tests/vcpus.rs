@@ -1,0 +1,288 @@
+//! vCPU growth end to end on one image (busybox, 512 MiB: a baseline of 1 vCPU, 4 present)
+//! and two MicroVMs, with a host budget of 2 vCPUs (`--max-vcpus 2`), so both baselines fill
+//! it:
+//!
+//! - the attack: root in one guest onlines every vCPU itself and burns them all; the budget
+//!   is full, so the sizer refuses to grow it, and the host's cgroup quota stays at the grant
+//!   of one vCPU (the kernel throttles it): onlining in the guest buys no host CPU;
+//! - growth: once that MicroVM is gone, the other one, busy, grows beyond its baseline (the
+//!   guest has more online, its cgroup quota rises, usage and `/metrics` show the grant), and
+//!   shrinks back to its baseline once idle, its vCPU-seconds counting what it was granted.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{make_zip, Daemon, Key};
+use serde_json::{json, Value};
+
+const APP: &str = "#!/bin/sh
+mkdir -p /www
+echo hi > /www/index.html
+exec httpd -f -p 8080 -h /www
+";
+
+/// Busy loops, each its own process, in the exec's process group (killed with it).
+fn burn(loops: u32) -> String {
+    format!("for i in $(seq {loops}); do (while :; do :; done) & done; wait")
+}
+
+fn call(kilnd: &Daemon, key: &Key, method: &str, path: &str, body: &Value) -> Value {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let (status, _, text) = kilnd.request(key, method, path, &bytes);
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path}: {status} {text}"
+    );
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// Runs `script` in the guest as root and returns its stdout.
+fn sh(kilnd: &Daemon, key: &Key, vm: &str, script: &str) -> String {
+    let (status, _, text) = kilnd.request(
+        key,
+        "POST",
+        &format!("/kiln/v1/microvms/{vm}/exec"),
+        json!({"argv": ["sh", "-c", script]}).to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "exec {script}: {text}");
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let event: Value = serde_json::from_str(line).expect("event JSON");
+        if event["type"] == "stdout" {
+            use base64::Engine as _;
+            out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(event["data"].as_str().unwrap_or_default())
+                    .expect("base64"),
+            );
+        }
+    }
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+/// Starts `script` in the background; its exec id.
+fn background(kilnd: &Daemon, key: &Key, vm: &str, script: &str) -> String {
+    let started = call(
+        kilnd,
+        key,
+        "POST",
+        &format!("/kiln/v1/microvms/{vm}/exec"),
+        &json!({"argv": ["sh", "-c", script], "background": true}),
+    );
+    started["execId"].as_str().expect("execId").to_string()
+}
+
+fn run_microvm(kilnd: &Daemon) -> String {
+    let (code, out, err) = kilnd.aws(&[
+        "run-microvm",
+        "--image-identifier",
+        "grow",
+        "--ingress-network-connectors",
+        "SHELL_INGRESS",
+        "HTTP_INGRESS",
+    ]);
+    assert_eq!(code, 0, "run-microvm: {err}");
+    assert_eq!(out["state"], "RUNNING", "{out}");
+    out["microvmId"].as_str().expect("id").to_string()
+}
+
+/// `vm`'s line of `/kiln/v1/usage`.
+fn usage(kilnd: &Daemon, key: &Key, vm: &str) -> Value {
+    let all = call(kilnd, key, "GET", "/kiln/v1/usage", &Value::Null);
+    all["microvms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["microvmId"] == vm)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// A `/metrics` sample's value (0 when absent).
+fn metric(kilnd: &Daemon, name: &str) -> f64 {
+    kilnd
+        .get("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` every second until it holds; false if it never did within `limit`.
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    check()
+}
+
+/// The runtime directory of MicroVM `vm` (its cgroup is named after it).
+fn vm_dir(kilnd: &Daemon, vm: &str) -> PathBuf {
+    kilnd.home.path().join("microvms").join(vm).join("vm")
+}
+
+/// How many periods the kernel has throttled the VM's cgroup for its CPU quota.
+fn throttled(dir: &std::path::Path) -> u64 {
+    kiln_vmm::cgroup::dirs_for(dir)
+        .iter()
+        .filter_map(|g| std::fs::read_to_string(g.join("cpu.stat")).ok())
+        .find_map(|stat| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("nr_throttled ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_cannot_take_more() {
+    let kilnd = Daemon::start(&["--max-vcpus", "2"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    let zip = scratch.path().join("grow.zip");
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", APP.as_bytes(), 0o755),
+        ],
+    );
+    let (code, _, err) = kilnd.create_image("grow", &zip);
+    assert_eq!(code, 0, "{err}");
+    let built = kilnd.wait_version("grow", "1");
+    assert_eq!(built["state"], "SUCCESSFUL", "{built}");
+    let admin = kilnd.admin_key();
+    let grower = run_microvm(&kilnd);
+    let attacker = run_microvm(&kilnd);
+    let (at_launch, present) = (
+        sh(
+            &kilnd,
+            &admin,
+            &grower,
+            "cat /sys/devices/system/cpu/online",
+        ),
+        sh(
+            &kilnd,
+            &admin,
+            &grower,
+            "cat /sys/devices/system/cpu/present",
+        ),
+    );
+    let admitted_at_launch = metric(&kilnd, "kiln_admitted_vcpus");
+
+    // The attack, with the budget full: root onlines every vCPU and burns them all.
+    let attacker_dir = vm_dir(&kilnd, &attacker);
+    let onlined = sh(
+        &kilnd,
+        &admin,
+        &attacker,
+        "for c in 1 2 3; do echo 1 > /sys/devices/system/cpu/cpu$c/online; done; \
+         cat /sys/devices/system/cpu/online",
+    );
+    background(&kilnd, &admin, &attacker, &burn(4));
+    let refused = eventually(Duration::from_secs(120), || {
+        metric(
+            &kilnd,
+            "kiln_microvm_vcpu_changes_total{change=\"refused\"}",
+        ) >= 1.0
+    });
+    let throttled_before = throttled(&attacker_dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let throttled_after = throttled(&attacker_dir);
+    let attacker_quota = kiln_vmm::cgroup::cpu_quota_us(&attacker_dir);
+    let attacker_granted = usage(&kilnd, &admin, &attacker)["vcpus"].clone();
+    let (code, _, err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &attacker]);
+    assert_eq!(code, 0, "{err}");
+
+    // Growth, once the budget has room: the busy MicroVM gets a second vCPU.
+    let grower_dir = vm_dir(&kilnd, &grower);
+    let burner = background(&kilnd, &admin, &grower, &burn(2));
+    let grew = eventually(Duration::from_secs(120), || {
+        usage(&kilnd, &admin, &grower)["vcpus"] == 2
+    });
+    let grown_online = sh(
+        &kilnd,
+        &admin,
+        &grower,
+        "cat /sys/devices/system/cpu/online",
+    );
+    let grown_nproc = sh(&kilnd, &admin, &grower, "nproc");
+    let grown_quota = kiln_vmm::cgroup::cpu_quota_us(&grower_dir);
+    let admitted_grown = metric(&kilnd, "kiln_admitted_vcpus");
+    let grows = metric(&kilnd, "kiln_microvm_vcpu_changes_total{change=\"grow\"}");
+    call(
+        &kilnd,
+        &admin,
+        "POST",
+        &format!("/kiln/v1/microvms/{grower}/execs/{burner}/kill"),
+        &json!({}),
+    );
+    let shrank = eventually(Duration::from_secs(120), || {
+        usage(&kilnd, &admin, &grower)["vcpus"] == 1
+    });
+    let shrunk_online = sh(
+        &kilnd,
+        &admin,
+        &grower,
+        "cat /sys/devices/system/cpu/online",
+    );
+    let shrunk_quota = kiln_vmm::cgroup::cpu_quota_us(&grower_dir);
+    let account = usage(&kilnd, &admin, &grower);
+    let (code, _, err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &grower]);
+    assert_eq!(code, 0, "{err}");
+    let admitted_after = metric(&kilnd, "kiln_admitted_vcpus");
+    let (_, usage_table, _) = kilnd.kiln(&["usage"]);
+
+    let one = kiln_vmm::cgroup::cpu_quota_for(1);
+    assert_eq!((at_launch.as_str(), present.as_str()), ("0", "0-3"));
+    assert_eq!(admitted_at_launch, 2.0);
+    assert_eq!(onlined, "0-3", "root in the guest onlines every vCPU");
+    assert!(
+        refused,
+        "the busy guest asked for more and the full budget refused"
+    );
+    assert_eq!(
+        attacker_quota,
+        Some(one),
+        "the host grant stays at one vCPU"
+    );
+    assert!(
+        throttled_after > throttled_before,
+        "the kernel holds the guest to its quota ({throttled_before} → {throttled_after})"
+    );
+    assert_eq!(attacker_granted, 1);
+    assert!(
+        grew,
+        "the busy MicroVM grew: {}",
+        usage(&kilnd, &admin, &grower)
+    );
+    assert_eq!((grown_online.as_str(), grown_nproc.as_str()), ("0-1", "2"));
+    assert_eq!(grown_quota, Some(kiln_vmm::cgroup::cpu_quota_for(2)));
+    assert_eq!(admitted_grown, 2.0);
+    assert!(grows >= 1.0);
+    assert!(shrank, "the idle MicroVM shrank: {account}");
+    assert_eq!(shrunk_online, "0");
+    assert_eq!(shrunk_quota, Some(one));
+    let (vcpu_s, resident_s) = (
+        account["vcpuSeconds"].as_f64().unwrap_or(0.0),
+        account["residentSeconds"].as_f64().unwrap_or(0.0),
+    );
+    assert!(
+        vcpu_s > resident_s,
+        "vCPU-seconds count the grant, not the baseline: {account}"
+    );
+    assert_eq!(account["baselineVcpus"], 1);
+    assert_eq!(admitted_after, 0.0, "nothing leaked");
+    assert!(usage_table.contains(&grower), "{usage_table}");
+}
