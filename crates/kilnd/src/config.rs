@@ -88,7 +88,7 @@ pub struct Config {
     /// Whether a busy MicroVM grows: `on` grants a vCPU at a time, up to four times its
     /// baseline, while it uses nearly all it has (and takes them back when it idles);
     /// `off` keeps every MicroVM at its baseline.
-    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off)]
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     pub vcpu_growth: bool,
     /// MicroVMs kept restored and paused for each image version launched in the last ten
     /// minutes, so RunMicrovm only continues one (0: no warm pool). They hold VM slots and
@@ -301,5 +301,19 @@ mod tests {
             let e = budget(&["--memory-overcommit", bad]).expect_err(bad);
             assert!(e.to_string().contains("ratio from 1 to 16"), "{e}");
         }
+    }
+
+    #[test]
+    fn vcpu_growth_when_given_on_or_off_then_taken_and_anything_else_refused() {
+        let growth = |args: &[&str]| {
+            let argv = ["kilnd"].iter().chain(args);
+            Config::try_parse_from(argv).map(|c| c.vcpu_growth)
+        };
+
+        assert_eq!(growth(&[]).ok(), Some(true));
+        assert_eq!(growth(&["--vcpu-growth", "off"]).ok(), Some(false));
+        assert_eq!(growth(&["--vcpu-growth", "on"]).ok(), Some(true));
+        let e = growth(&["--vcpu-growth", "yes"]).expect_err("yes");
+        assert!(e.to_string().contains("neither on nor off"), "{e}");
     }
 }
