@@ -43,6 +43,7 @@ fn spec(root: &Path, ctx: BuildContext, out: &str) -> BuildSpec {
         },
         memory_mib: 256,
         build_memory_mib: 256,
+        vcpu_growth: true,
         cache_dir: root.join("cache"),
         work_dir: root.join(format!("work-{out}")),
         output_dir: root.join(out),

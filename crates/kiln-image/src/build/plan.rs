@@ -1443,6 +1443,7 @@ mod tests {
             hooks: Default::default(),
             memory_mib: 512,
             build_memory_mib: 512,
+            vcpu_growth: true,
             cache_dir: "/x".into(),
             work_dir: "/x".into(),
             output_dir: "/x".into(),
