@@ -83,8 +83,8 @@ pub struct BuildSpec {
     pub build_memory_mib: u64,
     /// Build the app VM to grow under load: [`VCPU_GROWTH`] times its baseline vCPUs present,
     /// the baseline online (kilnd's `--vcpu-growth`). Without it the image is fixed at its
-    /// baseline; under TCG such an image restores and first answers ~20 % sooner (a guest
-    /// with more than one vCPU makes QEMU translate atomics for parallel vCPUs).
+    /// baseline; under TCG such an image restores and first answers ~20 % sooner (measured;
+    /// likely TCG's parallel-vCPU mode, which a guest with more than one vCPU turns on).
     pub vcpu_growth: bool,
     /// The layer caches' directory: each owner's cache is a directory of its own in it, so
     /// a cache hit never tells one principal what another built, nor serves another's layer.
