@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use common::{make_zip, Daemon, Key};
+use common::{Daemon, Key};
 use serde_json::{json, Value};
 
 const APP: &str = "#!/bin/sh
@@ -160,22 +160,7 @@ fn sandbox_when_owner_execs_copies_and_reads_logs_then_all_work_and_another_prin
 ) {
     let kilnd = Daemon::start(&[]);
     let scratch = tempfile::tempdir().expect("scratch");
-    let zip = scratch.path().join("sbx.zip");
-    make_zip(
-        &zip,
-        &[
-            (
-                "Dockerfile",
-                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
-                0o644,
-            ),
-            ("app.sh", APP.as_bytes(), 0o755),
-        ],
-    );
-    let (code, _, err) = kilnd.create_image("sbx", &zip);
-    assert_eq!(code, 0, "{err}");
-    let built = kilnd.wait_version("sbx", "1");
-    assert_eq!(built["state"], "SUCCESSFUL", "{built}");
+    kilnd.build_sh_app("sbx", scratch.path(), APP);
     let vm = run_microvm(
         &kilnd,
         &[

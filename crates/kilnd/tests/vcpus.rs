@@ -14,7 +14,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{make_zip, Daemon, Key};
+use common::{Daemon, Key};
 use serde_json::{json, Value};
 
 const APP: &str = "#!/bin/sh
@@ -146,22 +146,7 @@ fn throttled(dir: &std::path::Path) -> u64 {
 fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_cannot_take_more() {
     let kilnd = Daemon::start(&["--max-vcpus", "2"]);
     let scratch = tempfile::tempdir().expect("scratch");
-    let zip = scratch.path().join("grow.zip");
-    make_zip(
-        &zip,
-        &[
-            (
-                "Dockerfile",
-                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
-                0o644,
-            ),
-            ("app.sh", APP.as_bytes(), 0o755),
-        ],
-    );
-    let (code, _, err) = kilnd.create_image("grow", &zip);
-    assert_eq!(code, 0, "{err}");
-    let built = kilnd.wait_version("grow", "1");
-    assert_eq!(built["state"], "SUCCESSFUL", "{built}");
+    kilnd.build_sh_app("grow", scratch.path(), APP);
     let admin = kilnd.admin_key();
     let grower = run_microvm(&kilnd);
     let attacker = run_microvm(&kilnd);

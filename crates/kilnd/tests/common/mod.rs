@@ -262,6 +262,27 @@ impl Daemon {
         self.aws_with(credentials, &args)
     }
 
+    /// Builds version 1 of image `name`: the busybox base running `app` (a shell script,
+    /// `/app.sh`) as its app on port 8080, the zip made in `scratch`; asserts it succeeded.
+    pub fn build_sh_app(&self, name: &str, scratch: &Path, app: &str) {
+        let zip = scratch.join(format!("{name}.zip"));
+        make_zip(
+            &zip,
+            &[
+                (
+                    "Dockerfile",
+                    b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n",
+                    0o644,
+                ),
+                ("app.sh", app.as_bytes(), 0o755),
+            ],
+        );
+        let (code, _, err) = self.create_image(name, &zip);
+        assert_eq!(code, 0, "{err}");
+        let built = self.wait_version(name, "1");
+        assert_eq!(built["state"], "SUCCESSFUL", "{built}");
+    }
+
     /// Waits (up to 5 minutes) until a version's build ends; returns its description.
     pub fn wait_version(&self, name: &str, version: &str) -> Value {
         self.wait_version_for(name, version, Duration::from_secs(300))
