@@ -767,13 +767,15 @@ impl Drop for Restored {
 }
 
 /// A counter that lives in guest memory (tmpfs), served over HTTP by busybox on 8080:
-/// `/cgi-bin/count` answers 101, 102, … — state a restore, suspend or resume must keep.
+/// `/cgi-bin/count` answers 101, 102, … — state a restore, suspend or resume must keep. The
+/// count is replaced by a rename, so requests at once (a grown guest runs them in parallel)
+/// may repeat a number but never read a half-written one and fail.
 pub const COUNTER_APP: &str = "#!/bin/sh
 mkdir -p /www/cgi-bin
 echo 100 > /tmp/count
 cat > /www/cgi-bin/count <<'CGI'
 #!/bin/sh
-n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count
+n=$(cat /tmp/count); n=$((n+1)); echo $n > /tmp/count.$$ && mv /tmp/count.$$ /tmp/count
 printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$n\"
 CGI
 chmod +x /www/cgi-bin/count
