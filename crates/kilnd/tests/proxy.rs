@@ -1138,3 +1138,125 @@ async fn caps_when_a_client_address_has_its_most_connections_then_the_next_gets_
     assert_eq!(kept.status, StatusCode::OK);
     assert_eq!(after_close.status, StatusCode::OK);
 }
+
+/// An app that answers `name` and counts the connections it accepted; with `keep_alive`
+/// false it closes each connection after one response.
+async fn counting_app(
+    name: &'static str,
+    keep_alive: bool,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let service =
+                service_fn(
+                    move |_req| async move { Ok::<_, Infallible>(Response::new(full(name))) },
+                );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn keep_alive_when_a_client_sends_requests_on_one_connection_then_one_app_connection_carries_them(
+) {
+    let endpoint = Endpoint::start().await;
+    let (app, accepted) = counting_app("app-a", true).await;
+    endpoint.add_app("mvm-a", 8080, app);
+    let token = endpoint.proxy_token("mvm-a");
+    let mut client = endpoint.http1().await;
+
+    let mut texts = Vec::new();
+    for _ in 0..5 {
+        texts.push(get_on(&mut client, "mvm-a", &token).await.text);
+    }
+
+    assert_eq!(texts, vec!["app-a"; 5]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn keep_alive_when_the_app_closes_every_connection_then_each_request_still_gets_its_answer() {
+    let endpoint = Endpoint::start().await;
+    let (app, accepted) = counting_app("app-a", false).await;
+    endpoint.add_app("mvm-a", 8080, app);
+    let token = endpoint.proxy_token("mvm-a");
+    let mut client = endpoint.http1().await;
+
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        if i % 2 == 1 {
+            // Give the app's close time to arrive, then send on another beat at once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        statuses.push(get_on(&mut client, "mvm-a", &token).await.status);
+    }
+
+    assert_eq!(statuses, vec![StatusCode::OK; 6]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn keep_alive_when_one_client_connection_alternates_vms_and_ports_then_each_request_reaches_its_own_app(
+) {
+    let endpoint = Endpoint::start().await;
+    endpoint.add_app("mvm-a", 8080, echo_app("app-a").await);
+    endpoint.add_app("mvm-a", 9000, echo_app("app-a-9000").await);
+    endpoint.add_app("mvm-b", 8080, echo_app("app-b").await);
+    let token_a = endpoint.token(TokenKind::Proxy, "mvm-a", 8080);
+    let token_a_9000 = endpoint.token(TokenKind::Proxy, "mvm-a", 9000);
+    let token_b = endpoint.proxy_token("mvm-b");
+    let mut client = endpoint.http1().await;
+
+    let mut seen = Vec::new();
+    for (id, port, token) in [
+        ("mvm-a", "8080", &token_a),
+        ("mvm-b", "8080", &token_b),
+        ("mvm-a", "8080", &token_a),
+        ("mvm-a", "9000", &token_a_9000),
+        ("mvm-b", "8080", &token_b),
+    ] {
+        let req = Request::get("/")
+            .header("host", format!("{id}.{DOMAIN}"))
+            .header("x-aws-proxy-auth", token.as_str())
+            .header("x-aws-proxy-port", port)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let answer = Answer::read(client.send_request(req).await.expect("response")).await;
+        seen.push(
+            answer
+                .text
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+
+    assert_eq!(seen, ["app-a", "app-b", "app-a", "app-a-9000", "app-b"]);
+}
+
+#[tokio::test]
+async fn keep_alive_when_a_vm_comes_back_at_another_address_then_the_next_request_goes_there() {
+    let endpoint = Endpoint::start().await;
+    endpoint.add_app("mvm-a", 8080, echo_app("before").await);
+    let token = endpoint.proxy_token("mvm-a");
+    let mut client = endpoint.http1().await;
+
+    let first = get_on(&mut client, "mvm-a", &token).await;
+    // As after a suspend and resume: the same VM's port is now another listener.
+    endpoint.add_app("mvm-a", 8080, echo_app("after").await);
+    let second = get_on(&mut client, "mvm-a", &token).await;
+
+    assert!(first.text.starts_with("before "), "{}", first.text);
+    assert!(second.text.starts_with("after "), "{}", second.text);
+}

@@ -11,6 +11,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -222,10 +223,8 @@ async fn route(state: &ProxyState, target: &Target) -> Result<Upstream, Reject> 
         None => tokio::time::timeout(state.limits.route_timeout, lookup).await,
     };
     match found {
-        Ok(Ok(upstream)) => {
-            state.book.note(&target.microvm_id, &upstream);
-            Ok(upstream)
-        }
+        // The pooled clients' book is written when a pooled request goes (`Hop::http`).
+        Ok(Ok(upstream)) => Ok(upstream),
         Ok(Err(e)) if matches!(e, super::RouteError::UnknownMicrovm) => {
             state.book.forget(&target.microvm_id);
             Err(route_refusal(&target.microvm_id, e))
@@ -273,7 +272,6 @@ impl Hop<'_> {
         let grpc = self.target.kind == RequestKind::Grpc;
         let mut out = Request::new(body);
         *out.method_mut() = parts.method;
-        *out.uri_mut() = self.upstream_uri(parts.uri.path_and_query())?;
         *out.version_mut() = if grpc {
             Version::HTTP_2
         } else {
@@ -281,20 +279,65 @@ impl Hop<'_> {
         };
         *out.headers_mut() =
             request::upstream_headers(parts.headers, self.target, self.client.peer.ip());
-        let client = if grpc {
-            &self.state.upstreams.h2c
+        let pooled = grpc || self.client.http2;
+        let path = parts.uri.path_and_query();
+        let response = if pooled {
+            *out.uri_mut() = self.upstream_uri(path)?;
+            self.state
+                .book
+                .note(&self.target.microvm_id, &self.upstream);
+            let client = if grpc {
+                &self.state.upstreams.h2c
+            } else {
+                &self.state.upstreams.http1
+            };
+            client
+                .request(out)
+                .await
+                .map_err(|e| upstream_failed(&e, self.target.port))
         } else {
-            &self.state.upstreams.http1
+            *out.uri_mut() = path.map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+            self.send_kept(out).await
         };
-        let port = self.target.port;
-        let response = client.request(out).await.map_err(|e| {
+        let response = response.map_err(|reject| {
             if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
                 too_large(self.limits())
             } else {
-                upstream_failed(&e, port)
+                reject
             }
         })?;
         self.respond(response)
+    }
+
+    /// Sends `req` on the client connection's kept connection to this port, or a new one,
+    /// and keeps that for the client's next request. A kept connection the app closed
+    /// meanwhile gives the request back unsent: it goes on a new connection.
+    async fn send_kept(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, Reject> {
+        let (id, port) = (&self.target.microvm_id, self.target.port);
+        let mut kept = self.client.kept.take(id, port, &self.upstream);
+        loop {
+            let reused = kept.is_some();
+            let mut sender = match kept.take() {
+                Some(sender) => sender,
+                None => open_http1(&self.upstream, self.limits(), port).await?,
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(app_hung_up(port));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.client.kept.keep(id, port, &self.upstream, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(app_hung_up(port)),
+                },
+            }
+        }
     }
 
     /// The app's answer, passed on with its body metered and its hop-by-hop headers gone.
@@ -353,21 +396,7 @@ impl Hop<'_> {
             }
         }
         let port = self.target.port;
-        let stream = match self.upstream.connect(self.limits().connect_timeout).await {
-            Ok(stream) => stream,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return Err(connect_timed_out(port))
-            }
-            Err(e) => return Err(connect_failed(&e, port)),
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(self.limits().max_header_bytes.max(8 * 1024))
-            .handshake::<_, ProxyBody>(TokioIo::new(stream))
-            .await
-            .map_err(|_| app_hung_up(port))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
+        let mut sender = open_http1(&self.upstream, self.limits(), port).await?;
         let mut out = Request::new(full(Bytes::new()));
         *out.method_mut() = Method::GET;
         *out.uri_mut() = parts
@@ -416,6 +445,29 @@ impl Hop<'_> {
         });
         Ok(Response::from_parts(parts, full(Bytes::new())))
     }
+}
+
+/// A new HTTP/1.1 connection to `upstream` (port `port` of the MicroVM, for the errors),
+/// driven by a task of its own that ends when the connection closes; upgrades allowed.
+async fn open_http1(
+    upstream: &Upstream,
+    limits: &ProxyLimits,
+    port: u16,
+) -> Result<SendRequest<ProxyBody>, Reject> {
+    let stream = match upstream.connect(limits.connect_timeout).await {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(connect_timed_out(port)),
+        Err(e) => return Err(connect_failed(&e, port)),
+    };
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(limits.max_header_bytes.max(8 * 1024))
+        .handshake::<_, ProxyBody>(TokioIo::new(stream))
+        .await
+        .map_err(|_| app_hung_up(port))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 /// Copies bytes both ways until both sides close, one fails, or nothing moves for `idle`.

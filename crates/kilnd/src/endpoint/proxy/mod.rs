@@ -348,6 +348,10 @@ pub(crate) struct ClientConnection {
     last_done: AtomicU64,
     /// Open-connection counts of the VMs this connection has carried.
     vms: Mutex<Vec<(String, ConnectionGuard)>>,
+    /// An HTTP/2 client multiplexes its requests: they share the pooled upstream clients.
+    http2: bool,
+    /// An HTTP/1.1 client's connection to the app its last request went to.
+    kept: upstream::KeptSlot,
 }
 
 impl ClientConnection {
@@ -432,6 +436,8 @@ async fn connection(
         in_flight: AtomicUsize::new(0),
         last_done: AtomicU64::new(0),
         vms: Mutex::new(Vec::new()),
+        http2,
+        kept: upstream::KeptSlot::default(),
     });
     let service = {
         let state = state.clone();

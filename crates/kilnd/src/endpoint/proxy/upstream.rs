@@ -4,6 +4,11 @@
 //! kilnd can connect. The pooled HTTP clients name such an upstream by a synthetic host
 //! (`<microvm-id>.netns.invalid:<port>`); the connector looks the namespace up in the
 //! [`UpstreamBook`] and opens the connection inside it.
+//!
+//! An HTTP/1.1 client connection does not go through the pool: it keeps the connection its
+//! request opened ([`KeptSlot`]) for its next request to the same port, as a client that
+//! talked to the app directly would — no pool lookup, no synthetic host to build per
+//! request. The pool serves HTTP/2 clients (whose streams run at once) and gRPC.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,10 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::client::conn::http1::SendRequest;
 use hyper::Uri;
 use hyper_util::rt::TokioIo;
 use kiln_vmm::Netns;
 use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
 
 const NETNS_SUFFIX: &str = ".netns.invalid";
 
@@ -43,6 +51,17 @@ impl Upstream {
         }
     }
 
+    /// Whether `other` is the same listener: same address in the same namespace (a resumed
+    /// VM's port is in a new one).
+    pub(crate) fn same_as(&self, other: &Upstream) -> bool {
+        self.addr == other.addr
+            && match (&self.netns, &other.netns) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+
     /// Opens a connection to it.
     pub async fn connect(&self, timeout: Duration) -> std::io::Result<TcpStream> {
         let connect = async {
@@ -59,6 +78,55 @@ impl Upstream {
     }
 }
 
+/// An HTTP/1.1 connection to a MicroVM's port, kept by the client connection whose request
+/// opened it for that client's next request to the same port.
+pub(crate) struct KeptUpstream {
+    microvm_id: String,
+    port: u16,
+    upstream: Upstream,
+    sender: SendRequest<ProxyBody>,
+}
+
+/// A client connection's kept upstream (at most one: an HTTP/1.1 client sends one request
+/// at a time, and mostly to one MicroVM port).
+#[derive(Default)]
+pub(crate) struct KeptSlot(Mutex<Option<KeptUpstream>>);
+
+impl KeptSlot {
+    /// The kept connection when it goes to `port` of `microvm_id` at `upstream` and is still
+    /// open; any other is closed.
+    pub(crate) fn take(
+        &self,
+        microvm_id: &str,
+        port: u16,
+        upstream: &Upstream,
+    ) -> Option<SendRequest<ProxyBody>> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let same = kept.port == port
+            && kept.microvm_id == microvm_id
+            && kept.upstream.same_as(upstream)
+            && !kept.sender.is_closed();
+        same.then_some(kept.sender)
+    }
+
+    /// Keeps `sender` for the next request to `port` of `microvm_id`.
+    pub(crate) fn keep(
+        &self,
+        microvm_id: &str,
+        port: u16,
+        upstream: &Upstream,
+        sender: SendRequest<ProxyBody>,
+    ) {
+        let kept = KeptUpstream {
+            microvm_id: microvm_id.to_string(),
+            port,
+            upstream: upstream.clone(),
+            sender,
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(kept);
+    }
+}
+
 /// The namespaces of MicroVMs the proxy has routed to (the latest one of each: a resumed
 /// VM has a new one).
 #[derive(Debug, Default)]
@@ -69,13 +137,9 @@ impl UpstreamBook {
         if upstream.netns.is_some() {
             let mut book = self.0.lock().unwrap_or_else(|e| e.into_inner());
             // Every request notes its route: keep the entry when it is the same one.
-            let same = book.get(microvm_id).is_some_and(|known| {
-                known.addr == upstream.addr
-                    && match (&known.netns, &upstream.netns) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        _ => false,
-                    }
-            });
+            let same = book
+                .get(microvm_id)
+                .is_some_and(|known| known.same_as(upstream));
             if !same {
                 book.insert(microvm_id.to_string(), upstream.clone());
             }
