@@ -289,8 +289,12 @@ pub struct TokenKeys {
     /// of a session, and decrypting it (josekit over OpenSSL) cost more than the rest of the
     /// proxy's work; expiry, revocation and the key still being held are checked on every
     /// use. Only tokens that passed every check get in, and at most [`VERIFIED_CACHE`].
-    verified: RwLock<HashMap<[u8; 32], (String, TokenClaims)>>,
+    /// Shared, not copied: a hit costs no allocation.
+    verified: RwLock<HashMap<[u8; 32], VerifiedToken>>,
 }
+
+/// A verified token in [`TokenKeys`]'s cache: the `kid` it was sealed under, its claims.
+type VerifiedToken = (String, Arc<TokenClaims>);
 
 /// How many decrypted tokens [`TokenKeys`] remembers; it forgets them all when full.
 const VERIFIED_CACHE: usize = 4096;
@@ -417,18 +421,18 @@ impl TokenKeys {
 
     /// Decrypts and checks `token` as of `now_unix`: framing, algorithm, key, integrity and
     /// expiry. What the token permits is [`TokenClaims::permits`]'s job.
-    pub fn verify(&self, token: &str, now_unix: i64) -> Result<TokenClaims, TokenError> {
+    pub fn verify(&self, token: &str, now_unix: i64) -> Result<Arc<TokenClaims>, TokenError> {
         let digest = *blake3::hash(token.as_bytes()).as_bytes();
-        let known = self
-            .verified
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&digest)
-            .cloned();
-        if let Some((kid, claims)) = known {
-            if self.read().iter().any(|k| k.kid == kid) {
-                return self.still_valid(claims, now_unix);
-            }
+        let known = {
+            let verified = self.verified.read().unwrap_or_else(|p| p.into_inner());
+            // `keys` is never locked for writing by a holder of `verified`.
+            verified
+                .get(&digest)
+                .filter(|(kid, _)| self.read().iter().any(|k| k.kid == *kid))
+                .map(|(_, claims)| claims.clone())
+        };
+        if let Some(claims) = known {
+            return self.still_valid(claims, now_unix);
         }
         let kid = check_framing(token)?;
         let decrypter = {
@@ -445,7 +449,7 @@ impl TokenKeys {
             josekit::jwe::deserialize_compact(token, &decrypter).map_err(|_| TokenError::Forged)?;
         let claims: TokenClaims = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("claims are not kiln's"))?;
-        let claims = self.still_valid(claims, now_unix)?;
+        let claims = self.still_valid(Arc::new(claims), now_unix)?;
         let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= VERIFIED_CACHE {
             verified.clear();
@@ -455,7 +459,11 @@ impl TokenKeys {
     }
 
     /// `claims` unless they expired by `now_unix` or their minting access key was revoked.
-    fn still_valid(&self, claims: TokenClaims, now_unix: i64) -> Result<TokenClaims, TokenError> {
+    fn still_valid(
+        &self,
+        claims: Arc<TokenClaims>,
+        now_unix: i64,
+    ) -> Result<Arc<TokenClaims>, TokenError> {
         if claims.exp <= now_unix {
             return Err(TokenError::Expired { exp: claims.exp });
         }
@@ -709,7 +717,7 @@ mod tests {
 
         let claims = keys.verify(&token, NOW).expect("verify");
 
-        assert_eq!(claims, proxy_claims());
+        assert_eq!(*claims, proxy_claims());
     }
 
     #[test]

@@ -261,6 +261,13 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
 
 /// Removes hop-by-hop headers, and any header a `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: one pass over the names finds that without hashing.
+    let present = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !present {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -284,12 +291,11 @@ pub fn upstream_headers(
     let keep_te_trailers =
         target.kind == RequestKind::Grpc && has_token(&headers, header::TE, "trailers");
     strip_hop_by_hop(&mut headers);
-    let proxy_headers: Vec<HeaderName> = headers
+    while let Some(name) = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("x-aws-proxy-"))
+        .find(|name| name.as_str().starts_with("x-aws-proxy-"))
         .cloned()
-        .collect();
-    for name in proxy_headers {
+    {
         headers.remove(name);
     }
     let kept: Vec<&str> = subprotocols(&headers)
@@ -308,7 +314,12 @@ pub fn upstream_headers(
     headers.insert("x-forwarded-for", client_ip_value(client_ip));
     headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     headers.remove("forwarded");
-    if let Ok(host) = HeaderValue::from_str(&target.host) {
+    // The client's own Host value when it is the target's (HTTP/1.1), shared, not copied.
+    let host = match headers.get(header::HOST) {
+        Some(value) if value.as_bytes() == target.host.as_bytes() => Ok(value.clone()),
+        _ => HeaderValue::from_str(&target.host),
+    };
+    if let Ok(host) = host {
         headers.insert("x-forwarded-host", host.clone());
         if target.kind != RequestKind::Grpc {
             headers.insert(header::HOST, host);
