@@ -21,7 +21,7 @@ use kiln_api::shapes::microvm::PortSpecification;
 use kilnd::endpoint::proxy::{
     self, ActivityTable, ProxyLimits, ProxyState, RouteError, Routes, Upstream,
 };
-use kilnd::endpoint::tokens::{TokenClaims, TokenKeys, TokenKind};
+use kilnd::endpoint::tokens::{Minters, TokenClaims, TokenKeys, TokenKind};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,8 +103,17 @@ impl Endpoint {
     }
 
     async fn with_limits(limits: ProxyLimits) -> Endpoint {
+        Self::with_minters(limits, None).await
+    }
+
+    /// An endpoint whose tokens are refused once `minters` says their access key is gone.
+    async fn with_minters(limits: ProxyLimits, minters: Option<Arc<dyn Minters>>) -> Endpoint {
         let home = tempfile::tempdir().expect("temp home");
-        let keys = Arc::new(TokenKeys::load_or_create(home.path()).expect("token keys"));
+        let mut keys = TokenKeys::load_or_create(home.path()).expect("token keys");
+        if let Some(minters) = minters {
+            keys = keys.with_minters(minters);
+        }
+        let keys = Arc::new(keys);
         let tls = kilnd::endpoint::tls::load_or_create(home.path(), DOMAIN).expect("endpoint TLS");
         let routes = Arc::new(MapRoutes::default());
         let state = Arc::new(ProxyState::new(
@@ -1259,4 +1268,64 @@ async fn keep_alive_when_a_vm_comes_back_at_another_address_then_the_next_reques
 
     assert!(first.text.starts_with("before "), "{}", first.text);
     assert!(second.text.starts_with("after "), "{}", second.text);
+}
+
+/// Access keys that are active until revoked.
+#[derive(Default)]
+struct RevocableKeys(Mutex<Vec<String>>);
+
+impl Minters for RevocableKeys {
+    fn is_active(&self, access_key_id: &str) -> bool {
+        !self
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|k| k == access_key_id)
+    }
+}
+
+#[tokio::test]
+async fn auth_when_the_access_key_is_revoked_then_the_next_request_on_the_same_connection_is_refused(
+) {
+    let revoked = Arc::new(RevocableKeys::default());
+    let endpoint = Endpoint::with_minters(ProxyLimits::default(), Some(revoked.clone())).await;
+    endpoint.add_app("mvm-a", 8080, echo_app("app-a").await);
+    let mut claims = TokenClaims::new(
+        TokenKind::Proxy,
+        "mvm-a",
+        vec![PortSpecification::Port(8080)],
+        5,
+    )
+    .expect("claims");
+    claims.akid = Some("AKIDBOB".to_string());
+    let token = endpoint.keys.issue(&claims).expect("token");
+    let mut client = endpoint.http1().await;
+
+    let before = get_on(&mut client, "mvm-a", &token).await;
+    revoked.0.lock().expect("lock").push("AKIDBOB".to_string());
+    let after = get_on(&mut client, "mvm-a", &token).await;
+
+    assert_eq!(before.status, StatusCode::OK);
+    assert_eq!(after.status, StatusCode::FORBIDDEN);
+    assert!(after.text.contains("revoked"), "{}", after.text);
+}
+
+#[tokio::test]
+async fn auth_when_a_connection_changes_its_token_then_the_new_one_is_checked() {
+    let endpoint = Endpoint::start().await;
+    endpoint.add_app("mvm-a", 8080, echo_app("app-a").await);
+    let good = endpoint.proxy_token("mvm-a");
+    let other_vm = endpoint.proxy_token("mvm-b");
+    let mut client = endpoint.http1().await;
+
+    let first = get_on(&mut client, "mvm-a", &good).await;
+    let swapped = get_on(&mut client, "mvm-a", &other_vm).await;
+    let forged = get_on(&mut client, "mvm-a", &format!("{good}x")).await;
+    let again = get_on(&mut client, "mvm-a", &good).await;
+
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(swapped.status, StatusCode::FORBIDDEN);
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(again.status, StatusCode::OK);
 }

@@ -290,11 +290,17 @@ pub struct TokenKeys {
     /// proxy's work; expiry, revocation and the key still being held are checked on every
     /// use. Only tokens that passed every check get in, and at most [`VERIFIED_CACHE`].
     /// Shared, not copied: a hit costs no allocation.
-    verified: RwLock<HashMap<[u8; 32], VerifiedToken>>,
+    verified: RwLock<HashMap<[u8; 32], Arc<Verified>>>,
 }
 
-/// A verified token in [`TokenKeys`]'s cache: the `kid` it was sealed under, its claims.
-type VerifiedToken = (String, Arc<TokenClaims>);
+/// A token that decrypted whole under one of the keys: still to be checked on each use
+/// ([`TokenKeys::recheck`]) for expiry, revocation and its key being held.
+#[derive(Debug)]
+pub struct Verified {
+    kid: String,
+    /// What it says.
+    pub claims: TokenClaims,
+}
 
 /// How many decrypted tokens [`TokenKeys`] remembers; it forgets them all when full.
 const VERIFIED_CACHE: usize = 4096;
@@ -421,18 +427,17 @@ impl TokenKeys {
 
     /// Decrypts and checks `token` as of `now_unix`: framing, algorithm, key, integrity and
     /// expiry. What the token permits is [`TokenClaims::permits`]'s job.
-    pub fn verify(&self, token: &str, now_unix: i64) -> Result<Arc<TokenClaims>, TokenError> {
+    pub fn verify(&self, token: &str, now_unix: i64) -> Result<Arc<Verified>, TokenError> {
         let digest = *blake3::hash(token.as_bytes()).as_bytes();
-        let known = {
-            let verified = self.verified.read().unwrap_or_else(|p| p.into_inner());
-            // `keys` is never locked for writing by a holder of `verified`.
-            verified
-                .get(&digest)
-                .filter(|(kid, _)| self.read().iter().any(|k| k.kid == *kid))
-                .map(|(_, claims)| claims.clone())
-        };
-        if let Some(claims) = known {
-            return self.still_valid(claims, now_unix);
+        let known = self
+            .verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned();
+        if let Some(known) = known {
+            self.recheck(&known, now_unix)?;
+            return Ok(known);
         }
         let kid = check_framing(token)?;
         let decrypter = {
@@ -449,21 +454,23 @@ impl TokenKeys {
             josekit::jwe::deserialize_compact(token, &decrypter).map_err(|_| TokenError::Forged)?;
         let claims: TokenClaims = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("claims are not kiln's"))?;
-        let claims = self.still_valid(Arc::new(claims), now_unix)?;
-        let mut verified = self.verified.write().unwrap_or_else(|p| p.into_inner());
-        if verified.len() >= VERIFIED_CACHE {
-            verified.clear();
+        let verified = Arc::new(Verified { kid, claims });
+        self.recheck(&verified, now_unix)?;
+        let mut cache = self.verified.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
         }
-        verified.insert(digest, (kid, claims.clone()));
-        Ok(claims)
+        cache.insert(digest, verified.clone());
+        Ok(verified)
     }
 
-    /// `claims` unless they expired by `now_unix` or their minting access key was revoked.
-    fn still_valid(
-        &self,
-        claims: Arc<TokenClaims>,
-        now_unix: i64,
-    ) -> Result<Arc<TokenClaims>, TokenError> {
+    /// Checks a token verified before, as of `now_unix`: its key is still held, it has not
+    /// expired, and the access key that minted it was not revoked.
+    pub fn recheck(&self, verified: &Verified, now_unix: i64) -> Result<(), TokenError> {
+        if !self.read().iter().any(|k| k.kid == verified.kid) {
+            return Err(TokenError::UnknownKey);
+        }
+        let claims = &verified.claims;
         if claims.exp <= now_unix {
             return Err(TokenError::Expired { exp: claims.exp });
         }
@@ -472,7 +479,7 @@ impl TokenKeys {
                 return Err(TokenError::Revoked);
             }
         }
-        Ok(claims)
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<TokenKey>> {
@@ -717,7 +724,7 @@ mod tests {
 
         let claims = keys.verify(&token, NOW).expect("verify");
 
-        assert_eq!(*claims, proxy_claims());
+        assert_eq!(claims.claims, proxy_claims());
     }
 
     #[test]
@@ -1089,7 +1096,10 @@ mod tests {
             results[0]
         );
         assert_eq!(
-            results[1].as_ref().ok().and_then(|c| c.akid.as_deref()),
+            results[1]
+                .as_ref()
+                .ok()
+                .and_then(|c| c.claims.akid.as_deref()),
             Some("AKIAALICE")
         );
         assert!(results[2].is_ok());

@@ -112,7 +112,7 @@ async fn proxy(
         Some(target) => (target, TokenKind::Proxy),
         None => {
             let target = request::target(&req, &state.domain)?;
-            let opens = authorize(state, &req, &target)?;
+            let opens = authorize(state, client, &req, &target)?;
             (target, opens)
         }
     };
@@ -160,20 +160,32 @@ fn too_large(limits: &ProxyLimits) -> Reject {
 }
 
 /// Verifies the token and that it opens this MicroVM (a port of it, or a shell); returns what
-/// it opens; 403 with the reason otherwise.
+/// it opens; 403 with the reason otherwise. A client repeats its token on every request: the
+/// connection's last one, once verified, is only rechecked (key held, expiry, revocation).
 fn authorize<B>(
     state: &ProxyState,
+    client: &ClientConnection,
     req: &Request<B>,
     target: &Target,
 ) -> Result<TokenKind, Reject> {
     let token = request::token(req.headers(), target.kind)?;
     let now = crate::now() as i64;
-    let claims = state.keys.verify(token, now).map_err(forbidden)?;
-    let kind = claims.kind;
+    let verified = match client.last_token(token) {
+        Some(known) => {
+            state.keys.recheck(&known, now).map_err(forbidden)?;
+            known
+        }
+        None => {
+            let verified = state.keys.verify(token, now).map_err(forbidden)?;
+            client.remember_token(token, &verified);
+            verified
+        }
+    };
+    let claims = &verified.claims;
     claims
-        .permits(&target.microvm_id, target.port, kind)
+        .permits(&target.microvm_id, target.port, claims.kind)
         .map_err(forbidden)?;
-    Ok(kind)
+    Ok(claims.kind)
 }
 
 fn forbidden(e: TokenError) -> Reject {

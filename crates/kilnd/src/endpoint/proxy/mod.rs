@@ -37,7 +37,7 @@ pub use activity::{Activity, ActivityTable};
 pub use request::{AUTH_HEADER, DEFAULT_PORT, PORT_HEADER};
 pub use upstream::Upstream;
 
-use crate::endpoint::tokens::TokenKeys;
+use crate::endpoint::tokens::{TokenKeys, Verified};
 use crate::observe::metrics::ProxyCounters;
 use activity::ConnectionGuard;
 use forward::Upstreams;
@@ -352,6 +352,8 @@ pub(crate) struct ClientConnection {
     http2: bool,
     /// An HTTP/1.1 client's connection to the app its last request went to.
     kept: upstream::KeptSlot,
+    /// The last token this connection presented that verified, and what it verified to.
+    token: Mutex<Option<(Box<str>, Arc<Verified>)>>,
 }
 
 impl ClientConnection {
@@ -366,6 +368,19 @@ impl ClientConnection {
         }
         let done = Duration::from_millis(self.last_done.load(Ordering::Relaxed));
         Some(self.opened.elapsed().saturating_sub(done))
+    }
+
+    /// What `token` verified to, when it is the last token this connection presented.
+    fn last_token(&self, token: &str) -> Option<Arc<Verified>> {
+        let last = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|(known, _)| **known == *token)
+            .map(|(_, verified)| verified.clone())
+    }
+
+    fn remember_token(&self, token: &str, verified: &Arc<Verified>) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((token.into(), verified.clone()));
     }
 
     /// Counts this connection as open for `microvm_id` (once per VM); 503 when the VM
@@ -438,6 +453,7 @@ async fn connection(
         vms: Mutex::new(Vec::new()),
         http2,
         kept: upstream::KeptSlot::default(),
+        token: Mutex::new(None),
     });
     let service = {
         let state = state.clone();
