@@ -120,6 +120,9 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         });
     }
 
+    // kilnd's own account of those launches: its "launched" log lines (see `breakdown`).
+    let seq_log = std::fs::read_to_string(kilnd.home.path().join("kilnd.log")).unwrap_or_default();
+
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..CONCURRENT {
@@ -194,6 +197,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     );
     let pick = |f: fn(&Launch) -> Duration| seq.iter().map(|m| f(&m.launch)).collect::<Vec<_>>();
     row("RunMicrovm → returned", &pick(|l| l.returned), Stat::Tail);
+    breakdown(&seq_log);
     row("CreateMicrovmAuthToken", &pick(|l| l.token), Stat::Tail);
     row(
         "GET with the token in hand → 200",
@@ -272,6 +276,48 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} cargo bench -p kilnd --bench launch"
     );
     Ok(())
+}
+
+/// Where RunMicrovm's time went, by kilnd's "launched" log lines: the restore (and in it the
+/// VM's steps, ms from QEMU's start), the run hook, the whole.
+fn breakdown(log: &str) {
+    let mut fields: Vec<(String, Vec<Duration>)> = Vec::new();
+    let mut add = |name: &str, value: &str| {
+        let Ok(n) = value.trim_end_matches('"').parse::<u64>() else {
+            return;
+        };
+        let d = Duration::from_millis(n);
+        match fields.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) => v.push(d),
+            None => fields.push((name.to_string(), vec![d])),
+        }
+    };
+    for line in log.lines().filter(|l| l.contains(" launched")) {
+        for word in line.split_whitespace() {
+            match word.split_once('=') {
+                Some(("vm_steps", steps)) => {
+                    for step in steps.split(',') {
+                        if let Some((name, at)) = step.split_once(':') {
+                            add(&format!("    VM step: {name}"), at);
+                        }
+                    }
+                }
+                Some((name @ ("started_ms" | "run_hook_ms" | "total_ms"), value)) => {
+                    add(name, value)
+                }
+                _ => {}
+            }
+        }
+    }
+    let label = |name: &str| match name {
+        "started_ms" => "  kilnd: VM restored and refreshed".to_string(),
+        "run_hook_ms" => "  kilnd: run hook".to_string(),
+        "total_ms" => "  kilnd: RunMicrovm's work in all".to_string(),
+        other => other.to_string(),
+    };
+    for (name, values) in &fields {
+        row(&label(name), values, Stat::Tail);
+    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -75,6 +75,10 @@ impl QemuVmm {
         t0: Instant,
         egress: Option<&VmEgress>,
     ) -> Result<QemuVm, VmmError> {
+        // Steps before QMP answers, for the launch's account: files ready (disks, memory),
+        // jail planned, network namespace up, QEMU spawned.
+        let mut timeline = Timeline::default();
+        timeline.mark("files", t0);
         let jail = match confine(&mut spec, &self.qemu) {
             Ok(j) => j,
             Err(e) => {
@@ -82,6 +86,7 @@ impl QemuVmm {
                 return Err(e);
             }
         };
+        timeline.mark("jailed", t0);
         let (netns, attachment) = match isolate(&spec, egress).await {
             Ok(n) => n,
             Err(e) => {
@@ -89,6 +94,7 @@ impl QemuVmm {
                 return Err(e);
             }
         };
+        timeline.mark("netns", t0);
         let mut process =
             match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref(), jail) {
                 Ok(p) => p,
@@ -97,6 +103,7 @@ impl QemuVmm {
                     return Err(e);
                 }
             };
+        timeline.mark("spawned", t0);
         let qmp_socket = spec.qmp_socket();
         let qmp = tokio::select! {
             r = Qmp::connect(&qmp_socket, QMP_TIMEOUT) => r.map_err(VmmError::qmp("connecting")),
@@ -111,7 +118,6 @@ impl QemuVmm {
                 return Err(e);
             }
         };
-        let mut timeline = Timeline::default();
         timeline.mark("qmp", t0);
         let (spec_console, spec_app_log) = (spec.console_log(), spec.app_log());
         Ok(QemuVm {

@@ -1010,7 +1010,6 @@ impl Microvms {
             crate::sandbox::logging_disabled(req),
         )?;
         let vm = self.host.vmm.restore(snap, target).await?;
-        tracing::debug!(microvm = %id, ready_ms = vm.timeline().get("refreshed").unwrap_or_default().as_millis() as u64, "restored");
         Ok(Live {
             since: std::time::Instant::now(),
             vm,

@@ -514,6 +514,7 @@ impl Owner {
                 let _ = this.sup.store.forget_client_token(token, scope);
             }
         };
+        let t0 = Instant::now();
         let started = match l.from {
             LaunchFrom::Snapshot { snap, config } => {
                 self.sup
@@ -533,6 +534,7 @@ impl Owner {
                 )));
             }
         };
+        let restored = t0.elapsed();
         // The run hook is where a session gets its secrets and ids: never at build time.
         // AWS's contract: the MicroVM's id and the caller's payload, as given (a string).
         let mut body = serde_json::json!({ "microvmId": id });
@@ -549,9 +551,26 @@ impl Owner {
             failed(self, e.clone());
             return Err(self.conflict(format!("did not start: {e}")));
         }
+        let hooked = t0.elapsed();
+        // The VM's own steps (QEMU up, state loaded, running, agent, refreshed), ms from its
+        // start: where a launch's time went, in the log line that ends it.
+        let steps: Vec<String> = live
+            .vm
+            .timeline()
+            .steps()
+            .iter()
+            .map(|(step, at)| format!("{step}:{}", at.as_millis()))
+            .collect();
         self.publish(live).await?;
         self.record(Event::Launched, Reason::Clear)?;
-        tracing::info!(microvm = %id, "launched");
+        tracing::info!(
+            microvm = %id,
+            started_ms = restored.as_millis() as u64,
+            run_hook_ms = (hooked - restored).as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            vm_steps = %steps.join(","),
+            "launched"
+        );
         crate::api::wire::to_value(&self.sup.describe(&self.sup.row(&id)?))
     }
 
