@@ -3,6 +3,7 @@
 
 pub mod cmdline;
 pub mod logcap;
+mod netpool;
 pub mod process;
 pub mod qmp;
 mod seam;
@@ -166,14 +167,9 @@ async fn isolate(
     if spec.network.is_none() {
         return Ok((None, None));
     }
-    let netns = tokio::task::spawn_blocking(|| {
-        let netns = Netns::create()?;
-        kiln_net::rules::apply(&netns, None)?;
-        Ok::<_, kiln_net::NetError>(netns)
-    })
-    .await
-    .map_err(|e| VmmError::Network(format!("the namespace task failed: {e}")))?
-    .map_err(|e| VmmError::Network(e.to_string()))?;
+    let netns = netpool::take()
+        .await
+        .map_err(|e| VmmError::Network(e.to_string()))?;
     let attachment = match egress {
         Some(egress) => Some(
             egress
