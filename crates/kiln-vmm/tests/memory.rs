@@ -1,6 +1,7 @@
 //! A VM whose memory can grow: machine q35 with a virtio-mem device above its baseline. It
 //! boots at its baseline, is snapshotted and restored with the same shape, the host plugs
-//! memory into it and takes it back, and the guest — root in its VM — cannot plug any itself.
+//! memory into it, a suspend and resume keep what is plugged (and what the guest wrote
+//! there), the host takes it back, and the guest — root in its VM — cannot plug any itself.
 
 mod common;
 
@@ -49,6 +50,25 @@ async fn memory_when_q35_with_a_ceiling_then_the_host_grows_and_shrinks_it_after
     let at_restore = mem_total_mib(restored.agent()).await;
     let grown = restored.set_plugged_memory(256).await.expect("grow");
     let grown_total = mem_total_mib(restored.agent()).await;
+    // 200 MiB in tmpfs, more than the baseline has free: most of it lands in plugged memory.
+    let (written, _) = sh(
+        restored.agent(),
+        "mkdir -p /big && mount -t tmpfs -o size=240M big /big && \
+         head -c 200000000 /dev/urandom > /big/f && md5sum < /big/f",
+    )
+    .await;
+    let suspended = restored
+        .suspend(&dir.path().join("suspended"))
+        .await
+        .expect("suspend");
+    let resumed = vmm
+        .resume(&suspended, RestoreTarget::new(dir.path().join("resumed")))
+        .await
+        .expect("resume");
+    let resumed_total = mem_total_mib(resumed.agent()).await;
+    let resumed_plugged = resumed.plugged_memory().await.expect("plugged");
+    let (read_back, _) = sh(resumed.agent(), "md5sum < /big/f; rm /big/f; umount /big").await;
+    let restored = resumed;
     let shrunk = restored.set_plugged_memory(0).await.expect("shrink");
     let shrunk_total = mem_total_mib(restored.agent()).await;
     sh(restored.agent(), ONLINE_EVERY_BLOCK).await;
@@ -70,6 +90,10 @@ async fn memory_when_q35_with_a_ceiling_then_the_host_grows_and_shrinks_it_after
     assert_eq!(at_restore, booted);
     assert_eq!(grown, 256);
     assert_eq!(grown_total, booted + 256, "booted with {booted} MiB");
+    assert_eq!(resumed_total, grown_total);
+    assert_eq!(resumed_plugged, 256);
+    assert_eq!(read_back, written);
+    assert!(!written.trim().is_empty());
     assert_eq!(shrunk, 0);
     assert_eq!(shrunk_total, booted);
     assert_eq!(after_trying, booted);
