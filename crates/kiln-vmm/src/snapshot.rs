@@ -533,6 +533,26 @@ mod tests {
     }
 
     #[test]
+    fn manifest_when_written_before_machines_then_a_fixed_microvm() {
+        let older = r#"{
+            "format": 1, "created_unix": 1, "qemu_version": "7.2.19", "accel": "tcg",
+            "cpu": "max", "machine": "microvm,x-option-roms=off", "memory_mib": 256,
+            "vcpus": 1, "tsc_khz": 1, "cmdline_extra": [], "network": true,
+            "kernel": {"path": "k", "blake3": "0"}, "initramfs": {"path": "i", "blake3": "0"},
+            "state": {"file": "state.bin", "size": 1, "allocated": 1},
+            "memory": {"file": "mem.img", "size": 1, "allocated": 1}, "disks": []
+        }"#;
+
+        let m: SnapshotManifest = serde_json::from_str(older).expect("parse");
+
+        assert_eq!(m.machine_kind, MachineKind::Microvm);
+        assert_eq!(m.max_memory_mib, None);
+        assert!(!serde_json::to_string(&m)
+            .expect("json")
+            .contains("max_memory_mib"));
+    }
+
+    #[test]
     fn file_ref_when_absolute_as_older_manifests_then_located_as_is() {
         let old = FileRef {
             path: PathBuf::from("/home/k/kernels/6.1/vmlinuz"),
