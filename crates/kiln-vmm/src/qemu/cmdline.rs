@@ -182,10 +182,13 @@ pub fn args(spec: &VmSpec, incoming: bool) -> Vec<OsString> {
             ));
         }
         a.pair("-netdev", netdev);
-        a.pair(
-            "-device",
-            format!("{},netdev=n0", virtio(spec.machine, "virtio-net")),
-        );
+        let mut net = format!("{},netdev=n0", virtio(spec.machine, "virtio-net"));
+        if spec.machine == MachineKind::Q35 {
+            // No network-boot option ROM: the kernel is loaded directly, and the ROM would
+            // be saved in every snapshot's device state.
+            net.push_str(",romfile=");
+        }
+        a.pair("-device", net);
     }
     a.pair("-device", virtio(spec.machine, "virtio-serial"));
     a.pair(
@@ -397,7 +400,7 @@ mod tests {
             "-device virtio-mem-pci,id=vmem0,memdev=vmemram,block-size=2M,requested-size=0"
         ));
         assert!(line.contains("-device virtio-blk-pci,disable-legacy=on,drive=d0"));
-        assert!(line.contains("-device virtio-net-pci,disable-legacy=on,netdev=n0"));
+        assert!(line.contains("-device virtio-net-pci,disable-legacy=on,netdev=n0,romfile= "));
         assert!(line.contains("-device virtio-serial-pci,disable-legacy=on"));
         assert!(line.contains("-device virtio-rng-pci,disable-legacy=on"));
         assert!(!line.contains("-device virtio-blk-device"));
