@@ -44,6 +44,7 @@ fn spec(root: &Path, ctx: BuildContext, out: &str) -> BuildSpec {
         memory_mib: 256,
         build_memory_mib: 256,
         vcpu_growth: true,
+        machine: kiln_vmm::MachineKind::Microvm,
         cache_dir: root.join("cache"),
         work_dir: root.join(format!("work-{out}")),
         output_dir: root.join(out),

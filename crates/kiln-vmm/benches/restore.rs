@@ -1,7 +1,8 @@
 //! Cold boot versus snapshot restore, measured in the same run on the same host.
 //!
 //! Reproduce: `make bench` (or `cargo bench -p kiln-vmm --bench restore`);
-//! `KILN_BENCH_RUNS=N` sets the number of runs (default 5).
+//! `KILN_BENCH_RUNS=N` sets the number of runs (default 5); `KILN_BENCH_MACHINE=q35` runs
+//! the VMs on q35 with a virtio-mem device up to 4× their memory (default microvm).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -9,7 +10,17 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{busybox_spec, host, scratch, sh};
-use kiln_vmm::{BootOptions, RestoreTarget};
+use kiln_vmm::{BootOptions, MachineKind, RestoreTarget, VmSpec};
+
+/// A busybox VM in `dir` on the machine `KILN_BENCH_MACHINE` names.
+fn bench_spec(dir: &std::path::Path, machine: MachineKind) -> VmSpec {
+    let mut spec = busybox_spec(dir, true);
+    if machine == MachineKind::Q35 {
+        spec.machine = MachineKind::Q35;
+        spec.max_memory_mib = Some(4 * spec.memory_mib);
+    }
+    spec
+}
 
 fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -43,9 +54,14 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let machine = match std::env::var("KILN_BENCH_MACHINE").as_deref() {
+        Ok("q35") => MachineKind::Q35,
+        _ => MachineKind::Microvm,
+    };
     let (h, _) = host();
     println!(
-        "kiln boot/restore benchmark: QEMU {}, accel {}, guest kernel {}, {} runs, busybox base, 256 MiB guests",
+        "kiln boot/restore benchmark: machine {}, QEMU {}, accel {}, guest kernel {}, {} runs, busybox base, 256 MiB guests",
+        machine.as_str(),
         h.vmm.qemu().version,
         h.accel.accel,
         h.assets.kernel.version,
@@ -59,7 +75,7 @@ async fn main() {
         std::fs::create_dir_all(&d).expect("dir");
         let vm = h
             .vmm
-            .boot(busybox_spec(&d, true), BootOptions::default())
+            .boot(bench_spec(&d, machine), BootOptions::default())
             .await
             .expect("boot");
         cold.push(ms(vm.timeline().get("agent").expect("agent step")));

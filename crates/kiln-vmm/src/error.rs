@@ -92,6 +92,17 @@ pub enum VmmError {
     /// The host TSC frequency is unknown.
     #[error(transparent)]
     Tsc(#[from] crate::tsc::TscError),
+    /// The VM has no memory it can grow into (no virtio-mem device), or was asked beyond it.
+    #[error("the VM cannot have {requested_mib} MiB plugged: {reason}")]
+    MemoryOutOfRange { requested_mib: u64, reason: String },
+    /// The guest did not plug or unplug the memory asked of it in time (an unplug waits for
+    /// the guest to move its pages out, and fails while they are pinned).
+    #[error("the guest has {plugged_mib} MiB plugged {waited:?} after {requested_mib} MiB was asked (it may still be getting there, or cannot free that memory); ask again, or ask for what it has")]
+    MemoryNotSettled {
+        requested_mib: u64,
+        plugged_mib: u64,
+        waited: std::time::Duration,
+    },
     /// A helper program (qemu-img, cp, ...) failed.
     #[error("{program} failed: {detail}")]
     Tool { program: String, detail: String },

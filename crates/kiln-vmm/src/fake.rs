@@ -32,9 +32,9 @@ use crate::assets::{GuestAssets, Initramfs, KernelAssets};
 use crate::host::Host;
 use crate::snapshot::{FileInfo, FileRef, SnapshotKind, SnapshotManifest};
 use crate::{
-    Backend, BootOptions, BoxFuture, DiskFormat, MicroVm, Netns, PortForward, RestoreTarget,
-    Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult, VmSpec, VmStatus,
-    Vmm, VmmError,
+    Backend, BootOptions, BoxFuture, DiskFormat, MemoryRange, MicroVm, Netns, PortForward,
+    RestoreTarget, Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult,
+    VmSpec, VmStatus, Vmm, VmmError,
 };
 
 /// The operations a test can hold at a gate or count.
@@ -278,6 +278,7 @@ impl FakeVmm {
         };
         Ok(Box::new(FakeVm {
             dir: dir.to_owned(),
+            memory_mib,
             pid,
             forwards,
             agent,
@@ -378,6 +379,8 @@ impl Vmm for FakeVmm {
 /// One fake VM.
 struct FakeVm {
     dir: PathBuf,
+    /// Its memory, fixed: fake VMs never grow.
+    memory_mib: u64,
     pid: u32,
     forwards: Vec<PortForward>,
     agent: AgentClient,
@@ -431,6 +434,29 @@ impl MicroVm for FakeVm {
     fn set_cpu_grant(&self, _vcpus: u32) -> Result<(), VmmError> {
         let missing = std::io::Error::from(std::io::ErrorKind::Unsupported);
         Err(VmmError::io("granting vCPUs to", &self.dir, missing))
+    }
+
+    fn memory_range(&self) -> MemoryRange {
+        MemoryRange {
+            baseline: self.memory_mib,
+            ceiling: self.memory_mib,
+        }
+    }
+
+    fn plugged_memory(&self) -> BoxFuture<'_, Result<u64, VmmError>> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn set_plugged_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>> {
+        Box::pin(async move {
+            if mib == 0 {
+                return Ok(0);
+            }
+            Err(VmmError::MemoryOutOfRange {
+                requested_mib: mib,
+                reason: "a fake VM's memory is fixed".into(),
+            })
+        })
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
@@ -578,6 +604,8 @@ fn snapshot_manifest(memory_mib: u64, kind: SnapshotKind) -> SnapshotManifest {
         cpu: "fake".into(),
         machine: "fake".into(),
         memory_mib,
+        machine_kind: crate::spec::MachineKind::Microvm,
+        max_memory_mib: None,
         vcpus: 1,
         baseline_vcpus: None,
         tsc_khz: 0,

@@ -80,6 +80,8 @@ impl<V: ?Sized> Host<V> {
             vcpus: 1,
             baseline_vcpus: None,
             memory_mib: DEFAULT_MEMORY_MIB,
+            machine: crate::spec::MachineKind::Microvm,
+            max_memory_mib: None,
             kernel: self.assets.kernel.vmlinuz.clone(),
             initramfs: self.assets.initramfs.path.clone(),
             cmdline_extra: Vec::new(),

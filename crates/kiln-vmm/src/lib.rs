@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 pub use crash::crash_point;
 pub use error::VmmError;
 pub use snapshot::Snapshot;
-pub use spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
+pub use spec::{DiskFormat, DiskSpec, MachineKind, MemoryFile, NetSpec, PortForward, VmSpec};
 pub use suspend::{SuspendError, SuspendedVm};
 
 /// A boxed future, so that the seam's traits stay object-safe (`Arc<dyn Vmm>`,
@@ -136,6 +136,14 @@ pub trait MicroVm: Send + Sync {
     /// whatever its guest onlines; fails where nothing on the host would (then the VM must
     /// not grow).
     fn set_cpu_grant(&self, vcpus: u32) -> Result<(), VmmError>;
+    /// Its memory: the baseline it boots with and the ceiling the host may grow it to.
+    fn memory_range(&self) -> MemoryRange;
+    /// The memory in MiB plugged into the guest beyond its baseline now.
+    fn plugged_memory(&self) -> BoxFuture<'_, Result<u64, VmmError>>;
+    /// Plugs (or unplugs) memory so that the guest has `mib` MiB beyond its baseline, rounded
+    /// up to the device's blocks, and waits (bounded) until the guest has taken (or given back)
+    /// all of it; returns what is plugged then. The guest cannot plug anything itself.
+    fn set_plugged_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>>;
     /// Pauses the vCPUs.
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues paused vCPUs.
@@ -198,6 +206,31 @@ impl VcpuRange {
         VcpuRange {
             baseline: spec.baseline(),
             ceiling: spec.vcpus.max(1),
+        }
+    }
+
+    /// Whether it can grow at all.
+    pub fn can_grow(&self) -> bool {
+        self.ceiling > self.baseline
+    }
+}
+
+/// The memory of a VM in MiB: it boots with `baseline`, and the host may plug more into it up
+/// to `ceiling` (equal: its memory is fixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRange {
+    /// What it boots with.
+    pub baseline: u64,
+    /// The most it can have.
+    pub ceiling: u64,
+}
+
+impl MemoryRange {
+    /// The range of the VM `spec` describes.
+    pub fn of(spec: &VmSpec) -> MemoryRange {
+        MemoryRange {
+            baseline: spec.memory_mib,
+            ceiling: spec.memory_ceiling_mib(),
         }
     }
 

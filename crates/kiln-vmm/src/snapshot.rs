@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use kiln_api::Accel;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::DiskFormat;
+use crate::spec::{DiskFormat, MachineKind};
 use crate::VmmError;
 
 /// Version of the snapshot layout and manifest; bump on incompatible change. (Sessions used a
@@ -58,8 +58,17 @@ pub struct SnapshotManifest {
     pub cpu: String,
     /// Machine signature (machine options and device layout).
     pub machine: String,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (the baseline, for a VM that may grow).
     pub memory_mib: u64,
+    /// The machine type; absent in manifests written before there was a choice (`microvm`).
+    #[serde(default)]
+    pub machine_kind: MachineKind,
+    /// The memory ceiling in MiB of a `q35` VM with a virtio-mem device (see
+    /// [`VmSpec::max_memory_mib`](crate::VmSpec::max_memory_mib)); absent: fixed memory.
+    /// Memory plugged when the snapshot was taken is in its device state and comes back
+    /// plugged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     /// Virtual CPUs (`-smp`): the ceiling the guest may grow to.
     pub vcpus: u32,
     /// vCPUs online at boot, the baseline every restore is granted at start; absent in
@@ -521,6 +530,26 @@ mod tests {
         assert_eq!(rel, Path::new("../../../../kernels/6.1/vmlinuz"));
         assert_eq!(located, kernel);
         assert_eq!(relative_path(dir, Path::new("rel/x")), Path::new("rel/x"));
+    }
+
+    #[test]
+    fn manifest_when_written_before_machines_then_a_fixed_microvm() {
+        let older = r#"{
+            "format": 1, "created_unix": 1, "qemu_version": "7.2.19", "accel": "tcg",
+            "cpu": "max", "machine": "microvm,x-option-roms=off", "memory_mib": 256,
+            "vcpus": 1, "tsc_khz": 1, "cmdline_extra": [], "network": true,
+            "kernel": {"path": "k", "blake3": "0"}, "initramfs": {"path": "i", "blake3": "0"},
+            "state": {"file": "state.bin", "size": 1, "allocated": 1},
+            "memory": {"file": "mem.img", "size": 1, "allocated": 1}, "disks": []
+        }"#;
+
+        let m: SnapshotManifest = serde_json::from_str(older).expect("parse");
+
+        assert_eq!(m.machine_kind, MachineKind::Microvm);
+        assert_eq!(m.max_memory_mib, None);
+        assert!(!serde_json::to_string(&m)
+            .expect("json")
+            .contains("max_memory_mib"));
     }
 
     #[test]

@@ -17,8 +17,16 @@ pub struct VmSpec {
     /// to grow into once the host grants them. `None`: all of them (a VM of fixed size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_vcpus: Option<u32>,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB: what the guest boots with (its baseline).
     pub memory_mib: u64,
+    /// The machine type (`microvm` in specs written before there was a choice).
+    #[serde(default)]
+    pub machine: MachineKind,
+    /// The most memory in MiB the guest may grow to (`q35` only): the part above
+    /// [`VmSpec::memory_mib`] is a virtio-mem device, unplugged at boot, that the host plugs
+    /// and unplugs. `None` (or not above `memory_mib`): no such device, the memory is fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     /// Guest kernel (`vmlinuz`).
     pub kernel: PathBuf,
     /// Initramfs holding `kiln-init` and the kernel modules.
@@ -42,6 +50,28 @@ pub struct VmSpec {
     /// the port stays, so the device set matches the snapshot's, but nothing is kept.
     #[serde(default)]
     pub discard_app_log: bool,
+}
+
+/// The QEMU machine a VM runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineKind {
+    /// `microvm`: virtio-mmio devices and no PCI bus, so its memory is fixed at boot.
+    #[default]
+    Microvm,
+    /// `q35` (pinned as `pc-q35-7.2`): virtio-pci devices, and a virtio-mem device when the
+    /// spec sets a memory ceiling.
+    Q35,
+}
+
+impl MachineKind {
+    /// The name kiln uses for it (`microvm`, `q35`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineKind::Microvm => "microvm",
+            MachineKind::Q35 => "q35",
+        }
+    }
 }
 
 /// One virtio block device.
@@ -109,6 +139,21 @@ impl VmSpec {
     pub fn baseline(&self) -> u32 {
         let ceiling = self.vcpus.max(1);
         self.baseline_vcpus.unwrap_or(ceiling).clamp(1, ceiling)
+    }
+    /// MiB of memory the host can plug into the guest beyond [`VmSpec::memory_mib`]: the
+    /// size of its virtio-mem device (0: it has none; `microvm` never has one).
+    pub fn growable_memory_mib(&self) -> u64 {
+        match self.machine {
+            MachineKind::Microvm => 0,
+            MachineKind::Q35 => self
+                .max_memory_mib
+                .unwrap_or(0)
+                .saturating_sub(self.memory_mib),
+        }
+    }
+    /// The most memory in MiB the guest can ever have: its baseline plus its virtio-mem device.
+    pub fn memory_ceiling_mib(&self) -> u64 {
+        self.memory_mib + self.growable_memory_mib()
     }
     /// The QMP socket inside the runtime directory.
     pub fn qmp_socket(&self) -> PathBuf {

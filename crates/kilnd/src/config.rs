@@ -91,6 +91,12 @@ pub struct Config {
     /// images fixed at it (under TCG those restore and first answer ~20 % sooner).
     #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     pub vcpu_growth: bool,
+    /// The machine new images' app VMs — and so every MicroVM launched from them — run on:
+    /// `microvm` (memory fixed at the image's) or `q35` (a virtio-mem device lets the VM's
+    /// memory grow to four times the image's; kilnd does not grow it yet). An image keeps the
+    /// machine it was built with.
+    #[arg(long, default_value = "microvm", value_name = "microvm|q35", value_parser = machine_kind)]
+    pub machine: kiln_vmm::MachineKind,
     /// MicroVMs kept restored and paused for each image version launched in the last ten
     /// minutes, so RunMicrovm only continues one (0: no warm pool). They hold VM slots and
     /// memory like running MicroVMs and give them up first when a launch needs room.
@@ -274,6 +280,15 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `--machine`: `microvm` or `q35`.
+fn machine_kind(s: &str) -> Result<kiln_vmm::MachineKind, String> {
+    match s {
+        "microvm" => Ok(kiln_vmm::MachineKind::Microvm),
+        "q35" => Ok(kiln_vmm::MachineKind::Q35),
+        _ => Err(format!("{s:?} is neither microvm nor q35")),
+    }
+}
+
 /// `--memory-overcommit`: a finite ratio from 1 to 16.
 fn overcommit_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -302,6 +317,22 @@ mod tests {
             let e = budget(&["--memory-overcommit", bad]).expect_err(bad);
             assert!(e.to_string().contains("ratio from 1 to 16"), "{e}");
         }
+    }
+
+    #[test]
+    fn machine_when_absent_then_microvm_and_q35_taken_and_anything_else_refused() {
+        let machine = |args: &[&str]| {
+            let argv = std::iter::once("kilnd").chain(args.iter().copied());
+            Config::try_parse_from(argv).map(|c| c.machine)
+        };
+
+        assert_eq!(machine(&[]).ok(), Some(kiln_vmm::MachineKind::Microvm));
+        assert_eq!(
+            machine(&["--machine", "q35"]).ok(),
+            Some(kiln_vmm::MachineKind::Q35)
+        );
+        let e = machine(&["--machine", "pc"]).expect_err("pc");
+        assert!(e.to_string().contains("neither microvm nor q35"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ use kiln_agent::client::{
 };
 use kiln_vmm::host::Host;
 use kiln_vmm::{
-    BootOptions, DiskFormat, DiskSpec, MemoryFile, MicroVm, NetSpec, RestoreTarget, Snapshot,
+    BootOptions, DiskFormat, DiskSpec, MachineKind, MemoryFile, MicroVm, NetSpec, RestoreTarget,
+    Snapshot,
 };
 
 use crate::context::BuildContext;
@@ -51,6 +52,16 @@ pub fn vcpus_for(memory_mib: u64) -> u32 {
 
 /// How many times its baseline vCPUs an app VM may grow to under load (AWS's 4×).
 pub const VCPU_GROWTH: u32 = 4;
+
+/// How many times its baseline memory an app VM on q35 may grow to (AWS's 4×).
+pub const MEMORY_GROWTH: u64 = 4;
+
+/// The memory ceiling in MiB of a q35 app VM with `memory_mib` of baseline memory:
+/// [`MEMORY_GROWTH`] times it, the growable part in whole 2 MiB virtio-mem blocks.
+pub fn memory_ceiling_for(memory_mib: u64) -> u64 {
+    let growable = memory_mib.saturating_mul(MEMORY_GROWTH - 1);
+    memory_mib + growable / 2 * 2
+}
 
 /// The vCPUs an app VM with `memory_mib` of baseline memory is built with (`-smp`): its
 /// baseline ([`vcpus_for`]) online, [`VCPU_GROWTH`] times that present.
@@ -86,6 +97,10 @@ pub struct BuildSpec {
     /// baseline; under TCG such an image restores and first answers ~20 % sooner (measured;
     /// likely TCG's parallel-vCPU mode, which a guest with more than one vCPU turns on).
     pub vcpu_growth: bool,
+    /// The machine of the app VM, and so of every VM launched from the image (kilnd's
+    /// `--machine`); on q35 it has a virtio-mem device up to [`memory_ceiling_for`]. Build
+    /// steps run on microvm whatever this says: their VMs are never snapshotted for launch.
+    pub machine: MachineKind,
     /// The layer caches' directory: each owner's cache is a directory of its own in it, so
     /// a cache hit never tells one principal what another built, nor serves another's layer.
     pub cache_dir: PathBuf,
@@ -979,6 +994,10 @@ async fn capture_app(
     let (present, online) = app_vcpus(spec.memory_mib, spec.vcpu_growth);
     vm_spec.vcpus = present;
     vm_spec.baseline_vcpus = Some(online);
+    vm_spec.machine = spec.machine;
+    if spec.machine == MachineKind::Q35 {
+        vm_spec.max_memory_mib = Some(memory_ceiling_for(spec.memory_mib));
+    }
     vm_spec.disks = vec![DiskSpec {
         path: top,
         format: DiskFormat::Qcow2,
@@ -1205,6 +1224,13 @@ impl AppCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_ceiling_when_q35_then_four_times_in_whole_blocks() {
+        assert_eq!(memory_ceiling_for(256), 1024);
+        assert_eq!(memory_ceiling_for(129), 129 + 386);
+        assert_eq!(memory_ceiling_for(128), 512);
+    }
 
     #[test]
     fn url_dest_when_directory_then_the_urls_file_name_inside() {

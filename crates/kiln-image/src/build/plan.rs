@@ -1444,6 +1444,7 @@ mod tests {
             memory_mib: 512,
             build_memory_mib: 512,
             vcpu_growth: true,
+            machine: kiln_vmm::MachineKind::Microvm,
             cache_dir: "/x".into(),
             work_dir: "/x".into(),
             output_dir: "/x".into(),

@@ -15,10 +15,16 @@ use super::{deb, io_err, AssetError, ToolError};
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// The modules kiln loads, in load order, as paths under `lib/modules/<version>/kernel/`.
-pub const KERNEL_MODULES: [&str; 11] = [
+/// One initramfs serves both machines: `microvm` finds its devices through virtio_mmio,
+/// `q35` through virtio_pci (which needs its two helper modules first); the transport whose
+/// bus is absent loads and finds nothing. virtio_mem drives `q35`'s growable memory.
+pub const KERNEL_MODULES: [&str; 15] = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
@@ -27,6 +33,7 @@ pub const KERNEL_MODULES: [&str; 11] = [
     "drivers/char/hw_random/virtio-rng.ko",
     "fs/overlayfs/overlay.ko",
     "drivers/virtio/virtio_balloon.ko",
+    "drivers/virtio/virtio_mem.ko",
 ];
 
 /// How many metapackage hops are followed before giving up.
@@ -140,12 +147,26 @@ pub fn ensure_kernel_from(
 ) -> Result<KernelAssets, AssetError> {
     let kernels = home.join("kernels");
     match source {
-        KernelSource::Package(name) => find_or_build(
-            &kernels,
-            refresh,
-            || find_installed(&kernels, &source.key()),
-            || install_package(&kernels, name, &source.key()),
-        ),
+        KernelSource::Package(name) => {
+            let installed = find_or_build(
+                &kernels,
+                refresh,
+                || find_installed(&kernels, &source.key(), true),
+                || install_package(&kernels, name, &source.key()),
+            );
+            match installed {
+                Ok(kernel) => Ok(kernel),
+                // A kernel installed by an older kiln lacks modules added since, and bringing
+                // them needs the package again; offline, the older set still boots `microvm`.
+                Err(e) => match find_installed(&kernels, &source.key(), false)? {
+                    Some(stale) if !refresh => {
+                        tracing::warn!(error = %e, version = %stale.version, "cannot fetch the guest kernel's newer modules; using the installed ones (q35 VMs will not boot until `kiln doctor` can fetch them)");
+                        Ok(stale)
+                    }
+                    _ => Err(e),
+                },
+            }
+        }
         KernelSource::Local { vmlinuz, modules } => {
             let version = local_version(modules)?;
             let digest = file_blake3(vmlinuz)?;
@@ -170,8 +191,13 @@ pub fn ensure_kernel_from(
     }
 }
 
-/// The newest kernel in `kernels` installed by the source `key`.
-fn find_installed(kernels: &Path, key: &str) -> Result<Option<KernelAssets>, AssetError> {
+/// The newest kernel in `kernels` installed by the source `key`; with `current`, only one
+/// that has every module of [`KERNEL_MODULES`].
+fn find_installed(
+    kernels: &Path,
+    key: &str,
+    current: bool,
+) -> Result<Option<KernelAssets>, AssetError> {
     let entries = match fs::read_dir(kernels) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -185,7 +211,7 @@ fn find_installed(kernels: &Path, key: &str) -> Result<Option<KernelAssets>, Ass
         let Some(manifest) = read_manifest(&entry.path())? else {
             continue;
         };
-        if manifest.requested != key {
+        if manifest.requested != key || (current && !has_current_modules(&manifest)) {
             continue;
         }
         let when = manifest.installed_unix;
@@ -205,12 +231,30 @@ fn installed_version(
     let dir = kernels.join(version);
     match read_manifest(&dir)? {
         None => Ok(None),
-        Some(m) if m.vmlinuz_blake3 == digest => Ok(Some(assets_of(&dir, m))),
+        Some(m) if m.vmlinuz_blake3 == digest && has_current_modules(&m) => {
+            Ok(Some(assets_of(&dir, m)))
+        }
+        // Installed by an older kiln with fewer modules: `install` brings the rest.
+        Some(m) if m.vmlinuz_blake3 == digest => Ok(None),
         Some(_) => Err(AssetError::KernelConflict {
             dir,
             version: version.into(),
         }),
     }
+}
+
+/// The module file names an installation holds now, in load order.
+fn module_file_names() -> Vec<String> {
+    KERNEL_MODULES
+        .iter()
+        .enumerate()
+        .map(|(index, module)| module_file_name(index, module))
+        .collect()
+}
+
+/// Whether an installed kernel has every module kiln loads now, under its current name.
+fn has_current_modules(m: &KernelManifest) -> bool {
+    m.modules == module_file_names()
 }
 
 fn read_manifest(dir: &Path) -> Result<Option<KernelManifest>, AssetError> {
@@ -319,6 +363,12 @@ fn unpacked_parts(root: &Path, package: &deb::DebFile) -> Result<KernelParts, As
 /// Copies the kernel parts into a staging dir and renames it to `kernels/<version>`.
 fn install(kernels: &Path, parts: &KernelParts, key: &str) -> Result<KernelAssets, AssetError> {
     check_version_name(&parts.version)?;
+    let dest = kernels.join(&parts.version);
+    if let Some(older) = read_manifest(&dest)? {
+        if older.vmlinuz_blake3 == file_blake3(&parts.vmlinuz)? {
+            return refresh_modules(&dest, parts, older);
+        }
+    }
     let staging = Staging::dir_in(kernels)?;
     let out = staging.path();
     let vmlinuz = out.join("vmlinuz");
@@ -351,10 +401,48 @@ fn install(kernels: &Path, parts: &KernelParts, key: &str) -> Result<KernelAsset
         source,
     })?;
     fs::write(&manifest_path, json).map_err(io_err("write", &manifest_path))?;
-    let dest = kernels.join(&parts.version);
     staging.publish(&dest)?;
     tracing::info!(version = %parts.version, package = %parts.package, "guest kernel installed");
     Ok(assets_of(&dest, manifest))
+}
+
+/// Brings the modules of the kernel installed in `dir` (by an older kiln, from the same
+/// vmlinuz) up to [`KERNEL_MODULES`] in place. Its vmlinuz and the initramfs images built
+/// before stay where they are (snapshots name them by digest); the modules are staged and
+/// moved in under their current names, `kernel.json` is rewritten last, and module files it
+/// no longer names are removed.
+fn refresh_modules(
+    dir: &Path,
+    parts: &KernelParts,
+    mut manifest: KernelManifest,
+) -> Result<KernelAssets, AssetError> {
+    let staging = Staging::dir_in(dir)?;
+    let names = module_file_names();
+    for (module, name) in KERNEL_MODULES.iter().zip(&names) {
+        copy_module(parts, module, &staging.path().join(name))?;
+    }
+    let modules_dir = dir.join("modules");
+    for name in &names {
+        let (from, to) = (staging.path().join(name), modules_dir.join(name));
+        fs::rename(&from, &to).map_err(io_err("move module into", &to))?;
+    }
+    manifest.modules = names;
+    let manifest_path = dir.join(MANIFEST);
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|source| AssetError::Manifest {
+        path: manifest_path.clone(),
+        source,
+    })?;
+    super::store::write_atomic(&manifest_path, &json)?;
+    if let Ok(entries) = fs::read_dir(&modules_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !manifest.modules.contains(&name) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    tracing::info!(version = %manifest.version, "guest kernel modules brought up to date");
+    Ok(assets_of(dir, manifest))
 }
 
 /// `NN-name.ko`, so that lexical order is load order.
@@ -490,15 +578,24 @@ mod tests {
             .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
             .collect();
         assert_eq!(names[0], "00-virtio_ring.ko");
-        assert_eq!(names[8], "08-virtio-rng.ko");
-        assert_eq!(names[10], "10-virtio_balloon.ko");
+        assert_eq!(
+            names[2..6],
+            [
+                "02-virtio_mmio.ko",
+                "03-virtio_pci_legacy_dev.ko",
+                "04-virtio_pci_modern_dev.ko",
+                "05-virtio_pci.ko"
+            ]
+        );
+        assert_eq!(names[11], "11-virtio-rng.ko");
+        assert_eq!(names[14], "14-virtio_mem.ko");
         assert_eq!(kernel.version, "6.1.0-test");
         assert_eq!(
             kernel.vmlinuz,
             home.path().join("kernels/6.1.0-test/vmlinuz")
         );
         assert_eq!(
-            fs::read(&kernel.modules[3]).expect("read"),
+            fs::read(&kernel.modules[6]).expect("read"),
             b"drivers/block/virtio_blk.ko"
         );
     }
@@ -513,6 +610,33 @@ mod tests {
         let second = ensure_kernel_from(home.path(), &source, false).expect("second");
 
         assert_eq!(first, second);
+    }
+
+    #[test]
+    fn local_kernel_when_installed_by_an_older_kiln_then_modules_added_in_place() {
+        let home = tempfile::tempdir().expect("home");
+        let src = tempfile::tempdir().expect("src");
+        let source = fake_kernel(src.path(), "6.1.0-test", None);
+        let first = ensure_kernel_from(home.path(), &source, false).expect("install");
+        let dir = home.path().join("kernels/6.1.0-test");
+        // What an older kiln left: two modules, an initramfs a snapshot names.
+        let mut older: KernelManifest =
+            serde_json::from_slice(&fs::read(dir.join(MANIFEST)).expect("read")).expect("parse");
+        older.modules = vec!["00-virtio_ring.ko".into(), "01-virtio_mmio.ko".into()];
+        fs::write(
+            dir.join(MANIFEST),
+            serde_json::to_vec(&older).expect("json"),
+        )
+        .expect("write");
+        fs::write(dir.join("modules/01-virtio_mmio.ko"), "old").expect("old module");
+        fs::write(dir.join("initramfs-0123.cpio"), "old initramfs").expect("initramfs");
+
+        let again = ensure_kernel_from(home.path(), &source, false).expect("refresh");
+
+        assert_eq!(again, first);
+        assert!(again.modules.iter().all(|m| m.is_file()));
+        assert!(!dir.join("modules/01-virtio_mmio.ko").exists());
+        assert!(dir.join("initramfs-0123.cpio").exists());
     }
 
     #[test]

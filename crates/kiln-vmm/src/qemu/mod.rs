@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::jail::{self, Jail, JailConfig};
 use crate::snapshot::{self, Snapshot, SnapshotDisk, SnapshotManifest, SNAPSHOT_FORMAT};
-use crate::spec::{DiskFormat, DiskSpec, MemoryFile, NetSpec, PortForward, VmSpec};
+use crate::spec::{DiskFormat, DiskSpec, MachineKind, MemoryFile, NetSpec, PortForward, VmSpec};
 use crate::suspend::{SuspendError, SuspendedVm};
 use crate::{BootOptions, Netns, RestoreTarget, Timeline, VmEgress, VmStatus, VmmError};
 use process::{QemuBinary, QemuProcess};
@@ -33,6 +33,9 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(20);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Migration bandwidth for suspends (bytes/s): no cap, the guest is paused anyway.
 const SUSPEND_BANDWIDTH: u64 = 1 << 40;
+/// How long the guest may take to plug or unplug the memory asked of it: it works through
+/// the blocks itself (an unplug first moves the pages out of them).
+const MEMORY_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The name under which QEMU holds the descriptor of a migration stream (QMP `getfd`).
 const MIGRATION_FD: &str = "kiln-migration";
 
@@ -147,7 +150,9 @@ fn confine(spec: &mut VmSpec, qemu: &QemuBinary) -> Result<Option<Jail>, VmmErro
     spec.jail = Some(id);
     write_spec(spec)?;
     jail::prepare_files(spec, id, config)?;
-    let limits = crate::cgroup::Limits::for_guest(spec.baseline(), spec.memory_mib);
+    // The ceiling, not the baseline: a suspended session may come back with memory plugged,
+    // and QEMU would be killed loading it. The host bounds a growing VM by its ceiling.
+    let limits = crate::cgroup::Limits::for_guest(spec.baseline(), spec.memory_ceiling_mib());
     let cgroup = match crate::cgroup::VmCgroup::create(&spec.dir, limits) {
         Ok(cg) => cg,
         Err(e) => {
@@ -413,6 +418,8 @@ impl QemuVmm {
             vcpus: m.vcpus,
             baseline_vcpus: m.baseline_vcpus,
             memory_mib: m.memory_mib,
+            machine: m.machine_kind,
+            max_memory_mib: m.max_memory_mib,
             kernel: snap.kernel_path(),
             initramfs: snap.initramfs_path(),
             cmdline_extra: m.cmdline_extra.clone(),
@@ -742,6 +749,95 @@ impl QemuVm {
             self.process.kill(Duration::from_secs(2)).await;
         }
     }
+}
+
+/// Memory growth through the virtio-mem device of a `q35` VM.
+impl QemuVm {
+    /// See [`MicroVm::plugged_memory`](crate::MicroVm::plugged_memory).
+    pub async fn plugged_memory(&self) -> Result<u64, VmmError> {
+        if self.spec.growable_memory_mib() == 0 {
+            return Ok(0);
+        }
+        Ok(self
+            .virtio_mem_property("size", "reading the plugged memory")
+            .await?
+            >> 20)
+    }
+
+    /// See [`MicroVm::set_plugged_memory`](crate::MicroVm::set_plugged_memory).
+    pub async fn set_plugged_memory(&self, mib: u64) -> Result<u64, VmmError> {
+        let growable = self.spec.growable_memory_mib();
+        if mib > growable {
+            let reason = if growable == 0 {
+                "it has no memory to grow into (only a q35 VM with a memory ceiling has)".into()
+            } else {
+                format!(
+                    "it may grow by at most {growable} MiB (from {} to {} MiB)",
+                    self.spec.memory_mib,
+                    self.spec.memory_ceiling_mib()
+                )
+            };
+            return Err(VmmError::MemoryOutOfRange {
+                requested_mib: mib,
+                reason,
+            });
+        }
+        if growable == 0 {
+            return Ok(0);
+        }
+        let doing = "resizing the guest's memory";
+        let block = self.virtio_mem_property("block-size", doing).await?.max(1);
+        // Whole blocks, rounded up, within the device.
+        let wanted = ((mib << 20).div_ceil(block) * block).min((growable << 20) / block * block);
+        self.qmp
+            .execute(
+                "qom-set",
+                Some(
+                    json!({ "path": virtio_mem_path(), "property": "requested-size",
+                             "value": wanted }),
+                ),
+            )
+            .await
+            .map_err(VmmError::qmp(doing))?;
+        let t = Instant::now();
+        loop {
+            let plugged = self.virtio_mem_property("size", doing).await?;
+            if plugged == wanted {
+                return Ok(plugged >> 20);
+            }
+            if t.elapsed() > MEMORY_SETTLE_TIMEOUT {
+                return Err(VmmError::MemoryNotSettled {
+                    requested_mib: wanted >> 20,
+                    plugged_mib: plugged >> 20,
+                    waited: MEMORY_SETTLE_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A number property of the virtio-mem device, in bytes.
+    async fn virtio_mem_property(&self, property: &str, doing: &str) -> Result<u64, VmmError> {
+        let value = self
+            .qmp
+            .execute(
+                "qom-get",
+                Some(json!({ "path": virtio_mem_path(), "property": property })),
+            )
+            .await
+            .map_err(VmmError::qmp(doing))?;
+        value.as_u64().ok_or_else(|| VmmError::Qmp {
+            doing: doing.to_string(),
+            source: qmp::QmpError::Protocol(format!(
+                "virtio-mem property {property} is {value}, not a number"
+            )),
+        })
+    }
+}
+
+/// The QOM path of a `q35` VM's virtio-mem device.
+fn virtio_mem_path() -> String {
+    format!("/machine/peripheral/{}", cmdline::VIRTIO_MEM_ID)
 }
 
 /// The [`MicroVm`](crate::MicroVm) operations; `seam.rs` implements the trait with these.
@@ -1084,6 +1180,8 @@ fn manifest_for(
         cpu: cmdline::cpu_model(spec.accel).to_string(),
         machine: cmdline::machine_signature(spec),
         memory_mib: spec.memory_mib,
+        machine_kind: spec.machine,
+        max_memory_mib: (spec.growable_memory_mib() > 0).then(|| spec.memory_ceiling_mib()),
         vcpus: spec.vcpus,
         baseline_vcpus: spec.baseline_vcpus,
         tsc_khz: spec.tsc_khz,
@@ -1210,6 +1308,25 @@ fn validate(spec: &VmSpec) -> Result<(), VmmError> {
                 "the snapshot is incomplete; take it again",
             )?;
         }
+    }
+    if spec.machine == MachineKind::Microvm && spec.max_memory_mib > Some(spec.memory_mib) {
+        return Err(VmmError::InvalidSpec(format!(
+            "a microvm cannot grow its memory (asked for up to {} MiB from {} MiB): run it on \
+             the q35 machine, or give it no memory ceiling",
+            spec.max_memory_mib.unwrap_or(0),
+            spec.memory_mib
+        )));
+    }
+    if !spec
+        .growable_memory_mib()
+        .is_multiple_of(cmdline::VIRTIO_MEM_BLOCK_MIB)
+    {
+        return Err(VmmError::InvalidSpec(format!(
+            "the memory a VM may grow by ({} MiB above its {} MiB) must be a multiple of {} MiB",
+            spec.growable_memory_mib(),
+            spec.memory_mib,
+            cmdline::VIRTIO_MEM_BLOCK_MIB
+        )));
     }
     if spec.vcpus == 0 || spec.memory_mib < 64 {
         return Err(VmmError::InvalidSpec(format!(

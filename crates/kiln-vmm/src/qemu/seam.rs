@@ -9,9 +9,9 @@ use kiln_agent::client::AgentClient;
 
 use super::{process, QemuVm, QemuVmm};
 use crate::{
-    Backend, BootOptions, BoxFuture, DiskFormat, MicroVm, Netns, PortForward, RestoreTarget,
-    Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult, VmSpec, VmStatus,
-    Vmm, VmmError,
+    Backend, BootOptions, BoxFuture, DiskFormat, MemoryRange, MicroVm, Netns, PortForward,
+    RestoreTarget, Snapshot, SuspendError, SuspendedVm, Timeline, VcpuRange, VmEgress, VmResult,
+    VmSpec, VmStatus, Vmm, VmmError,
 };
 
 /// A QEMU VM as the seam hands it out.
@@ -103,6 +103,18 @@ impl MicroVm for QemuVm {
 
     fn set_cpu_grant(&self, vcpus: u32) -> Result<(), VmmError> {
         crate::cgroup::set_cpu_grant(&self.spec().dir, vcpus)
+    }
+
+    fn memory_range(&self) -> MemoryRange {
+        MemoryRange::of(self.spec())
+    }
+
+    fn plugged_memory(&self) -> BoxFuture<'_, Result<u64, VmmError>> {
+        Box::pin(QemuVm::plugged_memory(self))
+    }
+
+    fn set_plugged_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>> {
+        Box::pin(QemuVm::set_plugged_memory(self, mib))
     }
 
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {

@@ -304,6 +304,7 @@ impl Builds {
             secrets,
             build_memory_mib: self.config.build_memory_mib,
             vcpu_growth: self.config.vcpu_growth,
+            machine: self.config.machine,
             cache_dir: self.host.home.join("cache").join("layers"),
             work_dir: work.join("build"),
             output_dir: dir.to_owned(),
