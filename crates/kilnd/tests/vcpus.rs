@@ -1,6 +1,6 @@
-//! vCPU growth end to end on one image (busybox, 512 MiB: a baseline of 1 vCPU, 4 present)
-//! and two MicroVMs, with a host budget of 2 vCPUs (`--max-vcpus 2`), so both baselines fill
-//! it:
+//! Sizing end to end. vCPU growth on one image (busybox, 512 MiB: a baseline of 1 vCPU, 4
+//! present) and two MicroVMs, with a host budget of 2 vCPUs (`--max-vcpus 2`), so both
+//! baselines fill it:
 //!
 //! - the attack: root in one guest onlines every vCPU itself and burns them all; the budget
 //!   is full, so the sizer refuses to grow it, and the host's cgroup quota stays at the grant
@@ -8,6 +8,10 @@
 //! - growth: once that MicroVM is gone, the other one, busy, grows beyond its baseline (the
 //!   guest has more online, its cgroup quota rises, usage and `/metrics` show the grant), and
 //!   shrinks back to its baseline once idle, its vCPU-seconds counting what it was granted.
+//!
+//! And the machine memory grows on: `kilnd --machine q35` builds an image whose MicroVMs run
+//! on q35 with a virtio-mem device up to four times their baseline, and suspend and resume
+//! there.
 
 mod common;
 
@@ -270,4 +274,57 @@ fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_can
     assert_eq!(account["baselineVcpus"], 1);
     assert_eq!(admitted_after, 0.0, "nothing leaked");
     assert!(usage_table.contains(&grower), "{usage_table}");
+}
+
+/// `vm`'s state as `get-microvm` says it.
+fn state(kilnd: &Daemon, vm: &str) -> String {
+    let (_, got, _) = kilnd.aws(&["get-microvm", "--microvm-identifier", vm]);
+    got["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn machine_when_kilnd_builds_on_q35_then_its_microvms_run_suspend_and_resume_there_with_room_to_grow(
+) {
+    let kilnd = Daemon::start(&["--machine", "q35"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    kilnd.build_sh_app("grow", scratch.path(), APP);
+    let admin = kilnd.admin_key();
+    let vm = run_microvm(&kilnd);
+    let spec: Value = serde_json::from_slice(
+        &std::fs::read(vm_dir(&kilnd, &vm).join("spec.json")).expect("spec.json"),
+    )
+    .expect("spec JSON");
+    let served = kilnd.app_get(&vm, "/");
+    let buses = sh(
+        &kilnd,
+        &admin,
+        &vm,
+        "ls /sys/bus/pci/devices | wc -l; ls /sys/bus/virtio/drivers",
+    );
+
+    let (code, _, err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "{err}");
+    let suspended = eventually(Duration::from_secs(120), || {
+        state(&kilnd, &vm) == "SUSPENDED"
+    });
+    let (code, _, err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "{err}");
+    let resumed = eventually(Duration::from_secs(120), || state(&kilnd, &vm) == "RUNNING");
+    let served_again = kilnd.app_get(&vm, "/");
+
+    assert_eq!(spec["machine"], "q35", "{spec}");
+    // AWS's vertical room: four times the 512 MiB baseline.
+    assert_eq!(spec["max_memory_mib"], 2048, "{spec}");
+    assert_eq!(served.trim(), "hi");
+    let pci_devices: u32 = buses
+        .lines()
+        .next()
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(pci_devices > 0, "{buses}");
+    assert!(buses.contains("virtio_mem"), "{buses}");
+    assert!(suspended && resumed);
+    assert_eq!(served_again.trim(), "hi");
 }
