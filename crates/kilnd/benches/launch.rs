@@ -3,8 +3,9 @@
 //! one launch at a time and five at once.
 //!
 //! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench launch`
-//! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20). It starts the release
-//! `kilnd` on a fresh home that shares the guest kernel and base images of the test home
+//! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20; `KILN_BENCH_MACHINE=q35`
+//! builds the image for q35, as `kilnd --machine q35`). It starts the release `kilnd` on a
+//! fresh home that shares the guest kernel and base images of the test home
 //! (`target/kiln-test-home`, or `KILN_HOME`), on free ports.
 
 mod support;
@@ -42,11 +43,14 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 fn main() -> anyhow::Result<()> {
     let launches: usize = env_or("KILN_BENCH_LAUNCHES", 20);
     ensure!(launches > 0, "KILN_BENCH_LAUNCHES must be at least 1");
+    let machine = machine();
     let mut kilnd = Kilnd::start(&[
         "--max-microvms",
         &(CONCURRENT + 3).to_string(),
         "--warm-pool",
         "0",
+        "--machine",
+        &machine,
     ])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -71,9 +75,10 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     .await?
     .context("preparing the host (QEMU, accelerator, guest kernel) on the bench's home")?;
     println!(
-        "kiln launch benchmark: QEMU {}, accel {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 512 MiB guests",
+        "kiln launch benchmark: QEMU {}, accel {}, machine {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 512 MiB guests",
         host.vmm.qemu().version,
         host.accel.accel,
+        machine(),
         host.assets.kernel.version,
     );
     let scratch = tempfile::Builder::new()
@@ -273,7 +278,8 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         cold_median.as_secs_f64() / pooled_median.as_secs_f64(),
     );
     println!(
-        "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} cargo bench -p kilnd --bench launch"
+        "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench launch",
+        machine()
     );
     Ok(())
 }
@@ -318,6 +324,11 @@ fn breakdown(log: &str) {
     for (name, values) in &fields {
         row(&label(name), values, Stat::Tail);
     }
+}
+
+/// The machine new images' MicroVMs run on: `KILN_BENCH_MACHINE` (`microvm`, `q35`).
+fn machine() -> String {
+    std::env::var("KILN_BENCH_MACHINE").unwrap_or_else(|_| "microvm".into())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -490,6 +501,9 @@ async fn cold_boot(
     kiln_vmm::qemu::create_overlay(&snap.dir.join(&disk.info.file), disk.format, &overlay)?;
     let mut spec = host.vm_spec(dir.join("vm"));
     spec.memory_mib = snap.manifest.memory_mib;
+    // The machine the image's MicroVMs run on (`KILN_BENCH_MACHINE`), ceiling included.
+    spec.machine = snap.manifest.machine_kind;
+    spec.max_memory_mib = snap.manifest.max_memory_mib;
     spec.disks = vec![DiskSpec {
         path: overlay,
         format: DiskFormat::Qcow2,
