@@ -5,12 +5,9 @@ mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{busybox_spec, host, process_exists, scratch, sh};
+use common::{busybox_spec, host, process_exists, scratch, sh, COUNTER};
 use kiln_vmm::snapshot::{digest_file, Snapshot};
 use kiln_vmm::{BootOptions, RestoreTarget, VmmError};
-
-const COUNTER: &str =
-    "(n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_when_restored_twice_then_clones_continue_diverge_and_snapshot_is_untouched() {

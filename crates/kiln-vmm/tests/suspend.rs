@@ -7,16 +7,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{busybox_spec, host, process_exists, scratch, sh};
+use common::{busybox_spec, host, process_exists, scratch, sh, COUNTER};
 use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::{
     free_port, BootOptions, MicroVm, PortForward, RestoreTarget, SuspendError, SuspendedVm,
     VmStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const COUNTER: &str =
-    "(n=0; while :; do n=$((n+1)); echo $n > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &";
 
 /// How long each round stays suspended: one long pause shows the clock is set on resume.
 const PAUSES: [Duration; 3] = [

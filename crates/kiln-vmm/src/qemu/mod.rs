@@ -99,14 +99,20 @@ impl QemuVmm {
             }
         };
         timeline.mark("netns", t0);
-        let mut process =
-            match QemuProcess::spawn(&self.qemu, args, &spec.qemu_log(), netns.as_deref(), jail) {
-                Ok(p) => p,
-                Err(e) => {
-                    remove_dir(&spec.dir);
-                    return Err(e);
-                }
-            };
+        // fork, the jail's set-up in the child and exec take ~15 ms: off the async workers,
+        // which meanwhile go on serving (the endpoint's requests among them).
+        let spawned = {
+            let (qemu, log, netns) = (self.qemu.clone(), spec.qemu_log(), netns.clone());
+            crate::blocking(move || QemuProcess::spawn(&qemu, args, &log, netns.as_deref(), jail))
+                .await
+        };
+        let mut process = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                remove_dir(&spec.dir);
+                return Err(e);
+            }
+        };
         timeline.mark("spawned", t0);
         let qmp_socket = spec.qmp_socket();
         let qmp = tokio::select! {

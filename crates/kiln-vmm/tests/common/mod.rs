@@ -80,3 +80,10 @@ pub fn process_exists(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A guest counter: `/tmp/n` holds a number that grows ten times a second. Each value
+/// replaces the file by a rename, so a reader never sees it half-written (a truncating
+/// `echo` let a `cat` racing it read an empty file).
+pub const COUNTER: &str =
+    "(n=0; while :; do n=$((n+1)); echo $n > /tmp/n.new; mv /tmp/n.new /tmp/n; \
+     sleep 0.1; done) >/dev/null 2>&1 &";
