@@ -792,7 +792,8 @@ impl QemuVm {
             return Ok(0);
         }
         let doing = "resizing the guest's memory";
-        let block = self.virtio_mem_property("block-size", doing).await?.max(1);
+        // The block size is ours, set on the command line: no need to ask the device.
+        let block = cmdline::VIRTIO_MEM_BLOCK_MIB << 20;
         // Whole blocks, rounded up, within the device.
         let wanted = ((mib << 20).div_ceil(block) * block).min((growable << 20) / block * block);
         self.qmp
