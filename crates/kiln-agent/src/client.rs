@@ -759,6 +759,24 @@ impl AgentClient {
         }
     }
 
+    /// The guest's memory as its kernel counts it. An agent older than this request answers
+    /// an error. The figures are the guest's word: bound what they may cause.
+    pub async fn memory(&self) -> Result<GuestMemory, AgentError> {
+        match self
+            .request("memory_status", HostBody::MemoryStatus)
+            .await?
+        {
+            GuestBody::Memory {
+                total_kib,
+                available_kib,
+            } => Ok(GuestMemory {
+                total_kib,
+                available_kib,
+            }),
+            other => Err(unexpected("memory_status", &other)),
+        }
+    }
+
     /// Asks the guest to sync and power off; returns once it acknowledged.
     pub async fn power_off(&self) -> Result<(), AgentError> {
         self.expect_ok("power_off", HostBody::PowerOff).await
@@ -1162,6 +1180,15 @@ pub struct GuestCpus {
     pub online: u32,
     /// Present (online or not).
     pub present: u32,
+}
+
+/// The guest's memory, as its agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestMemory {
+    /// All the memory its kernel manages, KiB.
+    pub total_kib: u64,
+    /// What it could give to new work, KiB.
+    pub available_kib: u64,
 }
 
 /// Sends Hello every [`HELLO_INTERVAL`] until the guest answers or `deadline` passes:

@@ -287,6 +287,10 @@ pub enum HostBody {
     },
     /// How many vCPUs are online and present; answered by `Cpus`.
     CpuStatus,
+    /// The guest's memory as its kernel counts it (`/proc/meminfo`); answered by `Memory`.
+    /// Added within version 1: an older agent answers an `Error`, and the host then leaves
+    /// the guest's memory as it is.
+    MemoryStatus,
 }
 
 /// What [`HostBody::Fetch`] downloads, and where.
@@ -591,6 +595,13 @@ pub enum GuestBody {
         online: u32,
         /// How many exist (online or not): the most it can have online.
         present: u32,
+    },
+    /// The guest's memory now, KiB.
+    Memory {
+        /// All the memory its kernel manages (`MemTotal`: baseline and what is plugged).
+        total_kib: u64,
+        /// What it could give to new work without swapping (`MemAvailable`).
+        available_kib: u64,
     },
 }
 

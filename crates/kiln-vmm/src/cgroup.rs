@@ -426,6 +426,39 @@ pub fn set_cpu_grant(dir: &Path, vcpus: u32) -> Result<(), VmmError> {
         .map_err(|e| VmmError::io(&format!("setting {value} in"), &path, e))
 }
 
+/// Holds the VM in `dir` to `guest_mib` of guest memory plus [`MEMORY_OVERHEAD_MIB`] from
+/// now on: its group's `memory.max` (v2) or `memory.limit_in_bytes` (v1). Lowered below what
+/// the VM holds, the kernel reclaims what it can and then ends the VM (v2) or refuses (v1).
+/// Fails when the VM has no group.
+pub fn set_memory_limit(dir: &Path, guest_mib: u64) -> Result<(), VmmError> {
+    let (version, group) = controller_dir(dir, "memory").ok_or_else(|| {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        VmmError::io("finding the memory cgroup of the VM in", dir, missing)
+    })?;
+    let bytes = ((guest_mib + MEMORY_OVERHEAD_MIB) << 20).to_string();
+    let path = match version {
+        CgroupVersion::V2 => group.join("memory.max"),
+        CgroupVersion::V1 => group.join("memory.limit_in_bytes"),
+    };
+    std::fs::write(&path, &bytes)
+        .map_err(|e| VmmError::io(&format!("setting {bytes} in"), &path, e))
+}
+
+/// The memory limit of the group of the VM in `dir` now, bytes (`None`: no group, or no
+/// limit).
+pub fn memory_limit(dir: &Path) -> Option<u64> {
+    let (version, group) = controller_dir(dir, "memory")?;
+    let file = match version {
+        CgroupVersion::V2 => "memory.max",
+        CgroupVersion::V1 => "memory.limit_in_bytes",
+    };
+    std::fs::read_to_string(group.join(file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The CPU quota per [`CPU_PERIOD_US`] the group of the VM in `dir` has now, µs (`None`: no
 /// group, or no quota).
 pub fn cpu_quota_us(dir: &Path) -> Option<u64> {

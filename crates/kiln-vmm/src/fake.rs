@@ -459,6 +459,15 @@ impl MicroVm for FakeVm {
         })
     }
 
+    fn request_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>> {
+        self.set_plugged_memory(mib)
+    }
+
+    fn set_memory_grant(&self, _mib: u64) -> Result<(), VmmError> {
+        let missing = std::io::Error::from(std::io::ErrorKind::Unsupported);
+        Err(VmmError::io("granting memory to", &self.dir, missing))
+    }
+
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
         Box::pin(async { Ok(()) })
     }

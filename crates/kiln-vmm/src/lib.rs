@@ -144,6 +144,15 @@ pub trait MicroVm: Send + Sync {
     /// up to the device's blocks, and waits (bounded) until the guest has taken (or given back)
     /// all of it; returns what is plugged then. The guest cannot plug anything itself.
     fn set_plugged_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>>;
+    /// Asks the guest to have `mib` MiB beyond its baseline, rounded up to the device's
+    /// blocks, without waiting: the guest onlines plugged memory at once and gives memory back
+    /// as it frees it, which [`MicroVm::plugged_memory`] shows. Returns the rounded request.
+    fn request_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>>;
+    /// Holds the VM on the host to its baseline plus `mib` MiB of guest memory (and QEMU's
+    /// own) from now on, whatever its guest touches; fails where nothing on the host would.
+    /// Lowered below what the VM holds, the host reclaims or ends the VM: lower it only to
+    /// memory the guest has given back.
+    fn set_memory_grant(&self, mib: u64) -> Result<(), VmmError>;
     /// Pauses the vCPUs.
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
     /// Continues paused vCPUs.

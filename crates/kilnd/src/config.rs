@@ -91,9 +91,15 @@ pub struct Config {
     /// images fixed at it (under TCG those restore and first answer ~20 % sooner).
     #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     pub vcpu_growth: bool,
+    /// Whether a MicroVM short of memory grows: `on` plugs memory into a guest whose kernel
+    /// has under 15 % available, up to four times its baseline, and takes it back a step at a
+    /// time when it has plenty to spare; `off` leaves every MicroVM with what it has. Only
+    /// MicroVMs on `q35` (see `--machine`) can grow; growth counts in admission and usage.
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
+    pub memory_growth: bool,
     /// The machine new images' app VMs — and so every MicroVM launched from them — run on:
     /// `microvm` (memory fixed at the image's) or `q35` (a virtio-mem device lets the VM's
-    /// memory grow to four times the image's; kilnd does not grow it yet). An image keeps the
+    /// memory grow to four times the image's, see `--memory-growth`). An image keeps the
     /// machine it was built with.
     #[arg(long, default_value = "microvm", value_name = "microvm|q35", value_parser = machine_kind)]
     pub machine: kiln_vmm::MachineKind,

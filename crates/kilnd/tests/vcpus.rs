@@ -9,9 +9,11 @@
 //!   guest has more online, its cgroup quota rises, usage and `/metrics` show the grant), and
 //!   shrinks back to its baseline once idle, its vCPU-seconds counting what it was granted.
 //!
-//! And the machine memory grows on: `kilnd --machine q35` builds an image whose MicroVMs run
-//! on q35 with a virtio-mem device up to four times their baseline, and suspend and resume
-//! there.
+//! And memory growth: `kilnd --machine q35` builds an image whose MicroVMs run on q35 with a
+//! virtio-mem device up to four times their baseline. A guest filling a tmpfs beyond its whole
+//! baseline gets memory plugged as it goes (its kernel sees it, its cgroup limit, admission and
+//! usage follow the grant), keeps it and the data across suspend and resume, and gives it back
+//! a step at a time once freed, down to its baseline.
 
 mod common;
 
@@ -282,18 +284,46 @@ fn state(kilnd: &Daemon, vm: &str) -> String {
     got["state"].as_str().unwrap_or_default().to_string()
 }
 
+/// Fills a tmpfs in 16 MiB pieces up to `mib`, each piece once the guest has at least 48 MiB
+/// available (waiting up to 30 s for the host to plug more), saying how far it got after each
+/// piece; the last line is what it holds.
+fn fill(mib: u32) -> String {
+    format!(
+        "mkdir -p /fill && mount -t tmpfs -o size=3g tmpfs /fill && i=0; \
+         while [ $i -lt {} ]; do \
+           t=0; \
+           while [ $(awk '/MemAvailable/ {{print $2}}' /proc/meminfo) -lt 49152 ] && [ $t -lt 30 ]; do sleep 1; t=$((t+1)); done; \
+           dd if=/dev/zero of=/fill/$i bs=1M count=16 2>/dev/null || break; \
+           i=$((i+1)); echo $i; \
+         done; du -sm /fill | cut -f1",
+        mib / 16
+    )
+}
+
+/// The guest kernel's MemTotal, KiB.
+fn mem_total_kib(kilnd: &Daemon, key: &Key, vm: &str) -> u64 {
+    sh(kilnd, key, vm, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The memory limit of `vm`'s cgroup for `guest_mib` of guest memory.
+fn memory_limit_for(guest_mib: u64) -> Option<u64> {
+    Some((guest_mib + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20)
+}
+
 #[test]
-fn machine_when_kilnd_builds_on_q35_then_its_microvms_run_suspend_and_resume_there_with_room_to_grow(
+fn memory_when_a_q35_guest_fills_beyond_its_baseline_then_it_grows_keeps_it_across_suspend_and_shrinks_back(
 ) {
     let kilnd = Daemon::start(&["--machine", "q35"]);
     let scratch = tempfile::tempdir().expect("scratch");
     kilnd.build_sh_app("grow", scratch.path(), APP);
     let admin = kilnd.admin_key();
     let vm = run_microvm(&kilnd);
-    let spec: Value = serde_json::from_slice(
-        &std::fs::read(vm_dir(&kilnd, &vm).join("spec.json")).expect("spec.json"),
-    )
-    .expect("spec JSON");
+    let dir = vm_dir(&kilnd, &vm);
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).expect("spec.json"))
+            .expect("spec JSON");
     let served = kilnd.app_get(&vm, "/");
     let buses = sh(
         &kilnd,
@@ -301,16 +331,49 @@ fn machine_when_kilnd_builds_on_q35_then_its_microvms_run_suspend_and_resume_the
         &vm,
         "ls /sys/bus/pci/devices | wc -l; ls /sys/bus/virtio/drivers",
     );
+    let total_at_launch = mem_total_kib(&kilnd, &admin, &vm);
+    let limit_at_launch = kiln_vmm::cgroup::memory_limit(&dir);
+    let admitted_at_launch = metric(&kilnd, "kiln_admitted_memory_mib");
+
+    // The guest needs more than its whole baseline: the host plugs memory in as it fills.
+    let filled = sh(&kilnd, &admin, &vm, &fill(704));
+    let total_grown = mem_total_kib(&kilnd, &admin, &vm);
+    let granted = usage(&kilnd, &admin, &vm)["grantedMemoryMiB"]
+        .as_u64()
+        .unwrap_or(0);
+    let limit_grown = kiln_vmm::cgroup::memory_limit(&dir);
+    let admitted_grown = metric(&kilnd, "kiln_admitted_memory_mib");
+    let grows = metric(&kilnd, "kiln_microvm_memory_changes_total{change=\"grow\"}");
 
     let (code, _, err) = kilnd.aws(&["suspend-microvm", "--microvm-identifier", &vm]);
     assert_eq!(code, 0, "{err}");
     let suspended = eventually(Duration::from_secs(120), || {
         state(&kilnd, &vm) == "SUSPENDED"
     });
+    let admitted_suspended = metric(&kilnd, "kiln_admitted_memory_mib");
     let (code, _, err) = kilnd.aws(&["resume-microvm", "--microvm-identifier", &vm]);
     assert_eq!(code, 0, "{err}");
     let resumed = eventually(Duration::from_secs(120), || state(&kilnd, &vm) == "RUNNING");
     let served_again = kilnd.app_get(&vm, "/");
+    let kept = sh(&kilnd, &admin, &vm, "du -sm /fill | cut -f1");
+    let granted_resumed = usage(&kilnd, &admin, &vm)["grantedMemoryMiB"]
+        .as_u64()
+        .unwrap_or(0);
+    let admitted_resumed = metric(&kilnd, "kiln_admitted_memory_mib");
+
+    // Freed, the memory goes back a step at a time, down to the baseline.
+    sh(&kilnd, &admin, &vm, "rm -f /fill/*; umount /fill");
+    let shrank = eventually(Duration::from_secs(240), || {
+        usage(&kilnd, &admin, &vm)["grantedMemoryMiB"] == 512
+            && kiln_vmm::cgroup::memory_limit(&dir) == memory_limit_for(512)
+    });
+    let total_shrunk = mem_total_kib(&kilnd, &admin, &vm);
+    let admitted_shrunk = metric(&kilnd, "kiln_admitted_memory_mib");
+    let account = usage(&kilnd, &admin, &vm);
+    let (_, usage_table, _) = kilnd.kiln(&["usage"]);
+    let (code, _, err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "{err}");
+    let admitted_after = metric(&kilnd, "kiln_admitted_memory_mib");
 
     assert_eq!(spec["machine"], "q35", "{spec}");
     // AWS's vertical room: four times the 512 MiB baseline.
@@ -325,6 +388,68 @@ fn machine_when_kilnd_builds_on_q35_then_its_microvms_run_suspend_and_resume_the
         .unwrap_or(0);
     assert!(pci_devices > 0, "{buses}");
     assert!(buses.contains("virtio_mem"), "{buses}");
+    assert_eq!(
+        limit_at_launch,
+        memory_limit_for(512),
+        "held to its baseline"
+    );
+    assert_eq!(admitted_at_launch, 512.0);
+    let filled_mib: u64 = filled
+        .lines()
+        .last()
+        .unwrap_or("0")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        filled_mib >= 704,
+        "the guest holds more than its baseline: {filled}"
+    );
+    assert!(
+        total_grown >= total_at_launch + (192 << 10),
+        "plugged memory is online in the guest: {total_at_launch} → {total_grown} KiB"
+    );
+    assert!((640..=2048).contains(&granted), "granted {granted} MiB");
+    assert_eq!(
+        limit_grown,
+        memory_limit_for(granted),
+        "the host limit follows the grant"
+    );
+    assert_eq!(
+        admitted_grown, granted as f64,
+        "admission counts the growth"
+    );
+    assert!(grows >= 1.0);
     assert!(suspended && resumed);
+    assert_eq!(
+        admitted_suspended, 0.0,
+        "a suspended session holds no memory"
+    );
     assert_eq!(served_again.trim(), "hi");
+    assert_eq!(
+        kept.trim(),
+        filled_mib.to_string(),
+        "the filled memory survives"
+    );
+    assert!(
+        granted_resumed >= granted,
+        "resumed with its growth: {granted_resumed}"
+    );
+    assert_eq!(admitted_resumed, granted_resumed as f64);
+    assert!(shrank, "the idle MicroVM gave its growth back: {account}");
+    assert!(
+        total_shrunk.abs_diff(total_at_launch) < 4096,
+        "{total_at_launch} → {total_shrunk} KiB"
+    );
+    assert_eq!(admitted_shrunk, 512.0);
+    let (gib_s, resident_s) = (
+        account["memoryGiBSeconds"].as_f64().unwrap_or(0.0),
+        account["residentSeconds"].as_f64().unwrap_or(0.0),
+    );
+    assert!(
+        gib_s > resident_s * 0.5,
+        "GiB-seconds count the growth, not only the baseline: {account}"
+    );
+    assert!(usage_table.contains(&vm), "{usage_table}");
+    assert_eq!(admitted_after, 0.0, "nothing leaked");
 }

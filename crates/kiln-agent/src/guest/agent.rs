@@ -348,6 +348,13 @@ impl Agent {
                 });
             }
             HostBody::CpuStatus => sink.result(id, super::cpus::status().map(cpus_body)),
+            HostBody::MemoryStatus => sink.result(
+                id,
+                super::meminfo::read().map(|m| GuestBody::Memory {
+                    total_kib: m.total_kib,
+                    available_kib: m.available_kib,
+                }),
+            ),
             HostBody::PathExists { path } => {
                 let exists = std::fs::symlink_metadata(&path).is_ok();
                 sink.reply(id, GuestBody::Exists { exists });

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod fetch;
 pub mod files;
 pub mod http;
+pub mod meminfo;
 pub mod meta;
 pub mod mounts;
 pub mod net;

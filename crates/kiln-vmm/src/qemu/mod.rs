@@ -770,8 +770,8 @@ impl QemuVm {
             >> 20)
     }
 
-    /// See [`MicroVm::set_plugged_memory`](crate::MicroVm::set_plugged_memory).
-    pub async fn set_plugged_memory(&self, mib: u64) -> Result<u64, VmmError> {
+    /// See [`MicroVm::request_memory`](crate::MicroVm::request_memory).
+    pub async fn request_memory(&self, mib: u64) -> Result<u64, VmmError> {
         let growable = self.spec.growable_memory_mib();
         if mib > growable {
             let reason = if growable == 0 {
@@ -791,7 +791,7 @@ impl QemuVm {
         if growable == 0 {
             return Ok(0);
         }
-        let doing = "resizing the guest's memory";
+        let doing = "asking the guest for more or less memory";
         // The block size is ours, set on the command line: no need to ask the device.
         let block = cmdline::VIRTIO_MEM_BLOCK_MIB << 20;
         // Whole blocks, rounded up, within the device.
@@ -806,6 +806,16 @@ impl QemuVm {
             )
             .await
             .map_err(VmmError::qmp(doing))?;
+        Ok(wanted >> 20)
+    }
+
+    /// See [`MicroVm::set_plugged_memory`](crate::MicroVm::set_plugged_memory).
+    pub async fn set_plugged_memory(&self, mib: u64) -> Result<u64, VmmError> {
+        let wanted = self.request_memory(mib).await? << 20;
+        if self.spec.growable_memory_mib() == 0 {
+            return Ok(0);
+        }
+        let doing = "resizing the guest's memory";
         let t = Instant::now();
         loop {
             let plugged = self.virtio_mem_property("size", doing).await?;

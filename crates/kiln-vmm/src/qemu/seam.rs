@@ -117,6 +117,14 @@ impl MicroVm for QemuVm {
         Box::pin(QemuVm::set_plugged_memory(self, mib))
     }
 
+    fn request_memory(&self, mib: u64) -> BoxFuture<'_, Result<u64, VmmError>> {
+        Box::pin(QemuVm::request_memory(self, mib))
+    }
+
+    fn set_memory_grant(&self, mib: u64) -> Result<(), VmmError> {
+        crate::cgroup::set_memory_limit(&self.spec().dir, self.spec().memory_mib + mib)
+    }
+
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>> {
         Box::pin(QemuVm::pause(self))
     }

@@ -74,7 +74,10 @@ pub async fn run(g: &Global, kilnd: &Kilnd, args: UsageArgs) -> anyhow::Result<E
                 (now, base) if now == base || base.is_null() => now.to_string(),
                 (now, base) => format!("{now} (baseline {base})"),
             },
-            format!("{} MiB", m["memoryMiB"]),
+            match (&m["grantedMemoryMiB"], &m["memoryMiB"]) {
+                (now, base) if now == base || now.is_null() => format!("{base} MiB"),
+                (now, base) => format!("{now} MiB (baseline {base})"),
+            },
             seconds(&m["vcpuSeconds"]),
             seconds(&m["memoryGiBSeconds"]),
             seconds(&m["suspendedSeconds"]),

@@ -76,6 +76,7 @@ pub struct Metrics {
     admitted_memory_mib: Gauge,
     admitted_vcpus: Gauge,
     vcpu_changes: Family<Label, Counter>,
+    memory_changes: Family<Label, Counter>,
     warm_pool: Gauge,
     pooled_launches: Counter,
     warmups: Family<Label, Counter>,
@@ -270,7 +271,7 @@ impl Metrics {
         );
         registry.register(
             "admitted_memory_mib",
-            "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress), MiB",
+            "Guest memory reserved on this host (pending and running MicroVMs and resumes in progress, and what the sizer plugged into them under load), MiB",
             admitted_memory_mib.clone(),
         );
         let admitted_vcpus = Gauge::default();
@@ -284,6 +285,12 @@ impl Metrics {
             "microvm_vcpu_changes",
             "The sizer's changes to MicroVMs' vCPUs (change=grow|shrink) and growth the vCPU budget refused (change=refused)",
             vcpu_changes.clone(),
+        );
+        let memory_changes = Family::<Label, Counter>::default();
+        registry.register(
+            "microvm_memory_changes",
+            "The sizer's changes to MicroVMs' memory (change=grow|shrink) and growth the memory budget refused (change=refused)",
+            memory_changes.clone(),
         );
         let warm_pool = Gauge::default();
         registry.register(
@@ -324,6 +331,7 @@ impl Metrics {
             admitted_memory_mib,
             admitted_vcpus,
             vcpu_changes,
+            memory_changes,
             warm_pool,
             pooled_launches,
             warmups,
@@ -357,6 +365,14 @@ impl Metrics {
     /// `refused`.
     pub fn vcpu_change(&self, change: &'static str) {
         self.vcpu_changes.get_or_create(&[("change", change)]).inc();
+    }
+
+    /// The sizer changed a MicroVM's memory, or the budget refused growth: `grow`, `shrink`,
+    /// `refused`.
+    pub fn memory_change(&self, change: &'static str) {
+        self.memory_changes
+            .get_or_create(&[("change", change)])
+            .inc();
     }
 
     /// Every metric in the Prometheus text exposition format.

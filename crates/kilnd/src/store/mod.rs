@@ -249,6 +249,14 @@ pub trait MicrovmStore {
     /// far are counted at the grant it had. (Leaving RUNNING puts it back at its baseline.)
     fn set_microvm_vcpus(&self, id: &str, vcpus: u32, now: f64) -> Result<(), StoreError>;
 
+    /// Records that a resident MicroVM holds `grown_mib` of memory beyond its baseline from
+    /// `now` on: its GiB-seconds so far are counted at what it held. A suspended session
+    /// keeps it (and comes back with it).
+    fn set_microvm_memory(&self, id: &str, grown_mib: u64, now: f64) -> Result<(), StoreError>;
+
+    /// The memory a MicroVM holds beyond its baseline, MiB (0 for none or no such MicroVM).
+    fn microvm_grown_mib(&self, id: &str) -> Result<u64, StoreError>;
+
     /// The usage of `owner`'s MicroVMs (everyone's for `None`) up to `now`: each one the
     /// store remembers, and the totals of those that aged out, by principal.
     fn usage(&self, owner: Option<&str>, now: f64) -> Result<UsageReport, StoreError>;
@@ -483,11 +491,14 @@ pub struct MicrovmUsage {
     /// The vCPUs it is granted now: its baseline, plus what it grew to under load while
     /// RUNNING.
     pub vcpus: i64,
+    /// The memory it holds now, MiB: its baseline, plus what it grew to under load.
+    #[serde(rename = "grantedMemoryMiB")]
+    pub granted_memory_mib: i64,
     /// Seconds it held vCPUs and memory (launching, running, suspending, terminating).
     pub resident_seconds: f64,
     /// The vCPUs it was granted, integrated over its resident seconds.
     pub vcpu_seconds: f64,
-    /// `resident_seconds` × memory in GiB.
+    /// The memory it held (baseline and growth), GiB, integrated over its resident seconds.
     #[serde(rename = "memoryGiBSeconds")]
     pub memory_gib_seconds: f64,
     /// Seconds it spent SUSPENDED.

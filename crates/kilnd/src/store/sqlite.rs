@@ -150,6 +150,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE microvms ADD COLUMN vcpu_seconds REAL NOT NULL DEFAULT 0;
     UPDATE microvms SET vcpus = (CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END),
         vcpu_seconds = resident_seconds * (CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END);",
+    // 9: memory growth. `grown_mib` is the memory a MicroVM holds beyond its baseline (plugged
+    // while RUNNING; a suspended session keeps it), `memory_gib_seconds` what it held over
+    // time, closed at every state change and grant change; rows from before had their
+    // baseline all along.
+    "ALTER TABLE microvms ADD COLUMN grown_mib INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE microvms ADD COLUMN memory_gib_seconds REAL NOT NULL DEFAULT 0;
+    UPDATE microvms SET memory_gib_seconds = resident_seconds * memory_mib / 1024.0;",
 ];
 
 /// The migration that added `host` columns (its number): the rows that existed before get
@@ -573,6 +580,9 @@ const RESIDENT_STATES: &str = "('PENDING', 'RUNNING', 'SUSPENDING', 'TERMINATING
 /// `kiln_image::build::vcpus_for`): one per 2 GiB of memory, at least one.
 const VCPUS: &str = "(CASE WHEN memory_mib >= 4096 THEN memory_mib / 2048 ELSE 1 END)";
 
+/// The memory in GiB a MicroVM holds while resident, in SQL: its baseline and its growth.
+const MEMORY_GIB: &str = "((memory_mib + grown_mib) / 1024.0)";
+
 /// [`VCPUS`] of the MicroVM an insert records (its memory is parameter 10).
 const BASELINE_OF_NEW: &str = "(CASE WHEN ?10 >= 4096 THEN ?10 / 2048 ELSE 1 END)";
 
@@ -729,6 +739,7 @@ impl MicrovmStore for SqliteStore {
                    terminated_at = COALESCE(?6, terminated_at),
                    resident_seconds = resident_seconds + {open},
                    vcpu_seconds = vcpu_seconds + {open} * vcpus,
+                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
                    vcpus = CASE WHEN ?3 = 'RUNNING' THEN vcpus ELSE {VCPUS} END,
                    suspended_seconds = suspended_seconds
                      + CASE WHEN state = 'SUSPENDED' AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
@@ -760,7 +771,7 @@ impl MicrovmStore for SqliteStore {
             "INSERT INTO retired_usage
                (owner, microvms, vcpu_seconds, memory_gib_seconds, suspended_seconds)
              SELECT owner, COUNT(*), SUM(vcpu_seconds),
-                    SUM(resident_seconds * memory_mib / 1024.0), SUM(suspended_seconds)
+                    SUM(memory_gib_seconds), SUM(suspended_seconds)
                FROM microvms WHERE state = 'TERMINATED' AND terminated_at < ?1 AND host = ?2
                GROUP BY owner
              ON CONFLICT (owner) DO UPDATE SET
@@ -799,6 +810,41 @@ impl MicrovmStore for SqliteStore {
             .map_err(self.err())
     }
 
+    /// Closes a resident MicroVM's account at the memory it held and counts `grown_mib`
+    /// beyond its baseline from `now` on (a suspended session keeps what it held).
+    fn set_microvm_memory(&self, id: &str, grown_mib: u64, now: f64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                &format!(
+                    "UPDATE microvms SET
+                   resident_seconds = resident_seconds + {open},
+                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
+                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
+                   grown_mib = ?2,
+                   state_since = MAX(state_since, ?3)
+                 WHERE id = ?1 AND state IN {RESIDENT_STATES}",
+                    open = open_resident("?3")
+                ),
+                params![id, i64::try_from(grown_mib).unwrap_or(i64::MAX), now],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// The memory a MicroVM holds beyond its baseline, MiB (0 for none).
+    fn microvm_grown_mib(&self, id: &str) -> Result<u64, StoreError> {
+        let grown: Option<i64> = self
+            .lock()
+            .query_row(
+                "SELECT grown_mib FROM microvms WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(grown.unwrap_or(0).max(0) as u64)
+    }
+
     /// Closes a RUNNING MicroVM's account at its old grant and counts `vcpus` from `now` on
     /// (`state_since` moves: it marks where the uncounted time starts).
     fn set_microvm_vcpus(&self, id: &str, vcpus: u32, now: f64) -> Result<(), StoreError> {
@@ -808,6 +854,7 @@ impl MicrovmStore for SqliteStore {
                     "UPDATE microvms SET
                    resident_seconds = resident_seconds + {open},
                    vcpu_seconds = vcpu_seconds + {open} * vcpus,
+                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
                    vcpus = ?2,
                    state_since = MAX(state_since, ?3)
                  WHERE id = ?1 AND state = 'RUNNING'",
@@ -829,14 +876,14 @@ impl MicrovmStore for SqliteStore {
                    resident_seconds + {open},
                    suspended_seconds
                      + CASE WHEN state = 'SUSPENDED' AND ?2 > state_since THEN ?2 - state_since ELSE 0 END,
-                   snapshot_bytes, vcpu_seconds + {open} * vcpus, {VCPUS}
+                   snapshot_bytes, vcpu_seconds + {open} * vcpus, {VCPUS},
+                   memory_gib_seconds + {open} * {MEMORY_GIB}, grown_mib
                  FROM microvms WHERE ?1 IS NULL OR owner = ?1 ORDER BY started_at, id",
                 open = open_resident("?2")
             ))
             .map_err(self.err())?;
         let microvms = stmt
             .query_map(params![owner, now], |r| {
-                let resident: f64 = r.get(5)?;
                 let memory_mib: i64 = r.get(3)?;
                 let vcpus: i64 = r.get(4)?;
                 Ok(MicrovmUsage {
@@ -846,9 +893,10 @@ impl MicrovmStore for SqliteStore {
                     memory_mib,
                     baseline_vcpus: r.get(9)?,
                     vcpus,
-                    resident_seconds: resident,
+                    granted_memory_mib: memory_mib + r.get::<_, i64>(11)?.max(0),
+                    resident_seconds: r.get(5)?,
                     vcpu_seconds: r.get(8)?,
-                    memory_gib_seconds: resident * memory_mib as f64 / 1024.0,
+                    memory_gib_seconds: r.get(10)?,
                     suspended_seconds: r.get(6)?,
                     snapshot_bytes: r.get::<_, i64>(7)?.max(0) as u64,
                 })
@@ -1945,6 +1993,59 @@ mod expiry_tests {
         );
         assert!(refused.is_ok());
         assert_eq!(after.microvms[0].vcpus, 1, "only a RUNNING MicroVM grows");
+    }
+
+    #[test]
+    fn usage_when_a_microvm_grows_memory_then_gib_seconds_follow_it_and_a_session_keeps_it() {
+        use MicrovmState as S;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
+        let mut vm = microvm("mvm-m", "PENDING", None);
+        vm.memory_mib = 1024;
+        vm.started_at = 1000.0;
+        store.insert_microvm(&vm).expect("insert");
+        let step = |from, to, at| {
+            assert!(store
+                .transition_microvm_at("mvm-m", from, to, Reason::Keep, None, at)
+                .expect("transition"));
+        };
+        step(S::Pending, S::Running, 1000.0);
+
+        store
+            .set_microvm_memory("mvm-m", 1024, 1010.0)
+            .expect("grow");
+        let grown = store.usage(None, 1020.0).expect("usage");
+        step(S::Running, S::Suspending, 1020.0);
+        step(S::Suspending, S::Suspended, 1030.0);
+        let ignored = store.set_microvm_memory("mvm-m", 3072, 1040.0);
+        let suspended = store.usage(None, 1050.0).expect("usage");
+        let kept = store.microvm_grown_mib("mvm-m").expect("grown");
+        step(S::Suspended, S::Running, 1050.0);
+        store
+            .set_microvm_memory("mvm-m", 0, 1060.0)
+            .expect("shrink");
+        let shrunk = store.usage(None, 1070.0).expect("usage");
+        let unknown = store.microvm_grown_mib("mvm-nobody").expect("grown");
+
+        let u = &grown.microvms[0];
+        assert_eq!((u.memory_mib, u.granted_memory_mib), (1024, 2048));
+        assert_eq!(u.memory_gib_seconds, 10.0 * 1.0 + 10.0 * 2.0);
+        assert!(ignored.is_ok());
+        let u = &suspended.microvms[0];
+        assert_eq!(
+            u.granted_memory_mib, 2048,
+            "a suspended session keeps its growth"
+        );
+        assert_eq!(u.memory_gib_seconds, 10.0 + 20.0 + 10.0 * 2.0);
+        assert_eq!(
+            u.suspended_seconds, 20.0,
+            "nothing moved the suspended clock"
+        );
+        assert_eq!(kept, 1024);
+        let u = &shrunk.microvms[0];
+        assert_eq!(u.granted_memory_mib, 1024);
+        assert_eq!(u.memory_gib_seconds, 50.0 + 10.0 * 2.0 + 10.0 * 1.0);
+        assert_eq!(unknown, 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! (`transitions.rs`); re-attaching after a restart is `recovery.rs`.
 
 mod hooks;
+pub mod memory_sizer;
 pub mod network;
 mod owner;
 mod pool;
@@ -333,6 +334,40 @@ impl Microvms {
         Ok(())
     }
 
+    /// Reserves `mib` of memory on top of a MicroVM's baseline (the sizer grows it); Err with
+    /// the budget when it does not fit, and the MicroVM stays as it is.
+    fn reserve_memory_growth(&self, mib: u64) -> Result<(), String> {
+        if let Err(e) = self.host_has_room() {
+            return Err(e.to_string());
+        }
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.config.memory_budget_mib();
+        if c.memory_mib + mib > budget {
+            return Err(format!(
+                "{} of {budget} MiB (--max-memory-mib × --memory-overcommit) are admitted",
+                c.memory_mib
+            ));
+        }
+        c.memory_mib += mib;
+        self.publish_admitted(&c);
+        Ok(())
+    }
+
+    /// Counts `mib` of memory a MicroVM holds beyond its baseline already (a session resumed
+    /// or re-attached with memory plugged): no limit, it is on the host.
+    fn admit_memory_growth(&self, mib: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.memory_mib += mib;
+        self.publish_admitted(&c);
+    }
+
+    /// Gives back `mib` of memory growth.
+    fn release_memory_growth(&self, mib: u64) {
+        let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        c.memory_mib = c.memory_mib.saturating_sub(mib);
+        self.publish_admitted(&c);
+    }
+
     /// Gives back `n` vCPUs [`Microvms::reserve_growth`] reserved.
     fn release_growth(&self, n: u64) {
         let mut c = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
@@ -658,6 +693,7 @@ impl Microvms {
                 slot: true,
                 memory: true,
                 growth: 0,
+                grown_mib: 0,
             },
         );
         let from = match (pooled, from) {

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::hooks::SessionHooks;
+use super::memory_sizer::{self, MemorySizing};
 use super::sizer::{Decision, Sizing};
 use super::transitions::{self, due, Effect, Event, Expiry, Refusal};
 use super::{Live, Microvms};
@@ -83,10 +84,15 @@ pub(super) struct Held {
     pub memory: bool,
     /// vCPUs the sizer granted on top of its baseline (while RUNNING).
     pub growth: u32,
+    /// Memory, MiB, held beyond its baseline (plugged, or being plugged, while resident; held
+    /// with its memory).
+    pub grown_mib: u64,
 }
 
 /// How long the sizer waits for the guest to online or offline a vCPU.
 const CPU_SWITCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the memory sizer waits for the guest to report its memory.
+const MEMORY_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What never changes about a MicroVM, read once from its row.
 struct Facts {
@@ -109,6 +115,8 @@ struct Owner {
     suspended_since: Option<Instant>,
     /// Its vCPUs while RUNNING (`None`: not sized since it last started running).
     sizing: Option<Sizing>,
+    /// Its memory while RUNNING (`None`: not sized since it last started running).
+    memory: Option<MemorySizing>,
 }
 
 impl Microvms {
@@ -141,6 +149,7 @@ impl Microvms {
             held,
             suspended_since: (row.state == S::Suspended).then(Instant::now),
             sizing: None,
+            memory: None,
         };
         tokio::spawn(owner.run(rx, tx.clone()));
         tx
@@ -163,6 +172,7 @@ impl Microvms {
                 slot: true,
                 memory: matches!(row.state, S::Pending | S::Running | S::Suspending),
                 growth: 0,
+                grown_mib: 0,
             };
             self.spawn_owner(&row, held)
         }))
@@ -214,6 +224,7 @@ impl Owner {
                 _ = tick.tick() => {
                     self.expire().await;
                     self.size().await;
+                    self.size_memory().await;
                 }
             }
         }
@@ -298,8 +309,11 @@ impl Owner {
         }
         self.state = step.to;
         if step.to != S::Running {
-            // Growth is a running VM's only: the store reset its vCPUs with this swap.
+            // vCPU growth is a running VM's only: the store reset its vCPUs with this swap.
+            // Memory stays plugged (a suspended session keeps it); it is sized anew when the
+            // VM runs again.
             self.shed_growth();
+            self.memory = None;
         }
         match step.effect {
             Effect::ReleaseMemory => self.give_back(false),
@@ -313,8 +327,12 @@ impl Owner {
         Ok(step.effect)
     }
 
-    /// Gives back the memory reservation (and the slot when `all`), if held.
+    /// Gives back the memory reservation with its growth (and the slot when `all`), if held.
     fn give_back(&mut self, all: bool) {
+        let grown = std::mem::take(&mut self.held.grown_mib);
+        if grown > 0 {
+            self.sup.release_memory_growth(grown);
+        }
         let memory = std::mem::take(&mut self.held.memory);
         let slot = all && std::mem::take(&mut self.held.slot);
         let mib = if memory { self.facts.memory_mib } else { 0 };
@@ -461,6 +479,179 @@ impl Owner {
         self.set_granted(next);
         self.sup.metrics.vcpu_change("shrink");
         tracing::info!(microvm = %self.id, vcpus = next, "idle: shrunk");
+    }
+
+    /// The memory sizer's second: asks the running guest what memory it has available and
+    /// plugs more, or asks for a step back, when [`MemorySizing::observe`] says so; and once
+    /// the guest has given memory back, lowers its host limit and admission to match.
+    /// Skipped while a request holds the VM.
+    async fn size_memory(&mut self) {
+        if !self.sup.config.memory_growth || self.state != S::Running {
+            return;
+        }
+        let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
+            return;
+        };
+        let Ok(live) = shared.try_lock() else {
+            return;
+        };
+        let vm = live.vm.as_ref();
+        if self.memory.is_none() {
+            self.memory = Some(self.start_memory(vm).await);
+        }
+        if self.memory.as_ref().is_none_or(|m| m.fixed) {
+            return;
+        }
+        // A guest that does not answer this second is sampled the next.
+        let Ok(Ok(m)) = tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await
+        else {
+            return;
+        };
+        let Ok(plugged) = vm.plugged_memory().await else {
+            return;
+        };
+        self.settle_memory(vm, plugged);
+        let sample = memory_sizer::Sample {
+            total_kib: m.total_kib,
+            available_kib: m.available_kib,
+        };
+        let Some(decision) = self.memory.as_mut().map(|s| s.observe(plugged, sample)) else {
+            return;
+        };
+        match decision {
+            memory_sizer::Decision::Hold => {}
+            memory_sizer::Decision::Grow(target) => self.grow_memory(vm, target).await,
+            memory_sizer::Decision::Shrink(target) => self.shrink_memory(vm, target).await,
+        }
+    }
+
+    /// Takes a VM that has just started running as it is — a resumed session keeps the memory
+    /// it had plugged — counting that in admission, the store and its host limit, and says
+    /// whether it may change: only with a device to grow into, a cgroup to hold it to its
+    /// grant and a guest agent that reports its memory (an older one answers an error).
+    async fn start_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) -> MemorySizing {
+        let range = vm.memory_range();
+        if !range.can_grow() {
+            return MemorySizing::fixed(range);
+        }
+        let plugged = match vm.plugged_memory().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(microvm = %self.id, error = %e, "no memory growth: cannot read its device");
+                return MemorySizing::fixed(range);
+            }
+        };
+        self.hold_grown(plugged);
+        // A request still under way when the session was saved ends here: it has what it has.
+        if let Err(e) = vm.request_memory(plugged).await {
+            tracing::warn!(microvm = %self.id, error = %e, "no memory growth: cannot ask its device");
+            return MemorySizing::fixed(range);
+        }
+        if let Err(e) = vm.set_memory_grant(plugged) {
+            tracing::info!(microvm = %self.id, error = %e, "no memory growth: nothing on the host would hold it to a grant");
+            return MemorySizing::fixed(range);
+        }
+        match tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await {
+            Ok(Ok(_)) => MemorySizing::at(range, plugged),
+            Ok(Err(e)) => {
+                tracing::info!(microvm = %self.id, error = %e, "no memory growth: the guest does not report its memory");
+                MemorySizing::fixed(range)
+            }
+            // Busy now: it is asked again every second.
+            Err(_) => MemorySizing::at(range, plugged),
+        }
+    }
+
+    /// Holds `mib` beyond the baseline in admission and the store, whatever was held before
+    /// (memory the VM has is on the host: counted without a limit).
+    fn hold_grown(&mut self, mib: u64) {
+        let held = self.held.grown_mib;
+        if mib > held {
+            self.sup.admit_memory_growth(mib - held);
+        } else if mib < held {
+            self.sup.release_memory_growth(held - mib);
+        }
+        self.held.grown_mib = mib;
+        if let Err(e) = self.sup.store.set_microvm_memory(&self.id, mib, now()) {
+            tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
+        }
+    }
+
+    /// Once the guest has given memory back (its device holds less than this owner holds for
+    /// it), the host limit, admission and usage come down to what it still has.
+    fn settle_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, plugged: u64) {
+        let Some(target) = self.memory.as_ref().map(|m| m.target) else {
+            return;
+        };
+        let keep = target.max(plugged);
+        if keep == self.held.grown_mib {
+            return;
+        }
+        if let Err(e) = vm.set_memory_grant(keep) {
+            tracing::warn!(microvm = %self.id, error = %e, "cannot change the VM's memory limit; it keeps its grant");
+            return;
+        }
+        self.hold_grown(keep);
+    }
+
+    /// More memory, to `target` beyond the baseline: reserved in admission, allowed by the
+    /// cgroup, then plugged; any step that fails undoes the ones before (the VM keeps what
+    /// it had and stops growing).
+    async fn grow_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, target: u64) {
+        let held = self.held.grown_mib;
+        let extra = target.saturating_sub(held);
+        if let Err(full) = self.sup.reserve_memory_growth(extra) {
+            self.sup.metrics.memory_change("refused");
+            tracing::debug!(microvm = %self.id, %full, "short of memory, but the memory budget is full");
+            return;
+        }
+        self.held.grown_mib += extra;
+        let undo = |this: &mut Owner, why: String| {
+            let _ = vm.set_memory_grant(held);
+            this.held.grown_mib = held;
+            this.sup.release_memory_growth(extra);
+            if let Some(m) = this.memory.as_mut() {
+                m.fixed = true;
+            }
+            tracing::warn!(microvm = %this.id, %why, "cannot grow its memory; it keeps {held} MiB beyond its baseline");
+        };
+        if let Err(e) = vm.set_memory_grant(target) {
+            return undo(self, e.to_string());
+        }
+        let asked = match vm.request_memory(target).await {
+            Ok(asked) => asked,
+            Err(e) => return undo(self, e.to_string()),
+        };
+        if let Some(m) = self.memory.as_mut() {
+            m.target = asked;
+        }
+        if let Err(e) = self
+            .sup
+            .store
+            .set_microvm_memory(&self.id, self.held.grown_mib, now())
+        {
+            tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
+        }
+        self.sup.metrics.memory_change("grow");
+        tracing::info!(microvm = %self.id, grown_mib = asked, "short of memory: grown");
+    }
+
+    /// A step of memory back, to `target` beyond the baseline: the device is asked for less;
+    /// the guest gives it back as it can, and the host limit and admission follow
+    /// ([`Owner::settle_memory`]).
+    async fn shrink_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, target: u64) {
+        match vm.request_memory(target).await {
+            Ok(asked) => {
+                if let Some(m) = self.memory.as_mut() {
+                    m.target = asked;
+                }
+                self.sup.metrics.memory_change("shrink");
+                tracing::info!(microvm = %self.id, grown_mib = asked, "memory to spare: shrinking");
+            }
+            Err(e) => {
+                tracing::warn!(microvm = %self.id, error = %e, "cannot ask the guest for memory back");
+            }
+        }
     }
 
     /// Records a new grant: the sizer's view and the store's (usage counts from now on).
@@ -653,6 +844,21 @@ impl Owner {
         let id = self.id.clone();
         self.sup.reserve_memory(self.facts.memory_mib)?;
         self.held.memory = true;
+        // The session comes back with the memory it had grown to.
+        let grown = self.sup.store.microvm_grown_mib(&id).unwrap_or(0);
+        if grown > 0 {
+            if let Err(full) = self.sup.reserve_memory_growth(grown) {
+                self.give_back(false);
+                return Err(ApiError::InsufficientCapacity {
+                    message: format!(
+                        "MicroVM {id} grew to {} MiB before it was suspended and resuming it \
+                         does not fit: {full}; try later",
+                        self.facts.memory_mib + grown
+                    ),
+                });
+            }
+            self.held.grown_mib = grown;
+        }
         let started = Instant::now();
         let row = self.sup.row(&id)?;
         let hooks = match self

@@ -71,6 +71,7 @@ impl Microvms {
                             slot: true,
                             memory: false,
                             growth: 0,
+                            grown_mib: 0,
                         },
                     );
                     tracing::info!(microvm = %r.id, "suspended session kept");
@@ -123,6 +124,7 @@ impl Microvms {
                             slot: true,
                             memory: true,
                             growth: 0,
+                            grown_mib: 0,
                         },
                     );
                     tracing::info!(microvm = %r.id, "re-attached after restart");

@@ -125,6 +125,7 @@ impl Bed {
                 slot: true,
                 memory: true,
                 growth: 0,
+                grown_mib: 0,
             },
         );
         let req: RunMicrovmRequest = serde_json::from_value(row.request.clone()).expect("request");
