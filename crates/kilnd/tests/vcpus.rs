@@ -335,6 +335,19 @@ fn memory_when_a_q35_guest_fills_beyond_its_baseline_then_it_grows_keeps_it_acro
     let limit_at_launch = kiln_vmm::cgroup::memory_limit(&dir);
     let admitted_at_launch = metric(&kilnd, "kiln_admitted_memory_mib");
 
+    // The attack: root in the guest reads and writes the device's memory nobody plugged (the
+    // top-level `virtioN` region of /proc/iomem), through /dev/mem, to make QEMU back it.
+    let poked = sh(
+        &kilnd,
+        &admin,
+        &vm,
+        "r=$(grep -E '^[0-9a-f]+-[0-9a-f]+ : virtio[0-9]+$' /proc/iomem | head -1 | cut -d- -f1); \
+         echo region=$r; off=$(( 0x$r / 1048576 )); \
+         dd if=/dev/mem of=/dev/null bs=1M skip=$off count=64 2>&1 && echo READ-OK || echo read-refused; \
+         dd if=/dev/zero of=/dev/mem bs=1M seek=$off count=64 2>&1 && echo WRITE-OK || echo write-refused",
+    );
+    let admitted_poked = metric(&kilnd, "kiln_admitted_memory_mib");
+
     // The guest needs more than its whole baseline: the host plugs memory in as it fills.
     let filled = sh(&kilnd, &admin, &vm, &fill(704));
     let total_grown = mem_total_kib(&kilnd, &admin, &vm);
@@ -394,6 +407,15 @@ fn memory_when_a_q35_guest_fills_beyond_its_baseline_then_it_grows_keeps_it_acro
         "held to its baseline"
     );
     assert_eq!(admitted_at_launch, 512.0);
+    assert!(
+        !poked.contains("region=\n"),
+        "the attack found the device: {poked}"
+    );
+    assert!(
+        poked.contains("read-refused") && poked.contains("write-refused"),
+        "unplugged memory is out of the guest's reach: {poked}"
+    );
+    assert_eq!(admitted_poked, 512.0);
     let filled_mib: u64 = filled
         .lines()
         .last()

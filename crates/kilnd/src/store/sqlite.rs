@@ -1953,17 +1953,29 @@ mod expiry_tests {
         );
     }
 
+    /// A store holding one PENDING MicroVM `id` of `memory_mib`, started at 1000.
+    fn store_with_pending(id: &str, memory_mib: i64) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
+        let mut vm = microvm(id, "PENDING", None);
+        vm.memory_mib = memory_mib;
+        vm.started_at = 1000.0;
+        store.insert_microvm(&vm).expect("insert");
+        (dir, store)
+    }
+
+    /// Moves MicroVM `id` from `from` to `to` at `at`, which must succeed.
+    fn step(store: &SqliteStore, id: &str, from: MicrovmState, to: MicrovmState, at: f64) {
+        assert!(store
+            .transition_microvm_at(id, from, to, Reason::Keep, None, at)
+            .expect("transition"));
+    }
+
     #[test]
     fn usage_when_a_running_microvm_grows_and_shrinks_then_vcpu_seconds_follow_the_grant() {
         use MicrovmState as S;
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
-        let mut vm = microvm("mvm-g", "PENDING", None);
-        vm.started_at = 1000.0;
-        store.insert_microvm(&vm).expect("insert");
-        store
-            .transition_microvm_at("mvm-g", S::Pending, S::Running, Reason::Keep, None, 1000.0)
-            .expect("running");
+        let (_dir, store) = store_with_pending("mvm-g", 512);
+        step(&store, "mvm-g", S::Pending, S::Running, 1000.0);
 
         store.set_microvm_vcpus("mvm-g", 3, 1010.0).expect("grow");
         let grown = store.usage(None, 1020.0).expect("usage");
@@ -1998,17 +2010,8 @@ mod expiry_tests {
     #[test]
     fn usage_when_a_microvm_grows_memory_then_gib_seconds_follow_it_and_a_session_keeps_it() {
         use MicrovmState as S;
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
-        let mut vm = microvm("mvm-m", "PENDING", None);
-        vm.memory_mib = 1024;
-        vm.started_at = 1000.0;
-        store.insert_microvm(&vm).expect("insert");
-        let step = |from, to, at| {
-            assert!(store
-                .transition_microvm_at("mvm-m", from, to, Reason::Keep, None, at)
-                .expect("transition"));
-        };
+        let (_dir, store) = store_with_pending("mvm-m", 1024);
+        let step = |from, to, at| step(&store, "mvm-m", from, to, at);
         step(S::Pending, S::Running, 1000.0);
 
         store
@@ -2051,17 +2054,8 @@ mod expiry_tests {
     #[test]
     fn usage_when_a_microvm_runs_suspends_and_ages_out_then_each_second_counts_once() {
         use MicrovmState as S;
-        let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(&dir.path().join("kiln.db"), HOST).expect("open");
-        let mut vm = microvm("mvm-a", "PENDING", None);
-        vm.memory_mib = 4096;
-        vm.started_at = 1000.0;
-        store.insert_microvm(&vm).expect("insert");
-        let step = |from, to, at| {
-            assert!(store
-                .transition_microvm_at("mvm-a", from, to, Reason::Keep, None, at)
-                .expect("transition"));
-        };
+        let (_dir, store) = store_with_pending("mvm-a", 4096);
+        let step = |from, to, at| step(&store, "mvm-a", from, to, at);
         step(S::Pending, S::Running, 1010.0);
         step(S::Running, S::Suspending, 1040.0);
         step(S::Suspending, S::Suspended, 1045.0);

@@ -224,7 +224,6 @@ impl Owner {
                 _ = tick.tick() => {
                     self.expire().await;
                     self.size().await;
-                    self.size_memory().await;
                 }
             }
         }
@@ -353,10 +352,10 @@ impl Owner {
         self.sizing = None;
     }
 
-    /// The sizer's second: samples the running VM's CPU time and grows or shrinks it by one
-    /// vCPU when [`Sizing::observe`] says so. Skipped while a request holds the VM.
+    /// The sizers' second, while the VM runs: its vCPUs ([`Owner::size_vcpus`]), then its
+    /// memory ([`Owner::size_memory`]). Skipped while a request holds the VM.
     async fn size(&mut self) {
-        if !self.sup.config.vcpu_growth || self.state != S::Running {
+        if self.state != S::Running {
             return;
         }
         let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
@@ -366,6 +365,15 @@ impl Owner {
             return;
         };
         let vm = live.vm.as_ref();
+        if self.sup.config.vcpu_growth {
+            self.size_vcpus(vm).await;
+        }
+        self.size_memory(vm).await;
+    }
+
+    /// Samples the running VM's CPU time and grows or shrinks it by one vCPU when
+    /// [`Sizing::observe`] says so.
+    async fn size_vcpus(&mut self, vm: &dyn kiln_vmm::MicroVm) {
         if self.sizing.is_none() {
             self.sizing = Some(self.start_sizing(vm).await);
         }
@@ -481,21 +489,10 @@ impl Owner {
         tracing::info!(microvm = %self.id, vcpus = next, "idle: shrunk");
     }
 
-    /// The memory sizer's second: asks the running guest what memory it has available and
-    /// plugs more, or asks for a step back, when [`MemorySizing::observe`] says so; and once
-    /// the guest has given memory back, lowers its host limit and admission to match.
-    /// Skipped while a request holds the VM.
-    async fn size_memory(&mut self) {
-        if !self.sup.config.memory_growth || self.state != S::Running {
-            return;
-        }
-        let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
-            return;
-        };
-        let Ok(live) = shared.try_lock() else {
-            return;
-        };
-        let vm = live.vm.as_ref();
+    /// Asks the running guest what memory it has available and plugs more, or asks for a
+    /// step back, when [`MemorySizing::observe`] says so; and once the guest has given memory
+    /// back, lowers its host limit and admission to match.
+    async fn size_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) {
         if self.memory.is_none() {
             self.memory = Some(self.start_memory(vm).await);
         }
@@ -527,8 +524,9 @@ impl Owner {
 
     /// Takes a VM that has just started running as it is — a resumed session keeps the memory
     /// it had plugged — counting that in admission, the store and its host limit, and says
-    /// whether it may change: only with a device to grow into, a cgroup to hold it to its
-    /// grant and a guest agent that reports its memory (an older one answers an error).
+    /// whether it may change: only with `--memory-growth on`, a device to grow into, a cgroup
+    /// to hold it to its grant and a guest agent that reports its memory (an older one answers
+    /// an error).
     async fn start_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) -> MemorySizing {
         let range = vm.memory_range();
         if !range.can_grow() {
@@ -549,6 +547,10 @@ impl Owner {
         }
         if let Err(e) = vm.set_memory_grant(plugged) {
             tracing::info!(microvm = %self.id, error = %e, "no memory growth: nothing on the host would hold it to a grant");
+            return MemorySizing::fixed(range);
+        }
+        // Held to what it has even when it may not grow (`--memory-growth off`).
+        if !self.sup.config.memory_growth {
             return MemorySizing::fixed(range);
         }
         match tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await {
