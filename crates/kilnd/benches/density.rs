@@ -8,7 +8,8 @@
 //! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench density`
 //! (`KILN_BENCH_DENSITY_MAX=N`, default 100; `KILN_BENCH_OVERCOMMIT=R` starts kilnd with
 //! `--memory-overcommit R`, default 4; `KILN_BENCH_KSM=1` starts it with `--ksm` and waits
-//! for two full KSM scans before measuring). It shares the test home's guest kernel and
+//! for two full KSM scans before measuring; `KILN_BENCH_MACHINE=microvm` builds the image for
+//! microvm, default q35). It shares the test home's guest kernel and
 //! busybox base (`target/kiln-test-home`, or `KILN_HOME`).
 
 mod support;
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(max > 0, "KILN_BENCH_DENSITY_MAX must be at least 1");
     let most = (max + 1).to_string();
     let (ratio, quota_memory) = (overcommit.to_string(), (1u64 << 30).to_string());
+    let machine = support::machine();
     let mut args = vec![
         "--max-microvms",
         &most,
@@ -45,6 +47,8 @@ fn main() -> anyhow::Result<()> {
         &quota_memory,
         "--warm-pool",
         "0",
+        "--machine",
+        &machine,
     ];
     // kilnd never turns KSM off (it is host-wide); the bench puts back what it found.
     let ksm_before = std::fs::read_to_string("/sys/kernel/mm/ksm/run").unwrap_or_default();
@@ -254,8 +258,9 @@ async fn bench(kilnd: &Kilnd, max: usize, overcommit: f64, with_ksm: bool) -> an
     );
     println!(
         "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_DENSITY_MAX={max} \
-         KILN_BENCH_OVERCOMMIT={overcommit} KILN_BENCH_KSM={} cargo bench -p kilnd --bench density",
-        u8::from(with_ksm)
+         KILN_BENCH_OVERCOMMIT={overcommit} KILN_BENCH_KSM={} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench density",
+        u8::from(with_ksm),
+        support::machine()
     );
     Ok(())
 }

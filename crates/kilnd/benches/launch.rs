@@ -3,8 +3,9 @@
 //! one launch at a time and five at once.
 //!
 //! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench launch`
-//! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20; `KILN_BENCH_MACHINE=q35`
-//! builds the image for q35, as `kilnd --machine q35`). It starts the release `kilnd` on a
+//! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20;
+//! `KILN_BENCH_MACHINE=microvm` builds the image for microvm, as `kilnd --machine microvm`;
+//! default q35, kilnd's). It starts the release `kilnd` on a
 //! fresh home that shares the guest kernel and base images of the test home
 //! (`target/kiln-test-home`, or `KILN_HOME`), on free ports.
 
@@ -43,7 +44,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 fn main() -> anyhow::Result<()> {
     let launches: usize = env_or("KILN_BENCH_LAUNCHES", 20);
     ensure!(launches > 0, "KILN_BENCH_LAUNCHES must be at least 1");
-    let machine = machine();
+    let machine = support::machine();
     let mut kilnd = Kilnd::start(&[
         "--max-microvms",
         &(CONCURRENT + 3).to_string(),
@@ -78,7 +79,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         "kiln launch benchmark: QEMU {}, accel {}, machine {}, guest kernel {}, busybox base, app `httpd -f -p 8080`, 512 MiB guests",
         host.vmm.qemu().version,
         host.accel.accel,
-        machine(),
+        support::machine(),
         host.assets.kernel.version,
     );
     let scratch = tempfile::Builder::new()
@@ -279,7 +280,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     );
     println!(
         "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench launch",
-        machine()
+        support::machine()
     );
     Ok(())
 }
@@ -324,11 +325,6 @@ fn breakdown(log: &str) {
     for (name, values) in &fields {
         row(&label(name), values, Stat::Tail);
     }
-}
-
-/// The machine new images' MicroVMs run on: `KILN_BENCH_MACHINE` (`microvm`, `q35`).
-fn machine() -> String {
-    std::env::var("KILN_BENCH_MACHINE").unwrap_or_else(|_| "microvm".into())
 }
 
 fn ms(d: Duration) -> f64 {

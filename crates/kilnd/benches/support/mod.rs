@@ -377,3 +377,9 @@ pub async fn build_image(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The machine new images' MicroVMs run on: `KILN_BENCH_MACHINE` (`q35`, kilnd's default, or
+/// `microvm`), given to kilnd as `--machine`.
+pub fn machine() -> String {
+    std::env::var("KILN_BENCH_MACHINE").unwrap_or_else(|_| "q35".into())
+}
