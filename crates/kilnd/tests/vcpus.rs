@@ -4,7 +4,9 @@
 //!
 //! - the attack: root in one guest onlines every vCPU itself and burns them all; the budget
 //!   is full, so the sizer refuses to grow it, and the host's cgroup quota stays at the grant
-//!   of one vCPU (the kernel throttles it): onlining in the guest buys no host CPU;
+//!   of one vCPU (the kernel throttles it): onlining in the guest buys no host CPU. It then
+//!   takes nearly all its memory; the memory budget (`--max-memory-mib 1024`, both baselines)
+//!   is full as well, so it gets nothing plugged and its cgroup limit stays at its baseline;
 //! - growth: once that MicroVM is gone, the other one, busy, grows beyond its baseline (the
 //!   guest has more online, its cgroup quota rises, usage and `/metrics` show the grant), and
 //!   shrinks back to its baseline once idle, its vCPU-seconds counting what it was granted.
@@ -150,7 +152,7 @@ fn throttled(dir: &std::path::Path) -> u64 {
 
 #[test]
 fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_cannot_take_more() {
-    let kilnd = Daemon::start(&["--max-vcpus", "2"]);
+    let kilnd = Daemon::start(&["--max-vcpus", "2", "--max-memory-mib", "1024"]);
     let scratch = tempfile::tempdir().expect("scratch");
     kilnd.build_sh_app("grow", scratch.path(), APP);
     let admin = kilnd.admin_key();
@@ -193,6 +195,26 @@ fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_can
     let throttled_after = throttled(&attacker_dir);
     let attacker_quota = kiln_vmm::cgroup::cpu_quota_us(&attacker_dir);
     let attacker_granted = usage(&kilnd, &admin, &attacker)["vcpus"].clone();
+    // And memory: the guest takes nearly all it has; the memory budget (both baselines) is
+    // full too, so it gets none beyond its baseline, and its host limit stays there.
+    let squeezed = sh(
+        &kilnd,
+        &admin,
+        &attacker,
+        "mkdir -p /fill && mount -t tmpfs -o size=1g tmpfs /fill && i=0; \
+         while [ $(awk '/MemAvailable/ {print $2}' /proc/meminfo) -ge 65536 ]; do \
+           dd if=/dev/zero of=/fill/$i bs=1M count=16 2>/dev/null || break; i=$((i+1)); \
+         done; awk '/MemAvailable/ {print $2}' /proc/meminfo",
+    );
+    let memory_refused = eventually(Duration::from_secs(60), || {
+        metric(
+            &kilnd,
+            "kiln_microvm_memory_changes_total{change=\"refused\"}",
+        ) >= 1.0
+    });
+    let attacker_memory = usage(&kilnd, &admin, &attacker)["grantedMemoryMiB"].clone();
+    let attacker_limit = kiln_vmm::cgroup::memory_limit(&attacker_dir);
+    let admitted_memory = metric(&kilnd, "kiln_admitted_memory_mib");
     let (code, _, err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &attacker]);
     assert_eq!(code, 0, "{err}");
 
@@ -253,6 +275,17 @@ fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_can
         "the kernel holds the guest to its quota ({throttled_before} → {throttled_after})"
     );
     assert_eq!(attacker_granted, 1);
+    assert!(
+        memory_refused,
+        "the guest short of memory asked for more and the full budget refused (MemAvailable {squeezed} KiB)"
+    );
+    assert_eq!(attacker_memory, 512);
+    assert_eq!(
+        attacker_limit,
+        Some((512 + kiln_vmm::cgroup::MEMORY_OVERHEAD_MIB) << 20),
+        "the host limit stays at the baseline"
+    );
+    assert_eq!(admitted_memory, 1024.0);
     assert!(
         grew,
         "the busy MicroVM grew: {}",
