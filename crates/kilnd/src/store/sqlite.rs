@@ -594,6 +594,18 @@ fn open_resident(at: &str) -> String {
     )
 }
 
+/// SQL assignments that count a row's uncounted resident time at `at` (an SQL parameter)
+/// into its resident seconds, vCPU-seconds (at its grant) and GiB-seconds (at what it holds),
+/// each followed by a comma; the statement must also move `state_since`.
+fn close_account(at: &str) -> String {
+    let open = open_resident(at);
+    format!(
+        "resident_seconds = resident_seconds + {open},
+         vcpu_seconds = vcpu_seconds + {open} * vcpus,
+         memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},"
+    )
+}
+
 const MICROVM_COLUMNS: &str =
     "id, image, version, state, state_reason, request, started_at, terminated_at,
     max_duration, memory_mib, kernel, dir, forwards, owner";
@@ -737,16 +749,14 @@ impl MicrovmStore for SqliteStore {
                     "UPDATE microvms SET state = ?3,
                    state_reason = CASE WHEN ?4 = 1 THEN state_reason ELSE ?5 END,
                    terminated_at = COALESCE(?6, terminated_at),
-                   resident_seconds = resident_seconds + {open},
-                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
-                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
+                   {close}
                    vcpus = CASE WHEN ?3 = 'RUNNING' THEN vcpus ELSE {VCPUS} END,
                    suspended_seconds = suspended_seconds
                      + CASE WHEN state = 'SUSPENDED' AND ?7 > state_since THEN ?7 - state_since ELSE 0 END,
                    snapshot_bytes = CASE WHEN ?3 = 'SUSPENDED' THEN snapshot_bytes ELSE 0 END,
                    state_since = ?7
                  WHERE id = ?1 AND state = ?2",
-                    open = open_resident("?7")
+                    close = close_account("?7")
                 ),
                 params![
                     id,
@@ -817,13 +827,11 @@ impl MicrovmStore for SqliteStore {
             .execute(
                 &format!(
                     "UPDATE microvms SET
-                   resident_seconds = resident_seconds + {open},
-                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
-                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
+                   {close}
                    grown_mib = ?2,
                    state_since = MAX(state_since, ?3)
                  WHERE id = ?1 AND state IN {RESIDENT_STATES}",
-                    open = open_resident("?3")
+                    close = close_account("?3")
                 ),
                 params![id, i64::try_from(grown_mib).unwrap_or(i64::MAX), now],
             )
@@ -852,13 +860,11 @@ impl MicrovmStore for SqliteStore {
             .execute(
                 &format!(
                     "UPDATE microvms SET
-                   resident_seconds = resident_seconds + {open},
-                   vcpu_seconds = vcpu_seconds + {open} * vcpus,
-                   memory_gib_seconds = memory_gib_seconds + {open} * {MEMORY_GIB},
+                   {close}
                    vcpus = ?2,
                    state_since = MAX(state_since, ?3)
                  WHERE id = ?1 AND state = 'RUNNING'",
-                    open = open_resident("?3")
+                    close = close_account("?3")
                 ),
                 params![id, vcpus, now],
             )
