@@ -93,6 +93,10 @@ pub(super) struct Held {
 const CPU_SWITCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the memory sizer waits for the guest to report its memory.
 const MEMORY_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a VM that has just started running is left to its first requests before the
+/// sizers sample it: their agent calls hold the VM, and a proxied connection looking it up
+/// meanwhile waits. Its host limits are set before it is published, not after this.
+const SIZERS_SETTLE: Duration = Duration::from_secs(2);
 
 /// What never changes about a MicroVM, read once from its row.
 struct Facts {
@@ -117,6 +121,11 @@ struct Owner {
     sizing: Option<Sizing>,
     /// Its memory while RUNNING (`None`: not sized since it last started running).
     memory: Option<MemorySizing>,
+    /// When it last started running through this owner (`None` after a re-attach).
+    running_since: Option<Instant>,
+    /// Whether its guest is still to be put at its baseline's vCPUs (a resumed or re-attached
+    /// session may have more online; the host already holds it to its baseline).
+    switch_guest_vcpus: bool,
 }
 
 impl Microvms {
@@ -150,6 +159,8 @@ impl Microvms {
             suspended_since: (row.state == S::Suspended).then(Instant::now),
             sizing: None,
             memory: None,
+            running_since: None,
+            switch_guest_vcpus: false,
         };
         tokio::spawn(owner.run(rx, tx.clone()));
         tx
@@ -313,6 +324,7 @@ impl Owner {
             // VM runs again.
             self.shed_growth();
             self.memory = None;
+            self.running_since = None;
         }
         match step.effect {
             Effect::ReleaseMemory => self.give_back(false),
@@ -350,12 +362,31 @@ impl Owner {
             self.sup.release_growth(u64::from(growth));
         }
         self.sizing = None;
+        self.switch_guest_vcpus = false;
+    }
+
+    /// Puts a VM that is about to be published at its baseline on the host — its cgroup's
+    /// CPU quota and memory limit, admission and the store — before any request reaches it
+    /// (the guest's side waits for the sizers' first second). `session`: it comes back from
+    /// a suspend, and may have memory plugged or a request to its device under way.
+    async fn start_sizers(&mut self, vm: &dyn kiln_vmm::MicroVm, session: bool) {
+        if self.sup.config.vcpu_growth {
+            self.sizing = Some(self.start_sizing(vm));
+            // An image's snapshot has its baseline online; a session may have had more.
+            self.switch_guest_vcpus &= session;
+        }
+        self.memory = Some(self.start_memory(vm, session).await);
     }
 
     /// The sizers' second, while the VM runs: its vCPUs ([`Owner::size_vcpus`]), then its
-    /// memory ([`Owner::size_memory`]). Skipped while a request holds the VM.
+    /// memory ([`Owner::size_memory`]). Skipped while a request holds the VM, and in the
+    /// first seconds it runs ([`SIZERS_SETTLE`]).
     async fn size(&mut self) {
-        if self.state != S::Running {
+        if self.state != S::Running
+            || self
+                .running_since
+                .is_some_and(|t| t.elapsed() < SIZERS_SETTLE)
+        {
             return;
         }
         let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
@@ -375,7 +406,11 @@ impl Owner {
     /// [`Sizing::observe`] says so.
     async fn size_vcpus(&mut self, vm: &dyn kiln_vmm::MicroVm) {
         if self.sizing.is_none() {
-            self.sizing = Some(self.start_sizing(vm).await);
+            // Re-attached after a restart (a session): not started through `start_sizers`.
+            self.sizing = Some(self.start_sizing(vm));
+        }
+        if std::mem::take(&mut self.switch_guest_vcpus) {
+            self.switch_guest_to_baseline(vm).await;
         }
         let Some(sizing) = self.sizing.as_mut() else {
             return;
@@ -391,10 +426,11 @@ impl Owner {
     }
 
     /// Puts a VM that has just started running (launched, resumed, claimed from the pool,
-    /// re-attached) at its baseline — host grant, guest and the store alike, whatever its
+    /// re-attached) at its baseline on the host — its CPU quota and the store, whatever its
     /// session had before — and says whether it may grow: only with a cgroup to hold it to
-    /// its grant and a guest agent that can switch vCPUs (an older one answers an error).
-    async fn start_sizing(&mut self, vm: &dyn kiln_vmm::MicroVm) -> Sizing {
+    /// its grant. Its guest is switched to the baseline in the sizer's first second
+    /// ([`Owner::switch_guest_to_baseline`]).
+    fn start_sizing(&mut self, vm: &dyn kiln_vmm::MicroVm) -> Sizing {
         let range = vm.vcpu_range();
         if let Err(e) = self
             .sup
@@ -410,19 +446,31 @@ impl Owner {
             tracing::info!(microvm = %self.id, error = %e, "no vCPU growth: nothing on the host would hold it to a grant");
             return Sizing::fixed(range);
         }
-        let switched = tokio::time::timeout(
-            CPU_SWITCH_TIMEOUT,
-            vm.agent().set_online_cpus(range.baseline),
-        )
-        .await;
-        match switched {
-            Ok(Ok(_)) if vm.cpu_time().is_some() => Sizing::at_baseline(range),
-            Ok(Ok(_)) => Sizing::fixed(range),
+        if vm.cpu_time().is_none() {
+            return Sizing::fixed(range);
+        }
+        self.switch_guest_vcpus = true;
+        Sizing::at_baseline(range)
+    }
+
+    /// Asks the guest to have its baseline's vCPUs online; one that cannot switch vCPUs (an
+    /// older agent answers an error) or does not answer keeps its baseline.
+    async fn switch_guest_to_baseline(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+        let Some(baseline) = self.sizing.as_ref().map(|s| s.range.baseline) else {
+            return;
+        };
+        let switched =
+            tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(baseline)).await;
+        let fixed = match switched {
+            Ok(Ok(_)) => false,
             Ok(Err(e)) => {
                 tracing::info!(microvm = %self.id, error = %e, "no vCPU growth: the guest cannot switch vCPUs");
-                Sizing::fixed(range)
+                true
             }
-            Err(_) => Sizing::fixed(range),
+            Err(_) => true,
+        };
+        if let Some(s) = self.sizing.as_mut() {
+            s.fixed |= fixed;
         }
     }
 
@@ -494,15 +542,23 @@ impl Owner {
     /// back, lowers its host limit and admission to match.
     async fn size_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) {
         if self.memory.is_none() {
-            self.memory = Some(self.start_memory(vm).await);
+            // Re-attached after a restart: a session, as far as its device goes.
+            self.memory = Some(self.start_memory(vm, true).await);
         }
         if self.memory.as_ref().is_none_or(|m| m.fixed) {
             return;
         }
-        // A guest that does not answer this second is sampled the next.
-        let Ok(Ok(m)) = tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await
-        else {
-            return;
+        let m = match tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::info!(microvm = %self.id, error = %e, "no memory growth: the guest does not report its memory");
+                if let Some(m) = self.memory.as_mut() {
+                    m.fixed = true;
+                }
+                return;
+            }
+            // A guest that does not answer this second is sampled the next.
+            Err(_) => return,
         };
         let Ok(plugged) = vm.plugged_memory().await else {
             return;
@@ -524,10 +580,11 @@ impl Owner {
 
     /// Takes a VM that has just started running as it is — a resumed session keeps the memory
     /// it had plugged — counting that in admission, the store and its host limit, and says
-    /// whether it may change: only with `--memory-growth on`, a device to grow into, a cgroup
-    /// to hold it to its grant and a guest agent that reports its memory (an older one answers
-    /// an error).
-    async fn start_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) -> MemorySizing {
+    /// whether it may change: only with `--memory-growth on`, a device to grow into and a
+    /// cgroup to hold it to its grant (a guest agent that cannot report its memory makes it
+    /// fixed at the first sample). `session`: a saved session's device may have a request
+    /// under way, which is ended here; a launch's comes from an image, with none.
+    async fn start_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, session: bool) -> MemorySizing {
         let range = vm.memory_range();
         if !range.can_grow() {
             return MemorySizing::fixed(range);
@@ -541,9 +598,11 @@ impl Owner {
         };
         self.hold_grown(plugged);
         // A request still under way when the session was saved ends here: it has what it has.
-        if let Err(e) = vm.request_memory(plugged).await {
-            tracing::warn!(microvm = %self.id, error = %e, "no memory growth: cannot ask its device");
-            return MemorySizing::fixed(range);
+        if session {
+            if let Err(e) = vm.request_memory(plugged).await {
+                tracing::warn!(microvm = %self.id, error = %e, "no memory growth: cannot ask its device");
+                return MemorySizing::fixed(range);
+            }
         }
         if let Err(e) = vm.set_memory_grant(plugged) {
             tracing::info!(microvm = %self.id, error = %e, "no memory growth: nothing on the host would hold it to a grant");
@@ -553,15 +612,7 @@ impl Owner {
         if !self.sup.config.memory_growth {
             return MemorySizing::fixed(range);
         }
-        match tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await {
-            Ok(Ok(_)) => MemorySizing::at(range, plugged),
-            Ok(Err(e)) => {
-                tracing::info!(microvm = %self.id, error = %e, "no memory growth: the guest does not report its memory");
-                MemorySizing::fixed(range)
-            }
-            // Busy now: it is asked again every second.
-            Err(_) => MemorySizing::at(range, plugged),
-        }
+        MemorySizing::at(range, plugged)
     }
 
     /// Holds `mib` beyond the baseline in admission and the store, whatever was held before
@@ -682,8 +733,10 @@ impl Owner {
         Err(shared)
     }
 
-    /// Makes a running VM reachable: its forwards stored, the VM in the shared table.
-    async fn publish(&self, live: Live) -> Result<(), ApiError> {
+    /// Makes a running VM reachable: held to its baseline on the host
+    /// ([`Owner::start_sizers`]), its forwards stored, the VM in the shared table.
+    async fn publish(&mut self, live: Live, session: bool) -> Result<(), ApiError> {
+        self.start_sizers(live.vm.as_ref(), session).await;
         self.sup
             .store
             .set_microvm_forwards(&self.id, &json!(live.forwards))
@@ -693,6 +746,7 @@ impl Owner {
             .lock()
             .await
             .insert(self.id.clone(), Arc::new(Mutex::new(live)));
+        self.running_since = Some(Instant::now());
         Ok(())
     }
 
@@ -754,7 +808,7 @@ impl Owner {
             .iter()
             .map(|(step, at)| format!("{step}:{}", at.as_millis()))
             .collect();
-        self.publish(live).await?;
+        self.publish(live, false).await?;
         self.record(Event::Launched, Reason::Clear)?;
         tracing::info!(
             microvm = %id,
@@ -847,7 +901,13 @@ impl Owner {
         self.sup.reserve_memory(self.facts.memory_mib)?;
         self.held.memory = true;
         // The session comes back with the memory it had grown to.
-        let grown = self.sup.store.microvm_grown_mib(&id).unwrap_or(0);
+        let grown = match self.sup.store.microvm_grown_mib(&id) {
+            Ok(g) => g,
+            Err(e) => {
+                self.give_back(false);
+                return Err(internal(e));
+            }
+        };
         if grown > 0 {
             if let Err(full) = self.sup.reserve_memory_growth(grown) {
                 self.give_back(false);
@@ -924,7 +984,7 @@ impl Owner {
                     self.stop(&reason).await?;
                     return Err(self.conflict(format!("it is TERMINATED: {reason}")));
                 }
-                self.publish(live).await?;
+                self.publish(live, true).await?;
                 self.record(Event::Resumed, Reason::Clear)?;
                 self.suspended_since = None;
                 tracing::info!(microvm = %id, "resumed");
