@@ -93,6 +93,12 @@ pub(super) struct Held {
 const CPU_SWITCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the memory sizer waits for the guest to report its memory.
 const MEMORY_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The guest's answer to the memory sizer's question, or that it did not answer in time.
+type MemoryReport = Result<
+    Result<kiln_agent::client::GuestMemory, kiln_agent::AgentError>,
+    tokio::time::error::Elapsed,
+>;
+
 /// How long a VM that has just started running is left to its first requests before the
 /// sizers sample it: their agent calls hold the VM, and a proxied connection looking it up
 /// meanwhile waits. Its host limits are set before it is published, not after this.
@@ -392,6 +398,17 @@ impl Owner {
         let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
             return;
         };
+        // The guest's memory report is awaited without holding the VM: a guest slow to
+        // answer would otherwise hold up its own proxied connections while they look it up.
+        let report = match self.memory.as_ref() {
+            Some(m) if !m.fixed => {
+                let Ok(agent) = shared.try_lock().map(|l| l.vm.agent().clone()) else {
+                    return;
+                };
+                Some(tokio::time::timeout(MEMORY_STATUS_TIMEOUT, agent.memory()).await)
+            }
+            _ => None,
+        };
         let Ok(live) = shared.try_lock() else {
             return;
         };
@@ -399,7 +416,7 @@ impl Owner {
         if self.sup.config.vcpu_growth {
             self.size_vcpus(vm).await;
         }
-        self.size_memory(vm).await;
+        self.size_memory(vm, report).await;
     }
 
     /// Samples the running VM's CPU time and grows or shrinks it by one vCPU when
@@ -540,7 +557,7 @@ impl Owner {
     /// Asks the running guest what memory it has available and plugs more, or asks for a
     /// step back, when [`MemorySizing::observe`] says so; and once the guest has given memory
     /// back, lowers its host limit and admission to match.
-    async fn size_memory(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+    async fn size_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, report: Option<MemoryReport>) {
         if self.memory.is_none() {
             // Re-attached after a restart: a session, as far as its device goes.
             self.memory = Some(self.start_memory(vm, true).await);
@@ -548,7 +565,11 @@ impl Owner {
         if self.memory.as_ref().is_none_or(|m| m.fixed) {
             return;
         }
-        let m = match tokio::time::timeout(MEMORY_STATUS_TIMEOUT, vm.agent().memory()).await {
+        // None: the sizer had not started when the guest would have been asked.
+        let Some(report) = report else {
+            return;
+        };
+        let m = match report {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 tracing::info!(microvm = %self.id, error = %e, "no memory growth: the guest does not report its memory");
