@@ -393,6 +393,25 @@ pub fn growth_support() -> Result<String, String> {
     }
 }
 
+/// Whether this host can hold a VM to its memory grant, which memory growth needs (said by
+/// `kiln doctor`): the error says what a MicroVM gets without it.
+pub fn memory_growth_support() -> Result<String, String> {
+    let root = Path::new(CGROUP_ROOT);
+    match version() {
+        Some(CgroupVersion::V2)
+            if std::fs::read_to_string(root.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory")) =>
+        {
+            Ok("cgroup v2: memory.max follows each VM's grant".into())
+        }
+        Some(CgroupVersion::V1) if root.join("memory").is_dir() => {
+            Ok("cgroup v1: memory.limit_in_bytes follows each VM's grant".into())
+        }
+        Some(_) => Err("no memory cgroup controller: MicroVMs keep their baseline memory".into()),
+        None => Err("no cgroup file system: MicroVMs keep their baseline memory".into()),
+    }
+}
+
 /// The directory of `controller` (`cpu`, `cpuacct`) in the group of the VM in `dir`, when
 /// the group exists.
 fn controller_dir(dir: &Path, controller: &str) -> Option<(CgroupVersion, PathBuf)> {

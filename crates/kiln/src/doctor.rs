@@ -210,6 +210,19 @@ pub fn run(home: &Path, output: Output) -> anyhow::Result<ExitCode> {
     );
     checks.push(c);
     let (c, _) = check(
+        "memory growth",
+        false,
+        kiln_vmm::cgroup::memory_growth_support(),
+        |s| {
+            format!(
+                "{s}; q35 MicroVMs (kilnd's default machine) short of memory grow to 4x their \
+                 baseline within kilnd's memory budget (kilnd --max-memory-mib, --memory-growth off)"
+            )
+        },
+        "optional: mount the memory cgroup controller (or cgroup v2) for MicroVMs to grow",
+    );
+    checks.push(c);
+    let (c, _) = check(
         "ksm",
         false,
         kiln_vmm::ksm::stats().ok_or_else(|| "this kernel has no KSM".to_string()),
