@@ -5,7 +5,7 @@
 //! Run: `cargo build --release -p kilnd && cargo bench -p kilnd --bench launch`
 //! (`KILN_BENCH_LAUNCHES=N` sets the sequential launches, default 20;
 //! `KILN_BENCH_MACHINE=microvm` builds the image for microvm, as `kilnd --machine microvm`;
-//! default q35, kilnd's). It starts the release `kilnd` on a
+//! default q35, kilnd's; `KILN_BENCH_KILND_ARGS` adds kilnd flags). It starts the release `kilnd` on a
 //! fresh home that shares the guest kernel and base images of the test home
 //! (`target/kiln-test-home`, or `KILN_HOME`), on free ports.
 
@@ -279,7 +279,8 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         cold_median.as_secs_f64() / pooled_median.as_secs_f64(),
     );
     println!(
-        "\nreproduce: cargo build --release -p kilnd && KILN_BENCH_LAUNCHES={launches} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench launch",
+        "\nreproduce: cargo build --release -p kilnd && {}KILN_BENCH_LAUNCHES={launches} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench launch",
+        support::kilnd_args_env(),
         support::machine()
     );
     Ok(())

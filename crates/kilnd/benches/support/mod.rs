@@ -171,7 +171,19 @@ pub fn qemu_processes(home: &str) -> Vec<PathBuf> {
 }
 
 /// The release kilnd on `home`, its log appended to `<home>/kilnd.log`.
+/// `KILN_BENCH_KILND_ARGS='…' ` when set, for a reproduce line.
+#[allow(dead_code)]
+pub fn kilnd_args_env() -> String {
+    match std::env::var("KILN_BENCH_KILND_ARGS") {
+        Ok(a) if !a.trim().is_empty() => format!("KILN_BENCH_KILND_ARGS='{}' ", a.trim()),
+        _ => String::new(),
+    }
+}
+
+/// Starts kilnd with the bench's `extra` flags, then any in `KILN_BENCH_KILND_ARGS` (words
+/// split on white space; later flags win, e.g. `--memory-growth off` for an A/B run).
 fn spawn(binary: &Path, home: &Path, endpoint_port: u16, extra: &[&str]) -> anyhow::Result<Child> {
+    let operator = std::env::var("KILN_BENCH_KILND_ARGS").unwrap_or_default();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -184,6 +196,7 @@ fn spawn(binary: &Path, home: &Path, endpoint_port: u16, extra: &[&str]) -> anyh
         // The benches write their image zips under /tmp and name them as file:// URIs.
         .args(["--artifact-root", "/tmp"])
         .args(extra)
+        .args(operator.split_whitespace())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
