@@ -849,12 +849,17 @@ impl Microvms {
         Ok((config, snap))
     }
 
-    /// Keeps the warm pool filled (every quarter second): each version in use gets its
-    /// target of restored, paused VMs while admission allows; versions no longer runnable
-    /// or in use are emptied. See `pool.rs`.
+    /// Keeps the warm pool filled (every quarter second; after a round in which a VM could
+    /// not be pooled — admission full, a restore failing — twice as long each time, up to
+    /// four seconds): each version in use gets its target of restored, paused VMs while
+    /// admission allows; versions no longer runnable or in use are emptied. See `pool.rs`.
     pub async fn keep_warm(self: Arc<Self>) {
+        const EVERY: Duration = Duration::from_millis(250);
+        const AT_MOST: Duration = Duration::from_secs(4);
+        let mut pause = EVERY;
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(pause).await;
+            let mut unfilled = false;
             let least = self.config.warm_pool;
             let targets = match least {
                 0 => Vec::new(),
@@ -898,11 +903,16 @@ impl Microvms {
                         }
                         Err(e) => {
                             tracing::debug!(image = %version.0, version = version.1, error = %e, "warm pool not filled");
+                            unfilled = true;
                             break;
                         }
                     }
                 }
             }
+            pause = match unfilled {
+                true => (pause * 2).min(AT_MOST),
+                false => EVERY,
+            };
         }
     }
 
