@@ -163,7 +163,8 @@ pub struct Config {
     /// Per-principal quota: MicroVMs pending, running or suspended at once.
     #[arg(long, default_value_t = Limits::default().microvms, value_name = "N")]
     pub quota_microvms: u64,
-    /// Per-principal quota: guest memory of those MicroVMs together, MiB.
+    /// Per-principal quota: guest memory of those MicroVMs together, MiB (baselines and what
+    /// they grew to under load).
     #[arg(long, default_value_t = Limits::default().memory_mib, value_name = "MIB")]
     pub quota_memory_mib: u64,
     /// Per-principal quota: images (AWS: 100).

@@ -32,6 +32,13 @@ exec httpd -f -p 8080 -h /www
 ";
 
 /// Busy loops, each its own process, in the exec's process group (killed with it).
+/// Takes nearly all the guest's memory (tmpfs files until under 64 MiB is available), as
+/// root in it; prints what is left available, KiB.
+const SQUEEZE: &str = "mkdir -p /fill && mount -t tmpfs -o size=1g tmpfs /fill && i=0; \
+     while [ $(awk '/MemAvailable/ {print $2}' /proc/meminfo) -ge 65536 ]; do \
+       dd if=/dev/zero of=/fill/$i bs=1M count=16 2>/dev/null || break; i=$((i+1)); \
+     done; awk '/MemAvailable/ {print $2}' /proc/meminfo";
+
 fn burn(loops: u32) -> String {
     format!("for i in $(seq {loops}); do (while :; do :; done) & done; wait")
 }
@@ -197,15 +204,7 @@ fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_can
     let attacker_granted = usage(&kilnd, &admin, &attacker)["vcpus"].clone();
     // And memory: the guest takes nearly all it has; the memory budget (both baselines) is
     // full too, so it gets none beyond its baseline, and its host limit stays there.
-    let squeezed = sh(
-        &kilnd,
-        &admin,
-        &attacker,
-        "mkdir -p /fill && mount -t tmpfs -o size=1g tmpfs /fill && i=0; \
-         while [ $(awk '/MemAvailable/ {print $2}' /proc/meminfo) -ge 65536 ]; do \
-           dd if=/dev/zero of=/fill/$i bs=1M count=16 2>/dev/null || break; i=$((i+1)); \
-         done; awk '/MemAvailable/ {print $2}' /proc/meminfo",
-    );
+    let squeezed = sh(&kilnd, &admin, &attacker, SQUEEZE);
     let memory_refused = eventually(Duration::from_secs(60), || {
         metric(
             &kilnd,
@@ -509,4 +508,44 @@ fn memory_when_a_q35_guest_fills_beyond_its_baseline_then_it_grows_keeps_it_acro
     );
     assert!(usage_table.contains(&vm), "{usage_table}");
     assert_eq!(admitted_after, 0.0, "nothing leaked");
+}
+
+#[test]
+fn memory_when_its_owners_quota_is_used_then_a_guest_short_of_memory_gets_none_beyond_it() {
+    // The host has room; the owner's memory quota is the MicroVM's baseline. Growth counts
+    // against the quota as a launch would, so root in the guest taking all it has gets
+    // nothing more.
+    let kilnd = Daemon::start(&["--quota-memory-mib", "512"]);
+    let scratch = tempfile::tempdir().expect("scratch");
+    kilnd.build_sh_app("grow", scratch.path(), APP);
+    let admin = kilnd.admin_key();
+    let vm = run_microvm(&kilnd);
+    let dir = vm_dir(&kilnd, &vm);
+
+    let squeezed = sh(&kilnd, &admin, &vm, SQUEEZE);
+    let refused = eventually(Duration::from_secs(60), || {
+        metric(
+            &kilnd,
+            "kiln_microvm_memory_changes_total{change=\"refused\"}",
+        ) >= 1.0
+    });
+    let granted = usage(&kilnd, &admin, &vm)["grantedMemoryMiB"].clone();
+    let limit = kiln_vmm::cgroup::memory_limit(&dir);
+    let admitted = metric(&kilnd, "kiln_admitted_memory_mib");
+    let grown = metric(&kilnd, "kiln_microvm_memory_changes_total{change=\"grow\"}");
+    let (code, _, err) = kilnd.aws(&["terminate-microvm", "--microvm-identifier", &vm]);
+    assert_eq!(code, 0, "{err}");
+
+    assert!(
+        refused,
+        "the guest short of memory asked for more and its owner's quota refused (MemAvailable {squeezed} KiB)"
+    );
+    assert_eq!(grown, 0.0);
+    assert_eq!(granted, 512);
+    assert_eq!(
+        limit,
+        memory_limit_for(512),
+        "the host limit stays at the baseline"
+    );
+    assert_eq!(admitted, 512.0);
 }

@@ -186,7 +186,7 @@ impl Quota {
 pub struct Usage {
     /// MicroVMs pending, running or suspended.
     pub microvms: u64,
-    /// Their guest memory, MiB.
+    /// Their guest memory, MiB: baselines and what they grew to.
     pub memory_mib: u64,
     /// Images.
     pub images: u64,
@@ -345,6 +345,21 @@ impl Quotas {
             memory_mib,
             limits.memory_mib,
             resource,
+        )
+    }
+
+    /// Admits `extra` MiB of memory growth for a MicroVM of `principal` (call under
+    /// [`Quotas::admission`], held until the grant is recorded): `--quota-memory-mib` counts
+    /// what MicroVMs grew to as well as their baselines.
+    pub fn admit_memory_growth(&self, principal: &str, extra: u64) -> Result<(), ApiError> {
+        let limit = self.limits(principal).memory_mib;
+        let counts = self.store.owner_counts(principal).map_err(internal)?;
+        fits(
+            Quota::MemoryMib,
+            counts.memory_mib,
+            extra,
+            limit,
+            ("Microvm", principal),
         )
     }
 

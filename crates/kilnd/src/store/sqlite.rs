@@ -1337,8 +1337,9 @@ impl QuotaStore for SqliteStore {
             microvms: count(&format!(
                 "SELECT COUNT(*) FROM microvms WHERE owner = ?1 AND state IN {HOLDING_STATES}"
             ))?,
+            // Baseline and growth: a session keeps what it grew to while suspended.
             memory_mib: count(&format!(
-                "SELECT COALESCE(SUM(memory_mib), 0) FROM microvms
+                "SELECT COALESCE(SUM(memory_mib + COALESCE(grown_mib, 0)), 0) FROM microvms
                  WHERE owner = ?1 AND state IN {HOLDING_STATES}"
             ))?,
             images: count("SELECT COUNT(*) FROM images WHERE owner = ?1")?,
@@ -1469,7 +1470,7 @@ mod tests {
             .expect("create");
         for (id, owner, state) in [
             ("m1", "alice", "RUNNING"),
-            ("m2", "alice", "SUSPENDED"),
+            ("m2", "alice", "RUNNING"),
             ("m3", "alice", "PENDING"),
             ("m4", "alice", "TERMINATED"),
             ("m5", "alice", "TERMINATING"),
@@ -1479,6 +1480,20 @@ mod tests {
                 .insert_microvm(&microvm(id, owner, state, 256))
                 .expect("insert");
         }
+        // Grown: the running one by 128 MiB, the suspended one kept 64; the ended one's
+        // growth no longer counts.
+        for (id, grown) in [("m1", 128), ("m2", 64), ("m4", 512)] {
+            store.set_microvm_memory(id, grown, 1.0).expect("grown");
+        }
+        store
+            .transition_microvm(
+                "m2",
+                MicrovmState::Running,
+                MicrovmState::Suspended,
+                Reason::Keep,
+                None,
+            )
+            .expect("suspended");
 
         let counts = store.owner_counts("alice").expect("counts");
 
@@ -1486,7 +1501,7 @@ mod tests {
             counts,
             OwnerCounts {
                 microvms: 3,
-                memory_mib: 768,
+                memory_mib: 768 + 128 + 64,
                 images: 1,
                 most_versions: 2,
                 building: 2,

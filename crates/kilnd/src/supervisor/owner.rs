@@ -674,16 +674,40 @@ impl Owner {
     async fn grow_memory(&mut self, vm: &dyn kiln_vmm::MicroVm, target: u64) {
         let held = self.held.grown_mib;
         let extra = target.saturating_sub(held);
-        if let Err(full) = self.sup.reserve_memory_growth(extra) {
-            self.sup.metrics.memory_change("refused");
-            tracing::debug!(microvm = %self.id, %full, "short of memory, but the memory budget is full");
-            return;
+        {
+            // The principal's quota counts growth too: the grant is recorded before the
+            // admission lock is let go, so no launch of theirs slips in between.
+            let _admission = self.sup.quotas.admission();
+            if let Err(e) = self
+                .sup
+                .quotas
+                .admit_memory_growth(&self.facts.principal, extra)
+            {
+                self.sup.metrics.memory_change("refused");
+                tracing::debug!(microvm = %self.id, error = %e.message(), "short of memory, but its owner's memory quota is used up");
+                return;
+            }
+            if let Err(full) = self.sup.reserve_memory_growth(extra) {
+                self.sup.metrics.memory_change("refused");
+                tracing::debug!(microvm = %self.id, %full, "short of memory, but the memory budget is full");
+                return;
+            }
+            self.held.grown_mib += extra;
+            if let Err(e) = self
+                .sup
+                .store
+                .set_microvm_memory(&self.id, self.held.grown_mib, now())
+            {
+                tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
+            }
         }
-        self.held.grown_mib += extra;
         let undo = |this: &mut Owner, why: String| {
             let _ = vm.set_memory_grant(held);
             this.held.grown_mib = held;
             this.sup.release_memory_growth(extra);
+            if let Err(e) = this.sup.store.set_microvm_memory(&this.id, held, now()) {
+                tracing::warn!(microvm = %this.id, error = %e, "recording the memory grant");
+            }
             if let Some(m) = this.memory.as_mut() {
                 m.fixed = true;
             }
@@ -698,13 +722,6 @@ impl Owner {
         };
         if let Some(m) = self.memory.as_mut() {
             m.target = asked;
-        }
-        if let Err(e) = self
-            .sup
-            .store
-            .set_microvm_memory(&self.id, self.held.grown_mib, now())
-        {
-            tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
         }
         self.sup.metrics.memory_change("grow");
         tracing::info!(microvm = %self.id, grown_mib = asked, "short of memory: grown");
