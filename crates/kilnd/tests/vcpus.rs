@@ -128,6 +128,16 @@ fn metric(kilnd: &Daemon, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Whether kilnd refused a guest memory within `limit` (the budget or a quota was full).
+fn memory_refused_within(kilnd: &Daemon, limit: Duration) -> bool {
+    eventually(limit, || {
+        metric(
+            kilnd,
+            "kiln_microvm_memory_changes_total{change=\"refused\"}",
+        ) >= 1.0
+    })
+}
+
 /// Polls `check` every second until it holds; false if it never did within `limit`.
 fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -205,12 +215,7 @@ fn vcpus_when_busy_then_grow_within_the_budget_and_shrink_back_and_the_guest_can
     // And memory: the guest takes nearly all it has; the memory budget (both baselines) is
     // full too, so it gets none beyond its baseline, and its host limit stays there.
     let squeezed = sh(&kilnd, &admin, &attacker, SQUEEZE);
-    let memory_refused = eventually(Duration::from_secs(60), || {
-        metric(
-            &kilnd,
-            "kiln_microvm_memory_changes_total{change=\"refused\"}",
-        ) >= 1.0
-    });
+    let memory_refused = memory_refused_within(&kilnd, Duration::from_secs(60));
     let attacker_memory = usage(&kilnd, &admin, &attacker)["grantedMemoryMiB"].clone();
     let attacker_limit = kiln_vmm::cgroup::memory_limit(&attacker_dir);
     let admitted_memory = metric(&kilnd, "kiln_admitted_memory_mib");
@@ -523,12 +528,7 @@ fn memory_when_its_owners_quota_is_used_then_a_guest_short_of_memory_gets_none_b
     let dir = vm_dir(&kilnd, &vm);
 
     let squeezed = sh(&kilnd, &admin, &vm, SQUEEZE);
-    let refused = eventually(Duration::from_secs(60), || {
-        metric(
-            &kilnd,
-            "kiln_microvm_memory_changes_total{change=\"refused\"}",
-        ) >= 1.0
-    });
+    let refused = memory_refused_within(&kilnd, Duration::from_secs(60));
     let granted = usage(&kilnd, &admin, &vm)["grantedMemoryMiB"].clone();
     let limit = kiln_vmm::cgroup::memory_limit(&dir);
     let admitted = metric(&kilnd, "kiln_admitted_memory_mib");
