@@ -348,8 +348,8 @@ impl Quotas {
         )
     }
 
-    /// Admits `extra` MiB of memory growth for a MicroVM of `principal` (call under
-    /// [`Quotas::admission`], held until the grant is recorded): `--quota-memory-mib` counts
+    /// Admits `extra` MiB of memory growth for a MicroVM of `principal` (call under the lock
+    /// RunMicrovm admits under, held until the grant is recorded): `--quota-memory-mib` counts
     /// what MicroVMs grew to as well as their baselines.
     pub fn admit_memory_growth(&self, principal: &str, extra: u64) -> Result<(), ApiError> {
         let limit = self.limits(principal).memory_mib;

@@ -675,9 +675,13 @@ impl Owner {
         let held = self.held.grown_mib;
         let extra = target.saturating_sub(held);
         {
-            // The principal's quota counts growth too: the grant is recorded before the
-            // admission lock is let go, so no launch of theirs slips in between.
-            let _admission = self.sup.quotas.admission();
+            // The principal's quota counts growth too: the grant is recorded before the lock
+            // RunMicrovm admits under is let go, so no launch of theirs slips in between.
+            let _claims = self
+                .sup
+                .run_claims
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Err(e) = self
                 .sup
                 .quotas
