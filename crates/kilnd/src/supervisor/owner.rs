@@ -646,7 +646,16 @@ impl Owner {
             self.sup.release_memory_growth(held - mib);
         }
         self.held.grown_mib = mib;
-        if let Err(e) = self.sup.store.set_microvm_memory(&self.id, mib, now()) {
+        self.record_memory_grant();
+    }
+
+    /// Records in the store the memory this owner holds beyond the VM's baseline.
+    fn record_memory_grant(&self) {
+        if let Err(e) = self
+            .sup
+            .store
+            .set_microvm_memory(&self.id, self.held.grown_mib, now())
+        {
             tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
         }
     }
@@ -697,21 +706,13 @@ impl Owner {
                 return;
             }
             self.held.grown_mib += extra;
-            if let Err(e) = self
-                .sup
-                .store
-                .set_microvm_memory(&self.id, self.held.grown_mib, now())
-            {
-                tracing::warn!(microvm = %self.id, error = %e, "recording the memory grant");
-            }
+            self.record_memory_grant();
         }
         let undo = |this: &mut Owner, why: String| {
             let _ = vm.set_memory_grant(held);
             this.held.grown_mib = held;
             this.sup.release_memory_growth(extra);
-            if let Err(e) = this.sup.store.set_microvm_memory(&this.id, held, now()) {
-                tracing::warn!(microvm = %this.id, error = %e, "recording the memory grant");
-            }
+            this.record_memory_grant();
             if let Some(m) = this.memory.as_mut() {
                 m.fixed = true;
             }
@@ -947,7 +948,11 @@ impl Owner {
             Ok(g) => g,
             Err(e) => {
                 self.give_back(false);
-                return Err(internal(e));
+                tracing::error!(microvm = %id, error = %e, "reading a suspended session's memory");
+                return Err(ApiError::internal(format!(
+                    "MicroVM {id} could not resume (it stays SUSPENDED): kilnd's metadata \
+                     store failed reading the memory it had grown to: {e}; try again"
+                )));
             }
         };
         if grown > 0 {
@@ -1028,6 +1033,9 @@ impl Owner {
                 }
                 self.publish(live, true).await?;
                 self.record(Event::Resumed, Reason::Clear)?;
+                // The store takes no memory grant for a SUSPENDED row, which this one still
+                // was when `publish` held it at what its device has plugged.
+                self.record_memory_grant();
                 self.suspended_since = None;
                 tracing::info!(microvm = %id, "resumed");
                 Ok(true)
