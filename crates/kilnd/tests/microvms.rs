@@ -442,12 +442,45 @@ fn wait_metric(kilnd: &Daemon, name: &str, want: f64) -> f64 {
     }
 }
 
+/// The counter app with a HEALTHCHECK that GETs `/cgi-bin/check`, which appends a line to
+/// `/www/checks` (served as a file: reading it runs nothing).
+fn checked_counter_image(kilnd: &Daemon, dir: &std::path::Path) {
+    let zip = dir.join("checked.zip");
+    let app = common::COUNTER_APP.replace(
+        "exec httpd",
+        "cat > /www/cgi-bin/check <<'CGI'\n\
+         #!/bin/sh\n\
+         echo checked >> /www/checks\n\
+         printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n\
+         CGI\n\
+         chmod +x /www/cgi-bin/check\n\
+         exec httpd",
+    );
+    make_zip(
+        &zip,
+        &[
+            (
+                "Dockerfile",
+                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\n\
+                  HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/cgi-bin/check\n\
+                  CMD [\"/bin/sh\", \"/app.sh\"]\n",
+                0o644,
+            ),
+            ("app.sh", app.as_bytes(), 0o755),
+        ],
+    );
+    let (code, _, err) = kilnd.create_image("counter", &zip);
+    assert_eq!(code, 0, "{err}");
+    let v = kilnd.wait_version("counter", "1");
+    assert_eq!(v["state"], "SUCCESSFUL", "{v}");
+}
+
 #[test]
 fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_and_empties() {
     // One pooled VM whatever the launch rate, so the figures below are exact.
     let kilnd = Daemon::start(&["--warm-pool", "1", "--warm-pool-max", "1"]);
     let scratch = tempfile::tempdir().expect("scratch");
-    counter_image(&kilnd, scratch.path());
+    checked_counter_image(&kilnd, scratch.path());
     let idle_before_use = kilnd.qemu_count();
 
     // The first launch restores the snapshot and puts the version in use; the pool fills.
@@ -465,6 +498,8 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
     let first_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/cgi-bin/count");
     let second_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/cgi-bin/count");
     let first_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/cgi-bin/count");
+    let checks_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/checks");
+    let checks_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/checks");
     let refilled = wait_metric(&kilnd, "kiln_warm_pool_microvms", 1.0);
     let (_, listed, _) = kilnd.aws(&["list-microvms"]);
     // Retiring the version empties its pool; nothing stays admitted.
@@ -505,7 +540,18 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
     assert_eq!(
         (first_a.trim(), second_a.trim(), first_b.trim()),
         ("200 101", "200 102", "200 101"),
-        "each session has its own app state, and the warm-up sent the app nothing"
+        "each session has its own app state, and the warm-up sent the app's routes nothing"
+    );
+    let checks = |answer: &str| answer.matches("checked").count();
+    assert!(
+        checks(&checks_a) >= 1 && checks_a.starts_with("200"),
+        "the build ran the HEALTHCHECK until it passed: {checks_a}"
+    );
+    assert_eq!(
+        checks(&checks_b),
+        checks(&checks_a) + 1,
+        "the pool ran the image's HEALTHCHECK once more before pausing its VM (it warms the \
+         app's request path), and nothing else: {checks_a} / {checks_b}"
     );
     assert_eq!(
         refilled, 1.0,

@@ -30,7 +30,7 @@ use kiln_vmm::{
 
 use crate::context::BuildContext;
 use cache::LayerCache;
-pub use config::ImageConfig;
+pub use config::{ImageConfig, ReadyCheck};
 use copy_from::SourceDisks;
 pub use log::BuildLog;
 pub use mounts::BuildSecrets;
@@ -1018,12 +1018,21 @@ async fn capture_app(
         .boot(vm_spec, opts)
         .await
         .map_err(vm_err("booting the app VM"))?;
-    config.readiness = readiness_method(spec, stage, config);
+    config.ready_check = if spec.hooks.ready.is_some() {
+        ReadyCheck::Hook {
+            port: spec.hooks.port,
+        }
+    } else if let Some(argv) = &stage.healthcheck {
+        ReadyCheck::Healthcheck { argv: argv.clone() }
+    } else {
+        ReadyCheck::Tcp
+    };
+    config.readiness = readiness_method(config);
     let ready = match lookup(vm.agent(), &stage.last.user).await {
         Ok((uid, gid, _)) => {
             config.uid = uid;
             config.gid = gid;
-            start_and_wait(vm.agent(), spec, stage, config, log).await
+            start_and_wait(vm.agent(), spec, config, log).await
         }
         Err(e) => Err(BuildError::NotReady(format!(
             "cannot run the app as USER {}: {e}",
@@ -1057,7 +1066,6 @@ async fn capture_app(
 async fn start_and_wait(
     agent: &AgentClient,
     spec: &BuildSpec,
-    stage: &Stage,
     config: &ImageConfig,
     log: &BuildLog,
 ) -> Result<(), BuildError> {
@@ -1099,7 +1107,7 @@ async fn start_and_wait(
                 }
             )));
         }
-        if probe(agent, spec, stage, config).await {
+        if check_ready(agent, config, Duration::from_secs(5)).await {
             log.line(format!("ready after {:.1} s", t.elapsed().as_secs_f64()));
             return Ok(());
         }
@@ -1113,42 +1121,44 @@ async fn start_and_wait(
     }
 }
 
-fn readiness_method(spec: &BuildSpec, stage: &Stage, config: &ImageConfig) -> String {
-    if spec.hooks.ready.is_some() {
-        format!(
-            "POST {HOOKS_PATH}/ready on port {} until 200",
-            spec.hooks.port
-        )
-    } else if let Some(hc) = &stage.healthcheck {
-        format!("HEALTHCHECK {}", shell_words(hc))
-    } else {
-        format!("TCP port {} accepting connections", config.app_port)
+fn readiness_method(config: &ImageConfig) -> String {
+    match &config.ready_check {
+        ReadyCheck::Hook { port } => format!("POST {HOOKS_PATH}/ready on port {port} until 200"),
+        ReadyCheck::Healthcheck { argv } => format!("HEALTHCHECK {}", shell_words(argv)),
+        ReadyCheck::Tcp => format!("TCP port {} accepting connections", config.app_port),
     }
 }
 
-async fn probe(agent: &AgentClient, spec: &BuildSpec, stage: &Stage, config: &ImageConfig) -> bool {
-    if spec.hooks.ready.is_some() {
-        return matches!(
-            agent.http_request(hook_request(spec.hooks.port, "ready", Duration::from_secs(5))).await,
+/// Runs the image's ready check once, from inside the guest (`hook_timeout` bounds a ready
+/// hook's answer); whether it passed. The build polls it until the app is ready; kilnd runs
+/// it again on a pooled VM.
+pub async fn check_ready(
+    agent: &AgentClient,
+    config: &ImageConfig,
+    hook_timeout: Duration,
+) -> bool {
+    match &config.ready_check {
+        ReadyCheck::Hook { port } => matches!(
+            agent.http_request(hook_request(*port, "ready", hook_timeout)).await,
             Ok(r) if r.status == 200
-        );
-    }
-    if let Some(hc) = &stage.healthcheck {
-        let mut req = ExecRequest::new(hc.iter().map(String::as_str))
-            .cwd(&config.workdir)
-            .user(config.uid, config.gid)
-            .timeout(Duration::from_secs(10));
-        for (k, v) in &config.env {
-            req = req.env(k, v);
+        ),
+        ReadyCheck::Healthcheck { argv } => {
+            let mut req = ExecRequest::new(argv.iter().map(String::as_str))
+                .cwd(&config.workdir)
+                .user(config.uid, config.gid)
+                .timeout(Duration::from_secs(10));
+            for (k, v) in &config.env {
+                req = req.env(k, v);
+            }
+            matches!(agent.run(req).await, Ok(out) if out.code == Some(0))
         }
-        return matches!(agent.run(req).await, Ok(out) if out.code == Some(0));
+        ReadyCheck::Tcp => matches!(
+            agent
+                .probe_tcp(config.app_port, Duration::from_secs(1))
+                .await,
+            Ok(true)
+        ),
     }
-    matches!(
-        agent
-            .probe_tcp(config.app_port, Duration::from_secs(1))
-            .await,
-        Ok(true)
-    )
 }
 
 /// Restores a test VM from the new snapshot and calls its `validate` hook.

@@ -1247,6 +1247,7 @@ impl Stage {
             stop_signal: self.stop_signal.clone(),
             labels: self.labels.clone(),
             readiness: String::new(),
+            ready_check: super::ReadyCheck::Tcp,
             base: format!("{} {}", self.base.name, self.base.version),
             base_digest: self.pulled.as_ref().map(|p| p.digest.clone()),
             base_index_digest: self.pulled.as_ref().and_then(|p| p.index_digest.clone()),

@@ -951,7 +951,7 @@ impl Microvms {
             .await
         {
             Ok(live) => {
-                self.metrics.warmed(warm(&id, &live).await);
+                self.metrics.warmed(warm(&id, &live, &config).await);
                 live.vm.pause().await.map(|()| live)
             }
             Err(e) => Err(e),
@@ -1323,19 +1323,65 @@ pub enum UpstreamError {
 /// Longest a pooled VM's warm-up may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Has the guest walk its process and TCP paths once (the agent's warm-up; the app sees
-/// nothing), so the first request after a pooled launch does not pay for translating them
-/// under TCG. Best effort: a guest that cannot (an older agent) is pooled as it is.
-/// Whether it was warmed.
-async fn warm(id: &str, live: &Live) -> bool {
-    match live.vm.agent().warm(WARM_TIMEOUT).await {
-        Ok(took) => {
-            tracing::debug!(microvm = %id, ms = took.as_millis() as u64, "pooled VM warmed");
+/// Warms a pooled VM before it is paused, so the first request after a pooled launch does
+/// not pay for translating, under TCG, the code it runs: the guest walks its process and
+/// TCP paths (the agent's warm-up: the app sees nothing of it), then the app is checked as
+/// the build checked it — a TCP connection to its port through its forward (from the host
+/// through slirp and the network device, the path a proxied request takes), and the image's
+/// ready hook or HEALTHCHECK when it has one. A ready check is made to be run at any time
+/// (the build polled it until it passed); no request of a user's reaches the app before
+/// its run hook. Best effort: a guest that cannot warm (an older agent) or an app whose
+/// check fails now is pooled as it is. Whether every step passed.
+async fn warm(id: &str, live: &Live, config: &ImageConfig) -> bool {
+    use kiln_image::build::ReadyCheck;
+    let t = std::time::Instant::now();
+    let guest = live.vm.agent().warm(WARM_TIMEOUT).await;
+    let knocked = match live.forwards.get(&config.app_port) {
+        Some(&port) => tokio::time::timeout(KNOCK_TIMEOUT, knock(live.vm.as_ref(), port))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("no answer in time"))),
+        None => Ok(()),
+    };
+    let checked = match config.ready_check {
+        ReadyCheck::Tcp => true,
+        _ => tokio::time::timeout(
+            WARM_TIMEOUT,
+            kiln_image::build::check_ready(live.vm.agent(), config, WARM_TIMEOUT),
+        )
+        .await
+        .unwrap_or(false),
+    };
+    let ms = t.elapsed().as_millis() as u64;
+    match (&guest, &knocked, checked) {
+        (Ok(_), Ok(()), true) => {
+            tracing::debug!(microvm = %id, ms, "pooled VM warmed");
             true
         }
-        Err(e) => {
-            tracing::debug!(microvm = %id, error = %e, "pooled VM not warmed");
+        _ => {
+            tracing::debug!(
+                microvm = %id,
+                ms,
+                guest = ?guest.err(),
+                app_port = ?knocked.err(),
+                ready_check = checked,
+                "pooled VM not fully warmed"
+            );
             false
         }
     }
+}
+
+/// Longest wait for the app to end the warm-up's TCP connection.
+const KNOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to a forward's host port, sends nothing, and waits until the app closes the
+/// connection (a server reads end-of-file and lets go); whatever it sends is read into one
+/// small buffer and dropped.
+async fn knock(vm: &dyn MicroVm, host_port: u16) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = vm.connect_forward(host_port).await?;
+    tcp.shutdown().await?;
+    let mut sink = [0u8; 512];
+    while tcp.read(&mut sink).await? > 0 {}
+    Ok(())
 }
