@@ -34,8 +34,15 @@ use tokio_rustls::TlsConnector;
 
 const DOMAIN: &str = "kiln.localhost";
 const IMAGE: &str = "launch-bench";
+/// The same app with a HEALTHCHECK that GETs `/` (as AWS's sample Dockerfiles have): the
+/// warm pool runs it once more before pausing a VM.
+const CHECKED_IMAGE: &str = "launch-bench-checked";
 const COLD_RUNS: usize = 5;
 const CONCURRENT: usize = 5;
+/// [`support::HTTPD_DOCKERFILE`] with a HEALTHCHECK that GETs the app's `/`.
+const CHECKED_DOCKERFILE: &str = "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\n\
+    HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/\n\
+    CMD [\"/bin/sh\", \"/app.sh\"]\n";
 /// Pause between attempts while waiting for an app's first 200.
 const POLL: Duration = Duration::from_millis(10);
 /// Longest wait for an app's first 200.
@@ -89,6 +96,18 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     let t = Instant::now();
     build_httpd_image(&api, scratch.path(), IMAGE).await?;
     let build = t.elapsed();
+    std::fs::create_dir_all(scratch.path().join("checked"))?;
+    support::build_image(
+        &api,
+        &scratch.path().join("checked"),
+        CHECKED_IMAGE,
+        &[
+            ("Dockerfile", CHECKED_DOCKERFILE, 0o644),
+            ("app.sh", support::HTTPD_APP, 0o755),
+        ],
+        512,
+    )
+    .await?;
     let build_log = std::fs::read_to_string(home.join("images").join(IMAGE).join("1/build.log"))
         .unwrap_or_default();
     println!(
@@ -153,25 +172,36 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         return Err(e.context("a concurrent launch failed"));
     }
 
-    // The same launches with a warm pool of one: kilnd restarted with `--warm-pool 1`; one
-    // launch tells it the version is in use, then each launch waits until the pool holds a
-    // VM again, so every measured launch takes one.
+    // The same launches with a warm pool of one: kilnd restarted with `--warm-pool 1
+    // --warm-pool-max 1`; one launch tells it the version is in use, then each launch waits
+    // until the pool holds a VM again, so every measured launch takes one. Then the same for
+    // the image with a HEALTHCHECK (the first version's pool stays full: two VMs pooled).
     kilnd.restart(&[
         "--max-microvms",
         &(CONCURRENT + 3).to_string(),
         "--warm-pool",
         "1",
+        "--warm-pool-max",
+        "1",
     ])?;
     let api = Api::new(&kilnd.url, &kilnd.home.path().join("credentials"))?;
-    let first = launch(&api, &endpoint, Instant::now()).await?;
-    terminate(&api, &first.id).await?;
-    let mut pooled = Vec::with_capacity(launches);
-    for _ in 0..launches {
-        wait_for_pool(&api).await?;
-        let l = launch(&api, &endpoint, Instant::now()).await?;
-        terminate(&api, &l.id).await?;
-        pooled.push(l);
-    }
+    let pooled_of = |image: &'static str, pools: f64| {
+        let (api, endpoint) = (api.clone(), endpoint.clone());
+        async move {
+            let first = launch_of(image, &api, &endpoint, Instant::now()).await?;
+            terminate(&api, &first.id).await?;
+            let mut pooled = Vec::with_capacity(launches);
+            for _ in 0..launches {
+                wait_for_pool(&api, pools).await?;
+                let l = launch_of(image, &api, &endpoint, Instant::now()).await?;
+                terminate(&api, &l.id).await?;
+                pooled.push(l);
+            }
+            anyhow::Ok(pooled)
+        }
+    };
+    let pooled = pooled_of(IMAGE, 1.0).await?;
+    let checked = pooled_of(CHECKED_IMAGE, 2.0).await?;
 
     println!();
     println!("cold boot: kiln-vmm boots a fresh VM from the built image's disk (the snapshot's flattened");
@@ -277,6 +307,29 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     println!(
         "cold boot / launch-to-first-200 with a warm pool (medians)   {:>6.1}× token excluded (aim: ≥ 50×)",
         cold_median.as_secs_f64() / pooled_median.as_secs_f64(),
+    );
+    println!();
+    println!("with a warm pool, the image with `HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/`");
+    println!("(the pool runs it once before pausing a VM):");
+    let from_checked = |f: fn(&Launch) -> Duration| checked.iter().map(f).collect::<Vec<_>>();
+    row(
+        "RunMicrovm → returned",
+        &from_checked(|l| l.returned),
+        Stat::Tail,
+    );
+    row(
+        "GET with the token in hand → 200",
+        &from_checked(|l| l.request),
+        Stat::Tail,
+    );
+    let checked_median = row(
+        "launch → first 200 (token excluded)",
+        &from_checked(|l| l.returned + l.request),
+        Stat::Tail,
+    );
+    println!(
+        "cold boot / launch-to-first-200 with a warm pool, HEALTHCHECK image (medians)   {:>6.1}× token excluded",
+        cold_median.as_secs_f64() / checked_median.as_secs_f64(),
     );
     println!(
         "\nreproduce: cargo build --release -p kilnd && {}KILN_BENCH_LAUNCHES={launches} KILN_BENCH_MACHINE={} cargo bench -p kilnd --bench launch",
@@ -561,11 +614,21 @@ struct Launch {
 /// RunMicrovm, a token, then GETs through the endpoint until 200. Terminates the VM itself
 /// only when something after RunMicrovm fails.
 async fn launch(api: &Api, endpoint: &Endpoint, start: Instant) -> anyhow::Result<Launch> {
+    launch_of(IMAGE, api, endpoint, start).await
+}
+
+/// [`launch`] of `image`.
+async fn launch_of(
+    image: &str,
+    api: &Api,
+    endpoint: &Endpoint,
+    start: Instant,
+) -> anyhow::Result<Launch> {
     let out = api
         .call(
             Method::POST,
             "/2025-09-09/microvms",
-            Some(json!({"imageIdentifier": IMAGE})),
+            Some(json!({"imageIdentifier": image})),
         )
         .await?;
     let returned = start.elapsed();
@@ -620,8 +683,9 @@ struct Measured {
     terminated: Duration,
 }
 
-/// Waits until kilnd's warm pool holds a VM (`kiln_warm_pool_microvms` in `/metrics`).
-async fn wait_for_pool(api: &Api) -> anyhow::Result<()> {
+/// Waits until kilnd's warm pools hold `want` VMs in all (`kiln_warm_pool_microvms` in
+/// `/metrics`).
+async fn wait_for_pool(api: &Api, want: f64) -> anyhow::Result<()> {
     let deadline = Instant::now() + ANSWER_TIMEOUT;
     loop {
         let metrics = api.text("/metrics").await?;
@@ -630,12 +694,12 @@ async fn wait_for_pool(api: &Api) -> anyhow::Result<()> {
             .find_map(|l| l.strip_prefix("kiln_warm_pool_microvms "))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0);
-        if pooled >= 1.0 {
+        if pooled >= want {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "the warm pool held no VM after {} s",
+            "the warm pools held {pooled} VMs, not {want}, after {} s",
             ANSWER_TIMEOUT.as_secs()
         );
         tokio::time::sleep(POLL).await;

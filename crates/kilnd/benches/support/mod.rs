@@ -320,7 +320,7 @@ impl Api {
 /// The benches' app: busybox httpd serving one small page from the image's disk.
 const HTTPD_DOCKERFILE: &str =
     "FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\nCMD [\"/bin/sh\", \"/app.sh\"]\n";
-const HTTPD_APP: &str =
+pub const HTTPD_APP: &str =
     "#!/bin/sh\nmkdir -p /www\necho ok > /www/index.html\nexec httpd -f -p 8080 -h /www\n";
 
 /// Builds version 1 of image `name`: the benches' httpd app, 512 MiB (AWS's smallest).
