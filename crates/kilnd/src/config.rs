@@ -104,8 +104,10 @@ pub struct Config {
     #[arg(long, default_value = "q35", value_name = "q35|microvm", value_parser = machine_kind)]
     pub machine: kiln_vmm::MachineKind,
     /// MicroVMs kept restored and paused for each image version launched in the last ten
-    /// minutes, so RunMicrovm only continues one (0: no warm pool). They hold VM slots and
-    /// memory like running MicroVMs and give them up first when a launch needs room.
+    /// minutes, so RunMicrovm only continues one (0: no warm pool). Before one is paused its
+    /// app is checked as the build checked it (a TCP connection to its port, and its ready
+    /// hook or HEALTHCHECK), which warms the path a first request takes. They hold VM slots
+    /// and memory like running MicroVMs and give them up first when a launch needs room.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub warm_pool: usize,
     /// The most pooled MicroVMs one version gets when its launch rate is high (its launches

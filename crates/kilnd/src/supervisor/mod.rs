@@ -1345,8 +1345,8 @@ async fn warm(id: &str, live: &Live, config: &ImageConfig) -> bool {
     let checked = match config.ready_check {
         ReadyCheck::Tcp => true,
         _ => tokio::time::timeout(
-            WARM_TIMEOUT,
-            kiln_image::build::check_ready(live.vm.agent(), config, WARM_TIMEOUT),
+            CHECK_TIMEOUT,
+            kiln_image::build::check_ready(live.vm.agent(), config, CHECK_TIMEOUT),
         )
         .await
         .unwrap_or(false),
@@ -1370,6 +1370,10 @@ async fn warm(id: &str, live: &Live, config: &ImageConfig) -> bool {
         }
     }
 }
+
+/// Longest a pooled VM's ready check may take (one slow image's pool fills late; the
+/// filler serves every version in turn).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest wait for the app to end the warm-up's TCP connection.
 const KNOCK_TIMEOUT: Duration = Duration::from_secs(2);
