@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_agent::AgentClient;
 use kiln_api::shapes::microvm::{IdlePolicy, MicrovmState as S, RunMicrovmRequest};
 use kiln_api::ApiError;
 use kiln_image::build::ImageConfig;
@@ -386,7 +387,9 @@ impl Owner {
 
     /// The sizers' second, while the VM runs: its vCPUs ([`Owner::size_vcpus`]), then its
     /// memory ([`Owner::size_memory`]). Skipped while a request holds the VM, and in the
-    /// first seconds it runs ([`SIZERS_SETTLE`]).
+    /// first seconds it runs ([`SIZERS_SETTLE`]). What goes to the guest is awaited without
+    /// holding the VM: a guest slow to answer would otherwise hold up its own proxied
+    /// connections while they look it up.
     async fn size(&mut self) {
         if self.state != S::Running
             || self
@@ -398,13 +401,14 @@ impl Owner {
         let Some(shared) = self.sup.live.lock().await.get(&self.id).cloned() else {
             return;
         };
-        // The guest's memory report is awaited without holding the VM: a guest slow to
-        // answer would otherwise hold up its own proxied connections while they look it up.
+        let Ok(agent) = shared.try_lock().map(|l| l.vm.agent().clone()) else {
+            return;
+        };
+        if self.sup.config.vcpu_growth {
+            self.size_vcpus(&shared, &agent).await;
+        }
         let report = match self.memory.as_ref() {
             Some(m) if !m.fixed => {
-                let Ok(agent) = shared.try_lock().map(|l| l.vm.agent().clone()) else {
-                    return;
-                };
                 Some(tokio::time::timeout(MEMORY_STATUS_TIMEOUT, agent.memory()).await)
             }
             _ => None,
@@ -412,33 +416,32 @@ impl Owner {
         let Ok(live) = shared.try_lock() else {
             return;
         };
-        let vm = live.vm.as_ref();
-        if self.sup.config.vcpu_growth {
-            self.size_vcpus(vm).await;
-        }
-        self.size_memory(vm, report).await;
+        self.size_memory(live.vm.as_ref(), report).await;
     }
 
     /// Samples the running VM's CPU time and grows or shrinks it by one vCPU when
     /// [`Sizing::observe`] says so.
-    async fn size_vcpus(&mut self, vm: &dyn kiln_vmm::MicroVm) {
-        if self.sizing.is_none() {
-            // Re-attached after a restart (a session): not started through `start_sizers`.
-            self.sizing = Some(self.start_sizing(vm));
-        }
-        if std::mem::take(&mut self.switch_guest_vcpus) {
-            self.switch_guest_to_baseline(vm).await;
-        }
-        let Some(sizing) = self.sizing.as_mut() else {
-            return;
+    async fn size_vcpus(&mut self, shared: &Arc<Mutex<Live>>, agent: &AgentClient) {
+        let used = {
+            let Ok(live) = shared.try_lock() else {
+                return;
+            };
+            if self.sizing.is_none() {
+                // Re-attached after a restart (a session): not started through `start_sizers`.
+                self.sizing = Some(self.start_sizing(live.vm.as_ref()));
+            }
+            live.vm.cpu_time()
         };
-        let Some(used) = vm.cpu_time() else {
+        if std::mem::take(&mut self.switch_guest_vcpus) {
+            self.switch_guest_to_baseline(agent).await;
+        }
+        let (Some(sizing), Some(used)) = (self.sizing.as_mut(), used) else {
             return;
         };
         match sizing.observe(Instant::now(), used) {
             Decision::Hold => {}
-            Decision::Grow => self.grow(vm).await,
-            Decision::Shrink => self.shrink(vm).await,
+            Decision::Grow => self.grow(shared, agent).await,
+            Decision::Shrink => self.shrink(shared, agent).await,
         }
     }
 
@@ -472,12 +475,12 @@ impl Owner {
 
     /// Asks the guest to have its baseline's vCPUs online; one that cannot switch vCPUs (an
     /// older agent answers an error) or does not answer keeps its baseline.
-    async fn switch_guest_to_baseline(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+    async fn switch_guest_to_baseline(&mut self, agent: &AgentClient) {
         let Some(baseline) = self.sizing.as_ref().map(|s| s.range.baseline) else {
             return;
         };
         let switched =
-            tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(baseline)).await;
+            tokio::time::timeout(CPU_SWITCH_TIMEOUT, agent.set_online_cpus(baseline)).await;
         let fixed = match switched {
             Ok(Ok(_)) => false,
             Ok(Err(e)) => {
@@ -492,8 +495,9 @@ impl Owner {
     }
 
     /// One vCPU more: reserved in admission, granted by the cgroup, then onlined in the
-    /// guest; any step that fails undoes the ones before (the VM keeps what it had).
-    async fn grow(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+    /// guest; any step that fails undoes the ones before (the VM keeps what it had). The
+    /// host steps hold the VM a moment each; the guest's is awaited without it.
+    async fn grow(&mut self, shared: &Arc<Mutex<Live>>, agent: &AgentClient) {
         let Some(granted) = self.sizing.as_ref().map(|s| s.granted) else {
             return;
         };
@@ -504,23 +508,36 @@ impl Owner {
             return;
         }
         self.held.growth += 1;
-        let undo = |this: &mut Owner, why: String| {
-            let _ = vm.set_cpu_grant(granted);
-            this.held.growth -= 1;
-            this.sup.release_growth(1);
-            if let Some(s) = this.sizing.as_mut() {
+        let granted_now = match shared.try_lock() {
+            Ok(live) => live.vm.set_cpu_grant(next).map_err(|e| e.to_string()),
+            Err(_) => {
+                // A request holds the VM this moment: the sizer asks again next second.
+                self.held.growth -= 1;
+                self.sup.release_growth(1);
+                return;
+            }
+        };
+        let onlined = match granted_now {
+            Err(why) => Err(why),
+            Ok(()) => {
+                match tokio::time::timeout(CPU_SWITCH_TIMEOUT, agent.set_online_cpus(next)).await {
+                    Ok(Ok(cpus)) if cpus.online >= next => Ok(()),
+                    Ok(Ok(cpus)) => Err(format!("the guest has {} online", cpus.online)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the guest did not answer".into()),
+                }
+            }
+        };
+        if let Err(why) = onlined {
+            // Back to what admission holds for it: waits for a request holding the VM.
+            let _ = shared.lock().await.vm.set_cpu_grant(granted);
+            self.held.growth -= 1;
+            self.sup.release_growth(1);
+            if let Some(s) = self.sizing.as_mut() {
                 s.fixed = true;
             }
-            tracing::warn!(microvm = %this.id, %why, "cannot grow; it keeps {granted} vCPUs");
-        };
-        if let Err(e) = vm.set_cpu_grant(next) {
-            return undo(self, e.to_string());
-        }
-        match tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(next)).await {
-            Ok(Ok(cpus)) if cpus.online >= next => {}
-            Ok(Ok(cpus)) => return undo(self, format!("the guest has {} online", cpus.online)),
-            Ok(Err(e)) => return undo(self, e.to_string()),
-            Err(_) => return undo(self, "the guest did not answer".into()),
+            tracing::warn!(microvm = %self.id, %why, "cannot grow; it keeps {granted} vCPUs");
+            return;
         }
         self.set_granted(next);
         self.sup.metrics.vcpu_change("grow");
@@ -529,12 +546,12 @@ impl Owner {
 
     /// One vCPU fewer: offlined in the guest (best effort: the cgroup is what holds it),
     /// taken back by the cgroup, then released in admission.
-    async fn shrink(&mut self, vm: &dyn kiln_vmm::MicroVm) {
+    async fn shrink(&mut self, shared: &Arc<Mutex<Live>>, agent: &AgentClient) {
         let Some(granted) = self.sizing.as_ref().map(|s| s.granted) else {
             return;
         };
         let next = granted - 1;
-        match tokio::time::timeout(CPU_SWITCH_TIMEOUT, vm.agent().set_online_cpus(next)).await {
+        match tokio::time::timeout(CPU_SWITCH_TIMEOUT, agent.set_online_cpus(next)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::info!(microvm = %self.id, error = %e, "the guest kept a vCPU online; the host takes its grant back anyway")
@@ -543,7 +560,7 @@ impl Owner {
                 tracing::info!(microvm = %self.id, "the guest did not answer; the host takes the vCPU's grant back anyway")
             }
         }
-        if let Err(e) = vm.set_cpu_grant(next) {
+        if let Err(e) = shared.lock().await.vm.set_cpu_grant(next) {
             tracing::warn!(microvm = %self.id, error = %e, "cannot lower the VM's CPU quota; it keeps {granted} vCPUs");
             return;
         }
