@@ -288,22 +288,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     );
     println!();
     println!("with a warm pool (kilnd --warm-pool 1): RunMicrovm continues a restored, paused VM");
-    let from_pool = |f: fn(&Launch) -> Duration| pooled.iter().map(f).collect::<Vec<_>>();
-    row(
-        "RunMicrovm → returned",
-        &from_pool(|l| l.returned),
-        Stat::Tail,
-    );
-    row(
-        "GET with the token in hand → 200",
-        &from_pool(|l| l.request),
-        Stat::Tail,
-    );
-    let pooled_median = row(
-        "launch → first 200 (token excluded)",
-        &from_pool(|l| l.returned + l.request),
-        Stat::Tail,
-    );
+    let pooled_median = pooled_rows(&pooled);
     println!(
         "cold boot / launch-to-first-200 with a warm pool (medians)   {:>6.1}× token excluded (aim: ≥ 50×)",
         cold_median.as_secs_f64() / pooled_median.as_secs_f64(),
@@ -311,22 +296,7 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
     println!();
     println!("with a warm pool, the image with `HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/`");
     println!("(the pool runs it once before pausing a VM):");
-    let from_checked = |f: fn(&Launch) -> Duration| checked.iter().map(f).collect::<Vec<_>>();
-    row(
-        "RunMicrovm → returned",
-        &from_checked(|l| l.returned),
-        Stat::Tail,
-    );
-    row(
-        "GET with the token in hand → 200",
-        &from_checked(|l| l.request),
-        Stat::Tail,
-    );
-    let checked_median = row(
-        "launch → first 200 (token excluded)",
-        &from_checked(|l| l.returned + l.request),
-        Stat::Tail,
-    );
+    let checked_median = pooled_rows(&checked);
     println!(
         "cold boot / launch-to-first-200 with a warm pool, HEALTHCHECK image (medians)   {:>6.1}× token excluded",
         cold_median.as_secs_f64() / checked_median.as_secs_f64(),
@@ -337,6 +307,22 @@ async fn bench(kilnd: &mut Kilnd, launches: usize) -> anyhow::Result<()> {
         support::machine()
     );
     Ok(())
+}
+
+/// The rows of launches that took a pooled VM; returns the median launch → first 200.
+fn pooled_rows(launches: &[Launch]) -> Duration {
+    let pick = |f: fn(&Launch) -> Duration| launches.iter().map(f).collect::<Vec<_>>();
+    row("RunMicrovm → returned", &pick(|l| l.returned), Stat::Tail);
+    row(
+        "GET with the token in hand → 200",
+        &pick(|l| l.request),
+        Stat::Tail,
+    );
+    row(
+        "launch → first 200 (token excluded)",
+        &pick(|l| l.returned + l.request),
+        Stat::Tail,
+    )
 }
 
 /// Where RunMicrovm's time went, by kilnd's "launched" log lines: the restore (and in it the
