@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{busybox_spec, host, scratch, sh};
+use common::{busybox_snapshot, busybox_spec, host, scratch, sh};
 use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::{BootOptions, RestoreTarget};
 
@@ -176,14 +176,7 @@ async fn session_when_suspended_and_resumed_then_another_vm_cannot_read_its_memo
     as_kilnd();
     let dir = scratch();
     let vmm = &host().0.vmm;
-    let booted = vmm
-        .boot(busybox_spec(dir.path(), true), BootOptions::default())
-        .await
-        .expect("boot");
-    let snap = booted
-        .snapshot(&dir.path().join("snap"))
-        .await
-        .expect("snapshot");
+    let snap = busybox_snapshot(dir.path()).await;
     let attacker = vmm
         .restore(&snap, RestoreTarget::new(dir.path().join("attacker")))
         .await
@@ -410,14 +403,7 @@ async fn memory_file_when_a_restored_qemu_writes_it_then_the_next_restore_refuse
     as_kilnd();
     let dir = scratch();
     let vmm = &host().0.vmm;
-    let booted = vmm
-        .boot(busybox_spec(dir.path(), true), BootOptions::default())
-        .await
-        .expect("boot");
-    let snap = booted
-        .snapshot(&dir.path().join("snap"))
-        .await
-        .expect("snapshot");
+    let snap = busybox_snapshot(dir.path()).await;
     let first = vmm
         .restore(&snap, RestoreTarget::new(dir.path().join("one")))
         .await

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{busybox_spec, host, process_exists, scratch, sh, COUNTER};
+use common::{busybox_snapshot, busybox_spec, host, process_exists, scratch, sh, COUNTER};
 use kiln_vmm::snapshot::{digest_file, Snapshot};
 use kiln_vmm::{BootOptions, RestoreTarget, VmmError};
 
@@ -92,14 +92,7 @@ async fn restore_when_snapshot_is_incomplete_or_foreign_then_clear_error_and_not
     let dir = scratch();
     let vmm = &host().0.vmm;
     let qemu = &vmm.qemu().version;
-    let vm = vmm
-        .boot(busybox_spec(dir.path(), true), BootOptions::default())
-        .await
-        .expect("boot");
-    let snap = vm
-        .snapshot(&dir.path().join("snap"))
-        .await
-        .expect("snapshot");
+    let snap = busybox_snapshot(dir.path()).await;
     let copy = |name: &str| {
         let to = dir.path().join(name);
         let status = std::process::Command::new("cp")

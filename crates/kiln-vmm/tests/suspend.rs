@@ -7,11 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{busybox_spec, host, process_exists, scratch, sh, COUNTER};
+use common::{busybox_snapshot, host, process_exists, scratch, sh, COUNTER};
 use kiln_vmm::qemu::QemuVm;
 use kiln_vmm::{
-    free_port, BootOptions, MicroVm, PortForward, RestoreTarget, SuspendError, SuspendedVm,
-    VmStatus,
+    free_port, MicroVm, PortForward, RestoreTarget, SuspendError, SuspendedVm, VmStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,11 +35,7 @@ fn target(dir: PathBuf) -> (RestoreTarget, u16) {
 /// A VM restored from a fresh busybox snapshot in `dir`, with a forward to guest port 8080.
 async fn restored_vm(dir: &Path) -> QemuVm {
     let vmm = &host().0.vmm;
-    let vm = vmm
-        .boot(busybox_spec(dir, true), BootOptions::default())
-        .await
-        .expect("boot");
-    let snap = vm.snapshot(&dir.join("snap")).await.expect("snapshot");
+    let snap = busybox_snapshot(dir).await;
     vmm.restore(&snap, target(dir.join("run0")).0)
         .await
         .expect("restore")

@@ -62,6 +62,18 @@ pub fn busybox_spec(dir: &Path, snapshottable: bool) -> VmSpec {
     spec
 }
 
+/// Boots a snapshottable busybox VM in `dir` ([`busybox_spec`]) and snapshots it to
+/// `dir/snap` (the VM ends with it).
+pub async fn busybox_snapshot(dir: &Path) -> kiln_vmm::Snapshot {
+    let vm = host()
+        .0
+        .vmm
+        .boot(busybox_spec(dir, true), kiln_vmm::BootOptions::default())
+        .await
+        .expect("boot");
+    vm.snapshot(&dir.join("snap")).await.expect("snapshot")
+}
+
 /// Runs `sh -c script` in the guest and returns (stdout, exit code).
 pub async fn sh(agent: &AgentClient, script: &str) -> (String, Option<i32>) {
     let out = agent
