@@ -45,8 +45,10 @@ build: deps init
 demo: build
 	./scripts/demo.sh
 
+# The test build makes the binaries too (every package with a binary has integration
+# tests), with the features the tests unify: a separate `cargo build` compiled ~70 crates twice.
 test: deps init pyenv jsenv
-	KILN_HOME=$(TEST_HOME) $(CARGO) build --release --workspace --bins
+	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace --no-run
 	KILN_HOME=$(TEST_HOME) ./target/release/kiln doctor
 	KILN_HOME=$(TEST_HOME) $(CARGO) test --release --workspace --no-fail-fast
 
