@@ -92,6 +92,15 @@ pub(super) struct Held {
 
 /// How long the sizer waits for the guest to online or offline a vCPU.
 const CPU_SWITCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Asks the guest to bring `want` vCPUs online, waiting at most [`CPU_SWITCH_TIMEOUT`].
+async fn guest_onlines(agent: &AgentClient, want: u32) -> Result<(), String> {
+    match tokio::time::timeout(CPU_SWITCH_TIMEOUT, agent.set_online_cpus(want)).await {
+        Ok(Ok(cpus)) if cpus.online >= want => Ok(()),
+        Ok(Ok(cpus)) => Err(format!("the guest has {} online", cpus.online)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the guest did not answer".into()),
+    }
+}
 /// How long the memory sizer waits for the guest to report its memory.
 const MEMORY_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 /// The guest's answer to the memory sizer's question, or that it did not answer in time.
@@ -518,15 +527,8 @@ impl Owner {
             }
         };
         let onlined = match granted_now {
+            Ok(()) => guest_onlines(agent, next).await,
             Err(why) => Err(why),
-            Ok(()) => {
-                match tokio::time::timeout(CPU_SWITCH_TIMEOUT, agent.set_online_cpus(next)).await {
-                    Ok(Ok(cpus)) if cpus.online >= next => Ok(()),
-                    Ok(Ok(cpus)) => Err(format!("the guest has {} online", cpus.online)),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the guest did not answer".into()),
-                }
-            }
         };
         if let Err(why) = onlined {
             // Back to what admission holds for it: waits for a request holding the VM.
