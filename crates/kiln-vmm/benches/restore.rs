@@ -1,4 +1,6 @@
-//! Cold boot versus snapshot restore, measured in the same run on the same host.
+//! Cold boot versus snapshot restore, measured in the same run on the same host; and where a
+//! restore's time goes under TCG: how much of it the busiest QEMU thread (the vCPU's) spends on
+//! a CPU, and what the guest's first HTTP request to its own app costs against the next.
 //!
 //! Reproduce: `make bench` (or `cargo bench -p kiln-vmm --bench restore`);
 //! `KILN_BENCH_RUNS=N` sets the number of runs (default 5); `KILN_BENCH_MACHINE=q35` runs
@@ -35,6 +37,28 @@ fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// CPU time of the busiest thread of a process so far, ms (`/proc/<pid>/task/*/schedstat`):
+/// under TCG, the vCPU's thread once the guest has run.
+fn busiest_thread_cpu_ms(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+        / 1e6
+}
+
+/// Wall time of one command in the guest, ms.
+async fn timed_sh(agent: &kiln_agent::client::AgentClient, script: &str) -> f64 {
+    let t = Instant::now();
+    let (out, code) = sh(agent, script).await;
+    assert_eq!(code, Some(0), "{script}: {out}");
+    ms(t.elapsed())
 }
 
 /// Proportional set size of a process in MiB.
@@ -79,7 +103,11 @@ async fn main() {
             .await
             .expect("boot");
         cold.push(ms(vm.timeline().get("agent").expect("agent step")));
-        sh(vm.agent(), "httpd -p 8080 -h /tmp").await;
+        sh(
+            vm.agent(),
+            "echo ok > /tmp/index.html; httpd -p 8080 -h /tmp",
+        )
+        .await;
         let t = Instant::now();
         let snap = vm.snapshot(&d.join("snap")).await.expect("snapshot");
         snap_total.push(ms(t.elapsed()));
@@ -89,6 +117,8 @@ async fn main() {
     let snap = snapshot.expect("at least one run");
     let (mut qmp, mut running, mut agent, mut ready, mut pss) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut guest_wall, mut vcpu_cpu, mut first_get, mut next_get) =
+        (vec![], vec![], vec![], vec![]);
     for i in 0..runs {
         let vm = h
             .vmm
@@ -100,7 +130,14 @@ async fn main() {
         running.push(ms(tl.get("running").unwrap_or_default()));
         agent.push(ms(tl.get("agent").unwrap_or_default()));
         ready.push(ms(tl.get("refreshed").unwrap_or_default()));
-        sh(vm.agent(), "true").await;
+        vcpu_cpu.push(busiest_thread_cpu_ms(vm.pid()));
+        guest_wall.push(ms(tl
+            .get("refreshed")
+            .unwrap_or_default()
+            .saturating_sub(tl.get("running").unwrap_or_default())));
+        let get = "wget -q -O /dev/null http://127.0.0.1:8080/";
+        first_get.push(timed_sh(vm.agent(), get).await);
+        next_get.push(timed_sh(vm.agent(), get).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
         pss.push(pss_mib(vm.pid()));
         vm.terminate().await.expect("terminate");
@@ -135,11 +172,18 @@ async fn main() {
     stats("restore → vCPUs running", "ms", running);
     stats("restore → agent answers", "ms", agent);
     let restore_median = stats("restore → ready (clock+entropy set)", "ms", ready);
+    stats("  vCPUs running → ready, wall", "ms", guest_wall);
+    stats("  busiest QEMU thread's CPU by ready", "ms", vcpu_cpu);
+    stats("guest's first GET to its app (wget)", "ms", first_get);
+    stats("  the next one", "ms", next_get);
     stats("Pss per restored VM", "MiB", pss);
     println!("5 concurrent restores → all ready        {five:>9.1} ms, Pss {five_pss:.1} MiB each");
     println!(
         "cold boot / restore                       {:>9.1}×",
         cold_median / restore_median
     );
-    println!("\nreproduce: make bench   (KILN_BENCH_RUNS={runs} cargo bench -p kiln-vmm --bench restore)");
+    println!(
+        "\nreproduce: KILN_BENCH_RUNS={runs} KILN_BENCH_MACHINE={} cargo bench -p kiln-vmm --bench restore",
+        machine.as_str()
+    );
 }
