@@ -275,7 +275,10 @@ fn without_network(uid: Option<u32>, gid: Option<u32>) -> std::io::Result<()> {
 
 /// Gives `command` a new pseudo-terminal of `size` as its controlling terminal, in a session
 /// of its own (so its pid is its process group, as for other execs); returns the master end.
-fn attach_terminal(command: &mut Command, size: TtySize) -> Result<std::fs::File, String> {
+pub(crate) fn attach_terminal(
+    command: &mut Command,
+    size: TtySize,
+) -> Result<std::fs::File, String> {
     let winsize = nix::pty::Winsize {
         ws_row: size.rows,
         ws_col: size.cols,

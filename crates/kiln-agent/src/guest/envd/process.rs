@@ -184,39 +184,12 @@ impl Processes {
         let mut pty_master = None;
         match pty_size {
             Some((cols, rows)) => {
-                let winsize = nix::pty::Winsize {
-                    ws_row: rows,
-                    ws_col: cols,
-                    ws_xpixel: 0,
-                    ws_ypixel: 0,
-                };
-                let pty = nix::pty::openpty(Some(&winsize), None).map_err(|e| {
-                    RpcError::new(
-                        Code::Internal,
-                        format!("cannot open a pseudo-terminal: {e}"),
-                    )
-                })?;
-                let dup = |fd: &std::os::fd::OwnedFd| {
-                    fd.try_clone()
-                        .map_err(|e| RpcError::io("duplicating the terminal", &e))
-                };
-                command
-                    .stdin(Stdio::from(dup(&pty.slave)?))
-                    .stdout(Stdio::from(dup(&pty.slave)?))
-                    .stderr(Stdio::from(pty.slave))
-                    .env("TERM", "xterm-256color");
-                // SAFETY: between fork and exec only async-signal-safe calls: setsid(2), ioctl(2).
-                unsafe {
-                    command.pre_exec(|| {
-                        nix::unistd::setsid()?;
-                        // SAFETY: fd 0 is the terminal's slave end; TIOCSCTTY takes an int.
-                        if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-                pty_master = Some(Arc::new(File::from(pty.master)));
+                let master = crate::guest::exec::attach_terminal(
+                    &mut command,
+                    crate::proto::TtySize { cols, rows },
+                )
+                .map_err(|e| RpcError::new(Code::Internal, e))?;
+                pty_master = Some(Arc::new(master));
             }
             None => {
                 command
