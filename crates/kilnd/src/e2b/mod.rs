@@ -193,6 +193,18 @@ impl E2b {
             .ok_or_else(|| error(StatusCode::NOT_FOUND, &format!("sandbox {id} not found")))
     }
 
+    /// The caller the request's API key names, and its sandbox `id` (401 without a valid
+    /// key; 404 for someone else's sandbox, as for a missing one).
+    fn caller_and_sandbox(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+    ) -> Result<(Caller, Sandbox), Response> {
+        let caller = self.caller(headers)?;
+        let sandbox = self.owned(&caller, id)?;
+        Ok((caller, sandbox))
+    }
+
     /// The MicroVM state of a sandbox as E2B names it.
     fn state_of(&self, sandbox: &Sandbox) -> Option<&'static str> {
         match self
@@ -763,12 +775,8 @@ async fn detail(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let sandbox = match e2b.owned(&caller, &id) {
-        Ok(s) => s,
+    let (_, sandbox) = match e2b.caller_and_sandbox(&headers, &id) {
+        Ok(found) => found,
         Err(r) => return r,
     };
     let Some(state) = e2b.state_of(&sandbox) else {
@@ -781,12 +789,8 @@ async fn detail(
 }
 
 async fn kill(State(e2b): State<Arc<E2b>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let sandbox = match e2b.owned(&caller, &id) {
-        Ok(s) => s,
+    let (caller, sandbox) = match e2b.caller_and_sandbox(&headers, &id) {
+        Ok(found) => found,
         Err(r) => return r,
     };
     let params = MicrovmParams {
@@ -815,11 +819,7 @@ async fn set_timeout(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    if let Err(r) = e2b.owned(&caller, &id) {
+    if let Err(r) = e2b.caller_and_sandbox(&headers, &id) {
         return r;
     }
     let timeout = match parse_body(&body).and_then(|b| {
@@ -842,11 +842,7 @@ async fn refresh(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    if let Err(r) = e2b.owned(&caller, &id) {
+    if let Err(r) = e2b.caller_and_sandbox(&headers, &id) {
         return r;
     }
     let duration = match parse_body(&body) {
@@ -867,12 +863,8 @@ async fn pause(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let sandbox = match e2b.owned(&caller, &id) {
-        Ok(s) => s,
+    let (caller, sandbox) = match e2b.caller_and_sandbox(&headers, &id) {
+        Ok(found) => found,
         Err(r) => return r,
     };
     match e2b.state_of(&sandbox) {
@@ -1019,12 +1011,8 @@ async fn metrics_one(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let caller = match e2b.caller(&headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let sandbox = match e2b.owned(&caller, &id) {
-        Ok(s) => s,
+    let (_, sandbox) = match e2b.caller_and_sandbox(&headers, &id) {
+        Ok(found) => found,
         Err(r) => return r,
     };
     let samples: Vec<Value> = sample(&e2b, &sandbox).await.into_iter().collect();
