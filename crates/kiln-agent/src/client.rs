@@ -736,6 +736,16 @@ impl AgentClient {
         self.expect_ok("add_entropy", body).await
     }
 
+    /// Names the guest: its hostname, and `/etc/machine-id` when its image has one. An agent
+    /// older than this request answers an error.
+    pub async fn set_identity(&self, hostname: &str, machine_id: &str) -> Result<(), AgentError> {
+        let body = HostBody::SetIdentity {
+            hostname: hostname.to_string(),
+            machine_id: machine_id.to_string(),
+        };
+        self.expect_ok("set_identity", body).await
+    }
+
     /// Flushes the guest's file systems, and drops its page cache when asked.
     pub async fn sync(&self, drop_caches: bool) -> Result<(), AgentError> {
         self.expect_ok("sync", HostBody::Sync { drop_caches }).await

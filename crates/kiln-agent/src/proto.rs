@@ -114,6 +114,14 @@ pub enum HostBody {
         #[serde(with = "b64")]
         bytes: Vec<u8>,
     },
+    /// Gives a guest restored from a shared snapshot an identity of its own: its hostname,
+    /// and `/etc/machine-id` rewritten when the image has that file. Answered by `Ok`.
+    SetIdentity {
+        /// The new hostname: 1–64 of `a-z`, `0-9`, `-` and `.`.
+        hostname: String,
+        /// 32 lowercase hex digits.
+        machine_id: String,
+    },
     /// Flushes file systems, optionally dropping the page cache.
     Sync {
         /// Also write 3 to /proc/sys/vm/drop_caches.

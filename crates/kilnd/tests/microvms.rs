@@ -442,8 +442,12 @@ fn wait_metric(kilnd: &Daemon, name: &str, want: f64) -> f64 {
     }
 }
 
+/// The `/etc/machine-id` the checked counter image is built with.
+const BUILT_MACHINE_ID: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
 /// The counter app with a HEALTHCHECK that GETs `/cgi-bin/check`, which appends a line to
-/// `/www/checks` (served as a file: reading it runs nothing).
+/// `/www/checks` (served as a file: reading it runs nothing), and `/cgi-bin/names`, which
+/// answers the guest's hostname and machine id; built with [`BUILT_MACHINE_ID`].
 fn checked_counter_image(kilnd: &Daemon, dir: &std::path::Path) {
     let zip = dir.join("checked.zip");
     let app = common::COUNTER_APP.replace(
@@ -454,18 +458,23 @@ fn checked_counter_image(kilnd: &Daemon, dir: &std::path::Path) {
          printf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n\
          CGI\n\
          chmod +x /www/cgi-bin/check\n\
+         cat > /www/cgi-bin/names <<'CGI'\n\
+         #!/bin/sh\n\
+         printf 'Content-Type: text/plain\\r\\n\\r\\n%s %s\\n' \"$(hostname)\" \"$(cat /etc/machine-id)\"\n\
+         CGI\n\
+         chmod +x /www/cgi-bin/names\n\
          exec httpd",
+    );
+    let dockerfile = format!(
+        "FROM kiln/busybox\nRUN echo {BUILT_MACHINE_ID} > /etc/machine-id\n\
+         COPY app.sh /\nEXPOSE 8080\n\
+         HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/cgi-bin/check\n\
+         CMD [\"/bin/sh\", \"/app.sh\"]\n"
     );
     make_zip(
         &zip,
         &[
-            (
-                "Dockerfile",
-                b"FROM kiln/busybox\nCOPY app.sh /\nEXPOSE 8080\n\
-                  HEALTHCHECK CMD wget -q -O /dev/null http://127.0.0.1:8080/cgi-bin/check\n\
-                  CMD [\"/bin/sh\", \"/app.sh\"]\n",
-                0o644,
-            ),
+            ("Dockerfile", dockerfile.as_bytes(), 0o644),
             ("app.sh", app.as_bytes(), 0o755),
         ],
     );
@@ -500,6 +509,8 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
     let first_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/cgi-bin/count");
     let checks_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/checks");
     let checks_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/checks");
+    let names_a = endpoint_get(&kilnd, id_a, &token(&kilnd, id_a), "/cgi-bin/names");
+    let names_b = endpoint_get(&kilnd, id_b, &token(&kilnd, id_b), "/cgi-bin/names");
     let refilled = wait_metric(&kilnd, "kiln_warm_pool_microvms", 1.0);
     let (_, listed, _) = kilnd.aws(&["list-microvms"]);
     // Retiring the version empties its pool; nothing stays admitted.
@@ -552,6 +563,26 @@ fn warm_pool_when_a_version_is_in_use_then_launches_take_paused_vms_it_refills_a
         checks(&checks_a) + 1,
         "the pool ran the image's HEALTHCHECK once more before pausing its VM (it warms the \
          app's request path), and nothing else: {checks_a} / {checks_b}"
+    );
+    // Two clones of one snapshot, one launched and one pooled, each named for itself.
+    let names = |answer: &str| -> (String, String) {
+        let mut words = answer.split_whitespace().skip(1);
+        let mut next = || words.next().unwrap_or_default().to_string();
+        (next(), next())
+    };
+    let ((host_a, machine_a), (host_b, machine_b)) = (names(&names_a), names(&names_b));
+    assert_eq!(
+        (host_a.as_str(), host_b.as_str()),
+        (id_a, id_b),
+        "a guest's hostname is its MicroVM's id: {names_a} / {names_b}"
+    );
+    assert!(
+        machine_a.len() == 32 && machine_b.len() == 32 && machine_a != machine_b,
+        "each MicroVM has a machine id of its own: {names_a} / {names_b}"
+    );
+    assert!(
+        machine_a != BUILT_MACHINE_ID && machine_b != BUILT_MACHINE_ID,
+        "not the one the build wrote: {names_a} / {names_b}"
     );
     assert_eq!(
         refilled, 1.0,

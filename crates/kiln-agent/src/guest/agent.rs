@@ -228,6 +228,23 @@ impl Agent {
                 }
                 sink.result(id, ops::add_entropy(&bytes).map(|()| GuestBody::Ok));
             }
+            HostBody::SetIdentity {
+                hostname,
+                machine_id,
+            } => {
+                if !self.config.guest_ops {
+                    return sink.error(id, guest_only("set_identity"));
+                }
+                sink.result(
+                    id,
+                    ops::set_identity(
+                        &hostname,
+                        &machine_id,
+                        std::path::Path::new(ops::MACHINE_ID),
+                    )
+                    .map(|()| GuestBody::Ok),
+                );
+            }
             HostBody::PowerOff => {
                 if !self.config.guest_ops {
                     return sink.error(id, guest_only("power_off"));

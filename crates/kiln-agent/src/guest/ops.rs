@@ -107,6 +107,53 @@ pub fn set_clock(unix_nanos: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot set CLOCK_REALTIME: {e}"))
 }
 
+/// Where the OS keeps the machine's identity (systemd, D-Bus and journald read it).
+pub const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Sets the hostname and, when `machine_id_file` exists, writes `machine_id` to it: every
+/// MicroVM restored from one snapshot would otherwise share the build VM's.
+pub fn set_identity(
+    hostname: &str,
+    machine_id: &str,
+    machine_id_file: &Path,
+) -> Result<(), String> {
+    check_identity(hostname, machine_id)?;
+    nix::unistd::sethostname(hostname).map_err(|e| format!("cannot set the hostname: {e}"))?;
+    rewrite_machine_id(machine_id, machine_id_file)
+}
+
+fn check_identity(hostname: &str, machine_id: &str) -> Result<(), String> {
+    let name_ok = (1..=64).contains(&hostname.len())
+        && hostname
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !name_ok {
+        return Err(format!(
+            "hostname {hostname:?} is not 1 to 64 of a-z, 0-9, '-' and '.'"
+        ));
+    }
+    let id_ok = machine_id.len() == 32
+        && machine_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !id_ok {
+        return Err(format!(
+            "machine id {machine_id:?} is not 32 lowercase hex digits"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `machine_id` to `file` when it is a plain file; a file the image lacks stays
+/// absent, a link the image chose stays as it is.
+fn rewrite_machine_id(machine_id: &str, file: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(file) {
+        Ok(meta) if meta.is_file() => fs::write(file, format!("{machine_id}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", file.display())),
+        _ => Ok(()),
+    }
+}
+
 /// Credits `bytes` to the kernel's entropy pool, then makes the CRNG reseed from it.
 pub fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     let len = i32::try_from(bytes.len()).map_err(|_| "too many entropy bytes".to_string())?;
@@ -178,4 +225,46 @@ pub fn remove_path(path: &str) -> Result<(), String> {
         Ok(_) => fs::remove_file(target),
     };
     result.map_err(|e| format!("cannot remove {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn check_identity_when_name_or_id_is_malformed_then_says_what_it_takes() {
+        assert!(check_identity("mvm-0abc", ID).is_ok());
+        for name in ["", "Mvm", "a b", "x;reboot", &"a".repeat(65)] {
+            let e = check_identity(name, ID).unwrap_err();
+            assert!(e.contains("1 to 64 of a-z"), "{name:?}: {e}");
+        }
+        for id in ["", "0123", &ID.to_uppercase(), &format!("{}g", &ID[..31])] {
+            let e = check_identity("mvm-0abc", id).unwrap_err();
+            assert!(e.contains("32 lowercase hex"), "{id:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn rewrite_machine_id_when_the_image_has_the_file_then_replaced_else_left_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("machine-id");
+        fs::write(&present, "ffffffffffffffffffffffffffffffff\n").unwrap();
+        let absent = dir.path().join("none");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&present, &link).unwrap();
+
+        rewrite_machine_id(ID, &present).unwrap();
+        rewrite_machine_id(ID, &absent).unwrap();
+        rewrite_machine_id("00000000000000000000000000000000", &link).unwrap();
+
+        assert_eq!(fs::read_to_string(&present).unwrap(), format!("{ID}\n"));
+        assert!(!absent.exists(), "a file the image lacks is not created");
+        assert_eq!(
+            fs::read_to_string(&present).unwrap(),
+            format!("{ID}\n"),
+            "a link is not followed"
+        );
+    }
 }

@@ -166,12 +166,14 @@ impl RunToken {
 }
 
 fn new_microvm_id() -> String {
-    let mut b = [0u8; 9];
+    format!("mvm-{}", random_hex::<9>())
+}
+
+/// `N` random bytes from the host's RNG, as lowercase hex.
+fn random_hex<const N: usize>() -> String {
+    let mut b = [0u8; N];
     let _ = getrandom::fill(&mut b);
-    format!(
-        "mvm-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Microvms {
