@@ -169,6 +169,17 @@ fn new_microvm_id() -> String {
     format!("mvm-{}", random_hex::<9>())
 }
 
+/// Names a launched or pooled guest after its MicroVM: hostname = its id, and a new
+/// `/etc/machine-id` when its image has one — every MicroVM restored from one snapshot
+/// would otherwise share the build VM's. An older image's agent does not know the request:
+/// its guest keeps the snapshot's names.
+pub(super) async fn name_guest(vm: &dyn kiln_vmm::MicroVm, id: &str) {
+    let machine_id = random_hex::<16>();
+    if let Err(e) = vm.agent().set_identity(id, &machine_id).await {
+        tracing::info!(microvm = %id, error = %e, "the guest keeps its snapshot's hostname and machine id");
+    }
+}
+
 /// `N` random bytes from the host's RNG, as lowercase hex.
 fn random_hex<const N: usize>() -> String {
     let mut b = [0u8; N];
@@ -953,6 +964,9 @@ impl Microvms {
             .await
         {
             Ok(live) => {
+                // The id is the one its launch will answer: named now, not at the launch,
+                // and before its ready check runs.
+                name_guest(live.vm.as_ref(), &id).await;
                 self.metrics.warmed(warm(&id, &live, &config).await);
                 live.vm.pause().await.map(|()| live)
             }

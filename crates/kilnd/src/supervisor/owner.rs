@@ -74,17 +74,6 @@ async fn claim(mut live: Live) -> Result<Live, kiln_vmm::VmmError> {
     Ok(live)
 }
 
-/// Names a launched guest after its MicroVM: hostname = its id, and a new
-/// `/etc/machine-id` when its image has one — every MicroVM restored from one snapshot
-/// would otherwise share the build VM's. An older image's agent does not know the request:
-/// its guest keeps the snapshot's names.
-async fn name_guest(vm: &dyn kiln_vmm::MicroVm, id: &str) {
-    let machine_id = super::random_hex::<16>();
-    if let Err(e) = vm.agent().set_identity(id, &machine_id).await {
-        tracing::info!(microvm = %id, error = %e, "the guest keeps its snapshot's hostname and machine id");
-    }
-}
-
 /// How many requests may wait for one owner; more callers wait to send.
 const QUEUE: usize = 64;
 
@@ -837,10 +826,16 @@ impl Owner {
         let t0 = Instant::now();
         let started = match l.from {
             LaunchFrom::Snapshot { snap, config } => {
-                self.sup
+                let started = self
+                    .sup
                     .launch(&id, &dir, &snap, &config, &l.req, l.hooks.clone())
-                    .await
+                    .await;
+                if let Ok(live) = &started {
+                    super::name_guest(live.vm.as_ref(), &id).await;
+                }
+                started
             }
+            // Named when it was pooled: its id was already its own.
             LaunchFrom::Pool(live) => claim(live).await,
         };
         let live = match started {
@@ -854,7 +849,6 @@ impl Owner {
                 )));
             }
         };
-        name_guest(live.vm.as_ref(), &id).await;
         let restored = t0.elapsed();
         // The run hook is where a session gets its secrets and ids: never at build time.
         // AWS's contract: the MicroVM's id and the caller's payload, as given (a string).
