@@ -169,13 +169,18 @@ fn new_microvm_id() -> String {
     format!("mvm-{}", random_hex::<9>())
 }
 
+/// How long a guest may take to answer its naming: the pool's filler serves every version
+/// in turn, so one image's slow guest must not hold the others' pools up for long.
+const NAME_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Names a launched or pooled guest after its MicroVM: hostname = its id, and a new
 /// `/etc/machine-id` when its image has one — every MicroVM restored from one snapshot
 /// would otherwise share the build VM's. An older image's agent does not know the request:
 /// its guest keeps the snapshot's names.
 pub(super) async fn name_guest(vm: &dyn kiln_vmm::MicroVm, id: &str) {
     let machine_id = random_hex::<16>();
-    if let Err(e) = vm.agent().set_identity(id, &machine_id).await {
+    let agent = vm.agent().with_timeout(NAME_TIMEOUT);
+    if let Err(e) = agent.set_identity(id, &machine_id).await {
         tracing::info!(microvm = %id, error = %e, "the guest keeps its snapshot's hostname and machine id");
     }
 }
